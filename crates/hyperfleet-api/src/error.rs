@@ -1,0 +1,81 @@
+//! The error envelope: every non-2xx answer is `{"error":{"code","message"}}`.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// Machine-readable error codes. Clients branch on these, never on messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ErrorCode {
+    /// Missing, malformed, unknown, expired or revoked API key (401).
+    Unauthorized,
+    /// The key is valid but lacks the scope the route needs (403).
+    Forbidden,
+    /// No such machine, key or route for this tenant (404).
+    NotFound,
+    /// The HTTP method is not served on this path (405).
+    MethodNotAllowed,
+    /// A field has a value outside what the API accepts (400).
+    ValidationError,
+    /// The request could not be parsed: malformed JSON, wrong content type (400).
+    BadRequest,
+    /// The body is larger than the server accepts (413).
+    PayloadTooLarge,
+    /// The machine's current state does not allow the operation (409).
+    InvalidState,
+    /// The resource already exists, e.g. a machine name in use (409).
+    Conflict,
+    /// The operation did not finish before its deadline (504).
+    Timeout,
+    /// The machine failed while carrying out the operation (500).
+    RuntimeError,
+    /// The guest agent could not be reached or answered with an error (502).
+    AgentError,
+    /// The server cannot serve the request right now, e.g. shutting down (503).
+    Unavailable,
+    /// A bug or an unexpected host failure; details are in the server log (500).
+    InternalError,
+}
+
+impl ErrorCode {
+    /// The HTTP status code that goes with this error code.
+    pub fn http_status(self) -> u16 {
+        match self {
+            ErrorCode::Unauthorized => 401,
+            ErrorCode::Forbidden => 403,
+            ErrorCode::NotFound => 404,
+            ErrorCode::MethodNotAllowed => 405,
+            ErrorCode::ValidationError | ErrorCode::BadRequest => 400,
+            ErrorCode::PayloadTooLarge => 413,
+            ErrorCode::InvalidState | ErrorCode::Conflict => 409,
+            ErrorCode::Timeout => 504,
+            ErrorCode::RuntimeError | ErrorCode::InternalError => 500,
+            ErrorCode::AgentError => 502,
+            ErrorCode::Unavailable => 503,
+        }
+    }
+}
+
+/// `{"error": {...}}`
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ErrorDetail {
+    pub code: ErrorCode,
+    /// A sentence for people; do not parse it.
+    pub message: String,
+}
+
+impl ErrorBody {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ErrorBody {
+            error: ErrorDetail {
+                code,
+                message: message.into(),
+            },
+        }
+    }
+}

@@ -1,0 +1,26 @@
+//! Wire types of the Hyperfleet REST API.
+//!
+//! This crate owns the JSON shapes that cross the HTTP boundary — requests,
+//! responses, the error envelope and its codes — and their OpenAPI schemas. It
+//! holds no logic beyond parsing names of enums, so that the daemon, the
+//! client and the CLI agree on one definition and the OpenAPI document is
+//! generated from the same types the server serialises.
+
+mod error;
+mod events;
+mod health;
+mod keys;
+mod machine;
+
+pub use error::{ErrorBody, ErrorCode, ErrorDetail};
+pub use events::{EventList, MachineEvent, StepTiming};
+pub use health::{BackendHealth, Health, StoreHealth};
+pub use keys::{ApiKey, CreateKeyRequest, CreatedKey, KeyList, Scope};
+pub use machine::{
+    CreateMachineRequest, Machine, MachineList, MachineStatus, Persistence, PersistenceType,
+    VmmKind, LIMITS,
+};
+
+/// The prefix every API key starts with, so that leaked keys are easy to
+/// recognise by secret scanners and operators.
+pub const API_KEY_PREFIX: &str = "hf_";

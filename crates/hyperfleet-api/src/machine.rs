@@ -1,0 +1,249 @@
+//! Machines: the create request, the machine as the API shows it, and the
+//! public status vocabulary.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// The observed status of a machine. What the API reports is what the
+/// machine run observed on the host, never what was merely requested.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum MachineStatus {
+    /// Created, never started: disk and identity are prepared, no VMM.
+    Pending,
+    /// A VMM process exists and the guest is booting.
+    Starting,
+    /// The guest agent answered: commands and files work.
+    Running,
+    /// vCPUs are stopped; memory stays in the VMM process.
+    Paused,
+    /// Shutting down (graceful, then forced after a deadline).
+    Stopping,
+    /// No VMM process; the disk is kept. `start` boots from it.
+    Stopped,
+    /// Memory is being saved to disk.
+    Suspending,
+    /// Memory saved to disk, no VMM process; `resume`/`start` restores it.
+    Suspended,
+    /// A step failed; `error_message` says why. Nothing runs.
+    Failed,
+    /// Releasing everything the machine owns; the record goes away next.
+    Deleting,
+}
+
+impl MachineStatus {
+    pub const ALL: [MachineStatus; 10] = [
+        MachineStatus::Pending,
+        MachineStatus::Starting,
+        MachineStatus::Running,
+        MachineStatus::Paused,
+        MachineStatus::Stopping,
+        MachineStatus::Stopped,
+        MachineStatus::Suspending,
+        MachineStatus::Suspended,
+        MachineStatus::Failed,
+        MachineStatus::Deleting,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MachineStatus::Pending => "pending",
+            MachineStatus::Starting => "starting",
+            MachineStatus::Running => "running",
+            MachineStatus::Paused => "paused",
+            MachineStatus::Stopping => "stopping",
+            MachineStatus::Stopped => "stopped",
+            MachineStatus::Suspending => "suspending",
+            MachineStatus::Suspended => "suspended",
+            MachineStatus::Failed => "failed",
+            MachineStatus::Deleting => "deleting",
+        }
+    }
+}
+
+impl fmt::Display for MachineStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for MachineStatus {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        MachineStatus::ALL
+            .into_iter()
+            .find(|x| x.as_str() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = MachineStatus::ALL.iter().map(|x| x.as_str()).collect();
+                format!("unknown status '{s}'; expected one of {}", names.join(", "))
+            })
+    }
+}
+
+/// Which virtual machine monitor runs the machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum VmmKind {
+    /// QEMU `microvm` (KVM where usable, TCG otherwise).
+    Qemu,
+    /// Firecracker (needs hardware KVM).
+    Firecracker,
+    /// A stand-in process with no guest, for testing the control plane.
+    Stub,
+}
+
+impl VmmKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmmKind::Qemu => "qemu",
+            VmmKind::Firecracker => "firecracker",
+            VmmKind::Stub => "stub",
+        }
+    }
+}
+
+impl fmt::Display for VmmKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for VmmKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "qemu" => Ok(VmmKind::Qemu),
+            "firecracker" => Ok(VmmKind::Firecracker),
+            "stub" => Ok(VmmKind::Stub),
+            _ => Err(format!(
+                "unknown VMM '{s}'; expected one of qemu, firecracker, stub"
+            )),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PersistenceType {
+    Sticky,
+    Persistent,
+    Ephemeral,
+}
+
+/// Reserved for the persistence issue: how long a machine's disk is kept.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Persistence {
+    #[serde(rename = "type")]
+    pub kind: PersistenceType,
+}
+
+/// Bounds the API enforces on a machine spec. Documented in docs/api.md.
+pub struct Limits {
+    pub name_max_len: usize,
+    pub vcpu_min: u32,
+    pub vcpu_max: u32,
+    pub mem_min_mib: u32,
+    pub mem_max_mib: u32,
+    pub exposed_ports_max: usize,
+    pub env_max: usize,
+    pub env_key_max_len: usize,
+    pub env_value_max_len: usize,
+    pub metadata_max: usize,
+    pub metadata_key_max_len: usize,
+    pub metadata_value_max_len: usize,
+    pub idle_timeout_max_seconds: u64,
+}
+
+pub const LIMITS: Limits = Limits {
+    name_max_len: 63,
+    vcpu_min: 1,
+    vcpu_max: 32,
+    mem_min_mib: 128,
+    mem_max_mib: 65536,
+    exposed_ports_max: 32,
+    env_max: 128,
+    env_key_max_len: 128,
+    env_value_max_len: 32 * 1024,
+    metadata_max: 64,
+    metadata_key_max_len: 63,
+    metadata_value_max_len: 1024,
+    idle_timeout_max_seconds: 7 * 24 * 3600,
+};
+
+/// `POST /machines`. Unknown fields are rejected.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateMachineRequest {
+    /// DNS label (lowercase letters, digits, `-`; starts with a letter; at
+    /// most 63 characters), unique per tenant. Generated when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// 1–32; default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpu_count: Option<u32>,
+    /// 128–65536 MiB; default 256.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_size_mib: Option<u32>,
+    /// Guest ports reachable through the proxy, 1–65535, at most 32, no duplicates.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exposed_ports: Vec<u32>,
+    /// The backend; defaults to the server's `--default-vmm`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vmm: Option<VmmKind>,
+    /// Reserved: suspend after this many idle seconds (null = never).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_seconds: Option<u64>,
+    /// Reserved: how long the disk is kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub persistence: Option<Persistence>,
+    /// Environment for commands run in the guest.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Free-form labels for the caller's own bookkeeping.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// A machine as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Machine {
+    pub id: String,
+    pub name: String,
+    /// What is true on the host now.
+    pub status: MachineStatus,
+    /// What was last asked for; the machine run moves `status` toward it.
+    pub desired_status: MachineStatus,
+    pub vmm: VmmKind,
+    pub vcpu_count: u32,
+    pub mem_size_mib: u32,
+    pub exposed_ports: Vec<u32>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+    pub idle_timeout_seconds: Option<u64>,
+    pub persistence: Option<Persistence>,
+    /// Increases with every accepted change of the desired state.
+    pub generation: u64,
+    /// Why the machine is `failed`; null otherwise.
+    pub error_message: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+    /// When the guest last became `running`.
+    pub started_at: Option<String>,
+}
+
+/// `GET /machines`
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct MachineList {
+    pub machines: Vec<Machine>,
+    /// How many machines match the filter, ignoring limit and offset.
+    pub total: u64,
+}

@@ -1,0 +1,322 @@
+//! A typed client for the Hyperfleet REST API, used by the CLI and usable
+//! as the Rust SDK. Every method maps one route; API errors come back as
+//! [`ClientError::Api`] with the server's code and message.
+
+use std::time::Duration;
+
+use futures_util::{Stream, StreamExt};
+use hyperfleet_api::{
+    CreateKeyRequest, CreateMachineRequest, CreatedKey, ErrorBody, ErrorCode, EventList, Health,
+    KeyList, Machine, MachineEvent, MachineList, MachineStatus,
+};
+use reqwest::{Method, RequestBuilder, StatusCode};
+use serde::de::DeserializeOwned;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the server at {url}: {source}")]
+    Connect {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("{message} ({code:?}, HTTP {status})")]
+    Api {
+        status: u16,
+        code: ErrorCode,
+        message: String,
+    },
+    #[error("the server answered HTTP {status} with an unexpected body: {body}")]
+    Unexpected { status: u16, body: String },
+    #[error("invalid server URL '{0}'")]
+    BadUrl(String),
+}
+
+impl ClientError {
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Api { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+    key: Option<String>,
+}
+
+/// What an action's answer means: the machine reached its target, or (with
+/// `wait=false`) the request was accepted and goes on.
+pub enum ActionResult {
+    Done(Machine),
+    Accepted(Machine),
+    Deleted,
+}
+
+impl Client {
+    /// `base` like `http://127.0.0.1:3000`; routes go under `/api/v1`.
+    pub fn new(base: &str, key: Option<String>) -> Result<Client, ClientError> {
+        let base = base.trim_end_matches('/');
+        if !(base.starts_with("http://") || base.starts_with("https://")) {
+            return Err(ClientError::BadUrl(base.to_string()));
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .map_err(|e| ClientError::Connect {
+                url: base.to_string(),
+                source: e,
+            })?;
+        Ok(Client {
+            http,
+            base: format!("{base}/api/v1"),
+            key,
+        })
+    }
+
+    fn req(&self, method: Method, path: &str) -> RequestBuilder {
+        let mut r = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(k) = &self.key {
+            r = r.bearer_auth(k);
+        }
+        r
+    }
+
+    async fn send(&self, r: RequestBuilder) -> Result<reqwest::Response, ClientError> {
+        let resp = r.send().await.map_err(|e| ClientError::Connect {
+            url: self.base.clone(),
+            source: e,
+        })?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status().as_u16();
+        let body = resp.text().await.unwrap_or_default();
+        match serde_json::from_str::<ErrorBody>(&body) {
+            Ok(e) => Err(ClientError::Api {
+                status,
+                code: e.error.code,
+                message: e.error.message,
+            }),
+            Err(_) => Err(ClientError::Unexpected { status, body }),
+        }
+    }
+
+    async fn json<T: DeserializeOwned>(&self, r: RequestBuilder) -> Result<T, ClientError> {
+        let resp = self.send(r).await?;
+        let status = resp.status().as_u16();
+        let body = resp.bytes().await.map_err(|e| ClientError::Connect {
+            url: self.base.clone(),
+            source: e,
+        })?;
+        serde_json::from_slice(&body).map_err(|e| ClientError::Unexpected {
+            status,
+            body: format!("{e}: {}", String::from_utf8_lossy(&body)),
+        })
+    }
+
+    pub async fn health(&self) -> Result<Health, ClientError> {
+        // 503 still carries a Health body.
+        let resp =
+            self.req(Method::GET, "/health")
+                .send()
+                .await
+                .map_err(|e| ClientError::Connect {
+                    url: self.base.clone(),
+                    source: e,
+                })?;
+        let status = resp.status().as_u16();
+        let body = resp.text().await.unwrap_or_default();
+        serde_json::from_str(&body).map_err(|_| ClientError::Unexpected { status, body })
+    }
+
+    pub async fn create_machine(&self, req: &CreateMachineRequest) -> Result<Machine, ClientError> {
+        self.json(self.req(Method::POST, "/machines").json(req))
+            .await
+    }
+
+    pub async fn list_machines(
+        &self,
+        status: Option<MachineStatus>,
+        limit: Option<usize>,
+        offset: Option<usize>,
+    ) -> Result<MachineList, ClientError> {
+        let mut q: Vec<(&str, String)> = Vec::new();
+        if let Some(s) = status {
+            q.push(("status", s.to_string()));
+        }
+        if let Some(l) = limit {
+            q.push(("limit", l.to_string()));
+        }
+        if let Some(o) = offset {
+            q.push(("offset", o.to_string()));
+        }
+        self.json(self.req(Method::GET, "/machines").query(&q))
+            .await
+    }
+
+    pub async fn get_machine(&self, id: &str) -> Result<Machine, ClientError> {
+        self.json(self.req(Method::GET, &format!("/machines/{}", enc(id))))
+            .await
+    }
+
+    /// `action` is one of start, stop, restart, pause, resume, kill, suspend.
+    pub async fn action(
+        &self,
+        id: &str,
+        action: &str,
+        wait: bool,
+        timeout_secs: Option<u64>,
+    ) -> Result<ActionResult, ClientError> {
+        let mut q = vec![("wait", wait.to_string())];
+        if let Some(t) = timeout_secs {
+            q.push(("timeout", t.to_string()));
+        }
+        let r = self
+            .req(Method::POST, &format!("/machines/{}/{action}", enc(id)))
+            .query(&q)
+            .timeout(Duration::from_secs(timeout_secs.unwrap_or(60) + 30));
+        let resp = self.send(r).await?;
+        let accepted = resp.status() == StatusCode::ACCEPTED;
+        let m: Machine = resp.json().await.map_err(|e| ClientError::Connect {
+            url: self.base.clone(),
+            source: e,
+        })?;
+        Ok(if accepted {
+            ActionResult::Accepted(m)
+        } else {
+            ActionResult::Done(m)
+        })
+    }
+
+    pub async fn delete_machine(
+        &self,
+        id: &str,
+        force: bool,
+        wait: bool,
+        timeout_secs: Option<u64>,
+    ) -> Result<ActionResult, ClientError> {
+        let mut q = vec![("force", force.to_string()), ("wait", wait.to_string())];
+        if let Some(t) = timeout_secs {
+            q.push(("timeout", t.to_string()));
+        }
+        let r = self
+            .req(Method::DELETE, &format!("/machines/{}", enc(id)))
+            .query(&q)
+            .timeout(Duration::from_secs(timeout_secs.unwrap_or(60) + 30));
+        let resp = self.send(r).await?;
+        if resp.status() == StatusCode::NO_CONTENT {
+            return Ok(ActionResult::Deleted);
+        }
+        let m: Machine = resp.json().await.map_err(|e| ClientError::Connect {
+            url: self.base.clone(),
+            source: e,
+        })?;
+        Ok(ActionResult::Accepted(m))
+    }
+
+    pub async fn wait(
+        &self,
+        id: &str,
+        status: MachineStatus,
+        timeout_secs: u64,
+    ) -> Result<Machine, ClientError> {
+        let r = self
+            .req(Method::GET, &format!("/machines/{}/wait", enc(id)))
+            .query(&[
+                ("status", status.to_string()),
+                ("timeout", timeout_secs.to_string()),
+            ])
+            .timeout(Duration::from_secs(timeout_secs + 30));
+        self.json(r).await
+    }
+
+    pub async fn events(&self, id: &str) -> Result<EventList, ClientError> {
+        self.json(self.req(Method::GET, &format!("/machines/{}/events", enc(id))))
+            .await
+    }
+
+    /// The machine's history, then live events until it is deleted.
+    pub async fn follow_events(
+        &self,
+        id: &str,
+    ) -> Result<impl Stream<Item = Result<MachineEvent, ClientError>>, ClientError> {
+        let r = self
+            .req(Method::GET, &format!("/machines/{}/events", enc(id)))
+            .header(reqwest::header::ACCEPT, "text/event-stream");
+        let resp = self.send(r).await?;
+        let base = self.base.clone();
+        let bytes = resp.bytes_stream();
+        let events = futures_util::stream::unfold(
+            (bytes, String::new(), base),
+            |(mut bytes, mut buf, base)| async move {
+                loop {
+                    if let Some(end) = buf.find("\n\n") {
+                        let block: String = buf.drain(..end + 2).collect();
+                        let data: String = block
+                            .lines()
+                            .filter_map(|l| l.strip_prefix("data:"))
+                            .map(str::trim_start)
+                            .collect::<Vec<_>>()
+                            .join("\n");
+                        if data.is_empty() {
+                            continue;
+                        }
+                        let item = serde_json::from_str::<MachineEvent>(&data).map_err(|e| {
+                            ClientError::Unexpected {
+                                status: 200,
+                                body: format!("{e}: {data}"),
+                            }
+                        });
+                        return Some((item, (bytes, buf, base)));
+                    }
+                    match bytes.next().await {
+                        Some(Ok(chunk)) => buf.push_str(&String::from_utf8_lossy(&chunk)),
+                        Some(Err(e)) => {
+                            return Some((
+                                Err(ClientError::Connect {
+                                    url: base.clone(),
+                                    source: e,
+                                }),
+                                (bytes, String::new(), base),
+                            ))
+                        }
+                        None => return None,
+                    }
+                }
+            },
+        );
+        Ok(events)
+    }
+
+    pub async fn create_key(&self, req: &CreateKeyRequest) -> Result<CreatedKey, ClientError> {
+        self.json(self.req(Method::POST, "/keys").json(req)).await
+    }
+
+    pub async fn list_keys(&self) -> Result<KeyList, ClientError> {
+        self.json(self.req(Method::GET, "/keys")).await
+    }
+
+    pub async fn revoke_key(&self, id: &str) -> Result<(), ClientError> {
+        self.send(self.req(Method::DELETE, &format!("/keys/{}", enc(id))))
+            .await
+            .map(drop)
+    }
+}
+
+/// Percent-encodes a path segment (ids and names are plain, but a user may
+/// type anything).
+fn enc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}

@@ -1,0 +1,57 @@
+//! Server configuration. The binary fills it from flags and `HYPERFLEET_*`
+//! environment variables (docs/configuration.md has the table).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use hyperfleet_api::VmmKind;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Everything the host keeps lives here.
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    /// Development only: every request acts as an admin of tenant `default`.
+    pub disable_auth: bool,
+    /// The backend for machines created without `vmm`; `None` picks the best
+    /// available one.
+    pub default_vmm: Option<VmmKind>,
+    /// The stand-in VMM for the `stub` backend; defaults to
+    /// `hyperfleet-testvmm` next to the running binary.
+    pub stub_binary: Option<PathBuf>,
+    /// How long a guest may take to answer before the machine fails.
+    pub boot_timeout: Duration,
+    /// How long a graceful stop may take before the VMM is killed.
+    pub stop_timeout: Duration,
+}
+
+impl Config {
+    pub fn new(data_dir: PathBuf) -> Self {
+        Config {
+            data_dir,
+            listen: SocketAddr::from(([127, 0, 0, 1], 3000)),
+            disable_auth: false,
+            default_vmm: None,
+            stub_binary: None,
+            boot_timeout: Duration::from_secs(60),
+            stop_timeout: Duration::from_secs(10),
+        }
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.data_dir.join("hyperfleet.db")
+    }
+
+    pub fn machines_dir(&self) -> PathBuf {
+        self.data_dir.join("machines")
+    }
+
+    pub fn stub_binary_path(&self) -> Option<PathBuf> {
+        if let Some(p) = &self.stub_binary {
+            return Some(p.clone());
+        }
+        let exe = std::env::current_exe().ok()?;
+        Some(exe.parent()?.join("hyperfleet-testvmm"))
+    }
+}

@@ -1,0 +1,227 @@
+//! `hyperfleet serve`: opens the data directory, recovers every machine and
+//! serves the API until SIGTERM/SIGINT. VMM processes are left running on
+//! exit; the next start re-adopts them.
+
+use std::collections::HashMap;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyperfleet_api::VmmKind;
+
+use crate::auth::{bootstrap_admin_key, BootstrapError};
+use crate::config::Config;
+use crate::http::{router, AppState};
+use crate::lifecycle::run::RunCtx;
+use crate::lifecycle::{sweep, Supervisor};
+use crate::store::{Store, StoreError};
+use crate::vmm::stub::StubVmm;
+use crate::vmm::Vmm;
+
+/// Errors that stop the daemon from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("cannot prepare the data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("another hyperfleet daemon is already using {0} (its lock is held)")]
+    AlreadyRunning(PathBuf),
+    #[error("cannot open the store: {0}")]
+    Store(#[from] StoreError),
+    #[error("cannot create the first admin key: {0}")]
+    Bootstrap(#[from] BootstrapError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the default VMM '{0}' is not available: {1}")]
+    NoDefaultBackend(VmmKind, String),
+    #[error("the HTTP server failed: {0}")]
+    Serve(#[source] std::io::Error),
+}
+
+/// Holds the data directory's lock for the daemon's lifetime.
+struct DirLock {
+    // Never read: holding the open file is what keeps the flock.
+    _file: std::fs::File,
+}
+
+fn lock_data_dir(dir: &Path) -> Result<DirLock, DaemonError> {
+    let path = dir.join("hyperfleet.lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| DaemonError::DataDir {
+            path: path.clone(),
+            source,
+        })?;
+    // SAFETY: flock on a file descriptor we own; no memory is passed.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        return Err(DaemonError::AlreadyRunning(dir.to_path_buf()));
+    }
+    Ok(DirLock { _file: f })
+}
+
+fn prepare_dirs(config: &Config) -> Result<(), DaemonError> {
+    use std::os::unix::fs::DirBuilderExt;
+    for dir in [config.data_dir.clone(), config.machines_dir()] {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|source| DaemonError::DataDir { path: dir, source })?;
+    }
+    Ok(())
+}
+
+/// The backends this daemon can run, and the default among them.
+pub fn backends(config: &Config) -> (HashMap<VmmKind, Arc<dyn Vmm>>, Result<VmmKind, String>) {
+    let mut map: HashMap<VmmKind, Arc<dyn Vmm>> = HashMap::new();
+    if let Some(bin) = config.stub_binary_path() {
+        let stub = StubVmm::new(bin);
+        if stub.availability().is_ok() || config.default_vmm == Some(VmmKind::Stub) {
+            map.insert(VmmKind::Stub, Arc::new(stub));
+        }
+    }
+    let default = match config.default_vmm {
+        Some(kind) => match map.get(&kind) {
+            Some(b) => b.availability().map(|_| kind),
+            None => Err(format!(
+                "the {kind} backend is not part of this build yet (available: {})",
+                names(&map)
+            )),
+        },
+        None => {
+            // Best real backend first; the stub only when nothing else exists.
+            [VmmKind::Firecracker, VmmKind::Qemu, VmmKind::Stub]
+                .into_iter()
+                .find(|k| map.get(k).is_some_and(|b| b.availability().is_ok()))
+                .ok_or_else(|| "no VMM backend is available on this host".to_string())
+        }
+    };
+    (map, default)
+}
+
+fn names(map: &HashMap<VmmKind, Arc<dyn Vmm>>) -> String {
+    let mut v: Vec<&str> = map.keys().map(|k| k.as_str()).collect();
+    v.sort();
+    if v.is_empty() {
+        "none".into()
+    } else {
+        v.join(", ")
+    }
+}
+
+pub async fn serve(config: Config) -> Result<(), DaemonError> {
+    prepare_dirs(&config)?;
+    let _lock = lock_data_dir(&config.data_dir)?;
+    let armed = crate::failpoint::arm_from_env();
+    if !armed.is_empty() {
+        tracing::warn!(
+            ?armed,
+            "crash points armed: this daemon will SIGKILL itself"
+        );
+    }
+    let store = Store::open(&config.db_path())?;
+    if let Some(path) = bootstrap_admin_key(&store, &config.data_dir).await? {
+        tracing::warn!(
+            path = %path.display(),
+            "created the first admin API key; read it from this file (mode 0600) and keep it safe"
+        );
+    }
+    if config.disable_auth {
+        tracing::warn!(
+            "AUTHENTICATION IS DISABLED (--disable-auth): anyone who can reach {} controls every machine. Development only.",
+            config.listen
+        );
+    }
+    let (backends, default) = backends(&config);
+    let default_vmm = default.map_err(|reason| {
+        DaemonError::NoDefaultBackend(config.default_vmm.unwrap_or(VmmKind::Qemu), reason)
+    })?;
+    if default_vmm == VmmKind::Stub {
+        tracing::warn!(
+            "the default VMM is 'stub' (a stand-in process with no guest): machines created without \"vmm\" boot no real guest"
+        );
+    }
+    let report = sweep::sweep(&store, &config.machines_dir()).await;
+    tracing::info!(
+        ?report,
+        machines = store.machine_count(),
+        "startup sweep done"
+    );
+
+    let sup = Supervisor::new(RunCtx {
+        store: store.clone(),
+        backends,
+        machines_dir: config.machines_dir(),
+        boot_timeout: config.boot_timeout,
+        stop_timeout: config.stop_timeout,
+    });
+    sup.start_all();
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| DaemonError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(DaemonError::Serve)?;
+    // Lets scripts and tests find a server started on port 0.
+    let _ = std::fs::write(config.data_dir.join("api.addr"), format!("{addr}\n"));
+    tracing::info!(%addr, data_dir = %config.data_dir.display(), default_vmm = %default_vmm, "hyperfleet listening");
+
+    let app = router(AppState {
+        sup: sup.clone(),
+        store: store.clone(),
+        auth_disabled: config.disable_auth,
+        default_vmm,
+    });
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        let _ = stop_rx.await;
+    });
+    let server = tokio::spawn(async move { server.await });
+    shutdown_signal().await;
+    tracing::info!("shutting down: no new requests; VMMs keep running");
+    let _ = stop_tx.send(());
+    // Long-polls may hold connections for minutes; give in-flight requests
+    // a few seconds, then go.
+    match tokio::time::timeout(Duration::from_secs(5), server).await {
+        Ok(Ok(Err(e))) => return Err(DaemonError::Serve(e)),
+        Ok(_) => {}
+        Err(_) => tracing::warn!("in-flight requests did not finish within 5 s; exiting anyway"),
+    }
+    let live = store
+        .all_machine_ids()
+        .into_iter()
+        .filter(|id| store.get_by_id(id).is_some_and(|m| m.rec.vmm.is_some()))
+        .count();
+    tracing::info!(vmms_left_running = live, "hyperfleet stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the server");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

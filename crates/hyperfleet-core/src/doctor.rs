@@ -1,0 +1,248 @@
+//! `hyperfleet doctor`: checks the host and says what to fix.
+
+use std::path::Path;
+use std::process::Command;
+
+use serde::Serialize;
+
+use crate::config::Config;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    Ok,
+    Warn,
+    Fail,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Check {
+    pub name: &'static str,
+    pub level: Level,
+    pub detail: String,
+    /// What to do about it (empty when ok).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub fix: String,
+}
+
+fn check(
+    name: &'static str,
+    level: Level,
+    detail: impl Into<String>,
+    fix: impl Into<String>,
+) -> Check {
+    Check {
+        name,
+        level,
+        detail: detail.into(),
+        fix: fix.into(),
+    }
+}
+
+fn first_line(program: &str, arg: &str) -> Option<String> {
+    let out = Command::new(program).arg(arg).output().ok()?;
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    text.lines().next().map(|l| l.trim().to_string())
+}
+
+/// What virtualisation the host offers, and what it means for guests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    /// Hardware virtualisation with a usable /dev/kvm.
+    HardwareKvm,
+    /// /dev/kvm is the software-nested PVM module: stock guests cannot boot.
+    PvmOnly,
+    /// No usable KVM: only software emulation (TCG).
+    None,
+}
+
+pub fn detect_accel() -> (Accel, String) {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let hw = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
+    let pvm = Path::new("/sys/module/kvm_pvm").exists();
+    let kvm_rw = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if pvm {
+        (Accel::PvmOnly, "/dev/kvm is provided by kvm_pvm (software nested KVM); stock Linux guests die under it with KVM_EXIT_INTERNAL_ERROR, so QEMU must use TCG and Firecracker cannot boot guests here".into())
+    } else if hw && kvm_rw {
+        (
+            Accel::HardwareKvm,
+            "hardware virtualisation (vmx/svm) with a usable /dev/kvm".into(),
+        )
+    } else if hw {
+        (
+            Accel::None,
+            "the CPU has vmx/svm but /dev/kvm is missing or not accessible".into(),
+        )
+    } else {
+        (
+            Accel::None,
+            "no vmx/svm CPU flag: only software emulation (QEMU TCG) is possible".into(),
+        )
+    }
+}
+
+fn is_root_or_net_admin() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_some_and(|caps| caps & (1 << 12) != 0)
+}
+
+pub fn run(config: &Config) -> Vec<Check> {
+    let mut out = Vec::new();
+
+    // Data directory.
+    let dir = &config.data_dir;
+    let probe = dir.join(".doctor-probe");
+    let writable = std::fs::create_dir_all(dir).is_ok() && std::fs::write(&probe, b"ok").is_ok();
+    let _ = std::fs::remove_file(&probe);
+    out.push(if writable {
+        check(
+            "data_dir",
+            Level::Ok,
+            format!("{} is writable", dir.display()),
+            "",
+        )
+    } else {
+        check(
+            "data_dir",
+            Level::Fail,
+            format!("{} is not writable", dir.display()),
+            "run as a user that owns it, or pass --data-dir / HYPERFLEET_DATA_DIR",
+        )
+    });
+
+    // Store.
+    let db = config.db_path();
+    if db.exists() {
+        match rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .and_then(|c| c.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0)))
+        {
+            Ok(v) if v <= crate::store::schema_version() => out.push(check(
+                "store",
+                Level::Ok,
+                format!("{} (schema {v})", db.display()),
+                "",
+            )),
+            Ok(v) => out.push(check(
+                "store",
+                Level::Fail,
+                format!("schema {v} is newer than this release knows"),
+                "upgrade hyperfleet",
+            )),
+            Err(e) => out.push(check(
+                "store",
+                Level::Fail,
+                format!("cannot read {}: {e}", db.display()),
+                "check permissions and disk",
+            )),
+        }
+    } else {
+        out.push(check(
+            "store",
+            Level::Ok,
+            format!("{} will be created on first start", db.display()),
+            "",
+        ));
+    }
+
+    // Virtualisation.
+    let (accel, why) = detect_accel();
+    out.push(match accel {
+        Accel::HardwareKvm => check("kvm", Level::Ok, why, ""),
+        Accel::PvmOnly => check("kvm", Level::Warn, why, "guests run under QEMU TCG (software, ~1.6 s boots); use a host with hardware virtualisation for Firecracker and KVM speed"),
+        Accel::None => check("kvm", Level::Warn, why, "enable VT-x/AMD-V (or nested virtualisation) and load kvm_intel/kvm_amd for KVM speed"),
+    });
+
+    // VMM binaries.
+    match first_line("qemu-system-x86_64", "--version") {
+        Some(v) => out.push(check("qemu", Level::Ok, v, "")),
+        None => out.push(check(
+            "qemu",
+            Level::Warn,
+            "qemu-system-x86_64 not found",
+            "install Debian's qemu-system-x86 (10.x from bookworm-backports on Debian 12)",
+        )),
+    }
+    match first_line("firecracker", "--version") {
+        Some(v) => out.push(check(
+            "firecracker",
+            if accel == Accel::HardwareKvm {
+                Level::Ok
+            } else {
+                Level::Warn
+            },
+            if accel == Accel::HardwareKvm {
+                v
+            } else {
+                format!("{v}; but this host cannot boot Firecracker guests (no hardware KVM)")
+            },
+            if accel == Accel::HardwareKvm {
+                ""
+            } else {
+                "use the qemu backend on this host"
+            },
+        )),
+        None => out.push(check(
+            "firecracker",
+            Level::Warn,
+            "firecracker not found in PATH",
+            "install the official Firecracker release binaries (firecracker, jailer) into PATH",
+        )),
+    }
+    match config.stub_binary_path() {
+        Some(p) if p.is_file() => out.push(check(
+            "stub_vmm",
+            Level::Ok,
+            format!("{} (test backend)", p.display()),
+            "",
+        )),
+        _ => out.push(check(
+            "stub_vmm",
+            Level::Ok,
+            "not installed (only needed for control-plane tests)",
+            "",
+        )),
+    }
+
+    // Privileges for networking.
+    out.push(if is_root_or_net_admin() {
+        check(
+            "privileges",
+            Level::Ok,
+            "root or CAP_NET_ADMIN: TAP devices and nftables can be managed",
+            "",
+        )
+    } else {
+        check(
+            "privileges",
+            Level::Warn,
+            "neither root nor CAP_NET_ADMIN",
+            "run the daemon as root or grant CAP_NET_ADMIN for machine networking",
+        )
+    });
+    match first_line("nft", "--version") {
+        Some(v) => out.push(check("nftables", Level::Ok, v, "")),
+        None => out.push(check(
+            "nftables",
+            Level::Warn,
+            "nft not found",
+            "install Debian's nftables package for machine isolation and egress",
+        )),
+    }
+    out
+}

@@ -1,0 +1,478 @@
+//! Machine routes. Handlers validate, hand the change to the supervisor and
+//! optionally wait for the outcome; they never do lifecycle work.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use bytes::{BufMut, Bytes, BytesMut};
+use futures_util::stream::{self, Stream};
+use hyperfleet_api::{
+    CreateMachineRequest, ErrorCode, EventList, Machine, MachineList, MachineStatus, Scope,
+};
+use serde::Deserialize;
+use tokio::sync::broadcast::error::RecvError;
+use utoipa::IntoParams;
+
+use super::error::ApiError;
+use super::extract::{Caller, Json, Query};
+use super::AppState;
+use crate::lifecycle::table::Request;
+use crate::lifecycle::WaitOutcome;
+use crate::store::CachedMachine;
+use crate::validate::validate_create;
+
+const DEFAULT_WAIT: Duration = Duration::from_secs(60);
+const MAX_WAIT_SECONDS: u64 = 600;
+
+fn json_bytes(status: StatusCode, body: Bytes) -> Response {
+    (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+fn machine_response(status: StatusCode, m: &CachedMachine) -> Response {
+    json_bytes(status, m.json.clone())
+}
+
+/// Ids and names are short ASCII; anything else cannot name a machine.
+fn check_ref(id: &str) -> Result<(), ApiError> {
+    if id.is_empty() || id.len() > 63 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    {
+        return Err(ApiError::not_found(format!(
+            "machine '{}'",
+            id.chars().take(64).collect::<String>()
+        )));
+    }
+    Ok(())
+}
+
+fn find(state: &AppState, caller: &Caller, id: &str) -> Result<Arc<CachedMachine>, ApiError> {
+    check_ref(id)?;
+    state
+        .store
+        .get(Some(caller.tenant()), id)
+        .ok_or_else(|| ApiError::not_found(format!("machine '{id}'")))
+}
+
+#[utoipa::path(post, path = "/machines", tag = "machines",
+    request_body = CreateMachineRequest,
+    responses(
+        (status = 201, description = "Created (status `pending`); durable when answered", body = Machine),
+        (status = 400, description = "Malformed or invalid request", body = hyperfleet_api::ErrorBody),
+        (status = 409, description = "Name already in use", body = hyperfleet_api::ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn create(
+    State(state): State<AppState>,
+    caller: Caller,
+    Json(req): Json<CreateMachineRequest>,
+) -> Result<Response, ApiError> {
+    let p = caller.require(Scope::Write)?;
+    let (name, spec) = validate_create(req, state.default_vmm)?;
+    let m = state.sup.create(&p.tenant, name, spec).await?;
+    Ok(machine_response(StatusCode::CREATED, &m))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    /// Only machines in this status.
+    status: Option<String>,
+    /// 1–1000, default 100.
+    limit: Option<usize>,
+    /// Skip this many machines (creation order).
+    offset: Option<usize>,
+}
+
+#[utoipa::path(get, path = "/machines", tag = "machines", params(ListQuery),
+    responses((status = 200, body = MachineList)), security(("bearer" = [])))]
+pub async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(q): Query<ListQuery>,
+) -> Result<Response, ApiError> {
+    let p = caller.require(Scope::Read)?;
+    let status = match q.status.as_deref() {
+        None | Some("") => None,
+        Some(s) => Some(
+            s.parse::<MachineStatus>()
+                .map_err(|e| ApiError::validation(format!("status: {e}")))?,
+        ),
+    };
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::validation(format!(
+            "limit: must be between 1 and 1000, got {limit}"
+        )));
+    }
+    let offset = q.offset.unwrap_or(0);
+    let (machines, total) = state.store.list(&p.tenant, status, limit, offset);
+    // Splice the pre-rendered machine JSON instead of re-serialising.
+    let size: usize = machines.iter().map(|m| m.json.len() + 1).sum::<usize>() + 40;
+    let mut body = BytesMut::with_capacity(size);
+    body.put_slice(b"{\"machines\":[");
+    for (i, m) in machines.iter().enumerate() {
+        if i > 0 {
+            body.put_u8(b',');
+        }
+        body.put_slice(&m.json);
+    }
+    body.put_slice(format!("],\"total\":{total}}}").as_bytes());
+    Ok(json_bytes(StatusCode::OK, body.freeze()))
+}
+
+#[utoipa::path(get, path = "/machines/{id}", tag = "machines",
+    params(("id" = String, Path, description = "Machine id or name")),
+    responses((status = 200, body = Machine), (status = 404, body = hyperfleet_api::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn get(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    caller.require(Scope::Read)?;
+    let m = find(&state, &caller, &id)?;
+    Ok(machine_response(StatusCode::OK, &m))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ActionQuery {
+    /// Wait for the outcome (default true). `false` answers 202 at once.
+    wait: Option<bool>,
+    /// How long to wait, in seconds (default 60, at most 600).
+    timeout: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct DeleteQuery {
+    /// Stop a running machine first instead of answering 409.
+    force: Option<bool>,
+    /// Wait until the machine is gone (default true).
+    wait: Option<bool>,
+    /// How long to wait, in seconds (default 60, at most 600).
+    timeout: Option<u64>,
+}
+
+fn wait_timeout(t: Option<u64>) -> Result<Duration, ApiError> {
+    match t {
+        None => Ok(DEFAULT_WAIT),
+        Some(s) if s <= MAX_WAIT_SECONDS => Ok(Duration::from_secs(s)),
+        Some(s) => Err(ApiError::validation(format!(
+            "timeout: must be at most {MAX_WAIT_SECONDS} seconds, got {s}"
+        ))),
+    }
+}
+
+async fn act(
+    state: AppState,
+    caller: Caller,
+    id: String,
+    req: Request,
+    wait: bool,
+    timeout: Duration,
+) -> Result<Response, ApiError> {
+    let p = caller.require(Scope::Write)?;
+    check_ref(&id)?;
+    let (m, generation) = state.sup.request(&p.tenant, &id, req).await?;
+    if !wait {
+        return Ok(machine_response(StatusCode::ACCEPTED, &m));
+    }
+    let outcome = state
+        .sup
+        .wait_generation(&m.rec.id, generation, timeout)
+        .await;
+    outcome_response(outcome, req, timeout)
+}
+
+fn outcome_response(
+    outcome: WaitOutcome,
+    req: Request,
+    timeout: Duration,
+) -> Result<Response, ApiError> {
+    match outcome {
+        WaitOutcome::Reached(m) => Ok(machine_response(StatusCode::OK, &m)),
+        WaitOutcome::Deleted if matches!(req, Request::Delete | Request::ForceDelete) => {
+            Ok(StatusCode::NO_CONTENT.into_response())
+        }
+        WaitOutcome::Deleted => Err(ApiError::new(
+            ErrorCode::InvalidState,
+            "the machine was deleted while the operation was under way",
+        )),
+        WaitOutcome::Failed(m) => Err(ApiError::new(
+            ErrorCode::RuntimeError,
+            format!(
+                "the machine failed: {}",
+                m.rec
+                    .error_message
+                    .as_deref()
+                    .unwrap_or("no reason recorded")
+            ),
+        )),
+        WaitOutcome::Unreachable(m, why) => Err(ApiError::new(
+            ErrorCode::InvalidState,
+            format!("the machine is {}: {why}", m.rec.status),
+        )),
+        WaitOutcome::TimedOut(m) => Err(ApiError::new(
+            ErrorCode::Timeout,
+            format!(
+                "the machine is still {} after {}s; the operation goes on in the background \
+                 (watch GET /machines/{{id}}/wait or /events)",
+                m.map(|m| m.rec.status.to_string())
+                    .unwrap_or_else(|| "unknown".into()),
+                timeout.as_secs()
+            ),
+        )),
+    }
+}
+
+macro_rules! action_route {
+    ($name:ident, $path:literal, $req:expr, $doc:literal) => {
+        #[doc = $doc]
+        #[utoipa::path(post, path = $path, tag = "machines", description = $doc,
+            params(("id" = String, Path, description = "Machine id or name"), ActionQuery),
+            responses(
+                (status = 200, description = "Reached the target state", body = Machine),
+                (status = 202, description = "Accepted (`wait=false`)", body = Machine),
+                (status = 409, description = "Not allowed in the current state", body = hyperfleet_api::ErrorBody),
+                (status = 500, description = "The machine failed (RUNTIME_ERROR)", body = hyperfleet_api::ErrorBody),
+                (status = 504, description = "Deadline passed; the operation continues", body = hyperfleet_api::ErrorBody),
+            ),
+            security(("bearer" = [])))]
+        pub async fn $name(
+            State(state): State<AppState>,
+            caller: Caller,
+            Path(id): Path<String>,
+            Query(q): Query<ActionQuery>,
+        ) -> Result<Response, ApiError> {
+            let timeout = wait_timeout(q.timeout)?;
+            act(state, caller, id, $req, q.wait.unwrap_or(true), timeout).await
+        }
+    };
+}
+
+action_route!(
+    start,
+    "/machines/{id}/start",
+    Request::Start,
+    "Boot a pending, stopped or failed machine; restore a suspended one."
+);
+action_route!(
+    stop,
+    "/machines/{id}/stop",
+    Request::Stop,
+    "Graceful shutdown (guest poweroff, then kill after the stop timeout)."
+);
+action_route!(
+    restart,
+    "/machines/{id}/restart",
+    Request::Restart,
+    "Graceful stop followed by a fresh boot from the same disk."
+);
+action_route!(
+    pause,
+    "/machines/{id}/pause",
+    Request::Pause,
+    "Stop the vCPUs; memory stays in the VMM."
+);
+action_route!(
+    resume,
+    "/machines/{id}/resume",
+    Request::Resume,
+    "Continue a paused machine, or restore a suspended one."
+);
+action_route!(
+    kill,
+    "/machines/{id}/kill",
+    Request::Kill,
+    "Immediate hard stop: the VMM is killed without a graceful shutdown."
+);
+action_route!(
+    suspend,
+    "/machines/{id}/suspend",
+    Request::Suspend,
+    "Save memory to disk and stop the VMM; resume continues where it left off."
+);
+
+#[utoipa::path(delete, path = "/machines/{id}", tag = "machines",
+    params(("id" = String, Path, description = "Machine id or name"), DeleteQuery),
+    responses(
+        (status = 204, description = "Deleted; everything it owned is released"),
+        (status = 202, description = "Accepted (`wait=false`)", body = Machine),
+        (status = 409, description = "Running without `force=true`", body = hyperfleet_api::ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn delete(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Query(q): Query<DeleteQuery>,
+) -> Result<Response, ApiError> {
+    let timeout = wait_timeout(q.timeout)?;
+    let req = if q.force.unwrap_or(false) {
+        Request::ForceDelete
+    } else {
+        Request::Delete
+    };
+    let res = act(state, caller, id, req, q.wait.unwrap_or(true), timeout).await;
+    match res {
+        Err(e) if e.code == ErrorCode::InvalidState && req == Request::Delete => {
+            Err(ApiError::new(
+                ErrorCode::InvalidState,
+                format!("{}; stop it first or pass ?force=true", e.message),
+            ))
+        }
+        other => other,
+    }
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct WaitQuery {
+    /// The status to wait for.
+    status: String,
+    /// Seconds to wait (default 60, at most 600).
+    timeout: Option<u64>,
+}
+
+#[utoipa::path(get, path = "/machines/{id}/wait", tag = "machines",
+    params(("id" = String, Path, description = "Machine id or name"), WaitQuery),
+    responses(
+        (status = 200, description = "The machine is in the status", body = Machine),
+        (status = 409, description = "Failed, or the status is unreachable without another request", body = hyperfleet_api::ErrorBody),
+        (status = 504, description = "Deadline passed", body = hyperfleet_api::ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn wait(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Query(q): Query<WaitQuery>,
+) -> Result<Response, ApiError> {
+    caller.require(Scope::Read)?;
+    let target: MachineStatus = q
+        .status
+        .parse()
+        .map_err(|e| ApiError::validation(format!("status: {e}")))?;
+    let timeout = wait_timeout(q.timeout)?;
+    let m = find(&state, &caller, &id)?;
+    match state.sup.wait_status(&m.rec.id, target, timeout).await {
+        WaitOutcome::Failed(m) => Err(ApiError::new(
+            ErrorCode::InvalidState,
+            format!(
+                "the machine failed: {}",
+                m.rec
+                    .error_message
+                    .as_deref()
+                    .unwrap_or("no reason recorded")
+            ),
+        )),
+        WaitOutcome::Deleted => Err(ApiError::not_found(format!("machine '{id}' (deleted)"))),
+        other => outcome_response(other, Request::Start, timeout),
+    }
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct EventsQuery {
+    /// Only events with an id greater than this.
+    after: Option<i64>,
+    /// At most this many (1–10000, default 1000).
+    limit: Option<usize>,
+}
+
+#[utoipa::path(get, path = "/machines/{id}/events", tag = "machines",
+    description = "The machine's history with step timings. With `Accept: text/event-stream`, \
+                   a live SSE stream (history first; `Last-Event-ID` resumes).",
+    params(("id" = String, Path, description = "Machine id or name"), EventsQuery),
+    responses((status = 200, body = EventList)),
+    security(("bearer" = [])))]
+pub async fn events(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Query(q): Query<EventsQuery>,
+) -> Result<Response, ApiError> {
+    caller.require(Scope::Read)?;
+    let m = find(&state, &caller, &id)?;
+    let limit = q.limit.unwrap_or(1000);
+    if !(1..=10000).contains(&limit) {
+        return Err(ApiError::validation(format!(
+            "limit: must be between 1 and 10000, got {limit}"
+        )));
+    }
+    let wants_sse = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("text/event-stream"));
+    let mut after = q.after.unwrap_or(0);
+    if !wants_sse {
+        let events = state.store.events(&m.rec.id, after, limit).await?;
+        let body = EventList {
+            events: events.iter().map(|e| e.to_api()).collect(),
+        };
+        return Ok(axum::Json(body).into_response());
+    }
+    if let Some(last) = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i64>().ok())
+    {
+        after = after.max(last);
+    }
+    // Subscribe before reading history so nothing falls in between.
+    let live = state.store.subscribe_events();
+    let history = state.store.events(&m.rec.id, after, 10000).await?;
+    let last_seen = history.last().map(|e| e.id).unwrap_or(after);
+    let machine_id = m.rec.id.clone();
+    let history_done = history.iter().any(|e| e.kind == "deleted");
+    let history = stream::iter(history.into_iter().map(|e| Ok(sse_event(&e))));
+    let live = stream::unfold(
+        (live, last_seen, history_done),
+        move |(mut rx, last, done)| {
+            let machine_id = machine_id.clone();
+            async move {
+                if done {
+                    return None;
+                }
+                loop {
+                    match rx.recv().await {
+                        Ok(e) if e.machine_id == machine_id && e.id > last => {
+                            let end = e.kind == "deleted";
+                            return Some((Ok(sse_event(&e)), (rx, e.id, end)));
+                        }
+                        Ok(_) => continue,
+                        Err(RecvError::Lagged(_)) => {
+                            // The client fell behind; end the stream so it
+                            // reconnects with Last-Event-ID and reads history.
+                            let ev = Event::default()
+                                .event("lagged")
+                                .data("reconnect with Last-Event-ID");
+                            return Some((Ok(ev), (rx, last, true)));
+                        }
+                        Err(RecvError::Closed) => return None,
+                    }
+                }
+            }
+        },
+    );
+    let s: std::pin::Pin<Box<dyn Stream<Item = Result<Event, Infallible>> + Send>> =
+        Box::pin(futures_util::StreamExt::chain(history, live));
+    Ok(Sse::new(s)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response())
+}
+
+fn sse_event(e: &crate::store::EventRecord) -> Event {
+    // Plain data; serialising cannot fail.
+    let data = serde_json::to_string(&e.to_api()).expect("event JSON serialises");
+    Event::default()
+        .id(e.id.to_string())
+        .event(e.kind.clone())
+        .data(data)
+}

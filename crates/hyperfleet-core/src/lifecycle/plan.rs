@@ -1,0 +1,361 @@
+//! The machine run's decision logic, as a pure function: given the durable
+//! record and what was observed on the host, which single step moves the
+//! machine closer to its desired state? Kept free of I/O so every case is
+//! unit-tested; `run.rs` carries the steps out.
+
+use hyperfleet_api::MachineStatus;
+
+use super::table::{Desired, Observation};
+use crate::store::MachineRecord;
+
+/// What the run observed about the recorded VMM process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmmSeen {
+    /// The record names no VMM process.
+    None,
+    /// The recorded process is alive and is ours.
+    Alive,
+    /// The record names a process that no longer exists.
+    Gone,
+}
+
+/// The next step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Nothing to do: wait for a request or for the VMM to change.
+    Idle,
+    /// Status matches the desired state; record that this generation converged.
+    Converged,
+    /// A spawn was journaled but no identity recorded: the daemon died in
+    /// between. Look for the process before spawning another.
+    AdoptOrphan,
+    /// Create-time work: machine directory and disk.
+    Prepare,
+    Spawn {
+        restore: bool,
+    },
+    WaitReady,
+    /// Ask an adopted VMM whether it runs or is paused.
+    Verify,
+    Pause,
+    Resume,
+    Stop {
+        kill: bool,
+    },
+    Suspend,
+    /// The recorded VMM is gone; record what that means.
+    ForgetVmm(Observation),
+    /// Nothing runs and `stopped` was asked for.
+    SettleStopped,
+    /// Release is next: mark the machine `deleting`.
+    BeginDelete,
+    /// Release everything the machine owns and remove its record.
+    Release,
+    /// A failed machine still has a process (crash between kill and record).
+    CleanupFailed,
+}
+
+/// `verified`: the run has confirmed, since it started, that the recorded
+/// status of a live VMM matches reality (always true for a VMM it spawned).
+pub fn next_step(rec: &MachineRecord, vmm: VmmSeen, verified: bool) -> Step {
+    use MachineStatus as S;
+
+    if vmm == VmmSeen::None && rec.current_step.as_deref() == Some(super::steps::SPAWN) {
+        return Step::AdoptOrphan;
+    }
+    if vmm == VmmSeen::Gone {
+        return Step::ForgetVmm(lost_observation(rec));
+    }
+    let alive = vmm == VmmSeen::Alive;
+
+    // A failure sticks until a new request raises the generation.
+    let failure_current = rec.status == S::Failed && rec.failed_generation == Some(rec.generation);
+    if failure_current && rec.desired != Desired::Deleted {
+        return if alive {
+            Step::CleanupFailed
+        } else {
+            converged_or_idle(rec)
+        };
+    }
+
+    // Create-time work happens right after create, while `pending`, so that
+    // a later start only boots.
+    if !rec.prepared && !alive && rec.desired != Desired::Deleted {
+        return Step::Prepare;
+    }
+
+    match rec.desired {
+        Desired::Deleted => {
+            if alive {
+                Step::Stop {
+                    kill: rec.stop_kill,
+                }
+            } else if rec.status != S::Deleting {
+                Step::BeginDelete
+            } else {
+                Step::Release
+            }
+        }
+        Desired::Stopped => {
+            if alive {
+                Step::Stop {
+                    kill: rec.stop_kill,
+                }
+            } else if !matches!(rec.status, S::Stopped | S::Pending) {
+                Step::SettleStopped
+            } else {
+                converged_or_idle(rec)
+            }
+        }
+        Desired::Running | Desired::Paused | Desired::Suspended => {
+            if !alive {
+                return match (rec.desired, rec.status) {
+                    // Suspend finished (image saved, VMM gone).
+                    (Desired::Suspended, S::Suspended) => converged_or_idle(rec),
+                    // Paused/suspended need a live VMM first: boot it.
+                    _ => Step::Spawn {
+                        restore: rec.has_snapshot,
+                    },
+                };
+            }
+            if rec.desired == Desired::Running && rec.restart_seq > rec.boot_restart_seq {
+                return Step::Stop { kill: false };
+            }
+            if rec.status == S::Starting {
+                return Step::WaitReady;
+            }
+            if !verified || !matches!(rec.status, S::Running | S::Paused) {
+                return Step::Verify;
+            }
+            match (rec.desired, rec.status) {
+                (Desired::Running, S::Paused) => Step::Resume,
+                (Desired::Paused, S::Running) => Step::Pause,
+                (Desired::Suspended, _) => Step::Suspend,
+                _ => converged_or_idle(rec),
+            }
+        }
+    }
+}
+
+fn converged_or_idle(rec: &MachineRecord) -> Step {
+    if rec.observed_generation < rec.generation {
+        Step::Converged
+    } else {
+        Step::Idle
+    }
+}
+
+/// What a vanished VMM means, given what the run was doing.
+fn lost_observation(rec: &MachineRecord) -> Observation {
+    if rec.status == MachineStatus::Suspending && rec.has_snapshot {
+        // The image was complete before the VMM was killed.
+        Observation::SuspendDone
+    } else if rec.status == MachineStatus::Stopping {
+        Observation::VmmExited
+    } else {
+        Observation::VmmLost
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{MachineSpec, VmmIdentity};
+    use hyperfleet_api::VmmKind;
+
+    fn rec(status: MachineStatus, desired: Desired) -> MachineRecord {
+        MachineRecord {
+            id: "m000000000000000".into(),
+            tenant: "default".into(),
+            name: "t".into(),
+            spec: MachineSpec {
+                vmm: VmmKind::Stub,
+                vcpu_count: 1,
+                mem_size_mib: 128,
+                exposed_ports: vec![],
+                env: Default::default(),
+                metadata: Default::default(),
+                idle_timeout_seconds: None,
+                persistence: None,
+            },
+            status,
+            desired,
+            generation: 1,
+            observed_generation: 0,
+            restart_seq: 0,
+            boot_restart_seq: 0,
+            stop_kill: false,
+            failed_generation: None,
+            error_message: None,
+            vmm: None,
+            current_step: None,
+            prepared: true,
+            has_snapshot: false,
+            operation_id: None,
+            created_at: 0,
+            updated_at: 0,
+            started_at: None,
+        }
+    }
+
+    fn with_vmm(mut r: MachineRecord) -> MachineRecord {
+        r.vmm = Some(VmmIdentity {
+            pid: 1,
+            start_time: 1,
+            boot_id: "b".into(),
+        });
+        r
+    }
+
+    use MachineStatus as S;
+
+    #[test]
+    fn start_prepares_then_spawns_then_waits() {
+        let mut r = rec(S::Pending, Desired::Running);
+        r.prepared = false;
+        assert_eq!(next_step(&r, VmmSeen::None, true), Step::Prepare);
+        r.prepared = true;
+        assert_eq!(
+            next_step(&r, VmmSeen::None, true),
+            Step::Spawn { restore: false }
+        );
+        let r = with_vmm(rec(S::Starting, Desired::Running));
+        assert_eq!(next_step(&r, VmmSeen::Alive, true), Step::WaitReady);
+        let mut r = with_vmm(rec(S::Running, Desired::Running));
+        assert_eq!(next_step(&r, VmmSeen::Alive, true), Step::Converged);
+        r.observed_generation = 1;
+        assert_eq!(next_step(&r, VmmSeen::Alive, true), Step::Idle);
+    }
+
+    #[test]
+    fn a_crash_between_spawn_intent_and_identity_adopts_first() {
+        let mut r = rec(S::Starting, Desired::Running);
+        r.current_step = Some(crate::lifecycle::steps::SPAWN.into());
+        assert_eq!(next_step(&r, VmmSeen::None, false), Step::AdoptOrphan);
+    }
+
+    #[test]
+    fn adopted_vmm_is_verified_before_anything_else() {
+        let r = with_vmm(rec(S::Running, Desired::Running));
+        assert_eq!(next_step(&r, VmmSeen::Alive, false), Step::Verify);
+        let r = with_vmm(rec(S::Stopping, Desired::Running));
+        assert_eq!(next_step(&r, VmmSeen::Alive, true), Step::Verify);
+    }
+
+    #[test]
+    fn stop_kill_and_restart() {
+        let r = with_vmm(rec(S::Running, Desired::Stopped));
+        assert_eq!(
+            next_step(&r, VmmSeen::Alive, true),
+            Step::Stop { kill: false }
+        );
+        let mut r = with_vmm(rec(S::Stopping, Desired::Stopped));
+        r.stop_kill = true;
+        assert_eq!(
+            next_step(&r, VmmSeen::Alive, true),
+            Step::Stop { kill: true }
+        );
+        let mut r = with_vmm(rec(S::Running, Desired::Running));
+        r.restart_seq = 1;
+        assert_eq!(
+            next_step(&r, VmmSeen::Alive, true),
+            Step::Stop { kill: false }
+        );
+        let mut r = rec(S::Stopped, Desired::Running);
+        r.restart_seq = 1;
+        assert_eq!(
+            next_step(&r, VmmSeen::None, true),
+            Step::Spawn { restore: false }
+        );
+    }
+
+    #[test]
+    fn pause_resume_suspend() {
+        let r = with_vmm(rec(S::Running, Desired::Paused));
+        assert_eq!(next_step(&r, VmmSeen::Alive, true), Step::Pause);
+        let r = with_vmm(rec(S::Paused, Desired::Running));
+        assert_eq!(next_step(&r, VmmSeen::Alive, true), Step::Resume);
+        let r = with_vmm(rec(S::Paused, Desired::Suspended));
+        assert_eq!(next_step(&r, VmmSeen::Alive, true), Step::Suspend);
+        let r = rec(S::Suspended, Desired::Suspended);
+        assert_eq!(next_step(&r, VmmSeen::None, true), Step::Converged);
+        let mut r = rec(S::Suspended, Desired::Running);
+        r.has_snapshot = true;
+        assert_eq!(
+            next_step(&r, VmmSeen::None, true),
+            Step::Spawn { restore: true }
+        );
+    }
+
+    #[test]
+    fn vanished_vmm_is_interpreted_by_what_the_run_was_doing() {
+        let r = with_vmm(rec(S::Running, Desired::Running));
+        assert_eq!(
+            next_step(&r, VmmSeen::Gone, true),
+            Step::ForgetVmm(Observation::VmmLost)
+        );
+        let r = with_vmm(rec(S::Stopping, Desired::Stopped));
+        assert_eq!(
+            next_step(&r, VmmSeen::Gone, true),
+            Step::ForgetVmm(Observation::VmmExited)
+        );
+        let mut r = with_vmm(rec(S::Suspending, Desired::Suspended));
+        r.has_snapshot = true;
+        assert_eq!(
+            next_step(&r, VmmSeen::Gone, true),
+            Step::ForgetVmm(Observation::SuspendDone)
+        );
+    }
+
+    #[test]
+    fn a_current_failure_is_not_retried_until_a_new_request() {
+        let mut r = rec(S::Failed, Desired::Running);
+        r.failed_generation = Some(1);
+        assert_eq!(next_step(&r, VmmSeen::None, true), Step::Converged);
+        let r2 = with_vmm(r.clone());
+        assert_eq!(next_step(&r2, VmmSeen::Alive, true), Step::CleanupFailed);
+        r.generation = 2;
+        assert_eq!(
+            next_step(&r, VmmSeen::None, true),
+            Step::Spawn { restore: false }
+        );
+    }
+
+    #[test]
+    fn delete_stops_then_marks_then_releases() {
+        let r = with_vmm(rec(S::Running, Desired::Deleted));
+        assert_eq!(
+            next_step(&r, VmmSeen::Alive, true),
+            Step::Stop { kill: false }
+        );
+        let r = rec(S::Stopped, Desired::Deleted);
+        assert_eq!(next_step(&r, VmmSeen::None, true), Step::BeginDelete);
+        let r = rec(S::Deleting, Desired::Deleted);
+        assert_eq!(next_step(&r, VmmSeen::None, true), Step::Release);
+        let mut r = rec(S::Failed, Desired::Deleted);
+        r.failed_generation = Some(1);
+        assert_eq!(next_step(&r, VmmSeen::None, true), Step::BeginDelete);
+    }
+
+    #[test]
+    fn a_new_machine_is_prepared_and_stays_pending() {
+        let mut r = rec(S::Pending, Desired::Stopped);
+        r.prepared = false;
+        r.observed_generation = 1;
+        assert_eq!(next_step(&r, VmmSeen::None, true), Step::Prepare);
+        r.prepared = true;
+        assert_eq!(next_step(&r, VmmSeen::None, true), Step::Idle);
+        let mut r = rec(S::Pending, Desired::Deleted);
+        r.prepared = false;
+        assert_eq!(next_step(&r, VmmSeen::None, true), Step::BeginDelete);
+    }
+
+    #[test]
+    fn stop_of_a_machine_with_nothing_running_settles() {
+        let mut r = rec(S::Failed, Desired::Stopped);
+        r.failed_generation = Some(0);
+        assert_eq!(next_step(&r, VmmSeen::None, true), Step::SettleStopped);
+        let r = rec(S::Suspended, Desired::Stopped);
+        assert_eq!(next_step(&r, VmmSeen::None, true), Step::SettleStopped);
+    }
+}

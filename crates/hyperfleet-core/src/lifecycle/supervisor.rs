@@ -1,0 +1,350 @@
+//! The supervisor owns one run per machine and is the only door from the API
+//! into the lifecycle: it records desired changes (after asking the
+//! transition table), makes sure the machine's run exists, and lets callers
+//! wait for the outcome on in-memory notifications.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hyperfleet_api::{MachineStatus, VmmKind};
+use tokio::task::JoinHandle;
+
+use super::run::{self, RunCtx};
+use super::table::{allowed_requests, on_request, reachable, Desired, Request};
+use crate::store::{lock, CachedMachine, EventRecord, MachineRecord, MachineSpec, StoreError};
+use crate::util::{new_machine_id, new_operation_id, now_ms};
+
+/// Errors of the lifecycle boundary, as seen by the API.
+#[derive(Debug, thiserror::Error)]
+pub enum LifecycleError {
+    #[error("machine '{0}' not found")]
+    NotFound(String),
+    #[error("cannot {request} a machine that is {status}; allowed now: {allowed}")]
+    InvalidState {
+        request: Request,
+        status: MachineStatus,
+        allowed: String,
+    },
+    #[error("a machine named '{0}' already exists")]
+    NameTaken(String),
+    #[error("the {0} backend is not enabled on this server")]
+    BackendDisabled(VmmKind),
+    #[error(transparent)]
+    Store(StoreError),
+}
+
+impl From<StoreError> for LifecycleError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NameTaken(n) => LifecycleError::NameTaken(n),
+            StoreError::NoSuchMachine(id) => LifecycleError::NotFound(id),
+            e => LifecycleError::Store(e),
+        }
+    }
+}
+
+/// How a wait ended.
+#[derive(Debug)]
+pub enum WaitOutcome {
+    /// The condition holds; the machine as it is now.
+    Reached(Arc<CachedMachine>),
+    /// The machine was deleted (the goal, for a delete).
+    Deleted,
+    /// The machine failed while we waited.
+    Failed(Arc<CachedMachine>),
+    /// The goal can no longer be reached without another request.
+    Unreachable(Arc<CachedMachine>, String),
+    TimedOut(Option<Arc<CachedMachine>>),
+}
+
+pub struct Supervisor {
+    ctx: Arc<RunCtx>,
+    runs: Mutex<HashMap<String, JoinHandle<()>>>,
+}
+
+impl Supervisor {
+    pub fn new(ctx: RunCtx) -> Arc<Self> {
+        Arc::new(Supervisor {
+            ctx: Arc::new(ctx),
+            runs: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn ctx(&self) -> &RunCtx {
+        &self.ctx
+    }
+
+    /// Starts the run of every machine in the store. Recovery after a crash
+    /// is nothing more than this: each run observes the host and finishes or
+    /// undoes what its journal says was under way.
+    pub fn start_all(self: &Arc<Self>) {
+        for id in self.ctx.store.all_machine_ids() {
+            self.ensure_run(&id);
+        }
+    }
+
+    /// Makes sure machine `id` has exactly one live run.
+    pub fn ensure_run(self: &Arc<Self>, id: &str) {
+        let mut runs = lock(&self.runs);
+        if let Some(h) = runs.get(id) {
+            if !h.is_finished() {
+                return;
+            }
+        }
+        let me = Arc::clone(self);
+        let mid = id.to_string();
+        let handle = tokio::spawn(async move {
+            loop {
+                let task = tokio::spawn(run::run(me.ctx.clone(), mid.clone()));
+                match task.await {
+                    Ok(()) => break,
+                    Err(e) if e.is_panic() => {
+                        tracing::error!(machine = %mid, "BUG: machine run panicked; restarting it in 1 s");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                    Err(_) => break,
+                }
+            }
+            lock(&me.runs).remove(&mid);
+        });
+        runs.insert(id.to_string(), handle);
+    }
+
+    pub fn run_count(&self) -> usize {
+        lock(&self.runs).len()
+    }
+
+    /// Records a new machine (`pending`) durably and starts its run.
+    pub async fn create(
+        self: &Arc<Self>,
+        tenant: &str,
+        name: Option<String>,
+        spec: MachineSpec,
+    ) -> Result<Arc<CachedMachine>, LifecycleError> {
+        if !self.ctx.backends.contains_key(&spec.vmm) {
+            return Err(LifecycleError::BackendDisabled(spec.vmm));
+        }
+        let id = new_machine_id();
+        let now = now_ms();
+        let name = name.unwrap_or_else(|| format!("vm-{}", &id[1..9]));
+        let rec = MachineRecord {
+            id: id.clone(),
+            tenant: tenant.to_string(),
+            name,
+            spec,
+            status: MachineStatus::Pending,
+            desired: Desired::Stopped,
+            generation: 1,
+            observed_generation: 1,
+            restart_seq: 0,
+            boot_restart_seq: 0,
+            stop_kill: false,
+            failed_generation: None,
+            error_message: None,
+            vmm: None,
+            current_step: None,
+            prepared: false,
+            has_snapshot: false,
+            operation_id: Some(new_operation_id()),
+            created_at: now,
+            updated_at: now,
+            started_at: None,
+        };
+        let mut ev = EventRecord::new(&id, "created");
+        ev.to_status = Some(MachineStatus::Pending);
+        ev.operation_id = rec.operation_id.clone();
+        self.ctx
+            .store
+            .write(move |ctx| {
+                ctx.put_machine(rec)?;
+                ctx.append_event(ev)?;
+                Ok(())
+            })
+            .await?;
+        let entry = self
+            .ctx
+            .store
+            .get_by_id(&id)
+            .ok_or_else(|| LifecycleError::NotFound(id.clone()))?;
+        self.ensure_run(&id);
+        Ok(entry)
+    }
+
+    /// Applies a request through the transition table and records the new
+    /// desired state. Returns the machine after the change and the
+    /// generation a waiter should wait for (None when nothing changed).
+    pub async fn request(
+        self: &Arc<Self>,
+        tenant: &str,
+        id_or_name: &str,
+        req: Request,
+    ) -> Result<(Arc<CachedMachine>, u64), LifecycleError> {
+        let current = self
+            .ctx
+            .store
+            .get(Some(tenant), id_or_name)
+            .ok_or_else(|| LifecycleError::NotFound(id_or_name.to_string()))?;
+        let id = current.rec.id.clone();
+        let wid = id.clone();
+        let outcome = self
+            .ctx
+            .store
+            .write(move |ctx| {
+                let mut rec = ctx
+                    .machine(&wid)
+                    .ok_or_else(|| StoreError::NoSuchMachine(wid.clone()))?;
+                let Some(intent) = on_request(rec.status, req) else {
+                    return Ok(Err(rec.status));
+                };
+                let escalate = intent.kill && !rec.stop_kill;
+                let unchanged = rec.desired == intent.desired && !intent.restart && !escalate;
+                // A failure sticks until a request; an unchanged desired
+                // state on a failed machine is still a request to retry.
+                let retry = rec.status == MachineStatus::Failed
+                    && rec.failed_generation == Some(rec.generation);
+                if unchanged && !retry {
+                    return Ok(Ok(rec.generation));
+                }
+                rec.desired = intent.desired;
+                rec.generation += 1;
+                if intent.restart {
+                    rec.restart_seq += 1;
+                }
+                rec.stop_kill = intent.kill
+                    || (rec.stop_kill
+                        && matches!(intent.desired, Desired::Stopped | Desired::Deleted));
+                let op = new_operation_id();
+                rec.operation_id = Some(op.clone());
+                rec.updated_at = now_ms();
+                let generation = rec.generation;
+                let mut ev = EventRecord::new(&wid, "requested");
+                ev.from_status = Some(rec.status);
+                ev.operation_id = Some(op);
+                ev.message = Some(format!(
+                    "{req} requested; desired state is now {}",
+                    intent.desired.as_str()
+                ));
+                ctx.put_machine(rec)?;
+                ctx.append_event(ev)?;
+                Ok(Ok(generation))
+            })
+            .await?;
+        match outcome {
+            Err(status) => Err(LifecycleError::InvalidState {
+                request: req,
+                status,
+                allowed: describe_allowed(status),
+            }),
+            Ok(generation) => {
+                self.ensure_run(&id);
+                let entry = self
+                    .ctx
+                    .store
+                    .get_by_id(&id)
+                    .ok_or_else(|| LifecycleError::NotFound(id.clone()))?;
+                Ok((entry, generation))
+            }
+        }
+    }
+
+    /// Waits until the run has converged on `generation` (or a later one),
+    /// the machine failed at or after it, or the deadline passes.
+    pub async fn wait_generation(
+        &self,
+        id: &str,
+        generation: u64,
+        timeout: Duration,
+    ) -> WaitOutcome {
+        self.wait_until(id, timeout, |m| {
+            let r = &m.rec;
+            if r.status == MachineStatus::Failed
+                && r.failed_generation.is_some_and(|g| g >= generation)
+            {
+                return Some(WaitOutcome::Failed(m.clone()));
+            }
+            if r.observed_generation >= generation {
+                if r.generation > generation && r.status != r.desired.as_status() {
+                    return Some(WaitOutcome::Unreachable(
+                        m.clone(),
+                        "a later request changed the machine's desired state".into(),
+                    ));
+                }
+                return Some(WaitOutcome::Reached(m.clone()));
+            }
+            None
+        })
+        .await
+    }
+
+    /// `GET /wait`: until the machine's status is `target`.
+    pub async fn wait_status(
+        &self,
+        id: &str,
+        target: MachineStatus,
+        timeout: Duration,
+    ) -> WaitOutcome {
+        self.wait_until(id, timeout, |m| {
+            let r = &m.rec;
+            if r.status == target {
+                return Some(WaitOutcome::Reached(m.clone()));
+            }
+            let failure_current =
+                r.status == MachineStatus::Failed && r.failed_generation == Some(r.generation);
+            if failure_current {
+                return Some(WaitOutcome::Failed(m.clone()));
+            }
+            if !reachable(r.status, r.desired, target) {
+                return Some(WaitOutcome::Unreachable(
+                    m.clone(),
+                    format!(
+                        "the machine is {} and moving toward {}; it cannot become {target} without another request",
+                        r.status,
+                        r.desired.as_str()
+                    ),
+                ));
+            }
+            None
+        })
+        .await
+    }
+
+    async fn wait_until(
+        &self,
+        id: &str,
+        timeout: Duration,
+        check: impl Fn(&Arc<CachedMachine>) -> Option<WaitOutcome>,
+    ) -> WaitOutcome {
+        let Some(mut rx) = self.ctx.store.subscribe(id) else {
+            return WaitOutcome::Deleted;
+        };
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let current = rx.borrow_and_update().clone();
+            let Some(m) = current else {
+                return WaitOutcome::Deleted;
+            };
+            if let Some(done) = check(&m) {
+                return done;
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => continue,
+                Ok(Err(_)) => return WaitOutcome::Deleted,
+                Err(_) => return WaitOutcome::TimedOut(Some(m)),
+            }
+        }
+    }
+}
+
+/// "start, delete (or: nothing)" for error messages.
+pub fn describe_allowed(status: MachineStatus) -> String {
+    let allowed = allowed_requests(status);
+    if allowed.is_empty() {
+        return "nothing".into();
+    }
+    allowed
+        .iter()
+        .map(|r| r.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}

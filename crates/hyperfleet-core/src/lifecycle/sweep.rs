@@ -1,0 +1,82 @@
+//! The orphan sweep: at startup, before any run starts, reclaim host objects
+//! that belong to no machine — VMM processes and machine directories left by
+//! machines whose records are gone (a crash between releasing and deleting,
+//! or a database restored from backup). Objects of known machines are left
+//! to their runs, which know what they own.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use crate::store::Store;
+use crate::vmm::process;
+
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    pub killed_processes: usize,
+    pub removed_dirs: usize,
+}
+
+pub async fn sweep(store: &Store, machines_dir: &Path) -> SweepReport {
+    let mut report = SweepReport::default();
+    let known: HashMap<String, Option<crate::store::VmmIdentity>> = store
+        .all_machine_ids()
+        .into_iter()
+        .filter_map(|id| store.get_by_id(&id).map(|m| (id, m.rec.vmm.clone())))
+        .collect();
+
+    // Processes whose command line names a machine directory of ours.
+    let prefix = format!("{}/", machines_dir.display());
+    for v in process::find_by_marker(&prefix) {
+        let Some(id) = machine_id_in_cmdline(v.pid, &prefix) else {
+            continue;
+        };
+        let orphan = match known.get(&id) {
+            None => true,
+            // A second process for a known machine that recorded another
+            // one (and is not mid-spawn): never two VMMs per machine.
+            Some(Some(recorded)) => *recorded != v,
+            // Known machine with no recorded VMM: its run adopts or kills it
+            // (a crash between spawn and recording the pid).
+            Some(None) => false,
+        };
+        if orphan {
+            tracing::warn!(pid = v.pid, machine = %id, "killing an orphan VMM process");
+            match process::kill(&v).await {
+                Ok(()) => report.killed_processes += 1,
+                Err(e) => tracing::error!(pid = v.pid, error = %e, "could not kill an orphan VMM"),
+            }
+        }
+    }
+
+    // Directories of machines that no longer exist.
+    if let Ok(entries) = std::fs::read_dir(machines_dir) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if known.contains_key(&name) {
+                continue;
+            }
+            tracing::warn!(dir = %e.path().display(), "removing an orphan machine directory");
+            match std::fs::remove_dir_all(e.path()) {
+                Ok(()) => report.removed_dirs += 1,
+                Err(err) => {
+                    tracing::error!(dir = %e.path().display(), error = %err, "could not remove an orphan directory")
+                }
+            }
+        }
+    }
+    if report != SweepReport::default() {
+        tracing::info!(?report, "orphan sweep reclaimed host objects");
+    }
+    report
+}
+
+fn machine_id_in_cmdline(pid: i32, prefix: &str) -> Option<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let text = String::from_utf8_lossy(&raw);
+    let start = text.find(prefix)? + prefix.len();
+    let id: String = text[start..]
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric())
+        .collect();
+    (!id.is_empty()).then_some(id)
+}

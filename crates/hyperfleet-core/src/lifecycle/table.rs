@@ -1,0 +1,498 @@
+//! The transition table: the single source of truth for what a machine
+//! accepts in each state, and which status changes the machine run may make.
+//!
+//! Two kinds of events exist. *Requests* come from the API; the table says
+//! whether the current status allows them and which desired state they
+//! record (the run does the work later). *Observations* come from the machine
+//! run; the table says which status the machine moves to. The run asks the
+//! table before every status change, so an impossible transition is a bug
+//! that is caught and logged instead of silently written.
+
+use std::fmt;
+
+use hyperfleet_api::MachineStatus;
+use MachineStatus::*;
+
+/// What an API request asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Request {
+    Start,
+    Stop,
+    Restart,
+    Pause,
+    Resume,
+    /// Immediate hard stop: no graceful shutdown.
+    Kill,
+    Suspend,
+    /// Delete a machine that runs nothing.
+    Delete,
+    /// Delete whatever the state: stop first, then release everything.
+    ForceDelete,
+}
+
+impl Request {
+    pub const ALL: [Request; 9] = [
+        Request::Start,
+        Request::Stop,
+        Request::Restart,
+        Request::Pause,
+        Request::Resume,
+        Request::Kill,
+        Request::Suspend,
+        Request::Delete,
+        Request::ForceDelete,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Request::Start => "start",
+            Request::Stop => "stop",
+            Request::Restart => "restart",
+            Request::Pause => "pause",
+            Request::Resume => "resume",
+            Request::Kill => "kill",
+            Request::Suspend => "suspend",
+            Request::Delete => "delete",
+            Request::ForceDelete => "delete?force=true",
+        }
+    }
+}
+
+impl fmt::Display for Request {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What the machine run observed or completed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Observation {
+    /// A VMM process was spawned (boot or restore) or adopted mid-boot.
+    VmmSpawned,
+    /// The guest agent answered.
+    AgentReady,
+    /// A live VMM was re-adopted and found running / paused.
+    AdoptedRunning,
+    AdoptedPaused,
+    PauseDone,
+    ResumeDone,
+    /// A stop (graceful or kill) began.
+    StopBegun,
+    /// The VMM is gone after a stop we asked for.
+    VmmExited,
+    /// The VMM vanished without being asked to (crash, guest poweroff, OOM kill).
+    VmmLost,
+    SuspendBegun,
+    SuspendDone,
+    /// A step failed; the machine holds no process afterwards.
+    StepFailed,
+    /// Nothing runs and `stopped` was asked for (from pending/failed/suspended).
+    SettledStopped,
+    DeleteBegun,
+}
+
+impl Observation {
+    pub const ALL: [Observation; 14] = [
+        Observation::VmmSpawned,
+        Observation::AgentReady,
+        Observation::AdoptedRunning,
+        Observation::AdoptedPaused,
+        Observation::PauseDone,
+        Observation::ResumeDone,
+        Observation::StopBegun,
+        Observation::VmmExited,
+        Observation::VmmLost,
+        Observation::SuspendBegun,
+        Observation::SuspendDone,
+        Observation::StepFailed,
+        Observation::SettledStopped,
+        Observation::DeleteBegun,
+    ];
+}
+
+/// The state a request asks the run to reach.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Desired {
+    Running,
+    Paused,
+    Stopped,
+    Suspended,
+    Deleted,
+}
+
+impl Desired {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Desired::Running => "running",
+            Desired::Paused => "paused",
+            Desired::Stopped => "stopped",
+            Desired::Suspended => "suspended",
+            Desired::Deleted => "deleted",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Desired> {
+        [
+            Desired::Running,
+            Desired::Paused,
+            Desired::Stopped,
+            Desired::Suspended,
+            Desired::Deleted,
+        ]
+        .into_iter()
+        .find(|d| d.as_str() == s)
+    }
+
+    /// The public status shown as `desired_status`.
+    pub fn as_status(self) -> MachineStatus {
+        match self {
+            Desired::Running => Running,
+            Desired::Paused => Paused,
+            Desired::Stopped => Stopped,
+            Desired::Suspended => Suspended,
+            Desired::Deleted => Deleting,
+        }
+    }
+}
+
+/// The change a request records when the table accepts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Intent {
+    pub desired: Desired,
+    /// Reboot the guest even though it is already running.
+    pub restart: bool,
+    /// Stop without a graceful shutdown.
+    pub kill: bool,
+}
+
+const fn want(desired: Desired) -> Option<Intent> {
+    Some(Intent {
+        desired,
+        restart: false,
+        kill: false,
+    })
+}
+
+const RESTART: Option<Intent> = Some(Intent {
+    desired: Desired::Running,
+    restart: true,
+    kill: false,
+});
+
+const KILL: Option<Intent> = Some(Intent {
+    desired: Desired::Stopped,
+    restart: false,
+    kill: true,
+});
+
+/// The request half of the table. `None` means 409 INVALID_STATE.
+pub fn on_request(status: MachineStatus, req: Request) -> Option<Intent> {
+    use Desired as D;
+    use Request as R;
+    match (status, req) {
+        (Pending, R::Start) => want(D::Running),
+        (Pending, R::Delete | R::ForceDelete) => want(D::Deleted),
+        (Pending, R::Stop | R::Restart | R::Pause | R::Resume | R::Kill | R::Suspend) => None,
+
+        (Starting, R::Start) => want(D::Running),
+        (Starting, R::Stop) => want(D::Stopped),
+        (Starting, R::Restart) => RESTART,
+        (Starting, R::Kill) => KILL,
+        (Starting, R::ForceDelete) => want(D::Deleted),
+        (Starting, R::Pause | R::Resume | R::Suspend | R::Delete) => None,
+
+        (Running, R::Start | R::Resume) => want(D::Running),
+        (Running, R::Stop) => want(D::Stopped),
+        (Running, R::Restart) => RESTART,
+        (Running, R::Pause) => want(D::Paused),
+        (Running, R::Kill) => KILL,
+        (Running, R::Suspend) => want(D::Suspended),
+        (Running, R::ForceDelete) => want(D::Deleted),
+        (Running, R::Delete) => None,
+
+        (Paused, R::Resume) => want(D::Running),
+        (Paused, R::Pause) => want(D::Paused),
+        (Paused, R::Stop) => want(D::Stopped),
+        (Paused, R::Restart) => RESTART,
+        (Paused, R::Kill) => KILL,
+        (Paused, R::Suspend) => want(D::Suspended),
+        (Paused, R::ForceDelete) => want(D::Deleted),
+        (Paused, R::Start | R::Delete) => None,
+
+        (Stopping, R::Start) => want(D::Running),
+        (Stopping, R::Stop) => want(D::Stopped),
+        (Stopping, R::Kill) => KILL,
+        (Stopping, R::ForceDelete) => want(D::Deleted),
+        (Stopping, R::Restart | R::Pause | R::Resume | R::Suspend | R::Delete) => None,
+
+        (Stopped, R::Start | R::Restart) => want(D::Running),
+        (Stopped, R::Stop | R::Kill) => want(D::Stopped),
+        (Stopped, R::Delete | R::ForceDelete) => want(D::Deleted),
+        (Stopped, R::Pause | R::Resume | R::Suspend) => None,
+
+        (Suspending, R::Suspend) => want(D::Suspended),
+        (Suspending, R::Resume) => want(D::Running),
+        (Suspending, R::Stop) => want(D::Stopped),
+        (Suspending, R::Kill) => KILL,
+        (Suspending, R::ForceDelete) => want(D::Deleted),
+        (Suspending, R::Start | R::Restart | R::Pause | R::Delete) => None,
+
+        (Suspended, R::Start | R::Resume) => want(D::Running),
+        (Suspended, R::Suspend) => want(D::Suspended),
+        (Suspended, R::Stop) => want(D::Stopped),
+        (Suspended, R::Kill) => KILL,
+        (Suspended, R::Delete | R::ForceDelete) => want(D::Deleted),
+        (Suspended, R::Restart | R::Pause) => None,
+
+        (Failed, R::Start | R::Restart) => want(D::Running),
+        (Failed, R::Stop) => want(D::Stopped),
+        (Failed, R::Kill) => KILL,
+        (Failed, R::Delete | R::ForceDelete) => want(D::Deleted),
+        (Failed, R::Pause | R::Resume | R::Suspend) => None,
+
+        (Deleting, R::Delete | R::ForceDelete) => want(D::Deleted),
+        (
+            Deleting,
+            R::Start | R::Stop | R::Restart | R::Pause | R::Resume | R::Kill | R::Suspend,
+        ) => None,
+    }
+}
+
+/// The requests the table accepts in `status`, for error messages.
+pub fn allowed_requests(status: MachineStatus) -> Vec<Request> {
+    Request::ALL
+        .into_iter()
+        .filter(|r| on_request(status, *r).is_some())
+        .collect()
+}
+
+/// The observation half of the table: the status the machine moves to, or
+/// `None` when the observation cannot happen in that status.
+pub fn on_observation(status: MachineStatus, obs: Observation) -> Option<MachineStatus> {
+    use Observation as O;
+    match (status, obs) {
+        (Pending | Stopped | Failed | Suspended | Starting, O::VmmSpawned) => Some(Starting),
+        (Running | Paused | Stopping | Suspending | Deleting, O::VmmSpawned) => None,
+
+        (Starting, O::AgentReady) => Some(Running),
+        (_, O::AgentReady) => None,
+
+        // Re-adoption after a daemon restart: the VMM is alive and the run
+        // found it answering; whatever status was recorded, this is the truth.
+        (Starting | Running | Paused | Stopping | Suspending | Failed, O::AdoptedRunning) => {
+            Some(Running)
+        }
+        (Starting | Running | Paused | Stopping | Suspending | Failed, O::AdoptedPaused) => {
+            Some(Paused)
+        }
+        (Pending | Stopped | Suspended | Deleting, O::AdoptedRunning | O::AdoptedPaused) => None,
+
+        (Running, O::PauseDone) => Some(Paused),
+        (_, O::PauseDone) => None,
+        (Paused, O::ResumeDone) => Some(Running),
+        (_, O::ResumeDone) => None,
+
+        (Starting | Running | Paused | Suspending | Failed | Stopping, O::StopBegun) => {
+            Some(Stopping)
+        }
+        (Deleting, O::StopBegun) => Some(Deleting),
+        (Pending | Stopped | Suspended, O::StopBegun) => None,
+
+        (Stopping, O::VmmExited) => Some(Stopped),
+        (Deleting, O::VmmExited) => Some(Deleting),
+        (Failed, O::VmmExited) => Some(Failed),
+        (
+            Pending | Starting | Running | Paused | Stopped | Suspending | Suspended,
+            O::VmmExited,
+        ) => None,
+
+        (Starting | Running | Paused | Suspending, O::VmmLost) => Some(Failed),
+        (Stopping, O::VmmLost) => Some(Stopped),
+        (Deleting, O::VmmLost) => Some(Deleting),
+        (Failed, O::VmmLost) => Some(Failed),
+        (Pending | Stopped | Suspended, O::VmmLost) => None,
+
+        (Running | Paused, O::SuspendBegun) => Some(Suspending),
+        (_, O::SuspendBegun) => None,
+        (Suspending, O::SuspendDone) => Some(Suspended),
+        (_, O::SuspendDone) => None,
+
+        (Deleting, O::StepFailed) => Some(Deleting),
+        (_, O::StepFailed) => Some(Failed),
+
+        (Pending | Failed | Suspended | Stopped, O::SettledStopped) => Some(Stopped),
+        (Starting | Running | Paused | Stopping | Suspending | Deleting, O::SettledStopped) => None,
+
+        (Pending | Stopped | Failed | Suspended | Deleting, O::DeleteBegun) => Some(Deleting),
+        (Starting | Running | Paused | Stopping | Suspending, O::DeleteBegun) => None,
+    }
+}
+
+/// Could a machine now in `status`, moving toward `desired`, reach `target`
+/// without a further request? Used by `GET /machines/{id}/wait` to fail
+/// fast instead of waiting for a deadline that cannot be met.
+pub fn reachable(status: MachineStatus, desired: Desired, target: MachineStatus) -> bool {
+    if status == target {
+        return true;
+    }
+    if target == Failed {
+        // Anything that still has work to do can fail on the way.
+        return status != Deleting && status != Stopped && status != Pending;
+    }
+    let path: &[MachineStatus] = match desired {
+        Desired::Running => &[Starting, Running],
+        Desired::Paused => &[Starting, Running, Paused],
+        Desired::Stopped => &[Stopping, Stopped],
+        Desired::Suspended => &[Suspending, Suspended],
+        Desired::Deleted => &[Stopping, Deleting],
+    };
+    if path.contains(&target) {
+        return true;
+    }
+    // Without a request, a live guest can still stop on its own (poweroff).
+    matches!(status, Running | Paused) && target == Stopped
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The request table written out as a matrix, independently of the match
+    /// above: rows are states, columns are requests in `Request::ALL` order
+    /// (start stop restart pause resume kill suspend delete force-delete).
+    /// `R` running, `r` restart, `P` paused, `S` stopped, `k` kill,
+    /// `U` suspended, `D` deleted, `.` rejected.
+    const EXPECTED: [(MachineStatus, &str); 10] = [
+        (Pending, "R......DD"),
+        (Starting, "RSr..k..D"),
+        (Running, "RSrPRkU.D"),
+        (Paused, ".SrPRkU.D"),
+        (Stopping, "RS...k..D"),
+        (Stopped, "RSR..S.DD"),
+        (Suspending, ".S..RkU.D"),
+        (Suspended, "RS..RkUDD"),
+        (Failed, "RSR..k.DD"),
+        (Deleting, ".......DD"),
+    ];
+
+    fn code(intent: Option<Intent>) -> char {
+        match intent {
+            None => '.',
+            Some(Intent { restart: true, .. }) => 'r',
+            Some(Intent { kill: true, .. }) => 'k',
+            Some(Intent { desired, .. }) => match desired {
+                Desired::Running => 'R',
+                Desired::Paused => 'P',
+                Desired::Stopped => 'S',
+                Desired::Suspended => 'U',
+                Desired::Deleted => 'D',
+            },
+        }
+    }
+
+    #[test]
+    fn every_state_and_request_matches_the_matrix() {
+        assert_eq!(EXPECTED.len(), MachineStatus::ALL.len());
+        for (status, row) in EXPECTED {
+            let got: String = Request::ALL
+                .into_iter()
+                .map(|r| code(on_request(status, r)))
+                .collect();
+            assert_eq!(got, row, "requests accepted in {status}");
+        }
+    }
+
+    /// Observation matrix, columns in `Observation::ALL` order. Each cell is
+    /// the first letter code of the resulting status or `.` when impossible:
+    /// p pending, s starting, R running, P paused, x stopping, S stopped,
+    /// u suspending, U suspended, F failed, D deleting.
+    const OBSERVED: [(MachineStatus, &str); 10] = [
+        (Pending, "s..........FSD"),
+        (Starting, "sRRP..x.F..F.."),
+        (Running, "..RPP.x.Fu.F.."),
+        (Paused, "..RP.Rx.Fu.F.."),
+        (Stopping, "..RP..xSS..F.."),
+        (Stopped, "s..........FSD"),
+        (Suspending, "..RP..x.F.UF.."),
+        (Suspended, "s..........FSD"),
+        (Failed, "s.RP..xFF..FSD"),
+        (Deleting, "......DDD..D.D"),
+    ];
+
+    fn letter(s: Option<MachineStatus>) -> char {
+        match s {
+            None => '.',
+            Some(Pending) => 'p',
+            Some(Starting) => 's',
+            Some(Running) => 'R',
+            Some(Paused) => 'P',
+            Some(Stopping) => 'x',
+            Some(Stopped) => 'S',
+            Some(Suspending) => 'u',
+            Some(Suspended) => 'U',
+            Some(Failed) => 'F',
+            Some(Deleting) => 'D',
+        }
+    }
+
+    #[test]
+    fn every_state_and_observation_matches_the_matrix() {
+        for (status, row) in OBSERVED {
+            let got: String = Observation::ALL
+                .into_iter()
+                .map(|o| letter(on_observation(status, o)))
+                .collect();
+            assert_eq!(got, row, "observations in {status}");
+        }
+    }
+
+    #[test]
+    fn every_accepted_request_leads_somewhere_the_run_can_reach() {
+        // For each accepted request, the desired state must be reachable by
+        // observations alone, starting from the current status.
+        for status in MachineStatus::ALL {
+            for req in Request::ALL {
+                let Some(intent) = on_request(status, req) else {
+                    continue;
+                };
+                let goal = intent.desired.as_status();
+                let mut seen = vec![status];
+                let mut frontier = vec![status];
+                while let Some(s) = frontier.pop() {
+                    for o in Observation::ALL {
+                        if let Some(n) = on_observation(s, o) {
+                            if !seen.contains(&n) {
+                                seen.push(n);
+                                frontier.push(n);
+                            }
+                        }
+                    }
+                }
+                assert!(
+                    seen.contains(&goal),
+                    "{req} from {status} wants {goal}, unreachable"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn allowed_lists_match_the_table() {
+        assert_eq!(
+            allowed_requests(Deleting),
+            vec![Request::Delete, Request::ForceDelete]
+        );
+        assert!(allowed_requests(Running).contains(&Request::Pause));
+        assert!(!allowed_requests(Running).contains(&Request::Delete));
+    }
+
+    #[test]
+    fn reachability_fails_fast_where_it_should() {
+        assert!(!reachable(Stopped, Desired::Stopped, Running));
+        assert!(reachable(Stopped, Desired::Running, Running));
+        assert!(reachable(Running, Desired::Running, Stopped));
+        assert!(!reachable(Stopped, Desired::Stopped, Failed));
+        assert!(reachable(Starting, Desired::Running, Failed));
+        assert!(!reachable(Deleting, Desired::Deleted, Running));
+    }
+}

@@ -1,0 +1,124 @@
+//! The in-memory index of machines, updated by the writer in commit order.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use hyperfleet_api::MachineStatus;
+
+use super::MachineRecord;
+
+/// A committed machine record with its API JSON rendered once per change,
+/// so reads are a clone of `Bytes`.
+#[derive(Debug)]
+pub struct CachedMachine {
+    pub rec: MachineRecord,
+    pub json: Bytes,
+}
+
+impl CachedMachine {
+    pub fn new(rec: MachineRecord) -> Arc<Self> {
+        // Serialising a struct of strings, numbers and maps cannot fail.
+        let json = serde_json::to_vec(&rec.to_api()).expect("machine JSON serialises");
+        Arc::new(CachedMachine {
+            rec,
+            json: Bytes::from(json),
+        })
+    }
+}
+
+#[derive(Default)]
+pub struct MachineIndex {
+    by_id: HashMap<String, Arc<CachedMachine>>,
+    by_name: HashMap<(String, String), String>,
+    by_tenant: HashMap<String, BTreeMap<(i64, String), Arc<CachedMachine>>>,
+}
+
+impl MachineIndex {
+    pub fn put(&mut self, rec: MachineRecord) -> Arc<CachedMachine> {
+        self.remove(&rec.id);
+        let entry = CachedMachine::new(rec);
+        let rec = &entry.rec;
+        self.by_name
+            .insert((rec.tenant.clone(), rec.name.clone()), rec.id.clone());
+        self.by_tenant
+            .entry(rec.tenant.clone())
+            .or_default()
+            .insert((rec.created_at, rec.id.clone()), entry.clone());
+        self.by_id.insert(rec.id.clone(), entry.clone());
+        entry
+    }
+
+    pub fn remove(&mut self, id: &str) {
+        if let Some(old) = self.by_id.remove(id) {
+            let rec = &old.rec;
+            self.by_name.remove(&(rec.tenant.clone(), rec.name.clone()));
+            if let Some(t) = self.by_tenant.get_mut(&rec.tenant) {
+                t.remove(&(rec.created_at, rec.id.clone()));
+                if t.is_empty() {
+                    self.by_tenant.remove(&rec.tenant);
+                }
+            }
+        }
+    }
+
+    pub fn by_id(&self, id: &str) -> Option<Arc<CachedMachine>> {
+        self.by_id.get(id).cloned()
+    }
+
+    pub fn find(&self, tenant: Option<&str>, id_or_name: &str) -> Option<Arc<CachedMachine>> {
+        if let Some(m) = self.by_id.get(id_or_name) {
+            if tenant.is_none_or(|t| t == m.rec.tenant) {
+                return Some(m.clone());
+            }
+        }
+        let tenant = tenant?;
+        let id = self
+            .by_name
+            .get(&(tenant.to_string(), id_or_name.to_string()))?;
+        self.by_id.get(id).cloned()
+    }
+
+    pub fn name_taken(&self, tenant: &str, name: &str) -> Option<String> {
+        self.by_name
+            .get(&(tenant.to_string(), name.to_string()))
+            .cloned()
+    }
+
+    pub fn list(
+        &self,
+        tenant: &str,
+        status: Option<MachineStatus>,
+        limit: usize,
+        offset: usize,
+    ) -> (Vec<Arc<CachedMachine>>, usize) {
+        let Some(all) = self.by_tenant.get(tenant) else {
+            return (Vec::new(), 0);
+        };
+        match status {
+            None => (
+                all.values().skip(offset).take(limit).cloned().collect(),
+                all.len(),
+            ),
+            Some(s) => {
+                let mut total = 0;
+                let mut out = Vec::new();
+                for m in all.values().filter(|m| m.rec.status == s) {
+                    if total >= offset && out.len() < limit {
+                        out.push(m.clone());
+                    }
+                    total += 1;
+                }
+                (out, total)
+            }
+        }
+    }
+
+    pub fn ids(&self) -> Vec<String> {
+        self.by_id.keys().cloned().collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+}

@@ -1,0 +1,283 @@
+//! The durable store: SQLite (WAL, `synchronous=FULL`) behind one writer
+//! thread with group commit, plus an in-memory index of every machine.
+//!
+//! Why this shape:
+//! - *Durability without a per-request fsync bill.* Every write is a closure
+//!   sent to the writer thread. The thread takes everything queued, runs each
+//!   closure inside its own SAVEPOINT of one transaction, commits once (one
+//!   fsync), and only then answers each caller. A `201 Created` is therefore
+//!   never sent before its row is on disk, and a burst of creates shares
+//!   fsyncs instead of queueing behind them.
+//! - *Linearised read-modify-write.* Because closures run one at a time on
+//!   the writer, a handler's "check the transition table against the current
+//!   record, then record the new desired state" cannot interleave with the
+//!   machine run's own status writes.
+//! - *Reads from memory.* The writer applies each committed change to an
+//!   index of machines (with their JSON pre-rendered) in commit order, so
+//!   `GET` and `list` never touch SQLite, and it notifies per-machine
+//!   `watch` channels that the machine runs and long-pollers wait on.
+
+mod index;
+mod records;
+mod rows;
+mod schema;
+mod writer;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+use hyperfleet_api::MachineStatus;
+use rusqlite::{Connection, OpenFlags};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+
+pub use index::CachedMachine;
+pub use records::{EventRecord, KeyRecord, MachineRecord, MachineSpec, VmmIdentity};
+pub use schema::schema_version;
+pub use writer::WriteCtx;
+
+use index::MachineIndex;
+use writer::Job;
+
+/// Errors of the store boundary.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    #[error("the database failed while {context}: {message}")]
+    Sql { context: String, message: String },
+    #[error("the database schema is unusable: {0}")]
+    Schema(String),
+    #[error("cannot open the database at {path}: {message}")]
+    Open { path: PathBuf, message: String },
+    #[error("a machine named '{0}' already exists")]
+    NameTaken(String),
+    #[error("no machine with id {0}")]
+    NoSuchMachine(String),
+    #[error("no API key with id {0}")]
+    NoSuchKey(String),
+    /// A rejected write: the closure decided not to change anything.
+    #[error("{0}")]
+    Rejected(String),
+    #[error("the store is shut down")]
+    Closed,
+}
+
+impl StoreError {
+    pub(crate) fn sql(context: &str, e: rusqlite::Error) -> Self {
+        StoreError::Sql {
+            context: context.to_string(),
+            message: e.to_string(),
+        }
+    }
+}
+
+struct Shared {
+    index: RwLock<MachineIndex>,
+    watchers: Mutex<HashMap<String, watch::Sender<Option<Arc<CachedMachine>>>>>,
+    events: broadcast::Sender<Arc<EventRecord>>,
+    keys: RwLock<HashMap<String, KeyRecord>>,
+    readers: Mutex<Vec<Connection>>,
+    path: PathBuf,
+}
+
+/// Handle to the store; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    jobs: mpsc::Sender<Job>,
+    shared: Arc<Shared>,
+}
+
+const READERS: usize = 2;
+
+fn configure(conn: &Connection) -> Result<(), StoreError> {
+    conn.busy_timeout(std::time::Duration::from_secs(5))
+        .map_err(|e| StoreError::sql("setting the busy timeout", e))?;
+    conn.execute_batch("PRAGMA foreign_keys = ON; PRAGMA temp_store = MEMORY;")
+        .map_err(|e| StoreError::sql("configuring the connection", e))
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path`, applies migrations,
+    /// loads machines and keys into memory and starts the writer thread.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let open_err = |e: rusqlite::Error| StoreError::Open {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        };
+        let mut conn = Connection::open(path).map_err(open_err)?;
+        configure(&conn)?;
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+            .map_err(|e| StoreError::sql("switching to WAL", e))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::Schema(format!(
+                "the database refused WAL mode (it is in '{mode}' mode)"
+            )));
+        }
+        // FULL: a commit is on disk (WAL fsynced) before the writer answers.
+        conn.execute_batch("PRAGMA synchronous = FULL;")
+            .map_err(|e| StoreError::sql("setting synchronous=FULL", e))?;
+        schema::migrate(&mut conn)?;
+
+        let machines = rows::load_machines(&conn)?;
+        let keys = rows::load_keys(&conn)?;
+        let mut index = MachineIndex::default();
+        for m in machines {
+            index.put(m);
+        }
+        let mut readers = Vec::with_capacity(READERS);
+        for _ in 0..READERS {
+            let r = Connection::open_with_flags(
+                path,
+                OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )
+            .map_err(open_err)?;
+            configure(&r)?;
+            readers.push(r);
+        }
+        let (events, _) = broadcast::channel(4096);
+        let shared = Arc::new(Shared {
+            index: RwLock::new(index),
+            watchers: Mutex::new(HashMap::new()),
+            events,
+            keys: RwLock::new(keys.into_iter().map(|k| (k.hash.clone(), k)).collect()),
+            readers: Mutex::new(readers),
+            path: path.to_path_buf(),
+        });
+        let (tx, rx) = mpsc::channel(8192);
+        writer::spawn(conn, rx, shared.clone())?;
+        Ok(Store { jobs: tx, shared })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.shared.path
+    }
+
+    /// Runs `f` on the writer thread inside a transaction and returns once
+    /// its changes are durable. An `Err` from `f` rolls back only `f`'s own
+    /// changes.
+    pub async fn write<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut WriteCtx<'_>) -> Result<T, StoreError> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let job = writer::job(f, tx);
+        self.jobs.send(job).await.map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// A machine by id or name, seen as `tenant` (None: any tenant).
+    pub fn get(&self, tenant: Option<&str>, id_or_name: &str) -> Option<Arc<CachedMachine>> {
+        let index = read_lock(&self.shared.index);
+        index.find(tenant, id_or_name)
+    }
+
+    pub fn get_by_id(&self, id: &str) -> Option<Arc<CachedMachine>> {
+        read_lock(&self.shared.index).by_id(id)
+    }
+
+    /// Machines of `tenant` in creation order, filtered, with the total count.
+    pub fn list(
+        &self,
+        tenant: &str,
+        status: Option<MachineStatus>,
+        limit: usize,
+        offset: usize,
+    ) -> (Vec<Arc<CachedMachine>>, usize) {
+        read_lock(&self.shared.index).list(tenant, status, limit, offset)
+    }
+
+    pub fn all_machine_ids(&self) -> Vec<String> {
+        read_lock(&self.shared.index).ids()
+    }
+
+    pub fn machine_count(&self) -> usize {
+        read_lock(&self.shared.index).len()
+    }
+
+    /// A channel that sees every committed change of machine `id`
+    /// (`None` once deleted). `None` when the machine does not exist.
+    pub fn subscribe(&self, id: &str) -> Option<watch::Receiver<Option<Arc<CachedMachine>>>> {
+        let current = self.get_by_id(id)?;
+        let mut watchers = lock(&self.shared.watchers);
+        let tx = watchers
+            .entry(id.to_string())
+            .or_insert_with(|| watch::channel(Some(current)).0);
+        Some(tx.subscribe())
+    }
+
+    /// Every event committed from now on.
+    pub fn subscribe_events(&self) -> broadcast::Receiver<Arc<EventRecord>> {
+        self.shared.events.subscribe()
+    }
+
+    /// A machine's history in order, after event id `after`.
+    pub async fn events(
+        &self,
+        machine_id: &str,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<EventRecord>, StoreError> {
+        let shared = self.shared.clone();
+        let id = machine_id.to_string();
+        tokio::task::spawn_blocking(move || {
+            let conn = lock(&shared.readers).pop();
+            let conn = match conn {
+                Some(c) => c,
+                None => Connection::open_with_flags(&shared.path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+                    .map_err(|e| StoreError::sql("opening a reader", e))?,
+            };
+            let out = rows::load_events(&conn, &id, after, limit);
+            lock(&shared.readers).push(conn);
+            out
+        })
+        .await
+        .map_err(|_| StoreError::Closed)?
+    }
+
+    /// The steps journaled for a machine, oldest first (for tests and `doctor`).
+    pub async fn journal(&self, machine_id: &str) -> Result<Vec<(String, String)>, StoreError> {
+        let shared = self.shared.clone();
+        let id = machine_id.to_string();
+        tokio::task::spawn_blocking(move || {
+            let conn = Connection::open_with_flags(&shared.path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+                .map_err(|e| StoreError::sql("opening a reader", e))?;
+            rows::load_journal(&conn, &id)
+        })
+        .await
+        .map_err(|_| StoreError::Closed)?
+    }
+
+    pub fn key_by_hash(&self, hash: &str) -> Option<KeyRecord> {
+        read_lock(&self.shared.keys).get(hash).cloned()
+    }
+
+    pub fn keys(&self) -> Vec<KeyRecord> {
+        let mut v: Vec<KeyRecord> = read_lock(&self.shared.keys).values().cloned().collect();
+        v.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        v
+    }
+
+    pub fn key_count(&self) -> usize {
+        read_lock(&self.shared.keys).len()
+    }
+
+    /// A cheap query that proves the database answers (for `/health`).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.write(|ctx| ctx.ping()).await
+    }
+}
+
+/// Poisoning means a thread panicked while holding the lock; the data it
+/// guards (an index rebuilt from committed rows) is still the best we have.
+pub(crate) fn read_lock<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|p| p.into_inner())
+}
+
+pub(crate) fn write_lock<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|p| p.into_inner())
+}
+
+pub(crate) fn lock<T>(l: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    l.lock().unwrap_or_else(|p| p.into_inner())
+}

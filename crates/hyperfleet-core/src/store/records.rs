@@ -1,0 +1,177 @@
+//! The durable records the store keeps and how they map to API views.
+
+use std::collections::BTreeMap;
+
+use hyperfleet_api::{
+    ApiKey, Machine, MachineEvent, MachineStatus, Persistence, Scope, StepTiming, VmmKind,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::lifecycle::table::Desired;
+use crate::util::rfc3339;
+
+/// What the machine was created with; immutable after create.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MachineSpec {
+    pub vmm: VmmKind,
+    pub vcpu_count: u32,
+    pub mem_size_mib: u32,
+    pub exposed_ports: Vec<u32>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+    pub idle_timeout_seconds: Option<u64>,
+    pub persistence: Option<Persistence>,
+}
+
+/// Identity of a VMM process: enough to tell *our* process from a later
+/// process that reused the pid, even across a host reboot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmmIdentity {
+    pub pid: i32,
+    /// Start time in clock ticks after boot (field 22 of /proc/PID/stat).
+    pub start_time: u64,
+    /// /proc/sys/kernel/random/boot_id at spawn time.
+    pub boot_id: String,
+}
+
+/// One machine's durable record: spec, desired state, observed status and
+/// everything the machine run needs to resume after a crash.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MachineRecord {
+    pub id: String,
+    pub tenant: String,
+    pub name: String,
+    pub spec: MachineSpec,
+    pub status: MachineStatus,
+    pub desired: Desired,
+    /// Bumped by every accepted request that changes the desired state.
+    pub generation: u64,
+    /// The generation the run last converged on (status == desired).
+    pub observed_generation: u64,
+    /// Bumped by every accepted restart.
+    pub restart_seq: u64,
+    /// `restart_seq` when the current VMM was spawned.
+    pub boot_restart_seq: u64,
+    /// The next stop skips the graceful shutdown.
+    pub stop_kill: bool,
+    /// The generation at which the run gave up; it retries only after a new request.
+    pub failed_generation: Option<u64>,
+    pub error_message: Option<String>,
+    pub vmm: Option<VmmIdentity>,
+    /// The step journaled as started and not yet finished (crash recovery).
+    pub current_step: Option<String>,
+    /// The create-time work (machine directory, disk) is done.
+    pub prepared: bool,
+    /// A suspend image exists for this machine.
+    pub has_snapshot: bool,
+    pub operation_id: Option<String>,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub started_at: Option<i64>,
+}
+
+impl MachineRecord {
+    pub fn to_api(&self) -> Machine {
+        Machine {
+            id: self.id.clone(),
+            name: self.name.clone(),
+            status: self.status,
+            // A machine never started wants nothing yet: show it as pending.
+            desired_status: if self.status == MachineStatus::Pending
+                && self.desired == Desired::Stopped
+            {
+                MachineStatus::Pending
+            } else {
+                self.desired.as_status()
+            },
+            vmm: self.spec.vmm,
+            vcpu_count: self.spec.vcpu_count,
+            mem_size_mib: self.spec.mem_size_mib,
+            exposed_ports: self.spec.exposed_ports.clone(),
+            env: self.spec.env.clone(),
+            metadata: self.spec.metadata.clone(),
+            idle_timeout_seconds: self.spec.idle_timeout_seconds,
+            persistence: self.spec.persistence.clone(),
+            generation: self.generation,
+            error_message: self.error_message.clone(),
+            created_at: rfc3339(self.created_at),
+            updated_at: rfc3339(self.updated_at),
+            started_at: self.started_at.map(rfc3339),
+        }
+    }
+}
+
+/// An event as stored (the API view adds RFC 3339 rendering).
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventRecord {
+    pub id: i64,
+    pub machine_id: String,
+    pub at: i64,
+    pub kind: String,
+    pub from_status: Option<MachineStatus>,
+    pub to_status: Option<MachineStatus>,
+    pub operation_id: Option<String>,
+    pub message: Option<String>,
+    pub steps: Vec<StepTiming>,
+}
+
+impl EventRecord {
+    pub fn new(machine_id: &str, kind: &str) -> Self {
+        EventRecord {
+            id: 0,
+            machine_id: machine_id.to_string(),
+            at: crate::util::now_ms(),
+            kind: kind.to_string(),
+            from_status: None,
+            to_status: None,
+            operation_id: None,
+            message: None,
+            steps: Vec::new(),
+        }
+    }
+
+    pub fn to_api(&self) -> MachineEvent {
+        MachineEvent {
+            id: self.id,
+            machine_id: self.machine_id.clone(),
+            at: rfc3339(self.at),
+            kind: self.kind.clone(),
+            from_status: self.from_status,
+            to_status: self.to_status,
+            operation_id: self.operation_id.clone(),
+            message: self.message.clone(),
+            steps: self.steps.clone(),
+        }
+    }
+}
+
+/// An API key as stored: only the hash of the secret.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyRecord {
+    pub id: String,
+    pub name: String,
+    pub tenant: String,
+    pub hash: String,
+    pub prefix: String,
+    pub scopes: Vec<Scope>,
+    pub created_at: i64,
+    pub expires_at: Option<i64>,
+    pub revoked_at: Option<i64>,
+}
+
+impl KeyRecord {
+    pub fn to_api(&self) -> ApiKey {
+        ApiKey {
+            id: self.id.clone(),
+            name: self.name.clone(),
+            prefix: self.prefix.clone(),
+            tenant: self.tenant.clone(),
+            scopes: self.scopes.clone(),
+            created_at: rfc3339(self.created_at),
+            expires_at: self.expires_at.map(rfc3339),
+            revoked_at: self.revoked_at.map(rfc3339),
+        }
+    }
+}

@@ -1,0 +1,282 @@
+//! Mapping between SQLite rows and records. All SQL of the store is here or
+//! in the writer context, next to the schema it must match.
+
+use hyperfleet_api::{MachineStatus, Scope, StepTiming};
+use rusqlite::{params, Connection, Row};
+
+use super::{EventRecord, KeyRecord, MachineRecord, MachineSpec, StoreError, VmmIdentity};
+use crate::lifecycle::table::Desired;
+
+pub const MACHINE_COLUMNS: &str = "id, tenant, name, spec, status, desired, generation, \
+    restart_seq, boot_restart_seq, stop_kill, failed_generation, error_message, vmm_pid, \
+    vmm_start_time, vmm_boot_id, current_step, prepared, has_snapshot, operation_id, \
+    created_at, updated_at, started_at, observed_generation";
+
+fn bad(col: usize, msg: String) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(
+        col,
+        rusqlite::types::Type::Text,
+        Box::<dyn std::error::Error + Send + Sync>::from(msg),
+    )
+}
+
+pub fn machine_from_row(r: &Row<'_>) -> rusqlite::Result<MachineRecord> {
+    let spec: String = r.get(3)?;
+    let spec: MachineSpec =
+        serde_json::from_str(&spec).map_err(|e| bad(3, format!("machine spec: {e}")))?;
+    let status: String = r.get(4)?;
+    let status: MachineStatus = status.parse().map_err(|e: String| bad(4, e))?;
+    let desired: String = r.get(5)?;
+    let desired =
+        Desired::parse(&desired).ok_or_else(|| bad(5, format!("unknown desired '{desired}'")))?;
+    let pid: Option<i64> = r.get(12)?;
+    let start: Option<i64> = r.get(13)?;
+    let boot: Option<String> = r.get(14)?;
+    let vmm = match (pid, start, boot) {
+        (Some(pid), Some(start_time), Some(boot_id)) => Some(VmmIdentity {
+            pid: pid as i32,
+            start_time: start_time as u64,
+            boot_id,
+        }),
+        _ => None,
+    };
+    Ok(MachineRecord {
+        id: r.get(0)?,
+        tenant: r.get(1)?,
+        name: r.get(2)?,
+        spec,
+        status,
+        desired,
+        generation: r.get::<_, i64>(6)? as u64,
+        restart_seq: r.get::<_, i64>(7)? as u64,
+        boot_restart_seq: r.get::<_, i64>(8)? as u64,
+        stop_kill: r.get::<_, i64>(9)? != 0,
+        failed_generation: r.get::<_, Option<i64>>(10)?.map(|g| g as u64),
+        error_message: r.get(11)?,
+        vmm,
+        current_step: r.get(15)?,
+        prepared: r.get::<_, i64>(16)? != 0,
+        has_snapshot: r.get::<_, i64>(17)? != 0,
+        operation_id: r.get(18)?,
+        created_at: r.get(19)?,
+        updated_at: r.get(20)?,
+        started_at: r.get(21)?,
+        observed_generation: r.get::<_, i64>(22)? as u64,
+    })
+}
+
+pub fn write_machine(conn: &Connection, m: &MachineRecord) -> Result<(), StoreError> {
+    // Serialising a struct of strings, numbers and maps cannot fail.
+    let spec = serde_json::to_string(&m.spec).expect("machine spec serialises");
+    let (pid, start, boot) = match &m.vmm {
+        Some(v) => (
+            Some(v.pid as i64),
+            Some(v.start_time as i64),
+            Some(v.boot_id.as_str()),
+        ),
+        None => (None, None, None),
+    };
+    let sql = format!(
+        "INSERT INTO machines ({MACHINE_COLUMNS}) VALUES \
+         (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19,?20,?21,?22,?23) \
+         ON CONFLICT(id) DO UPDATE SET status=excluded.status, desired=excluded.desired, \
+         generation=excluded.generation, restart_seq=excluded.restart_seq, \
+         boot_restart_seq=excluded.boot_restart_seq, stop_kill=excluded.stop_kill, \
+         failed_generation=excluded.failed_generation, error_message=excluded.error_message, \
+         vmm_pid=excluded.vmm_pid, vmm_start_time=excluded.vmm_start_time, \
+         vmm_boot_id=excluded.vmm_boot_id, current_step=excluded.current_step, \
+         prepared=excluded.prepared, has_snapshot=excluded.has_snapshot, \
+         operation_id=excluded.operation_id, updated_at=excluded.updated_at, \
+         started_at=excluded.started_at, observed_generation=excluded.observed_generation"
+    );
+    let mut stmt = conn
+        .prepare_cached(&sql)
+        .map_err(|e| StoreError::sql("preparing the machine upsert", e))?;
+    stmt.execute(params![
+        m.id,
+        m.tenant,
+        m.name,
+        spec,
+        m.status.as_str(),
+        m.desired.as_str(),
+        m.generation as i64,
+        m.restart_seq as i64,
+        m.boot_restart_seq as i64,
+        m.stop_kill as i64,
+        m.failed_generation.map(|g| g as i64),
+        m.error_message,
+        pid,
+        start,
+        boot,
+        m.current_step,
+        m.prepared as i64,
+        m.has_snapshot as i64,
+        m.operation_id,
+        m.created_at,
+        m.updated_at,
+        m.started_at,
+        m.observed_generation as i64,
+    ])
+    .map_err(|e| match e {
+        rusqlite::Error::SqliteFailure(f, _)
+            if f.code == rusqlite::ErrorCode::ConstraintViolation =>
+        {
+            StoreError::NameTaken(m.name.clone())
+        }
+        e => StoreError::sql(&format!("writing machine {}", m.id), e),
+    })?;
+    Ok(())
+}
+
+pub fn load_machines(conn: &Connection) -> Result<Vec<MachineRecord>, StoreError> {
+    let mut stmt = conn
+        .prepare(&format!("SELECT {MACHINE_COLUMNS} FROM machines"))
+        .map_err(|e| StoreError::sql("loading machines", e))?;
+    let rows = stmt
+        .query_map([], machine_from_row)
+        .map_err(|e| StoreError::sql("loading machines", e))?;
+    rows.collect::<Result<Vec<_>, _>>()
+        .map_err(|e| StoreError::sql("reading a machine row", e))
+}
+
+fn scopes_to_text(scopes: &[Scope]) -> String {
+    scopes
+        .iter()
+        .map(|s| s.as_str())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+pub fn insert_key(conn: &Connection, k: &KeyRecord) -> Result<(), StoreError> {
+    conn.execute(
+        "INSERT INTO api_keys (id, name, tenant, hash, prefix, scopes, created_at, expires_at, revoked_at) \
+         VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9)",
+        params![
+            k.id,
+            k.name,
+            k.tenant,
+            k.hash,
+            k.prefix,
+            scopes_to_text(&k.scopes),
+            k.created_at,
+            k.expires_at,
+            k.revoked_at
+        ],
+    )
+    .map_err(|e| StoreError::sql("inserting an API key", e))?;
+    Ok(())
+}
+
+pub fn load_keys(conn: &Connection) -> Result<Vec<KeyRecord>, StoreError> {
+    let mut stmt = conn
+        .prepare(
+            "SELECT id, name, tenant, hash, prefix, scopes, created_at, expires_at, revoked_at \
+             FROM api_keys",
+        )
+        .map_err(|e| StoreError::sql("loading API keys", e))?;
+    let rows = stmt
+        .query_map([], |r| {
+            let scopes: String = r.get(5)?;
+            let scopes = scopes
+                .split(',')
+                .filter(|s| !s.is_empty())
+                .map(|s| Scope::parse(s).ok_or_else(|| bad(5, format!("unknown scope '{s}'"))))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(KeyRecord {
+                id: r.get(0)?,
+                name: r.get(1)?,
+                tenant: r.get(2)?,
+                hash: r.get(3)?,
+                prefix: r.get(4)?,
+                scopes,
+                created_at: r.get(6)?,
+                expires_at: r.get(7)?,
+                revoked_at: r.get(8)?,
+            })
+        })
+        .map_err(|e| StoreError::sql("loading API keys", e))?;
+    rows.collect::<Result<Vec<_>, _>>()
+        .map_err(|e| StoreError::sql("reading an API key row", e))
+}
+
+pub fn insert_event(conn: &Connection, ev: &EventRecord) -> Result<i64, StoreError> {
+    let steps = if ev.steps.is_empty() {
+        None
+    } else {
+        // Step timings are plain data; serialising cannot fail.
+        Some(serde_json::to_string(&ev.steps).expect("steps serialise"))
+    };
+    let mut stmt = conn
+        .prepare_cached(
+            "INSERT INTO events (machine_id, at, kind, from_status, to_status, operation_id, message, steps) \
+             VALUES (?1,?2,?3,?4,?5,?6,?7,?8)",
+        )
+        .map_err(|e| StoreError::sql("preparing the event insert", e))?;
+    stmt.execute(params![
+        ev.machine_id,
+        ev.at,
+        ev.kind,
+        ev.from_status.map(|s| s.as_str()),
+        ev.to_status.map(|s| s.as_str()),
+        ev.operation_id,
+        ev.message,
+        steps
+    ])
+    .map_err(|e| StoreError::sql("appending an event", e))?;
+    Ok(conn.last_insert_rowid())
+}
+
+pub fn load_events(
+    conn: &Connection,
+    machine_id: &str,
+    after: i64,
+    limit: usize,
+) -> Result<Vec<EventRecord>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT id, machine_id, at, kind, from_status, to_status, operation_id, message, steps \
+             FROM events WHERE machine_id = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
+        )
+        .map_err(|e| StoreError::sql("loading events", e))?;
+    let rows = stmt
+        .query_map(params![machine_id, after, limit as i64], |r| {
+            let parse_status = |i: usize| -> rusqlite::Result<Option<MachineStatus>> {
+                let s: Option<String> = r.get(i)?;
+                s.map(|s| s.parse().map_err(|e: String| bad(i, e)))
+                    .transpose()
+            };
+            let steps: Option<String> = r.get(8)?;
+            let steps: Vec<StepTiming> = match steps {
+                Some(s) => serde_json::from_str(&s).map_err(|e| bad(8, format!("steps: {e}")))?,
+                None => Vec::new(),
+            };
+            Ok(EventRecord {
+                id: r.get(0)?,
+                machine_id: r.get(1)?,
+                at: r.get(2)?,
+                kind: r.get(3)?,
+                from_status: parse_status(4)?,
+                to_status: parse_status(5)?,
+                operation_id: r.get(6)?,
+                message: r.get(7)?,
+                steps,
+            })
+        })
+        .map_err(|e| StoreError::sql("loading events", e))?;
+    rows.collect::<Result<Vec<_>, _>>()
+        .map_err(|e| StoreError::sql("reading an event row", e))
+}
+
+pub fn load_journal(
+    conn: &Connection,
+    machine_id: &str,
+) -> Result<Vec<(String, String)>, StoreError> {
+    let mut stmt = conn
+        .prepare("SELECT step, phase FROM steps WHERE machine_id = ?1 ORDER BY id")
+        .map_err(|e| StoreError::sql("loading the step journal", e))?;
+    let rows = stmt
+        .query_map(params![machine_id], |r| Ok((r.get(0)?, r.get(1)?)))
+        .map_err(|e| StoreError::sql("loading the step journal", e))?;
+    rows.collect::<Result<Vec<_>, _>>()
+        .map_err(|e| StoreError::sql("reading a journal row", e))
+}

@@ -1,0 +1,116 @@
+//! Versioned migrations, applied in order at open. `PRAGMA user_version`
+//! records how many have been applied; each runs in its own transaction.
+
+use rusqlite::Connection;
+
+use super::StoreError;
+
+/// Append only: never edit a migration that has shipped.
+const MIGRATIONS: &[&str] = &[
+    // 1: machines, their history, the step journal, leases and API keys.
+    r#"
+    CREATE TABLE machines (
+        id TEXT PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        name TEXT NOT NULL,
+        spec TEXT NOT NULL,
+        status TEXT NOT NULL,
+        desired TEXT NOT NULL,
+        generation INTEGER NOT NULL,
+        observed_generation INTEGER NOT NULL DEFAULT 0,
+        restart_seq INTEGER NOT NULL DEFAULT 0,
+        boot_restart_seq INTEGER NOT NULL DEFAULT 0,
+        stop_kill INTEGER NOT NULL DEFAULT 0,
+        failed_generation INTEGER,
+        error_message TEXT,
+        vmm_pid INTEGER,
+        vmm_start_time INTEGER,
+        vmm_boot_id TEXT,
+        current_step TEXT,
+        prepared INTEGER NOT NULL DEFAULT 0,
+        has_snapshot INTEGER NOT NULL DEFAULT 0,
+        operation_id TEXT,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        started_at INTEGER
+    ) STRICT;
+    CREATE UNIQUE INDEX machines_tenant_name ON machines(tenant, name);
+
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        machine_id TEXT NOT NULL,
+        at INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        from_status TEXT,
+        to_status TEXT,
+        operation_id TEXT,
+        message TEXT,
+        steps TEXT
+    ) STRICT;
+    CREATE INDEX events_machine ON events(machine_id, id);
+
+    CREATE TABLE steps (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        machine_id TEXT NOT NULL,
+        operation_id TEXT,
+        step TEXT NOT NULL,
+        phase TEXT NOT NULL CHECK (phase IN ('started', 'done', 'failed')),
+        at INTEGER NOT NULL,
+        duration_ms REAL,
+        detail TEXT
+    ) STRICT;
+    CREATE INDEX steps_machine ON steps(machine_id, id);
+
+    CREATE TABLE leases (
+        kind TEXT NOT NULL,
+        value TEXT NOT NULL,
+        machine_id TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        PRIMARY KEY (kind, value)
+    ) STRICT;
+    CREATE INDEX leases_machine ON leases(machine_id);
+
+    CREATE TABLE api_keys (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        tenant TEXT NOT NULL,
+        hash TEXT NOT NULL UNIQUE,
+        prefix TEXT NOT NULL,
+        scopes TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER,
+        revoked_at INTEGER
+    ) STRICT;
+    "#,
+];
+
+pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let current: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(|e| StoreError::sql("reading the schema version", e))?;
+    let known = MIGRATIONS.len() as i64;
+    if current > known {
+        return Err(StoreError::Schema(format!(
+            "the database has schema version {current} but this hyperfleet knows only up to {known}; \
+             it was written by a newer release"
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+        let version = i as i64 + 1;
+        let tx = conn
+            .transaction()
+            .map_err(|e| StoreError::sql("starting a migration", e))?;
+        tx.execute_batch(sql)
+            .map_err(|e| StoreError::sql(&format!("applying migration {version}"), e))?;
+        tx.pragma_update(None, "user_version", version)
+            .map_err(|e| StoreError::sql("recording the schema version", e))?;
+        tx.commit()
+            .map_err(|e| StoreError::sql(&format!("committing migration {version}"), e))?;
+        tracing::info!(version, "applied store migration");
+    }
+    Ok(())
+}
+
+pub fn schema_version() -> i64 {
+    MIGRATIONS.len() as i64
+}

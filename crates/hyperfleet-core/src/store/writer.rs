@@ -1,0 +1,330 @@
+//! The writer thread: batches queued write closures into one transaction
+//! (each in its own SAVEPOINT), commits once, then publishes the changes to
+//! the in-memory index, the per-machine watchers and the event stream, and
+//! finally answers each caller.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use rusqlite::{params, Connection, TransactionBehavior};
+use tokio::sync::{mpsc, oneshot};
+
+use super::index::CachedMachine;
+use super::{
+    lock, read_lock, rows, write_lock, EventRecord, KeyRecord, MachineRecord, Shared, StoreError,
+};
+
+/// What one closure (or the whole batch) changed, applied after commit.
+#[derive(Default)]
+struct Changes {
+    machines: HashMap<String, Option<MachineRecord>>,
+    events: Vec<EventRecord>,
+    keys: Vec<KeyRecord>,
+}
+
+impl Changes {
+    fn absorb(&mut self, other: Changes) {
+        self.machines.extend(other.machines);
+        self.events.extend(other.events);
+        self.keys.extend(other.keys);
+    }
+}
+
+type Reply = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+pub(super) type Job = Box<dyn FnOnce(&mut WriteCtx<'_>) -> (bool, Reply) + Send>;
+
+pub(super) fn job<T, F>(f: F, tx: oneshot::Sender<Result<T, StoreError>>) -> Job
+where
+    T: Send + 'static,
+    F: FnOnce(&mut WriteCtx<'_>) -> Result<T, StoreError> + Send + 'static,
+{
+    Box::new(move |ctx| match f(ctx) {
+        Ok(v) => (
+            true,
+            Box::new(move |commit: Result<(), StoreError>| {
+                let _ = tx.send(commit.map(|()| v));
+            }),
+        ),
+        Err(e) => (
+            false,
+            Box::new(move |_| {
+                let _ = tx.send(Err(e));
+            }),
+        ),
+    })
+}
+
+/// The view a write closure gets: the open transaction, plus reads that see
+/// the writes of earlier closures in the same batch.
+pub struct WriteCtx<'a> {
+    conn: &'a Connection,
+    batch: &'a Changes,
+    mine: Changes,
+    shared: &'a Shared,
+}
+
+impl WriteCtx<'_> {
+    /// The current record of machine `id`, including uncommitted changes of
+    /// this batch.
+    pub fn machine(&self, id: &str) -> Option<MachineRecord> {
+        for layer in [&self.mine, self.batch] {
+            if let Some(m) = layer.machines.get(id) {
+                return m.clone();
+            }
+        }
+        read_lock(&self.shared.index)
+            .by_id(id)
+            .map(|m| m.rec.clone())
+    }
+
+    /// Inserts or replaces a machine record.
+    pub fn put_machine(&mut self, rec: MachineRecord) -> Result<(), StoreError> {
+        // The unique index catches duplicates too; checking here first gives
+        // the clear error without relying on SQLite's message.
+        if let Some(other) = self.name_owner(&rec.tenant, &rec.name) {
+            if other != rec.id {
+                return Err(StoreError::NameTaken(rec.name.clone()));
+            }
+        }
+        rows::write_machine(self.conn, &rec)?;
+        self.mine.machines.insert(rec.id.clone(), Some(rec));
+        Ok(())
+    }
+
+    /// Removes a machine and its history, journal and leases.
+    pub fn delete_machine(&mut self, id: &str) -> Result<(), StoreError> {
+        for sql in [
+            "DELETE FROM machines WHERE id = ?1",
+            "DELETE FROM events WHERE machine_id = ?1",
+            "DELETE FROM steps WHERE machine_id = ?1",
+            "DELETE FROM leases WHERE machine_id = ?1",
+        ] {
+            self.conn
+                .execute(sql, params![id])
+                .map_err(|e| StoreError::sql(&format!("deleting machine {id}"), e))?;
+        }
+        self.mine.machines.insert(id.to_string(), None);
+        Ok(())
+    }
+
+    fn name_owner(&self, tenant: &str, name: &str) -> Option<String> {
+        for layer in [&self.mine, self.batch] {
+            for (id, m) in &layer.machines {
+                if let Some(m) = m {
+                    if m.tenant == tenant && m.name == name {
+                        return Some(id.clone());
+                    }
+                }
+            }
+        }
+        let owner = read_lock(&self.shared.index).name_taken(tenant, name)?;
+        // Deleted earlier in this batch?
+        for layer in [&self.mine, self.batch] {
+            if let Some(None) = layer.machines.get(&owner) {
+                return None;
+            }
+        }
+        Some(owner)
+    }
+
+    /// Appends an event; its id is assigned now, it is broadcast after commit.
+    pub fn append_event(&mut self, mut ev: EventRecord) -> Result<i64, StoreError> {
+        ev.id = rows::insert_event(self.conn, &ev)?;
+        let id = ev.id;
+        self.mine.events.push(ev);
+        Ok(id)
+    }
+
+    /// Records a step of the machine run in the journal.
+    pub fn journal(
+        &mut self,
+        machine_id: &str,
+        operation_id: Option<&str>,
+        step: &str,
+        phase: &str,
+        duration_ms: Option<f64>,
+        detail: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "INSERT INTO steps (machine_id, operation_id, step, phase, at, duration_ms, detail) \
+                 VALUES (?1,?2,?3,?4,?5,?6,?7)",
+            )
+            .map_err(|e| StoreError::sql("preparing the journal insert", e))?;
+        stmt.execute(params![
+            machine_id,
+            operation_id,
+            step,
+            phase,
+            crate::util::now_ms(),
+            duration_ms,
+            detail
+        ])
+        .map_err(|e| StoreError::sql("journaling a step", e))?;
+        Ok(())
+    }
+
+    pub fn insert_key(&mut self, key: KeyRecord) -> Result<(), StoreError> {
+        rows::insert_key(self.conn, &key)?;
+        self.mine.keys.push(key);
+        Ok(())
+    }
+
+    /// Marks a key revoked (idempotent) and returns it.
+    pub fn revoke_key(&mut self, id: &str, at: i64) -> Result<KeyRecord, StoreError> {
+        let existing = read_lock(&self.shared.keys)
+            .values()
+            .chain(self.batch.keys.iter())
+            .chain(self.mine.keys.iter())
+            .filter(|k| k.id == id)
+            .last()
+            .cloned();
+        let mut key = existing.ok_or_else(|| StoreError::NoSuchKey(id.to_string()))?;
+        if key.revoked_at.is_none() {
+            key.revoked_at = Some(at);
+            self.conn
+                .execute(
+                    "UPDATE api_keys SET revoked_at = ?2 WHERE id = ?1",
+                    params![id, at],
+                )
+                .map_err(|e| StoreError::sql("revoking an API key", e))?;
+            self.mine.keys.push(key.clone());
+        }
+        Ok(key)
+    }
+
+    pub fn ping(&self) -> Result<(), StoreError> {
+        self.conn
+            .query_row("SELECT 1", [], |_| Ok(()))
+            .map_err(|e| StoreError::sql("answering a health check", e))
+    }
+}
+
+pub(super) fn spawn(
+    conn: Connection,
+    rx: mpsc::Receiver<Job>,
+    shared: Arc<Shared>,
+) -> Result<(), StoreError> {
+    std::thread::Builder::new()
+        .name("hf-store-writer".into())
+        .spawn(move || run(conn, rx, shared))
+        .map(|_| ())
+        .map_err(|e| StoreError::Schema(format!("cannot start the writer thread: {e}")))
+}
+
+const MAX_BATCH: usize = 1024;
+
+fn run(mut conn: Connection, mut rx: mpsc::Receiver<Job>, shared: Arc<Shared>) {
+    while let Some(first) = rx.blocking_recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(j) => batch.push(j),
+                Err(_) => break,
+            }
+        }
+        run_batch(&mut conn, batch, &shared);
+    }
+    tracing::debug!("store writer stopped");
+}
+
+fn run_batch(conn: &mut Connection, batch: Vec<Job>, shared: &Shared) {
+    let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
+        Ok(tx) => tx,
+        Err(e) => {
+            let err = StoreError::sql("starting a write transaction", e);
+            tracing::error!(error = %err, "store write failed");
+            for job in batch {
+                fail_unrun(job, &err);
+            }
+            return;
+        }
+    };
+    let mut changes = Changes::default();
+    let mut replies: Vec<(bool, Reply)> = Vec::with_capacity(batch.len());
+    for job in batch {
+        if let Err(e) = tx.execute_batch("SAVEPOINT job") {
+            let err = StoreError::sql("opening a savepoint", e);
+            replies.push((false, Box::new(move |_| drop(err))));
+            continue;
+        }
+        let mut ctx = WriteCtx {
+            conn: &tx,
+            batch: &changes,
+            mine: Changes::default(),
+            shared,
+        };
+        let (ok, reply) = job(&mut ctx);
+        let mine = ctx.mine;
+        let end = if ok {
+            changes.absorb(mine);
+            "RELEASE job"
+        } else {
+            "ROLLBACK TO job; RELEASE job"
+        };
+        if let Err(e) = tx.execute_batch(end) {
+            tracing::error!(error = %e, "closing a savepoint failed");
+        }
+        replies.push((ok, reply));
+    }
+    let commit = tx
+        .commit()
+        .map_err(|e| StoreError::sql("committing a write transaction", e));
+    if let Err(e) = &commit {
+        tracing::error!(error = %e, "store commit failed; the batch is lost");
+    } else {
+        publish(changes, shared);
+    }
+    for (_, reply) in replies {
+        reply(commit.clone());
+    }
+}
+
+/// A job that never ran still owes its caller an answer.
+fn fail_unrun(job: Job, _err: &StoreError) {
+    // The job's reply is only reachable by running it; dropping it closes
+    // its oneshot, which the caller sees as `StoreError::Closed`.
+    drop(job);
+}
+
+fn publish(changes: Changes, shared: &Shared) {
+    let mut updated: Vec<(String, Option<Arc<CachedMachine>>)> = Vec::new();
+    {
+        let mut index = write_lock(&shared.index);
+        for (id, rec) in changes.machines {
+            match rec {
+                Some(rec) => {
+                    let entry = index.put(rec);
+                    updated.push((id, Some(entry)));
+                }
+                None => {
+                    index.remove(&id);
+                    updated.push((id, None));
+                }
+            }
+        }
+    }
+    {
+        let mut watchers = lock(&shared.watchers);
+        for (id, entry) in updated {
+            let gone = entry.is_none();
+            if let Some(tx) = watchers.get(&id) {
+                tx.send_replace(entry);
+            }
+            if gone {
+                watchers.remove(&id);
+            }
+        }
+    }
+    if !changes.keys.is_empty() {
+        let mut keys = write_lock(&shared.keys);
+        for k in changes.keys {
+            keys.insert(k.hash.clone(), k);
+        }
+    }
+    for ev in changes.events {
+        // No subscribers is fine: nobody is streaming events right now.
+        let _ = shared.events.send(Arc::new(ev));
+    }
+}

@@ -1,0 +1,77 @@
+//! Small shared helpers: wall-clock time in the store's unit, RFC 3339
+//! rendering, and random identifiers.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Milliseconds since the Unix epoch: the store's unit for timestamps.
+pub fn now_ms() -> i64 {
+    // A clock before 1970 is a broken host; 0 keeps ordering sane there.
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Renders a store timestamp as RFC 3339 with milliseconds (UTC).
+pub fn rfc3339(ms: i64) -> String {
+    let t = UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// `n` random bytes from the OS.
+pub fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut buf = [0u8; N];
+    // getrandom only fails when the OS has no entropy source at all, which
+    // no supported Linux host lacks; there is nothing sensible to continue with.
+    getrandom::fill(&mut buf).expect("the OS random number generator failed");
+    buf
+}
+
+const ID_ALPHABET: &[u8; 32] = b"0123456789abcdefghjkmnpqrstvwxyz";
+
+/// A random lowercase identifier of `len` characters (5 bits each) after `prefix`.
+pub fn random_id(prefix: &str, len: usize) -> String {
+    let bytes = random_bytes::<32>();
+    let mut s = String::with_capacity(prefix.len() + len);
+    s.push_str(prefix);
+    for b in bytes.iter().take(len) {
+        s.push(ID_ALPHABET[(*b & 31) as usize] as char);
+    }
+    s
+}
+
+/// Machine ids: `m` + 15 characters (75 random bits). Names may not have
+/// this shape, so `GET /machines/{id-or-name}` is never ambiguous.
+pub fn new_machine_id() -> String {
+    random_id("m", 15)
+}
+
+pub fn looks_like_machine_id(s: &str) -> bool {
+    s.len() == 16 && s.starts_with('m') && s[1..].bytes().all(|b| ID_ALPHABET.contains(&b))
+}
+
+/// Operation ids name one accepted request in events and logs.
+pub fn new_operation_id() -> String {
+    random_id("op_", 12)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn machine_ids_have_their_shape() {
+        for _ in 0..100 {
+            let id = new_machine_id();
+            assert!(looks_like_machine_id(&id), "{id}");
+        }
+        assert!(!looks_like_machine_id("web-1"));
+        assert!(!looks_like_machine_id("mABCDEFGHIJKLMNO"));
+    }
+
+    #[test]
+    fn rfc3339_renders_utc_millis() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(1_500), "1970-01-01T00:00:01.500Z");
+    }
+}

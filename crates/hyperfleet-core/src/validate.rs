@@ -1,0 +1,281 @@
+//! Validation of a create request into a machine spec. Every bound is in
+//! `hyperfleet_api::LIMITS` and documented in docs/api.md.
+
+use std::collections::BTreeSet;
+
+use hyperfleet_api::{CreateMachineRequest, VmmKind, LIMITS};
+
+use crate::store::MachineSpec;
+use crate::util::looks_like_machine_id;
+
+/// A rejected field, with a sentence saying what is accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct ValidationError {
+    pub field: String,
+    pub message: String,
+}
+
+fn bad(field: impl Into<String>, message: impl Into<String>) -> ValidationError {
+    ValidationError {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// Names are DNS labels so they can appear in proxy host names.
+pub fn validate_name(name: &str) -> Result<(), ValidationError> {
+    let ok_chars = name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if name.is_empty() || name.len() > LIMITS.name_max_len {
+        return Err(bad(
+            "name",
+            format!("must be 1 to {} characters long", LIMITS.name_max_len),
+        ));
+    }
+    if !ok_chars || !name.as_bytes()[0].is_ascii_lowercase() || name.ends_with('-') {
+        return Err(bad(
+            "name",
+            "must be lowercase letters, digits and '-', start with a letter and not end with '-'",
+        ));
+    }
+    if looks_like_machine_id(name) {
+        return Err(bad(
+            "name",
+            "must not have the shape of a machine id ('m' followed by 15 id characters)",
+        ));
+    }
+    Ok(())
+}
+
+fn env_key_ok(k: &str) -> bool {
+    let mut bytes = k.bytes();
+    matches!(bytes.next(), Some(b) if b.is_ascii_alphabetic() || b == b'_')
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+pub fn validate_create(
+    req: CreateMachineRequest,
+    default_vmm: VmmKind,
+) -> Result<(Option<String>, MachineSpec), ValidationError> {
+    if let Some(name) = &req.name {
+        validate_name(name)?;
+    }
+    let vcpu_count = req.vcpu_count.unwrap_or(1);
+    if !(LIMITS.vcpu_min..=LIMITS.vcpu_max).contains(&vcpu_count) {
+        return Err(bad(
+            "vcpu_count",
+            format!(
+                "must be between {} and {}, got {vcpu_count}",
+                LIMITS.vcpu_min, LIMITS.vcpu_max
+            ),
+        ));
+    }
+    let mem_size_mib = req.mem_size_mib.unwrap_or(256);
+    if !(LIMITS.mem_min_mib..=LIMITS.mem_max_mib).contains(&mem_size_mib) {
+        return Err(bad(
+            "mem_size_mib",
+            format!(
+                "must be between {} and {} MiB (a guest kernel needs at least {} MiB to boot), got {mem_size_mib}",
+                LIMITS.mem_min_mib, LIMITS.mem_max_mib, LIMITS.mem_min_mib
+            ),
+        ));
+    }
+    if req.exposed_ports.len() > LIMITS.exposed_ports_max {
+        return Err(bad(
+            "exposed_ports",
+            format!("at most {} ports", LIMITS.exposed_ports_max),
+        ));
+    }
+    let mut seen = BTreeSet::new();
+    for p in &req.exposed_ports {
+        if !(1..=65535).contains(p) {
+            return Err(bad(
+                "exposed_ports",
+                format!("ports must be between 1 and 65535, got {p}"),
+            ));
+        }
+        if !seen.insert(*p) {
+            return Err(bad("exposed_ports", format!("port {p} is listed twice")));
+        }
+    }
+    if req.env.len() > LIMITS.env_max {
+        return Err(bad("env", format!("at most {} variables", LIMITS.env_max)));
+    }
+    for (k, v) in &req.env {
+        if k.len() > LIMITS.env_key_max_len || !env_key_ok(k) {
+            return Err(bad(
+                "env",
+                format!(
+                    "variable names must match [A-Za-z_][A-Za-z0-9_]* and be at most {} characters; '{}' does not",
+                    LIMITS.env_key_max_len,
+                    k.chars().take(64).collect::<String>()
+                ),
+            ));
+        }
+        if v.len() > LIMITS.env_value_max_len || v.contains('\0') {
+            return Err(bad(
+                "env",
+                format!(
+                    "the value of {k} must be at most {} bytes and contain no NUL",
+                    LIMITS.env_value_max_len
+                ),
+            ));
+        }
+    }
+    if req.metadata.len() > LIMITS.metadata_max {
+        return Err(bad(
+            "metadata",
+            format!("at most {} entries", LIMITS.metadata_max),
+        ));
+    }
+    for (k, v) in &req.metadata {
+        if k.is_empty() || k.len() > LIMITS.metadata_key_max_len {
+            return Err(bad(
+                "metadata",
+                format!(
+                    "keys must be 1 to {} characters",
+                    LIMITS.metadata_key_max_len
+                ),
+            ));
+        }
+        if v.len() > LIMITS.metadata_value_max_len {
+            return Err(bad(
+                "metadata",
+                format!(
+                    "the value of '{k}' is longer than {} bytes",
+                    LIMITS.metadata_value_max_len
+                ),
+            ));
+        }
+    }
+    if let Some(t) = req.idle_timeout_seconds {
+        if t > LIMITS.idle_timeout_max_seconds {
+            return Err(bad(
+                "idle_timeout_seconds",
+                format!(
+                    "must be at most {} (7 days) or null",
+                    LIMITS.idle_timeout_max_seconds
+                ),
+            ));
+        }
+    }
+    let spec = MachineSpec {
+        vmm: req.vmm.unwrap_or(default_vmm),
+        vcpu_count,
+        mem_size_mib,
+        exposed_ports: req.exposed_ports,
+        env: req.env,
+        metadata: req.metadata,
+        idle_timeout_seconds: req.idle_timeout_seconds,
+        persistence: req.persistence,
+    };
+    Ok((req.name, spec))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(req: CreateMachineRequest) -> MachineSpec {
+        validate_create(req, VmmKind::Stub).unwrap().1
+    }
+
+    fn err(req: CreateMachineRequest) -> String {
+        validate_create(req, VmmKind::Stub).unwrap_err().field
+    }
+
+    #[test]
+    fn defaults_fill_in() {
+        let s = ok(CreateMachineRequest::default());
+        assert_eq!(
+            (s.vcpu_count, s.mem_size_mib, s.vmm),
+            (1, 256, VmmKind::Stub)
+        );
+    }
+
+    #[test]
+    fn names_are_dns_labels_and_not_ids() {
+        for good in ["a", "web-1", "x0"] {
+            validate_name(good).unwrap();
+        }
+        for badname in [
+            "",
+            "-a",
+            "a-",
+            "A",
+            "1abc",
+            "a_b",
+            "a.b",
+            "mabcdefghjkmnpqr",
+            &"a".repeat(64),
+        ] {
+            assert!(validate_name(badname).is_err(), "{badname}");
+        }
+    }
+
+    #[test]
+    fn bounds_are_enforced() {
+        let base = CreateMachineRequest::default;
+        assert_eq!(
+            err(CreateMachineRequest {
+                vcpu_count: Some(0),
+                ..base()
+            }),
+            "vcpu_count"
+        );
+        assert_eq!(
+            err(CreateMachineRequest {
+                vcpu_count: Some(33),
+                ..base()
+            }),
+            "vcpu_count"
+        );
+        assert_eq!(
+            err(CreateMachineRequest {
+                mem_size_mib: Some(64),
+                ..base()
+            }),
+            "mem_size_mib"
+        );
+        assert_eq!(
+            err(CreateMachineRequest {
+                mem_size_mib: Some(u32::MAX),
+                ..base()
+            }),
+            "mem_size_mib"
+        );
+        assert_eq!(
+            err(CreateMachineRequest {
+                exposed_ports: vec![0],
+                ..base()
+            }),
+            "exposed_ports"
+        );
+        assert_eq!(
+            err(CreateMachineRequest {
+                exposed_ports: vec![70000],
+                ..base()
+            }),
+            "exposed_ports"
+        );
+        assert_eq!(
+            err(CreateMachineRequest {
+                exposed_ports: vec![80, 80],
+                ..base()
+            }),
+            "exposed_ports"
+        );
+        let mut env = std::collections::BTreeMap::new();
+        env.insert("1BAD".to_string(), "x".to_string());
+        assert_eq!(err(CreateMachineRequest { env, ..base() }), "env");
+        assert_eq!(
+            err(CreateMachineRequest {
+                idle_timeout_seconds: Some(u64::MAX),
+                ..base()
+            }),
+            "idle_timeout_seconds"
+        );
+    }
+}

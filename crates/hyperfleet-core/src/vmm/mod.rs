@@ -1,0 +1,168 @@
+//! The VMM boundary: one trait every backend implements, and the process
+//! identity code they share.
+//!
+//! A VMM is a real process that outlives the daemon. The machine run knows
+//! it only by [`VmmIdentity`] (pid + start time + boot id), persisted before
+//! anything relies on it, so that a restarted daemon re-adopts the process
+//! instead of booting a second one, and never signals an unrelated process
+//! that reused the pid.
+
+pub mod process;
+pub mod stub;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use hyperfleet_api::VmmKind;
+
+use crate::store::{MachineSpec, VmmIdentity};
+
+/// Errors of the VMM boundary.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error("the {backend} backend is not available on this host: {reason}")]
+    Unavailable { backend: VmmKind, reason: String },
+    #[error("could not spawn the VMM process ({program}): {source}")]
+    Spawn {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the guest never became ready within the boot timeout of {timeout:?}: {detail}")]
+    BootTimeout { timeout: Duration, detail: String },
+    #[error("the VMM process exited while {doing}")]
+    Exited { doing: String },
+    #[error("the VMM control channel failed while {doing}: {detail}")]
+    Control { doing: String, detail: String },
+    #[error("{what} failed on the host: {source}")]
+    Host {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the {backend} backend does not support {operation}")]
+    Unsupported {
+        backend: VmmKind,
+        operation: &'static str,
+    },
+}
+
+impl VmmError {
+    pub fn host(what: impl Into<String>, source: std::io::Error) -> Self {
+        VmmError::Host {
+            what: what.into(),
+            source,
+        }
+    }
+}
+
+/// Where a machine's files live; chosen from its id, so they are known before
+/// any side effect.
+#[derive(Debug, Clone)]
+pub struct MachinePaths {
+    pub dir: PathBuf,
+}
+
+impl MachinePaths {
+    pub fn new(machines_dir: &Path, id: &str) -> Self {
+        MachinePaths {
+            dir: machines_dir.join(id),
+        }
+    }
+    /// The VMM's control socket (QMP, Firecracker API, stub protocol).
+    pub fn control_socket(&self) -> PathBuf {
+        self.dir.join("vmm.sock")
+    }
+    pub fn console_log(&self) -> PathBuf {
+        self.dir.join("console.log")
+    }
+    /// Where a suspended machine's memory image is kept.
+    pub fn snapshot_dir(&self) -> PathBuf {
+        self.dir.join("snapshot")
+    }
+}
+
+/// Everything a backend needs to launch one machine.
+#[derive(Debug, Clone)]
+pub struct LaunchSpec {
+    pub machine_id: String,
+    pub paths: MachinePaths,
+    pub spec: MachineSpec,
+    /// Restore memory from the suspend image instead of booting.
+    pub restore: bool,
+}
+
+/// How a graceful stop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopPath {
+    /// The guest powered off when asked.
+    Graceful,
+    /// The guest did not stop in time and the VMM was killed.
+    KilledAfterTimeout,
+}
+
+/// What the run sees of a live VMM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmmRunState {
+    Running,
+    Paused,
+}
+
+#[async_trait]
+pub trait Vmm: Send + Sync + 'static {
+    fn kind(&self) -> VmmKind;
+
+    /// Whether this backend can run machines on this host, and why not.
+    fn availability(&self) -> Result<String, String>;
+
+    /// Create-time work: the machine directory and disk. Idempotent.
+    async fn prepare(&self, launch: &LaunchSpec) -> Result<(), VmmError>;
+
+    /// Spawns a detached VMM process for the machine and returns its identity
+    /// as soon as the process exists (before the guest is ready).
+    async fn spawn(&self, launch: &LaunchSpec) -> Result<VmmIdentity, VmmError>;
+
+    /// Waits until the guest agent answers, or the deadline passes.
+    async fn wait_ready(
+        &self,
+        launch: &LaunchSpec,
+        vmm: &VmmIdentity,
+        timeout: Duration,
+    ) -> Result<(), VmmError>;
+
+    /// Asks a live VMM whether its vCPUs run (used after re-adoption).
+    async fn run_state(&self, launch: &LaunchSpec) -> Result<VmmRunState, VmmError>;
+
+    async fn pause(&self, launch: &LaunchSpec) -> Result<(), VmmError>;
+    async fn resume(&self, launch: &LaunchSpec) -> Result<(), VmmError>;
+
+    /// Asks the guest to power off; kills the VMM if it is still alive at the
+    /// deadline. Returns once the process is gone.
+    async fn shutdown(
+        &self,
+        launch: &LaunchSpec,
+        vmm: &VmmIdentity,
+        timeout: Duration,
+    ) -> Result<StopPath, VmmError>;
+
+    /// Saves the guest's memory and device state under the snapshot dir so a
+    /// later `spawn` with `restore` continues where it left off. The VMM is
+    /// left paused; the run kills it afterwards.
+    async fn save_state(&self, launch: &LaunchSpec) -> Result<(), VmmError>;
+
+    /// Removes everything `prepare` and the VMM created. Idempotent.
+    async fn release(&self, paths: &MachinePaths) -> Result<(), VmmError>;
+}
+
+/// Removes a machine directory, treating "already gone" as done.
+pub async fn remove_dir_idempotent(dir: &Path) -> Result<(), VmmError> {
+    match tokio::fs::remove_dir_all(dir).await {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(VmmError::host(
+            format!("removing the machine directory {}", dir.display()),
+            e,
+        )),
+    }
+}

@@ -1,0 +1,237 @@
+//! The `stub` backend: drives `hyperfleet-testvmm`, a real process with no
+//! guest, so the control plane's tests exercise real processes (detached
+//! spawn, identity, re-adoption, SIGKILL recovery) without booting a kernel.
+//!
+//! It is selected with `--default-vmm stub` or `"vmm": "stub"` and is not
+//! meant for production. Tests steer the stand-in guest through machine
+//! metadata: `stub_boot_ms` (boot delay), `stub_never_ready=true` (the guest
+//! never answers), `stub_ignore_poweroff=true` (graceful stop times out).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use hyperfleet_api::VmmKind;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+use super::process::{self, Liveness};
+use super::{LaunchSpec, MachinePaths, StopPath, Vmm, VmmError, VmmRunState};
+use crate::store::VmmIdentity;
+
+pub struct StubVmm {
+    binary: PathBuf,
+}
+
+impl StubVmm {
+    pub fn new(binary: PathBuf) -> Self {
+        StubVmm { binary }
+    }
+
+    fn disk(paths: &MachinePaths) -> PathBuf {
+        paths.dir.join("disk.img")
+    }
+
+    fn state_file(paths: &MachinePaths) -> PathBuf {
+        paths.snapshot_dir().join("state")
+    }
+}
+
+/// One request/answer exchange on the stand-in's control socket.
+async fn command(socket: &Path, line: &str) -> Result<String, VmmError> {
+    let control = |detail: String| VmmError::Control {
+        doing: format!("sending {}", line.split(' ').next().unwrap_or(line)),
+        detail,
+    };
+    let exchange = async {
+        let mut s = UnixStream::connect(socket)
+            .await
+            .map_err(|e| control(format!("cannot connect to {}: {e}", socket.display())))?;
+        s.write_all(format!("{line}\n").as_bytes())
+            .await
+            .map_err(|e| control(e.to_string()))?;
+        let mut answer = String::new();
+        BufReader::new(s)
+            .read_line(&mut answer)
+            .await
+            .map_err(|e| control(e.to_string()))?;
+        let answer = answer.trim().to_string();
+        if let Some(err) = answer.strip_prefix("ERR ") {
+            return Err(control(err.to_string()));
+        }
+        if answer.is_empty() {
+            return Err(control("the VMM closed the connection".into()));
+        }
+        Ok(answer)
+    };
+    tokio::time::timeout(Duration::from_secs(5), exchange)
+        .await
+        .map_err(|_| control("no answer within 5 s".into()))?
+}
+
+#[async_trait]
+impl Vmm for StubVmm {
+    fn kind(&self) -> VmmKind {
+        VmmKind::Stub
+    }
+
+    fn availability(&self) -> Result<String, String> {
+        if self.binary.is_file() {
+            Ok(format!("stand-in VMM at {}", self.binary.display()))
+        } else {
+            Err(format!(
+                "the stand-in VMM binary {} does not exist (build it with `cargo build -p hyperfleet-testvmm`)",
+                self.binary.display()
+            ))
+        }
+    }
+
+    async fn prepare(&self, launch: &LaunchSpec) -> Result<(), VmmError> {
+        let dir = &launch.paths.dir;
+        tokio::fs::create_dir_all(dir)
+            .await
+            .map_err(|e| VmmError::host(format!("creating {}", dir.display()), e))?;
+        // Stands in for the copy-on-write disk a real backend prepares: a
+        // sparse file, created once, kept across stop/start.
+        let disk = Self::disk(&launch.paths);
+        let f = tokio::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&disk)
+            .await
+            .map_err(|e| VmmError::host(format!("creating {}", disk.display()), e))?;
+        f.set_len(64 << 20)
+            .await
+            .map_err(|e| VmmError::host(format!("sizing {}", disk.display()), e))?;
+        Ok(())
+    }
+
+    async fn spawn(&self, launch: &LaunchSpec) -> Result<VmmIdentity, VmmError> {
+        self.availability()
+            .map_err(|reason| VmmError::Unavailable {
+                backend: VmmKind::Stub,
+                reason,
+            })?;
+        let socket = launch.paths.control_socket();
+        // A stale socket from a previous VMM would make the new one refuse to
+        // bind; nothing else can be using it (the old process is gone).
+        match std::fs::remove_file(&socket) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(VmmError::host(format!("removing {}", socket.display()), e)),
+        }
+        let meta = &launch.spec.metadata;
+        let mut cmd = Command::new(&self.binary);
+        cmd.arg("--machine-dir")
+            .arg(&launch.paths.dir)
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--boot-ms")
+            .arg(meta.get("stub_boot_ms").map(String::as_str).unwrap_or("50"));
+        if meta.get("stub_never_ready").map(String::as_str) == Some("true") {
+            cmd.arg("--never-ready");
+        }
+        if meta.get("stub_ignore_poweroff").map(String::as_str) == Some("true") {
+            cmd.arg("--ignore-poweroff");
+        }
+        if launch.restore {
+            cmd.arg("--restore").arg(Self::state_file(&launch.paths));
+        }
+        process::spawn_detached(cmd, &launch.paths.console_log()).map_err(|source| {
+            VmmError::Spawn {
+                program: self.binary.display().to_string(),
+                source,
+            }
+        })
+    }
+
+    async fn wait_ready(
+        &self,
+        launch: &LaunchSpec,
+        vmm: &VmmIdentity,
+        timeout: Duration,
+    ) -> Result<(), VmmError> {
+        let socket = launch.paths.control_socket();
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut last: String;
+        loop {
+            if process::probe(vmm) == Liveness::Gone {
+                return Err(VmmError::Exited {
+                    doing: "waiting for the guest to become ready".into(),
+                });
+            }
+            match command(&socket, "PING").await {
+                Ok(a) if a == "PONG" => return Ok(()),
+                Ok(a) => last = format!("the guest answered {a}"),
+                Err(e) => last = e.to_string(),
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(VmmError::BootTimeout {
+                    timeout,
+                    detail: last,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn run_state(&self, launch: &LaunchSpec) -> Result<VmmRunState, VmmError> {
+        match command(&launch.paths.control_socket(), "STATE")
+            .await?
+            .as_str()
+        {
+            "paused" => Ok(VmmRunState::Paused),
+            _ => Ok(VmmRunState::Running),
+        }
+    }
+
+    async fn pause(&self, launch: &LaunchSpec) -> Result<(), VmmError> {
+        command(&launch.paths.control_socket(), "PAUSE")
+            .await
+            .map(drop)
+    }
+
+    async fn resume(&self, launch: &LaunchSpec) -> Result<(), VmmError> {
+        command(&launch.paths.control_socket(), "RESUME")
+            .await
+            .map(drop)
+    }
+
+    async fn shutdown(
+        &self,
+        launch: &LaunchSpec,
+        vmm: &VmmIdentity,
+        timeout: Duration,
+    ) -> Result<StopPath, VmmError> {
+        let asked = command(&launch.paths.control_socket(), "POWEROFF").await;
+        if asked.is_ok()
+            && process::wait_gone(vmm, timeout)
+                .await
+                .map_err(|e| VmmError::host("waiting for the VMM to exit", e))?
+        {
+            return Ok(StopPath::Graceful);
+        }
+        process::kill(vmm)
+            .await
+            .map_err(|e| VmmError::host("killing the VMM", e))?;
+        Ok(StopPath::KilledAfterTimeout)
+    }
+
+    async fn save_state(&self, launch: &LaunchSpec) -> Result<(), VmmError> {
+        let dir = launch.paths.snapshot_dir();
+        tokio::fs::create_dir_all(&dir)
+            .await
+            .map_err(|e| VmmError::host(format!("creating {}", dir.display()), e))?;
+        let socket = launch.paths.control_socket();
+        command(&socket, "PAUSE").await?;
+        let state = Self::state_file(&launch.paths);
+        command(&socket, &format!("SAVE {}", state.display())).await?;
+        Ok(())
+    }
+
+    async fn release(&self, paths: &MachinePaths) -> Result<(), VmmError> {
+        super::remove_dir_idempotent(&paths.dir).await
+    }
+}

@@ -1,0 +1,232 @@
+//! Command-line arguments. Flags fall back to `HYPERFLEET_*` environment
+//! variables (and `PORT`); docs/configuration.md has the full table.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(
+    name = "hyperfleet",
+    version,
+    about = "Durable microVMs: daemon and CLI"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args, Clone)]
+pub struct ClientArgs {
+    /// Server URL for client commands.
+    #[arg(
+        long,
+        global = true,
+        env = "HYPERFLEET_URL",
+        default_value = "http://127.0.0.1:3000"
+    )]
+    pub url: String,
+    /// API key (`hf_…`). Defaults to the server's bootstrap key file when readable.
+    #[arg(
+        long,
+        global = true,
+        env = "HYPERFLEET_API_KEY",
+        hide_env_values = true
+    )]
+    pub api_key: Option<String>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Data directory, used to find the bootstrap key file when no key is given.
+    #[arg(
+        long,
+        global = true,
+        env = "HYPERFLEET_DATA_DIR",
+        default_value = "/var/lib/hyperfleet"
+    )]
+    pub data_dir: PathBuf,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the daemon.
+    Serve(ServeArgs),
+    /// Check this host and say what to fix.
+    Doctor(DoctorArgs),
+    /// Print the OpenAPI document.
+    Openapi,
+    /// Create, inspect and control machines.
+    #[command(subcommand)]
+    Machines(MachinesCmd),
+    /// Manage API keys (admin scope).
+    #[command(subcommand)]
+    Keys(KeysCmd),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum VmmChoice {
+    Auto,
+    Qemu,
+    Firecracker,
+    Stub,
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "HYPERFLEET_HOST", default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port for the API.
+    #[arg(long, env = "PORT", default_value_t = 3000)]
+    pub port: u16,
+    /// Development only: no API keys; every request is an admin of tenant `default`.
+    #[arg(long, env = "DISABLE_AUTH", default_value_t = false)]
+    pub disable_auth: bool,
+    /// Backend for machines created without `vmm` (`auto` picks the best available).
+    #[arg(
+        long,
+        env = "HYPERFLEET_DEFAULT_VMM",
+        value_enum,
+        default_value = "auto"
+    )]
+    pub default_vmm: VmmChoice,
+    /// The stand-in VMM binary for the `stub` backend (tests).
+    #[arg(long, env = "HYPERFLEET_STUB_VMM_BINARY")]
+    pub stub_vmm_binary: Option<PathBuf>,
+    /// Seconds a guest may take to become ready before the machine fails.
+    #[arg(long, env = "HYPERFLEET_BOOT_TIMEOUT", default_value_t = 60)]
+    pub boot_timeout: u64,
+    /// Seconds a graceful stop may take before the VMM is killed.
+    #[arg(long, env = "HYPERFLEET_STOP_TIMEOUT", default_value_t = 10)]
+    pub stop_timeout: u64,
+    /// Log format.
+    #[arg(
+        long,
+        env = "HYPERFLEET_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+}
+
+#[derive(Args)]
+pub struct DoctorArgs {}
+
+#[derive(Subcommand)]
+pub enum MachinesCmd {
+    /// Create a machine (status `pending`); `--start` boots it too.
+    Create(CreateArgs),
+    /// List machines.
+    List {
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long)]
+        limit: Option<usize>,
+        #[arg(long)]
+        offset: Option<usize>,
+    },
+    /// Show one machine (id or name).
+    Get {
+        id: String,
+    },
+    Start(ActionArgs),
+    Stop(ActionArgs),
+    Restart(ActionArgs),
+    Pause(ActionArgs),
+    Resume(ActionArgs),
+    /// Hard stop, no graceful shutdown.
+    Kill(ActionArgs),
+    /// Save memory to disk and stop the VMM.
+    Suspend(ActionArgs),
+    /// Delete a machine and release everything it owns.
+    Delete {
+        id: String,
+        /// Stop it first if it runs.
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        no_wait: bool,
+        #[arg(long)]
+        timeout: Option<u64>,
+    },
+    /// Wait until a machine reaches a status.
+    Wait {
+        id: String,
+        #[arg(long)]
+        status: String,
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
+    /// A machine's history with step timings; `--follow` streams live.
+    Events {
+        id: String,
+        #[arg(long, short)]
+        follow: bool,
+    },
+}
+
+#[derive(Args)]
+pub struct CreateArgs {
+    #[arg(long)]
+    pub name: Option<String>,
+    #[arg(long)]
+    pub vcpus: Option<u32>,
+    /// Memory in MiB.
+    #[arg(long)]
+    pub mem: Option<u32>,
+    /// Guest port to expose (repeatable).
+    #[arg(long = "expose")]
+    pub expose: Vec<u32>,
+    #[arg(long)]
+    pub vmm: Option<String>,
+    /// KEY=VALUE (repeatable).
+    #[arg(long = "env")]
+    pub env: Vec<String>,
+    /// KEY=VALUE (repeatable).
+    #[arg(long = "metadata")]
+    pub metadata: Vec<String>,
+    /// Start it right away and wait for `running`.
+    #[arg(long)]
+    pub start: bool,
+}
+
+#[derive(Args)]
+pub struct ActionArgs {
+    pub id: String,
+    /// Answer at once (202) instead of waiting for the outcome.
+    #[arg(long)]
+    pub no_wait: bool,
+    /// Seconds to wait (server default 60, at most 600).
+    #[arg(long)]
+    pub timeout: Option<u64>,
+}
+
+#[derive(Subcommand)]
+pub enum KeysCmd {
+    /// Create a key; its secret is printed once.
+    Create {
+        #[arg(long)]
+        name: String,
+        /// read, write, exec or admin (repeatable).
+        #[arg(long = "scope", required = true)]
+        scopes: Vec<String>,
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Lifetime in seconds.
+        #[arg(long)]
+        expires_in: Option<u64>,
+    },
+    List,
+    /// Revoke a key by id (`key_…`).
+    Revoke {
+        id: String,
+    },
+}

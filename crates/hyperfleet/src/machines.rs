@@ -1,0 +1,226 @@
+//! `hyperfleet machines …`: one subcommand per API operation.
+
+use std::collections::BTreeMap;
+
+use anyhow::Context;
+use futures_util::StreamExt;
+use hyperfleet_api::{CreateMachineRequest, Machine, MachineEvent, MachineStatus};
+use hyperfleet_client::{ActionResult, Client};
+
+use crate::cli::{ActionArgs, ClientArgs, MachinesCmd};
+use crate::output;
+
+fn client(args: &ClientArgs) -> anyhow::Result<Client> {
+    Client::new(&args.url, crate::serve::api_key(args)).context("bad server URL")
+}
+
+fn pairs(list: &[String], what: &str) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for item in list {
+        let (k, v) = item
+            .split_once('=')
+            .with_context(|| format!("{what} '{item}' is not KEY=VALUE"))?;
+        out.insert(k.to_string(), v.to_string());
+    }
+    Ok(out)
+}
+
+fn print_machine(args: &ClientArgs, m: &Machine) -> anyhow::Result<()> {
+    if args.json {
+        return output::json(m);
+    }
+    let ports = m
+        .exposed_ports
+        .iter()
+        .map(|p| p.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut rows = vec![
+        vec!["id".into(), m.id.clone()],
+        vec!["name".into(), m.name.clone()],
+        vec!["status".into(), m.status.to_string()],
+        vec!["desired".into(), m.desired_status.to_string()],
+        vec!["vmm".into(), m.vmm.to_string()],
+        vec!["vcpus".into(), m.vcpu_count.to_string()],
+        vec!["memory".into(), format!("{} MiB", m.mem_size_mib)],
+        vec![
+            "ports".into(),
+            if ports.is_empty() { "-".into() } else { ports },
+        ],
+        vec!["created".into(), m.created_at.clone()],
+    ];
+    if let Some(s) = &m.started_at {
+        rows.push(vec!["started".into(), s.clone()]);
+    }
+    if let Some(e) = &m.error_message {
+        rows.push(vec!["error".into(), e.clone()]);
+    }
+    output::table(&["FIELD", "VALUE"], &rows);
+    Ok(())
+}
+
+fn print_event(e: &MachineEvent) {
+    let change = match (e.from_status, e.to_status) {
+        (Some(a), Some(b)) => format!("{a} → {b}"),
+        (None, Some(b)) => format!("→ {b}"),
+        (Some(a), None) => format!("{a} →"),
+        (None, None) => String::new(),
+    };
+    println!(
+        "{:>6}  {}  {:<10} {:<22} {}",
+        e.id,
+        e.at,
+        e.kind,
+        change,
+        e.message.clone().unwrap_or_default()
+    );
+    for s in &e.steps {
+        println!(
+            "{:>8}{:<22} {:>10.1} ms  {}{}",
+            "",
+            s.step,
+            s.duration_ms,
+            s.outcome,
+            s.detail
+                .as_ref()
+                .map(|d| format!("  ({d})"))
+                .unwrap_or_default()
+        );
+    }
+}
+
+async fn action(args: &ClientArgs, c: &Client, name: &str, a: ActionArgs) -> anyhow::Result<()> {
+    match c.action(&a.id, name, !a.no_wait, a.timeout).await? {
+        ActionResult::Done(m) => print_machine(args, &m),
+        ActionResult::Accepted(m) => {
+            if !args.json {
+                eprintln!("{name} accepted; the machine is {} and moving on", m.status);
+            }
+            print_machine(args, &m)
+        }
+        ActionResult::Deleted => Ok(()),
+    }
+}
+
+pub async fn run(args: &ClientArgs, cmd: MachinesCmd) -> anyhow::Result<()> {
+    let c = client(args)?;
+    match cmd {
+        MachinesCmd::Create(a) => {
+            let vmm = match a.vmm.as_deref() {
+                None => None,
+                Some(v) => Some(v.parse().map_err(anyhow::Error::msg)?),
+            };
+            let req = CreateMachineRequest {
+                name: a.name,
+                vcpu_count: a.vcpus,
+                mem_size_mib: a.mem,
+                exposed_ports: a.expose,
+                vmm,
+                env: pairs(&a.env, "--env")?,
+                metadata: pairs(&a.metadata, "--metadata")?,
+                ..Default::default()
+            };
+            let mut m = c.create_machine(&req).await?;
+            if a.start {
+                if let ActionResult::Done(started) = c.action(&m.id, "start", true, None).await? {
+                    m = started;
+                }
+            }
+            print_machine(args, &m)
+        }
+        MachinesCmd::List {
+            status,
+            limit,
+            offset,
+        } => {
+            let status = match status {
+                None => None,
+                Some(s) => Some(s.parse::<MachineStatus>().map_err(anyhow::Error::msg)?),
+            };
+            let list = c.list_machines(status, limit, offset).await?;
+            if args.json {
+                return output::json(&list);
+            }
+            let rows: Vec<Vec<String>> = list
+                .machines
+                .iter()
+                .map(|m| {
+                    vec![
+                        m.id.clone(),
+                        m.name.clone(),
+                        m.status.to_string(),
+                        m.vmm.to_string(),
+                        m.vcpu_count.to_string(),
+                        m.mem_size_mib.to_string(),
+                        m.created_at.clone(),
+                    ]
+                })
+                .collect();
+            output::table(
+                &["ID", "NAME", "STATUS", "VMM", "VCPUS", "MEM_MIB", "CREATED"],
+                &rows,
+            );
+            if list.total as usize > list.machines.len() {
+                eprintln!("({} of {} shown)", list.machines.len(), list.total);
+            }
+            Ok(())
+        }
+        MachinesCmd::Get { id } => print_machine(args, &c.get_machine(&id).await?),
+        MachinesCmd::Start(a) => action(args, &c, "start", a).await,
+        MachinesCmd::Stop(a) => action(args, &c, "stop", a).await,
+        MachinesCmd::Restart(a) => action(args, &c, "restart", a).await,
+        MachinesCmd::Pause(a) => action(args, &c, "pause", a).await,
+        MachinesCmd::Resume(a) => action(args, &c, "resume", a).await,
+        MachinesCmd::Kill(a) => action(args, &c, "kill", a).await,
+        MachinesCmd::Suspend(a) => action(args, &c, "suspend", a).await,
+        MachinesCmd::Delete {
+            id,
+            force,
+            no_wait,
+            timeout,
+        } => match c.delete_machine(&id, force, !no_wait, timeout).await? {
+            ActionResult::Deleted => {
+                if !args.json {
+                    println!("deleted {id}");
+                }
+                Ok(())
+            }
+            ActionResult::Accepted(m) | ActionResult::Done(m) => {
+                if !args.json {
+                    eprintln!("delete accepted; the machine is {}", m.status);
+                }
+                print_machine(args, &m)
+            }
+        },
+        MachinesCmd::Wait {
+            id,
+            status,
+            timeout,
+        } => {
+            let status: MachineStatus = status.parse().map_err(anyhow::Error::msg)?;
+            print_machine(args, &c.wait(&id, status, timeout).await?)
+        }
+        MachinesCmd::Events { id, follow } => {
+            if !follow {
+                let list = c.events(&id).await?;
+                if args.json {
+                    return output::json(&list);
+                }
+                for e in &list.events {
+                    print_event(e);
+                }
+                return Ok(());
+            }
+            let mut stream = Box::pin(c.follow_events(&id).await?);
+            while let Some(e) = stream.next().await {
+                let e = e?;
+                if args.json {
+                    println!("{}", serde_json::to_string(&e)?);
+                } else {
+                    print_event(&e);
+                }
+            }
+            Ok(())
+        }
+    }
+}

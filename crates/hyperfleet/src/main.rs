@@ -1,0 +1,53 @@
+//! `hyperfleet`: the daemon (`serve`), a CLI client for every API operation,
+//! key management, `doctor` and `openapi`. A thin layer over the library
+//! crates: argument parsing, output formatting and exit codes live here.
+
+mod cli;
+mod keys;
+mod machines;
+mod output;
+mod serve;
+
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let args = cli::Cli::parse();
+    if !matches!(args.command, cli::Command::Serve(_)) {
+        // Client commands behave like other Unix tools when piped into
+        // `head`: die quietly on a closed pipe instead of panicking. The
+        // daemon keeps Rust's default (SIGPIPE ignored, EPIPE returned).
+        // SAFETY: signal(2) with SIG_DFL installs no handler code.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match args.command {
+            cli::Command::Serve(a) => serve::serve(a, &args.client).await,
+            cli::Command::Doctor(_) => serve::doctor(&args.client),
+            cli::Command::Openapi => {
+                print!("{}", hyperfleet_core::http::openapi::document());
+                Ok(())
+            }
+            cli::Command::Machines(cmd) => machines::run(&args.client, cmd).await,
+            cli::Command::Keys(cmd) => keys::run(&args.client, cmd).await,
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,90 @@
+//! `serve` and `doctor`: flags → library config, logging set-up.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use anyhow::Context;
+use hyperfleet_api::VmmKind;
+use hyperfleet_core::doctor::{self, Level};
+use hyperfleet_core::Config;
+
+use crate::cli::{ClientArgs, LogFormat, ServeArgs, VmmChoice};
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HYPERFLEET_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn vmm_kind(c: VmmChoice) -> Option<VmmKind> {
+    match c {
+        VmmChoice::Auto => None,
+        VmmChoice::Qemu => Some(VmmKind::Qemu),
+        VmmChoice::Firecracker => Some(VmmKind::Firecracker),
+        VmmChoice::Stub => Some(VmmKind::Stub),
+    }
+}
+
+pub async fn serve(a: ServeArgs, global: &ClientArgs) -> anyhow::Result<()> {
+    init_logging(a.log_format);
+    let ip: IpAddr = a
+        .host
+        .parse()
+        .with_context(|| format!("--host '{}' is not an IP address", a.host))?;
+    let mut config = Config::new(global.data_dir.clone());
+    config.listen = SocketAddr::new(ip, a.port);
+    config.disable_auth = a.disable_auth;
+    config.default_vmm = vmm_kind(a.default_vmm);
+    config.stub_binary = a.stub_vmm_binary;
+    config.boot_timeout = Duration::from_secs(a.boot_timeout);
+    config.stop_timeout = Duration::from_secs(a.stop_timeout);
+    hyperfleet_core::serve(config)
+        .await
+        .context("the daemon stopped with an error")
+}
+
+pub fn doctor(global: &ClientArgs) -> anyhow::Result<()> {
+    let config = Config::new(global.data_dir.clone());
+    let checks = doctor::run(&config);
+    if global.json {
+        crate::output::json(&checks)?;
+    } else {
+        let rows: Vec<Vec<String>> = checks
+            .iter()
+            .map(|c| {
+                let level = match c.level {
+                    Level::Ok => "ok",
+                    Level::Warn => "WARN",
+                    Level::Fail => "FAIL",
+                };
+                let mut detail = c.detail.clone();
+                if !c.fix.is_empty() {
+                    detail.push_str(&format!("\n{:>20}→ {}", "", c.fix));
+                }
+                vec![c.name.to_string(), level.to_string(), detail]
+            })
+            .collect();
+        crate::output::table(&["CHECK", "STATUS", "DETAIL"], &rows);
+    }
+    if checks.iter().any(|c| c.level == Level::Fail) {
+        anyhow::bail!("some checks failed");
+    }
+    Ok(())
+}
+
+/// The key to use: the flag/env, else the bootstrap key file if readable.
+pub fn api_key(args: &ClientArgs) -> Option<String> {
+    if let Some(k) = &args.api_key {
+        return Some(k.clone());
+    }
+    std::fs::read_to_string(args.data_dir.join("admin.key"))
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+}

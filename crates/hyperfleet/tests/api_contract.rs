@@ -1,0 +1,520 @@
+//! HTTP contract tests against the real daemon over a socket: routes, the
+//! error envelope, bad input of every kind, the lifecycle through the API,
+//! waiting, events and the OpenAPI document.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Daemon, Sandbox};
+use serde_json::{json, Value};
+
+fn count(d: &Daemon) -> u64 {
+    d.call("GET", "/api/v1/machines", None).body["total"]
+        .as_u64()
+        .unwrap()
+}
+
+#[test]
+fn health_needs_no_key_and_reports_store_and_backends() {
+    let sb = Sandbox::new();
+    let d = Daemon::start(&sb);
+    for path in ["/health", "/api/v1/health"] {
+        let r = d.call_as("", "GET", path, None);
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(r.body["status"], "ok");
+        assert_eq!(r.body["store"]["ok"], true);
+        assert_eq!(r.body["backends"][0]["vmm"], "stub");
+        assert_eq!(r.body["backends"][0]["available"], true);
+    }
+}
+
+#[test]
+fn machines_are_created_listed_found_by_id_and_name_and_paged() {
+    let sb = Sandbox::new();
+    let d = Daemon::start(&sb);
+    let m = d.create(
+        json!({"name": "web-1", "vcpu_count": 2, "mem_size_mib": 512, "exposed_ports": [8080]}),
+    );
+    assert_eq!(m["status"], "pending");
+    assert_eq!(m["vcpu_count"], 2);
+    assert_eq!(m["exposed_ports"], json!([8080]));
+    let id = m["id"].as_str().unwrap();
+    for path in [
+        format!("/machines/{id}"),
+        "/machines/web-1".to_string(),
+        format!("/api/v1/machines/{id}"),
+    ] {
+        let r = d.call("GET", &path, None);
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body["id"], id);
+    }
+    for i in 0..5 {
+        d.create(json!({"name": format!("n{i}")}));
+    }
+    let r = d.call("GET", "/machines?limit=2&offset=1", None);
+    assert_eq!(r.body["total"], 6);
+    assert_eq!(r.body["machines"].as_array().unwrap().len(), 2);
+    assert_eq!(r.body["machines"][0]["name"], "n0");
+    let r = d.call("GET", "/machines?status=pending", None);
+    assert_eq!(r.body["total"], 6);
+    let r = d.call("GET", "/machines?status=running", None);
+    assert_eq!(r.body["total"], 0);
+    // Duplicate names conflict; generated names are unique.
+    let r = d.call("POST", "/machines", Some(json!({"name": "web-1"})));
+    assert_eq!((r.status, r.code()), (409, "CONFLICT"), "{}", r.body);
+    let a = d.create(json!({}));
+    let b = d.create(json!({}));
+    assert_ne!(a["name"], b["name"]);
+}
+
+#[test]
+fn bad_input_gets_a_clear_4xx_and_changes_nothing() {
+    let sb = Sandbox::new();
+    let d = Daemon::start(&sb);
+    d.create(json!({"name": "keep"}));
+    let before = count(&d);
+    let url = format!("{}/api/v1/machines", d.url);
+    let post = |body: &str, ctype: Option<&str>| {
+        let mut r = d
+            .raw()
+            .post(&url)
+            .bearer_auth(&d.key)
+            .body(body.to_string());
+        if let Some(c) = ctype {
+            r = r.header("content-type", c);
+        }
+        let resp = r.send().unwrap();
+        let status = resp.status().as_u16();
+        let body: Value = resp.json().unwrap_or(Value::Null);
+        (
+            status,
+            body["error"]["code"]
+                .as_str()
+                .unwrap_or("<no envelope>")
+                .to_string(),
+            body,
+        )
+    };
+    let j = Some("application/json");
+    let cases: Vec<(&str, Option<&str>, u16, &str)> = vec![
+        ("{not json", j, 400, "BAD_REQUEST"),
+        ("", j, 400, "BAD_REQUEST"),
+        ("[]", j, 400, "VALIDATION_ERROR"),
+        (r#"{"name": 5}"#, j, 400, "VALIDATION_ERROR"),
+        (r#"{"vcpu_count": "two"}"#, j, 400, "VALIDATION_ERROR"),
+        (r#"{"vcpu_count": -1}"#, j, 400, "VALIDATION_ERROR"),
+        (r#"{"vcpu_count": 0}"#, j, 400, "VALIDATION_ERROR"),
+        (
+            r#"{"vcpu_count": 99999999999999999999999}"#,
+            j,
+            400,
+            "VALIDATION_ERROR",
+        ),
+        (r#"{"mem_size_mib": 4}"#, j, 400, "VALIDATION_ERROR"),
+        (r#"{"mem_size_mib": 1e300}"#, j, 400, "VALIDATION_ERROR"),
+        (r#"{"exposed_ports": [0]}"#, j, 400, "VALIDATION_ERROR"),
+        (r#"{"exposed_ports": [65536]}"#, j, 400, "VALIDATION_ERROR"),
+        (r#"{"exposed_ports": [-80]}"#, j, 400, "VALIDATION_ERROR"),
+        (r#"{"surprise": true}"#, j, 400, "VALIDATION_ERROR"),
+        (r#"{"name": "Bad Name"}"#, j, 400, "VALIDATION_ERROR"),
+        (r#"{"name": "../../etc"}"#, j, 400, "VALIDATION_ERROR"),
+        (r#"{"vmm": "vmware"}"#, j, 400, "VALIDATION_ERROR"),
+        (r#"{"vmm": "qemu"}"#, j, 400, "VALIDATION_ERROR"),
+        (r#"{"env": {"1X": "y"}}"#, j, 400, "VALIDATION_ERROR"),
+        (
+            r#"{"persistence": {"type": "forever"}}"#,
+            j,
+            400,
+            "VALIDATION_ERROR",
+        ),
+        (r#"{"name": "ok"}"#, None, 400, "BAD_REQUEST"),
+        (r#"{"name": "ok"}"#, Some("text/plain"), 400, "BAD_REQUEST"),
+    ];
+    for (body, ctype, status, code) in cases {
+        let (s, c, full) = post(body, ctype);
+        assert_eq!(
+            (s, c.as_str()),
+            (status, code),
+            "body {body:?} ctype {ctype:?}: {full}"
+        );
+        assert!(full["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()));
+    }
+    // 10 MB body.
+    let huge = format!(r#"{{"name":"{}"}}"#, "a".repeat(10 << 20));
+    let (s, c, _) = post(&huge, j);
+    assert_eq!((s, c.as_str()), (413, "PAYLOAD_TOO_LARGE"));
+    // Query strings.
+    for q in [
+        "limit=0",
+        "limit=100000",
+        "limit=abc",
+        "offset=-1",
+        "status=sleeping",
+        "bogus=1",
+    ] {
+        let r = d.call("GET", &format!("/machines?{q}"), None);
+        assert_eq!(
+            (r.status, r.code()),
+            (400, "VALIDATION_ERROR"),
+            "{q}: {}",
+            r.body
+        );
+    }
+    let r = d.call("POST", "/machines/keep/start?timeout=100000", None);
+    assert_eq!((r.status, r.code()), (400, "VALIDATION_ERROR"));
+    // Path tricks: nothing outside the id space resolves.
+    for p in [
+        "/machines/..%2F..%2Fetc%2Fpasswd",
+        "/machines/%00",
+        "/machines/a%20b",
+        &format!("/machines/{}", "x".repeat(5000)),
+        "/machines/keep%2Fstart",
+    ] {
+        let r = d.call("GET", p, None);
+        assert_eq!((r.status, r.code()), (404, "NOT_FOUND"), "{p}: {}", r.body);
+    }
+    // Unknown route, wrong method.
+    let r = d.call("GET", "/nope", None);
+    assert_eq!((r.status, r.code()), (404, "NOT_FOUND"));
+    let r = d.call("PUT", "/machines", None);
+    assert_eq!((r.status, r.code()), (405, "METHOD_NOT_ALLOWED"));
+    let r = d.call("GET", "/machines/keep/start", None);
+    assert_eq!((r.status, r.code()), (405, "METHOD_NOT_ALLOWED"));
+    assert_eq!(count(&d), before, "bad input must change nothing");
+    let r = d.call("GET", "/machines/keep", None);
+    assert_eq!(r.body["status"], "pending");
+    assert_eq!(r.body["generation"], 1);
+}
+
+#[test]
+fn full_lifecycle_through_the_api_with_events_and_step_timings() {
+    let sb = Sandbox::new();
+    let d = Daemon::start(&sb);
+    let m = d.create(json!({"name": "life"}));
+    let id = m["id"].as_str().unwrap().to_string();
+    // Illegal transitions name the state and what is allowed.
+    let r = d.call("POST", "/machines/life/pause", None);
+    assert_eq!((r.status, r.code()), (409, "INVALID_STATE"));
+    let msg = r.body["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("pending") && msg.contains("start"), "{msg}");
+
+    let r = d.call("POST", "/machines/life/start", None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["status"], "running");
+    assert!(r.body["started_at"].is_string());
+    assert_eq!(sb.vmm_pids_of(&id).len(), 1);
+    let first_pid = sb.vmm_pids_of(&id)[0];
+
+    // Start again is a no-op that answers at once.
+    let r = d.call("POST", "/machines/life/start", None);
+    assert_eq!(
+        (r.status, r.body["status"].as_str()),
+        (200, Some("running"))
+    );
+    assert_eq!(sb.vmm_pids_of(&id), vec![first_pid]);
+
+    let r = d.call("POST", "/machines/life/pause", None);
+    assert_eq!(r.body["status"], "paused", "{}", r.body);
+    let r = d.call("POST", "/machines/life/resume", None);
+    assert_eq!(r.body["status"], "running");
+
+    let r = d.call("POST", "/machines/life/restart", None);
+    assert_eq!(r.body["status"], "running", "{}", r.body);
+    let pids = sb.vmm_pids_of(&id);
+    assert_eq!(pids.len(), 1);
+    assert_ne!(pids[0], first_pid, "restart boots a new VMM");
+
+    // Delete of a running machine needs force.
+    let r = d.call("DELETE", "/machines/life", None);
+    assert_eq!((r.status, r.code()), (409, "INVALID_STATE"));
+    assert!(r.body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("force=true"));
+
+    let r = d.call("POST", "/machines/life/stop", None);
+    assert_eq!(r.body["status"], "stopped", "{}", r.body);
+    assert!(sb.vmm_pids_of(&id).is_empty());
+
+    let ev = d.call("GET", "/machines/life/events", None);
+    let events = ev.body["events"].as_array().unwrap();
+    let transitions: Vec<String> = events
+        .iter()
+        .filter(|e| e["kind"] == "transition")
+        .map(|e| {
+            format!(
+                "{}>{}",
+                e["from_status"].as_str().unwrap(),
+                e["to_status"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(
+        transitions,
+        [
+            "pending>starting",
+            "starting>running",
+            "running>paused",
+            "paused>running",
+            "running>stopping",
+            "stopping>stopped",
+            "stopped>starting",
+            "starting>running",
+            "running>stopping",
+            "stopping>stopped"
+        ]
+    );
+    let ready = events.iter().find(|e| e["to_status"] == "running").unwrap();
+    let steps: Vec<&str> = ready["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["step"].as_str().unwrap())
+        .collect();
+    assert_eq!(steps, ["spawn_vmm", "wait_agent"]);
+    assert!(ready["steps"][1]["duration_ms"].as_f64().unwrap() > 0.0);
+    let stop = events
+        .iter()
+        .rfind(|e| e["to_status"] == "stopped")
+        .unwrap();
+    assert_eq!(stop["steps"][0]["detail"], "guest powered off", "{stop}");
+
+    // Start from stopped reuses the prepared disk (no prepare step again).
+    let r = d.call("POST", "/machines/life/start", None);
+    assert_eq!(r.body["status"], "running");
+    let ev = d.call("GET", "/machines/life/events", None);
+    let prepares = ev.body["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|e| e["steps"].as_array().cloned().unwrap_or_default())
+        .filter(|s| s["step"] == "prepare_disk")
+        .count();
+    assert_eq!(prepares, 1, "create prepares once; start only boots");
+
+    let r = d.call("DELETE", "/machines/life?force=true", None);
+    assert_eq!(r.status, 204, "{}", r.body);
+    assert_eq!(d.call("GET", "/machines/life", None).status, 404);
+    assert!(sb.vmm_pids().is_empty());
+    assert!(!sb.machines_dir().join(&id).exists());
+}
+
+#[test]
+fn kill_is_immediate_and_graceful_stop_escalates_after_its_timeout() {
+    let sb = Sandbox::new();
+    let d = Daemon::start(&sb);
+    let m = d.create(json!({"name": "stubborn", "metadata": {"stub_ignore_poweroff": "true"}}));
+    let id = m["id"].as_str().unwrap();
+    d.call("POST", "/machines/stubborn/start", None);
+    let t0 = std::time::Instant::now();
+    let r = d.call("POST", "/machines/stubborn/stop", None);
+    assert_eq!(r.body["status"], "stopped");
+    assert!(
+        t0.elapsed() >= Duration::from_secs(2),
+        "waited for the 2 s stop timeout"
+    );
+    let ev = d.call("GET", "/machines/stubborn/events", None);
+    let stop = ev.body["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .rfind(|e| e["to_status"] == "stopped")
+        .unwrap()
+        .clone();
+    assert!(
+        stop["steps"][0]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("did not power off"),
+        "{stop}"
+    );
+
+    d.call("POST", "/machines/stubborn/start", None);
+    let t0 = std::time::Instant::now();
+    let r = d.call("POST", "/machines/stubborn/kill", None);
+    assert_eq!(r.body["status"], "stopped");
+    assert!(t0.elapsed() < Duration::from_secs(2));
+    assert!(sb.vmm_pids_of(id).is_empty());
+}
+
+#[test]
+fn wait_long_polls_fails_fast_and_times_out() {
+    let sb = Sandbox::new();
+    let d = Daemon::start(&sb);
+    d.create(json!({"name": "w", "metadata": {"stub_boot_ms": "300"}}));
+    // Unreachable without another request: fails fast.
+    let t0 = std::time::Instant::now();
+    let r = d.call("GET", "/machines/w/wait?status=running&timeout=5", None);
+    assert_eq!((r.status, r.code()), (409, "INVALID_STATE"), "{}", r.body);
+    assert!(t0.elapsed() < Duration::from_secs(1));
+    // Reached.
+    let r = d.call("POST", "/machines/w/start?wait=false", None);
+    assert_eq!(r.status, 202);
+    let r = d.call("GET", "/machines/w/wait?status=running&timeout=10", None);
+    assert_eq!(
+        (r.status, r.body["status"].as_str()),
+        (200, Some("running"))
+    );
+    // Deadline.
+    let r = d.call("GET", "/machines/w/wait?status=paused&timeout=1", None);
+    assert_eq!(
+        (r.status, r.code()),
+        (409, "INVALID_STATE"),
+        "paused needs a request: {}",
+        r.body
+    );
+    let r = d.call("GET", "/machines/w/wait?status=stopped&timeout=1", None);
+    assert_eq!((r.status, r.code()), (504, "TIMEOUT"), "{}", r.body);
+}
+
+#[test]
+fn a_guest_that_never_answers_fails_with_the_reason_and_leaves_no_process() {
+    let sb = Sandbox::new();
+    let d = Daemon::start_with(&sb, &[], &["--boot-timeout", "1"]);
+    let m = d.create(json!({"name": "mute", "metadata": {"stub_never_ready": "true"}}));
+    let id = m["id"].as_str().unwrap();
+    let r = d.call("POST", "/machines/mute/start", None);
+    assert_eq!((r.status, r.code()), (500, "RUNTIME_ERROR"), "{}", r.body);
+    let got = d.call("GET", "/machines/mute", None).body;
+    assert_eq!(got["status"], "failed");
+    let msg = got["error_message"].as_str().unwrap();
+    assert!(
+        msg.contains("never became ready") && msg.contains("1s"),
+        "{msg}"
+    );
+    assert!(
+        sb.vmm_pids_of(id).is_empty(),
+        "a failed machine holds no process"
+    );
+    // A failure is not retried by itself; delete cleans it up.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(sb.vmm_pids_of(id).is_empty());
+    assert_eq!(d.call("DELETE", "/machines/mute", None).status, 204);
+}
+
+#[test]
+fn suspend_saves_memory_and_resume_continues_it() {
+    let sb = Sandbox::new();
+    let d = Daemon::start(&sb);
+    let m = d.create(json!({"name": "sleepy"}));
+    let id = m["id"].as_str().unwrap();
+    d.call("POST", "/machines/sleepy/start", None);
+    std::thread::sleep(Duration::from_millis(400));
+    let r = d.call("POST", "/machines/sleepy/suspend", None);
+    assert_eq!(r.body["status"], "suspended", "{}", r.body);
+    assert!(
+        sb.vmm_pids_of(id).is_empty(),
+        "suspended machines hold no VMM"
+    );
+    let saved: u64 = std::fs::read_to_string(sb.machines_dir().join(id).join("snapshot/state"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        saved >= 350,
+        "the stand-in guest ran ~400 ms before suspend, saved {saved}"
+    );
+    let r = d.call("POST", "/machines/sleepy/resume", None);
+    assert_eq!(r.body["status"], "running");
+    // The restored guest's uptime continues from the saved one.
+    let sock = sb.machines_dir().join(id).join("vmm.sock");
+    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    use std::io::{BufRead, Write};
+    writeln!(s, "UPTIME").unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(s).read_line(&mut line).unwrap();
+    let uptime: u64 = line.trim().parse().unwrap();
+    assert!(
+        uptime >= saved,
+        "memory intact: uptime {uptime} continues from {saved}"
+    );
+    let ev = d.call("GET", "/machines/sleepy/events", None);
+    let restored = ev.body["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .rfind(|e| e["to_status"] == "starting")
+        .unwrap()
+        .clone();
+    assert!(
+        restored["steps"].to_string().contains("restoring memory")
+            || ev.body.to_string().contains("restoring memory")
+    );
+    assert_eq!(
+        d.call("DELETE", "/machines/sleepy?force=true", None).status,
+        204
+    );
+}
+
+#[test]
+fn events_stream_live_over_sse() {
+    let sb = Sandbox::new();
+    let d = Daemon::start(&sb);
+    d.create(json!({"name": "sse"}));
+    let url = format!("{}/machines/sse/events", d.url);
+    let key = d.key.clone();
+    let reader = std::thread::spawn(move || {
+        let resp = reqwest::blocking::Client::new()
+            .get(url)
+            .bearer_auth(key)
+            .header("accept", "text/event-stream")
+            .send()
+            .unwrap();
+        assert!(resp.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream"));
+        // The stream ends by itself after the `deleted` event.
+        resp.text().unwrap()
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    d.call("POST", "/machines/sse/start", None);
+    d.call("DELETE", "/machines/sse?force=true", None);
+    let text = reader.join().unwrap();
+    for needle in [
+        "event: created",
+        "event: requested",
+        "\"to_status\":\"running\"",
+        "event: deleted",
+    ] {
+        assert!(text.contains(needle), "missing {needle} in:\n{text}");
+    }
+}
+
+#[test]
+fn openapi_is_served_and_matches_the_checked_in_copy() {
+    let sb = Sandbox::new();
+    let d = Daemon::start(&sb);
+    let served = d
+        .raw()
+        .get(format!("{}/openapi.json", d.url))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    let checked_in = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../docs/openapi.json"
+    ))
+    .expect("docs/openapi.json exists");
+    assert!(
+        served == checked_in,
+        "docs/openapi.json is out of date: regenerate with `cargo run -p hyperfleet -- openapi > docs/openapi.json`"
+    );
+    let doc: Value = serde_json::from_str(&served).unwrap();
+    for p in [
+        "/machines",
+        "/machines/{id}",
+        "/machines/{id}/start",
+        "/machines/{id}/wait",
+        "/machines/{id}/events",
+        "/keys",
+        "/health",
+    ] {
+        assert!(doc["paths"][p].is_object(), "{p} documented");
+    }
+}

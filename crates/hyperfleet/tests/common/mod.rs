@@ -1,0 +1,299 @@
+//! Test harness: runs the real `hyperfleet` daemon binary on a temporary data
+//! directory with the stub backend (a real `hyperfleet-testvmm` process per
+//! machine), talks to it over HTTP, and cleans up every process it started
+//! even when a test fails.
+
+#![allow(dead_code)]
+
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_hyperfleet"))
+}
+
+/// The stand-in VMM, built by `cargo test --workspace` next to our binary.
+pub fn testvmm() -> PathBuf {
+    let p = bin().with_file_name("hyperfleet-testvmm");
+    assert!(
+        p.is_file(),
+        "MISSING: {} — build it with `cargo build -p hyperfleet-testvmm` (the README's test command does)",
+        p.display()
+    );
+    p
+}
+
+/// A data directory whose processes and files are removed on drop.
+pub struct Sandbox {
+    pub dir: tempfile::TempDir,
+}
+
+impl Sandbox {
+    pub fn new() -> Sandbox {
+        Sandbox {
+            dir: tempfile::Builder::new()
+                .prefix("hf-test-")
+                .tempdir()
+                .unwrap(),
+        }
+    }
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+    pub fn machines_dir(&self) -> PathBuf {
+        self.path().join("machines")
+    }
+    /// Live stand-in VMM processes of this sandbox.
+    pub fn vmm_pids(&self) -> Vec<i32> {
+        pids_with(&format!("{}/", self.machines_dir().display()))
+    }
+    pub fn vmm_pids_of(&self, machine_id: &str) -> Vec<i32> {
+        pids_with(&format!(
+            "{}",
+            self.machines_dir().join(machine_id).display()
+        ))
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        for pid in pids_with(&self.path().display().to_string()) {
+            // SAFETY: kill(2) with a pid we found under our own sandbox.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+/// Live (non-zombie) processes whose command line contains `marker`.
+pub fn pids_with(marker: &str) -> Vec<i32> {
+    let me = std::process::id() as i32;
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if !cmd.contains(marker) || !cmd.contains("hyperfleet-testvmm") {
+            continue;
+        }
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = stat
+            .rsplit(')')
+            .next()
+            .and_then(|s| s.split_whitespace().next());
+        if state != Some("Z") && state.is_some() {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+pub struct Daemon {
+    pub child: Child,
+    pub url: String,
+    pub key: String,
+    http: reqwest::blocking::Client,
+    data_dir: PathBuf,
+    exited: Option<ExitStatus>,
+}
+
+pub struct Resp {
+    pub status: u16,
+    pub body: Value,
+}
+
+impl Resp {
+    pub fn code(&self) -> &str {
+        self.body["error"]["code"].as_str().unwrap_or("")
+    }
+}
+
+impl Daemon {
+    pub fn start(sb: &Sandbox) -> Daemon {
+        Self::start_with(sb, &[], &[])
+    }
+
+    pub fn start_with(sb: &Sandbox, env: &[(&str, &str)], args: &[&str]) -> Daemon {
+        let dir = sb.path().to_path_buf();
+        let addr_file = dir.join("api.addr");
+        let _ = std::fs::remove_file(&addr_file);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("daemon.log"))
+            .unwrap();
+        let mut cmd = Command::new(bin());
+        cmd.arg("serve")
+            .arg("--data-dir")
+            .arg(&dir)
+            .args(["--port", "0", "--default-vmm", "stub"])
+            .arg("--stub-vmm-binary")
+            .arg(testvmm())
+            .args(args)
+            .args(if args.contains(&"--stop-timeout") {
+                &[][..]
+            } else {
+                &["--stop-timeout", "2"][..]
+            })
+            .args(if args.contains(&"--boot-timeout") {
+                &[][..]
+            } else {
+                &["--boot-timeout", "10"][..]
+            })
+            .env("HYPERFLEET_LOG", "debug")
+            .env_remove("HYPERFLEET_CRASH_AT")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn hyperfleet serve");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let addr = loop {
+            if let Ok(s) = std::fs::read_to_string(&addr_file) {
+                if s.ends_with('\n') {
+                    break s.trim().to_string();
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not start; see {}/daemon.log:\n{}",
+                dir.display(),
+                std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let key = std::fs::read_to_string(dir.join("admin.key"))
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        Daemon {
+            child,
+            url: format!("http://{addr}"),
+            key,
+            http: reqwest::blocking::Client::builder()
+                .timeout(Duration::from_secs(120))
+                .build()
+                .unwrap(),
+            data_dir: dir,
+            exited: None,
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data_dir.join("daemon.log")).unwrap_or_default()
+    }
+
+    /// A request with the bootstrap admin key.
+    pub fn call(&self, method: &str, path: &str, body: Option<Value>) -> Resp {
+        self.call_as(&self.key.clone(), method, path, body)
+    }
+
+    pub fn try_call_as(
+        &self,
+        key: &str,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Resp, reqwest::Error> {
+        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut r = self.http.request(m, format!("{}{path}", self.url));
+        if !key.is_empty() {
+            r = r.bearer_auth(key);
+        }
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        let resp = r.send()?;
+        let status = resp.status().as_u16();
+        let text = resp.text()?;
+        let body = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        Ok(Resp { status, body })
+    }
+
+    pub fn call_as(&self, key: &str, method: &str, path: &str, body: Option<Value>) -> Resp {
+        self.try_call_as(key, method, path, body)
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}\n--- daemon log ---\n{}", self.log()))
+    }
+
+    /// Raw request for contract tests (custom headers / bodies).
+    pub fn raw(&self) -> &reqwest::blocking::Client {
+        &self.http
+    }
+
+    pub fn create(&self, body: Value) -> Value {
+        let r = self.call("POST", "/api/v1/machines", Some(body));
+        assert_eq!(r.status, 201, "create: {}", r.body);
+        r.body
+    }
+
+    /// Waits for the daemon process to exit on its own.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                self.exited = Some(s);
+                return Some(s);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn terminate(&mut self) -> ExitStatus {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        self.wait_exit(Duration::from_secs(15))
+            .expect("daemon exits on SIGTERM")
+    }
+}
+
+pub fn killed_by_sigkill(s: &ExitStatus) -> bool {
+    s.signal() == Some(libc::SIGKILL)
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.exited.is_none() {
+            self.kill9();
+        }
+    }
+}
+
+/// Polls `f` until it returns Some or the deadline passes.
+pub fn eventually<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -14,7 +14,8 @@ pub struct MachineEvent {
     /// RFC 3339 time the event was recorded.
     pub at: String,
     /// `created`, `requested` (an API request changed the desired state),
-    /// `transition` (the observed status changed) or `deleted`.
+    /// `transition` (the observed status changed), `steps` (work that
+    /// changed no status, e.g. create-time preparation) or `deleted`.
     pub kind: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub from_status: Option<MachineStatus>,

@@ -62,10 +62,28 @@ struct Run {
     retry_delay: Duration,
 }
 
-/// Runs machine `id` until its record is deleted.
-pub async fn run(ctx: Arc<RunCtx>, id: String) {
+/// Why a run returned.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RunExit {
+    /// The record is gone.
+    Deleted,
+    /// Nothing runs and nothing is asked for: the run may end until the next
+    /// request (the supervisor re-checks under its lock before letting it go).
+    Quiescent,
+}
+
+/// Whether a machine needs no run right now: converged, no VMM, nothing
+/// under way. Such a run ends so that idle machines cost no task.
+pub fn quiescent(rec: &MachineRecord) -> bool {
+    rec.vmm.is_none()
+        && rec.current_step.is_none()
+        && plan::next_step(rec, VmmSeen::None, true) == Step::Idle
+}
+
+/// Runs machine `id` until its record is deleted or it has nothing to do.
+pub async fn run(ctx: Arc<RunCtx>, id: String) -> RunExit {
     let Some(mut rx) = ctx.store.subscribe(&id) else {
-        return;
+        return RunExit::Deleted;
     };
     let mut run = Run {
         ctx,
@@ -77,7 +95,7 @@ pub async fn run(ctx: Arc<RunCtx>, id: String) {
     loop {
         let Some(entry) = rx.borrow_and_update().clone() else {
             tracing::debug!(machine = %run.id, "record deleted; run ends");
-            return;
+            return RunExit::Deleted;
         };
         let rec = entry.rec.clone();
         let seen = match &rec.vmm {
@@ -89,6 +107,17 @@ pub async fn run(ctx: Arc<RunCtx>, id: String) {
         };
         let step = plan::next_step(&rec, seen, run.verified);
         if step == Step::Idle {
+            // Steps that changed no status (create-time preparation) still
+            // belong in the history.
+            if !run.timings.is_empty() {
+                if let Err(e) = run.flush_timings(&rec).await {
+                    run.back_off(&e).await;
+                    continue;
+                }
+            }
+            if quiescent(&rec) {
+                return RunExit::Quiescent;
+            }
             run.idle(&rec, &mut rx).await;
             continue;
         }
@@ -222,6 +251,24 @@ impl Run {
                 Err(e)
             }
         }
+    }
+
+    async fn flush_timings(&mut self, rec: &MachineRecord) -> Result<(), StoreError> {
+        let mut ev = EventRecord::new(&rec.id, "steps");
+        ev.to_status = Some(rec.status);
+        ev.operation_id = rec.operation_id.clone();
+        ev.message = Some(format!("steps completed while {}", rec.status));
+        ev.steps = std::mem::take(&mut self.timings);
+        let keep = ev.steps.clone();
+        let result = self
+            .ctx
+            .store
+            .write(move |ctx| ctx.append_event(ev).map(drop))
+            .await;
+        if result.is_err() {
+            self.timings = keep;
+        }
+        result
     }
 
     async fn execute(

@@ -10,7 +10,7 @@ use std::time::Duration;
 use hyperfleet_api::{MachineStatus, VmmKind};
 use tokio::task::JoinHandle;
 
-use super::run::{self, RunCtx};
+use super::run::{self, RunCtx, RunExit};
 use super::table::{allowed_requests, on_request, reachable, Desired, Request};
 use crate::store::{lock, CachedMachine, EventRecord, MachineRecord, MachineSpec, StoreError};
 use crate::util::{new_machine_id, new_operation_id, now_ms};
@@ -98,15 +98,36 @@ impl Supervisor {
             loop {
                 let task = tokio::spawn(run::run(me.ctx.clone(), mid.clone()));
                 match task.await {
-                    Ok(()) => break,
+                    Ok(RunExit::Deleted) => {
+                        lock(&me.runs).remove(&mid);
+                        return;
+                    }
+                    Ok(RunExit::Quiescent) => {
+                        // Requests write the store *before* calling
+                        // ensure_run, which takes this same lock: either we
+                        // see their change here and go on, or they find no
+                        // run after we leave and start a new one.
+                        let mut runs = lock(&me.runs);
+                        let still_idle = me
+                            .ctx
+                            .store
+                            .get_by_id(&mid)
+                            .is_some_and(|m| run::quiescent(&m.rec));
+                        if still_idle {
+                            runs.remove(&mid);
+                            return;
+                        }
+                    }
                     Err(e) if e.is_panic() => {
                         tracing::error!(machine = %mid, "BUG: machine run panicked; restarting it in 1 s");
                         tokio::time::sleep(Duration::from_secs(1)).await;
                     }
-                    Err(_) => break,
+                    Err(_) => {
+                        lock(&me.runs).remove(&mid);
+                        return;
+                    }
                 }
             }
-            lock(&me.runs).remove(&mid);
         });
         runs.insert(id.to_string(), handle);
     }

@@ -198,8 +198,12 @@ impl Store {
     /// A channel that sees every committed change of machine `id`
     /// (`None` once deleted). `None` when the machine does not exist.
     pub fn subscribe(&self, id: &str) -> Option<watch::Receiver<Option<Arc<CachedMachine>>>> {
-        let current = self.get_by_id(id)?;
+        // Lock order matters: the writer updates the index *before* taking
+        // the watchers lock, so reading the index while holding that lock
+        // means a concurrent commit either is already visible here or will
+        // find this channel and send to it.
         let mut watchers = lock(&self.shared.watchers);
+        let current = self.get_by_id(id)?;
         let tx = watchers
             .entry(id.to_string())
             .or_insert_with(|| watch::channel(Some(current)).0);

@@ -309,10 +309,14 @@ fn publish(changes: Changes, shared: &Shared) {
         let mut watchers = lock(&shared.watchers);
         for (id, entry) in updated {
             let gone = entry.is_none();
+            let mut unwatched = gone;
             if let Some(tx) = watchers.get(&id) {
                 tx.send_replace(entry);
+                // Nobody listens any more (the run ended, no waiter): drop
+                // the channel so idle machines cost no memory for it.
+                unwatched |= tx.receiver_count() == 0;
             }
-            if gone {
+            if unwatched {
                 watchers.remove(&id);
             }
         }

@@ -33,6 +33,7 @@ echo "seeding 1000 machines..."
 seq 1000 | xargs -P 8 -I{} curl -sf -o /dev/null -H "$AUTH" -H 'content-type: application/json' \
   -d '{"name":"seed-{}"}' "$URL/machines"
 ID=$(curl -sf -H "$AUTH" "$URL/machines?limit=1" | sed -E 's/.*"id":"([^"]+)".*/\1/')
+RSS_1K=$(awk '/VmRSS/ {print $2}' "/proc/$PID/status")
 
 run() { # name, extra wrk args...
   local name=$1; shift
@@ -74,8 +75,10 @@ os.close(fd); os.unlink(p)
 print(f"{n/dt:.0f} fdatasync/s ({dt/n*1e6:.0f} us each)")
 PY
 )
-HWM=$(awk '/VmHWM/ {print $2" "$3}' "/proc/$PID/status")
+HWM=$(awk '/VmHWM/ {print $2}' "/proc/$PID/status")
 echo
 echo "durability floor (unbatched commits this disk allows): $FLOOR"
 echo "machines in the store after the run: $CREATED"
-echo "daemon peak RSS (VmHWM): $HWM"
+echo "daemon RSS with the 1000 seeded machines: $((RSS_1K / 1024)) MiB"
+echo "daemon peak RSS (VmHWM) after the create run: $((HWM / 1024)) MiB" \
+  "(~$(( (HWM - RSS_1K) * 1024 / (CREATED - 1000) )) bytes per machine created)"

@@ -10,7 +10,7 @@
 
 /// Every crash point, in the order a machine's life reaches them.
 pub const CRASH_POINTS: &[&str] = &[
-    "prepare.after_intent",
+    "prepare.before_effect",
     "prepare.after_effect",
     "spawn.after_intent",
     "spawn.after_effect",

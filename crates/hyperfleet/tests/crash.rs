@@ -14,7 +14,7 @@ use serde_json::json;
 
 /// Every crash point of `hyperfleet_core::failpoint::CRASH_POINTS`.
 const POINTS: &[&str] = &[
-    "prepare.after_intent",
+    "prepare.before_effect",
     "prepare.after_effect",
     "spawn.after_intent",
     "spawn.after_effect",

@@ -34,7 +34,7 @@ fn json_bytes(status: StatusCode, body: Bytes) -> Response {
 }
 
 fn machine_response(status: StatusCode, m: &CachedMachine) -> Response {
-    json_bytes(status, m.json.clone())
+    json_bytes(status, m.json().clone())
 }
 
 /// Ids and names are short ASCII; anything else cannot name a machine.
@@ -111,14 +111,14 @@ pub async fn list(
     let offset = q.offset.unwrap_or(0);
     let (machines, total) = state.store.list(&p.tenant, status, limit, offset);
     // Splice the pre-rendered machine JSON instead of re-serialising.
-    let size: usize = machines.iter().map(|m| m.json.len() + 1).sum::<usize>() + 40;
+    let size: usize = machines.iter().map(|m| m.json().len() + 1).sum::<usize>() + 40;
     let mut body = BytesMut::with_capacity(size);
     body.put_slice(b"{\"machines\":[");
     for (i, m) in machines.iter().enumerate() {
         if i > 0 {
             body.put_u8(b',');
         }
-        body.put_slice(&m.json);
+        body.put_slice(m.json());
     }
     body.put_slice(format!("],\"total\":{total}}}").as_bytes());
     Ok(json_bytes(StatusCode::OK, body.freeze()))

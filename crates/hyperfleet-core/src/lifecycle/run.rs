@@ -222,8 +222,10 @@ impl Run {
                     )?;
                 }
                 let changed = rec.status != before;
-                if changed {
-                    let mut ev = EventRecord::new(&id, "transition");
+                let own_event = journal.as_ref().is_some_and(|j| j.own_event);
+                if changed || own_event {
+                    let mut ev =
+                        EventRecord::new(&id, if changed { "transition" } else { "steps" });
                     ev.from_status = Some(before);
                     ev.to_status = Some(rec.status);
                     ev.operation_id = rec.operation_id.clone();
@@ -236,7 +238,7 @@ impl Run {
                     ctx.append_event(ev)?;
                 }
                 ctx.put_machine(rec)?;
-                Ok(changed)
+                Ok(changed || own_event)
             })
             .await;
         match result {
@@ -371,14 +373,18 @@ impl Run {
         let backend = self.backend(rec.spec.vmm)?;
         let launch = self.launch(rec);
         let t0 = Instant::now();
-        self.persist(Some(Journal::started(steps::PREPARE)), |r| {
-            r.current_step = Some(steps::PREPARE.into())
-        })
-        .await?;
-        failpoint::hit("prepare.after_intent");
+        // No intent record: preparation is idempotent and everything it
+        // makes lives under the machine's directory (known from its id), so
+        // recovery simply prepares again while `prepared` is false, and the
+        // sweep or release removes the directory of a machine that is gone.
+        failpoint::hit("prepare.before_effect");
         backend.prepare(&launch).await?;
         failpoint::hit("prepare.after_effect");
-        self.persist(Some(Journal::finished(steps::PREPARE, t0, None)), |r| {
+        let mut journal = Journal::finished(steps::PREPARE, t0, None);
+        // No status changes here, so the step gets an event of its own in
+        // the same commit (instead of a separate flush later).
+        journal.own_event = true;
+        self.persist(Some(journal), |r| {
             r.prepared = true;
             r.current_step = None;
         })
@@ -735,6 +741,7 @@ impl Run {
                 duration_ms: None,
                 detail: Some(message.clone()),
                 record_timing: false,
+                own_event: false,
             }),
             move |r| {
                 r.vmm = None;
@@ -795,6 +802,8 @@ struct Journal {
     duration_ms: Option<f64>,
     detail: Option<String>,
     record_timing: bool,
+    /// Append a `steps` event even though the status does not change.
+    own_event: bool,
 }
 
 impl Journal {
@@ -805,6 +814,7 @@ impl Journal {
             duration_ms: None,
             detail: None,
             record_timing: false,
+            own_event: false,
         }
     }
 
@@ -815,6 +825,7 @@ impl Journal {
             duration_ms: Some(t0.elapsed().as_secs_f64() * 1000.0),
             detail,
             record_timing: true,
+            own_event: false,
         }
     }
 
@@ -825,6 +836,7 @@ impl Journal {
             duration_ms: Some(0.0),
             detail: Some(detail.to_string()),
             record_timing: true,
+            own_event: false,
         }
     }
 
@@ -835,6 +847,7 @@ impl Journal {
             duration_ms: Some(t0.elapsed().as_secs_f64() * 1000.0),
             detail: Some(detail),
             record_timing: true,
+            own_event: false,
         }
     }
 

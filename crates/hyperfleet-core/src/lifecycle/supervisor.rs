@@ -148,7 +148,8 @@ impl Supervisor {
         }
         let id = new_machine_id();
         let now = now_ms();
-        let name = name.unwrap_or_else(|| format!("vm-{}", &id[1..9]));
+        // Derived from the whole id so generated names never collide.
+        let name = name.unwrap_or_else(|| format!("vm-{}", &id[1..]));
         let rec = MachineRecord {
             id: id.clone(),
             tenant: tenant.to_string(),

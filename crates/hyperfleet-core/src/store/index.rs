@@ -1,28 +1,34 @@
 //! The in-memory index of machines, updated by the writer in commit order.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use hyperfleet_api::MachineStatus;
 
 use super::MachineRecord;
 
-/// A committed machine record with its API JSON rendered once per change,
-/// so reads are a clone of `Bytes`.
+/// A committed machine record. Its API JSON is rendered on the first read
+/// and then shared, so reads are a clone of `Bytes` and the writer thread
+/// never spends time rendering states nobody looks at.
 #[derive(Debug)]
 pub struct CachedMachine {
     pub rec: MachineRecord,
-    pub json: Bytes,
+    json: OnceLock<Bytes>,
 }
 
 impl CachedMachine {
     pub fn new(rec: MachineRecord) -> Arc<Self> {
-        // Serialising a struct of strings, numbers and maps cannot fail.
-        let json = serde_json::to_vec(&rec.to_api()).expect("machine JSON serialises");
         Arc::new(CachedMachine {
             rec,
-            json: Bytes::from(json),
+            json: OnceLock::new(),
+        })
+    }
+
+    pub fn json(&self) -> &Bytes {
+        self.json.get_or_init(|| {
+            // Serialising a struct of strings, numbers and maps cannot fail.
+            Bytes::from(serde_json::to_vec(&self.rec.to_api()).expect("machine JSON serialises"))
         })
     }
 }

@@ -20,6 +20,23 @@ fn bad(col: usize, msg: String) -> rusqlite::Error {
     )
 }
 
+/// Insert or update every column but the immutable ones (id, tenant, name,
+/// spec, created_at). Column order is `MACHINE_COLUMNS`.
+const UPSERT_MACHINE: &str = "INSERT INTO machines (id, tenant, name, spec, status, desired, \
+    generation, restart_seq, boot_restart_seq, stop_kill, failed_generation, error_message, \
+    vmm_pid, vmm_start_time, vmm_boot_id, current_step, prepared, has_snapshot, operation_id, \
+    created_at, updated_at, started_at, observed_generation) VALUES \
+    (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19,?20,?21,?22,?23) \
+    ON CONFLICT(id) DO UPDATE SET status=excluded.status, desired=excluded.desired, \
+    generation=excluded.generation, restart_seq=excluded.restart_seq, \
+    boot_restart_seq=excluded.boot_restart_seq, stop_kill=excluded.stop_kill, \
+    failed_generation=excluded.failed_generation, error_message=excluded.error_message, \
+    vmm_pid=excluded.vmm_pid, vmm_start_time=excluded.vmm_start_time, \
+    vmm_boot_id=excluded.vmm_boot_id, current_step=excluded.current_step, \
+    prepared=excluded.prepared, has_snapshot=excluded.has_snapshot, \
+    operation_id=excluded.operation_id, updated_at=excluded.updated_at, \
+    started_at=excluded.started_at, observed_generation=excluded.observed_generation";
+
 pub fn machine_from_row(r: &Row<'_>) -> rusqlite::Result<MachineRecord> {
     let spec: String = r.get(3)?;
     let spec: MachineSpec =
@@ -76,21 +93,8 @@ pub fn write_machine(conn: &Connection, m: &MachineRecord) -> Result<(), StoreEr
         ),
         None => (None, None, None),
     };
-    let sql = format!(
-        "INSERT INTO machines ({MACHINE_COLUMNS}) VALUES \
-         (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19,?20,?21,?22,?23) \
-         ON CONFLICT(id) DO UPDATE SET status=excluded.status, desired=excluded.desired, \
-         generation=excluded.generation, restart_seq=excluded.restart_seq, \
-         boot_restart_seq=excluded.boot_restart_seq, stop_kill=excluded.stop_kill, \
-         failed_generation=excluded.failed_generation, error_message=excluded.error_message, \
-         vmm_pid=excluded.vmm_pid, vmm_start_time=excluded.vmm_start_time, \
-         vmm_boot_id=excluded.vmm_boot_id, current_step=excluded.current_step, \
-         prepared=excluded.prepared, has_snapshot=excluded.has_snapshot, \
-         operation_id=excluded.operation_id, updated_at=excluded.updated_at, \
-         started_at=excluded.started_at, observed_generation=excluded.observed_generation"
-    );
     let mut stmt = conn
-        .prepare_cached(&sql)
+        .prepare_cached(UPSERT_MACHINE)
         .map_err(|e| StoreError::sql("preparing the machine upsert", e))?;
     stmt.execute(params![
         m.id,

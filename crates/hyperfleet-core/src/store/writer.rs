@@ -18,6 +18,8 @@ use super::{
 #[derive(Default)]
 struct Changes {
     machines: HashMap<String, Option<MachineRecord>>,
+    /// (tenant, name) → id of machines inserted in this batch.
+    names: HashMap<(String, String), String>,
     events: Vec<EventRecord>,
     keys: Vec<KeyRecord>,
 }
@@ -25,6 +27,7 @@ struct Changes {
 impl Changes {
     fn absorb(&mut self, other: Changes) {
         self.machines.extend(other.machines);
+        self.names.extend(other.names);
         self.events.extend(other.events);
         self.keys.extend(other.keys);
     }
@@ -79,12 +82,20 @@ impl WriteCtx<'_> {
 
     /// Inserts or replaces a machine record.
     pub fn put_machine(&mut self, rec: MachineRecord) -> Result<(), StoreError> {
-        // The unique index catches duplicates too; checking here first gives
-        // the clear error without relying on SQLite's message.
-        if let Some(other) = self.name_owner(&rec.tenant, &rec.name) {
-            if other != rec.id {
-                return Err(StoreError::NameTaken(rec.name.clone()));
+        // Only a new machine (or a new name) can collide. The unique index
+        // catches duplicates too; checking here first gives the clear error.
+        let renamed = self
+            .machine(&rec.id)
+            .is_none_or(|old| old.name != rec.name || old.tenant != rec.tenant);
+        if renamed {
+            if let Some(other) = self.name_owner(&rec.tenant, &rec.name) {
+                if other != rec.id {
+                    return Err(StoreError::NameTaken(rec.name.clone()));
+                }
             }
+            self.mine
+                .names
+                .insert((rec.tenant.clone(), rec.name.clone()), rec.id.clone());
         }
         rows::write_machine(self.conn, &rec)?;
         self.mine.machines.insert(rec.id.clone(), Some(rec));
@@ -107,24 +118,17 @@ impl WriteCtx<'_> {
         Ok(())
     }
 
+    /// The id of the live machine named `name`, seeing this batch's writes.
     fn name_owner(&self, tenant: &str, name: &str) -> Option<String> {
-        for layer in [&self.mine, self.batch] {
-            for (id, m) in &layer.machines {
-                if let Some(m) = m {
-                    if m.tenant == tenant && m.name == name {
-                        return Some(id.clone());
-                    }
-                }
-            }
-        }
-        let owner = read_lock(&self.shared.index).name_taken(tenant, name)?;
-        // Deleted earlier in this batch?
-        for layer in [&self.mine, self.batch] {
-            if let Some(None) = layer.machines.get(&owner) {
-                return None;
-            }
-        }
-        Some(owner)
+        let key = (tenant.to_string(), name.to_string());
+        let candidate = [&self.mine, self.batch]
+            .iter()
+            .find_map(|layer| layer.names.get(&key).cloned())
+            .or_else(|| read_lock(&self.shared.index).name_taken(tenant, name))?;
+        // Still that machine, with that name (not deleted or renamed since)?
+        self.machine(&candidate)
+            .filter(|m| m.tenant == tenant && m.name == name)
+            .map(|m| m.id)
     }
 
     /// Appends an event; its id is assigned now, it is broadcast after commit.
@@ -244,7 +248,10 @@ fn run_batch(conn: &mut Connection, batch: Vec<Job>, shared: &Shared) {
     let mut changes = Changes::default();
     let mut replies: Vec<(bool, Reply)> = Vec::with_capacity(batch.len());
     for job in batch {
-        if let Err(e) = tx.execute_batch("SAVEPOINT job") {
+        if let Err(e) = tx
+            .prepare_cached("SAVEPOINT job")
+            .and_then(|mut s| s.execute([]))
+        {
             let err = StoreError::sql("opening a savepoint", e);
             replies.push((false, Box::new(move |_| drop(err))));
             continue;
@@ -257,14 +264,16 @@ fn run_batch(conn: &mut Connection, batch: Vec<Job>, shared: &Shared) {
         };
         let (ok, reply) = job(&mut ctx);
         let mine = ctx.mine;
-        let end = if ok {
+        let end: &[&str] = if ok {
             changes.absorb(mine);
-            "RELEASE job"
+            &["RELEASE job"]
         } else {
-            "ROLLBACK TO job; RELEASE job"
+            &["ROLLBACK TO job", "RELEASE job"]
         };
-        if let Err(e) = tx.execute_batch(end) {
-            tracing::error!(error = %e, "closing a savepoint failed");
+        for sql in end {
+            if let Err(e) = tx.prepare_cached(sql).and_then(|mut s| s.execute([])) {
+                tracing::error!(error = %e, "closing a savepoint failed");
+            }
         }
         replies.push((ok, reply));
     }

@@ -88,24 +88,26 @@ impl Vmm for StubVmm {
     }
 
     async fn prepare(&self, launch: &LaunchSpec) -> Result<(), VmmError> {
-        let dir = &launch.paths.dir;
-        tokio::fs::create_dir_all(dir)
-            .await
-            .map_err(|e| VmmError::host(format!("creating {}", dir.display()), e))?;
-        // Stands in for the copy-on-write disk a real backend prepares: a
-        // sparse file, created once, kept across stop/start.
+        let dir = launch.paths.dir.clone();
         let disk = Self::disk(&launch.paths);
-        let f = tokio::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&disk)
-            .await
-            .map_err(|e| VmmError::host(format!("creating {}", disk.display()), e))?;
-        f.set_len(64 << 20)
-            .await
-            .map_err(|e| VmmError::host(format!("sizing {}", disk.display()), e))?;
-        Ok(())
+        // One blocking call for the whole preparation: cheaper than a
+        // thread hand-off per filesystem operation.
+        tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| VmmError::host(format!("creating {}", dir.display()), e))?;
+            // Stands in for the copy-on-write disk a real backend prepares:
+            // a sparse file, created once, kept across stop/start.
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&disk)
+                .map_err(|e| VmmError::host(format!("creating {}", disk.display()), e))?;
+            f.set_len(64 << 20)
+                .map_err(|e| VmmError::host(format!("sizing {}", disk.display()), e))
+        })
+        .await
+        .map_err(|e| VmmError::host("preparing the disk", std::io::Error::other(e)))?
     }
 
     async fn spawn(&self, launch: &LaunchSpec) -> Result<VmmIdentity, VmmError> {

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The whole test suite: installs what the tests need, then runs every unit,
-# integration, crash (real SIGKILL at every step boundary) and storm test.
+# The whole test suite: installs what the tests need (QEMU 10 from
+# bookworm-backports, the asset build tools, Firecracker), builds the static
+# guest agent and the guest assets, then runs every unit, integration, crash
+# (real SIGKILL at every step boundary), storm and real-guest (QEMU) test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
@@ -8,4 +10,8 @@ bash scripts/install-deps.sh
 # Binaries of other packages (the stand-in VMM) are not built by `cargo test`
 # for hyperfleet's integration tests, so build every binary first.
 cargo build --workspace --bins --features hyperfleet/failpoints
+agent=$(bash scripts/build-agent.sh)
+# Deterministic: an unchanged agent and kernel package reuse the same set.
+HYPERFLEET_DATA_DIR="$PWD/target/hf-test-data" \
+  target/debug/hyperfleet assets build --agent "$agent" 2>&1 | grep -v '^ *[{"}\[]' | tail -n 3
 cargo test --workspace --features hyperfleet/failpoints "$@"

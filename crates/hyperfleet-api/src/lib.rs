@@ -8,12 +8,17 @@
 
 mod error;
 mod events;
+mod guest;
 mod health;
 mod keys;
 mod machine;
 
 pub use error::{ErrorBody, ErrorCode, ErrorDetail};
 pub use events::{EventList, MachineEvent, StepTiming};
+pub use guest::{
+    DirEntry, DirListing, ExecRequest, ExecResult, ExecStreamEvent, FileContent, FileStat,
+    FileWrite, FileWritten,
+};
 pub use health::{BackendHealth, Health, StoreHealth};
 pub use keys::{ApiKey, CreateKeyRequest, CreatedKey, KeyList, Scope};
 pub use machine::{

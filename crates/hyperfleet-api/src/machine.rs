@@ -230,6 +230,10 @@ pub struct Machine {
     pub metadata: BTreeMap<String, String>,
     pub idle_timeout_seconds: Option<u64>,
     pub persistence: Option<Persistence>,
+    /// The guest image (asset set id) the machine's disk was made from;
+    /// null for backends with no guest.
+    #[serde(default)]
+    pub image: Option<String>,
     /// Increases with every accepted change of the desired state.
     pub generation: u64,
     /// Why the machine is `failed`; null otherwise.

@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use futures_util::{Stream, StreamExt};
 use hyperfleet_api::{
-    CreateKeyRequest, CreateMachineRequest, CreatedKey, ErrorBody, ErrorCode, EventList, Health,
-    KeyList, Machine, MachineEvent, MachineList, MachineStatus,
+    CreateKeyRequest, CreateMachineRequest, CreatedKey, ErrorBody, ErrorCode, EventList,
+    ExecRequest, ExecResult, ExecStreamEvent, FileWritten, Health, KeyList, Machine, MachineEvent,
+    MachineList, MachineStatus,
 };
 use reqwest::{Method, RequestBuilder, StatusCode};
 use serde::de::DeserializeOwned;
@@ -292,6 +293,111 @@ impl Client {
         Ok(events)
     }
 
+    /// Runs a command and waits for it (`POST /machines/{id}/exec`).
+    pub async fn exec(&self, id: &str, req: &ExecRequest) -> Result<ExecResult, ClientError> {
+        let secs = req.timeout.unwrap_or(60.0).ceil() as u64;
+        let r = self
+            .req(Method::POST, &format!("/machines/{}/exec", enc(id)))
+            .json(req)
+            .timeout(Duration::from_secs(secs + 30));
+        self.json(r).await
+    }
+
+    /// Runs a command and streams its output as it arrives.
+    pub async fn exec_stream(
+        &self,
+        id: &str,
+        req: &ExecRequest,
+    ) -> Result<impl Stream<Item = Result<ExecStreamEvent, ClientError>>, ClientError> {
+        let r = self
+            .req(Method::POST, &format!("/machines/{}/exec", enc(id)))
+            .query(&[("stream", "true")])
+            .json(req);
+        let resp = self.send(r).await?;
+        let base = self.base.clone();
+        Ok(lines(resp.bytes_stream(), base).map(|line| {
+            let line = line?;
+            serde_json::from_str::<ExecStreamEvent>(&line).map_err(|e| ClientError::Unexpected {
+                status: 200,
+                body: format!("{e}: {line}"),
+            })
+        }))
+    }
+
+    /// Streams `body` (of `len` bytes) into `path` in the guest.
+    pub async fn upload(
+        &self,
+        id: &str,
+        path: &str,
+        len: u64,
+        body: reqwest::Body,
+        create_dirs: bool,
+    ) -> Result<FileWritten, ClientError> {
+        let r = self
+            .req(Method::PUT, &format!("/machines/{}/files", enc(id)))
+            .query(&[
+                ("path", path),
+                ("create_dirs", if create_dirs { "true" } else { "false" }),
+            ])
+            .header(reqwest::header::CONTENT_LENGTH, len)
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .body(body);
+        self.json(r).await
+    }
+
+    /// Streams the guest file at `path`.
+    pub async fn download(
+        &self,
+        id: &str,
+        path: &str,
+    ) -> Result<
+        (
+            Option<u64>,
+            impl Stream<Item = Result<bytes::Bytes, ClientError>>,
+        ),
+        ClientError,
+    > {
+        let r = self
+            .req(Method::GET, &format!("/machines/{}/files", enc(id)))
+            .query(&[("path", path), ("raw", "true")]);
+        let resp = self.send(r).await?;
+        let len = resp.content_length();
+        let base = self.base.clone();
+        Ok((
+            len,
+            resp.bytes_stream().map(move |c| {
+                c.map_err(|e| ClientError::Connect {
+                    url: base.clone(),
+                    source: e,
+                })
+            }),
+        ))
+    }
+
+    /// The console log; with `follow`, new output keeps coming.
+    pub async fn logs(
+        &self,
+        id: &str,
+        tail: Option<usize>,
+        follow: bool,
+    ) -> Result<impl Stream<Item = Result<bytes::Bytes, ClientError>>, ClientError> {
+        let mut q = vec![("follow", follow.to_string())];
+        if let Some(t) = tail {
+            q.push(("tail", t.to_string()));
+        }
+        let r = self
+            .req(Method::GET, &format!("/machines/{}/logs", enc(id)))
+            .query(&q);
+        let resp = self.send(r).await?;
+        let base = self.base.clone();
+        Ok(resp.bytes_stream().map(move |c| {
+            c.map_err(|e| ClientError::Connect {
+                url: base.clone(),
+                source: e,
+            })
+        }))
+    }
+
     pub async fn create_key(&self, req: &CreateKeyRequest) -> Result<CreatedKey, ClientError> {
         self.json(self.req(Method::POST, "/keys").json(req)).await
     }
@@ -305,6 +411,51 @@ impl Client {
             .await
             .map(drop)
     }
+}
+
+/// Splits a byte stream into text lines.
+fn lines(
+    bytes: impl Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin,
+    base: String,
+) -> impl Stream<Item = Result<String, ClientError>> {
+    futures_util::stream::unfold(
+        (bytes, Vec::<u8>::new(), base, false),
+        |(mut bytes, mut buf, base, done)| async move {
+            loop {
+                if let Some(i) = buf.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = buf.drain(..=i).collect();
+                    let text = String::from_utf8_lossy(&line[..line.len() - 1]).into_owned();
+                    if text.trim().is_empty() {
+                        continue;
+                    }
+                    return Some((Ok(text), (bytes, buf, base, done)));
+                }
+                if done {
+                    return None;
+                }
+                match bytes.next().await {
+                    Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
+                    Some(Err(e)) => {
+                        let err = ClientError::Connect {
+                            url: base.clone(),
+                            source: e,
+                        };
+                        return Some((Err(err), (bytes, Vec::new(), base, true)));
+                    }
+                    None => {
+                        if buf.is_empty() {
+                            return None;
+                        }
+                        buf.push(b'\n');
+                        return Some((
+                            Ok(String::from_utf8_lossy(&buf[..buf.len() - 1]).into_owned()),
+                            (bytes, Vec::new(), base, true),
+                        ));
+                    }
+                }
+            }
+        },
+    )
 }
 
 /// Percent-encodes a path segment (ids and names are plain, but a user may

@@ -24,6 +24,11 @@ pub struct Config {
     pub boot_timeout: Duration,
     /// How long a graceful stop may take before the VMM is killed.
     pub stop_timeout: Duration,
+    /// `qemu-system-x86_64` (resolved through PATH).
+    pub qemu_binary: PathBuf,
+    pub qemu_accel: crate::vmm::qemu::AccelChoice,
+    /// The guest asset set new machines get; default `<data_dir>/assets/current`.
+    pub assets_dir: Option<PathBuf>,
 }
 
 impl Config {
@@ -36,11 +41,24 @@ impl Config {
             stub_binary: None,
             boot_timeout: Duration::from_secs(60),
             stop_timeout: Duration::from_secs(10),
+            qemu_binary: PathBuf::from("qemu-system-x86_64"),
+            qemu_accel: crate::vmm::qemu::AccelChoice::Auto,
+            assets_dir: None,
         }
     }
 
     pub fn db_path(&self) -> PathBuf {
         self.data_dir.join("hyperfleet.db")
+    }
+
+    pub fn assets_root(&self) -> PathBuf {
+        crate::assets::assets_root(&self.data_dir)
+    }
+
+    pub fn assets_path(&self) -> PathBuf {
+        self.assets_dir
+            .clone()
+            .unwrap_or_else(|| self.assets_root().join("current"))
     }
 
     pub fn machines_dir(&self) -> PathBuf {

@@ -16,6 +16,7 @@ use crate::http::{router, AppState};
 use crate::lifecycle::run::RunCtx;
 use crate::lifecycle::{sweep, Supervisor};
 use crate::store::{Store, StoreError};
+use crate::vmm::qemu::{QemuConfig, QemuVmm};
 use crate::vmm::stub::StubVmm;
 use crate::vmm::Vmm;
 
@@ -86,6 +87,15 @@ fn prepare_dirs(config: &Config) -> Result<(), DaemonError> {
 /// The backends this daemon can run, and the default among them.
 pub fn backends(config: &Config) -> (HashMap<VmmKind, Arc<dyn Vmm>>, Result<VmmKind, String>) {
     let mut map: HashMap<VmmKind, Arc<dyn Vmm>> = HashMap::new();
+    map.insert(
+        VmmKind::Qemu,
+        Arc::new(QemuVmm::new(QemuConfig {
+            binary: config.qemu_binary.clone(),
+            accel: config.qemu_accel,
+            assets_root: config.assets_root(),
+            assets: config.assets_path(),
+        })),
+    );
     if let Some(bin) = config.stub_binary_path() {
         let stub = StubVmm::new(bin);
         if stub.availability().is_ok() || config.default_vmm == Some(VmmKind::Stub) {
@@ -168,6 +178,14 @@ pub async fn serve(config: Config) -> Result<(), DaemonError> {
         stop_timeout: config.stop_timeout,
     });
     sup.start_all();
+    let machines_dir = config.machines_dir();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            let dir = machines_dir.clone();
+            let _ = tokio::task::spawn_blocking(move || crate::logs::rotate_all(&dir)).await;
+        }
+    });
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

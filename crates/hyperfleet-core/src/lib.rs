@@ -8,6 +8,7 @@
 //! - [`daemon`]: `serve` — startup, recovery, shutdown.
 //! - [`doctor`]: host checks.
 
+pub mod assets;
 pub mod auth;
 pub mod config;
 pub mod daemon;
@@ -15,6 +16,7 @@ pub mod doctor;
 pub mod failpoint;
 pub mod http;
 pub mod lifecycle;
+pub mod logs;
 pub mod store;
 pub mod util;
 pub mod validate;

@@ -170,6 +170,7 @@ pub fn validate_create(
         metadata: req.metadata,
         idle_timeout_seconds: req.idle_timeout_seconds,
         persistence: req.persistence,
+        image: None,
     };
     Ok((req.name, spec))
 }

@@ -63,6 +63,25 @@ pub enum Command {
     /// Manage API keys (admin scope).
     #[command(subcommand)]
     Keys(KeysCmd),
+    /// Build and inspect the guest assets (kernel, initramfs, root filesystem).
+    #[command(subcommand)]
+    Assets(AssetsCmd),
+}
+
+#[derive(Subcommand)]
+pub enum AssetsCmd {
+    /// Build the guest kernel, initramfs and root filesystem from Debian
+    /// packages into <data-dir>/assets/<id> and make it the current set.
+    Build {
+        /// The static guest agent (default: hyperfleet-agent next to this binary).
+        #[arg(long)]
+        agent: Option<PathBuf>,
+    },
+    /// Show the current set; `--verify` rechecks every checksum.
+    Show {
+        #[arg(long)]
+        verify: bool,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -115,6 +134,32 @@ pub struct ServeArgs {
         default_value = "text"
     )]
     pub log_format: LogFormat,
+    /// QEMU acceleration: `auto` uses KVM where the host has usable hardware
+    /// virtualisation and TCG (software) otherwise (`hyperfleet doctor` explains).
+    #[arg(
+        long,
+        env = "HYPERFLEET_QEMU_ACCEL",
+        value_enum,
+        default_value = "auto"
+    )]
+    pub qemu_accel: AccelArg,
+    /// The QEMU binary.
+    #[arg(
+        long,
+        env = "HYPERFLEET_QEMU_BINARY",
+        default_value = "qemu-system-x86_64"
+    )]
+    pub qemu_binary: PathBuf,
+    /// Guest asset set for new machines (default: <data-dir>/assets/current).
+    #[arg(long, env = "HYPERFLEET_ASSETS_DIR")]
+    pub assets_dir: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum AccelArg {
+    Auto,
+    Kvm,
+    Tcg,
 }
 
 #[derive(Args)]
@@ -164,6 +209,41 @@ pub enum MachinesCmd {
         status: String,
         #[arg(long, default_value_t = 60)]
         timeout: u64,
+    },
+    /// Run a command in a running machine: `exec ID -- CMD ARGS…`. Exits with
+    /// the command's exit code (124 on timeout, 128+N when killed by signal N).
+    Exec {
+        id: String,
+        /// Seconds before the command is killed.
+        #[arg(long)]
+        timeout: Option<f64>,
+        /// KEY=VALUE (repeatable).
+        #[arg(long = "env", short = 'e')]
+        env: Vec<String>,
+        #[arg(long)]
+        cwd: Option<String>,
+        /// Send this process's standard input to the command.
+        #[arg(long, short = 'i')]
+        stdin: bool,
+        /// Print output as it arrives instead of when the command ends.
+        #[arg(long, short = 's')]
+        stream: bool,
+        #[arg(required = true, last = true)]
+        command: Vec<String>,
+    },
+    /// Copy a file into or out of a running machine: `cp LOCAL ID:/path` or
+    /// `cp ID:/path LOCAL` (streamed; any size).
+    Cp {
+        src: String,
+        dst: String,
+    },
+    /// The machine's serial console; `-f` keeps following it.
+    Logs {
+        id: String,
+        #[arg(long, short)]
+        follow: bool,
+        #[arg(long)]
+        tail: Option<usize>,
     },
     /// A machine's history with step timings; `--follow` streams live.
     Events {

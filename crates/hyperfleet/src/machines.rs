@@ -4,7 +4,9 @@ use std::collections::BTreeMap;
 
 use anyhow::Context;
 use futures_util::StreamExt;
-use hyperfleet_api::{CreateMachineRequest, Machine, MachineEvent, MachineStatus};
+use hyperfleet_api::{
+    CreateMachineRequest, ExecRequest, ExecStreamEvent, Machine, MachineEvent, MachineStatus,
+};
 use hyperfleet_client::{ActionResult, Client};
 
 use crate::cli::{ActionArgs, ClientArgs, MachinesCmd};
@@ -200,6 +202,26 @@ pub async fn run(args: &ClientArgs, cmd: MachinesCmd) -> anyhow::Result<()> {
             let status: MachineStatus = status.parse().map_err(anyhow::Error::msg)?;
             print_machine(args, &c.wait(&id, status, timeout).await?)
         }
+        MachinesCmd::Exec {
+            id,
+            timeout,
+            env,
+            cwd,
+            stdin,
+            stream,
+            command,
+        } => exec(args, &c, id, timeout, env, cwd, stdin, stream, command).await,
+        MachinesCmd::Cp { src, dst } => cp(&c, &src, &dst).await,
+        MachinesCmd::Logs { id, follow, tail } => {
+            use std::io::Write;
+            let mut s = Box::pin(c.logs(&id, tail, follow).await?);
+            let mut out = std::io::stdout();
+            while let Some(chunk) = s.next().await {
+                out.write_all(&chunk?)?;
+                out.flush()?;
+            }
+            Ok(())
+        }
         MachinesCmd::Events { id, follow } => {
             if !follow {
                 let list = c.events(&id).await?;
@@ -223,4 +245,128 @@ pub async fn run(args: &ClientArgs, cmd: MachinesCmd) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Exit status for a finished command, shell-style.
+fn exit_status(code: Option<i32>, signal: Option<i32>, timed_out: bool) -> i32 {
+    if timed_out {
+        124
+    } else if let Some(c) = code {
+        c
+    } else {
+        128 + signal.unwrap_or(0)
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn exec(
+    args: &ClientArgs,
+    c: &Client,
+    id: String,
+    timeout: Option<f64>,
+    env: Vec<String>,
+    cwd: Option<String>,
+    stdin: bool,
+    stream: bool,
+    command: Vec<String>,
+) -> anyhow::Result<()> {
+    use base64::Engine;
+    use std::io::{Read, Write};
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let input = if stdin {
+        let mut buf = Vec::new();
+        std::io::stdin()
+            .read_to_end(&mut buf)
+            .context("reading standard input")?;
+        Some(b64.encode(buf))
+    } else {
+        None
+    };
+    let req = ExecRequest {
+        command,
+        timeout,
+        env: pairs(&env, "--env")?,
+        cwd,
+        stdin: input,
+        max_output_bytes: None,
+    };
+    if !stream {
+        let r = c.exec(&id, &req).await?;
+        if args.json {
+            output::json(&r)?;
+        } else {
+            std::io::stdout().write_all(r.stdout.as_bytes())?;
+            std::io::stderr().write_all(r.stderr.as_bytes())?;
+            if r.truncated {
+                eprintln!("hyperfleet: output was truncated (over the output cap)");
+            }
+            if r.timed_out {
+                eprintln!("hyperfleet: the command timed out and was killed");
+            }
+        }
+        std::process::exit(exit_status(r.exit_code, r.signal, r.timed_out));
+    }
+    let mut s = Box::pin(c.exec_stream(&id, &req).await?);
+    while let Some(ev) = s.next().await {
+        match ev? {
+            ExecStreamEvent::Stdout { data } => {
+                let mut o = std::io::stdout();
+                o.write_all(&b64.decode(data)?)?;
+                o.flush()?;
+            }
+            ExecStreamEvent::Stderr { data } => std::io::stderr().write_all(&b64.decode(data)?)?,
+            ExecStreamEvent::Exit {
+                exit_code,
+                signal,
+                timed_out,
+                ..
+            } => std::process::exit(exit_status(exit_code, signal, timed_out)),
+            ExecStreamEvent::Error { code, message } => anyhow::bail!("{message} ({code})"),
+        }
+    }
+    anyhow::bail!("the stream ended without the command's exit status")
+}
+
+/// `ID:/path` → (ID, /path).
+fn remote(s: &str) -> Option<(&str, &str)> {
+    let (id, path) = s.split_once(':')?;
+    (path.starts_with('/') && !id.is_empty() && !id.contains('/')).then_some((id, path))
+}
+
+async fn cp(c: &Client, src: &str, dst: &str) -> anyhow::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let t0 = std::time::Instant::now();
+    let bytes = match (remote(src), remote(dst)) {
+        (None, Some((id, path))) => {
+            let f = tokio::fs::File::open(src)
+                .await
+                .with_context(|| format!("opening {src}"))?;
+            let len = f.metadata().await?.len();
+            let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(f));
+            c.upload(id, path, len, body, true).await?.size
+        }
+        (Some((id, path)), None) => {
+            let (_, mut s) = c.download(id, path).await?;
+            let tmp = format!("{dst}.hf-partial");
+            let mut f = tokio::fs::File::create(&tmp)
+                .await
+                .with_context(|| format!("creating {tmp}"))?;
+            let mut n = 0u64;
+            while let Some(chunk) = s.next().await {
+                let chunk = chunk?;
+                n += chunk.len() as u64;
+                f.write_all(&chunk).await?;
+            }
+            f.sync_all().await?;
+            tokio::fs::rename(&tmp, dst).await?;
+            n
+        }
+        _ => anyhow::bail!("exactly one of SRC and DST must be ID:/absolute/path"),
+    };
+    let secs = t0.elapsed().as_secs_f64();
+    eprintln!(
+        "copied {bytes} bytes in {secs:.2} s ({:.1} MB/s)",
+        bytes as f64 / secs.max(1e-6) / 1e6
+    );
+    Ok(())
 }

@@ -2,6 +2,7 @@
 //! key management, `doctor` and `openapi`. A thin layer over the library
 //! crates: argument parsing, output formatting and exit codes live here.
 
+mod assets;
 mod cli;
 mod keys;
 mod machines;
@@ -52,6 +53,7 @@ fn main() -> std::process::ExitCode {
             }
             cli::Command::Machines(cmd) => machines::run(&args.client, cmd).await,
             cli::Command::Keys(cmd) => keys::run(&args.client, cmd).await,
+            cli::Command::Assets(cmd) => assets::run(&args.client, cmd),
         }
     });
     match result {

@@ -8,7 +8,9 @@ use hyperfleet_api::VmmKind;
 use hyperfleet_core::doctor::{self, Level};
 use hyperfleet_core::Config;
 
-use crate::cli::{ClientArgs, LogFormat, ServeArgs, VmmChoice};
+use hyperfleet_core::vmm::qemu::AccelChoice;
+
+use crate::cli::{AccelArg, ClientArgs, LogFormat, ServeArgs, VmmChoice};
 
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("HYPERFLEET_LOG")
@@ -44,6 +46,13 @@ pub async fn serve(a: ServeArgs, global: &ClientArgs) -> anyhow::Result<()> {
     config.stub_binary = a.stub_vmm_binary;
     config.boot_timeout = Duration::from_secs(a.boot_timeout);
     config.stop_timeout = Duration::from_secs(a.stop_timeout);
+    config.qemu_binary = a.qemu_binary;
+    config.assets_dir = a.assets_dir;
+    config.qemu_accel = match a.qemu_accel {
+        AccelArg::Auto => AccelChoice::Auto,
+        AccelArg::Kvm => AccelChoice::Kvm,
+        AccelArg::Tcg => AccelChoice::Tcg,
+    };
     hyperfleet_core::serve(config)
         .await
         .context("the daemon stopped with an error")

@@ -83,6 +83,9 @@ impl From<LifecycleError> for ApiError {
                 format!("a machine named '{n}' already exists"),
             ),
             e @ LifecycleError::BackendDisabled(_) => ApiError::validation(format!("vmm: {e}")),
+            e @ LifecycleError::BackendUnavailable(..) => {
+                ApiError::new(ErrorCode::Unavailable, e.to_string())
+            }
             LifecycleError::Store(e) => e.into(),
         }
     }

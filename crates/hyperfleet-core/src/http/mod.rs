@@ -3,6 +3,7 @@
 
 pub mod error;
 pub mod extract;
+pub mod guest;
 pub mod health;
 pub mod keys;
 pub mod machines;
@@ -50,6 +51,18 @@ fn api_routes() -> Router<AppState> {
         .route("/machines/{id}/suspend", post(machines::suspend))
         .route("/machines/{id}/wait", get(machines::wait))
         .route("/machines/{id}/events", get(machines::events))
+        .route("/machines/{id}/exec", post(guest::exec))
+        .route(
+            "/machines/{id}/files",
+            get(guest::read)
+                .post(guest::write_json)
+                .put(guest::write_raw)
+                .delete(guest::delete),
+        )
+        .route("/machines/{id}/files/stat", get(guest::stat))
+        .route("/machines/{id}/files/list", get(guest::list))
+        .route("/machines/{id}/files/mkdir", post(guest::mkdir))
+        .route("/machines/{id}/logs", get(guest::logs))
         .route("/keys", get(keys::list).post(keys::create))
         .route("/keys/{id}", axum::routing::delete(keys::revoke))
 }

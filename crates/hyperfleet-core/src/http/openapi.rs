@@ -5,7 +5,7 @@
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{health, keys, machines};
+use super::{guest, health, keys, machines};
 
 struct BearerAuth;
 
@@ -37,6 +37,8 @@ impl Modify for BearerAuth {
         machines::start, machines::stop, machines::restart, machines::pause,
         machines::resume, machines::kill, machines::suspend,
         machines::wait, machines::events,
+        guest::exec, guest::write_json, guest::write_raw, guest::read, guest::delete,
+        guest::stat, guest::list, guest::mkdir, guest::logs,
         keys::create, keys::list, keys::revoke,
     ),
     components(schemas(
@@ -47,10 +49,14 @@ impl Modify for BearerAuth {
         hyperfleet_api::EventList, hyperfleet_api::Health, hyperfleet_api::StoreHealth,
         hyperfleet_api::BackendHealth, hyperfleet_api::Scope, hyperfleet_api::CreateKeyRequest,
         hyperfleet_api::CreatedKey, hyperfleet_api::ApiKey, hyperfleet_api::KeyList,
+        hyperfleet_api::ExecRequest, hyperfleet_api::ExecResult, hyperfleet_api::ExecStreamEvent,
+        hyperfleet_api::FileWrite, hyperfleet_api::FileContent, hyperfleet_api::FileStat,
+        hyperfleet_api::DirEntry, hyperfleet_api::DirListing, hyperfleet_api::FileWritten,
     )),
     modifiers(&BearerAuth),
     tags(
         (name = "machines", description = "Create, control and delete machines"),
+        (name = "guest", description = "Commands, files and console inside running machines"),
         (name = "keys", description = "API keys (admin scope)"),
         (name = "health", description = "Liveness and readiness"),
     )

@@ -177,6 +177,7 @@ mod tests {
                 metadata: Default::default(),
                 idle_timeout_seconds: None,
                 persistence: None,
+                image: None,
             },
             status,
             desired,

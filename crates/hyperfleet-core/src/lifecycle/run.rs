@@ -37,6 +37,17 @@ impl RunCtx {
     pub fn paths(&self, id: &str) -> MachinePaths {
         MachinePaths::new(&self.machines_dir, id)
     }
+
+    /// What a backend needs to act on machine `rec`.
+    pub fn launch(&self, rec: &MachineRecord) -> LaunchSpec {
+        LaunchSpec {
+            machine_id: rec.id.clone(),
+            paths: self.paths(&rec.id),
+            spec: rec.spec.clone(),
+            name: rec.name.clone(),
+            restore: rec.has_snapshot,
+        }
+    }
 }
 
 type Rx = watch::Receiver<Option<Arc<CachedMachine>>>;
@@ -147,12 +158,7 @@ impl Run {
     }
 
     fn launch(&self, rec: &MachineRecord) -> LaunchSpec {
-        LaunchSpec {
-            machine_id: rec.id.clone(),
-            paths: self.ctx.paths(&rec.id),
-            spec: rec.spec.clone(),
-            restore: rec.has_snapshot,
-        }
+        self.ctx.launch(rec)
     }
 
     async fn back_off(&mut self, e: &(dyn std::fmt::Display + Sync)) {
@@ -560,7 +566,7 @@ impl Run {
                 _ = until(rx, |r| r.stop_kill) => None,
             };
             match graceful {
-                Some(StopPath::Graceful) => "guest powered off".to_string(),
+                Some(StopPath::Graceful { via }) => format!("guest powered off ({via})"),
                 Some(StopPath::KilledAfterTimeout) => {
                     format!("guest did not power off within {timeout:?}; VMM killed")
                 }

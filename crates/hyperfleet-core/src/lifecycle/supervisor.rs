@@ -30,6 +30,8 @@ pub enum LifecycleError {
     NameTaken(String),
     #[error("the {0} backend is not enabled on this server")]
     BackendDisabled(VmmKind),
+    #[error("the {0} backend cannot create machines right now: {1}")]
+    BackendUnavailable(VmmKind, String),
     #[error(transparent)]
     Store(StoreError),
 }
@@ -141,11 +143,17 @@ impl Supervisor {
         self: &Arc<Self>,
         tenant: &str,
         name: Option<String>,
-        spec: MachineSpec,
+        mut spec: MachineSpec,
     ) -> Result<Arc<CachedMachine>, LifecycleError> {
-        if !self.ctx.backends.contains_key(&spec.vmm) {
-            return Err(LifecycleError::BackendDisabled(spec.vmm));
-        }
+        let backend = self
+            .ctx
+            .backends
+            .get(&spec.vmm)
+            .ok_or(LifecycleError::BackendDisabled(spec.vmm))?;
+        // The machine records the exact guest image it will be made from.
+        spec.image = backend
+            .current_image()
+            .map_err(|why| LifecycleError::BackendUnavailable(spec.vmm, why))?;
         let id = new_machine_id();
         let now = now_ms();
         // Derived from the whole id so generated names never collide.

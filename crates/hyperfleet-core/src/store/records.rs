@@ -23,6 +23,9 @@ pub struct MachineSpec {
     pub metadata: BTreeMap<String, String>,
     pub idle_timeout_seconds: Option<u64>,
     pub persistence: Option<Persistence>,
+    /// The guest image (asset set id) the machine's disk was made from.
+    #[serde(default)]
+    pub image: Option<String>,
 }
 
 /// Identity of a VMM process: enough to tell *our* process from a later
@@ -94,6 +97,7 @@ impl MachineRecord {
             metadata: self.spec.metadata.clone(),
             idle_timeout_seconds: self.spec.idle_timeout_seconds,
             persistence: self.spec.persistence.clone(),
+            image: self.spec.image.clone(),
             generation: self.generation,
             error_message: self.error_message.clone(),
             created_at: rfc3339(self.created_at),

@@ -8,12 +8,14 @@
 //! that reused the pid.
 
 pub mod process;
+pub mod qemu;
 pub mod stub;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use hyperfleet_agent_proto::AgentClient;
 use hyperfleet_api::VmmKind;
 
 use crate::store::{MachineSpec, VmmIdentity};
@@ -89,6 +91,8 @@ pub struct LaunchSpec {
     pub machine_id: String,
     pub paths: MachinePaths,
     pub spec: MachineSpec,
+    /// The machine's name (the guest's hostname).
+    pub name: String,
     /// Restore memory from the suspend image instead of booting.
     pub restore: bool,
 }
@@ -96,8 +100,9 @@ pub struct LaunchSpec {
 /// How a graceful stop ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopPath {
-    /// The guest powered off when asked.
-    Graceful,
+    /// The guest powered off when asked; `via` says how it was asked
+    /// (e.g. "agent poweroff", "ACPI power button").
+    Graceful { via: &'static str },
     /// The guest did not stop in time and the VMM was killed.
     KilledAfterTimeout,
 }
@@ -115,6 +120,27 @@ pub trait Vmm: Send + Sync + 'static {
 
     /// Whether this backend can run machines on this host, and why not.
     fn availability(&self) -> Result<String, String>;
+
+    /// The guest image new machines get (an asset set id), recorded in the
+    /// machine's spec at create time. `None` for backends with no guest.
+    fn current_image(&self) -> Result<Option<String>, String> {
+        Ok(None)
+    }
+
+    /// A connection to the guest agent of a running machine (cached and
+    /// re-established when it broke, e.g. after a daemon restart).
+    async fn agent(&self, launch: &LaunchSpec) -> Result<AgentClient, VmmError> {
+        let _ = launch;
+        Err(VmmError::Unsupported {
+            backend: self.kind(),
+            operation: "a guest agent",
+        })
+    }
+
+    /// Where the guest's serial console is logged.
+    fn console_log(&self, paths: &MachinePaths) -> PathBuf {
+        paths.console_log()
+    }
 
     /// Create-time work: the machine directory and disk. Idempotent.
     async fn prepare(&self, launch: &LaunchSpec) -> Result<(), VmmError>;
@@ -153,6 +179,13 @@ pub trait Vmm: Send + Sync + 'static {
 
     /// Removes everything `prepare` and the VMM created. Idempotent.
     async fn release(&self, paths: &MachinePaths) -> Result<(), VmmError>;
+}
+
+/// Spawns a VMM process detached (see [`process::spawn_detached`]), its
+/// output appended to `log`.
+pub fn spawn_vmm(cmd: std::process::Command, log: &Path) -> Result<VmmIdentity, VmmError> {
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    process::spawn_detached(cmd, log).map_err(|source| VmmError::Spawn { program, source })
 }
 
 /// Removes a machine directory, treating "already gone" as done.

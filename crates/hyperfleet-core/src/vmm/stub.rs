@@ -141,12 +141,7 @@ impl Vmm for StubVmm {
         if launch.restore {
             cmd.arg("--restore").arg(Self::state_file(&launch.paths));
         }
-        process::spawn_detached(cmd, &launch.paths.console_log()).map_err(|source| {
-            VmmError::Spawn {
-                program: self.binary.display().to_string(),
-                source,
-            }
-        })
+        super::spawn_vmm(cmd, &launch.paths.console_log())
     }
 
     async fn wait_ready(
@@ -213,7 +208,9 @@ impl Vmm for StubVmm {
                 .await
                 .map_err(|e| VmmError::host("waiting for the VMM to exit", e))?
         {
-            return Ok(StopPath::Graceful);
+            return Ok(StopPath::Graceful {
+                via: "poweroff request",
+            });
         }
         process::kill(vmm)
             .await

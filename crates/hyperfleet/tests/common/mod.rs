@@ -27,6 +27,38 @@ pub fn testvmm() -> PathBuf {
     p
 }
 
+/// The guest assets the QEMU tests boot (scripts/test.sh builds them), or
+/// `None` with a loud note when absent outside CI. In CI they must exist.
+pub fn guest_assets() -> Option<PathBuf> {
+    let dir = std::env::var_os("HF_TEST_ASSETS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/hf-test-data/assets/current")
+        });
+    let ok = dir.join("manifest.json").exists()
+        && std::process::Command::new("qemu-system-x86_64")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+    if ok {
+        return Some(dir);
+    }
+    let msg = format!(
+        "MISSING: qemu-system-x86_64 and guest assets in {} (scripts/test.sh installs and builds them)",
+        dir.display()
+    );
+    if std::env::var_os("CI").is_some() {
+        panic!("{msg}; CI must not skip");
+    }
+    eprintln!("SKIPPED: {msg}");
+    None
+}
+
+/// Live QEMU processes whose command line contains `marker`.
+pub fn qemu_pids(marker: &str) -> Vec<i32> {
+    pids_matching(marker, "qemu-system")
+}
+
 /// A data directory whose processes and files are removed on drop.
 pub struct Sandbox {
     pub dir: tempfile::TempDir,
@@ -61,7 +93,8 @@ impl Sandbox {
 
 impl Drop for Sandbox {
     fn drop(&mut self) {
-        for pid in pids_with(&self.path().display().to_string()) {
+        let me = self.path().display().to_string();
+        for pid in pids_with(&me).into_iter().chain(qemu_pids(&me)) {
             // SAFETY: kill(2) with a pid we found under our own sandbox.
             unsafe {
                 libc::kill(pid, libc::SIGKILL);
@@ -70,8 +103,13 @@ impl Drop for Sandbox {
     }
 }
 
-/// Live (non-zombie) processes whose command line contains `marker`.
+/// Live (non-zombie) stand-in VMMs whose command line contains `marker`.
 pub fn pids_with(marker: &str) -> Vec<i32> {
+    pids_matching(marker, "hyperfleet-testvmm")
+}
+
+/// Live (non-zombie) processes whose command line contains both strings.
+pub fn pids_matching(marker: &str, program: &str) -> Vec<i32> {
     let me = std::process::id() as i32;
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
@@ -85,7 +123,7 @@ pub fn pids_with(marker: &str) -> Vec<i32> {
             continue;
         };
         let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-        if !cmd.contains(marker) || !cmd.contains("hyperfleet-testvmm") {
+        if !cmd.contains(marker) || !cmd.contains(program) {
             continue;
         }
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -138,25 +176,25 @@ impl Daemon {
         cmd.arg("serve")
             .arg("--data-dir")
             .arg(&dir)
-            .args(["--port", "0", "--default-vmm", "stub"])
+            .args(["--port", "0"])
             .arg("--stub-vmm-binary")
             .arg(testvmm())
             .args(args)
-            .args(if args.contains(&"--stop-timeout") {
-                &[][..]
-            } else {
-                &["--stop-timeout", "2"][..]
-            })
-            .args(if args.contains(&"--boot-timeout") {
-                &[][..]
-            } else {
-                &["--boot-timeout", "10"][..]
-            })
             .env("HYPERFLEET_LOG", "debug")
             .env_remove("HYPERFLEET_CRASH_AT")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
+        // Test defaults, each unless the test sets it.
+        for (flag, value) in [
+            ("--default-vmm", "stub"),
+            ("--stop-timeout", "2"),
+            ("--boot-timeout", "10"),
+        ] {
+            if !args.contains(&flag) {
+                cmd.args([flag, value]);
+            }
+        }
         for (k, v) in env {
             cmd.env(k, v);
         }

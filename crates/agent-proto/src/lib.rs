@@ -1,0 +1,33 @@
+//! Hyperfleet agent protocol: how the host daemon talks to the agent inside a microVM guest.
+//!
+//! One framed, versioned protocol that runs over any reliable byte stream — QEMU virtio-serial,
+//! Firecracker hybrid vsock, a unix socket, a pipe. The crate owns:
+//!
+//! - [`frame`]: the byte layout of frames, the resync marker and the incremental decoder;
+//! - [`messages`]: the JSON schemas of control messages and the protocol version;
+//! - [`client`]: the async host-side client ([`AgentClient`]) that multiplexes many
+//!   operations over one connection with per-stream flow control;
+//! - [`vsock`]: the Firecracker hybrid-vsock `CONNECT` handshake;
+//! - [`error`]: the one error type of the host boundary.
+//!
+//! `PROTOCOL.md` at the root of the development workspace is the normative description of the
+//! wire format; this crate is its reference implementation (the agent reuses [`frame`] and
+//! [`messages`]).
+
+pub mod client;
+pub mod error;
+pub mod frame;
+pub mod messages;
+pub mod vsock;
+
+pub use client::{
+    AgentClient, ByteRange, ConnectOptions, ExecEvent, ExecHandle, ExecOutput, ExecStdin,
+    FileReader,
+};
+pub use error::Error;
+pub use frame::{
+    Frame, FrameDecoder, FrameError, Kind, CHUNK_SIZE, FLUSH_LEN, HEADER_LEN, INITIAL_WINDOW,
+    MAX_PAYLOAD, SYNC,
+};
+pub use messages::*;
+pub use vsock::hybrid_vsock_connect;

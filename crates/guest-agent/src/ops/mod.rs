@@ -1,0 +1,39 @@
+//! Operations the agent performs for the host, one per stream: dispatch by request type.
+//!
+//! Each operation runs in its own task, gets an [`Op`] (output with flow control, input, a
+//! cancellation signal) and returns the final reply or a [`RemoteError`]; the session sends it.
+
+mod exec;
+mod files;
+
+use std::time::Duration;
+
+use hyperfleet_agent_proto::{ErrorCode, PowerRequest, RemoteError, Reply, Request};
+
+use crate::session::{cancelled, Op, Services};
+
+pub async fn run(mut op: Op, req: Request, svc: &Services) -> Result<Reply, RemoteError> {
+    match req {
+        Request::Exec(r) => exec::exec(op, r, &svc.reaper).await,
+        Request::Ping => Ok(Reply::Pong {
+            uptime_ms: crate::sysinfo::uptime_ms(),
+        }),
+        Request::Power(PowerRequest { action }) => {
+            // Answer first; main acts after a grace period that lets the answer reach the host.
+            let tx = svc.power.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let _ = tx.send(action);
+            });
+            Ok(Reply::Power)
+        }
+        other => {
+            // File operations are not process-bound: dropping the future on cancel is enough.
+            let mut cancel = op.cancel.clone();
+            tokio::select! {
+                r = files::run(&mut op, other) => r,
+                _ = cancelled(&mut cancel) => Err(RemoteError::new(ErrorCode::Cancelled, "cancelled")),
+            }
+        }
+    }
+}

@@ -1,0 +1,137 @@
+//! Commands and files inside a running machine (through its guest agent).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// `POST /machines/{id}/exec`. Unknown fields are rejected.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    /// argv; the first element is looked up in the guest's PATH. `cmd` is
+    /// accepted as an alias.
+    #[serde(alias = "cmd")]
+    pub command: Vec<String>,
+    /// Seconds before the process group is killed and `timed_out` reported
+    /// (0.001–3600; default 60).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<f64>,
+    /// Added to the machine's `env` for this command.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    /// Standard input, base64; empty when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdin: Option<String>,
+    /// Keep at most this many bytes of each of stdout and stderr (default
+    /// 1 MiB, at most 16 MiB); `truncated` says when more was produced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_output_bytes: Option<usize>,
+}
+
+/// The outcome of a command.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ExecResult {
+    /// Null when the process was killed by a signal.
+    pub exit_code: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+    /// UTF-8 (invalid sequences replaced); use the streaming form for binary output.
+    pub stdout: String,
+    pub stderr: String,
+    pub timed_out: bool,
+    /// Output beyond `max_output_bytes` was dropped (never silently).
+    pub truncated: bool,
+    pub duration_ms: u64,
+}
+
+/// One line of the streaming form (`?stream=true`, `application/x-ndjson`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ExecStreamEvent {
+    /// A chunk of output as it arrived, base64.
+    Stdout {
+        data: String,
+    },
+    Stderr {
+        data: String,
+    },
+    /// Last line on success.
+    Exit {
+        exit_code: Option<i32>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        signal: Option<i32>,
+        timed_out: bool,
+        duration_ms: u64,
+    },
+    /// Last line when the command could not finish (agent lost, …).
+    Error {
+        code: String,
+        message: String,
+    },
+}
+
+/// `POST /machines/{id}/files` (the JSON/base64 form).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FileWrite {
+    /// Absolute path in the guest; may also be given as `?path=`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// File content, base64.
+    pub content: String,
+    /// Permission bits, e.g. 420 (0644).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<u32>,
+    /// Create missing parent directories.
+    #[serde(default)]
+    pub create_dirs: bool,
+}
+
+/// `GET /machines/{id}/files?path=` (JSON/base64 form).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct FileContent {
+    pub path: String,
+    /// base64
+    pub content: String,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct FileStat {
+    pub path: String,
+    /// `file`, `dir`, `symlink` or `other`.
+    pub kind: String,
+    pub size: u64,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// RFC 3339.
+    pub modified_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub symlink_target: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct DirEntry {
+    pub name: String,
+    pub kind: String,
+    pub size: u64,
+    pub mode: u32,
+    pub modified_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct DirListing {
+    pub path: String,
+    pub entries: Vec<DirEntry>,
+}
+
+/// The answer to a raw upload.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct FileWritten {
+    pub path: String,
+    pub size: u64,
+}

@@ -1,0 +1,623 @@
+//! The QEMU backend: `qemu-system-x86_64 -machine microvm`, KVM where the
+//! host has usable hardware virtualisation and TCG (software) otherwise.
+//!
+//! Per machine, under its directory: `disk.qcow2` (a copy-on-write overlay
+//! over the read-only rootfs of the machine's asset set), `qmp.sock` (control),
+//! `agent.sock` (virtio-serial channel to the guest agent), `console.log`
+//! (the serial console, appended; rotated by the daemon), `vmm.log` (QEMU's
+//! own messages) and `snapshot/mem.state` while suspended. The process runs
+//! detached and outlives the daemon; a restarted daemon reconnects to QMP and
+//! to the agent channel (the agent protocol resynchronises).
+//!
+//! The boot recipe (microvm + qboot + PVH vmlinux + initramfs that switches
+//! to the disk, the trimmed kernel command line, `tsc_early_khz`/`lpj` to
+//! skip calibration) is the one measured in shared/guest-notes.md.
+
+pub mod qmp;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use hyperfleet_agent_proto::{AgentClient, ConnectOptions};
+use hyperfleet_api::VmmKind;
+use serde_json::json;
+use tokio::net::UnixStream;
+
+use super::process::{self, Liveness};
+use super::{LaunchSpec, MachinePaths, StopPath, Vmm, VmmError, VmmRunState};
+use crate::assets::AssetSet;
+use crate::doctor::{detect_accel, Accel};
+use crate::store::VmmIdentity;
+
+/// `--qemu-accel`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccelChoice {
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+pub struct QemuConfig {
+    /// `qemu-system-x86_64`, resolved through PATH when relative.
+    pub binary: PathBuf,
+    pub accel: AccelChoice,
+    /// `<data_dir>/assets`: where asset sets live by id.
+    pub assets_root: PathBuf,
+    /// The set new machines get (default `<assets_root>/current`).
+    pub assets: PathBuf,
+}
+
+pub struct QemuVmm {
+    binary: Option<PathBuf>,
+    firmware: Option<PathBuf>,
+    /// `kvm` or `tcg`, and why.
+    accel: (&'static str, String),
+    assets_root: PathBuf,
+    assets: PathBuf,
+    tsc_khz: Option<u64>,
+    agents: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<AgentClient>>>>>,
+}
+
+const QBOOT: &[&str] = &["/usr/share/qemu/qboot.rom", "/usr/share/seabios/qboot.rom"];
+
+fn which(bin: &Path) -> Option<PathBuf> {
+    if bin.components().count() > 1 {
+        return bin.is_file().then(|| bin.to_path_buf());
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(bin))
+        .find(|p| p.is_file())
+}
+
+/// The host TSC frequency in kHz, so the guest can skip its calibration
+/// loop (`tsc_early_khz`, `lpj`): about one boot in thirty hung in
+/// `calibrate_delay` without it.
+fn host_tsc_khz() -> Option<u64> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let mhz: f64 = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))?
+        .split(':')
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()?;
+    Some((mhz * 1000.0) as u64)
+}
+
+impl QemuVmm {
+    pub fn new(cfg: QemuConfig) -> QemuVmm {
+        let (host, why) = detect_accel();
+        let accel = match (cfg.accel, host) {
+            (AccelChoice::Kvm, _) => ("kvm", "forced by --qemu-accel kvm".to_string()),
+            (AccelChoice::Tcg, _) => ("tcg", "forced by --qemu-accel tcg".to_string()),
+            (AccelChoice::Auto, Accel::HardwareKvm) => ("kvm", why),
+            (AccelChoice::Auto, _) => ("tcg", why),
+        };
+        QemuVmm {
+            binary: which(&cfg.binary),
+            firmware: QBOOT.iter().map(PathBuf::from).find(|p| p.exists()),
+            accel,
+            assets_root: cfg.assets_root,
+            assets: cfg.assets,
+            tsc_khz: host_tsc_khz(),
+            agents: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn accel(&self) -> &'static str {
+        self.accel.0
+    }
+
+    fn set_for(&self, image: Option<&str>) -> Result<AssetSet, VmmError> {
+        let unavailable = |reason: String| VmmError::Unavailable {
+            backend: VmmKind::Qemu,
+            reason,
+        };
+        let current = AssetSet::load(&self.assets).map_err(|e| unavailable(e.to_string()));
+        match image {
+            None => current,
+            Some(id) => {
+                if let Ok(c) = &current {
+                    if c.id == id {
+                        return current;
+                    }
+                }
+                AssetSet::load(&self.assets_root.join(id)).map_err(|e| {
+                    unavailable(format!(
+                        "the machine's guest image {id} is gone ({e}); it cannot boot"
+                    ))
+                })
+            }
+        }
+    }
+
+    fn agent_socket(paths: &MachinePaths) -> PathBuf {
+        paths.dir.join("agent.sock")
+    }
+    fn disk(paths: &MachinePaths) -> PathBuf {
+        paths.dir.join("disk.qcow2")
+    }
+    fn state_file(paths: &MachinePaths) -> PathBuf {
+        paths.snapshot_dir().join("mem.state")
+    }
+
+    fn slot(&self, id: &str) -> Arc<tokio::sync::Mutex<Option<AgentClient>>> {
+        let mut agents = crate::store::lock(&self.agents);
+        agents.entry(id.to_string()).or_default().clone()
+    }
+
+    fn forget_agent(&self, id: &str) {
+        crate::store::lock(&self.agents).remove(id);
+    }
+
+    /// The kernel command line: the measured fast-boot set, then Hyperfleet's.
+    fn cmdline(&self, launch: &LaunchSpec, set: &AssetSet) -> String {
+        let mut c = String::from(
+            "console=ttyS0 quiet reboot=t panic=-1 8250.nr_uarts=1 i8042.noaux i8042.nomux \
+             i8042.nopnp i8042.dumbkbd tsc=reliable no_timer_check init_on_alloc=0 \
+             cryptomgr.notests random.trust_cpu=on mitigations=off",
+        );
+        if let Some(khz) = self.tsc_khz {
+            c.push_str(&format!(" tsc_early_khz={khz} lpj={}", khz * 4));
+        }
+        c.push_str(&format!(
+            " hf.root=/dev/vda hf.modules={} hf.hostname={}",
+            set.module_list(),
+            launch.name
+        ));
+        c
+    }
+
+    fn argv(&self, launch: &LaunchSpec, set: &AssetSet) -> Result<Vec<String>, VmmError> {
+        let p = &launch.paths;
+        let firmware = self
+            .firmware
+            .as_ref()
+            .ok_or_else(|| VmmError::Unavailable {
+                backend: VmmKind::Qemu,
+                reason: "qboot.rom not found (install Debian's qemu-system-data)".into(),
+            })?;
+        let s = |x: &Path| x.display().to_string();
+        let mut a: Vec<String> = vec![
+            "-name".into(),
+            format!("hf-{},debug-threads=on", launch.machine_id),
+            "-machine".into(),
+            "microvm,acpi=on".into(),
+            "-bios".into(),
+            s(firmware),
+            "-accel".into(),
+            self.accel.0.into(),
+        ];
+        if self.accel.0 == "kvm" {
+            a.extend(["-cpu".into(), "host".into()]);
+        }
+        a.extend([
+            "-nodefaults".into(),
+            "-no-user-config".into(),
+            "-display".into(),
+            "none".into(),
+            "-no-reboot".into(),
+            "-m".into(),
+            launch.spec.mem_size_mib.to_string(),
+            "-smp".into(),
+            launch.spec.vcpu_count.to_string(),
+            "-kernel".into(),
+            s(&set.kernel().map_err(asset_err)?),
+            "-initrd".into(),
+            s(&set.initramfs().map_err(asset_err)?),
+            "-append".into(),
+            self.cmdline(launch, set),
+            "-chardev".into(),
+            format!("file,id=con,path={},append=on", s(&p.console_log())),
+            "-serial".into(),
+            "chardev:con".into(),
+            "-chardev".into(),
+            format!(
+                "socket,id=agent,path={},server=on,wait=off",
+                s(&Self::agent_socket(p))
+            ),
+            "-device".into(),
+            "virtio-serial-device".into(),
+            "-device".into(),
+            "virtserialport,chardev=agent,name=hf.agent".into(),
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", s(&p.control_socket())),
+            "-drive".into(),
+            format!(
+                "id=root,file={},format=qcow2,if=none,discard=unmap",
+                s(&Self::disk(p))
+            ),
+            "-device".into(),
+            "virtio-blk-device,drive=root".into(),
+        ]);
+        if launch.restore {
+            a.extend([
+                "-incoming".into(),
+                format!("file:{}", s(&Self::state_file(p))),
+            ]);
+        }
+        Ok(a)
+    }
+
+    /// The last lines of the console, to say why a guest did not come up.
+    fn console_tail(paths: &MachinePaths) -> String {
+        let text = std::fs::read(paths.console_log()).unwrap_or_default();
+        let text = String::from_utf8_lossy(&text);
+        let lines: Vec<&str> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect();
+        let tail = lines[lines.len().saturating_sub(3)..].join(" | ");
+        // A kernel panic's own line says more than the end of its trace.
+        let panic = lines
+            .iter()
+            .rev()
+            .find(|l| l.contains("Kernel panic") || l.contains("not syncing"));
+        match (panic, tail.is_empty()) {
+            (_, true) => "the console is empty".into(),
+            (Some(p), false) => {
+                format!("the guest kernel panicked: {p} (last console lines: {tail})")
+            }
+            (None, false) => format!("last console lines: {tail}"),
+        }
+    }
+
+    /// Waits for an incoming migration (restore) to finish, then continues
+    /// the vCPUs. Idempotent: a running VM is left alone.
+    async fn finish_restore(
+        &self,
+        launch: &LaunchSpec,
+        vmm: &VmmIdentity,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), VmmError> {
+        let sock = launch.paths.control_socket();
+        loop {
+            if process::probe(vmm) == Liveness::Gone {
+                return Err(VmmError::Exited {
+                    doing: format!("restoring memory; {}", Self::console_tail(&launch.paths)),
+                });
+            }
+            let status = match qmp::command(&sock, "query-status", None).await {
+                Ok(v) => v["status"].as_str().unwrap_or("").to_string(),
+                Err(_) => String::new(),
+            };
+            match status.as_str() {
+                "running" => return Ok(()),
+                "paused" | "postmigrate" | "prelaunch" => {
+                    qmp::command(&sock, "cont", None).await?;
+                    return Ok(());
+                }
+                _ => {}
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(VmmError::BootTimeout {
+                    timeout: Duration::ZERO,
+                    detail: format!(
+                        "the memory image never finished loading (QMP status '{status}')"
+                    ),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    async fn connect_agent(
+        &self,
+        paths: &MachinePaths,
+        timeout: Duration,
+    ) -> Result<AgentClient, VmmError> {
+        let sock = Self::agent_socket(paths);
+        let stream = UnixStream::connect(&sock)
+            .await
+            .map_err(|e| VmmError::Control {
+                doing: "connecting to the guest agent channel".into(),
+                detail: format!("{}: {e}", sock.display()),
+            })?;
+        let opts = ConnectOptions {
+            handshake_timeout: timeout,
+            ..ConnectOptions::default()
+        };
+        AgentClient::connect_with(stream, opts)
+            .await
+            .map_err(|e| VmmError::Control {
+                doing: "greeting the guest agent".into(),
+                detail: e.to_string(),
+            })
+    }
+}
+
+fn asset_err(e: crate::assets::AssetError) -> VmmError {
+    VmmError::Unavailable {
+        backend: VmmKind::Qemu,
+        reason: e.to_string(),
+    }
+}
+
+#[async_trait]
+impl Vmm for QemuVmm {
+    fn kind(&self) -> VmmKind {
+        VmmKind::Qemu
+    }
+
+    fn availability(&self) -> Result<String, String> {
+        let bin = self
+            .binary
+            .as_ref()
+            .ok_or("qemu-system-x86_64 not found in PATH (install qemu-system-x86 10.x)")?;
+        if self.firmware.is_none() {
+            return Err("qboot.rom not found (install Debian's qemu-system-data)".into());
+        }
+        let set = AssetSet::load(&self.assets).map_err(|e| e.to_string())?;
+        Ok(format!(
+            "{} with {} ({}); guest image {} (kernel {})",
+            bin.display(),
+            self.accel.0.to_uppercase(),
+            self.accel.1,
+            set.id,
+            set.manifest.kernel_release
+        ))
+    }
+
+    fn current_image(&self) -> Result<Option<String>, String> {
+        AssetSet::load(&self.assets)
+            .map(|s| Some(s.id))
+            .map_err(|e| e.to_string())
+    }
+
+    async fn prepare(&self, launch: &LaunchSpec) -> Result<(), VmmError> {
+        let set = self.set_for(launch.spec.image.as_deref())?;
+        let rootfs = set.rootfs().map_err(asset_err)?;
+        let dir = launch.paths.dir.clone();
+        let disk = Self::disk(&launch.paths);
+        tokio::fs::create_dir_all(&dir)
+            .await
+            .map_err(|e| VmmError::host(format!("creating {}", dir.display()), e))?;
+        if tokio::fs::try_exists(&disk).await.unwrap_or(false) {
+            return Ok(());
+        }
+        // Created under a temporary name and renamed: a crash never leaves a
+        // half-made overlay behind under the real name.
+        let tmp = dir.join("disk.qcow2.tmp");
+        let out = tokio::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+            .arg(&rootfs)
+            .arg(&tmp)
+            .output()
+            .await
+            .map_err(|e| VmmError::host("running qemu-img (install qemu-utils)", e))?;
+        if !out.status.success() {
+            return Err(VmmError::host(
+                "creating the disk overlay with qemu-img",
+                std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_string()),
+            ));
+        }
+        tokio::fs::rename(&tmp, &disk)
+            .await
+            .map_err(|e| VmmError::host(format!("renaming {}", tmp.display()), e))
+    }
+
+    async fn spawn(&self, launch: &LaunchSpec) -> Result<VmmIdentity, VmmError> {
+        let binary = self.binary.clone().ok_or_else(|| VmmError::Unavailable {
+            backend: VmmKind::Qemu,
+            reason: "qemu-system-x86_64 not found in PATH".into(),
+        })?;
+        let set = self.set_for(launch.spec.image.as_deref())?;
+        let argv = self.argv(launch, &set)?;
+        if launch.restore && !Self::state_file(&launch.paths).exists() {
+            return Err(VmmError::host(
+                "restoring memory",
+                std::io::Error::new(std::io::ErrorKind::NotFound, "the suspend image is missing"),
+            ));
+        }
+        for sock in [
+            launch.paths.control_socket(),
+            Self::agent_socket(&launch.paths),
+        ] {
+            match std::fs::remove_file(&sock) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(VmmError::host(format!("removing {}", sock.display()), e)),
+            }
+        }
+        self.forget_agent(&launch.machine_id);
+        let mut cmd = Command::new(&binary);
+        cmd.args(&argv);
+        super::spawn_vmm(cmd, &launch.paths.dir.join("vmm.log"))
+    }
+
+    async fn wait_ready(
+        &self,
+        launch: &LaunchSpec,
+        vmm: &VmmIdentity,
+        timeout: Duration,
+    ) -> Result<(), VmmError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let sock = Self::agent_socket(&launch.paths);
+        if launch.restore {
+            self.finish_restore(launch, vmm, deadline).await?;
+        }
+        let slot = self.slot(&launch.machine_id);
+        let mut guard = slot.lock().await;
+        loop {
+            if process::probe(vmm) == Liveness::Gone {
+                return Err(VmmError::Exited {
+                    doing: format!(
+                        "waiting for the guest to become ready; {}",
+                        Self::console_tail(&launch.paths)
+                    ),
+                });
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Err(VmmError::BootTimeout {
+                    timeout,
+                    detail: Self::console_tail(&launch.paths),
+                });
+            }
+            if sock.exists() {
+                // QEMU holds our hello until the agent opens its port, so one
+                // handshake with the remaining time covers the whole boot; it
+                // is retried when QEMU died or the channel broke meanwhile.
+                let remaining = deadline - now;
+                match self.connect_agent(&launch.paths, remaining).await {
+                    Ok(c) => {
+                        *guard = Some(c);
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        tracing::debug!(machine = %launch.machine_id, error = %e, "agent not ready yet")
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    async fn agent(&self, launch: &LaunchSpec) -> Result<AgentClient, VmmError> {
+        let slot = self.slot(&launch.machine_id);
+        let mut guard = slot.lock().await;
+        if let Some(c) = guard.as_ref() {
+            if !c.is_closed() {
+                return Ok(c.clone());
+            }
+        }
+        let c = self
+            .connect_agent(&launch.paths, Duration::from_secs(5))
+            .await?;
+        *guard = Some(c.clone());
+        Ok(c)
+    }
+
+    async fn run_state(&self, launch: &LaunchSpec) -> Result<VmmRunState, VmmError> {
+        let v = qmp::command(&launch.paths.control_socket(), "query-status", None).await?;
+        Ok(if v["running"].as_bool().unwrap_or(false) {
+            VmmRunState::Running
+        } else {
+            VmmRunState::Paused
+        })
+    }
+
+    async fn pause(&self, launch: &LaunchSpec) -> Result<(), VmmError> {
+        qmp::command(&launch.paths.control_socket(), "stop", None)
+            .await
+            .map(drop)
+    }
+
+    async fn resume(&self, launch: &LaunchSpec) -> Result<(), VmmError> {
+        qmp::command(&launch.paths.control_socket(), "cont", None)
+            .await
+            .map(drop)
+    }
+
+    async fn shutdown(
+        &self,
+        launch: &LaunchSpec,
+        vmm: &VmmIdentity,
+        timeout: Duration,
+    ) -> Result<StopPath, VmmError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let gone_by = |deadline: tokio::time::Instant| async move {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            process::wait_gone(vmm, left)
+                .await
+                .map_err(|e| VmmError::host("waiting for QEMU to exit", e))
+        };
+        // 1. Ask the agent: it syncs and unmounts before powering off.
+        let agent = tokio::time::timeout(Duration::from_secs(2), self.agent(launch)).await;
+        if let Ok(Ok(c)) = agent {
+            if c.poweroff().await.is_ok() && gone_by(deadline).await? {
+                self.forget_agent(&launch.machine_id);
+                return Ok(StopPath::Graceful {
+                    via: "agent poweroff",
+                });
+            }
+        }
+        // 2. The ACPI power button (the agent also acts on it).
+        if tokio::time::Instant::now() < deadline
+            && qmp::command(&launch.paths.control_socket(), "system_powerdown", None)
+                .await
+                .is_ok()
+            && gone_by(deadline).await?
+        {
+            self.forget_agent(&launch.machine_id);
+            return Ok(StopPath::Graceful {
+                via: "ACPI power button",
+            });
+        }
+        // 3. Out of time.
+        process::kill(vmm)
+            .await
+            .map_err(|e| VmmError::host("killing QEMU", e))?;
+        self.forget_agent(&launch.machine_id);
+        Ok(StopPath::KilledAfterTimeout)
+    }
+
+    async fn save_state(&self, launch: &LaunchSpec) -> Result<(), VmmError> {
+        let dir = launch.paths.snapshot_dir();
+        tokio::fs::create_dir_all(&dir)
+            .await
+            .map_err(|e| VmmError::host(format!("creating {}", dir.display()), e))?;
+        let state = Self::state_file(&launch.paths);
+        let _ = tokio::fs::remove_file(&state).await;
+        let mut q = qmp::Qmp::connect(&launch.paths.control_socket()).await?;
+        // The default bandwidth cap makes a save take ~7x longer.
+        q.execute(
+            "migrate-set-parameters",
+            Some(json!({"max-bandwidth": 64u64 << 30})),
+        )
+        .await?;
+        q.execute("stop", None).await?;
+        q.execute(
+            "migrate",
+            Some(json!({"uri": format!("file:{}", state.display())})),
+        )
+        .await?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            let st = q.execute("query-migrate", None).await?;
+            match st["status"].as_str().unwrap_or("") {
+                "completed" => break,
+                "failed" | "cancelled" => {
+                    return Err(VmmError::Control {
+                        doing: "saving memory".into(),
+                        detail: st["error-desc"]
+                            .as_str()
+                            .unwrap_or("migration failed")
+                            .into(),
+                    })
+                }
+                _ => {}
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(VmmError::Control {
+                    doing: "saving memory".into(),
+                    detail: "the save did not finish within 120 s".into(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // The image must be on disk before the VMM is killed.
+        let f = tokio::fs::File::open(&state)
+            .await
+            .map_err(|e| VmmError::host("opening the memory image", e))?;
+        f.sync_all()
+            .await
+            .map_err(|e| VmmError::host("syncing the memory image", e))?;
+        self.forget_agent(&launch.machine_id);
+        Ok(())
+    }
+
+    async fn release(&self, paths: &MachinePaths) -> Result<(), VmmError> {
+        if let Some(id) = paths.dir.file_name().and_then(|n| n.to_str()) {
+            self.forget_agent(id);
+        }
+        super::remove_dir_idempotent(&paths.dir).await
+    }
+}

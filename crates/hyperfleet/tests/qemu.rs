@@ -1,0 +1,288 @@
+//! Real guests: the daemon boots the guest assets under QEMU (TCG here, KVM
+//! where usable), runs commands and moves files through the guest agent,
+//! survives a SIGKILL without rebooting the guest, and fails cleanly when a
+//! guest cannot come up. Needs qemu-system-x86_64 10.x and the guest assets
+//! (scripts/test.sh installs and builds both; in CI nothing is skipped).
+
+mod common;
+
+use std::time::Duration;
+
+use base64::Engine;
+use common::{guest_assets, qemu_pids, Daemon, Sandbox};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+fn start_daemon(sb: &Sandbox, assets: &std::path::Path, extra: &[&str]) -> Daemon {
+    let assets = assets.display().to_string();
+    let mut args = vec!["--assets-dir", assets.as_str()];
+    args.extend_from_slice(extra);
+    if !extra.contains(&"--boot-timeout") {
+        args.extend_from_slice(&["--boot-timeout", "120"]);
+    }
+    let args: Vec<&str> = args.to_vec();
+    Daemon::start_with(sb, &[], &args)
+}
+
+fn exec(d: &Daemon, id: &str, body: Value) -> Value {
+    let r = d.call("POST", &format!("/machines/{id}/exec"), Some(body.clone()));
+    assert_eq!(r.status, 200, "exec {body}: {}", r.body);
+    r.body
+}
+
+fn sh(d: &Daemon, id: &str, script: &str) -> String {
+    let out = exec(d, id, json!({"command": ["sh", "-c", script]}));
+    assert_eq!(out["exit_code"], 0, "{script}: {out}");
+    out["stdout"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn a_real_guest_runs_commands_moves_files_and_leaves_nothing_behind() {
+    let Some(assets) = guest_assets() else { return };
+    let sb = Sandbox::new();
+    let d = start_daemon(&sb, &assets, &["--default-vmm", "qemu"]);
+    let m = d.create(json!({"name": "real", "vcpu_count": 1, "mem_size_mib": 256}));
+    assert_eq!(m["vmm"], "qemu");
+    assert!(
+        m["image"].is_string(),
+        "the machine records its guest image: {m}"
+    );
+    let id = m["id"].as_str().unwrap().to_string();
+
+    let r = d.call("POST", "/machines/real/start?timeout=300", None);
+    assert_eq!(r.body["status"], "running", "{}\n{}", r.body, d.log());
+
+    let out = exec(&d, &id, json!({"command": ["uname", "-a"]}));
+    assert!(
+        out["stdout"].as_str().unwrap().starts_with("Linux real "),
+        "{out}"
+    );
+    let out = exec(
+        &d,
+        &id,
+        json!({"cmd": ["sh", "-c", "echo to-err >&2; exit 3"]}),
+    );
+    assert_eq!(
+        (out["exit_code"].as_i64(), out["stderr"].as_str()),
+        (Some(3), Some("to-err\n"))
+    );
+
+    // A command past its timeout is reported and its process is gone.
+    let out = exec(
+        &d,
+        &id,
+        json!({"command": ["sh", "-c", "sleep 300 & echo $! > /tmp/sleeper; wait"], "timeout": 1}),
+    );
+    assert_eq!(out["timed_out"], true, "{out}");
+    let pid = sh(&d, &id, "cat /tmp/sleeper").trim().to_string();
+    let alive = exec(
+        &d,
+        &id,
+        json!({"command": ["sh", "-c", format!("kill -0 {pid}")]}),
+    );
+    assert_ne!(
+        alive["exit_code"], 0,
+        "the timed-out process group was killed"
+    );
+
+    // 64 MiB up and down, streamed, identical.
+    let data: Vec<u8> = (0..64u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let want = hex(&Sha256::digest(&data));
+    let r = d
+        .raw()
+        .put(format!("{}/machines/real/files?path=/root/big.bin", d.url))
+        .bearer_auth(&d.key)
+        .body(data.clone())
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 201, "{}", r.text().unwrap_or_default());
+    let guest_sum = sh(&d, &id, "sha256sum /root/big.bin");
+    assert!(guest_sum.starts_with(&want), "{guest_sum}");
+    let back = d
+        .raw()
+        .get(format!(
+            "{}/machines/real/files?path=/root/big.bin&raw=true",
+            d.url
+        ))
+        .bearer_auth(&d.key)
+        .send()
+        .unwrap();
+    assert_eq!(back.status(), 200);
+    assert_eq!(hex(&Sha256::digest(back.bytes().unwrap())), want);
+    // The seeds' JSON form and stat.
+    let r = d.call(
+        "POST",
+        "/machines/real/files",
+        Some(json!({"path": "/root/note.txt", "content": B64.encode("hello")})),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let r = d.call("GET", "/machines/real/files?path=/root/note.txt", None);
+    assert_eq!(r.body["content"], B64.encode("hello"));
+    let r = d.call("GET", "/machines/real/files/stat?path=/root/big.bin", None);
+    assert_eq!(r.body["size"], 64 << 20);
+
+    // Stop, start: the disk keeps the file.
+    let r = d.call("POST", "/machines/real/stop", None);
+    assert_eq!(r.body["status"], "stopped", "{}", r.body);
+    assert!(qemu_pids(&sb.path().display().to_string()).is_empty());
+    let r = d.call(
+        "POST",
+        "/machines/real/exec",
+        Some(json!({"command": ["true"]})),
+    );
+    assert_eq!((r.status, r.code()), (409, "INVALID_STATE"));
+    let r = d.call("POST", "/machines/real/start?timeout=300", None);
+    assert_eq!(r.body["status"], "running", "{}", r.body);
+    assert!(
+        sh(&d, &id, "sha256sum /root/big.bin").starts_with(&want),
+        "the file survived stop/start"
+    );
+    let r = d.call("POST", "/machines/real/restart?timeout=300", None);
+    assert_eq!(r.body["status"], "running", "{}", r.body);
+    assert_eq!(sh(&d, &id, "cat /root/note.txt"), "hello");
+
+    let ev = d
+        .call("GET", "/machines/real/events", None)
+        .body
+        .to_string();
+    assert!(
+        ev.contains("agent poweroff"),
+        "stops went through the agent: {ev}"
+    );
+    let r = d.call("GET", "/machines/real/logs?tail=50", None);
+    assert_eq!(r.status, 200);
+
+    let r = d.call("DELETE", "/machines/real?force=true", None);
+    assert_eq!(r.status, 204, "{}", r.body);
+    assert!(
+        qemu_pids(&sb.path().display().to_string()).is_empty(),
+        "no QEMU left"
+    );
+    assert!(
+        !sb.machines_dir().join(&id).exists(),
+        "no sockets, overlay or logs left"
+    );
+}
+
+#[test]
+fn a_sigkilled_daemon_does_not_reboot_the_guest() {
+    let Some(assets) = guest_assets() else { return };
+    let sb = Sandbox::new();
+    let mut d = start_daemon(&sb, &assets, &["--default-vmm", "qemu"]);
+    let m = d.create(json!({"name": "survivor"}));
+    let id = m["id"].as_str().unwrap().to_string();
+    let r = d.call("POST", "/machines/survivor/start?timeout=300", None);
+    assert_eq!(r.body["status"], "running", "{}", r.body);
+    let boot_id = sh(&d, &id, "cat /proc/sys/kernel/random/boot_id");
+    let up1: f64 = sh(&d, &id, "cut -d' ' -f1 /proc/uptime")
+        .trim()
+        .parse()
+        .unwrap();
+    let qemu = qemu_pids(&sb.path().display().to_string());
+    assert_eq!(qemu.len(), 1);
+
+    d.kill9();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        qemu_pids(&sb.path().display().to_string()),
+        qemu,
+        "QEMU outlived the daemon"
+    );
+    let d = start_daemon(&sb, &assets, &["--default-vmm", "qemu"]);
+    let r = d.call("GET", "/machines/survivor", None);
+    assert_eq!(r.body["status"], "running");
+    assert_eq!(
+        sh(&d, &id, "cat /proc/sys/kernel/random/boot_id"),
+        boot_id,
+        "same boot"
+    );
+    let up2: f64 = sh(&d, &id, "cut -d' ' -f1 /proc/uptime")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(up2 > up1, "uptime kept growing: {up1} → {up2}");
+    assert_eq!(
+        qemu_pids(&sb.path().display().to_string()),
+        qemu,
+        "re-adopted, not rebooted"
+    );
+    let r = d.call("POST", "/machines/survivor/stop", None);
+    assert_eq!(r.body["status"], "stopped", "{}", r.body);
+    assert!(qemu_pids(&sb.path().display().to_string()).is_empty());
+    assert_eq!(d.call("DELETE", "/machines/survivor", None).status, 204);
+}
+
+#[test]
+fn guests_that_cannot_come_up_fail_with_the_reason_and_no_process() {
+    let Some(assets) = guest_assets() else { return };
+    let sb = Sandbox::new();
+    // A boot timeout shorter than any boot: the watchdog fires.
+    let d = start_daemon(
+        &sb,
+        &assets,
+        &["--default-vmm", "qemu", "--boot-timeout", "1"],
+    );
+    d.create(json!({"name": "slow"}));
+    let r = d.call("POST", "/machines/slow/start", None);
+    assert_eq!((r.status, r.code()), (500, "RUNTIME_ERROR"), "{}", r.body);
+    let m = d.call("GET", "/machines/slow", None).body;
+    assert_eq!(m["status"], "failed");
+    let msg = m["error_message"].as_str().unwrap();
+    assert!(
+        msg.contains("never became ready") && msg.contains("1s"),
+        "{msg}"
+    );
+    assert!(
+        qemu_pids(&sb.path().display().to_string()).is_empty(),
+        "the VMM of a failed boot is gone"
+    );
+    assert_eq!(d.call("DELETE", "/machines/slow", None).status, 204);
+    drop(d);
+
+    // A guest whose initramfs is garbage: the kernel panics (panic=-1 and
+    // -no-reboot make QEMU exit) and the failure names the console's last words.
+    let broken = sb.path().join("broken-assets");
+    make_broken_set(&assets, &broken);
+    let d = start_daemon(&sb, &broken, &["--default-vmm", "qemu"]);
+    d.create(json!({"name": "panicky"}));
+    let r = d.call("POST", "/machines/panicky/start?timeout=300", None);
+    assert_eq!((r.status, r.code()), (500, "RUNTIME_ERROR"), "{}", r.body);
+    let m = d.call("GET", "/machines/panicky", None).body;
+    let msg = m["error_message"].as_str().unwrap();
+    assert!(
+        msg.contains("VMM process exited") && msg.to_lowercase().contains("panic"),
+        "{msg}"
+    );
+    assert!(qemu_pids(&sb.path().display().to_string()).is_empty());
+    assert_eq!(d.call("DELETE", "/machines/panicky", None).status, 204);
+}
+
+/// A copy of the asset set whose initramfs is garbage (manifest updated so
+/// the set still loads).
+fn make_broken_set(good: &std::path::Path, dir: &std::path::Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut manifest: Value =
+        serde_json::from_slice(&std::fs::read(good.join("manifest.json")).unwrap()).unwrap();
+    let junk = b"this is not a cpio archive".repeat(64);
+    for a in manifest["assets"].as_array_mut().unwrap() {
+        let file = a["file"].as_str().unwrap().to_string();
+        if a["kind"] == "initramfs" {
+            std::fs::write(dir.join(&file), &junk).unwrap();
+            a["size"] = json!(junk.len());
+            a["sha256"] = json!(hex(&Sha256::digest(&junk)));
+        } else {
+            std::fs::hard_link(good.join(&file), dir.join(&file))
+                .or_else(|_| std::fs::copy(good.join(&file), dir.join(&file)).map(drop))
+                .unwrap();
+        }
+    }
+    std::fs::write(dir.join("manifest.json"), manifest.to_string()).unwrap();
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}

@@ -64,8 +64,15 @@ async fn agent_as_pid1_in_a_pid_namespace() {
         eprintln!("SKIPPED agent_as_pid1_in_a_pid_namespace: needs root and unshare(1)");
         return;
     }
-    // Not under /tmp: the agent mounts a fresh tmpfs there inside its mount namespace.
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    // Not under a path the agent mounts over inside its mount namespace
+    // (/tmp, /run, /dev, /proc, /sys): the socket would vanish behind the
+    // new mount. The target dir may itself be under /tmp (a CI clone there).
+    let target_tmp = env!("CARGO_TARGET_TMPDIR");
+    let shadowed = ["/tmp", "/run", "/dev", "/proc", "/sys"]
+        .iter()
+        .any(|m| target_tmp == *m || target_tmp.starts_with(&format!("{m}/")));
+    let base = if shadowed { "/var/tmp" } else { target_tmp };
+    let dir = tempfile::tempdir_in(base).unwrap();
     let sock = dir.path().join("agent.sock");
     let unshare = Command::new("unshare")
         .args([

@@ -164,7 +164,7 @@ pub fn run(config: &Config) -> Vec<Check> {
     let (accel, why) = detect_accel();
     out.push(match accel {
         Accel::HardwareKvm => check("kvm", Level::Ok, why, ""),
-        Accel::PvmOnly => check("kvm", Level::Warn, why, "guests run under QEMU TCG (software, ~1.6 s boots); use a host with hardware virtualisation for Firecracker and KVM speed"),
+        Accel::PvmOnly => check("kvm", Level::Warn, why, "guests run under QEMU TCG (software emulation: boots take seconds, not milliseconds); use a host with hardware virtualisation for Firecracker and KVM speed"),
         Accel::None => check("kvm", Level::Warn, why, "enable VT-x/AMD-V (or nested virtualisation) and load kvm_intel/kvm_amd for KVM speed"),
     });
 
@@ -202,6 +202,29 @@ pub fn run(config: &Config) -> Vec<Check> {
             Level::Warn,
             "firecracker not found in PATH",
             "install the official Firecracker release binaries (firecracker, jailer) into PATH",
+        )),
+    }
+    match crate::assets::AssetSet::load(&config.assets_path()) {
+        Ok(set) => out.push(check(
+            "guest_assets",
+            Level::Ok,
+            format!(
+                "{} (kernel {}, agent {})",
+                set.id,
+                set.manifest.kernel_release,
+                set.manifest
+                    .agent
+                    .as_ref()
+                    .map(|a| &a.sha256[..12])
+                    .unwrap_or("none: placeholder init")
+            ),
+            "",
+        )),
+        Err(e) => out.push(check(
+            "guest_assets",
+            Level::Warn,
+            e.to_string(),
+            "run scripts/setup.sh, or `hyperfleet assets build --agent <static hyperfleet-agent>`",
         )),
     }
     match config.stub_binary_path() {

@@ -10,5 +10,5 @@ cargo build --release --workspace --bins
 agent=$(bash scripts/build-agent.sh)
 cp "$agent" target/release/hyperfleet-agent
 ./target/release/hyperfleet assets build --agent target/release/hyperfleet-agent 2>&1 \
-  | grep -v '^ *[{"}\[]'
+  | grep -v '^ *[][{}"]'
 ./target/release/hyperfleet doctor || true

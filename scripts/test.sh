@@ -13,5 +13,5 @@ cargo build --workspace --bins --features hyperfleet/failpoints
 agent=$(bash scripts/build-agent.sh)
 # Deterministic: an unchanged agent and kernel package reuse the same set.
 HYPERFLEET_DATA_DIR="$PWD/target/hf-test-data" \
-  target/debug/hyperfleet assets build --agent "$agent" 2>&1 | grep -v '^ *[{"}\[]' | tail -n 3
+  target/debug/hyperfleet assets build --agent "$agent" 2>&1 | grep -v '^ *[][{}"]' | tail -n 3
 cargo test --workspace --features hyperfleet/failpoints "$@"

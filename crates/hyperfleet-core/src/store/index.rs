@@ -42,6 +42,28 @@ pub struct MachineIndex {
 
 impl MachineIndex {
     pub fn put(&mut self, rec: MachineRecord) -> Arc<CachedMachine> {
+        // The common case, a status change: identity and ordering keys are
+        // unchanged, so swap the entry in place without re-making the keys.
+        if let Some(old) = self.by_id.get(&rec.id) {
+            let same_keys = old.rec.tenant == rec.tenant
+                && old.rec.name == rec.name
+                && old.rec.created_at == rec.created_at;
+            if same_keys {
+                let entry = CachedMachine::new(rec);
+                let rec = &entry.rec;
+                if let Some(slot) = self
+                    .by_tenant
+                    .get_mut(&rec.tenant)
+                    .and_then(|t| t.get_mut(&(rec.created_at, rec.id.clone())))
+                {
+                    *slot = entry.clone();
+                }
+                if let Some(slot) = self.by_id.get_mut(&rec.id) {
+                    *slot = entry.clone();
+                }
+                return entry;
+            }
+        }
         self.remove(&rec.id);
         let entry = CachedMachine::new(rec);
         let rec = &entry.rec;

@@ -82,6 +82,56 @@ pub fn machine_from_row(r: &Row<'_>) -> rusqlite::Result<MachineRecord> {
     })
 }
 
+/// Every mutable column of an existing machine (the immutable id, tenant,
+/// name, spec and created_at are not rewritten).
+const UPDATE_MACHINE: &str = "UPDATE machines SET status=?2, desired=?3, generation=?4, \
+    restart_seq=?5, boot_restart_seq=?6, stop_kill=?7, failed_generation=?8, error_message=?9, \
+    vmm_pid=?10, vmm_start_time=?11, vmm_boot_id=?12, current_step=?13, prepared=?14, \
+    has_snapshot=?15, operation_id=?16, updated_at=?17, started_at=?18, observed_generation=?19 \
+    WHERE id=?1";
+
+/// Updates an existing machine's mutable columns.
+pub fn update_machine(conn: &Connection, m: &MachineRecord) -> Result<(), StoreError> {
+    let (pid, start, boot) = match &m.vmm {
+        Some(v) => (
+            Some(v.pid as i64),
+            Some(v.start_time as i64),
+            Some(v.boot_id.as_str()),
+        ),
+        None => (None, None, None),
+    };
+    let mut stmt = conn
+        .prepare_cached(UPDATE_MACHINE)
+        .map_err(|e| StoreError::sql("preparing the machine update", e))?;
+    let n = stmt
+        .execute(params![
+            m.id,
+            m.status.as_str(),
+            m.desired.as_str(),
+            m.generation as i64,
+            m.restart_seq as i64,
+            m.boot_restart_seq as i64,
+            m.stop_kill as i64,
+            m.failed_generation.map(|g| g as i64),
+            m.error_message,
+            pid,
+            start,
+            boot,
+            m.current_step,
+            m.prepared as i64,
+            m.has_snapshot as i64,
+            m.operation_id,
+            m.updated_at,
+            m.started_at,
+            m.observed_generation as i64,
+        ])
+        .map_err(|e| StoreError::sql(&format!("updating machine {}", m.id), e))?;
+    if n == 0 {
+        return Err(StoreError::NoSuchMachine(m.id.clone()));
+    }
+    Ok(())
+}
+
 pub fn write_machine(conn: &Connection, m: &MachineRecord) -> Result<(), StoreError> {
     // Serialising a struct of strings, numbers and maps cannot fail.
     let spec = serde_json::to_string(&m.spec).expect("machine spec serialises");

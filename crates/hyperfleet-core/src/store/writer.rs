@@ -82,11 +82,19 @@ impl WriteCtx<'_> {
 
     /// Inserts or replaces a machine record.
     pub fn put_machine(&mut self, rec: MachineRecord) -> Result<(), StoreError> {
+        let existing = self.machine_identity(&rec.id);
+        if existing
+            .as_ref()
+            .is_some_and(|(t, n, c)| *t == rec.tenant && *n == rec.name && *c == rec.created_at)
+        {
+            // A status change of a known machine: only mutable columns.
+            rows::update_machine(self.conn, &rec)?;
+            self.mine.machines.insert(rec.id.clone(), Some(rec));
+            return Ok(());
+        }
         // Only a new machine (or a new name) can collide. The unique index
         // catches duplicates too; checking here first gives the clear error.
-        let renamed = self
-            .machine(&rec.id)
-            .is_none_or(|old| old.name != rec.name || old.tenant != rec.tenant);
+        let renamed = existing.is_none_or(|(t, n, _)| n != rec.name || t != rec.tenant);
         if renamed {
             if let Some(other) = self.name_owner(&rec.tenant, &rec.name) {
                 if other != rec.id {
@@ -116,6 +124,21 @@ impl WriteCtx<'_> {
         }
         self.mine.machines.insert(id.to_string(), None);
         Ok(())
+    }
+
+    /// (tenant, name, created_at) of machine `id`, seeing this batch's
+    /// writes, without cloning the whole record.
+    fn machine_identity(&self, id: &str) -> Option<(String, String, i64)> {
+        for layer in [&self.mine, self.batch] {
+            if let Some(m) = layer.machines.get(id) {
+                return m
+                    .as_ref()
+                    .map(|m| (m.tenant.clone(), m.name.clone(), m.created_at));
+            }
+        }
+        read_lock(&self.shared.index)
+            .by_id(id)
+            .map(|m| (m.rec.tenant.clone(), m.rec.name.clone(), m.rec.created_at))
     }
 
     /// The id of the live machine named `name`, seeing this batch's writes.

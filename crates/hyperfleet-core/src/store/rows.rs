@@ -82,6 +82,18 @@ pub fn machine_from_row(r: &Row<'_>) -> rusqlite::Result<MachineRecord> {
     })
 }
 
+/// The VMM identity as its three nullable columns.
+fn vmm_columns(m: &MachineRecord) -> (Option<i64>, Option<i64>, Option<&str>) {
+    match &m.vmm {
+        Some(v) => (
+            Some(v.pid as i64),
+            Some(v.start_time as i64),
+            Some(v.boot_id.as_str()),
+        ),
+        None => (None, None, None),
+    }
+}
+
 /// Every mutable column of an existing machine (the immutable id, tenant,
 /// name, spec and created_at are not rewritten).
 const UPDATE_MACHINE: &str = "UPDATE machines SET status=?2, desired=?3, generation=?4, \
@@ -92,14 +104,7 @@ const UPDATE_MACHINE: &str = "UPDATE machines SET status=?2, desired=?3, generat
 
 /// Updates an existing machine's mutable columns.
 pub fn update_machine(conn: &Connection, m: &MachineRecord) -> Result<(), StoreError> {
-    let (pid, start, boot) = match &m.vmm {
-        Some(v) => (
-            Some(v.pid as i64),
-            Some(v.start_time as i64),
-            Some(v.boot_id.as_str()),
-        ),
-        None => (None, None, None),
-    };
+    let (pid, start, boot) = vmm_columns(m);
     let mut stmt = conn
         .prepare_cached(UPDATE_MACHINE)
         .map_err(|e| StoreError::sql("preparing the machine update", e))?;
@@ -135,14 +140,7 @@ pub fn update_machine(conn: &Connection, m: &MachineRecord) -> Result<(), StoreE
 pub fn write_machine(conn: &Connection, m: &MachineRecord) -> Result<(), StoreError> {
     // Serialising a struct of strings, numbers and maps cannot fail.
     let spec = serde_json::to_string(&m.spec).expect("machine spec serialises");
-    let (pid, start, boot) = match &m.vmm {
-        Some(v) => (
-            Some(v.pid as i64),
-            Some(v.start_time as i64),
-            Some(v.boot_id.as_str()),
-        ),
-        None => (None, None, None),
-    };
+    let (pid, start, boot) = vmm_columns(m);
     let mut stmt = conn
         .prepare_cached(UPSERT_MACHINE)
         .map_err(|e| StoreError::sql("preparing the machine upsert", e))?;

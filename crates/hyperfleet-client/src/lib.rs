@@ -31,6 +31,52 @@ pub enum ClientError {
     Unexpected { status: u16, body: String },
     #[error("invalid server URL '{0}'")]
     BadUrl(String),
+    #[error("the WebSocket session failed: {0}")]
+    WebSocket(String),
+}
+
+type WsSink = std::pin::Pin<
+    Box<
+        dyn futures_util::Sink<
+                tokio_tungstenite::tungstenite::Message,
+                Error = tokio_tungstenite::tungstenite::Error,
+            > + Send,
+    >,
+>;
+
+/// The input half of an interactive command.
+pub struct ExecInput {
+    sink: WsSink,
+}
+
+impl ExecInput {
+    /// Sends bytes to the command's stdin.
+    pub async fn send(&mut self, data: Vec<u8>) -> Result<(), ClientError> {
+        use futures_util::SinkExt;
+        self.sink
+            .send(tokio_tungstenite::tungstenite::Message::Binary(data.into()))
+            .await
+            .map_err(|e| ClientError::WebSocket(e.to_string()))
+    }
+
+    async fn control(&mut self, kind: &str) -> Result<(), ClientError> {
+        use futures_util::SinkExt;
+        let msg = format!("{{\"type\":\"{kind}\"}}");
+        self.sink
+            .send(tokio_tungstenite::tungstenite::Message::Text(msg.into()))
+            .await
+            .map_err(|e| ClientError::WebSocket(e.to_string()))
+    }
+
+    /// Closes the command's stdin.
+    pub async fn eof(&mut self) -> Result<(), ClientError> {
+        self.control("eof").await
+    }
+
+    /// Kills the command.
+    pub async fn cancel(&mut self) -> Result<(), ClientError> {
+        self.control("cancel").await
+    }
 }
 
 impl ClientError {
@@ -322,6 +368,83 @@ impl Client {
                 body: format!("{e}: {line}"),
             })
         }))
+    }
+
+    /// Starts an interactive command over a WebSocket: the returned input
+    /// half sends stdin (and EOF or cancel), the stream yields output and,
+    /// last, the exit status.
+    pub async fn exec_interactive(
+        &self,
+        id: &str,
+        req: &ExecRequest,
+    ) -> Result<
+        (
+            ExecInput,
+            impl Stream<Item = Result<ExecStreamEvent, ClientError>>,
+        ),
+        ClientError,
+    > {
+        use futures_util::SinkExt;
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        use tokio_tungstenite::tungstenite::Message;
+        let ws_url = format!("ws{}/machines/{}/exec/ws", &self.base[4..], enc(id));
+        let mut request = ws_url
+            .as_str()
+            .into_client_request()
+            .map_err(|_| ClientError::BadUrl(ws_url.clone()))?;
+        if let Some(k) = &self.key {
+            let v = format!("Bearer {k}")
+                .parse()
+                .map_err(|_| ClientError::BadUrl("the API key is not a valid header".into()))?;
+            request.headers_mut().insert("authorization", v);
+        }
+        let ws_err =
+            |e: tokio_tungstenite::tungstenite::Error| ClientError::WebSocket(e.to_string());
+        let (mut ws, _) = tokio_tungstenite::connect_async(request)
+            .await
+            .map_err(|e| match e {
+                tokio_tungstenite::tungstenite::Error::Http(resp) => {
+                    let status = resp.status().as_u16();
+                    let body = resp
+                        .body()
+                        .as_ref()
+                        .map(|b| String::from_utf8_lossy(b).into_owned())
+                        .unwrap_or_default();
+                    match serde_json::from_str::<ErrorBody>(&body) {
+                        Ok(e) => ClientError::Api {
+                            status,
+                            code: e.error.code,
+                            message: e.error.message,
+                        },
+                        Err(_) => ClientError::Unexpected { status, body },
+                    }
+                }
+                e => ws_err(e),
+            })?;
+        // Serialising a plain struct cannot fail.
+        let first = serde_json::to_string(req).expect("exec request serialises");
+        ws.send(Message::Text(first.into())).await.map_err(ws_err)?;
+        let (sink, stream) = ws.split();
+        let events = stream.filter_map(move |m| async move {
+            match m {
+                Ok(Message::Text(t)) => {
+                    Some(serde_json::from_str::<ExecStreamEvent>(&t).map_err(|e| {
+                        ClientError::Unexpected {
+                            status: 101,
+                            body: format!("{e}: {t}"),
+                        }
+                    }))
+                }
+                Ok(_) => None,
+                Err(e) => Some(Err(ClientError::WebSocket(e.to_string()))),
+            }
+        });
+        Ok((
+            ExecInput {
+                sink: Box::pin(sink),
+            },
+            events,
+        ))
     }
 
     /// Streams `body` (of `len` bytes) into `path` in the guest.

@@ -222,7 +222,8 @@ pub enum MachinesCmd {
         env: Vec<String>,
         #[arg(long)]
         cwd: Option<String>,
-        /// Send this process's standard input to the command.
+        /// Interactive: stream this process's standard input to the command
+        /// as it arrives, and its output back (the WebSocket form).
         #[arg(long, short = 'i')]
         stdin: bool,
         /// Print output as it arrives instead of when the command ends.

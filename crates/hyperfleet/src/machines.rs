@@ -271,25 +271,19 @@ async fn exec(
     command: Vec<String>,
 ) -> anyhow::Result<()> {
     use base64::Engine;
-    use std::io::{Read, Write};
+    use std::io::Write;
     let b64 = base64::engine::general_purpose::STANDARD;
-    let input = if stdin {
-        let mut buf = Vec::new();
-        std::io::stdin()
-            .read_to_end(&mut buf)
-            .context("reading standard input")?;
-        Some(b64.encode(buf))
-    } else {
-        None
-    };
     let req = ExecRequest {
         command,
         timeout,
         env: pairs(&env, "--env")?,
         cwd,
-        stdin: input,
+        stdin: None,
         max_output_bytes: None,
     };
+    if stdin {
+        return interactive(c, &id, &req).await;
+    }
     if !stream {
         let r = c.exec(&id, &req).await?;
         if args.json {
@@ -325,6 +319,53 @@ async fn exec(
         }
     }
     anyhow::bail!("the stream ended without the command's exit status")
+}
+
+/// `exec -i`: stdin streams to the command as it is typed or piped, output
+/// streams back (WebSocket form).
+async fn interactive(c: &Client, id: &str, req: &ExecRequest) -> anyhow::Result<()> {
+    use base64::Engine;
+    use std::io::Write;
+    use tokio::io::AsyncReadExt;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let (mut input, events) = c.exec_interactive(id, req).await?;
+    let feeder = tokio::spawn(async move {
+        let mut stdin = tokio::io::stdin();
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            match stdin.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if input.send(buf[..n].to_vec()).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        let _ = input.eof().await;
+    });
+    let mut events = Box::pin(events);
+    while let Some(ev) = events.next().await {
+        match ev? {
+            ExecStreamEvent::Stdout { data } => {
+                let mut o = std::io::stdout();
+                o.write_all(&b64.decode(data)?)?;
+                o.flush()?;
+            }
+            ExecStreamEvent::Stderr { data } => std::io::stderr().write_all(&b64.decode(data)?)?,
+            ExecStreamEvent::Exit {
+                exit_code,
+                signal,
+                timed_out,
+                ..
+            } => {
+                feeder.abort();
+                std::process::exit(exit_status(exit_code, signal, timed_out));
+            }
+            ExecStreamEvent::Error { code, message } => anyhow::bail!("{message} ({code})"),
+        }
+    }
+    anyhow::bail!("the session ended without the command's exit status")
 }
 
 /// `ID:/path` → (ID, /path).

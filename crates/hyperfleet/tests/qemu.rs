@@ -87,6 +87,40 @@ fn a_real_guest_runs_commands_moves_files_and_leaves_nothing_behind() {
         "the timed-out process group was killed"
     );
 
+    // Interactive exec over the WebSocket form: stdin streams in, output out.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        use futures_util::StreamExt;
+        let c = hyperfleet_client::Client::new(&d.url, Some(d.key.clone())).unwrap();
+        let req = hyperfleet_api::ExecRequest {
+            command: vec![
+                "sh".into(),
+                "-c".into(),
+                "read a; read b; echo \"$b $a\"; exit 4".into(),
+            ],
+            ..Default::default()
+        };
+        let (mut input, events) = c.exec_interactive("real", &req).await.unwrap();
+        input.send(b"first\n".to_vec()).await.unwrap();
+        input.send(b"second\n".to_vec()).await.unwrap();
+        input.eof().await.unwrap();
+        let mut events = Box::pin(events);
+        let (mut out, mut code) = (Vec::new(), None);
+        while let Some(ev) = events.next().await {
+            match ev.unwrap() {
+                hyperfleet_api::ExecStreamEvent::Stdout { data } => {
+                    out.extend(B64.decode(data).unwrap())
+                }
+                hyperfleet_api::ExecStreamEvent::Exit { exit_code, .. } => code = exit_code,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(
+            (String::from_utf8(out).unwrap().as_str(), code),
+            ("second first\n", Some(4))
+        );
+    });
+
     // 64 MiB up and down, streamed, identical.
     let data: Vec<u8> = (0..64u32 << 20)
         .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)

@@ -10,12 +10,13 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use axum::body::Body;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use bytes::Bytes;
-use futures_util::{stream, StreamExt, TryStreamExt};
+use futures_util::{stream, SinkExt, StreamExt, TryStreamExt};
 use hyperfleet_agent_proto::{self as proto, AgentClient, ByteRange, ExecEvent, WriteOptions};
 use hyperfleet_api::{
     DirEntry, DirListing, ErrorCode, ExecRequest, ExecResult, ExecStreamEvent, FileContent,
@@ -25,7 +26,7 @@ use serde::Deserialize;
 use utoipa::IntoParams;
 
 use super::error::ApiError;
-use super::extract::{Caller, Json, Query};
+use super::extract::{parse_object, Caller, Json, Query};
 use super::AppState;
 use crate::store::CachedMachine;
 use crate::util::rfc3339;
@@ -128,25 +129,12 @@ pub struct ExecQuery {
     stream: Option<bool>,
 }
 
-#[utoipa::path(post, path = "/machines/{id}/exec", tag = "guest",
-    description = "Run a command in the guest. Buffered by default; with `?stream=true` the answer \
-                   is `application/x-ndjson`, one `ExecStreamEvent` per line as output arrives, \
-                   ending with an `exit` (or `error`) line. Closing the connection kills the command.",
-    params(("id" = String, Path, description = "Machine id or name"), ExecQuery),
-    request_body = ExecRequest,
-    responses(
-        (status = 200, body = ExecResult),
-        (status = 409, description = "Not running", body = hyperfleet_api::ErrorBody),
-        (status = 502, description = "Agent unreachable (AGENT_ERROR)", body = hyperfleet_api::ErrorBody),
-    ),
-    security(("bearer" = [])))]
-pub async fn exec(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-    Query(q): Query<ExecQuery>,
-    Json(req): Json<ExecRequest>,
-) -> Result<Response, ApiError> {
+/// Checks an exec request and turns it into the agent's form, with the
+/// decoded stdin and the output cap. [`with_machine_env`] adds the
+/// machine's env once the machine is known.
+fn prepare_exec(
+    req: ExecRequest,
+) -> Result<(proto::ExecRequest, Option<Vec<u8>>, usize), ApiError> {
     if req.command.is_empty() || req.command[0].is_empty() {
         return Err(ApiError::validation("command: at least the program name"));
     }
@@ -174,13 +162,42 @@ pub async fn exec(
                 .map_err(|e| ApiError::validation(format!("stdin: not valid base64: {e}")))?,
         ),
     };
-    let (m, agent) = agent_of(&state, &caller, &id, Scope::Exec).await?;
-    let mut env = m.rec.spec.env.clone();
-    env.extend(req.env);
     let mut preq = proto::ExecRequest::new(req.command);
-    preq.env = env;
+    preq.env = req.env;
     preq.cwd = req.cwd;
     preq.timeout_ms = Some((timeout * 1000.0).ceil() as u64);
+    Ok((preq, stdin, cap))
+}
+
+/// The machine's `env` first, the request's on top.
+fn with_machine_env(preq: &mut proto::ExecRequest, m: &CachedMachine) {
+    let mut env = m.rec.spec.env.clone();
+    env.append(&mut preq.env);
+    preq.env = env;
+}
+
+#[utoipa::path(post, path = "/machines/{id}/exec", tag = "guest",
+    description = "Run a command in the guest. Buffered by default; with `?stream=true` the answer \
+                   is `application/x-ndjson`, one `ExecStreamEvent` per line as output arrives, \
+                   ending with an `exit` (or `error`) line. Closing the connection kills the command.",
+    params(("id" = String, Path, description = "Machine id or name"), ExecQuery),
+    request_body = ExecRequest,
+    responses(
+        (status = 200, body = ExecResult),
+        (status = 409, description = "Not running", body = hyperfleet_api::ErrorBody),
+        (status = 502, description = "Agent unreachable (AGENT_ERROR)", body = hyperfleet_api::ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn exec(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Query(q): Query<ExecQuery>,
+    Json(req): Json<ExecRequest>,
+) -> Result<Response, ApiError> {
+    let (mut preq, stdin, cap) = prepare_exec(req)?;
+    let (m, agent) = agent_of(&state, &caller, &id, Scope::Exec).await?;
+    with_machine_env(&mut preq, &m);
 
     if !q.stream.unwrap_or(false) {
         let out = agent
@@ -245,6 +262,160 @@ pub async fn exec(
         Body::from_stream(events),
     )
         .into_response())
+}
+
+#[utoipa::path(get, path = "/machines/{id}/exec/ws", tag = "guest",
+    description = "Interactive exec over a WebSocket. The client's first message is an \
+                   `ExecRequest` as JSON text; then binary messages are the command's stdin, \
+                   and the text messages `{\"type\":\"eof\"}` (close stdin) and \
+                   `{\"type\":\"cancel\"}` (kill) control it. The server sends one \
+                   `ExecStreamEvent` per text message as output arrives, ending with `exit` or \
+                   `error`, then closes. Closing the socket kills the command.",
+    params(("id" = String, Path, description = "Machine id or name")),
+    responses((status = 101, description = "Switching to the WebSocket protocol"),
+              (status = 409, description = "Not running", body = hyperfleet_api::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn exec_ws(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    ws: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let (m, agent) = agent_of(&state, &caller, &id, Scope::Exec).await?;
+    Ok(ws.on_upgrade(move |socket| exec_session(socket, agent, m)))
+}
+
+fn ws_event(ev: &ExecStreamEvent) -> Message {
+    // Plain data; serialising cannot fail.
+    Message::Text(
+        serde_json::to_string(ev)
+            .expect("exec event serialises")
+            .into(),
+    )
+}
+
+fn ws_error(e: ApiError) -> Message {
+    ws_event(&ExecStreamEvent::Error {
+        code: format!("{:?}", e.code),
+        message: e.message,
+    })
+}
+
+/// One interactive command: stdin from the socket, output to it.
+async fn exec_session(mut socket: WebSocket, agent: AgentClient, m: Arc<CachedMachine>) {
+    let first = match socket.recv().await {
+        Some(Ok(Message::Text(t))) => parse_object::<ExecRequest>(t.as_bytes()),
+        _ => Err(ApiError::validation(
+            "the first message must be the exec request as JSON text",
+        )),
+    };
+    let prepared = first.and_then(prepare_exec);
+    let (mut preq, stdin0, _) = match prepared {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = socket.send(ws_error(e)).await;
+            let _ = socket.close().await;
+            return;
+        }
+    };
+    with_machine_env(&mut preq, &m);
+    preq.stdin = true;
+    let mut handle = match agent.exec(preq).await {
+        Ok(h) => h,
+        Err(e) => {
+            let _ = socket.send(ws_error(agent_error(e))).await;
+            let _ = socket.close().await;
+            return;
+        }
+    };
+    let mut stdin = handle.take_stdin();
+    if let (Some(w), Some(data)) = (stdin.as_mut(), stdin0) {
+        let _ = w.write(Bytes::from(data)).await;
+    }
+    enum Next {
+        Output(Result<Option<ExecEvent>, proto::Error>),
+        Client(Option<Result<Message, axum::Error>>),
+    }
+    loop {
+        let next = tokio::select! {
+            ev = handle.next_event() => Next::Output(ev),
+            msg = socket.recv() => Next::Client(msg),
+        };
+        match next {
+            Next::Output(Ok(Some(ev))) => {
+                let (msg, last) = match ev {
+                    ExecEvent::Stdout(b) => (
+                        ExecStreamEvent::Stdout {
+                            data: B64.encode(&b),
+                        },
+                        false,
+                    ),
+                    ExecEvent::Stderr(b) => (
+                        ExecStreamEvent::Stderr {
+                            data: B64.encode(&b),
+                        },
+                        false,
+                    ),
+                    ExecEvent::Exit(st) => (
+                        ExecStreamEvent::Exit {
+                            exit_code: st.exit_code,
+                            signal: st.signal,
+                            timed_out: st.timed_out,
+                            duration_ms: st.duration_ms,
+                        },
+                        true,
+                    ),
+                };
+                if socket.send(ws_event(&msg)).await.is_err() {
+                    let _ = handle.cancel();
+                    return;
+                }
+                if last {
+                    break;
+                }
+            }
+            Next::Output(Ok(None)) => break,
+            Next::Output(Err(e)) => {
+                let _ = socket.send(ws_error(agent_error(e))).await;
+                break;
+            }
+            Next::Client(Some(Ok(Message::Binary(data)))) => {
+                if let Some(w) = stdin.as_mut() {
+                    // The command may exit without reading all of its input.
+                    let _ = w.write(data).await;
+                }
+            }
+            Next::Client(Some(Ok(Message::Text(t)))) => {
+                match serde_json::from_str::<serde_json::Value>(&t)
+                    .ok()
+                    .and_then(|v| v["type"].as_str().map(str::to_string))
+                    .as_deref()
+                {
+                    Some("eof") => {
+                        if let Some(w) = stdin.take() {
+                            w.close();
+                        }
+                    }
+                    Some("cancel") => {
+                        let _ = handle.cancel();
+                    }
+                    _ => {
+                        let e = ApiError::validation(
+                            "control messages are {\"type\":\"eof\"} or {\"type\":\"cancel\"}",
+                        );
+                        let _ = socket.send(ws_error(e)).await;
+                    }
+                }
+            }
+            Next::Client(Some(Ok(_))) => {}
+            // The client went away: the command must not outlive it.
+            Next::Client(None) | Next::Client(Some(Err(_))) => {
+                let _ = handle.cancel();
+                return;
+            }
+        }
+    }
+    let _ = socket.close().await;
 }
 
 #[derive(Debug, Deserialize, IntoParams)]

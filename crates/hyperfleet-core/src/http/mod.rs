@@ -52,6 +52,7 @@ fn api_routes() -> Router<AppState> {
         .route("/machines/{id}/wait", get(machines::wait))
         .route("/machines/{id}/events", get(machines::events))
         .route("/machines/{id}/exec", post(guest::exec))
+        .route("/machines/{id}/exec/ws", get(guest::exec_ws))
         .route(
             "/machines/{id}/files",
             get(guest::read)

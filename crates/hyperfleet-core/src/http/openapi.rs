@@ -37,7 +37,7 @@ impl Modify for BearerAuth {
         machines::start, machines::stop, machines::restart, machines::pause,
         machines::resume, machines::kill, machines::suspend,
         machines::wait, machines::events,
-        guest::exec, guest::write_json, guest::write_raw, guest::read, guest::delete,
+        guest::exec, guest::exec_ws, guest::write_json, guest::write_raw, guest::read, guest::delete,
         guest::stat, guest::list, guest::mkdir, guest::logs,
         keys::create, keys::list, keys::revoke,
     ),

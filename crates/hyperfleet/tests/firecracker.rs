@@ -238,3 +238,56 @@ fn a_guest_that_never_answers_fails_with_the_boot_timeout_and_no_process() {
         || (!dir.exists()).then_some(()),
     );
 }
+
+#[test]
+fn health_lists_firecracker_and_the_binary_flag_is_honoured() {
+    let sb = Sandbox::new();
+    let d = Daemon::start_with(
+        &sb,
+        &[],
+        &["--firecracker-binary", "/nonexistent/firecracker"],
+    );
+    let r = d.call_as("", "GET", "/health", None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let fc = r.body["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["vmm"] == "firecracker")
+        .cloned()
+        .unwrap();
+    assert_eq!(fc["available"], false, "{fc}");
+    assert!(
+        fc["detail"]
+            .as_str()
+            .unwrap()
+            .contains("firecracker not found"),
+        "{fc}"
+    );
+    drop(d);
+
+    // With the real binary: on a host without hardware KVM the backend is
+    // listed as unavailable and says why; `auto` never picks it there.
+    let Some(assets) = prerequisites() else {
+        return;
+    };
+    let assets = assets.display().to_string();
+    let d = Daemon::start_with(
+        &sb,
+        &[],
+        &["--default-vmm", "stub", "--assets-dir", &assets],
+    );
+    let r = d.call_as("", "GET", "/health", None);
+    let fc = r.body["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["vmm"] == "firecracker")
+        .cloned()
+        .unwrap();
+    let detail = fc["detail"].as_str().unwrap();
+    assert!(detail.contains("Firecracker v"), "{fc}");
+    if fc["available"] == false {
+        assert!(detail.contains("cannot boot here"), "{fc}");
+    }
+}

@@ -209,6 +209,47 @@ async fn the_real_binary_is_configured_paused_snapshotted_restored_and_cleaned_u
 }
 
 #[tokio::test]
+async fn a_rejected_configuration_and_a_dead_process_are_reported() {
+    let Some(assets) = prerequisites() else {
+        return;
+    };
+    let machines = tempfile::tempdir().unwrap();
+    let fc = FirecrackerVmm::new(FirecrackerConfig {
+        binary: PathBuf::from("firecracker"),
+        assets_root: assets.parent().unwrap().to_path_buf(),
+        assets,
+    });
+    let mut reaper = Reaper::default();
+    let mut l = launch(machines.path(), false);
+    // Firecracker itself refuses zero vCPUs; its fault message comes back.
+    l.spec.vcpu_count = 0;
+    fc.prepare(&l).await.unwrap();
+    let vmm = fc.spawn(&l).await.unwrap();
+    reaper.0.push(vmm.clone());
+    let e = fc
+        .wait_ready(&l, &vmm, Duration::from_secs(10))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, VmmError::Control { .. }), "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("PUT /machine-config") && msg.contains("HTTP 400"),
+        "{msg}"
+    );
+
+    // A process that dies while the guest boots ends the wait at once.
+    process::kill(&vmm).await.unwrap();
+    let t0 = std::time::Instant::now();
+    let e = fc
+        .wait_ready(&l, &vmm, Duration::from_secs(10))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, VmmError::Exited { .. }), "{e}");
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    fc.release(&l.paths).await.unwrap();
+}
+
+#[tokio::test]
 async fn restoring_without_an_image_fails_before_spawning() {
     let machines = tempfile::tempdir().unwrap();
     let fc = FirecrackerVmm::new(FirecrackerConfig {

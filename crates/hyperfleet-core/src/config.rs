@@ -27,6 +27,8 @@ pub struct Config {
     /// `qemu-system-x86_64` (resolved through PATH).
     pub qemu_binary: PathBuf,
     pub qemu_accel: crate::vmm::qemu::AccelChoice,
+    /// `firecracker` (resolved through PATH, then /usr/local/bin).
+    pub firecracker_binary: PathBuf,
     /// The guest asset set new machines get; default `<data_dir>/assets/current`.
     pub assets_dir: Option<PathBuf>,
 }
@@ -43,6 +45,7 @@ impl Config {
             stop_timeout: Duration::from_secs(10),
             qemu_binary: PathBuf::from("qemu-system-x86_64"),
             qemu_accel: crate::vmm::qemu::AccelChoice::Auto,
+            firecracker_binary: PathBuf::from("firecracker"),
             assets_dir: None,
         }
     }

@@ -16,6 +16,7 @@ use crate::http::{router, AppState};
 use crate::lifecycle::run::RunCtx;
 use crate::lifecycle::{sweep, Supervisor};
 use crate::store::{Store, StoreError};
+use crate::vmm::firecracker::{FirecrackerConfig, FirecrackerVmm};
 use crate::vmm::qemu::{QemuConfig, QemuVmm};
 use crate::vmm::stub::StubVmm;
 use crate::vmm::Vmm;
@@ -92,6 +93,16 @@ pub fn backends(config: &Config) -> (HashMap<VmmKind, Arc<dyn Vmm>>, Result<VmmK
         Arc::new(QemuVmm::new(QemuConfig {
             binary: config.qemu_binary.clone(),
             accel: config.qemu_accel,
+            assets_root: config.assets_root(),
+            assets: config.assets_path(),
+        })),
+    );
+    // Always registered, so machines can ask for it; it is the default only
+    // where its availability() holds (hardware KVM), never on kvm_pvm.
+    map.insert(
+        VmmKind::Firecracker,
+        Arc::new(FirecrackerVmm::new(FirecrackerConfig {
+            binary: config.firecracker_binary.clone(),
             assets_root: config.assets_root(),
             assets: config.assets_path(),
         })),
@@ -241,5 +252,32 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn firecracker_is_registered_but_auto_picks_it_only_with_hardware_kvm() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::new(dir.path().to_path_buf());
+        // Point the asset set at the test assets when present, so QEMU can be
+        // the default; otherwise nothing real is available, which is fine too.
+        if let Some(a) = std::env::var_os("HF_TEST_ASSETS") {
+            config.assets_dir = Some(PathBuf::from(a));
+        }
+        let (map, default) = backends(&config);
+        assert!(map.contains_key(&VmmKind::Firecracker));
+        let hardware = crate::doctor::detect_accel().0 == crate::doctor::Accel::HardwareKvm;
+        if !hardware {
+            assert_ne!(default, Ok(VmmKind::Firecracker));
+            let why = map[&VmmKind::Firecracker].availability().unwrap_err();
+            assert!(!why.is_empty());
+            if map[&VmmKind::Qemu].availability().is_ok() {
+                assert_eq!(default, Ok(VmmKind::Qemu));
+            }
+        }
     }
 }

@@ -150,6 +150,13 @@ pub struct ServeArgs {
         default_value = "qemu-system-x86_64"
     )]
     pub qemu_binary: PathBuf,
+    /// The Firecracker binary (looked up in PATH, then /usr/local/bin).
+    #[arg(
+        long,
+        env = "HYPERFLEET_FIRECRACKER_BINARY",
+        default_value = "firecracker"
+    )]
+    pub firecracker_binary: PathBuf,
     /// Guest asset set for new machines (default: <data-dir>/assets/current).
     #[arg(long, env = "HYPERFLEET_ASSETS_DIR")]
     pub assets_dir: Option<PathBuf>,

@@ -47,6 +47,7 @@ pub async fn serve(a: ServeArgs, global: &ClientArgs) -> anyhow::Result<()> {
     config.boot_timeout = Duration::from_secs(a.boot_timeout);
     config.stop_timeout = Duration::from_secs(a.stop_timeout);
     config.qemu_binary = a.qemu_binary;
+    config.firecracker_binary = a.firecracker_binary;
     config.assets_dir = a.assets_dir;
     config.qemu_accel = match a.qemu_accel {
         AccelArg::Auto => AccelChoice::Auto,

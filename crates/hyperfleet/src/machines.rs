@@ -270,9 +270,7 @@ async fn exec(
     stream: bool,
     command: Vec<String>,
 ) -> anyhow::Result<()> {
-    use base64::Engine;
     use std::io::Write;
-    let b64 = base64::engine::general_purpose::STANDARD;
     let req = ExecRequest {
         command,
         timeout,
@@ -302,32 +300,40 @@ async fn exec(
     }
     let mut s = Box::pin(c.exec_stream(&id, &req).await?);
     while let Some(ev) = s.next().await {
-        match ev? {
-            ExecStreamEvent::Stdout { data } => {
-                let mut o = std::io::stdout();
-                o.write_all(&b64.decode(data)?)?;
-                o.flush()?;
-            }
-            ExecStreamEvent::Stderr { data } => std::io::stderr().write_all(&b64.decode(data)?)?,
-            ExecStreamEvent::Exit {
-                exit_code,
-                signal,
-                timed_out,
-                ..
-            } => std::process::exit(exit_status(exit_code, signal, timed_out)),
-            ExecStreamEvent::Error { code, message } => anyhow::bail!("{message} ({code})"),
+        if let Some(status) = show_event(ev?)? {
+            std::process::exit(status);
         }
     }
     anyhow::bail!("the stream ended without the command's exit status")
 }
 
+/// Writes a streamed event's output; the exit status once the command ended.
+fn show_event(ev: ExecStreamEvent) -> anyhow::Result<Option<i32>> {
+    use base64::Engine;
+    use std::io::Write;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    match ev {
+        ExecStreamEvent::Stdout { data } => {
+            let mut o = std::io::stdout();
+            o.write_all(&b64.decode(data)?)?;
+            o.flush()?;
+        }
+        ExecStreamEvent::Stderr { data } => std::io::stderr().write_all(&b64.decode(data)?)?,
+        ExecStreamEvent::Exit {
+            exit_code,
+            signal,
+            timed_out,
+            ..
+        } => return Ok(Some(exit_status(exit_code, signal, timed_out))),
+        ExecStreamEvent::Error { code, message } => anyhow::bail!("{message} ({code})"),
+    }
+    Ok(None)
+}
+
 /// `exec -i`: stdin streams to the command as it is typed or piped, output
 /// streams back (WebSocket form).
 async fn interactive(c: &Client, id: &str, req: &ExecRequest) -> anyhow::Result<()> {
-    use base64::Engine;
-    use std::io::Write;
     use tokio::io::AsyncReadExt;
-    let b64 = base64::engine::general_purpose::STANDARD;
     let (mut input, events) = c.exec_interactive(id, req).await?;
     let feeder = tokio::spawn(async move {
         let mut stdin = tokio::io::stdin();
@@ -346,23 +352,9 @@ async fn interactive(c: &Client, id: &str, req: &ExecRequest) -> anyhow::Result<
     });
     let mut events = Box::pin(events);
     while let Some(ev) = events.next().await {
-        match ev? {
-            ExecStreamEvent::Stdout { data } => {
-                let mut o = std::io::stdout();
-                o.write_all(&b64.decode(data)?)?;
-                o.flush()?;
-            }
-            ExecStreamEvent::Stderr { data } => std::io::stderr().write_all(&b64.decode(data)?)?,
-            ExecStreamEvent::Exit {
-                exit_code,
-                signal,
-                timed_out,
-                ..
-            } => {
-                feeder.abort();
-                std::process::exit(exit_status(exit_code, signal, timed_out));
-            }
-            ExecStreamEvent::Error { code, message } => anyhow::bail!("{message} ({code})"),
+        if let Some(status) = show_event(ev?)? {
+            feeder.abort();
+            std::process::exit(status);
         }
     }
     anyhow::bail!("the session ended without the command's exit status")

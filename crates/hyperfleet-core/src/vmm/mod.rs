@@ -7,6 +7,7 @@
 //! instead of booting a second one, and never signals an unrelated process
 //! that reused the pid.
 
+pub mod agent_cache;
 pub mod firecracker;
 pub mod process;
 pub mod qemu;

@@ -26,10 +26,8 @@
 
 pub mod api;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -37,6 +35,7 @@ use hyperfleet_agent_proto::{hybrid_vsock_connect, AgentClient, ConnectOptions};
 use hyperfleet_api::VmmKind;
 use serde_json::{json, Value};
 
+use super::agent_cache::AgentCache;
 use super::process::{self, Liveness};
 use super::{LaunchSpec, MachinePaths, StopPath, Vmm, VmmError, VmmRunState};
 use crate::assets::AssetSet;
@@ -65,7 +64,7 @@ pub struct FirecrackerVmm {
     accel: (Accel, String),
     assets_root: PathBuf,
     assets: PathBuf,
-    agents: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<AgentClient>>>>>,
+    agents: AgentCache,
 }
 
 /// Finds the binary: a path as given, else PATH, else /usr/local/bin (where
@@ -132,7 +131,7 @@ impl FirecrackerVmm {
             accel: detect_accel(),
             assets_root: cfg.assets_root,
             assets: cfg.assets,
-            agents: Mutex::new(HashMap::new()),
+            agents: AgentCache::default(),
         }
     }
 
@@ -177,15 +176,6 @@ impl FirecrackerVmm {
                 })
             }
         }
-    }
-
-    fn slot(&self, id: &str) -> Arc<tokio::sync::Mutex<Option<AgentClient>>> {
-        let mut agents = crate::store::lock(&self.agents);
-        agents.entry(id.to_string()).or_default().clone()
-    }
-
-    fn forget_agent(&self, id: &str) {
-        crate::store::lock(&self.agents).remove(id);
     }
 
     /// The kernel command line. `pci=off`: Firecracker has no PCI bus; its
@@ -511,7 +501,7 @@ impl Vmm for FirecrackerVmm {
         // A stale API socket makes Firecracker refuse to start; a stale vsock
         // socket makes the vsock device (or a snapshot load) fail.
         Self::remove_sockets(p)?;
-        self.forget_agent(&launch.machine_id);
+        self.agents.forget(&launch.machine_id);
         let mut cmd = Command::new(&binary);
         cmd.arg("--api-sock")
             .arg(Self::api_socket(p))
@@ -528,7 +518,7 @@ impl Vmm for FirecrackerVmm {
     ) -> Result<(), VmmError> {
         let deadline = tokio::time::Instant::now() + timeout;
         self.ensure_started(launch, vmm, deadline).await?;
-        let slot = self.slot(&launch.machine_id);
+        let slot = self.agents.slot(&launch.machine_id);
         let mut guard = slot.lock().await;
         let sock = Self::vsock_socket(&launch.paths);
         loop {
@@ -566,18 +556,11 @@ impl Vmm for FirecrackerVmm {
     }
 
     async fn agent(&self, launch: &LaunchSpec) -> Result<AgentClient, VmmError> {
-        let slot = self.slot(&launch.machine_id);
-        let mut guard = slot.lock().await;
-        if let Some(c) = guard.as_ref() {
-            if !c.is_closed() {
-                return Ok(c.clone());
-            }
-        }
-        let c = self
-            .connect_agent(&launch.paths, Duration::from_secs(5))
-            .await?;
-        *guard = Some(c.clone());
-        Ok(c)
+        self.agents
+            .get(&launch.machine_id, || {
+                self.connect_agent(&launch.paths, Duration::from_secs(5))
+            })
+            .await
     }
 
     async fn run_state(&self, launch: &LaunchSpec) -> Result<VmmRunState, VmmError> {
@@ -611,7 +594,7 @@ impl Vmm for FirecrackerVmm {
                 .map_err(|e| VmmError::host("waiting for Firecracker to exit", e))
         };
         let done = |path: StopPath| -> Result<StopPath, VmmError> {
-            self.forget_agent(&launch.machine_id);
+            self.agents.forget(&launch.machine_id);
             Self::remove_sockets(&launch.paths)?;
             Ok(path)
         };
@@ -675,13 +658,13 @@ impl Vmm for FirecrackerVmm {
                 .await
                 .map_err(|e| VmmError::host(format!("syncing {}", f.display()), e))?;
         }
-        self.forget_agent(&launch.machine_id);
+        self.agents.forget(&launch.machine_id);
         Ok(())
     }
 
     async fn release(&self, paths: &MachinePaths) -> Result<(), VmmError> {
         if let Some(id) = paths.dir.file_name().and_then(|n| n.to_str()) {
-            self.forget_agent(id);
+            self.agents.forget(id);
         }
         super::remove_dir_idempotent(&paths.dir).await
     }

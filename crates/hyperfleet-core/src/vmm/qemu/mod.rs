@@ -15,10 +15,8 @@
 
 pub mod qmp;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -27,6 +25,7 @@ use hyperfleet_api::VmmKind;
 use serde_json::json;
 use tokio::net::UnixStream;
 
+use super::agent_cache::AgentCache;
 use super::process::{self, Liveness};
 use super::{LaunchSpec, MachinePaths, StopPath, Vmm, VmmError, VmmRunState};
 use crate::assets::AssetSet;
@@ -59,7 +58,7 @@ pub struct QemuVmm {
     assets_root: PathBuf,
     assets: PathBuf,
     tsc_khz: Option<u64>,
-    agents: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<AgentClient>>>>>,
+    agents: AgentCache,
 }
 
 const QBOOT: &[&str] = &["/usr/share/qemu/qboot.rom", "/usr/share/seabios/qboot.rom"];
@@ -106,7 +105,7 @@ impl QemuVmm {
             assets_root: cfg.assets_root,
             assets: cfg.assets,
             tsc_khz: host_tsc_khz(),
-            agents: Mutex::new(HashMap::new()),
+            agents: AgentCache::default(),
         }
     }
 
@@ -145,15 +144,6 @@ impl QemuVmm {
     }
     fn state_file(paths: &MachinePaths) -> PathBuf {
         paths.snapshot_dir().join("mem.state")
-    }
-
-    fn slot(&self, id: &str) -> Arc<tokio::sync::Mutex<Option<AgentClient>>> {
-        let mut agents = crate::store::lock(&self.agents);
-        agents.entry(id.to_string()).or_default().clone()
-    }
-
-    fn forget_agent(&self, id: &str) {
-        crate::store::lock(&self.agents).remove(id);
     }
 
     /// The kernel command line: the measured fast-boot set, then Hyperfleet's.
@@ -426,7 +416,7 @@ impl Vmm for QemuVmm {
                 Err(e) => return Err(VmmError::host(format!("removing {}", sock.display()), e)),
             }
         }
-        self.forget_agent(&launch.machine_id);
+        self.agents.forget(&launch.machine_id);
         let mut cmd = Command::new(&binary);
         cmd.args(&argv);
         super::spawn_vmm(cmd, &launch.paths.dir.join("vmm.log"))
@@ -443,7 +433,7 @@ impl Vmm for QemuVmm {
         if launch.restore {
             self.finish_restore(launch, vmm, deadline).await?;
         }
-        let slot = self.slot(&launch.machine_id);
+        let slot = self.agents.slot(&launch.machine_id);
         let mut guard = slot.lock().await;
         loop {
             if process::probe(vmm) == Liveness::Gone {
@@ -481,18 +471,11 @@ impl Vmm for QemuVmm {
     }
 
     async fn agent(&self, launch: &LaunchSpec) -> Result<AgentClient, VmmError> {
-        let slot = self.slot(&launch.machine_id);
-        let mut guard = slot.lock().await;
-        if let Some(c) = guard.as_ref() {
-            if !c.is_closed() {
-                return Ok(c.clone());
-            }
-        }
-        let c = self
-            .connect_agent(&launch.paths, Duration::from_secs(5))
-            .await?;
-        *guard = Some(c.clone());
-        Ok(c)
+        self.agents
+            .get(&launch.machine_id, || {
+                self.connect_agent(&launch.paths, Duration::from_secs(5))
+            })
+            .await
     }
 
     async fn run_state(&self, launch: &LaunchSpec) -> Result<VmmRunState, VmmError> {
@@ -533,7 +516,7 @@ impl Vmm for QemuVmm {
         let agent = tokio::time::timeout(Duration::from_secs(2), self.agent(launch)).await;
         if let Ok(Ok(c)) = agent {
             if c.poweroff().await.is_ok() && gone_by(deadline).await? {
-                self.forget_agent(&launch.machine_id);
+                self.agents.forget(&launch.machine_id);
                 return Ok(StopPath::Graceful {
                     via: "agent poweroff",
                 });
@@ -546,7 +529,7 @@ impl Vmm for QemuVmm {
                 .is_ok()
             && gone_by(deadline).await?
         {
-            self.forget_agent(&launch.machine_id);
+            self.agents.forget(&launch.machine_id);
             return Ok(StopPath::Graceful {
                 via: "ACPI power button",
             });
@@ -555,7 +538,7 @@ impl Vmm for QemuVmm {
         process::kill(vmm)
             .await
             .map_err(|e| VmmError::host("killing QEMU", e))?;
-        self.forget_agent(&launch.machine_id);
+        self.agents.forget(&launch.machine_id);
         Ok(StopPath::KilledAfterTimeout)
     }
 
@@ -610,13 +593,13 @@ impl Vmm for QemuVmm {
         f.sync_all()
             .await
             .map_err(|e| VmmError::host("syncing the memory image", e))?;
-        self.forget_agent(&launch.machine_id);
+        self.agents.forget(&launch.machine_id);
         Ok(())
     }
 
     async fn release(&self, paths: &MachinePaths) -> Result<(), VmmError> {
         if let Some(id) = paths.dir.file_name().and_then(|n| n.to_str()) {
-            self.forget_agent(id);
+            self.agents.forget(id);
         }
         super::remove_dir_idempotent(&paths.dir).await
     }

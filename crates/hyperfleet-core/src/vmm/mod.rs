@@ -190,6 +190,66 @@ pub fn spawn_vmm(cmd: std::process::Command, log: &Path) -> Result<VmmIdentity, 
     process::spawn_detached(cmd, log).map_err(|source| VmmError::Spawn { program, source })
 }
 
+/// The asset set a machine boots: the one its spec recorded (by id, under
+/// `root`), or the current set at `current` when it recorded none.
+pub fn asset_set_for(
+    backend: VmmKind,
+    current: &Path,
+    root: &Path,
+    image: Option<&str>,
+) -> Result<crate::assets::AssetSet, VmmError> {
+    use crate::assets::AssetSet;
+    let unavailable = |reason: String| VmmError::Unavailable { backend, reason };
+    let set = AssetSet::load(current).map_err(|e| unavailable(e.to_string()));
+    let Some(id) = image else {
+        return set;
+    };
+    if set.as_ref().is_ok_and(|c| c.id == id) {
+        return set;
+    }
+    AssetSet::load(&root.join(id)).map_err(|e| {
+        unavailable(format!(
+            "the machine's guest image {id} is gone ({e}); it cannot boot"
+        ))
+    })
+}
+
+/// Makes a machine's disk once: creates its directory, and unless `disk`
+/// already exists runs `cmd` with a temporary output path appended as its
+/// last argument, then renames the result into place, so a crash never
+/// leaves a half-made disk under the real name. `doing` names the work in
+/// errors.
+pub async fn make_disk_once(
+    disk: &Path,
+    mut cmd: tokio::process::Command,
+    doing: &str,
+) -> Result<(), VmmError> {
+    if let Some(dir) = disk.parent() {
+        tokio::fs::create_dir_all(dir)
+            .await
+            .map_err(|e| VmmError::host(format!("creating {}", dir.display()), e))?;
+    }
+    if tokio::fs::try_exists(disk).await.unwrap_or(false) {
+        return Ok(());
+    }
+    let tmp = PathBuf::from(format!("{}.tmp", disk.display()));
+    let program = cmd.as_std().get_program().to_string_lossy().into_owned();
+    let out = cmd
+        .arg(&tmp)
+        .output()
+        .await
+        .map_err(|e| VmmError::host(format!("running {program} ({doing})"), e))?;
+    if !out.status.success() {
+        return Err(VmmError::host(
+            doing,
+            std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_string()),
+        ));
+    }
+    tokio::fs::rename(&tmp, disk)
+        .await
+        .map_err(|e| VmmError::host(format!("renaming {}", tmp.display()), e))
+}
+
 /// Removes a machine directory, treating "already gone" as done.
 pub async fn remove_dir_idempotent(dir: &Path) -> Result<(), VmmError> {
     match tokio::fs::remove_dir_all(dir).await {

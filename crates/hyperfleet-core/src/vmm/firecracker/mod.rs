@@ -160,22 +160,7 @@ impl FirecrackerVmm {
     }
 
     fn set_for(&self, image: Option<&str>) -> Result<AssetSet, VmmError> {
-        let current = AssetSet::load(&self.assets).map_err(asset_err);
-        match image {
-            None => current,
-            Some(id) => {
-                if let Ok(c) = &current {
-                    if c.id == id {
-                        return current;
-                    }
-                }
-                AssetSet::load(&self.assets_root.join(id)).map_err(|e| {
-                    unavailable(format!(
-                        "the machine's guest image {id} is gone ({e}); it cannot boot"
-                    ))
-                })
-            }
-        }
+        super::asset_set_for(VmmKind::Firecracker, &self.assets, &self.assets_root, image)
     }
 
     /// The kernel command line. `pci=off`: Firecracker has no PCI bus; its
@@ -457,33 +442,10 @@ impl Vmm for FirecrackerVmm {
     async fn prepare(&self, launch: &LaunchSpec) -> Result<(), VmmError> {
         let set = self.set_for(launch.spec.image.as_deref())?;
         let rootfs = set.rootfs().map_err(asset_err)?;
-        let dir = launch.paths.dir.clone();
-        let disk = Self::disk(&launch.paths);
-        tokio::fs::create_dir_all(&dir)
-            .await
-            .map_err(|e| VmmError::host(format!("creating {}", dir.display()), e))?;
-        if tokio::fs::try_exists(&disk).await.unwrap_or(false) {
-            return Ok(());
-        }
-        // Copied under a temporary name and renamed: a crash never leaves a
-        // half-copied disk behind under the real name.
-        let tmp = dir.join("disk.ext4.tmp");
-        let out = tokio::process::Command::new("cp")
-            .arg("--sparse=always")
-            .arg(&rootfs)
-            .arg(&tmp)
-            .output()
-            .await
-            .map_err(|e| VmmError::host("running cp", e))?;
-        if !out.status.success() {
-            return Err(VmmError::host(
-                "copying the guest disk",
-                std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_string()),
-            ));
-        }
-        tokio::fs::rename(&tmp, &disk)
-            .await
-            .map_err(|e| VmmError::host(format!("renaming {}", tmp.display()), e))
+        // Firecracker takes raw block images only: a sparse private copy.
+        let mut cmd = tokio::process::Command::new("cp");
+        cmd.arg("--sparse=always").arg(&rootfs);
+        super::make_disk_once(&Self::disk(&launch.paths), cmd, "copying the guest disk").await
     }
 
     async fn spawn(&self, launch: &LaunchSpec) -> Result<VmmIdentity, VmmError> {

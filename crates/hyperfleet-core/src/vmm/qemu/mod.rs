@@ -114,26 +114,7 @@ impl QemuVmm {
     }
 
     fn set_for(&self, image: Option<&str>) -> Result<AssetSet, VmmError> {
-        let unavailable = |reason: String| VmmError::Unavailable {
-            backend: VmmKind::Qemu,
-            reason,
-        };
-        let current = AssetSet::load(&self.assets).map_err(|e| unavailable(e.to_string()));
-        match image {
-            None => current,
-            Some(id) => {
-                if let Ok(c) = &current {
-                    if c.id == id {
-                        return current;
-                    }
-                }
-                AssetSet::load(&self.assets_root.join(id)).map_err(|e| {
-                    unavailable(format!(
-                        "the machine's guest image {id} is gone ({e}); it cannot boot"
-                    ))
-                })
-            }
-        }
+        super::asset_set_for(VmmKind::Qemu, &self.assets, &self.assets_root, image)
     }
 
     fn agent_socket(paths: &MachinePaths) -> PathBuf {
@@ -364,33 +345,16 @@ impl Vmm for QemuVmm {
     async fn prepare(&self, launch: &LaunchSpec) -> Result<(), VmmError> {
         let set = self.set_for(launch.spec.image.as_deref())?;
         let rootfs = set.rootfs().map_err(asset_err)?;
-        let dir = launch.paths.dir.clone();
-        let disk = Self::disk(&launch.paths);
-        tokio::fs::create_dir_all(&dir)
-            .await
-            .map_err(|e| VmmError::host(format!("creating {}", dir.display()), e))?;
-        if tokio::fs::try_exists(&disk).await.unwrap_or(false) {
-            return Ok(());
-        }
-        // Created under a temporary name and renamed: a crash never leaves a
-        // half-made overlay behind under the real name.
-        let tmp = dir.join("disk.qcow2.tmp");
-        let out = tokio::process::Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-            .arg(&rootfs)
-            .arg(&tmp)
-            .output()
-            .await
-            .map_err(|e| VmmError::host("running qemu-img (install qemu-utils)", e))?;
-        if !out.status.success() {
-            return Err(VmmError::host(
-                "creating the disk overlay with qemu-img",
-                std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_string()),
-            ));
-        }
-        tokio::fs::rename(&tmp, &disk)
-            .await
-            .map_err(|e| VmmError::host(format!("renaming {}", tmp.display()), e))
+        // A copy-on-write overlay: the set's rootfs stays read-only.
+        let mut cmd = tokio::process::Command::new("qemu-img");
+        cmd.args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+            .arg(&rootfs);
+        super::make_disk_once(
+            &Self::disk(&launch.paths),
+            cmd,
+            "creating the disk overlay with qemu-img (from qemu-utils)",
+        )
+        .await
     }
 
     async fn spawn(&self, launch: &LaunchSpec) -> Result<VmmIdentity, VmmError> {

@@ -22,8 +22,8 @@ pub use guest::{
 pub use health::{BackendHealth, Health, StoreHealth};
 pub use keys::{ApiKey, CreateKeyRequest, CreatedKey, KeyList, Scope};
 pub use machine::{
-    CreateMachineRequest, Machine, MachineList, MachineStatus, Persistence, PersistenceType,
-    VmmKind, LIMITS,
+    CreateMachineRequest, Machine, MachineList, MachineNetwork, MachineStatus, NetworkRequest,
+    Persistence, PersistenceType, VmmKind, LIMITS,
 };
 
 /// The prefix every API key starts with, so that leaked keys are easy to

@@ -209,6 +209,44 @@ pub struct CreateMachineRequest {
     /// Free-form labels for the caller's own bookkeeping.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub metadata: BTreeMap<String, String>,
+    /// The machine's network; default `{"egress": true}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkRequest>,
+    /// Exposed ports are reachable through the proxy without credentials.
+    /// Default false: the proxy then asks for an API key or the machine's
+    /// access token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public: Option<bool>,
+}
+
+/// `network` in `POST /machines`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkRequest {
+    /// Outbound traffic to the internet, masqueraded through the host's
+    /// default route. Default true. Guests never reach each other or the
+    /// host's own services either way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<bool>,
+}
+
+/// A machine's network identity. The address fields are null until the
+/// machine first starts (the lease is taken then and kept until delete),
+/// and always null when the daemon runs with networking off.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct MachineNetwork {
+    /// Whether the guest may reach the internet.
+    pub egress: bool,
+    /// The guest's IPv4 address.
+    pub ip: Option<String>,
+    /// The host end of the machine's point-to-point link (the guest's
+    /// default gateway).
+    pub gateway: Option<String>,
+    /// Prefix length of the link (30: the gateway and the guest).
+    pub prefix_len: Option<u8>,
+    pub mac: Option<String>,
+    /// The host's TAP device for this machine.
+    pub tap: Option<String>,
 }
 
 /// A machine as the API shows it.
@@ -238,6 +276,18 @@ pub struct Machine {
     pub generation: u64,
     /// Why the machine is `failed`; null otherwise.
     pub error_message: Option<String>,
+    #[serde(default)]
+    pub network: MachineNetwork,
+    /// Exposed ports are reachable through the proxy without credentials.
+    #[serde(default)]
+    pub public: bool,
+    /// Grants proxy access to this machine's exposed ports, as
+    /// `?hf_token=` or the `hf_token` cookie (see docs/networking.md).
+    #[serde(default)]
+    pub access_token: Option<String>,
+    /// The proxy URL of each exposed port, keyed by port.
+    #[serde(default)]
+    pub urls: BTreeMap<String, String>,
     pub created_at: String,
     pub updated_at: String,
     /// When the guest last became `running`.

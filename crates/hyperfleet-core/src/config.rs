@@ -31,6 +31,46 @@ pub struct Config {
     pub firecracker_binary: PathBuf,
     /// The guest asset set new machines get; default `<data_dir>/assets/current`.
     pub assets_dir: Option<PathBuf>,
+    /// Host networking (leases, TAPs, nftables); None = off (`--network off`).
+    pub network: Option<crate::net::NetConfig>,
+    /// The reverse proxy; None = off.
+    pub proxy: Option<ProxyConfig>,
+}
+
+/// The reverse proxy's settings (`--proxy-listen`, `--proxy-domain`, …).
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    pub listen: SocketAddr,
+    /// Machines are served at `<port>-<machine>.<domain>`; `localhost`
+    /// works without DNS set-up (`*.localhost` resolves to loopback).
+    pub domain: String,
+    /// The scheme and port clients use, for the URLs in the machine JSON
+    /// (they differ from the listener's when a TLS terminator or a load
+    /// balancer sits in front).
+    pub public_scheme: String,
+    pub public_port: Option<u16>,
+    /// How long connecting to a guest port may take before a 502.
+    pub connect_timeout: Duration,
+}
+
+impl ProxyConfig {
+    pub fn new(listen: SocketAddr) -> Self {
+        ProxyConfig {
+            listen,
+            domain: "localhost".into(),
+            public_scheme: "http".into(),
+            public_port: None,
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+
+    pub fn url_template(&self, bound_port: u16) -> crate::proxy::urls::UrlTemplate {
+        crate::proxy::urls::UrlTemplate {
+            scheme: self.public_scheme.clone(),
+            suffix: self.domain.clone(),
+            port: self.public_port.unwrap_or(bound_port),
+        }
+    }
 }
 
 impl Config {
@@ -47,6 +87,8 @@ impl Config {
             qemu_accel: crate::vmm::qemu::AccelChoice::Auto,
             firecracker_binary: PathBuf::from("firecracker"),
             assets_dir: None,
+            network: None,
+            proxy: None,
         }
     }
 

@@ -174,6 +174,10 @@ pub async fn serve(config: Config) -> Result<(), DaemonError> {
             "the default VMM is 'stub' (a stand-in process with no guest): machines created without \"vmm\" boot no real guest"
         );
     }
+    let net = config
+        .network
+        .clone()
+        .map(|c| Arc::new(crate::net::Network::new(c)));
     let report = sweep::sweep(&store, &config.machines_dir()).await;
     tracing::info!(
         ?report,
@@ -187,6 +191,7 @@ pub async fn serve(config: Config) -> Result<(), DaemonError> {
         machines_dir: config.machines_dir(),
         boot_timeout: config.boot_timeout,
         stop_timeout: config.stop_timeout,
+        net: net.clone(),
     });
     sup.start_all();
     let machines_dir = config.machines_dir();
@@ -214,6 +219,7 @@ pub async fn serve(config: Config) -> Result<(), DaemonError> {
         store: store.clone(),
         auth_disabled: config.disable_auth,
         default_vmm,
+        urls: None,
     });
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {

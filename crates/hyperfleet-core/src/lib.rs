@@ -17,6 +17,8 @@ pub mod failpoint;
 pub mod http;
 pub mod lifecycle;
 pub mod logs;
+pub mod net;
+pub mod proxy;
 pub mod store;
 pub mod util;
 pub mod validate;

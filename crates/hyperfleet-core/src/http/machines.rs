@@ -33,8 +33,8 @@ fn json_bytes(status: StatusCode, body: Bytes) -> Response {
     (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
-fn machine_response(status: StatusCode, m: &CachedMachine) -> Response {
-    json_bytes(status, m.json().clone())
+fn machine_response(state: &AppState, status: StatusCode, m: &CachedMachine) -> Response {
+    json_bytes(status, m.json(state.urls.as_deref()).clone())
 }
 
 /// Ids and names are short ASCII; anything else cannot name a machine.
@@ -71,9 +71,11 @@ pub async fn create(
     Json(req): Json<CreateMachineRequest>,
 ) -> Result<Response, ApiError> {
     let p = caller.require(Scope::Write)?;
-    let (name, spec) = validate_create(req, state.default_vmm)?;
+    let (name, mut spec) = validate_create(req, state.default_vmm)?;
+    // 160 random bits: the proxy's per-machine credential.
+    spec.access_token = Some(crate::util::random_id("hft_", 32));
     let m = state.sup.create(&p.tenant, name, spec).await?;
-    Ok(machine_response(StatusCode::CREATED, &m))
+    Ok(machine_response(&state, StatusCode::CREATED, &m))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -111,14 +113,14 @@ pub async fn list(
     let offset = q.offset.unwrap_or(0);
     let (machines, total) = state.store.list(&p.tenant, status, limit, offset);
     // Splice the pre-rendered machine JSON instead of re-serialising.
-    let size: usize = machines.iter().map(|m| m.json().len() + 1).sum::<usize>() + 40;
+    let size: usize = machines.iter().map(|m| m.json(state.urls.as_deref()).len() + 1).sum::<usize>() + 40;
     let mut body = BytesMut::with_capacity(size);
     body.put_slice(b"{\"machines\":[");
     for (i, m) in machines.iter().enumerate() {
         if i > 0 {
             body.put_u8(b',');
         }
-        body.put_slice(m.json());
+        body.put_slice(m.json(state.urls.as_deref()));
     }
     body.put_slice(format!("],\"total\":{total}}}").as_bytes());
     Ok(json_bytes(StatusCode::OK, body.freeze()))
@@ -135,7 +137,7 @@ pub async fn get(
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Read)?;
     let m = find(&state, &caller, &id)?;
-    Ok(machine_response(StatusCode::OK, &m))
+    Ok(machine_response(&state, StatusCode::OK, &m))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -180,22 +182,23 @@ async fn act(
     check_ref(&id)?;
     let (m, generation) = state.sup.request(&p.tenant, &id, req).await?;
     if !wait {
-        return Ok(machine_response(StatusCode::ACCEPTED, &m));
+        return Ok(machine_response(&state, StatusCode::ACCEPTED, &m));
     }
     let outcome = state
         .sup
         .wait_generation(&m.rec.id, generation, timeout)
         .await;
-    outcome_response(outcome, req, timeout)
+    outcome_response(&state, outcome, req, timeout)
 }
 
 fn outcome_response(
+    state: &AppState,
     outcome: WaitOutcome,
     req: Request,
     timeout: Duration,
 ) -> Result<Response, ApiError> {
     match outcome {
-        WaitOutcome::Reached(m) => Ok(machine_response(StatusCode::OK, &m)),
+        WaitOutcome::Reached(m) => Ok(machine_response(state, StatusCode::OK, &m)),
         WaitOutcome::Deleted if matches!(req, Request::Delete | Request::ForceDelete) => {
             Ok(StatusCode::NO_CONTENT.into_response())
         }
@@ -372,7 +375,7 @@ pub async fn wait(
             ),
         )),
         WaitOutcome::Deleted => Err(ApiError::not_found(format!("machine '{id}' (deleted)"))),
-        other => outcome_response(other, Request::Start, timeout),
+        other => outcome_response(&state, other, Request::Start, timeout),
     }
 }
 

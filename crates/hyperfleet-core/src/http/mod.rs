@@ -31,6 +31,8 @@ pub struct AppState {
     pub store: Store,
     pub auth_disabled: bool,
     pub default_vmm: VmmKind,
+    /// Proxy URLs for the machine JSON; None when the proxy is off.
+    pub urls: Option<Arc<crate::proxy::urls::UrlTemplate>>,
 }
 
 fn api_routes() -> Router<AppState> {

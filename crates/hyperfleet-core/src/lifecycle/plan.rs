@@ -178,6 +178,9 @@ mod tests {
                 idle_timeout_seconds: None,
                 persistence: None,
                 image: None,
+                egress: true,
+                public: false,
+                access_token: None,
             },
             status,
             desired,
@@ -196,6 +199,7 @@ mod tests {
             created_at: 0,
             updated_at: 0,
             started_at: None,
+            network: None,
         }
     }
 

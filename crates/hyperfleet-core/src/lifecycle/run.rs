@@ -31,6 +31,8 @@ pub struct RunCtx {
     pub machines_dir: std::path::PathBuf,
     pub boot_timeout: Duration,
     pub stop_timeout: Duration,
+    /// Host networking; None when the daemon runs with networking off.
+    pub net: Option<Arc<crate::net::Network>>,
 }
 
 impl RunCtx {
@@ -46,6 +48,11 @@ impl RunCtx {
             spec: rec.spec.clone(),
             name: rec.name.clone(),
             restore: rec.has_snapshot,
+            network: self
+                .net
+                .as_ref()
+                .zip(rec.network.as_ref())
+                .map(|(n, lease)| n.config.guest(lease)),
         }
     }
 }

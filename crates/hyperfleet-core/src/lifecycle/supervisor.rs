@@ -180,6 +180,7 @@ impl Supervisor {
             created_at: now,
             updated_at: now,
             started_at: None,
+            network: None,
         };
         let mut ev = EventRecord::new(&id, "created");
         ev.to_status = Some(MachineStatus::Pending);

@@ -7,6 +7,7 @@ use bytes::Bytes;
 use hyperfleet_api::MachineStatus;
 
 use super::MachineRecord;
+use crate::proxy::urls::UrlTemplate;
 
 /// A committed machine record. Its API JSON is rendered on the first read
 /// and then shared, so reads are a clone of `Bytes` and the writer thread
@@ -25,10 +26,15 @@ impl CachedMachine {
         })
     }
 
-    pub fn json(&self) -> &Bytes {
+    /// The machine's API JSON, with proxy URLs made from `urls` (None: the
+    /// proxy is off). The template is fixed for the daemon's lifetime, so
+    /// the rendering is cached.
+    pub fn json(&self, urls: Option<&UrlTemplate>) -> &Bytes {
         self.json.get_or_init(|| {
             // Serialising a struct of strings, numbers and maps cannot fail.
-            Bytes::from(serde_json::to_vec(&self.rec.to_api()).expect("machine JSON serialises"))
+            Bytes::from(
+                serde_json::to_vec(&self.rec.to_api_with(urls)).expect("machine JSON serialises"),
+            )
         })
     }
 }

@@ -32,7 +32,7 @@ use rusqlite::{Connection, OpenFlags};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 pub use index::CachedMachine;
-pub use records::{EventRecord, KeyRecord, MachineRecord, MachineSpec, VmmIdentity};
+pub use records::{EventRecord, KeyRecord, MachineRecord, MachineSpec, NetLease, VmmIdentity};
 pub use schema::schema_version;
 pub use writer::WriteCtx;
 

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use hyperfleet_api::{
-    ApiKey, Machine, MachineEvent, MachineStatus, Persistence, Scope, StepTiming, VmmKind,
+    ApiKey, Machine, MachineEvent, MachineNetwork, MachineStatus, Persistence, Scope, StepTiming, VmmKind,
 };
 use serde::{Deserialize, Serialize};
 
@@ -26,6 +26,34 @@ pub struct MachineSpec {
     /// The guest image (asset set id) the machine's disk was made from.
     #[serde(default)]
     pub image: Option<String>,
+    /// The guest may reach the internet (masqueraded egress).
+    #[serde(default = "default_true")]
+    pub egress: bool,
+    /// The proxy serves exposed ports without credentials.
+    #[serde(default)]
+    pub public: bool,
+    /// Grants proxy access to exposed ports (query parameter or cookie).
+    #[serde(default)]
+    pub access_token: Option<String>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// A machine's network lease: chosen and committed before any host device
+/// is made for it, kept until the machine is deleted. Every field derives
+/// from the /30 block the allocator picked, and each one is also a row of
+/// the `leases` table, whose primary key makes a second holder impossible.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetLease {
+    /// Index of the /30 block in the subnet.
+    pub block: u32,
+    pub ip: std::net::Ipv4Addr,
+    pub gateway: std::net::Ipv4Addr,
+    pub prefix_len: u8,
+    pub mac: String,
+    pub tap: String,
 }
 
 /// Identity of a VMM process: enough to tell *our* process from a later
@@ -73,10 +101,18 @@ pub struct MachineRecord {
     pub created_at: i64,
     pub updated_at: i64,
     pub started_at: Option<i64>,
+    /// The network lease, once taken (first start with networking on).
+    pub network: Option<NetLease>,
 }
 
 impl MachineRecord {
     pub fn to_api(&self) -> Machine {
+        self.to_api_with(None)
+    }
+
+    /// The API view, with a proxy URL for each exposed port when the proxy
+    /// is on.
+    pub fn to_api_with(&self, urls: Option<&crate::proxy::urls::UrlTemplate>) -> Machine {
         Machine {
             id: self.id.clone(),
             name: self.name.clone(),
@@ -100,6 +136,25 @@ impl MachineRecord {
             image: self.spec.image.clone(),
             generation: self.generation,
             error_message: self.error_message.clone(),
+            network: MachineNetwork {
+                egress: self.spec.egress,
+                ip: self.network.as_ref().map(|n| n.ip.to_string()),
+                gateway: self.network.as_ref().map(|n| n.gateway.to_string()),
+                prefix_len: self.network.as_ref().map(|n| n.prefix_len),
+                mac: self.network.as_ref().map(|n| n.mac.clone()),
+                tap: self.network.as_ref().map(|n| n.tap.clone()),
+            },
+            public: self.spec.public,
+            access_token: self.spec.access_token.clone(),
+            urls: urls
+                .map(|t| {
+                    self.spec
+                        .exposed_ports
+                        .iter()
+                        .map(|p| (p.to_string(), t.url(*p, &self.id)))
+                        .collect()
+                })
+                .unwrap_or_default(),
             created_at: rfc3339(self.created_at),
             updated_at: rfc3339(self.updated_at),
             started_at: self.started_at.map(rfc3339),

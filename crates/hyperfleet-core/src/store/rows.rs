@@ -4,13 +4,15 @@
 use hyperfleet_api::{MachineStatus, Scope, StepTiming};
 use rusqlite::{params, Connection, Row};
 
-use super::{EventRecord, KeyRecord, MachineRecord, MachineSpec, StoreError, VmmIdentity};
+use super::{
+    EventRecord, KeyRecord, MachineRecord, MachineSpec, NetLease, StoreError, VmmIdentity,
+};
 use crate::lifecycle::table::Desired;
 
 pub const MACHINE_COLUMNS: &str = "id, tenant, name, spec, status, desired, generation, \
     restart_seq, boot_restart_seq, stop_kill, failed_generation, error_message, vmm_pid, \
     vmm_start_time, vmm_boot_id, current_step, prepared, has_snapshot, operation_id, \
-    created_at, updated_at, started_at, observed_generation";
+    created_at, updated_at, started_at, observed_generation, network";
 
 fn bad(col: usize, msg: String) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(
@@ -79,7 +81,30 @@ pub fn machine_from_row(r: &Row<'_>) -> rusqlite::Result<MachineRecord> {
         updated_at: r.get(20)?,
         started_at: r.get(21)?,
         observed_generation: r.get::<_, i64>(22)? as u64,
+        network: match r.get::<_, Option<String>>(23)? {
+            Some(j) => Some(
+                serde_json::from_str(&j).map_err(|e| bad(23, format!("network lease: {e}")))?,
+            ),
+            None => None,
+        },
     })
+}
+
+/// Records machine `id`'s network lease (written once, when it is taken;
+/// the hot status updates leave the column alone).
+pub fn set_machine_network(
+    conn: &Connection,
+    id: &str,
+    lease: Option<&NetLease>,
+) -> Result<(), StoreError> {
+    // Serialising a struct of strings and numbers cannot fail.
+    let json = lease.map(|l| serde_json::to_string(l).expect("lease serialises"));
+    conn.execute(
+        "UPDATE machines SET network = ?2 WHERE id = ?1",
+        params![id, json],
+    )
+    .map_err(|e| StoreError::sql(&format!("recording the network lease of {id}"), e))?;
+    Ok(())
 }
 
 /// The VMM identity as its three nullable columns.

@@ -82,6 +82,16 @@ const MIGRATIONS: &[&str] = &[
         revoked_at INTEGER
     ) STRICT;
     "#,
+    // 2: network leases on the machine record (the `leases` rows hold the
+    // uniqueness), and small daemon-wide settings such as the allocator's
+    // cursor.
+    r#"
+    ALTER TABLE machines ADD COLUMN network TEXT;
+    CREATE TABLE meta (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    ) STRICT;
+    "#,
 ];
 
 pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {

@@ -97,6 +97,9 @@ pub struct LaunchSpec {
     pub name: String,
     /// Restore memory from the suspend image instead of booting.
     pub restore: bool,
+    /// The machine's network (its TAP exists when `spawn` is called); None
+    /// when networking is off.
+    pub network: Option<crate::net::GuestNet>,
 }
 
 /// How a graceful stop ended.

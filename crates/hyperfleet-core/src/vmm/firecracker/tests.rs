@@ -61,9 +61,13 @@ fn launch(dir: &Path, restore: bool) -> LaunchSpec {
             idle_timeout_seconds: None,
             persistence: None,
             image: None,
+            egress: true,
+            public: false,
+            access_token: None,
         },
         name: "fc-one".into(),
         restore,
+        network: None,
     }
 }
 

@@ -1,0 +1,151 @@
+//! Machine networking on the host: leases, TAP devices and the `hyperfleet`
+//! nftables table.
+//!
+//! Each machine gets a /30 of the configured subnet ([`lease`]): the host end
+//! of a point-to-point link on the machine's own TAP device is the guest's
+//! gateway. Point-to-point rather than a bridge because then every packet a
+//! guest sends is routed by the host, where one nftables table decides it:
+//! guests share no layer-2 segment, so there is nothing to filter at the
+//! bridge level and no ARP spoofing between them (docs/networking.md).
+//!
+//! The machine run owns the lifecycle: the lease is committed before the TAP
+//! is made ([`tap`]), the TAP exists while a VMM does, and the table
+//! ([`nft`]) is rebuilt from the store's leases whenever they change.
+
+pub mod lease;
+pub mod nft;
+pub mod tap;
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+pub use lease::Subnet;
+
+/// Networking settings of the daemon (`--subnet`, `--tap-prefix`, `--dns`, `--nft`).
+#[derive(Debug, Clone)]
+pub struct NetConfig {
+    pub subnet: Subnet,
+    /// TAP devices are named `<prefix><guest IP in hex>`; the orphan sweep
+    /// removes devices of this shape that no lease names.
+    pub tap_prefix: String,
+    /// Nameservers written into guests' resolv.conf.
+    pub dns: Vec<Ipv4Addr>,
+    /// The `nft` binary (Debian's nftables).
+    pub nft_binary: PathBuf,
+    /// The nftables table (family `inet`) Hyperfleet owns.
+    pub table: String,
+}
+
+impl NetConfig {
+    pub fn new(subnet: Subnet) -> Self {
+        NetConfig {
+            subnet,
+            tap_prefix: "hf".into(),
+            dns: default_dns(),
+            nft_binary: PathBuf::from("nft"),
+            table: "hyperfleet".into(),
+        }
+    }
+
+    /// What a backend needs for a machine holding `lease`.
+    pub fn guest(&self, lease: &crate::store::NetLease) -> GuestNet {
+        GuestNet {
+            tap: lease.tap.clone(),
+            mac: lease.mac.clone(),
+            ip: lease.ip,
+            gateway: lease.gateway,
+            prefix_len: lease.prefix_len,
+            dns: self.dns.clone(),
+        }
+    }
+}
+
+/// The host's nameservers from /etc/resolv.conf, minus loopback ones (a
+/// guest cannot use the host's local resolver: it cannot reach the host),
+/// or 1.1.1.1 when none is left.
+pub fn default_dns() -> Vec<Ipv4Addr> {
+    let text = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let found = nameservers(&text);
+    if found.is_empty() {
+        vec![Ipv4Addr::new(1, 1, 1, 1)]
+    } else {
+        found
+    }
+}
+
+fn nameservers(resolv_conf: &str) -> Vec<Ipv4Addr> {
+    resolv_conf
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|v| v.trim().parse::<Ipv4Addr>().ok())
+        .filter(|ip| !ip.is_loopback() && !ip.is_unspecified())
+        .collect()
+}
+
+/// A machine's network as its VMM and guest see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestNet {
+    pub tap: String,
+    pub mac: String,
+    pub ip: Ipv4Addr,
+    pub gateway: Ipv4Addr,
+    pub prefix_len: u8,
+    pub dns: Vec<Ipv4Addr>,
+}
+
+impl GuestNet {
+    /// The guest agent's kernel command-line keys (`hf.ip`, `hf.gw`,
+    /// `hf.dns`), with a leading space.
+    pub fn kernel_args(&self) -> String {
+        let mut s = format!(" hf.ip={}/{} hf.gw={}", self.ip, self.prefix_len, self.gateway);
+        if !self.dns.is_empty() {
+            let dns: Vec<String> = self.dns.iter().map(|d| d.to_string()).collect();
+            s.push_str(&format!(" hf.dns={}", dns.join(",")));
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nameservers_skip_loopback() {
+        let conf = "# x\nnameserver 127.0.0.53\nnameserver 10.0.0.2\nnameserver ::1\nsearch lan\n";
+        assert_eq!(nameservers(conf), vec![Ipv4Addr::new(10, 0, 0, 2)]);
+    }
+
+    #[test]
+    fn kernel_args_carry_the_lease() {
+        let g = GuestNet {
+            tap: "hfac1e0002".into(),
+            mac: "02:68:ac:1e:00:02".into(),
+            ip: Ipv4Addr::new(172, 30, 0, 2),
+            gateway: Ipv4Addr::new(172, 30, 0, 1),
+            prefix_len: 30,
+            dns: vec![Ipv4Addr::new(1, 1, 1, 1), Ipv4Addr::new(9, 9, 9, 9)],
+        };
+        assert_eq!(
+            g.kernel_args(),
+            " hf.ip=172.30.0.2/30 hf.gw=172.30.0.1 hf.dns=1.1.1.1,9.9.9.9"
+        );
+    }
+}
+
+/// The host side of machine networking, shared by every machine run.
+pub struct Network {
+    pub config: NetConfig,
+    /// Serialises table rebuilds, so the last one always reflects the
+    /// latest leases.
+    rules: tokio::sync::Mutex<()>,
+}
+
+impl Network {
+    pub fn new(config: NetConfig) -> Self {
+        Network {
+            config,
+            rules: tokio::sync::Mutex::new(()),
+        }
+    }
+}

@@ -160,6 +160,48 @@ pub struct ServeArgs {
     /// Guest asset set for new machines (default: <data-dir>/assets/current).
     #[arg(long, env = "HYPERFLEET_ASSETS_DIR")]
     pub assets_dir: Option<PathBuf>,
+    /// Machine networking (a lease, a TAP device and nftables rules per
+    /// machine; needs root). `auto` turns it on when running as root.
+    #[arg(long, env = "HYPERFLEET_NETWORK", value_enum, default_value = "auto")]
+    pub network: Toggle,
+    /// The private subnet machines get /30s of.
+    #[arg(long, env = "HYPERFLEET_SUBNET", default_value = "172.30.0.0/16")]
+    pub subnet: String,
+    /// TAP devices are named <prefix><guest IP in hex> (at most 7 characters).
+    #[arg(long, env = "HYPERFLEET_TAP_PREFIX", default_value = "hf")]
+    pub tap_prefix: String,
+    /// Nameservers for guests, comma-separated (default: the host's
+    /// non-loopback ones from /etc/resolv.conf, else 1.1.1.1).
+    #[arg(long, env = "HYPERFLEET_DNS", value_delimiter = ',')]
+    pub dns: Vec<std::net::Ipv4Addr>,
+    /// The nft binary (Debian's nftables).
+    #[arg(long, env = "HYPERFLEET_NFT_BINARY", default_value = "nft")]
+    pub nft_binary: PathBuf,
+    /// The nftables table (family inet) Hyperfleet owns.
+    #[arg(long, env = "HYPERFLEET_NFT_TABLE", default_value = "hyperfleet")]
+    pub nft_table: String,
+    /// Port of the reverse proxy to exposed guest ports (0 = any free port).
+    #[arg(long, env = "PROXY_PORT", default_value_t = 4000)]
+    pub proxy_port: u16,
+    /// Turn the reverse proxy off.
+    #[arg(long, env = "HYPERFLEET_NO_PROXY", default_value_t = false)]
+    pub no_proxy: bool,
+    /// Domain of proxy host names: <port>-<machine>.<domain>.
+    #[arg(long, env = "HYPERFLEET_PROXY_DOMAIN", default_value = "localhost")]
+    pub proxy_domain: String,
+    /// Scheme of the proxy URLs shown to clients (`https` behind a TLS terminator).
+    #[arg(long, env = "HYPERFLEET_PROXY_SCHEME", default_value = "http")]
+    pub proxy_scheme: String,
+    /// Port of the proxy URLs shown to clients (default: the proxy's own).
+    #[arg(long, env = "HYPERFLEET_PROXY_PUBLIC_PORT")]
+    pub proxy_public_port: Option<u16>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Toggle {
+    Auto,
+    On,
+    Off,
 }
 
 #[derive(Clone, Copy, ValueEnum)]

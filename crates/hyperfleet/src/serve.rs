@@ -6,11 +6,13 @@ use std::time::Duration;
 use anyhow::Context;
 use hyperfleet_api::VmmKind;
 use hyperfleet_core::doctor::{self, Level};
+use hyperfleet_core::config::ProxyConfig;
+use hyperfleet_core::net::{NetConfig, Subnet};
 use hyperfleet_core::Config;
 
 use hyperfleet_core::vmm::qemu::AccelChoice;
 
-use crate::cli::{AccelArg, ClientArgs, LogFormat, ServeArgs, VmmChoice};
+use crate::cli::{AccelArg, ClientArgs, LogFormat, ServeArgs, Toggle, VmmChoice};
 
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("HYPERFLEET_LOG")
@@ -40,6 +42,7 @@ pub async fn serve(a: ServeArgs, global: &ClientArgs) -> anyhow::Result<()> {
         .parse()
         .with_context(|| format!("--host '{}' is not an IP address", a.host))?;
     let mut config = Config::new(global.data_dir.clone());
+    config.network = network_config(&a)?;
     config.listen = SocketAddr::new(ip, a.port);
     config.disable_auth = a.disable_auth;
     config.default_vmm = vmm_kind(a.default_vmm);
@@ -54,9 +57,59 @@ pub async fn serve(a: ServeArgs, global: &ClientArgs) -> anyhow::Result<()> {
         AccelArg::Kvm => AccelChoice::Kvm,
         AccelArg::Tcg => AccelChoice::Tcg,
     };
+    if !a.no_proxy {
+        let mut p = ProxyConfig::new(SocketAddr::new(ip, a.proxy_port));
+        p.domain = a.proxy_domain.trim_matches('.').to_ascii_lowercase();
+        p.public_scheme = a.proxy_scheme.clone();
+        p.public_port = a.proxy_public_port;
+        config.proxy = Some(p);
+    }
     hyperfleet_core::serve(config)
         .await
         .context("the daemon stopped with an error")
+}
+
+fn network_config(a: &ServeArgs) -> anyhow::Result<Option<NetConfig>> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    let on = match a.network {
+        Toggle::On => true,
+        Toggle::Off => false,
+        Toggle::Auto => {
+            if !root {
+                tracing::warn!(
+                    "machine networking is off: it needs root (TAP devices, nftables); \
+                     machines get no network. Run as root or pass --network off to silence this."
+                );
+            }
+            root
+        }
+    };
+    if !on {
+        return Ok(None);
+    }
+    let subnet: Subnet = a
+        .subnet
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!("--subnet: {e}"))?;
+    if a.tap_prefix.is_empty()
+        || a.tap_prefix.len() > hyperfleet_core::net::lease::TAP_PREFIX_MAX
+        || !a.tap_prefix.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    {
+        anyhow::bail!(
+            "--tap-prefix must be 1 to {} lowercase letters or digits, got '{}'",
+            hyperfleet_core::net::lease::TAP_PREFIX_MAX,
+            a.tap_prefix
+        );
+    }
+    let mut n = NetConfig::new(subnet);
+    n.tap_prefix = a.tap_prefix.clone();
+    if !a.dns.is_empty() {
+        n.dns = a.dns.clone();
+    }
+    n.nft_binary = a.nft_binary.clone();
+    n.table = a.nft_table.clone();
+    Ok(Some(n))
 }
 
 pub fn doctor(global: &ClientArgs) -> anyhow::Result<()> {

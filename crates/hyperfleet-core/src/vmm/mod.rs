@@ -142,6 +142,13 @@ pub trait Vmm: Send + Sync + 'static {
         })
     }
 
+    /// The uid that must be able to open the machine's TAP device (the
+    /// jailer's unprivileged user); None when the VMM runs as the daemon's
+    /// own user.
+    fn tap_owner(&self) -> Option<u32> {
+        None
+    }
+
     /// Where the guest's serial console is logged.
     fn console_log(&self, paths: &MachinePaths) -> PathBuf {
         paths.console_log()

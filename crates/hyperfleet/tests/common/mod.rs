@@ -5,6 +5,8 @@
 
 #![allow(dead_code)]
 
+pub mod netns;
+
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -190,6 +192,11 @@ impl Daemon {
             ("--default-vmm", "stub"),
             ("--stop-timeout", "2"),
             ("--boot-timeout", "10"),
+            // Networking changes the host (TAPs, nftables): only the tests
+            // that run the daemon in a network namespace of their own turn
+            // it on.
+            ("--network", "off"),
+            ("--proxy-port", "0"),
         ] {
             if !args.contains(&flag) {
                 cmd.args([flag, value]);

@@ -1,0 +1,95 @@
+//! Network namespaces for tests that change host networking.
+//!
+//! A test that turns machine networking on enters a namespace of its own on
+//! its thread (`setns` is per thread) before starting the daemon: the
+//! daemon, its VMMs, the HTTP client's connections and any tool the test
+//! runs are then all inside it, its TAPs and nftables table never touch the
+//! host's, and deleting the namespace takes everything with it even when
+//! the test fails. Names start with `hft` and a random suffix, so they can
+//! collide neither with the host's nor with each other.
+
+use std::os::fd::AsRawFd;
+use std::process::Command;
+
+/// Runs `cmd` (argv) and panics with its output when it fails.
+pub fn sh(argv: &[&str]) -> String {
+    let out = Command::new(argv[0])
+        .args(&argv[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("running {argv:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{argv:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A named network namespace (`ip netns add`), deleted on drop.
+pub struct NetNs {
+    pub name: String,
+}
+
+impl NetNs {
+    /// Creates `hft<tag><random>` with its loopback up.
+    pub fn new(tag: &str) -> NetNs {
+        assert!(
+            // SAFETY: geteuid has no preconditions.
+            unsafe { libc::geteuid() } == 0,
+            "network tests need root (TAP devices, nftables, namespaces); CI runs them as root"
+        );
+        let mut rnd = [0u8; 3];
+        let f = std::fs::File::open("/dev/urandom").expect("open /dev/urandom");
+        std::io::Read::read_exact(&mut &f, &mut rnd).expect("read /dev/urandom");
+        let name = format!(
+            "hft{tag}{:02x}{:02x}{:02x}",
+            rnd[0], rnd[1], rnd[2]
+        );
+        sh(&["ip", "netns", "add", &name]);
+        let ns = NetNs { name };
+        ns.exec(&["ip", "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// Runs argv inside the namespace.
+    pub fn exec(&self, argv: &[&str]) -> String {
+        let mut full = vec!["ip", "netns", "exec", &self.name];
+        full.extend_from_slice(argv);
+        sh(&full)
+    }
+
+    /// Like `exec`, but returns success instead of panicking.
+    pub fn try_exec(&self, argv: &[&str]) -> bool {
+        Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(argv)
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    }
+
+    /// Moves the calling thread into the namespace. Everything the thread
+    /// starts from now on (processes, threads, sockets) lives there.
+    pub fn enter(&self) {
+        let f = std::fs::File::open(format!("/run/netns/{}", self.name))
+            .unwrap_or_else(|e| panic!("opening netns {}: {e}", self.name));
+        // SAFETY: `f` is an open namespace file for the duration of the call.
+        let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(
+            rc,
+            0,
+            "setns into {}: {}",
+            self.name,
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}

@@ -46,6 +46,8 @@ pub enum DaemonError {
     NoDefaultBackend(VmmKind, String),
     #[error("the HTTP server failed: {0}")]
     Serve(#[source] std::io::Error),
+    #[error("machine networking is on but {0} (run as root, or pass --network off)")]
+    Network(#[source] crate::net::NetError),
 }
 
 /// Holds the data directory's lock for the daemon's lifetime.
@@ -178,6 +180,19 @@ pub async fn serve(config: Config) -> Result<(), DaemonError> {
         .network
         .clone()
         .map(|c| Arc::new(crate::net::Network::new(c)));
+    if let Some(net) = &net {
+        // Before any run starts: the host routes, stray TAPs are gone and
+        // the table matches the leases (a crash may have left it behind).
+        net.prepare_host().await.map_err(DaemonError::Network)?;
+        let removed = net.sweep(&store).await.map_err(DaemonError::Network)?;
+        net.sync_rules(&store).await.map_err(DaemonError::Network)?;
+        tracing::info!(
+            subnet = %net.config.subnet,
+            table = %net.config.table,
+            stray_taps_removed = removed.len(),
+            "machine networking ready"
+        );
+    }
     let report = sweep::sweep(&store, &config.machines_dir()).await;
     tracing::info!(
         ?report,

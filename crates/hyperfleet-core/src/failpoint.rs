@@ -13,6 +13,8 @@ pub const CRASH_POINTS: &[&str] = &[
     "prepare.before_effect",
     "prepare.after_effect",
     "spawn.after_intent",
+    "network.after_lease",
+    "network.after_tap",
     "spawn.after_effect",
     "spawn.after_commit",
     "ready.after_effect",

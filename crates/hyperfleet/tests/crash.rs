@@ -17,6 +17,8 @@ const POINTS: &[&str] = &[
     "prepare.before_effect",
     "prepare.after_effect",
     "spawn.after_intent",
+    "network.after_lease",
+    "network.after_tap",
     "spawn.after_effect",
     "spawn.after_commit",
     "ready.after_effect",

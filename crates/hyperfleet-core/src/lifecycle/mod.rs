@@ -14,6 +14,9 @@ pub use supervisor::{LifecycleError, Supervisor, WaitOutcome};
 pub mod steps {
     pub const PREPARE: &str = "prepare_disk";
     pub const SPAWN: &str = "spawn_vmm";
+    pub const LEASE: &str = "lease_network";
+    pub const TAP: &str = "create_tap";
+    pub const RULES: &str = "apply_firewall";
     pub const ADOPT: &str = "adopt_vmm";
     pub const WAIT_READY: &str = "wait_agent";
     pub const VERIFY: &str = "verify_vmm";

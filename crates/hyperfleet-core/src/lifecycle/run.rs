@@ -19,6 +19,7 @@ use super::plan::{self, Step, VmmSeen};
 use super::steps;
 use super::table::{on_observation, Desired, Observation};
 use crate::failpoint;
+use crate::net::NetError;
 use crate::store::{CachedMachine, EventRecord, MachineRecord, Store, StoreError};
 use crate::util::now_ms;
 use crate::vmm::process::{self, Liveness};
@@ -65,8 +66,20 @@ type Rx = watch::Receiver<Option<Arc<CachedMachine>>>;
 enum RunError {
     #[error(transparent)]
     Vmm(#[from] VmmError),
+    #[error("setting up the machine's network failed: {0}")]
+    Net(NetError),
     #[error("recording progress failed: {0}")]
     Store(#[from] StoreError),
+}
+
+impl From<NetError> for RunError {
+    fn from(e: NetError) -> Self {
+        match e {
+            // A store failure is retried like any other; the rest fail the step.
+            NetError::Store(e) => RunError::Store(e),
+            e => RunError::Net(e),
+        }
+    }
 }
 
 struct Run {
@@ -143,7 +156,12 @@ pub async fn run(ctx: Arc<RunCtx>, id: String) -> RunExit {
         match run.execute(step, &rec, &mut rx).await {
             Ok(()) => run.retry_delay = Duration::from_millis(250),
             Err(RunError::Vmm(e)) => {
-                if let Err(e) = run.fail(&rec, step, e).await {
+                if let Err(e) = run.fail(&rec, step, e.to_string()).await {
+                    run.back_off(&e).await;
+                }
+            }
+            Err(e @ RunError::Net(_)) => {
+                if let Err(e) = run.fail(&rec, step, e.to_string()).await {
                     run.back_off(&e).await;
                 }
             }
@@ -327,6 +345,7 @@ impl Run {
                         .await
                         .map_err(|e| VmmError::host("killing the VMM of a failed machine", e))?;
                 }
+                self.drop_tap(rec).await;
                 self.persist(Some(Journal::done(steps::KILL, "cleanup")), |r| {
                     r.vmm = None;
                     observe(r, Observation::VmmExited);
@@ -421,6 +440,7 @@ impl Run {
         })
         .await?;
         failpoint::hit("spawn.after_intent");
+        launch.network = self.ensure_network(rec, backend.as_ref()).await?;
         let identity = backend.spawn(&launch).await?;
         failpoint::hit("spawn.after_effect");
         self.verified = true;
@@ -584,6 +604,7 @@ impl Run {
         process::kill(&vmm)
             .await
             .map_err(|e| VmmError::host("killing the VMM", e))?;
+        self.drop_tap(rec).await;
         failpoint::hit("stop.after_effect");
         self.persist(Some(Journal::finished(step, t0, Some(path))), |r| {
             r.vmm = None;
@@ -616,6 +637,7 @@ impl Run {
         process::kill(&vmm)
             .await
             .map_err(|e| VmmError::host("stopping the VMM after saving its memory", e))?;
+        self.drop_tap(rec).await;
         failpoint::hit("suspend.after_effect");
         self.persist(Some(Journal::finished(steps::SAVE_STATE, t0, None)), |r| {
             r.vmm = None;
@@ -629,6 +651,7 @@ impl Run {
     async fn forget_vmm(&mut self, rec: &MachineRecord, obs: Observation) -> Result<(), RunError> {
         let was = rec.status;
         tracing::warn!(machine = %rec.id, status = %was, "the VMM process is gone");
+        self.drop_tap(rec).await;
         self.persist(
             Some(Journal::done(
                 steps::FORGET,
@@ -688,6 +711,11 @@ impl Run {
             Ok(b) => b.release(&paths).await?,
             Err(_) => remove_dir_idempotent(&paths.dir).await?,
         }
+        if let (Some(net), Some(lease)) = (&self.ctx.net, &rec.network) {
+            // Unlike other TAP removals this one must succeed: the lease
+            // goes with the record, and nothing would own the device after.
+            net.remove_tap(&lease.tap).await?;
+        }
         failpoint::hit("release.after_effect");
         let id = rec.id.clone();
         let mut ev = EventRecord::new(&id, "deleted");
@@ -708,7 +736,68 @@ impl Run {
                 ctx.delete_machine(&id)
             })
             .await?;
+        if let Some(net) = &self.ctx.net {
+            // The lease is gone with the record: its rules go too. Should
+            // this fail, the next start of the daemon rebuilds the table.
+            if let Err(e) = net.sync_rules(&self.ctx.store).await {
+                tracing::error!(machine = %rec.id, error = %e, "could not remove the machine's firewall rules");
+            }
+        }
         Ok(())
+    }
+
+    /// The machine's network for its next VMM: the lease (taken once and
+    /// committed before any device is made), the firewall rules that
+    /// include it, then the TAP device. Every part is idempotent, so a
+    /// crash anywhere here is recovered by doing it all again.
+    async fn ensure_network(
+        &mut self,
+        rec: &MachineRecord,
+        backend: &dyn Vmm,
+    ) -> Result<Option<crate::net::GuestNet>, RunError> {
+        let Some(net) = self.ctx.net.clone() else {
+            return Ok(None);
+        };
+        let t0 = Instant::now();
+        let lease = net.lease(&self.ctx.store, &rec.id).await?;
+        self.step_done(
+            steps::LEASE,
+            t0,
+            format!(
+                "{}/{} via {}, {}",
+                lease.ip, lease.prefix_len, lease.gateway, lease.mac
+            ),
+        );
+        failpoint::hit("network.after_lease");
+        let t0 = Instant::now();
+        net.sync_rules(&self.ctx.store).await?;
+        self.step_done(steps::RULES, t0, format!("table {}", net.config.table));
+        let t0 = Instant::now();
+        net.ensure_tap(&lease, backend.tap_owner()).await?;
+        self.step_done(steps::TAP, t0, lease.tap.clone());
+        failpoint::hit("network.after_tap");
+        Ok(Some(net.config.guest(&lease)))
+    }
+
+    /// Records a finished step for the next event.
+    fn step_done(&mut self, step: &str, t0: Instant, detail: String) {
+        self.timings.push(StepTiming {
+            step: step.to_string(),
+            duration_ms: t0.elapsed().as_secs_f64() * 1000.0,
+            outcome: "ok".into(),
+            detail: Some(detail),
+        });
+    }
+
+    /// Removes the machine's TAP device once its VMM is gone. Best effort:
+    /// a device that could not be removed now is removed by the next
+    /// stop, the release, or the startup sweep, and a start reuses it.
+    async fn drop_tap(&self, rec: &MachineRecord) {
+        if let (Some(net), Some(lease)) = (&self.ctx.net, &rec.network) {
+            if let Err(e) = net.remove_tap(&lease.tap).await {
+                tracing::warn!(machine = %rec.id, tap = %lease.tap, error = %e, "could not remove the TAP device");
+            }
+        }
     }
 
     /// A step failed: make sure nothing runs, then record `failed` with the
@@ -717,9 +806,9 @@ impl Run {
         &mut self,
         rec: &MachineRecord,
         step: Step,
-        e: VmmError,
+        message: String,
     ) -> Result<(), StoreError> {
-        tracing::error!(machine = %rec.id, ?step, error = %e, "machine step failed");
+        tracing::error!(machine = %rec.id, ?step, error = %message, "machine step failed");
         let latest = self
             .ctx
             .store
@@ -738,7 +827,7 @@ impl Run {
                 tracing::error!(machine = %rec.id, pid = v.pid, error = %ke, "could not kill the VMM of a failed step");
             }
         }
-        let message = e.to_string();
+        self.drop_tap(&latest).await;
         let deleting = latest.desired == Desired::Deleted;
         let timing = StepTiming {
             step: format!("{step:?}"),

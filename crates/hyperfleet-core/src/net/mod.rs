@@ -133,6 +133,29 @@ mod tests {
     }
 }
 
+/// Errors of host networking.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("the subnet {0} has no free /30 left for another machine; delete machines or configure a larger --subnet")]
+    Exhausted(Subnet),
+    #[error(transparent)]
+    Tap(#[from] tap::TapError),
+    #[error("updating the nftables table '{table}' failed: {source}")]
+    Rules {
+        table: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("preparing the host for machine networking failed: {what}: {source}")]
+    Host {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("recording the network lease failed: {0}")]
+    Store(#[from] crate::store::StoreError),
+}
+
 /// The host side of machine networking, shared by every machine run.
 pub struct Network {
     pub config: NetConfig,
@@ -147,5 +170,110 @@ impl Network {
             config,
             rules: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// Once at startup: IPv4 forwarding on (guests' traffic is routed by the
+    /// host), and the tools and devices networking needs are there.
+    pub async fn prepare_host(&self) -> Result<(), NetError> {
+        let host = |what: &str, source| NetError::Host {
+            what: what.to_string(),
+            source,
+        };
+        tokio::fs::metadata("/dev/net/tun")
+            .await
+            .map_err(|e| host("/dev/net/tun is missing (load the tun module)", e))?;
+        // Per network namespace: this enables routing in the daemon's own.
+        tokio::fs::write("/proc/sys/net/ipv4/ip_forward", "1\n")
+            .await
+            .map_err(|e| host("enabling net.ipv4.ip_forward (needs root)", e))?;
+        Ok(())
+    }
+
+    /// Takes (or returns the existing) lease of machine `id`, committed
+    /// before anything on the host uses it.
+    pub async fn lease(
+        &self,
+        store: &crate::store::Store,
+        id: &str,
+    ) -> Result<crate::store::NetLease, NetError> {
+        let subnet = self.config.subnet;
+        let prefix = self.config.tap_prefix.clone();
+        let id = id.to_string();
+        let lease = store
+            .write(move |ctx| {
+                ctx.take_lease(&id, |taken, cursor| {
+                    lease::pick_block(taken, cursor, subnet.blocks())
+                        .map(|b| lease::lease_for(subnet, &prefix, b))
+                })
+            })
+            .await?;
+        lease.ok_or(NetError::Exhausted(subnet))
+    }
+
+    /// Makes the machine's TAP device (idempotent).
+    pub async fn ensure_tap(
+        &self,
+        lease: &crate::store::NetLease,
+        owner: Option<u32>,
+    ) -> Result<(), NetError> {
+        tap::ensure(&lease.tap, lease.gateway, lease.prefix_len, owner).await?;
+        Ok(())
+    }
+
+    /// Removes a machine's TAP device (idempotent).
+    pub async fn remove_tap(&self, name: &str) -> Result<(), NetError> {
+        tap::remove(name).await?;
+        Ok(())
+    }
+
+    /// Rebuilds the nftables table from the leases in the store.
+    pub async fn sync_rules(&self, store: &crate::store::Store) -> Result<(), NetError> {
+        let _one_at_a_time = self.rules.lock().await;
+        // Read under the lock: a later rebuild sees at least these leases.
+        let mut machines: Vec<nft::RuleMachine> = store
+            .all_machines()
+            .iter()
+            .filter_map(|m| {
+                m.rec.network.as_ref().map(|l| nft::RuleMachine {
+                    tap: l.tap.clone(),
+                    ip: l.ip,
+                    egress: m.rec.spec.egress,
+                })
+            })
+            .collect();
+        machines.sort_by_key(|m| m.ip);
+        let script = nft::render(&self.config.table, &machines);
+        nft::apply(&self.config.nft_binary, &script)
+            .await
+            .map_err(|source| NetError::Rules {
+                table: self.config.table.clone(),
+                source,
+            })
+    }
+
+    /// TAP devices of Hyperfleet's naming that no machine needs now: no
+    /// lease names them, or their machine has no VMM and none is being
+    /// spawned. Run at startup, before the machine runs.
+    pub async fn sweep(&self, store: &crate::store::Store) -> Result<Vec<String>, NetError> {
+        let prefix = self.config.tap_prefix.clone();
+        let ours = tap::list(|n| lease::is_our_tap(&prefix, n)).await?;
+        let needed: std::collections::HashSet<String> = store
+            .all_machines()
+            .iter()
+            .filter(|m| {
+                m.rec.vmm.is_some()
+                    || m.rec.current_step.as_deref() == Some(crate::lifecycle::steps::SPAWN)
+            })
+            .filter_map(|m| m.rec.network.as_ref().map(|l| l.tap.clone()))
+            .collect();
+        let mut removed = Vec::new();
+        for name in ours {
+            if !needed.contains(&name) {
+                tracing::warn!(tap = %name, "removing a TAP device no running machine owns");
+                tap::remove(&name).await?;
+                removed.push(name);
+            }
+        }
+        Ok(removed)
     }
 }

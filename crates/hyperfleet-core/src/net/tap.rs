@@ -1,1 +1,207 @@
-//! TAP devices.
+//! TAP devices: made persistent with the TUN driver's ioctls, configured and
+//! removed through rtnetlink.
+//!
+//! The kernel has no netlink call that creates a TAP device (the tun driver
+//! refuses `RTM_NEWLINK`), so creation is the one `TUNSETIFF` + `TUNSETPERSIST`
+//! pair every tool uses; everything after that (address, link up, delete,
+//! listing) goes through netlink. Nothing here shells out.
+//!
+//! Every function is idempotent: `ensure` on a configured device changes
+//! nothing, `remove` of a missing device succeeds.
+
+use std::ffi::CString;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use futures_util::TryStreamExt;
+use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
+use rtnetlink::{Handle, LinkUnspec};
+
+/// A TAP operation failed; `what` says which and on which device.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: {source}")]
+pub struct TapError {
+    pub what: String,
+    #[source]
+    pub source: io::Error,
+}
+
+fn err(what: impl Into<String>, source: io::Error) -> TapError {
+    TapError {
+        what: what.into(),
+        source,
+    }
+}
+
+fn nl_err(what: String, e: rtnetlink::Error) -> TapError {
+    let source = match e {
+        rtnetlink::Error::NetlinkError(m) => m.to_io(),
+        other => io::Error::other(other.to_string()),
+    };
+    err(what, source)
+}
+
+/// The raw errno of a netlink failure, if it carried one.
+fn nl_errno(e: &rtnetlink::Error) -> Option<i32> {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => Some(m.raw_code().abs()),
+        _ => None,
+    }
+}
+
+/// A netlink connection on the current network namespace, driven by a task
+/// that ends when the handle is dropped.
+fn connect() -> Result<Handle, TapError> {
+    let (conn, handle, _) =
+        rtnetlink::new_connection().map_err(|e| err("opening a netlink socket", e))?;
+    tokio::spawn(conn);
+    Ok(handle)
+}
+
+/// Makes a persistent TAP device `name` owned by `owner` (when given), so a
+/// VMM can attach to it later by name and the device outlives the daemon.
+fn create_persistent(name: &str, owner: Option<u32>) -> Result<(), TapError> {
+    let what = |step: &str| format!("{step} for TAP device {name}");
+    let path = c"/dev/net/tun";
+    // SAFETY: `path` is a valid NUL-terminated string; open has no other
+    // preconditions.
+    let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(err(what("opening /dev/net/tun"), io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` was just returned by open and is owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    let cname = CString::new(name).map_err(|_| {
+        err(
+            what("naming the device"),
+            io::Error::from(io::ErrorKind::InvalidInput),
+        )
+    })?;
+    let bytes = cname.as_bytes_with_nul();
+    if bytes.len() > ifr.ifr_name.len() {
+        return Err(err(
+            what("naming the device"),
+            io::Error::other("the name is longer than 15 characters"),
+        ));
+    }
+    for (dst, src) in ifr.ifr_name.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    ifr.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
+    // SAFETY: TUNSETIFF reads and writes an ifreq, which `ifr` is; `fd` is open.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &mut ifr) } < 0 {
+        return Err(err(what("TUNSETIFF"), io::Error::last_os_error()));
+    }
+    if let Some(uid) = owner {
+        // SAFETY: TUNSETOWNER takes the uid by value; `fd` is attached.
+        if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETOWNER, uid as libc::c_ulong) } < 0 {
+            return Err(err(what("TUNSETOWNER"), io::Error::last_os_error()));
+        }
+    }
+    // SAFETY: TUNSETPERSIST takes a flag by value; `fd` is attached.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETPERSIST, 1 as libc::c_ulong) } < 0 {
+        return Err(err(what("TUNSETPERSIST"), io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+async fn link_index(h: &Handle, name: &str) -> Result<Option<u32>, TapError> {
+    let mut links = h.link().get().match_name(name.to_string()).execute();
+    match links.try_next().await {
+        Ok(Some(msg)) => Ok(Some(msg.header.index)),
+        Ok(None) => Ok(None),
+        Err(e) if nl_errno(&e) == Some(libc::ENODEV) => Ok(None),
+        Err(e) => Err(nl_err(format!("looking up device {name}"), e)),
+    }
+}
+
+/// Makes sure TAP device `name` exists, carries `gateway/prefix_len` (the
+/// host end of the machine's point-to-point link; the kernel derives the
+/// connected route) and is up.
+pub async fn ensure(
+    name: &str,
+    gateway: Ipv4Addr,
+    prefix_len: u8,
+    owner: Option<u32>,
+) -> Result<(), TapError> {
+    let h = connect()?;
+    let index = match link_index(&h, name).await? {
+        Some(i) => i,
+        None => {
+            let n = name.to_string();
+            tokio::task::spawn_blocking(move || create_persistent(&n, owner))
+                .await
+                .map_err(|e| err(format!("creating TAP device {name}"), io::Error::other(e)))??;
+            link_index(&h, name).await?.ok_or_else(|| {
+                err(
+                    format!("finding TAP device {name} after creating it"),
+                    io::Error::from(io::ErrorKind::NotFound),
+                )
+            })?
+        }
+    };
+    match h
+        .address()
+        .add(index, IpAddr::V4(gateway), prefix_len)
+        .execute()
+        .await
+    {
+        Ok(()) => {}
+        Err(e) if nl_errno(&e) == Some(libc::EEXIST) => {}
+        Err(e) => {
+            return Err(nl_err(
+                format!("adding {gateway}/{prefix_len} to {name}"),
+                e,
+            ))
+        }
+    }
+    h.link()
+        .set(LinkUnspec::new_with_index(index).up().build())
+        .execute()
+        .await
+        .map_err(|e| nl_err(format!("bringing {name} up"), e))?;
+    Ok(())
+}
+
+/// Deletes TAP device `name`; a missing device is not an error.
+pub async fn remove(name: &str) -> Result<(), TapError> {
+    let h = connect()?;
+    let Some(index) = link_index(&h, name).await? else {
+        return Ok(());
+    };
+    match h.link().del(index).execute().await {
+        Ok(()) => Ok(()),
+        Err(e) if nl_errno(&e) == Some(libc::ENODEV) => Ok(()),
+        Err(e) => Err(nl_err(format!("deleting TAP device {name}"), e)),
+    }
+}
+
+/// Names of every network device in this namespace for which `keep`
+/// returns true.
+pub async fn list(keep: impl Fn(&str) -> bool) -> Result<Vec<String>, TapError> {
+    let h = connect()?;
+    let mut links = h.link().get().execute();
+    let mut out = Vec::new();
+    while let Some(msg) = links
+        .try_next()
+        .await
+        .map_err(|e| nl_err("listing network devices".into(), e))?
+    {
+        if let Some(name) = link_name(&msg) {
+            if keep(&name) {
+                out.push(name);
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn link_name(msg: &LinkMessage) -> Option<String> {
+    msg.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfName(n) => Some(n.clone()),
+        _ => None,
+    })
+}

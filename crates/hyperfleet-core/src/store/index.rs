@@ -148,6 +148,10 @@ impl MachineIndex {
         }
     }
 
+    pub fn all(&self) -> Vec<Arc<CachedMachine>> {
+        self.by_id.values().cloned().collect()
+    }
+
     pub fn ids(&self) -> Vec<String> {
         self.by_id.keys().cloned().collect()
     }

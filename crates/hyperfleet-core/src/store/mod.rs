@@ -194,6 +194,11 @@ impl Store {
         read_lock(&self.shared.index).list(tenant, status, limit, offset)
     }
 
+    /// Every machine of every tenant (startup reconciliation, nftables).
+    pub fn all_machines(&self) -> Vec<Arc<CachedMachine>> {
+        read_lock(&self.shared.index).all()
+    }
+
     pub fn all_machine_ids(&self) -> Vec<String> {
         read_lock(&self.shared.index).ids()
     }

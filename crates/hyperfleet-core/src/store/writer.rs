@@ -11,7 +11,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::index::CachedMachine;
 use super::{
-    lock, read_lock, rows, write_lock, EventRecord, KeyRecord, MachineRecord, Shared, StoreError,
+    lock, read_lock, rows, write_lock, EventRecord, KeyRecord, MachineRecord, NetLease, Shared,
+    StoreError,
 };
 
 /// What one closure (or the whole batch) changed, applied after commit.
@@ -124,6 +125,80 @@ impl WriteCtx<'_> {
         }
         self.mine.machines.insert(id.to_string(), None);
         Ok(())
+    }
+
+    /// The network lease of machine `id`: the one it holds, or a new one
+    /// from `pick(taken blocks, cursor)` recorded in this transaction (a
+    /// `leases` row per identifier, whose primary key makes a second holder
+    /// impossible, plus the machine's `network` column). `Ok(None)` when
+    /// `pick` finds no free block.
+    pub fn take_lease(
+        &mut self,
+        id: &str,
+        pick: impl FnOnce(&std::collections::HashSet<u32>, u32) -> Option<NetLease>,
+    ) -> Result<Option<NetLease>, StoreError> {
+        let mut rec = self
+            .machine(id)
+            .ok_or_else(|| StoreError::NoSuchMachine(id.to_string()))?;
+        if let Some(l) = &rec.network {
+            return Ok(Some(l.clone()));
+        }
+        let sql = |what: &str, e| StoreError::sql(what, e);
+        let taken = {
+            let mut stmt = self
+                .conn
+                .prepare_cached("SELECT value FROM leases WHERE kind = 'block'")
+                .map_err(|e| sql("reading the leased blocks", e))?;
+            let rows = stmt
+                .query_map([], |r| r.get::<_, String>(0))
+                .map_err(|e| sql("reading the leased blocks", e))?;
+            let mut set = std::collections::HashSet::new();
+            for v in rows {
+                let v = v.map_err(|e| sql("reading the leased blocks", e))?;
+                if let Ok(b) = v.parse::<u32>() {
+                    set.insert(b);
+                }
+            }
+            set
+        };
+        let cursor: u32 = self
+            .conn
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'lease_cursor'",
+                [],
+                |r| r.get::<_, String>(0),
+            )
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let Some(lease) = pick(&taken, cursor) else {
+            return Ok(None);
+        };
+        let now = crate::util::now_ms();
+        for (kind, value) in [
+            ("block", lease.block.to_string()),
+            ("ipv4", lease.ip.to_string()),
+            ("mac", lease.mac.clone()),
+            ("tap", lease.tap.clone()),
+        ] {
+            self.conn
+                .execute(
+                    "INSERT INTO leases (kind, value, machine_id, created_at) VALUES (?1, ?2, ?3, ?4)",
+                    params![kind, value, id, now],
+                )
+                .map_err(|e| sql(&format!("recording the {kind} lease {value} of {id}"), e))?;
+        }
+        self.conn
+            .execute(
+                "INSERT INTO meta (key, value) VALUES ('lease_cursor', ?1) \
+                 ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                params![(lease.block + 1).to_string()],
+            )
+            .map_err(|e| sql("advancing the lease cursor", e))?;
+        rows::set_machine_network(self.conn, id, Some(&lease))?;
+        rec.network = Some(lease.clone());
+        self.mine.machines.insert(id.to_string(), Some(rec));
+        Ok(Some(lease))
     }
 
     /// (tenant, name, created_at) of machine `id`, seeing this batch's

@@ -142,6 +142,9 @@ impl QemuVmm {
             set.module_list(),
             launch.name
         ));
+        if let Some(n) = &launch.network {
+            c.push_str(&n.kernel_args());
+        }
         c
     }
 
@@ -207,6 +210,15 @@ impl QemuVmm {
             "-device".into(),
             "virtio-blk-device,drive=root".into(),
         ]);
+        if let Some(n) = &launch.network {
+            // The TAP exists (the machine run made it); QEMU only attaches.
+            a.extend([
+                "-netdev".into(),
+                format!("tap,id=net0,ifname={},script=no,downscript=no", n.tap),
+                "-device".into(),
+                format!("virtio-net-device,netdev=net0,mac={}", n.mac),
+            ]);
+        }
         if launch.restore {
             a.extend([
                 "-incoming".into(),

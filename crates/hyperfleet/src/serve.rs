@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use hyperfleet_api::VmmKind;
-use hyperfleet_core::doctor::{self, Level};
 use hyperfleet_core::config::ProxyConfig;
+use hyperfleet_core::doctor::{self, Level};
 use hyperfleet_core::net::{NetConfig, Subnet};
 use hyperfleet_core::Config;
 
@@ -94,7 +94,10 @@ fn network_config(a: &ServeArgs) -> anyhow::Result<Option<NetConfig>> {
         .map_err(|e: String| anyhow::anyhow!("--subnet: {e}"))?;
     if a.tap_prefix.is_empty()
         || a.tap_prefix.len() > hyperfleet_core::net::lease::TAP_PREFIX_MAX
-        || !a.tap_prefix.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        || !a
+            .tap_prefix
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
     {
         anyhow::bail!(
             "--tap-prefix must be 1 to {} lowercase letters or digits, got '{}'",

@@ -113,7 +113,11 @@ pub async fn list(
     let offset = q.offset.unwrap_or(0);
     let (machines, total) = state.store.list(&p.tenant, status, limit, offset);
     // Splice the pre-rendered machine JSON instead of re-serialising.
-    let size: usize = machines.iter().map(|m| m.json(state.urls.as_deref()).len() + 1).sum::<usize>() + 40;
+    let size: usize = machines
+        .iter()
+        .map(|m| m.json(state.urls.as_deref()).len() + 1)
+        .sum::<usize>()
+        + 40;
     let mut body = BytesMut::with_capacity(size);
     body.put_slice(b"{\"machines\":[");
     for (i, m) in machines.iter().enumerate() {

@@ -87,10 +87,7 @@ pub fn lease_for(subnet: Subnet, tap_prefix: &str, block: u32) -> NetLease {
         prefix_len: BLOCK_PREFIX,
         // Locally administered unicast (02), 0x68 ('h'), then the guest IP:
         // unique wherever the IP is.
-        mac: format!(
-            "02:68:{:02x}:{:02x}:{:02x}:{:02x}",
-            o[0], o[1], o[2], o[3]
-        ),
+        mac: format!("02:68:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3]),
         tap: format!("{tap_prefix}{:08x}", u32::from(ip)),
     }
 }
@@ -124,7 +121,10 @@ mod tests {
         assert_eq!(s.blocks(), 16384);
         assert!(s.contains("172.30.255.2".parse().unwrap()));
         assert!(!s.contains("172.31.0.2".parse().unwrap()));
-        assert!("172.30.0.1/16".parse::<Subnet>().unwrap_err().contains("172.30.0.0/16"));
+        assert!("172.30.0.1/16"
+            .parse::<Subnet>()
+            .unwrap_err()
+            .contains("172.30.0.0/16"));
         assert!("172.30.0.0/30".parse::<Subnet>().is_err());
         assert!("172.30.0.0".parse::<Subnet>().is_err());
         assert!("nope/16".parse::<Subnet>().is_err());

@@ -97,7 +97,10 @@ impl GuestNet {
     /// The guest agent's kernel command-line keys (`hf.ip`, `hf.gw`,
     /// `hf.dns`), with a leading space.
     pub fn kernel_args(&self) -> String {
-        let mut s = format!(" hf.ip={}/{} hf.gw={}", self.ip, self.prefix_len, self.gateway);
+        let mut s = format!(
+            " hf.ip={}/{} hf.gw={}",
+            self.ip, self.prefix_len, self.gateway
+        );
         if !self.dns.is_empty() {
             let dns: Vec<String> = self.dns.iter().map(|d| d.to_string()).collect();
             s.push_str(&format!(" hf.dns={}", dns.join(",")));

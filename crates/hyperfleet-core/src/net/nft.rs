@@ -145,9 +145,9 @@ mod tests {
         );
         assert!(s.starts_with("table inet hf\ndelete table inet hf\ntable inet hf {\n"));
         assert!(s.contains("elements = { \"hfac1e0002\", \"hfac1e0006\" }"));
-        assert!(s.contains(
-            "elements = { \"hfac1e0002\" . 172.30.0.2, \"hfac1e0006\" . 172.30.0.6 }"
-        ));
+        assert!(
+            s.contains("elements = { \"hfac1e0002\" . 172.30.0.2, \"hfac1e0006\" . 172.30.0.6 }")
+        );
         assert!(s.contains("elements = { 172.30.0.2 }"));
         assert!(!s.contains("172.30.0.6 }\n\t}\n\tchain"));
         // One table, defined once: rebuilding never appends.

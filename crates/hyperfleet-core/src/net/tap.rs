@@ -68,7 +68,10 @@ fn create_persistent(name: &str, owner: Option<u32>) -> Result<(), TapError> {
     // preconditions.
     let fd = unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
     if fd < 0 {
-        return Err(err(what("opening /dev/net/tun"), io::Error::last_os_error()));
+        return Err(err(
+            what("opening /dev/net/tun"),
+            io::Error::last_os_error(),
+        ));
     }
     // SAFETY: `fd` was just returned by open and is owned by nobody else.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };

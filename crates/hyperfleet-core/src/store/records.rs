@@ -3,7 +3,8 @@
 use std::collections::BTreeMap;
 
 use hyperfleet_api::{
-    ApiKey, Machine, MachineEvent, MachineNetwork, MachineStatus, Persistence, Scope, StepTiming, VmmKind,
+    ApiKey, Machine, MachineEvent, MachineNetwork, MachineStatus, Persistence, Scope, StepTiming,
+    VmmKind,
 };
 use serde::{Deserialize, Serialize};
 

@@ -82,9 +82,9 @@ pub fn machine_from_row(r: &Row<'_>) -> rusqlite::Result<MachineRecord> {
         started_at: r.get(21)?,
         observed_generation: r.get::<_, i64>(22)? as u64,
         network: match r.get::<_, Option<String>>(23)? {
-            Some(j) => Some(
-                serde_json::from_str(&j).map_err(|e| bad(23, format!("network lease: {e}")))?,
-            ),
+            Some(j) => {
+                Some(serde_json::from_str(&j).map_err(|e| bad(23, format!("network lease: {e}")))?)
+            }
             None => None,
         },
     })

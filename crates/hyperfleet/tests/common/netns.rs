@@ -42,10 +42,7 @@ impl NetNs {
         let mut rnd = [0u8; 3];
         let f = std::fs::File::open("/dev/urandom").expect("open /dev/urandom");
         std::io::Read::read_exact(&mut &f, &mut rnd).expect("read /dev/urandom");
-        let name = format!(
-            "hft{tag}{:02x}{:02x}{:02x}",
-            rnd[0], rnd[1], rnd[2]
-        );
+        let name = format!("hft{tag}{:02x}{:02x}{:02x}", rnd[0], rnd[1], rnd[2]);
         sh(&["ip", "netns", "add", &name]);
         let ns = NetNs { name };
         ns.exec(&["ip", "link", "set", "lo", "up"]);
@@ -72,18 +69,22 @@ impl NetNs {
     /// Moves the calling thread into the namespace. Everything the thread
     /// starts from now on (processes, threads, sockets) lives there.
     pub fn enter(&self) {
-        let f = std::fs::File::open(format!("/run/netns/{}", self.name))
-            .unwrap_or_else(|e| panic!("opening netns {}: {e}", self.name));
-        // SAFETY: `f` is an open namespace file for the duration of the call.
-        let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(
-            rc,
-            0,
-            "setns into {}: {}",
-            self.name,
-            std::io::Error::last_os_error()
-        );
+        enter(&self.name)
     }
+}
+
+/// Moves the calling thread into the named network namespace.
+pub fn enter(name: &str) {
+    let f = std::fs::File::open(format!("/run/netns/{name}"))
+        .unwrap_or_else(|e| panic!("opening netns {name}: {e}"));
+    // SAFETY: `f` is an open namespace file for the duration of the call.
+    let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(
+        rc,
+        0,
+        "setns into {name}: {}",
+        std::io::Error::last_os_error()
+    );
 }
 
 impl Drop for NetNs {

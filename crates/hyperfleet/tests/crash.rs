@@ -9,6 +9,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::netns::NetNs;
 use common::{eventually, killed_by_sigkill, Daemon, Sandbox};
 use serde_json::json;
 
@@ -63,6 +64,9 @@ fn act(d: &Daemon, id: &str, req: &str) -> Result<common::Resp, reqwest::Error> 
     }
 }
 
+/// Daemon flags for the networked crash test (inside its own namespace).
+const NET: &[&str] = &["--network", "on"];
+
 fn assert_single_vmm(sb: &Sandbox, id: &str, ctx: &str) {
     let pids = sb.vmm_pids_of(id);
     assert!(
@@ -100,8 +104,21 @@ fn sigkill_at_every_step_boundary_converges_without_leaks() {
         panic!("MISSING: this test needs `--features failpoints` (the README's test command passes it)");
     }
     for point in POINTS {
+        // Networking on, in a namespace of this point's own: the crash
+        // points between lease, TAP and VMM are part of the run.
+        let ns = NetNs::new("c");
+        ns.enter();
         let sb = Sandbox::new();
-        let mut d = Daemon::start_with(&sb, &[("HYPERFLEET_CRASH_AT", point)], &[]);
+        // A machine that is running all along: its lease must survive
+        // every crash and never be handed to the other machine.
+        let d = Daemon::start_with(&sb, &[], NET);
+        d.create(json!({"name": "bystander"}));
+        let by = d.call("POST", "/machines/bystander/start", None).body;
+        assert_eq!(by["status"], "running", "{by}");
+        let by_ip = by["network"]["ip"].as_str().unwrap().to_string();
+        let by_tap = by["network"]["tap"].as_str().unwrap().to_string();
+        drop(d);
+        let mut d = Daemon::start_with(&sb, &[("HYPERFLEET_CRASH_AT", point)], NET);
         let m = d.create(json!({"name": "crashy", "metadata": {"stub_boot_ms": "30"}}));
         let id = m["id"].as_str().unwrap().to_string();
         // Run the scenario until the daemon dies at the armed point.
@@ -133,7 +150,11 @@ fn sigkill_at_every_step_boundary_converges_without_leaks() {
 
         // Restart: the interrupted request is retried (as a client would),
         // then the rest of the scenario runs to the end.
-        let d = Daemon::start(&sb);
+        let d = Daemon::start_with(&sb, &[], NET);
+        let now = d.call("GET", &format!("/machines/{id}"), None);
+        if let Some(ip) = now.body["network"]["ip"].as_str() {
+            assert_ne!(ip, by_ip, "{point}: one address leased twice");
+        }
         for (req, want) in &SCENARIO[done..] {
             assert_single_vmm(&sb, &id, point);
             let r = act(&d, &id, req).unwrap();
@@ -168,6 +189,24 @@ fn sigkill_at_every_step_boundary_converges_without_leaks() {
             d.call("GET", &format!("/machines/{id}"), None).status,
             404,
             "{point}"
+        );
+        let by = d.call("GET", "/machines/bystander", None).body;
+        assert_eq!(
+            (by["status"].as_str(), by["network"]["ip"].as_str()),
+            (Some("running"), Some(by_ip.as_str())),
+            "{point}: the bystander lost its state or its lease"
+        );
+        assert_eq!(ns.hyperfleet_taps(), vec![by_tap], "{point}: TAP devices");
+        let r = d.call("DELETE", "/machines/bystander?force=true", None);
+        assert_eq!(r.status, 204, "{point}: {}", r.body);
+        assert_eq!(
+            ns.hyperfleet_taps(),
+            Vec::<String>::new(),
+            "{point}: TAP devices left"
+        );
+        assert!(
+            !ns.try_exec(&["nft", "list", "table", "inet", "hyperfleet"]),
+            "{point}: the nftables table outlived the machines"
         );
         eventually(
             &format!("{point}: no VMM left"),

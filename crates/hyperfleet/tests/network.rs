@@ -119,15 +119,6 @@ fn guest_fetch(d: &Daemon, id: &str, url: &str) -> Option<String> {
     )
 }
 
-fn taps(ns: &NetNs) -> Vec<String> {
-    ns.exec(&["ip", "-o", "link", "show"])
-        .lines()
-        .filter_map(|l| l.split(": ").nth(1))
-        .map(|n| n.split('@').next().unwrap().to_string())
-        .filter(|n| n.starts_with("hf") && n.len() == 10)
-        .collect()
-}
-
 fn start_daemon(sb: &Sandbox, assets: &std::path::Path) -> Daemon {
     let assets = assets.display().to_string();
     Daemon::start_with(
@@ -192,7 +183,7 @@ fn guests_are_isolated_get_egress_by_spec_and_are_reachable_from_the_host() {
     let ip = |i: usize| net[i]["ip"].as_str().unwrap().to_string();
     let gw = |i: usize| net[i]["gateway"].as_str().unwrap().to_string();
     assert_ne!(ip(0), ip(1), "distinct addresses: {net:?}");
-    let t = taps(&world.host);
+    let t = world.host.hyperfleet_taps();
     for n in &net {
         assert!(t.contains(&n["tap"].as_str().unwrap().to_string()), "{t:?}");
     }
@@ -268,7 +259,7 @@ fn guests_are_isolated_get_egress_by_spec_and_are_reachable_from_the_host() {
         let r = d.call("DELETE", &format!("/machines/{id}?force=true"), None);
         assert_eq!(r.status, 204, "{}", r.body);
     }
-    assert_eq!(taps(&world.host), Vec::<String>::new());
+    assert_eq!(world.host.hyperfleet_taps(), Vec::<String>::new());
     assert!(
         !world
             .host
@@ -397,5 +388,5 @@ fn the_proxy_serves_exposed_ports_by_host_name_and_path_with_websockets() {
 
     let r = d.call("DELETE", "/machines/web?force=true", None);
     assert_eq!(r.status, 204);
-    assert_eq!(taps(&world.host), Vec::<String>::new());
+    assert_eq!(world.host.hyperfleet_taps(), Vec::<String>::new());
 }

@@ -66,6 +66,23 @@ impl NetNs {
             .unwrap_or(false)
     }
 
+    /// Hyperfleet's TAP devices in the namespace (`hf` + 8 hex digits), sorted.
+    pub fn hyperfleet_taps(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .exec(&["ip", "-o", "link", "show"])
+            .lines()
+            .filter_map(|l| l.split(": ").nth(1))
+            .map(|n| n.split('@').next().unwrap_or(n).to_string())
+            .filter(|n| {
+                n.len() == 10
+                    && n.starts_with("hf")
+                    && n[2..].bytes().all(|b| b.is_ascii_hexdigit())
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
     /// Moves the calling thread into the namespace. Everything the thread
     /// starts from now on (processes, threads, sockets) lives there.
     pub fn enter(&self) {

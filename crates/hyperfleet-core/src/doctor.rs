@@ -258,6 +258,16 @@ pub fn run(config: &Config) -> Vec<Check> {
             "run the daemon as root or grant CAP_NET_ADMIN for machine networking",
         )
     });
+    out.push(if std::path::Path::new("/dev/net/tun").exists() {
+        check("tun", Level::Ok, "/dev/net/tun is present", "")
+    } else {
+        check(
+            "tun",
+            Level::Warn,
+            "/dev/net/tun is missing: machines cannot get TAP devices",
+            "modprobe tun",
+        )
+    });
     match first_line("nft", "--version") {
         Some(v) => out.push(check("nftables", Level::Ok, v, "")),
         None => out.push(check(

@@ -18,7 +18,7 @@ cleanup() {
 }
 trap cleanup EXIT
 target/release/hyperfleet serve --data-dir "$DATA" --port 0 --assets-dir "$ASSETS" \
-  --default-vmm qemu --boot-timeout 300 >"$DATA/daemon.log" 2>&1 &
+  --default-vmm qemu --boot-timeout 300 --network off --proxy-port 0 >"$DATA/daemon.log" 2>&1 &
 PID=$!
 for _ in $(seq 100); do [ -s "$DATA/api.addr" ] && break; sleep 0.05; done
 target/release/hyperfleet-bench guest "http://$(cat "$DATA/api.addr")" "$(cat "$DATA/admin.key")" "$PID" "$RUNS"

@@ -22,7 +22,8 @@ cleanup() {
 }
 trap cleanup EXIT
 "$BIN" serve --data-dir "$DATA" --port 0 --default-vmm stub \
-  --stub-vmm-binary target/release/hyperfleet-testvmm >"$DATA/daemon.log" 2>&1 &
+  --stub-vmm-binary target/release/hyperfleet-testvmm --network off --proxy-port 0 \
+  >"$DATA/daemon.log" 2>&1 &
 PID=$!
 for _ in $(seq 100); do [ -s "$DATA/api.addr" ] && break; sleep 0.05; done
 URL="http://$(cat "$DATA/api.addr")"

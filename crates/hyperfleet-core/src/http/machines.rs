@@ -75,7 +75,11 @@ pub async fn create(
     // 160 random bits: the proxy's per-machine credential.
     spec.access_token = Some(crate::util::random_id("hft_", 32));
     let m = state.sup.create(&p.tenant, name, spec).await?;
-    Ok(machine_response(&state, StatusCode::CREATED, &m))
+    // Rendered without caching: a burst of creates should not keep a JSON
+    // copy of every new machine in memory; the first GET caches it.
+    let body = serde_json::to_vec(&m.rec.to_api_with(state.urls.as_deref()))
+        .map_err(|e| ApiError::internal("rendering the machine", e))?;
+    Ok(json_bytes(StatusCode::CREATED, Bytes::from(body)))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]

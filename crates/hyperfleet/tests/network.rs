@@ -254,6 +254,24 @@ fn guests_are_isolated_get_egress_by_spec_and_are_reachable_from_the_host() {
         "a machine with egress false reached the internet"
     );
 
+    // Suspend gives the TAP back; resume restores the guest's memory (httpd
+    // still running) on the same lease and a new TAP of the same name.
+    let r = d.call("POST", &format!("/machines/{ida}/suspend?timeout=300"), None);
+    assert_eq!(r.body["status"], "suspended", "{}", r.body);
+    let tap_a = net[0]["tap"].as_str().unwrap().to_string();
+    assert!(!world.host.hyperfleet_taps().contains(&tap_a));
+    let r = d.call("POST", &format!("/machines/{ida}/resume?timeout=300"), None);
+    assert_eq!(r.body["status"], "running", "{}\n{}", r.body, d.log());
+    assert_eq!(r.body["network"], net[0], "the lease survives suspend");
+    let body = eventually("httpd after resume", Duration::from_secs(20), || {
+        d.raw()
+            .get(format!("http://{}:8080/", ip(0)))
+            .send()
+            .ok()
+            .and_then(|r| r.text().ok())
+    });
+    assert_eq!(body.trim(), "hello-from-ga");
+
     // Deleting releases everything: TAPs, rules, leases.
     for id in [ida, idb] {
         let r = d.call("DELETE", &format!("/machines/{id}?force=true"), None);

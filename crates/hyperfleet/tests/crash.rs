@@ -2,187 +2,33 @@
 //! `failpoints` build) at every step boundary of the machine run in turn;
 //! a restarted daemon must converge every machine to its desired state with
 //! nothing left behind and nothing done twice (never two VMM processes for
-//! one machine). Requires the `failpoints` feature, which the README's test
-//! command enables.
+//! one machine). Here with the stub backend (the driver, shared with the
+//! other backends' crash tests, is `common/crash.rs`).
+//! Requires the `failpoints` feature, which the README's test command
+//! enables.
 
 mod common;
 
 use std::time::Duration;
 
+use common::crash;
 use common::{eventually, killed_by_sigkill, Daemon, Sandbox};
 use serde_json::json;
-
-/// Every crash point of `hyperfleet_core::failpoint::CRASH_POINTS`.
-const POINTS: &[&str] = &[
-    "prepare.before_effect",
-    "prepare.after_effect",
-    "spawn.after_intent",
-    "spawn.after_effect",
-    "spawn.after_commit",
-    "ready.after_effect",
-    "pause.after_intent",
-    "pause.after_effect",
-    "resume.after_intent",
-    "resume.after_effect",
-    "stop.after_intent",
-    "stop.after_effect",
-    "suspend.after_intent",
-    "suspend.after_save",
-    "suspend.after_effect",
-    "release.after_intent",
-    "release.after_effect",
-];
-
-/// The scenario passes every point: (request, status it leads to).
-const SCENARIO: &[(&str, &str)] = &[
-    ("start", "running"),
-    ("pause", "paused"),
-    ("resume", "running"),
-    ("suspend", "suspended"),
-    ("resume", "running"),
-    ("stop", "stopped"),
-    ("delete", "gone"),
-];
-
-fn act(d: &Daemon, id: &str, req: &str) -> Result<common::Resp, reqwest::Error> {
-    match req {
-        "delete" => d.try_call_as(
-            &d.key,
-            "DELETE",
-            &format!("/machines/{id}?timeout=30"),
-            None,
-        ),
-        r => d.try_call_as(
-            &d.key,
-            "POST",
-            &format!("/machines/{id}/{r}?timeout=30"),
-            None,
-        ),
-    }
-}
-
-fn assert_single_vmm(sb: &Sandbox, id: &str, ctx: &str) {
-    let pids = sb.vmm_pids_of(id);
-    assert!(
-        pids.len() <= 1,
-        "{ctx}: two VMM processes for one machine: {pids:?}"
-    );
-}
-
-#[test]
-fn crash_points_list_matches_the_daemon() {
-    assert_eq!(
-        POINTS,
-        hyperfleet_core_points(),
-        "update POINTS in tests/crash.rs"
-    );
-}
-
-fn hyperfleet_core_points() -> &'static [&'static str] {
-    // The test binary cannot link the daemon's feature-gated build, so the
-    // list is compared through the source of truth's text.
-    let src = include_str!("../../hyperfleet-core/src/failpoint.rs");
-    let start = src.find("CRASH_POINTS: &[&str] = &[").unwrap();
-    let end = start + src[start..].find("];").unwrap();
-    let names: Vec<&'static str> = src[start..end]
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix('"'))
-        .filter_map(|l| l.strip_suffix("\","))
-        .collect();
-    Box::leak(names.into_boxed_slice())
-}
 
 #[test]
 fn sigkill_at_every_step_boundary_converges_without_leaks() {
     if !cfg!(feature = "failpoints") {
         panic!("MISSING: this test needs `--features failpoints` (the README's test command passes it)");
     }
-    for point in POINTS {
-        let sb = Sandbox::new();
-        let mut d = Daemon::start_with(&sb, &[("HYPERFLEET_CRASH_AT", point)], &[]);
-        let m = d.create(json!({"name": "crashy", "metadata": {"stub_boot_ms": "30"}}));
-        let id = m["id"].as_str().unwrap().to_string();
-        // Run the scenario until the daemon dies at the armed point.
-        let mut done = 0;
-        for (req, want) in SCENARIO {
-            match act(&d, &id, req) {
-                Ok(r) if r.status < 300 => {
-                    if *want != "gone" {
-                        assert_eq!(r.body["status"], *want, "{point}: {req}");
-                    }
-                    done += 1;
-                }
-                Ok(r) => panic!("{point}: {req} answered {} {}", r.status, r.body),
-                Err(_) => break,
-            }
-            assert_single_vmm(&sb, &id, point);
-        }
-        let status = d.wait_exit(Duration::from_secs(10)).unwrap_or_else(|| {
-            panic!(
-                "{point}: the crash point was never reached (scenario finished {done} steps)\n{}",
-                d.log()
-            )
-        });
-        assert!(
-            killed_by_sigkill(&status),
-            "{point}: daemon ended with {status:?}, not SIGKILL"
-        );
-        assert_single_vmm(&sb, &id, point);
-
-        // Restart: the interrupted request is retried (as a client would),
-        // then the rest of the scenario runs to the end.
-        let d = Daemon::start(&sb);
-        for (req, want) in &SCENARIO[done..] {
-            assert_single_vmm(&sb, &id, point);
-            let r = act(&d, &id, req).unwrap();
-            // A delete the restarted run already finished: the retry finds nothing.
-            if *want == "gone" && r.status == 404 {
-                continue;
-            }
-            assert!(
-                r.status < 300,
-                "{point}: after restart {req} answered {} {}\n{}",
-                r.status,
-                r.body,
-                d.log()
-            );
-            if *want != "gone" {
-                assert_eq!(r.body["status"], *want, "{point}: after restart {req}");
-                let expect = if *want == "running" || *want == "paused" {
-                    1
-                } else {
-                    0
-                };
-                let pids = sb.vmm_pids_of(&id);
-                assert_eq!(
-                    pids.len(),
-                    expect,
-                    "{point}: after {req} the status is {want} but processes are {pids:?}"
-                );
-            }
-        }
-        // Nothing left behind.
-        assert_eq!(
-            d.call("GET", &format!("/machines/{id}"), None).status,
-            404,
-            "{point}"
-        );
-        eventually(
-            &format!("{point}: no VMM left"),
-            Duration::from_secs(5),
-            || sb.vmm_pids().is_empty().then_some(()),
-        );
-        let leftovers: Vec<_> = std::fs::read_dir(sb.machines_dir()).unwrap().collect();
-        assert!(
-            leftovers.is_empty(),
-            "{point}: machine directories left: {leftovers:?}"
-        );
-        let log = d.log();
-        assert!(
-            !log.contains("BUG:"),
-            "{point}: the run hit an impossible transition:\n{log}"
-        );
-    }
+    crash::run(&crash::Case {
+        name: "stub",
+        points: crash::POINTS,
+        scenario: crash::FULL_SCENARIO,
+        daemon_args: &[],
+        create: json!({"name": "crashy", "metadata": {"stub_boot_ms": "30"}}),
+        vmm_pids: &|sb, id| sb.vmm_pids_of(id),
+        leftovers: &|_| Vec::new(),
+    });
 }
 
 #[test]
@@ -194,7 +40,7 @@ fn recovery_after_a_crash_mid_boot_adopts_instead_of_spawning_again() {
     let mut d = Daemon::start_with(&sb, &[("HYPERFLEET_CRASH_AT", "spawn.after_effect")], &[]);
     let m = d.create(json!({"name": "adopt", "metadata": {"stub_boot_ms": "500"}}));
     let id = m["id"].as_str().unwrap().to_string();
-    let _ = act(&d, &id, "start");
+    let _ = crash::act(&d, &id, "start");
     assert!(killed_by_sigkill(
         &d.wait_exit(Duration::from_secs(10)).unwrap()
     ));

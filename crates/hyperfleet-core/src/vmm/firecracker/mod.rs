@@ -25,6 +25,7 @@
 //! boot timeout, and [`FirecrackerVmm::availability`] says why.
 
 pub mod api;
+pub mod jailer;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

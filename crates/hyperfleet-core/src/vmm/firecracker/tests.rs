@@ -4,7 +4,6 @@
 //! into a new process, the boot timeout, and that stop and release leave no
 //! process, socket or directory behind.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -46,25 +45,24 @@ impl Drop for Reaper {
     }
 }
 
+/// A Firecracker machine's spec with these vCPUs and memory, everything
+/// else as the record's defaults have it.
+pub(super) fn spec(vcpus: u32, mib: u32) -> MachineSpec {
+    serde_json::from_value(json!({
+        "vmm": "firecracker",
+        "vcpu_count": vcpus,
+        "mem_size_mib": mib,
+        "exposed_ports": [],
+    }))
+    .unwrap()
+}
+
 fn launch(dir: &Path, restore: bool) -> LaunchSpec {
     let id = "mfcbackendtest01".to_string();
     LaunchSpec {
         paths: MachinePaths::new(dir, &id),
         machine_id: id,
-        spec: MachineSpec {
-            vmm: VmmKind::Firecracker,
-            vcpu_count: 2,
-            mem_size_mib: 192,
-            exposed_ports: vec![],
-            env: BTreeMap::new(),
-            metadata: BTreeMap::new(),
-            idle_timeout_seconds: None,
-            persistence: None,
-            image: None,
-            egress: true,
-            public: false,
-            access_token: None,
-        },
+        spec: spec(2, 192),
         name: "fc-one".into(),
         restore,
         network: None,

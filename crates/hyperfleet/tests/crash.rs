@@ -2,8 +2,8 @@
 //! `failpoints` build) at every step boundary of the machine run in turn;
 //! a restarted daemon must converge every machine to its desired state with
 //! nothing left behind and nothing done twice (never two VMM processes for
-//! one machine). Here with the stub backend (the driver, shared with the
-//! other backends' crash tests, is `common/crash.rs`).
+//! one machine). Here with the stub backend; the driver is
+//! `common/crash.rs`, which tests/firecracker.rs runs with Firecracker.
 //! Requires the `failpoints` feature, which the README's test command
 //! enables.
 

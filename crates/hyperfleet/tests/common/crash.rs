@@ -78,9 +78,37 @@ pub struct Case<'a> {
     pub create: Value,
     /// Live VMM processes of a machine id in a sandbox.
     pub vmm_pids: &'a dyn Fn(&Sandbox, &str) -> Vec<i32>,
-    /// Host objects of the machine other than processes and its directory
-    /// that still exist (cgroups, …); must be empty at the end.
+    /// Host directories of the machine other than its machine directory
+    /// that still exist (cgroups, …); must be empty at the end, and are
+    /// removed (rmdir) when a round fails.
     pub leftovers: &'a dyn Fn(&str) -> Vec<String>,
+}
+
+/// When a round fails, kills the machine's VMMs and removes its leftovers,
+/// so a failed assertion leaves nothing running. Declared before the
+/// daemons, so it runs after they are killed and none can start another VMM.
+struct Cleanup<'a> {
+    case: &'a Case<'a>,
+    sb: &'a Sandbox,
+    id: String,
+}
+
+impl Drop for Cleanup<'_> {
+    fn drop(&mut self) {
+        if !std::thread::panicking() || self.id.is_empty() {
+            return;
+        }
+        for pid in (self.case.vmm_pids)(self.sb, &self.id) {
+            // SAFETY: kill(2) with the pid of a VMM of this round's machine.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        for dir in (self.case.leftovers)(&self.id) {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
 }
 
 /// Sends one scenario request.
@@ -165,9 +193,15 @@ pub fn run(case: &Case) {
     for point in case.points {
         let ctx = format!("{}: {point}", case.name);
         let sb = Sandbox::new();
+        let mut cleanup = Cleanup {
+            case,
+            sb: &sb,
+            id: String::new(),
+        };
         let mut d = Daemon::start_with(&sb, &[("HYPERFLEET_CRASH_AT", point)], case.daemon_args);
         let m = d.create(case.create.clone());
         let id = m["id"].as_str().unwrap().to_string();
+        cleanup.id = id.clone();
         // Run the scenario until the daemon dies at the armed point.
         let mut done = 0;
         for step in case.scenario {

@@ -29,6 +29,10 @@ pub struct Config {
     pub qemu_accel: crate::vmm::qemu::AccelChoice,
     /// `firecracker` (resolved through PATH, then /usr/local/bin).
     pub firecracker_binary: PathBuf,
+    /// A kernel Firecracker boots instead of the asset set's.
+    pub firecracker_kernel: Option<PathBuf>,
+    /// Run Firecracker under the jailer; None = off (`--firecracker-jailer`).
+    pub firecracker_jailer: Option<crate::vmm::firecracker::jailer::JailerConfig>,
     /// The guest asset set new machines get; default `<data_dir>/assets/current`.
     pub assets_dir: Option<PathBuf>,
     /// Host networking (leases, TAPs, nftables); None = off (`--network off`).
@@ -86,6 +90,8 @@ impl Config {
             qemu_binary: PathBuf::from("qemu-system-x86_64"),
             qemu_accel: crate::vmm::qemu::AccelChoice::Auto,
             firecracker_binary: PathBuf::from("firecracker"),
+            firecracker_kernel: None,
+            firecracker_jailer: None,
             assets_dir: None,
             network: None,
             proxy: None,

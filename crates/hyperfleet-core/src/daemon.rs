@@ -107,6 +107,8 @@ pub fn backends(config: &Config) -> (HashMap<VmmKind, Arc<dyn Vmm>>, Result<VmmK
             binary: config.firecracker_binary.clone(),
             assets_root: config.assets_root(),
             assets: config.assets_path(),
+            kernel: config.firecracker_kernel.clone(),
+            jailer: config.firecracker_jailer.clone(),
         })),
     );
     if let Some(bin) = config.stub_binary_path() {

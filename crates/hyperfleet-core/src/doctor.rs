@@ -204,6 +204,33 @@ pub fn run(config: &Config) -> Vec<Check> {
             "install the official Firecracker release binaries (firecracker, jailer) into PATH",
         )),
     }
+    // A daemon running as root jails Firecracker by default; without the
+    // jailer it offers no Firecracker rather than an unjailed one.
+    let jailer = first_line("jailer", "--version");
+    let cgroups = crate::vmm::firecracker::jailer::Cgroups::detect().describe();
+    out.push(Check {
+        name: "jailer",
+        level: if jailer.is_some() {
+            Level::Ok
+        } else {
+            Level::Warn
+        },
+        detail: jailer.as_ref().map_or_else(
+            || {
+                "jailer not found in PATH: as root the daemon jails Firecracker by default, \
+                 and without the jailer it reports the backend unavailable"
+                    .to_string()
+            },
+            |v| format!("{v}; {cgroups}"),
+        ),
+        fix: if jailer.is_some() {
+            String::new()
+        } else {
+            "install the jailer from the Firecracker release next to firecracker, or run the \
+             daemon with --firecracker-jailer off (development only)"
+                .into()
+        },
+    });
     match crate::assets::AssetSet::load(&config.assets_path()) {
         Ok(set) => out.push(check(
             "guest_assets",

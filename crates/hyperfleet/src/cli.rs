@@ -52,7 +52,8 @@ pub struct ClientArgs {
 #[derive(Subcommand)]
 pub enum Command {
     /// Run the daemon.
-    Serve(ServeArgs),
+    // Boxed: the daemon's flags outweigh every other command's.
+    Serve(Box<ServeArgs>),
     /// Check this host and say what to fix.
     Doctor(DoctorArgs),
     /// Print the OpenAPI document.
@@ -157,6 +158,34 @@ pub struct ServeArgs {
         default_value = "firecracker"
     )]
     pub firecracker_binary: PathBuf,
+    /// A kernel for Firecracker guests instead of the asset set's (one with
+    /// virtio-mmio command-line devices; docs/guests.md).
+    #[arg(long, env = "HYPERFLEET_FIRECRACKER_KERNEL")]
+    pub firecracker_kernel: Option<PathBuf>,
+    /// Run each Firecracker VMM under the jailer (chroot, unprivileged
+    /// uid/gid, cgroup limits). `auto` turns it on when running as root;
+    /// `off` is for development.
+    #[arg(
+        long,
+        env = "HYPERFLEET_FIRECRACKER_JAILER",
+        value_enum,
+        default_value = "auto"
+    )]
+    pub firecracker_jailer: Toggle,
+    /// The jailer binary (looked up in PATH, then /usr/local/bin).
+    #[arg(long, env = "HYPERFLEET_JAILER_BINARY", default_value = "jailer")]
+    pub jailer_binary: PathBuf,
+    /// The unprivileged uid jailed VMMs run as.
+    #[arg(long, env = "HYPERFLEET_JAILER_UID", default_value_t = hyperfleet_core::vmm::firecracker::jailer::DEFAULT_ID)]
+    pub jailer_uid: u32,
+    /// The unprivileged gid jailed VMMs run as.
+    #[arg(long, env = "HYPERFLEET_JAILER_GID", default_value_t = hyperfleet_core::vmm::firecracker::jailer::DEFAULT_ID)]
+    pub jailer_gid: u32,
+    /// A network namespace (e.g. /run/netns/vmms) every jailed VMM joins;
+    /// only with `--network off` (the machines' TAPs live in the daemon's
+    /// namespace).
+    #[arg(long, env = "HYPERFLEET_JAILER_NETNS")]
+    pub jailer_netns: Option<PathBuf>,
     /// Guest asset set for new machines (default: <data-dir>/assets/current).
     #[arg(long, env = "HYPERFLEET_ASSETS_DIR")]
     pub assets_dir: Option<PathBuf>,

@@ -45,7 +45,7 @@ fn main() -> std::process::ExitCode {
     };
     let result = runtime.block_on(async move {
         match args.command {
-            cli::Command::Serve(a) => serve::serve(a, &args.client).await,
+            cli::Command::Serve(a) => serve::serve(*a, &args.client).await,
             cli::Command::Doctor(_) => serve::doctor(&args.client),
             cli::Command::Openapi => {
                 print!("{}", hyperfleet_core::http::openapi::document());

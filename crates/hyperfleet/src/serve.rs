@@ -10,6 +10,7 @@ use hyperfleet_core::doctor::{self, Level};
 use hyperfleet_core::net::{NetConfig, Subnet};
 use hyperfleet_core::Config;
 
+use hyperfleet_core::vmm::firecracker::jailer::JailerConfig;
 use hyperfleet_core::vmm::qemu::AccelChoice;
 
 use crate::cli::{AccelArg, ClientArgs, LogFormat, ServeArgs, Toggle, VmmChoice};
@@ -43,6 +44,7 @@ pub async fn serve(a: ServeArgs, global: &ClientArgs) -> anyhow::Result<()> {
         .with_context(|| format!("--host '{}' is not an IP address", a.host))?;
     let mut config = Config::new(global.data_dir.clone());
     config.network = network_config(&a)?;
+    config.firecracker_jailer = jailer_config(&a, config.network.is_some())?;
     config.listen = SocketAddr::new(ip, a.port);
     config.disable_auth = a.disable_auth;
     config.default_vmm = vmm_kind(a.default_vmm);
@@ -51,6 +53,11 @@ pub async fn serve(a: ServeArgs, global: &ClientArgs) -> anyhow::Result<()> {
     config.stop_timeout = Duration::from_secs(a.stop_timeout);
     config.qemu_binary = a.qemu_binary;
     config.firecracker_binary = a.firecracker_binary;
+    // Absolute: Firecracker resolves it from its own working directory,
+    // which is the chroot's root when jailed.
+    config.firecracker_kernel = a
+        .firecracker_kernel
+        .map(|k| std::path::absolute(&k).unwrap_or(k));
     config.assets_dir = a.assets_dir;
     config.qemu_accel = match a.qemu_accel {
         AccelArg::Auto => AccelChoice::Auto,
@@ -67,6 +74,48 @@ pub async fn serve(a: ServeArgs, global: &ClientArgs) -> anyhow::Result<()> {
     hyperfleet_core::serve(config)
         .await
         .context("the daemon stopped with an error")
+}
+
+fn jailer_config(a: &ServeArgs, network: bool) -> anyhow::Result<Option<JailerConfig>> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    let on = match a.firecracker_jailer {
+        Toggle::On if !root => anyhow::bail!(
+            "--firecracker-jailer on needs root (the jailer makes a chroot with device nodes, \
+             cgroups and a mount namespace, then drops to --jailer-uid); run as root or pass \
+             --firecracker-jailer off"
+        ),
+        Toggle::On => true,
+        Toggle::Off => false,
+        Toggle::Auto => root,
+    };
+    if !on {
+        if a.jailer_netns.is_some() {
+            anyhow::bail!(
+                "--jailer-netns needs the jailer (--firecracker-jailer on, or auto as root)"
+            );
+        }
+        return Ok(None);
+    }
+    if a.jailer_uid == 0 || a.jailer_gid == 0 {
+        anyhow::bail!(
+            "--jailer-uid and --jailer-gid must be unprivileged ids, not 0 (got {}:{})",
+            a.jailer_uid,
+            a.jailer_gid
+        );
+    }
+    if a.jailer_netns.is_some() && network {
+        anyhow::bail!(
+            "--jailer-netns cannot be combined with machine networking: the daemon creates each \
+             machine's TAP in its own network namespace, where a VMM in another one cannot open \
+             it; pass --network off, or drop --jailer-netns"
+        );
+    }
+    let mut j = JailerConfig::new(a.jailer_binary.clone());
+    j.uid = a.jailer_uid;
+    j.gid = a.jailer_gid;
+    j.netns = a.jailer_netns.clone();
+    Ok(Some(j))
 }
 
 fn network_config(a: &ServeArgs) -> anyhow::Result<Option<NetConfig>> {

@@ -2,228 +2,36 @@
 //! `failpoints` build) at every step boundary of the machine run in turn;
 //! a restarted daemon must converge every machine to its desired state with
 //! nothing left behind and nothing done twice (never two VMM processes for
-//! one machine). Requires the `failpoints` feature, which the README's test
-//! command enables.
+//! one machine). Here with the stub backend and machine networking on (each
+//! round in a network namespace of its own, so the crash points between
+//! lease, TAP and VMM are passed too); the driver is
+//! `common/crash.rs`, which tests/firecracker.rs runs with Firecracker.
+//! Requires the `failpoints` feature, which the README's test command
+//! enables.
 
 mod common;
 
 use std::time::Duration;
 
-use common::netns::NetNs;
+use common::crash;
 use common::{eventually, killed_by_sigkill, Daemon, Sandbox};
 use serde_json::json;
-
-/// Every crash point of `hyperfleet_core::failpoint::CRASH_POINTS`.
-const POINTS: &[&str] = &[
-    "prepare.before_effect",
-    "prepare.after_effect",
-    "spawn.after_intent",
-    "network.after_lease",
-    "network.after_tap",
-    "spawn.after_effect",
-    "spawn.after_commit",
-    "ready.after_effect",
-    "pause.after_intent",
-    "pause.after_effect",
-    "resume.after_intent",
-    "resume.after_effect",
-    "stop.after_intent",
-    "stop.after_effect",
-    "suspend.after_intent",
-    "suspend.after_save",
-    "suspend.after_effect",
-    "release.after_intent",
-    "release.after_effect",
-];
-
-/// The scenario passes every point: (request, status it leads to).
-const SCENARIO: &[(&str, &str)] = &[
-    ("start", "running"),
-    ("pause", "paused"),
-    ("resume", "running"),
-    ("suspend", "suspended"),
-    ("resume", "running"),
-    ("stop", "stopped"),
-    ("delete", "gone"),
-];
-
-fn act(d: &Daemon, id: &str, req: &str) -> Result<common::Resp, reqwest::Error> {
-    match req {
-        "delete" => d.try_call_as(
-            &d.key,
-            "DELETE",
-            &format!("/machines/{id}?timeout=30"),
-            None,
-        ),
-        r => d.try_call_as(
-            &d.key,
-            "POST",
-            &format!("/machines/{id}/{r}?timeout=30"),
-            None,
-        ),
-    }
-}
-
-/// Daemon flags for the networked crash test (inside its own namespace).
-const NET: &[&str] = &["--network", "on"];
-
-fn assert_single_vmm(sb: &Sandbox, id: &str, ctx: &str) {
-    let pids = sb.vmm_pids_of(id);
-    assert!(
-        pids.len() <= 1,
-        "{ctx}: two VMM processes for one machine: {pids:?}"
-    );
-}
-
-#[test]
-fn crash_points_list_matches_the_daemon() {
-    assert_eq!(
-        POINTS,
-        hyperfleet_core_points(),
-        "update POINTS in tests/crash.rs"
-    );
-}
-
-fn hyperfleet_core_points() -> &'static [&'static str] {
-    // The test binary cannot link the daemon's feature-gated build, so the
-    // list is compared through the source of truth's text.
-    let src = include_str!("../../hyperfleet-core/src/failpoint.rs");
-    let start = src.find("CRASH_POINTS: &[&str] = &[").unwrap();
-    let end = start + src[start..].find("];").unwrap();
-    let names: Vec<&'static str> = src[start..end]
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix('"'))
-        .filter_map(|l| l.strip_suffix("\","))
-        .collect();
-    Box::leak(names.into_boxed_slice())
-}
 
 #[test]
 fn sigkill_at_every_step_boundary_converges_without_leaks() {
     if !cfg!(feature = "failpoints") {
         panic!("MISSING: this test needs `--features failpoints` (the README's test command passes it)");
     }
-    for point in POINTS {
-        // Networking on, in a namespace of this point's own: the crash
-        // points between lease, TAP and VMM are part of the run.
-        let ns = NetNs::new("c");
-        ns.enter();
-        let sb = Sandbox::new();
-        // A machine that is running all along: its lease must survive
-        // every crash and never be handed to the other machine.
-        let d = Daemon::start_with(&sb, &[], NET);
-        d.create(json!({"name": "bystander"}));
-        let by = d.call("POST", "/machines/bystander/start", None).body;
-        assert_eq!(by["status"], "running", "{by}");
-        let by_ip = by["network"]["ip"].as_str().unwrap().to_string();
-        let by_tap = by["network"]["tap"].as_str().unwrap().to_string();
-        drop(d);
-        let mut d = Daemon::start_with(&sb, &[("HYPERFLEET_CRASH_AT", point)], NET);
-        let m = d.create(json!({"name": "crashy", "metadata": {"stub_boot_ms": "30"}}));
-        let id = m["id"].as_str().unwrap().to_string();
-        // Run the scenario until the daemon dies at the armed point.
-        let mut done = 0;
-        for (req, want) in SCENARIO {
-            match act(&d, &id, req) {
-                Ok(r) if r.status < 300 => {
-                    if *want != "gone" {
-                        assert_eq!(r.body["status"], *want, "{point}: {req}");
-                    }
-                    done += 1;
-                }
-                Ok(r) => panic!("{point}: {req} answered {} {}", r.status, r.body),
-                Err(_) => break,
-            }
-            assert_single_vmm(&sb, &id, point);
-        }
-        let status = d.wait_exit(Duration::from_secs(10)).unwrap_or_else(|| {
-            panic!(
-                "{point}: the crash point was never reached (scenario finished {done} steps)\n{}",
-                d.log()
-            )
-        });
-        assert!(
-            killed_by_sigkill(&status),
-            "{point}: daemon ended with {status:?}, not SIGKILL"
-        );
-        assert_single_vmm(&sb, &id, point);
-
-        // Restart: the interrupted request is retried (as a client would),
-        // then the rest of the scenario runs to the end.
-        let d = Daemon::start_with(&sb, &[], NET);
-        let now = d.call("GET", &format!("/machines/{id}"), None);
-        if let Some(ip) = now.body["network"]["ip"].as_str() {
-            assert_ne!(ip, by_ip, "{point}: one address leased twice");
-        }
-        for (req, want) in &SCENARIO[done..] {
-            assert_single_vmm(&sb, &id, point);
-            let r = act(&d, &id, req).unwrap();
-            // A delete the restarted run already finished: the retry finds nothing.
-            if *want == "gone" && r.status == 404 {
-                continue;
-            }
-            assert!(
-                r.status < 300,
-                "{point}: after restart {req} answered {} {}\n{}",
-                r.status,
-                r.body,
-                d.log()
-            );
-            if *want != "gone" {
-                assert_eq!(r.body["status"], *want, "{point}: after restart {req}");
-                let expect = if *want == "running" || *want == "paused" {
-                    1
-                } else {
-                    0
-                };
-                let pids = sb.vmm_pids_of(&id);
-                assert_eq!(
-                    pids.len(),
-                    expect,
-                    "{point}: after {req} the status is {want} but processes are {pids:?}"
-                );
-            }
-        }
-        // Nothing left behind.
-        assert_eq!(
-            d.call("GET", &format!("/machines/{id}"), None).status,
-            404,
-            "{point}"
-        );
-        let by = d.call("GET", "/machines/bystander", None).body;
-        assert_eq!(
-            (by["status"].as_str(), by["network"]["ip"].as_str()),
-            (Some("running"), Some(by_ip.as_str())),
-            "{point}: the bystander lost its state or its lease"
-        );
-        assert_eq!(ns.hyperfleet_taps(), vec![by_tap], "{point}: TAP devices");
-        let r = d.call("DELETE", "/machines/bystander?force=true", None);
-        assert_eq!(r.status, 204, "{point}: {}", r.body);
-        assert_eq!(
-            ns.hyperfleet_taps(),
-            Vec::<String>::new(),
-            "{point}: TAP devices left"
-        );
-        assert!(
-            !ns.try_exec(&["nft", "list", "table", "inet", "hyperfleet"]),
-            "{point}: the nftables table outlived the machines"
-        );
-        eventually(
-            &format!("{point}: no VMM left"),
-            Duration::from_secs(5),
-            || sb.vmm_pids().is_empty().then_some(()),
-        );
-        let leftovers: Vec<_> = std::fs::read_dir(sb.machines_dir()).unwrap().collect();
-        assert!(
-            leftovers.is_empty(),
-            "{point}: machine directories left: {leftovers:?}"
-        );
-        let log = d.log();
-        assert!(
-            !log.contains("BUG:"),
-            "{point}: the run hit an impossible transition:\n{log}"
-        );
-    }
+    crash::run(&crash::Case {
+        name: "stub",
+        points: crash::POINTS,
+        scenario: crash::FULL_SCENARIO,
+        daemon_args: &[],
+        network: true,
+        create: json!({"name": "crashy", "metadata": {"stub_boot_ms": "30"}}),
+        vmm_pids: &|sb, id| sb.vmm_pids_of(id),
+        leftovers: &|_| Vec::new(),
+    });
 }
 
 #[test]
@@ -235,7 +43,7 @@ fn recovery_after_a_crash_mid_boot_adopts_instead_of_spawning_again() {
     let mut d = Daemon::start_with(&sb, &[("HYPERFLEET_CRASH_AT", "spawn.after_effect")], &[]);
     let m = d.create(json!({"name": "adopt", "metadata": {"stub_boot_ms": "500"}}));
     let id = m["id"].as_str().unwrap().to_string();
-    let _ = act(&d, &id, "start");
+    let _ = crash::act(&d, &id, "start");
     assert!(killed_by_sigkill(
         &d.wait_exit(Duration::from_secs(10)).unwrap()
     ));

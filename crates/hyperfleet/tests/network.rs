@@ -256,7 +256,11 @@ fn guests_are_isolated_get_egress_by_spec_and_are_reachable_from_the_host() {
 
     // Suspend gives the TAP back; resume restores the guest's memory (httpd
     // still running) on the same lease and a new TAP of the same name.
-    let r = d.call("POST", &format!("/machines/{ida}/suspend?timeout=300"), None);
+    let r = d.call(
+        "POST",
+        &format!("/machines/{ida}/suspend?timeout=300"),
+        None,
+    );
     assert_eq!(r.body["status"], "suspended", "{}", r.body);
     let tap_a = net[0]["tap"].as_str().unwrap().to_string();
     assert!(!world.host.hyperfleet_taps().contains(&tap_a));

@@ -126,27 +126,11 @@ fn a_real_guest_runs_commands_moves_files_and_leaves_nothing_behind() {
         .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
         .collect();
     let want = hex(&Sha256::digest(&data));
-    let r = d
-        .raw()
-        .put(format!("{}/machines/real/files?path=/root/big.bin", d.url))
-        .bearer_auth(&d.key)
-        .body(data.clone())
-        .send()
-        .unwrap();
-    assert_eq!(r.status(), 201, "{}", r.text().unwrap_or_default());
+    d.put_file("real", "/root/big.bin", data);
     let guest_sum = sh(&d, &id, "sha256sum /root/big.bin");
     assert!(guest_sum.starts_with(&want), "{guest_sum}");
-    let back = d
-        .raw()
-        .get(format!(
-            "{}/machines/real/files?path=/root/big.bin&raw=true",
-            d.url
-        ))
-        .bearer_auth(&d.key)
-        .send()
-        .unwrap();
-    assert_eq!(back.status(), 200);
-    assert_eq!(hex(&Sha256::digest(back.bytes().unwrap())), want);
+    let back = d.get_file("real", "/root/big.bin");
+    assert_eq!(hex(&Sha256::digest(back)), want);
     // The seeds' JSON form and stat.
     let r = d.call(
         "POST",

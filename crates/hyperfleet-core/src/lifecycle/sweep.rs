@@ -1,8 +1,9 @@
 //! The orphan sweep: at startup, before any run starts, reclaim host objects
-//! that belong to no machine — VMM processes and machine directories left by
-//! machines whose records are gone (a crash between releasing and deleting,
-//! or a database restored from backup). Objects of known machines are left
-//! to their runs, which know what they own.
+//! that belong to no machine — VMM processes, machine directories (with the
+//! Firecracker jails inside them) and jailed VMMs' cgroups left by machines
+//! whose records are gone (a crash between releasing and deleting, or a
+//! database restored from backup). Objects of known machines are left to
+//! their runs, which know what they own.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -48,7 +49,9 @@ pub async fn sweep(store: &Store, machines_dir: &Path) -> SweepReport {
         }
     }
 
-    // Directories of machines that no longer exist.
+    // Directories of machines that no longer exist, and their cgroups (the
+    // jailer names them by machine id; their processes were killed above).
+    let cgroups = crate::vmm::firecracker::jailer::Cgroups::detect();
     if let Ok(entries) = std::fs::read_dir(machines_dir) {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().to_string();
@@ -56,6 +59,9 @@ pub async fn sweep(store: &Store, machines_dir: &Path) -> SweepReport {
                 continue;
             }
             tracing::warn!(dir = %e.path().display(), "removing an orphan machine directory");
+            if let Err(err) = cgroups.remove(&name) {
+                tracing::error!(machine = %name, error = %err, "could not remove an orphan VMM's cgroup");
+            }
             match std::fs::remove_dir_all(e.path()) {
                 Ok(()) => report.removed_dirs += 1,
                 Err(err) => {

@@ -109,33 +109,6 @@ impl GuestNet {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn nameservers_skip_loopback() {
-        let conf = "# x\nnameserver 127.0.0.53\nnameserver 10.0.0.2\nnameserver ::1\nsearch lan\n";
-        assert_eq!(nameservers(conf), vec![Ipv4Addr::new(10, 0, 0, 2)]);
-    }
-
-    #[test]
-    fn kernel_args_carry_the_lease() {
-        let g = GuestNet {
-            tap: "hfac1e0002".into(),
-            mac: "02:68:ac:1e:00:02".into(),
-            ip: Ipv4Addr::new(172, 30, 0, 2),
-            gateway: Ipv4Addr::new(172, 30, 0, 1),
-            prefix_len: 30,
-            dns: vec![Ipv4Addr::new(1, 1, 1, 1), Ipv4Addr::new(9, 9, 9, 9)],
-        };
-        assert_eq!(
-            g.kernel_args(),
-            " hf.ip=172.30.0.2/30 hf.gw=172.30.0.1 hf.dns=1.1.1.1,9.9.9.9"
-        );
-    }
-}
-
 /// Errors of host networking.
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
@@ -278,5 +251,32 @@ impl Network {
             }
         }
         Ok(removed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nameservers_skip_loopback() {
+        let conf = "# x\nnameserver 127.0.0.53\nnameserver 10.0.0.2\nnameserver ::1\nsearch lan\n";
+        assert_eq!(nameservers(conf), vec![Ipv4Addr::new(10, 0, 0, 2)]);
+    }
+
+    #[test]
+    fn kernel_args_carry_the_lease() {
+        let g = GuestNet {
+            tap: "hfac1e0002".into(),
+            mac: "02:68:ac:1e:00:02".into(),
+            ip: Ipv4Addr::new(172, 30, 0, 2),
+            gateway: Ipv4Addr::new(172, 30, 0, 1),
+            prefix_len: 30,
+            dns: vec![Ipv4Addr::new(1, 1, 1, 1), Ipv4Addr::new(9, 9, 9, 9)],
+        };
+        assert_eq!(
+            g.kernel_args(),
+            " hf.ip=172.30.0.2/30 hf.gw=172.30.0.1 hf.dns=1.1.1.1,9.9.9.9"
+        );
     }
 }

@@ -5,6 +5,7 @@
 
 #![allow(dead_code)]
 
+pub mod crash;
 pub mod netns;
 
 use std::os::unix::process::ExitStatusExt;
@@ -281,6 +282,33 @@ impl Daemon {
     /// Raw request for contract tests (custom headers / bodies).
     pub fn raw(&self) -> &reqwest::blocking::Client {
         &self.http
+    }
+
+    /// Streams `data` into a guest file; it must be created (201).
+    pub fn put_file(&self, machine: &str, path: &str, data: Vec<u8>) {
+        let r = self
+            .http
+            .put(format!("{}/machines/{machine}/files?path={path}", self.url))
+            .bearer_auth(&self.key)
+            .body(data)
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 201, "{}", r.text().unwrap_or_default());
+    }
+
+    /// A guest file's bytes, streamed back.
+    pub fn get_file(&self, machine: &str, path: &str) -> Vec<u8> {
+        let r = self
+            .http
+            .get(format!(
+                "{}/machines/{machine}/files?path={path}&raw=true",
+                self.url
+            ))
+            .bearer_auth(&self.key)
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 200, "GET {path}");
+        r.bytes().unwrap().to_vec()
     }
 
     pub fn create(&self, body: Value) -> Value {

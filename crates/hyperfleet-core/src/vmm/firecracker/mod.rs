@@ -1,5 +1,6 @@
 //! The Firecracker backend: one `firecracker` process per machine, driven
-//! through its REST API on a unix socket (see [`api`]).
+//! through its REST API on a unix socket (see [`api`]), run under the
+//! jailer when that is on (see [`jailer`]).
 //!
 //! Per machine, under its directory: `disk.ext4` (a sparse copy of the asset
 //! set's rootfs — Firecracker takes raw block images only, no qcow2),
@@ -7,17 +8,20 @@
 //! vsock device: hybrid vsock, `CONNECT <port>\n`), `console.log` (the
 //! process's stdout, which carries the guest's serial console), `fc.log` and
 //! `fc.metrics` (Firecracker's own logger and metrics), and
-//! `snapshot/vm.state` + `snapshot/mem` while suspended.
+//! `snapshot/vm.state` + `snapshot/mem` while suspended. Jailed, the sockets
+//! are symlinks into the chroot under `jail/`, whose mirror of these paths
+//! keeps every path Firecracker sees the same as unjailed.
 //!
 //! `spawn` only starts the process (`firecracker --api-sock <dir>/fc.sock
-//! --id <machine id>`; the directory in the command line is what the orphan
-//! sweep looks for). `wait_ready` configures a process that has not started
-//! yet — machine-config, boot-source, drives, vsock, logger, metrics, then
-//! `InstanceStart`, or `/snapshot/load` when restoring — and then waits for
-//! the guest agent to answer over hybrid vsock. Doing the configuration
-//! there keeps `spawn` down to "the process exists" (its identity is
-//! recorded before anything can fail) and makes it idempotent: a process
-//! whose VM already runs is left alone.
+//! --id <machine id>`, or the jailer that execs it; the directory in the
+//! command line is what the orphan sweep looks for). `wait_ready`
+//! configures a process that has not started yet — machine-config,
+//! boot-source, drives, network-interfaces, vsock, logger, metrics, then
+//! `InstanceStart`, or `/snapshot/load` (with the machine's TAP as a network
+//! override) when restoring — and then waits for the guest agent to answer
+//! over hybrid vsock. Doing the configuration there keeps `spawn` down to
+//! "the process exists" (its identity is recorded before anything can fail)
+//! and makes it idempotent: a process whose VM already runs is left alone.
 //!
 //! Firecracker needs hardware KVM. On a host whose /dev/kvm is the
 //! software-nested `kvm_pvm`, the process starts and accepts the whole
@@ -25,6 +29,7 @@
 //! boot timeout, and [`FirecrackerVmm::availability`] says why.
 
 pub mod api;
+pub mod jailer;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -41,12 +46,15 @@ use super::{LaunchSpec, MachinePaths, StopPath, Vmm, VmmError, VmmRunState};
 use crate::assets::AssetSet;
 use crate::doctor::{detect_accel, Accel};
 use crate::store::VmmIdentity;
+use jailer::{Cgroups, JailerConfig, Share};
 
 /// The vsock port the guest agent listens on (`hf.vsock_port=`).
 pub const AGENT_VSOCK_PORT: u32 = 1024;
 /// The guest's vsock context id (any value ≥ 3 works; each VM has its own
 /// device, so every machine can use the same).
 const GUEST_CID: u32 = 3;
+/// The guest's one network interface.
+const NET_IFACE: &str = "eth0";
 
 pub struct FirecrackerConfig {
     /// `firecracker`, resolved through PATH (then /usr/local/bin) when relative.
@@ -55,6 +63,20 @@ pub struct FirecrackerConfig {
     pub assets_root: PathBuf,
     /// The set new machines get (default `<assets_root>/current`).
     pub assets: PathBuf,
+    /// A kernel to boot instead of the asset set's (`--firecracker-kernel`):
+    /// one with virtio-mmio command-line devices, which Debian's is not.
+    pub kernel: Option<PathBuf>,
+    /// Run each VMM under the jailer; None = off.
+    pub jailer: Option<JailerConfig>,
+}
+
+/// The jailer as this daemon found it.
+struct Jail {
+    cfg: JailerConfig,
+    /// The binary, resolved like Firecracker's; None when missing.
+    binary: Option<PathBuf>,
+    /// `Jailer v1.12.1`, from `--version`.
+    version: Option<String>,
 }
 
 pub struct FirecrackerVmm {
@@ -65,6 +87,11 @@ pub struct FirecrackerVmm {
     assets_root: PathBuf,
     assets: PathBuf,
     agents: AgentCache,
+    kernel: Option<PathBuf>,
+    jail: Option<Jail>,
+    /// Where jailed VMMs' cgroups are (detected once; also used to clean up
+    /// after a VMM that ran jailed before the jailer was turned off).
+    cgroups: Cgroups,
 }
 
 /// Finds the binary: a path as given, else PATH, else /usr/local/bin (where
@@ -123,8 +150,18 @@ fn remove_if_present(path: &Path) -> Result<(), VmmError> {
 
 impl FirecrackerVmm {
     pub fn new(cfg: FirecrackerConfig) -> FirecrackerVmm {
-        let binary = which(&cfg.binary);
+        // Absolute: the jailer copies `--exec-file` into the chroot.
+        let binary = which(&cfg.binary).map(|b| std::path::absolute(&b).unwrap_or(b));
         let version = binary.as_deref().and_then(version_of);
+        let jail = cfg.jailer.map(|j| {
+            let binary = which(&j.binary);
+            let version = binary.as_deref().and_then(jailer::version_of);
+            Jail {
+                cfg: j,
+                binary,
+                version,
+            }
+        });
         FirecrackerVmm {
             binary,
             version,
@@ -132,7 +169,50 @@ impl FirecrackerVmm {
             assets_root: cfg.assets_root,
             assets: cfg.assets,
             agents: AgentCache::default(),
+            kernel: cfg.kernel,
+            jail,
+            cgroups: Cgroups::detect(),
         }
+    }
+
+    /// Whether VMMs run under the jailer.
+    pub fn jailed(&self) -> bool {
+        self.jail.is_some()
+    }
+
+    /// How VMMs run, for availability; an error when the jailer is on but
+    /// cannot work.
+    fn jail_summary(&self) -> Result<String, String> {
+        let Some(jail) = &self.jail else {
+            return Ok("not jailed (--firecracker-jailer off)".into());
+        };
+        let bin = jail.binary.as_ref().ok_or_else(|| {
+            format!(
+                "the jailer is on but {} was not found in PATH or /usr/local/bin \
+                 (install it from the Firecracker release, or pass --firecracker-jailer off \
+                 for development)",
+                jail.cfg.binary.display()
+            )
+        })?;
+        let name = self
+            .binary
+            .as_ref()
+            .and_then(|b| b.file_name())
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if !name.contains("firecracker") {
+            return Err(format!(
+                "the jailer only runs a binary whose file name contains \"firecracker\", not {name}"
+            ));
+        }
+        Ok(format!(
+            "jailed by {} ({}) as uid {} gid {}, {}",
+            bin.display(),
+            jail.version.as_deref().unwrap_or("unknown version"),
+            jail.cfg.uid,
+            jail.cfg.gid,
+            self.cgroups.describe()
+        ))
     }
 
     /// The API socket.
@@ -165,13 +245,34 @@ impl FirecrackerVmm {
 
     /// The kernel command line. `pci=off`: Firecracker has no PCI bus; its
     /// virtio-mmio devices are appended to this line by Firecracker itself.
+    /// The network keys (`hf.ip=` …) come last, when the machine has one.
     pub fn boot_args(launch: &LaunchSpec, set: &AssetSet) -> String {
+        let net = launch
+            .network
+            .as_ref()
+            .map(|n| n.kernel_args())
+            .unwrap_or_default();
         format!(
             "console=ttyS0 reboot=k panic=1 pci=off hf.root=/dev/vda hf.modules={} \
-             hf.hostname={} hf.vsock_port={AGENT_VSOCK_PORT}",
+             hf.hostname={} hf.vsock_port={AGENT_VSOCK_PORT}{net}",
             set.module_list(),
             launch.name
         )
+    }
+
+    /// The kernel and initramfs a fresh boot uses.
+    fn boot_files(&self, set: &AssetSet) -> Result<(PathBuf, PathBuf), VmmError> {
+        let kernel = match &self.kernel {
+            Some(k) if k.is_file() => k.clone(),
+            Some(k) => {
+                return Err(unavailable(format!(
+                    "the kernel given with --firecracker-kernel ({}) does not exist",
+                    k.display()
+                )))
+            }
+            None => set.kernel().map_err(asset_err)?,
+        };
+        Ok((kernel, set.initramfs().map_err(asset_err)?))
     }
 
     /// Why a guest did not come up, from the console and Firecracker's log.
@@ -183,8 +284,9 @@ impl FirecrackerVmm {
             .file_name()
             .map(|n| format!("[{}:", n.to_string_lossy()))
             .unwrap_or_default();
+        let jailer_error = |l: &str| l.contains("Jailer error");
         let console = tail(&paths.console_log(), 3, |l| {
-            id.is_empty() || !l.contains(&id)
+            (id.is_empty() || !l.contains(&id)) && !jailer_error(l)
         });
         let problem = tail(&Self::log_file(paths), 1, |l| {
             l.contains(":WARN]") || l.contains(":ERROR]")
@@ -194,6 +296,10 @@ impl FirecrackerVmm {
         } else {
             format!("last console lines: {console}")
         };
+        let jailer = tail(&paths.console_log(), 1, jailer_error);
+        if !jailer.is_empty() {
+            d = format!("the jailer failed: {jailer}; {d}");
+        }
         if !problem.is_empty() {
             d.push_str(&format!("; Firecracker's last problem: {problem}"));
         }
@@ -240,86 +346,103 @@ impl FirecrackerVmm {
 
     /// Configures a fresh process in the documented order and starts the VM.
     async fn configure_and_start(&self, launch: &LaunchSpec) -> Result<(), VmmError> {
-        let p = &launch.paths;
-        let sock = Self::api_socket(p);
         let set = self.set_for(launch.spec.image.as_deref())?;
+        let (kernel, initrd) = self.boot_files(&set)?;
+        let boot_args = Self::boot_args(launch, &set);
+        let requests = Self::start_requests(launch, &kernel, &initrd, &boot_args)
+            .into_iter()
+            .chain(Self::logging_requests(&launch.paths))
+            .chain([("/actions", json!({"action_type": "InstanceStart"}))]);
+        for (path, body) in requests {
+            Self::send(&launch.paths, "PUT", path, &body).await?;
+        }
+        Ok(())
+    }
+
+    /// What configures a fresh process, in the documented order, up to (not
+    /// including) logging and `InstanceStart`.
+    pub fn start_requests(
+        launch: &LaunchSpec,
+        kernel: &Path,
+        initrd: &Path,
+        boot_args: &str,
+    ) -> Vec<(&'static str, Value)> {
+        let p = &launch.paths;
         let s = |x: &Path| x.display().to_string();
-        let put = |path: &'static str, body: Value| {
-            let sock = sock.clone();
-            async move {
-                api::expect_ok(&sock, "PUT", path, Some(&body))
-                    .await
-                    .map(drop)
-            }
-        };
-        put(
-            "/machine-config",
-            json!({
-                "vcpu_count": launch.spec.vcpu_count,
-                "mem_size_mib": launch.spec.mem_size_mib,
-            }),
-        )
-        .await?;
-        put(
-            "/boot-source",
-            json!({
-                "kernel_image_path": s(&set.kernel().map_err(asset_err)?),
-                "initrd_path": s(&set.initramfs().map_err(asset_err)?),
-                "boot_args": Self::boot_args(launch, &set),
-            }),
-        )
-        .await?;
-        put(
-            "/drives/root",
-            json!({
-                "drive_id": "root",
-                "path_on_host": s(&Self::disk(p)),
-                // The initramfs (the agent as PID 1) switches to /dev/vda.
-                "is_root_device": false,
-                "is_read_only": false,
-            }),
-        )
-        .await?;
-        // No network-interfaces: machines have no network yet.
-        put(
+        let mut v = vec![
+            (
+                "/machine-config",
+                json!({
+                    "vcpu_count": launch.spec.vcpu_count,
+                    "mem_size_mib": launch.spec.mem_size_mib,
+                }),
+            ),
+            (
+                "/boot-source",
+                json!({
+                    "kernel_image_path": s(kernel),
+                    "initrd_path": s(initrd),
+                    "boot_args": boot_args,
+                }),
+            ),
+            (
+                "/drives/root",
+                json!({
+                    "drive_id": "root",
+                    "path_on_host": s(&Self::disk(p)),
+                    // The initramfs (the agent as PID 1) switches to /dev/vda.
+                    "is_root_device": false,
+                    "is_read_only": false,
+                }),
+            ),
+        ];
+        if let Some(net) = &launch.network {
+            v.push((
+                "/network-interfaces/eth0",
+                json!({
+                    "iface_id": NET_IFACE,
+                    "host_dev_name": net.tap,
+                    "guest_mac": net.mac,
+                }),
+            ));
+        }
+        v.push((
             "/vsock",
             json!({
                 "guest_cid": GUEST_CID,
                 "uds_path": s(&Self::vsock_socket(p)),
             }),
-        )
-        .await?;
-        self.configure_logging(launch).await?;
-        put("/actions", json!({"action_type": "InstanceStart"})).await
+        ));
+        v
     }
 
-    /// Logger and metrics to per-machine files (which must exist).
-    async fn configure_logging(&self, launch: &LaunchSpec) -> Result<(), VmmError> {
-        let p = &launch.paths;
-        let sock = Self::api_socket(p);
-        for f in [Self::log_file(p), Self::metrics_file(p)] {
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&f)
-                .map_err(|e| VmmError::host(format!("creating {}", f.display()), e))?;
-        }
-        let logger = json!({
-            "log_path": Self::log_file(p).display().to_string(),
-            "level": "Info",
-            "show_level": true,
-        });
-        api::expect_ok(&sock, "PUT", "/logger", Some(&logger)).await?;
-        let metrics = json!({"metrics_path": Self::metrics_file(p).display().to_string()});
-        api::expect_ok(&sock, "PUT", "/metrics", Some(&metrics)).await?;
-        Ok(())
+    /// Logger and metrics to the per-machine files (which `spawn` creates).
+    pub fn logging_requests(paths: &MachinePaths) -> [(&'static str, Value); 2] {
+        [
+            (
+                "/logger",
+                json!({
+                    "log_path": Self::log_file(paths).display().to_string(),
+                    "level": "Info",
+                    "show_level": true,
+                }),
+            ),
+            (
+                "/metrics",
+                json!({"metrics_path": Self::metrics_file(paths).display().to_string()}),
+            ),
+        ]
     }
 
-    /// Loads the suspend image into a fresh process and resumes it.
-    async fn load_snapshot(&self, launch: &LaunchSpec) -> Result<(), VmmError> {
+    /// `PUT /snapshot/load`: the suspend image, resumed at once, with the
+    /// machine's current TAP in place of the one it was saved with (a TAP
+    /// is the machine's, but its name comes from the lease of the moment).
+    /// There is no vsock override: Firecracker v1.12 has none (it rejects
+    /// `vsock_override`), and none is needed — the socket's path is the
+    /// machine directory's, the same jailed or not.
+    pub fn snapshot_load_body(launch: &LaunchSpec) -> Value {
         let p = &launch.paths;
-        self.configure_logging(launch).await?;
-        let body = json!({
+        let mut body = json!({
             "snapshot_path": Self::state_file(p).display().to_string(),
             "mem_backend": {
                 "backend_type": "File",
@@ -327,7 +450,46 @@ impl FirecrackerVmm {
             },
             "resume_vm": true,
         });
-        api::expect_ok(&Self::api_socket(p), "PUT", "/snapshot/load", Some(&body))
+        if let Some(net) = &launch.network {
+            body["network_overrides"] = json!([{
+                "iface_id": NET_IFACE,
+                "host_dev_name": net.tap,
+            }]);
+        }
+        body
+    }
+
+    /// `PUT /snapshot/create`: a full snapshot into the snapshot directory.
+    pub fn snapshot_create_body(paths: &MachinePaths) -> Value {
+        json!({
+            "snapshot_type": "Full",
+            "snapshot_path": Self::state_file(paths).display().to_string(),
+            "mem_file_path": Self::mem_file(paths).display().to_string(),
+        })
+    }
+
+    async fn configure_logging(&self, launch: &LaunchSpec) -> Result<(), VmmError> {
+        for (path, body) in Self::logging_requests(&launch.paths) {
+            Self::send(&launch.paths, "PUT", path, &body).await?;
+        }
+        Ok(())
+    }
+
+    /// Loads the suspend image into a fresh process and resumes it.
+    async fn load_snapshot(&self, launch: &LaunchSpec) -> Result<(), VmmError> {
+        self.configure_logging(launch).await?;
+        let body = Self::snapshot_load_body(launch);
+        Self::send(&launch.paths, "PUT", "/snapshot/load", &body).await
+    }
+
+    /// One request with a body that must succeed; its answer is not needed.
+    async fn send(
+        paths: &MachinePaths,
+        method: &str,
+        path: &str,
+        body: &Value,
+    ) -> Result<(), VmmError> {
+        api::expect_ok(&Self::api_socket(paths), method, path, Some(body))
             .await
             .map(drop)
     }
@@ -385,21 +547,75 @@ impl FirecrackerVmm {
         remove_if_present(&Self::vsock_socket(paths))
     }
 
+    /// Removes what a VMM that is gone leaves on the host: its sockets, and
+    /// its jail and cgroups if it ran jailed (whether or not the jailer is
+    /// on now).
+    fn remove_leftovers(&self, paths: &MachinePaths, id: &str) -> Result<(), VmmError> {
+        Self::remove_sockets(paths)?;
+        jailer::remove_jail(paths)?;
+        self.cgroups.remove(id)
+    }
+
+    /// Builds the chroot for the next jailed VMM of `launch` and points the
+    /// daemon's socket paths into it; returns the jailer command.
+    fn jailed_command(
+        &self,
+        jail: &Jail,
+        firecracker: &Path,
+        launch: &LaunchSpec,
+    ) -> Result<Command, VmmError> {
+        let p = &launch.paths;
+        let id = &launch.machine_id;
+        let jailer_bin = jail.binary.clone().ok_or_else(|| {
+            unavailable(format!(
+                "the jailer is on but {} was not found in PATH or /usr/local/bin",
+                jail.cfg.binary.display()
+            ))
+        })?;
+        let root = jailer::chroot(p, firecracker, id);
+        let mut files = vec![
+            (Self::disk(p), Share::Own),
+            (Self::log_file(p), Share::Own),
+            (Self::metrics_file(p), Share::Own),
+        ];
+        if launch.restore {
+            files.push((Self::state_file(p), Share::Own));
+            files.push((Self::mem_file(p), Share::Own));
+        } else {
+            let set = self.set_for(launch.spec.image.as_deref())?;
+            let (kernel, initrd) = self.boot_files(&set)?;
+            files.push((kernel, Share::ReadOnly));
+            files.push((initrd, Share::ReadOnly));
+        }
+        jailer::build(&jail.cfg, p, &root, &[&p.dir, &p.snapshot_dir()], &files)?;
+        for sock in [Self::api_socket(p), Self::vsock_socket(p)] {
+            let target = jailer::inside(&root, &sock);
+            // Relative, so the link stays right if the data directory moves.
+            let target = target.strip_prefix(&p.dir).unwrap_or(&target);
+            std::os::unix::fs::symlink(target, &sock).map_err(|e| {
+                VmmError::host(format!("linking {} into the jail", sock.display()), e)
+            })?;
+        }
+        let mut cmd = Command::new(jailer_bin);
+        cmd.args(jailer::argv(
+            &jail.cfg,
+            &self.cgroups,
+            firecracker,
+            p,
+            id,
+            &launch.spec,
+            &Self::api_socket(p),
+        ));
+        Ok(cmd)
+    }
+
     async fn vm_state(&self, launch: &LaunchSpec) -> Result<String, VmmError> {
         let v = api::expect_ok(&Self::api_socket(&launch.paths), "GET", "/", None).await?;
         Ok(v["state"].as_str().unwrap_or_default().to_string())
     }
 
     async fn patch_vm(&self, launch: &LaunchSpec, state: &str) -> Result<(), VmmError> {
-        let body = json!({ "state": state });
-        api::expect_ok(
-            &Self::api_socket(&launch.paths),
-            "PATCH",
-            "/vm",
-            Some(&body),
-        )
-        .await
-        .map(drop)
+        Self::send(&launch.paths, "PATCH", "/vm", &json!({ "state": state })).await
     }
 }
 
@@ -418,19 +634,27 @@ impl Vmm for FirecrackerVmm {
             .clone()
             .unwrap_or_else(|| "unknown version".into());
         let set = AssetSet::load(&self.assets).map_err(|e| e.to_string())?;
+        let jail = self.jail_summary()?;
         if self.accel.0 != Accel::HardwareKvm {
             return Err(format!(
-                "{} ({version}) is installed, but guests cannot boot here: {}",
+                "{} ({version}, {jail}) is installed, but guests cannot boot here: {}",
                 bin.display(),
                 self.accel.1
             ));
         }
+        let kernel = match &self.kernel {
+            Some(k) => format!("kernel {}", k.display()),
+            None => format!("kernel {}", set.manifest.kernel_release),
+        };
         Ok(format!(
-            "{} ({version}) with KVM; guest image {} (kernel {})",
+            "{} ({version}) with KVM, {jail}; guest image {} ({kernel})",
             bin.display(),
             set.id,
-            set.manifest.kernel_release
         ))
+    }
+
+    fn tap_owner(&self) -> Option<u32> {
+        self.jail.as_ref().map(|j| j.cfg.uid)
     }
 
     fn current_image(&self) -> Result<Option<String>, String> {
@@ -461,14 +685,30 @@ impl Vmm for FirecrackerVmm {
             ));
         }
         // A stale API socket makes Firecracker refuse to start; a stale vsock
-        // socket makes the vsock device (or a snapshot load) fail.
-        Self::remove_sockets(p)?;
+        // socket makes the vsock device (or a snapshot load) fail; a stale
+        // jail makes the jailer fail.
+        self.remove_leftovers(p, &launch.machine_id)?;
         self.agents.forget(&launch.machine_id);
-        let mut cmd = Command::new(&binary);
-        cmd.arg("--api-sock")
-            .arg(Self::api_socket(p))
-            .arg("--id")
-            .arg(&launch.machine_id);
+        // The logger and metrics files must exist before Firecracker is
+        // pointed at them (and before the jail, which links them in).
+        for f in [Self::log_file(p), Self::metrics_file(p)] {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&f)
+                .map_err(|e| VmmError::host(format!("creating {}", f.display()), e))?;
+        }
+        let cmd = match &self.jail {
+            Some(jail) => self.jailed_command(jail, &binary, launch)?,
+            None => {
+                let mut cmd = Command::new(&binary);
+                cmd.arg("--api-sock")
+                    .arg(Self::api_socket(p))
+                    .arg("--id")
+                    .arg(&launch.machine_id);
+                cmd
+            }
+        };
         super::spawn_vmm(cmd, &p.console_log())
     }
 
@@ -557,7 +797,7 @@ impl Vmm for FirecrackerVmm {
         };
         let done = |path: StopPath| -> Result<StopPath, VmmError> {
             self.agents.forget(&launch.machine_id);
-            Self::remove_sockets(&launch.paths)?;
+            self.remove_leftovers(&launch.paths, &launch.machine_id)?;
             Ok(path)
         };
         // 1. Ask the agent: it syncs and unmounts before powering off.
@@ -572,14 +812,9 @@ impl Vmm for FirecrackerVmm {
         // 2. Ctrl-Alt-Del: with reboot=k the guest's reboot ends Firecracker.
         let cad = json!({"action_type": "SendCtrlAltDel"});
         if tokio::time::Instant::now() < deadline
-            && api::expect_ok(
-                &Self::api_socket(&launch.paths),
-                "PUT",
-                "/actions",
-                Some(&cad),
-            )
-            .await
-            .is_ok()
+            && Self::send(&launch.paths, "PUT", "/actions", &cad)
+                .await
+                .is_ok()
             && gone_by(deadline).await?
         {
             return done(StopPath::Graceful {
@@ -602,16 +837,30 @@ impl Vmm for FirecrackerVmm {
         if self.vm_state(launch).await? != "Paused" {
             self.patch_vm(launch, "Paused").await?;
         }
-        for f in [Self::state_file(p), Self::mem_file(p)] {
-            remove_if_present(&f)?;
+        // Jailed, Firecracker writes into the chroot's mirror of the
+        // snapshot directory; the files are linked out afterwards.
+        let chroot = jailer::existing_chroot(p, &launch.machine_id);
+        let files = [Self::state_file(p), Self::mem_file(p)];
+        // Unlinked, not truncated: a VMM restored from this image still
+        // maps the old memory file.
+        for f in &files {
+            remove_if_present(f)?;
+            if let Some(root) = &chroot {
+                remove_if_present(&jailer::inside(root, f))?;
+            }
         }
-        let body = json!({
-            "snapshot_type": "Full",
-            "snapshot_path": Self::state_file(p).display().to_string(),
-            "mem_file_path": Self::mem_file(p).display().to_string(),
-        });
-        api::expect_ok(&Self::api_socket(p), "PUT", "/snapshot/create", Some(&body)).await?;
-        // Both files must be on disk before the VMM is killed.
+        Self::send(p, "PUT", "/snapshot/create", &Self::snapshot_create_body(p)).await?;
+        if let Some(root) = &chroot {
+            for f in &files {
+                jailer::export(root, f)?;
+            }
+        }
+        // Both files, and their names, must be on disk before the VMM is
+        // killed.
+        if let Ok(d) = std::fs::File::open(&dir) {
+            d.sync_all()
+                .map_err(|e| VmmError::host(format!("syncing {}", dir.display()), e))?;
+        }
         for f in [Self::state_file(p), Self::mem_file(p)] {
             let file = tokio::fs::File::open(&f)
                 .await
@@ -627,7 +876,9 @@ impl Vmm for FirecrackerVmm {
     async fn release(&self, paths: &MachinePaths) -> Result<(), VmmError> {
         if let Some(id) = paths.dir.file_name().and_then(|n| n.to_str()) {
             self.agents.forget(id);
+            self.cgroups.remove(id)?;
         }
+        // The jail lives in the machine directory and goes with it.
         super::remove_dir_idempotent(&paths.dir).await
     }
 }

@@ -1,14 +1,20 @@
-//! The backend against the real Firecracker binary (v1.12.1 in
+//! The backend against the real Firecracker and jailer binaries (v1.12.1 in
 //! /usr/local/bin on the test hosts) and the guest asset set: what the API
-//! socket reports after configuration, pause/resume, a full snapshot loaded
-//! into a new process, the boot timeout, and that stop and release leave no
-//! process, socket or directory behind.
+//! socket reports after configuration (network interface included, on a
+//! real TAP in a network namespace of the test's own), pause/resume, a full
+//! snapshot loaded into a new process with another TAP, the boot timeout,
+//! the jailed VMM's uid, chroot and cgroup, and that stop and release leave
+//! no process, socket, jail, cgroup or directory behind. The request bodies
+//! themselves are checked without any binary.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+
 use super::*;
+use crate::net::GuestNet;
 use crate::store::MachineSpec;
 
 /// The asset set and binary, or `None` with a loud note (a panic in CI).
@@ -33,42 +39,191 @@ fn prerequisites() -> Option<PathBuf> {
     None
 }
 
-/// Kills every process it was given when dropped, so a failing assertion
-/// never leaves a Firecracker behind.
+/// The assets, when the jailed tests can run: root and the jailer binary.
+fn jailed_prerequisites() -> Option<PathBuf> {
+    let assets = prerequisites()?;
+    if !root("the jailer") {
+        return None;
+    }
+    assert!(
+        which(Path::new("jailer")).is_some(),
+        "MISSING: the jailer binary (scripts/install-deps.sh installs it)"
+    );
+    Some(assets)
+}
+
+/// Whether the test may change the host as root (TAPs, namespaces, the
+/// jailer); a loud note otherwise, and a failure in CI, which runs as root.
+fn root(what: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    let msg = format!("MISSING: root, which {what} needs");
+    if std::env::var_os("CI").is_some() {
+        panic!("{msg}; CI runs the tests as root");
+    }
+    eprintln!("SKIPPED: {msg}");
+    false
+}
+
+/// Kills every process it was given when dropped, then removes their
+/// cgroups, so a failing assertion never leaves a Firecracker behind.
 #[derive(Default)]
-struct Reaper(Vec<VmmIdentity>);
+struct Reaper(Vec<VmmIdentity>, Vec<PathBuf>);
 
 impl Drop for Reaper {
     fn drop(&mut self) {
         for id in &self.0 {
             let _ = process::signal(id, libc::SIGKILL);
         }
+        std::thread::sleep(Duration::from_millis(100));
+        for dir in &self.1 {
+            let _ = std::fs::remove_dir(dir);
+        }
     }
 }
 
+/// `ip <args>`, which must succeed.
+fn ip(args: &[&str]) {
+    let ok = std::process::Command::new("ip")
+        .args(args)
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "ip {args:?} failed");
+}
+
+/// A network namespace of the test's own (`hft<tag><random>`), which the
+/// calling thread enters: the TAPs the test makes and the VMMs it spawns
+/// live there and vanish with it. Deleted on drop.
+struct TestNetNs(String);
+
+impl TestNetNs {
+    fn new(tag: &str) -> TestNetNs {
+        let mut rnd = [0u8; 3];
+        getrandom::fill(&mut rnd).unwrap();
+        let name = format!("hft{tag}{:02x}{:02x}{:02x}", rnd[0], rnd[1], rnd[2]);
+        ip(&["netns", "add", &name]);
+        TestNetNs(name)
+    }
+
+    fn enter(tag: &str) -> TestNetNs {
+        let ns = Self::new(tag);
+        let f = std::fs::File::open(ns.path()).unwrap();
+        // SAFETY: setns on an open namespace file; it moves only this thread.
+        let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        ns
+    }
+
+    fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/run/netns/{}", self.0))
+    }
+
+    /// A TAP device `<namespace name><suffix>` that `owner` may open, and
+    /// the guest network a lease would give.
+    fn tap(&self, suffix: &str, owner: u32, last_octet: u8) -> GuestNet {
+        let tap = format!("{}{suffix}", self.0);
+        ip(&[
+            "tuntap",
+            "add",
+            "dev",
+            &tap,
+            "mode",
+            "tap",
+            "user",
+            &owner.to_string(),
+        ]);
+        GuestNet {
+            tap,
+            mac: format!("02:68:ac:1e:00:{last_octet:02x}"),
+            ip: std::net::Ipv4Addr::new(172, 30, 0, last_octet),
+            gateway: std::net::Ipv4Addr::new(172, 30, 0, last_octet - 1),
+            prefix_len: 30,
+            dns: vec![std::net::Ipv4Addr::new(1, 1, 1, 1)],
+        }
+    }
+}
+
+impl Drop for TestNetNs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .status();
+    }
+}
+
+fn backend(assets: &Path, jailer: Option<JailerConfig>) -> FirecrackerVmm {
+    FirecrackerVmm::new(FirecrackerConfig {
+        binary: PathBuf::from("firecracker"),
+        assets_root: assets.parent().unwrap().to_path_buf(),
+        assets: assets.to_path_buf(),
+        kernel: None,
+        jailer,
+    })
+}
+
+/// uid and gid (real, effective, saved, fs) of a live process.
+fn ids_of(pid: i32) -> (String, String) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .unwrap()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    (field("Uid:"), field("Gid:"))
+}
+
+/// (device, inode) of a path, following symlinks (`/proc/<pid>/root`
+/// included: readlink shows "/" for a process that pivot_root'ed in a mount
+/// namespace of its own, but stat reaches the directory itself).
+fn dev_ino(p: &Path) -> (u64, u64) {
+    let m = std::fs::metadata(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    (m.dev(), m.ino())
+}
+
+/// A Firecracker machine's spec with these vCPUs and memory, everything
+/// else as the record's defaults have it.
+pub(super) fn spec(vcpus: u32, mib: u32) -> MachineSpec {
+    serde_json::from_value(json!({
+        "vmm": "firecracker",
+        "vcpu_count": vcpus,
+        "mem_size_mib": mib,
+        "exposed_ports": [],
+    }))
+    .unwrap()
+}
+
+/// A machine under `dir`, whose id is `dir`'s own: tests running at once
+/// must not share cgroup names.
 fn launch(dir: &Path, restore: bool) -> LaunchSpec {
-    let id = "mfcbackendtest01".to_string();
+    let name = dir.file_name().unwrap().to_string_lossy();
+    let id = format!(
+        "mfc{}",
+        name.replace(|c: char| !c.is_ascii_alphanumeric(), "")
+    );
     LaunchSpec {
         paths: MachinePaths::new(dir, &id),
         machine_id: id,
-        spec: MachineSpec {
-            vmm: VmmKind::Firecracker,
-            vcpu_count: 2,
-            mem_size_mib: 192,
-            exposed_ports: vec![],
-            env: BTreeMap::new(),
-            metadata: BTreeMap::new(),
-            idle_timeout_seconds: None,
-            persistence: None,
-            image: None,
-            egress: true,
-            public: false,
-            access_token: None,
-        },
+        spec: spec(2, 192),
         name: "fc-one".into(),
         restore,
         network: None,
     }
+}
+
+/// Spawns the machine's VMM (for the reaper to kill if the test fails) and
+/// brings its VM to running (configured, or loaded from the snapshot).
+async fn started(fc: &FirecrackerVmm, l: &LaunchSpec, reaper: &mut Reaper) -> VmmIdentity {
+    let vmm = fc.spawn(l).await.unwrap();
+    reaper.0.push(vmm.clone());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    fc.ensure_started(l, &vmm, deadline).await.unwrap();
+    vmm
 }
 
 async fn get(l: &LaunchSpec, path: &str) -> Value {
@@ -82,14 +237,35 @@ async fn the_real_binary_is_configured_paused_snapshotted_restored_and_cleaned_u
     let Some(assets) = prerequisites() else {
         return;
     };
+    // Networking needs root (a TAP); without it the flow runs without one.
+    // SAFETY: geteuid has no preconditions.
+    let netns = (unsafe { libc::geteuid() } == 0).then(|| TestNetNs::enter("fc"));
+    let fc = backend(&assets, None);
+    flow(&fc, &assets, netns.as_ref()).await;
+}
+
+#[tokio::test]
+async fn the_jailed_binary_runs_unprivileged_in_its_chroot_and_cgroup_and_leaves_nothing() {
+    let Some(assets) = jailed_prerequisites() else {
+        return;
+    };
+    let netns = TestNetNs::enter("fj");
+    let fc = backend(&assets, Some(JailerConfig::new("jailer".into())));
+    assert!(fc.jailed());
+    assert_eq!(fc.tap_owner(), Some(jailer::DEFAULT_ID));
+    flow(&fc, &assets, Some(&netns)).await;
+}
+
+/// Everything the backend does to one machine, jailed or not; with a
+/// namespace, the machine has a network on a real TAP.
+async fn flow(fc: &FirecrackerVmm, assets: &Path, netns: Option<&TestNetNs>) {
     let machines = tempfile::tempdir().unwrap();
-    let fc = FirecrackerVmm::new(FirecrackerConfig {
-        binary: PathBuf::from("firecracker"),
-        assets_root: assets.parent().unwrap().to_path_buf(),
-        assets: assets.clone(),
-    });
     let mut reaper = Reaper::default();
-    let l = launch(machines.path(), false);
+    let owner = fc.tap_owner().unwrap_or(0);
+    let mut l = launch(machines.path(), false);
+    l.network = netns.map(|ns| ns.tap("a", owner, 2));
+    let id = l.machine_id.clone();
+    reaper.1 = fc.cgroups.dirs(&id);
 
     // prepare: a sparse raw copy of the rootfs, idempotent.
     fc.prepare(&l).await.unwrap();
@@ -97,16 +273,13 @@ async fn the_real_binary_is_configured_paused_snapshotted_restored_and_cleaned_u
     let disk = std::fs::metadata(FirecrackerVmm::disk(&l.paths)).unwrap();
     let rootfs = std::fs::metadata(assets.join("rootfs.ext4")).unwrap();
     assert_eq!(disk.len(), rootfs.len());
-    use std::os::unix::fs::MetadataExt;
     assert!(disk.blocks() * 512 < disk.len(), "the disk copy is sparse");
 
     // A stale API socket from a dead process does not stop a new one.
     std::fs::write(FirecrackerVmm::api_socket(&l.paths), b"stale").unwrap();
-    let vmm = fc.spawn(&l).await.unwrap();
-    reaper.0.push(vmm.clone());
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    fc.ensure_started(&l, &vmm, deadline).await.unwrap();
+    let vmm = started(fc, &l, &mut reaper).await;
     // Idempotent: a started VM is left alone.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     fc.ensure_started(&l, &vmm, deadline).await.unwrap();
 
     let mc = get(&l, "/machine-config").await;
@@ -114,6 +287,8 @@ async fn the_real_binary_is_configured_paused_snapshotted_restored_and_cleaned_u
         (mc["vcpu_count"].as_u64(), mc["mem_size_mib"].as_u64()),
         (Some(2), Some(192))
     );
+    // Jailed or not, Firecracker reports the host's paths (the jail mirrors
+    // them).
     let cfg = get(&l, "/vm/config").await;
     let drives = cfg["drives"].as_array().unwrap();
     assert_eq!(drives.len(), 1, "{cfg}");
@@ -140,7 +315,27 @@ async fn the_real_binary_is_configured_paused_snapshotted_restored_and_cleaned_u
         .as_str()
         .unwrap()
         .ends_with("vmlinux"));
+    let ifaces = cfg["network-interfaces"].as_array().unwrap();
+    match &l.network {
+        Some(net) => {
+            assert_eq!(ifaces.len(), 1, "{cfg}");
+            assert_eq!(ifaces[0]["iface_id"], "eth0");
+            assert_eq!(ifaces[0]["host_dev_name"], net.tap.as_str());
+            assert_eq!(ifaces[0]["guest_mac"], net.mac.as_str());
+            assert!(args.ends_with(&net.kernel_args()), "{args}");
+        }
+        None => assert!(ifaces.is_empty(), "{cfg}"),
+    }
     assert!(FirecrackerVmm::log_file(&l.paths).exists());
+    // The run finds the process by the machine directory in its command
+    // line, jailed too.
+    assert_eq!(
+        process::find_by_marker(&l.paths.dir.display().to_string()),
+        vec![vmm.clone()]
+    );
+    if fc.jailed() {
+        assert_jailed(fc, &l, &vmm);
+    }
 
     // Pause and resume change what Firecracker reports.
     assert_eq!(fc.run_state(&l).await.unwrap(), VmmRunState::Running);
@@ -166,7 +361,8 @@ async fn the_real_binary_is_configured_paused_snapshotted_restored_and_cleaned_u
         assert!(msg.contains("cannot boot Firecracker guests"), "{msg}");
     }
 
-    // A full snapshot leaves the VM paused with both files on disk.
+    // A full snapshot leaves the VM paused with both files on disk (jailed:
+    // linked out of the chroot).
     fc.save_state(&l).await.unwrap();
     assert_eq!(get(&l, "/").await["state"], "Paused");
     assert!(FirecrackerVmm::state_file(&l.paths).exists());
@@ -174,27 +370,21 @@ async fn the_real_binary_is_configured_paused_snapshotted_restored_and_cleaned_u
     assert_eq!(mem.len(), 192 << 20);
 
     // Stop: the guest cannot answer here, so the process is killed at the
-    // deadline; no process and no sockets remain.
+    // deadline; no process, socket, jail or cgroup remains.
     let path = fc.shutdown(&l, &vmm, Duration::from_secs(1)).await.unwrap();
     if fc.accel.0 != Accel::HardwareKvm {
         assert_eq!(path, StopPath::KilledAfterTimeout);
     }
     assert_eq!(process::probe(&vmm), Liveness::Gone);
-    assert!(!FirecrackerVmm::api_socket(&l.paths).exists());
-    assert!(!FirecrackerVmm::vsock_socket(&l.paths).exists());
+    assert_nothing_left_running(fc, &l);
 
-    // Restore into a new process: loaded and running with the same config.
-    let r = launch(machines.path(), true);
-    let vmm2 = fc.spawn(&r).await.unwrap();
-    reaper.0.push(vmm2.clone());
+    // Restore into a new process, with another TAP (a restored machine
+    // gets the TAP of its current lease): loaded and running with the same
+    // configuration.
+    let mut r = launch(machines.path(), true);
+    r.network = netns.map(|ns| ns.tap("b", owner, 6));
+    let vmm2 = started(fc, &r, &mut reaper).await;
     assert_ne!(vmm2.pid, vmm.pid);
-    fc.ensure_started(
-        &r,
-        &vmm2,
-        tokio::time::Instant::now() + Duration::from_secs(20),
-    )
-    .await
-    .unwrap();
     assert_eq!(get(&r, "/").await["state"], "Running");
     let mc = get(&r, "/machine-config").await;
     assert_eq!(
@@ -202,14 +392,237 @@ async fn the_real_binary_is_configured_paused_snapshotted_restored_and_cleaned_u
         (Some(2), Some(192))
     );
     assert!(FirecrackerVmm::vsock_socket(&r.paths).exists());
+    if let Some(net) = &r.network {
+        let cfg = get(&r, "/vm/config").await;
+        let ifaces = cfg["network-interfaces"].as_array().unwrap();
+        assert_eq!(ifaces.len(), 1, "{cfg}");
+        assert_eq!(ifaces[0]["host_dev_name"], net.tap.as_str(), "{cfg}");
+    }
+    if fc.jailed() {
+        assert_jailed(fc, &r, &vmm2);
+    }
 
     fc.shutdown(&r, &vmm2, Duration::from_millis(500))
         .await
         .unwrap();
     assert_eq!(process::probe(&vmm2), Liveness::Gone);
+    assert_nothing_left_running(fc, &r);
     fc.release(&r.paths).await.unwrap();
     assert!(!r.paths.dir.exists());
     fc.release(&r.paths).await.unwrap();
+}
+
+/// A jailed VMM runs as the jail's uid/gid, inside its chroot, in its
+/// cgroup with the spec's limits.
+fn assert_jailed(fc: &FirecrackerVmm, l: &LaunchSpec, vmm: &VmmIdentity) {
+    let id = jailer::DEFAULT_ID.to_string();
+    let all = format!("{id} {id} {id} {id}");
+    assert_eq!(ids_of(vmm.pid), (all.clone(), all), "unprivileged");
+    let root = jailer::chroot(&l.paths, fc.binary.as_ref().unwrap(), &l.machine_id);
+    assert_eq!(
+        dev_ino(Path::new(&format!("/proc/{}/root", vmm.pid))),
+        dev_ino(&root),
+        "the process's root is the chroot"
+    );
+    let cg = std::fs::read_to_string(format!("/proc/{}/cgroup", vmm.pid)).unwrap();
+    let want = format!("/{}/{}", jailer::PARENT_CGROUP, l.machine_id);
+    let read = |dir: &Path, f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
+    match &fc.cgroups {
+        Cgroups::V2 { .. } => {
+            assert!(cg.lines().any(|x| x == format!("0::{want}")), "{cg}");
+            let dir = &fc.cgroups.dirs(&l.machine_id)[0];
+            assert_eq!(read(dir, "cpu.max").trim(), "200000 100000");
+            assert_eq!(
+                read(dir, "memory.max").trim(),
+                ((192 + 64) << 20).to_string()
+            );
+        }
+        Cgroups::V1 { .. } => {
+            for c in ["cpu", "memory"] {
+                assert!(
+                    cg.lines().any(|x| x.ends_with(&want)
+                        && x.split(':').nth(1).unwrap().split(',').any(|y| y == c)),
+                    "{c}: {cg}"
+                );
+            }
+            let dirs = fc.cgroups.dirs(&l.machine_id);
+            assert_eq!(read(&dirs[0], "cpu.cfs_quota_us").trim(), "200000");
+            assert_eq!(
+                read(&dirs[1], "memory.limit_in_bytes").trim(),
+                ((192 + 64) << 20).to_string()
+            );
+        }
+        Cgroups::None => eprintln!("NOTE: this host has no cpu/memory cgroup controllers"),
+    }
+}
+
+/// After the VMM is gone: no socket, and no jail or cgroup.
+fn assert_nothing_left_running(fc: &FirecrackerVmm, l: &LaunchSpec) {
+    for p in [
+        FirecrackerVmm::api_socket(&l.paths),
+        FirecrackerVmm::vsock_socket(&l.paths),
+        jailer::jail_dir(&l.paths),
+    ] {
+        assert!(p.symlink_metadata().is_err(), "{} is left", p.display());
+    }
+    for d in fc.cgroups.dirs(&l.machine_id) {
+        assert!(!d.exists(), "{} is left", d.display());
+    }
+}
+
+#[tokio::test]
+async fn a_jailed_vmm_joins_the_configured_network_namespace() {
+    let Some(assets) = jailed_prerequisites() else {
+        return;
+    };
+    // The namespace VMMs join; the test thread itself stays outside it.
+    let vmms = TestNetNs::new("nj");
+    let mut cfg = JailerConfig::new("jailer".into());
+    cfg.netns = Some(vmms.path());
+    let fc = backend(&assets, Some(cfg));
+    let machines = tempfile::tempdir().unwrap();
+    let l = launch(machines.path(), false);
+    let mut reaper = Reaper(vec![], fc.cgroups.dirs(&l.machine_id));
+    fc.prepare(&l).await.unwrap();
+    let vmm = started(&fc, &l, &mut reaper).await;
+    assert_eq!(
+        dev_ino(Path::new(&format!("/proc/{}/ns/net", vmm.pid))),
+        dev_ino(&vmms.path()),
+        "the VMM is in the configured namespace"
+    );
+    assert_ne!(
+        dev_ino(Path::new(&format!("/proc/{}/ns/net", vmm.pid))),
+        dev_ino(Path::new("/proc/thread-self/ns/net")),
+    );
+    process::kill(&vmm).await.unwrap();
+    fc.release(&l.paths).await.unwrap();
+    for d in fc.cgroups.dirs(&l.machine_id) {
+        assert!(!d.exists(), "{} is left", d.display());
+    }
+}
+
+#[tokio::test]
+async fn a_jailer_that_refuses_to_start_is_named_in_the_error() {
+    let Some(assets) = jailed_prerequisites() else {
+        return;
+    };
+    // The jailer runs only binaries whose name contains "firecracker".
+    let machines = tempfile::tempdir().unwrap();
+    let renamed = machines.path().join("vmm-binary");
+    std::fs::copy(which(Path::new("firecracker")).unwrap(), &renamed).unwrap();
+    let fc = FirecrackerVmm::new(FirecrackerConfig {
+        binary: renamed,
+        kernel: None,
+        jailer: Some(JailerConfig::new("jailer".into())),
+        assets_root: assets.parent().unwrap().to_path_buf(),
+        assets,
+    });
+    let availability = fc.availability().unwrap_err();
+    assert!(
+        availability.contains("contains \"firecracker\""),
+        "{availability}"
+    );
+    let l = launch(machines.path(), false);
+    fc.prepare(&l).await.unwrap();
+    let vmm = fc.spawn(&l).await.unwrap();
+    let _reaper = Reaper(vec![vmm.clone()], fc.cgroups.dirs(&l.machine_id));
+    let e = fc
+        .wait_ready(&l, &vmm, Duration::from_secs(10))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, VmmError::Exited { .. }), "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("the jailer failed: ") && msg.contains("must contain \"firecracker\""),
+        "{msg}"
+    );
+    fc.release(&l.paths).await.unwrap();
+}
+
+#[test]
+fn the_requests_carry_the_spec_the_network_and_the_snapshot_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut l = launch(dir.path(), false);
+    let d = l.paths.dir.display().to_string();
+    let reqs = FirecrackerVmm::start_requests(
+        &l,
+        Path::new("/a/vmlinux"),
+        Path::new("/a/initramfs.cpio"),
+        "console=ttyS0",
+    );
+    let paths: Vec<&str> = reqs.iter().map(|(p, _)| *p).collect();
+    assert_eq!(
+        paths,
+        ["/machine-config", "/boot-source", "/drives/root", "/vsock"]
+    );
+    assert_eq!(reqs[0].1, json!({"vcpu_count": 2, "mem_size_mib": 192}));
+    assert_eq!(
+        reqs[1].1,
+        json!({"kernel_image_path": "/a/vmlinux", "initrd_path": "/a/initramfs.cpio", "boot_args": "console=ttyS0"})
+    );
+    assert_eq!(reqs[2].1["path_on_host"], format!("{d}/disk.ext4"));
+    assert_eq!(
+        reqs[3].1,
+        json!({"guest_cid": 3, "uds_path": format!("{d}/vsock.sock")})
+    );
+    assert!(FirecrackerVmm::snapshot_load_body(&l)
+        .get("network_overrides")
+        .is_none());
+
+    // With a network: the interface between the drives and vsock, in the
+    // documented order, and the TAP as an override on load.
+    l.network = Some(GuestNet {
+        tap: "hfac1e0002".into(),
+        mac: "02:68:ac:1e:00:02".into(),
+        ip: std::net::Ipv4Addr::new(172, 30, 0, 2),
+        gateway: std::net::Ipv4Addr::new(172, 30, 0, 1),
+        prefix_len: 30,
+        dns: vec![],
+    });
+    let reqs = FirecrackerVmm::start_requests(&l, Path::new("/k"), Path::new("/i"), "x");
+    let paths: Vec<&str> = reqs.iter().map(|(p, _)| *p).collect();
+    assert_eq!(
+        paths,
+        [
+            "/machine-config",
+            "/boot-source",
+            "/drives/root",
+            "/network-interfaces/eth0",
+            "/vsock"
+        ]
+    );
+    assert_eq!(
+        reqs[3].1,
+        json!({"iface_id": "eth0", "host_dev_name": "hfac1e0002", "guest_mac": "02:68:ac:1e:00:02"})
+    );
+    let mut r = l.clone();
+    r.restore = true;
+    assert_eq!(
+        FirecrackerVmm::snapshot_load_body(&r),
+        json!({
+            "snapshot_path": format!("{d}/snapshot/vm.state"),
+            "mem_backend": {"backend_type": "File", "backend_path": format!("{d}/snapshot/mem")},
+            "resume_vm": true,
+            "network_overrides": [{"iface_id": "eth0", "host_dev_name": "hfac1e0002"}],
+        })
+    );
+    assert_eq!(
+        FirecrackerVmm::snapshot_create_body(&l.paths),
+        json!({
+            "snapshot_type": "Full",
+            "snapshot_path": format!("{d}/snapshot/vm.state"),
+            "mem_file_path": format!("{d}/snapshot/mem"),
+        })
+    );
+    let [logger, metrics] = FirecrackerVmm::logging_requests(&l.paths);
+    assert_eq!(
+        (logger.0, logger.1["log_path"].as_str()),
+        ("/logger", Some(format!("{d}/fc.log").as_str()))
+    );
+    assert_eq!(
+        metrics.1,
+        json!({"metrics_path": format!("{d}/fc.metrics")})
+    );
 }
 
 #[tokio::test]
@@ -218,11 +631,7 @@ async fn a_rejected_configuration_and_a_dead_process_are_reported() {
         return;
     };
     let machines = tempfile::tempdir().unwrap();
-    let fc = FirecrackerVmm::new(FirecrackerConfig {
-        binary: PathBuf::from("firecracker"),
-        assets_root: assets.parent().unwrap().to_path_buf(),
-        assets,
-    });
+    let fc = backend(&assets, None);
     let mut reaper = Reaper::default();
     let mut l = launch(machines.path(), false);
     // Firecracker itself refuses zero vCPUs; its fault message comes back.
@@ -256,11 +665,7 @@ async fn a_rejected_configuration_and_a_dead_process_are_reported() {
 #[tokio::test]
 async fn restoring_without_an_image_fails_before_spawning() {
     let machines = tempfile::tempdir().unwrap();
-    let fc = FirecrackerVmm::new(FirecrackerConfig {
-        binary: PathBuf::from("firecracker"),
-        assets_root: machines.path().join("assets"),
-        assets: machines.path().join("assets/current"),
-    });
+    let fc = backend(&machines.path().join("assets/current"), None);
     let l = launch(machines.path(), true);
     std::fs::create_dir_all(&l.paths.dir).unwrap();
     let e = fc.spawn(&l).await.unwrap_err().to_string();
@@ -277,6 +682,8 @@ fn availability_names_the_binary_and_refuses_hosts_without_hardware_kvm() {
         binary: dir.path().join("no-such-firecracker"),
         assets_root: dir.path().to_path_buf(),
         assets: dir.path().join("current"),
+        kernel: None,
+        jailer: None,
     });
     let e = fc.availability().unwrap_err();
     assert!(e.contains("firecracker not found"), "{e}");
@@ -284,11 +691,7 @@ fn availability_names_the_binary_and_refuses_hosts_without_hardware_kvm() {
     let Some(assets) = prerequisites() else {
         return;
     };
-    let fc = FirecrackerVmm::new(FirecrackerConfig {
-        binary: PathBuf::from("firecracker"),
-        assets_root: assets.parent().unwrap().to_path_buf(),
-        assets,
-    });
+    let fc = backend(&assets, None);
     match (fc.accel.0, fc.availability()) {
         (Accel::HardwareKvm, r) => assert!(r.unwrap().contains("Firecracker v"), "version named"),
         (_, r) => {

@@ -31,6 +31,9 @@ pub enum ErrorCode {
     RuntimeError,
     /// The guest agent could not be reached or answered with an error (502).
     AgentError,
+    /// The proxy could not reach a guest port: refused, unreachable, or the
+    /// guest closed the connection or answered with a broken response (502).
+    BadGateway,
     /// The server cannot serve the request right now, e.g. shutting down (503).
     Unavailable,
     /// A bug or an unexpected host failure; details are in the server log (500).
@@ -50,7 +53,7 @@ impl ErrorCode {
             ErrorCode::InvalidState | ErrorCode::Conflict => 409,
             ErrorCode::Timeout => 504,
             ErrorCode::RuntimeError | ErrorCode::InternalError => 500,
-            ErrorCode::AgentError => 502,
+            ErrorCode::AgentError | ErrorCode::BadGateway => 502,
             ErrorCode::Unavailable => 503,
         }
     }

@@ -15,6 +15,8 @@ use crate::config::Config;
 use crate::http::{router, AppState};
 use crate::lifecycle::run::RunCtx;
 use crate::lifecycle::{sweep, Supervisor};
+use crate::proxy::server::ProxyServer;
+use crate::proxy::Proxy;
 use crate::store::{Store, StoreError};
 use crate::vmm::firecracker::{FirecrackerConfig, FirecrackerVmm};
 use crate::vmm::qemu::{QemuConfig, QemuVmm};
@@ -220,12 +222,15 @@ pub async fn serve(config: Config) -> Result<(), DaemonError> {
         }
     });
 
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| DaemonError::Listen {
-            addr: config.listen,
-            source,
-        })?;
+    // The proxy listens before the API does: whoever finds the API up
+    // (api.addr) finds the proxy ready too.
+    let proxy = start_proxy(&config, &store).await?;
+    let urls = match (&config.proxy, &proxy) {
+        (Some(pc), Some(server)) => Some(Arc::new(pc.url_template(server.local_addr().port()))),
+        _ => None,
+    };
+
+    let listener = bind(config.listen).await?;
     let addr = listener.local_addr().map_err(DaemonError::Serve)?;
     // Lets scripts and tests find a server started on port 0.
     let _ = std::fs::write(config.data_dir.join("api.addr"), format!("{addr}\n"));
@@ -236,7 +241,7 @@ pub async fn serve(config: Config) -> Result<(), DaemonError> {
         store: store.clone(),
         auth_disabled: config.disable_auth,
         default_vmm,
-        urls: None,
+        urls,
     });
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
@@ -246,9 +251,15 @@ pub async fn serve(config: Config) -> Result<(), DaemonError> {
     shutdown_signal().await;
     tracing::info!("shutting down: no new requests; VMMs keep running");
     let _ = stop_tx.send(());
+    let proxy_stopped = async move {
+        if let Some(p) = proxy {
+            p.shutdown().await;
+        }
+    };
     // Long-polls may hold connections for minutes; give in-flight requests
     // a few seconds, then go.
-    match tokio::time::timeout(Duration::from_secs(5), server).await {
+    let both = async move { tokio::join!(server, proxy_stopped).0 };
+    match tokio::time::timeout(Duration::from_secs(5), both).await {
         Ok(Ok(Err(e))) => return Err(DaemonError::Serve(e)),
         Ok(_) => {}
         Err(_) => tracing::warn!("in-flight requests did not finish within 5 s; exiting anyway"),
@@ -260,6 +271,30 @@ pub async fn serve(config: Config) -> Result<(), DaemonError> {
         .count();
     tracing::info!(vmms_left_running = live, "hyperfleet stopped");
     Ok(())
+}
+
+async fn bind(addr: std::net::SocketAddr) -> Result<tokio::net::TcpListener, DaemonError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| DaemonError::Listen { addr, source })
+}
+
+/// Binds and starts the reverse proxy when it is on, and records its
+/// address in `<data_dir>/proxy.addr` ("ip:port\n", like `api.addr`).
+async fn start_proxy(config: &Config, store: &Store) -> Result<Option<ProxyServer>, DaemonError> {
+    let addr_file = config.data_dir.join("proxy.addr");
+    let Some(pc) = &config.proxy else {
+        // A stale file would point scripts at a proxy that is not there.
+        let _ = std::fs::remove_file(&addr_file);
+        return Ok(None);
+    };
+    let listener = bind(pc.listen).await?;
+    let proxy = Proxy::new(store.clone(), pc, config.disable_auth);
+    let server = ProxyServer::spawn(listener, proxy).map_err(DaemonError::Serve)?;
+    let addr = server.local_addr();
+    let _ = std::fs::write(&addr_file, format!("{addr}\n"));
+    tracing::info!(%addr, domain = %pc.domain, "proxy listening");
+    Ok(Some(server))
 }
 
 async fn shutdown_signal() {

@@ -341,9 +341,17 @@ pub struct CreateArgs {
     /// Memory in MiB.
     #[arg(long)]
     pub mem: Option<u32>,
-    /// Guest port to expose (repeatable).
+    /// Guest port to expose through the proxy (repeatable); the output
+    /// shows its URL.
     #[arg(long = "expose")]
     pub expose: Vec<u32>,
+    /// Exposed ports need no credentials (default: an API key with the
+    /// `exec` scope or the machine's access token).
+    #[arg(long)]
+    pub public: bool,
+    /// No outbound internet access for the guest.
+    #[arg(long)]
+    pub no_egress: bool,
     #[arg(long)]
     pub vmm: Option<String>,
     /// KEY=VALUE (repeatable).

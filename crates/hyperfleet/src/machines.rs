@@ -6,6 +6,7 @@ use anyhow::Context;
 use futures_util::StreamExt;
 use hyperfleet_api::{
     CreateMachineRequest, ExecRequest, ExecStreamEvent, Machine, MachineEvent, MachineStatus,
+    NetworkRequest,
 };
 use hyperfleet_client::{ActionResult, Client};
 
@@ -57,8 +58,45 @@ fn print_machine(args: &ClientArgs, m: &Machine) -> anyhow::Result<()> {
     if let Some(e) = &m.error_message {
         rows.push(vec!["error".into(), e.clone()]);
     }
+    rows.extend(network_rows(m));
     output::table(&["FIELD", "VALUE"], &rows);
     Ok(())
+}
+
+/// The guest's address, and how to reach its exposed ports: one URL each,
+/// and who may open them.
+fn network_rows(m: &Machine) -> Vec<Vec<String>> {
+    let mut rows = Vec::new();
+    let mut net = m.network.ip.clone().unwrap_or_else(|| "-".into());
+    if !m.network.egress {
+        net.push_str(" (no egress)");
+    }
+    rows.push(vec!["address".into(), net]);
+    if m.exposed_ports.is_empty() {
+        return rows;
+    }
+    if m.urls.is_empty() {
+        rows.push(vec!["urls".into(), "- (the server's proxy is off)".into()]);
+        return rows;
+    }
+    for (port, url) in &m.urls {
+        rows.push(vec![format!("url {port}"), url.clone()]);
+    }
+    if m.public {
+        rows.push(vec![
+            "access".into(),
+            "public: no credentials needed".into(),
+        ]);
+    } else if let Some(token) = &m.access_token {
+        rows.push(vec![
+            "access".into(),
+            "an API key with the 'exec' scope, or the access token: add \
+             ?hf_token=<token> to a URL once (a cookie keeps it)"
+                .into(),
+        ]);
+        rows.push(vec!["token".into(), token.clone()]);
+    }
+    rows
 }
 
 fn print_event(e: &MachineEvent) {
@@ -120,6 +158,10 @@ pub async fn run(args: &ClientArgs, cmd: MachinesCmd) -> anyhow::Result<()> {
                 vmm,
                 env: pairs(&a.env, "--env")?,
                 metadata: pairs(&a.metadata, "--metadata")?,
+                public: a.public.then_some(true),
+                network: a.no_egress.then_some(NetworkRequest {
+                    egress: Some(false),
+                }),
                 ..Default::default()
             };
             let mut m = c.create_machine(&req).await?;

@@ -160,47 +160,18 @@ fn lost_observation(rec: &MachineRecord) -> Observation {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{MachineSpec, VmmIdentity};
+    use crate::store::VmmIdentity;
     use hyperfleet_api::VmmKind;
 
     fn rec(status: MachineStatus, desired: Desired) -> MachineRecord {
-        MachineRecord {
-            id: "m000000000000000".into(),
-            tenant: "default".into(),
-            name: "t".into(),
-            spec: MachineSpec {
-                vmm: VmmKind::Stub,
-                vcpu_count: 1,
-                mem_size_mib: 128,
-                exposed_ports: vec![],
-                env: Default::default(),
-                metadata: Default::default(),
-                idle_timeout_seconds: None,
-                persistence: None,
-                image: None,
-                egress: true,
-                public: false,
-                access_token: None,
-            },
-            status,
-            desired,
-            generation: 1,
-            observed_generation: 0,
-            restart_seq: 0,
-            boot_restart_seq: 0,
-            stop_kill: false,
-            failed_generation: None,
-            error_message: None,
-            vmm: None,
-            current_step: None,
-            prepared: true,
-            has_snapshot: false,
-            operation_id: None,
-            created_at: 0,
-            updated_at: 0,
-            started_at: None,
-            network: None,
-        }
+        let (_, spec) = crate::validate::validate_create(Default::default(), VmmKind::Stub)
+            .expect("an empty create request is valid");
+        let mut r = MachineRecord::new("m000000000000000".into(), "default", "t".into(), spec, 0);
+        r.status = status;
+        r.desired = desired;
+        r.observed_generation = 0;
+        r.prepared = true;
+        r
     }
 
     fn with_vmm(mut r: MachineRecord) -> MachineRecord {

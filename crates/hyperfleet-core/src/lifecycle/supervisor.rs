@@ -158,30 +158,8 @@ impl Supervisor {
         let now = now_ms();
         // Derived from the whole id so generated names never collide.
         let name = name.unwrap_or_else(|| format!("vm-{}", &id[1..]));
-        let rec = MachineRecord {
-            id: id.clone(),
-            tenant: tenant.to_string(),
-            name,
-            spec,
-            status: MachineStatus::Pending,
-            desired: Desired::Stopped,
-            generation: 1,
-            observed_generation: 1,
-            restart_seq: 0,
-            boot_restart_seq: 0,
-            stop_kill: false,
-            failed_generation: None,
-            error_message: None,
-            vmm: None,
-            current_step: None,
-            prepared: false,
-            has_snapshot: false,
-            operation_id: Some(new_operation_id()),
-            created_at: now,
-            updated_at: now,
-            started_at: None,
-            network: None,
-        };
+        let mut rec = MachineRecord::new(id.clone(), tenant, name, spec, now);
+        rec.operation_id = Some(new_operation_id());
         let mut ev = EventRecord::new(&id, "created");
         ev.to_status = Some(MachineStatus::Pending);
         ev.operation_id = rec.operation_id.clone();

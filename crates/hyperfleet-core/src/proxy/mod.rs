@@ -1,4 +1,427 @@
-//! The reverse proxy on `PROXY_PORT`: routes `<port>-<machine>.<suffix>`
+//! The reverse proxy on `PROXY_PORT`: routes `<port>-<machine>.<domain>`
 //! host names and `/proxy/<machine>/…?port=N` paths to exposed guest ports.
+//!
+//! It owns the path of a proxied request: where it goes (`route`), who may
+//! pass (`auth`), the header rewriting (`headers`), the forwarding itself
+//! (here: a pooled keep-alive HTTP/1.1 client per guest port, bodies
+//! streamed both ways, protocol upgrades spliced), the listener (`server`)
+//! and the per-machine last activity (`activity`). docs/networking.md
+//! ("Reverse proxy") describes the behaviour.
+//!
+//! It is hyper, not axum: the client's body is handed to the guest and the
+//! guest's body to the client as they are, with no boxing, buffering or
+//! router in between.
 
+pub mod activity;
+pub mod auth;
+pub mod headers;
+pub mod route;
+pub mod server;
 pub mod urls;
+
+#[cfg(test)]
+mod tests;
+
+use std::borrow::Cow;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::header::{CONTENT_TYPE, HOST, SET_COOKIE};
+use axum::http::uri::{Authority, PathAndQuery, Scheme};
+use axum::http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
+use bytes::Bytes;
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyperfleet_api::{ErrorBody, ErrorCode, MachineStatus};
+
+use crate::config::ProxyConfig;
+use crate::http::error::ApiError;
+use crate::store::{CachedMachine, MachineRecord, Store};
+use activity::Activity;
+use auth::{Credentials, Grant};
+use route::Form;
+
+/// What the proxy answers with: the guest's body as it streams, or a body
+/// of the proxy's own (errors).
+pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+
+/// Idle keep-alive connections to guests are closed after this long.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// An upgraded (WebSocket) connection counts as activity this often while
+/// it stays open, even when quiet: someone holds it.
+const UPGRADED_TOUCH_EVERY: Duration = Duration::from_secs(10);
+
+/// The proxy's shared state; one per daemon.
+pub struct Proxy {
+    store: Store,
+    client: Client<HttpConnector, Incoming>,
+    domain: String,
+    /// `X-Forwarded-Proto`.
+    scheme: HeaderValue,
+    /// The token cookie gets `Secure` when clients come over HTTPS.
+    secure_cookies: bool,
+    auth_disabled: bool,
+    connect_timeout: Duration,
+    activity: Activity,
+}
+
+impl Proxy {
+    pub fn new(store: Store, config: &ProxyConfig, auth_disabled: bool) -> Arc<Proxy> {
+        let mut connector = HttpConnector::new();
+        // Small request/response exchanges dominate; Nagle would add a
+        // delayed-ACK round to each.
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(config.connect_timeout));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .build(connector);
+        let scheme = HeaderValue::from_str(&config.public_scheme)
+            .unwrap_or_else(|_| HeaderValue::from_static("http"));
+        Arc::new(Proxy {
+            store,
+            client,
+            domain: config.domain.to_ascii_lowercase(),
+            secure_cookies: config.public_scheme.eq_ignore_ascii_case("https"),
+            scheme,
+            auth_disabled,
+            connect_timeout: config.connect_timeout,
+            activity: Activity::default(),
+        })
+    }
+
+    /// Last activity per machine (for idle auto-suspend).
+    pub fn activity(&self) -> &Activity {
+        &self.activity
+    }
+
+    /// Answers one request: the guest's response, or the error envelope.
+    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+        match self.forward(req, peer.ip()).await {
+            Ok(resp) => resp,
+            Err(e) => error_response(e),
+        }
+    }
+
+    async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        client_ip: IpAddr,
+    ) -> Result<Response<ProxyBody>, ApiError> {
+        if req.method() == Method::CONNECT {
+            return Err(ApiError::new(
+                ErrorCode::MethodNotAllowed,
+                "the Hyperfleet proxy does not tunnel CONNECT requests",
+            ));
+        }
+        let mut plan = self.plan(&req)?;
+        let id = &plan.machine.rec.id;
+        self.activity.touch(id);
+
+        let upgrade = headers::is_upgrade(req.headers());
+        let client_side = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let path_and_query = match plan.path_and_query.take() {
+            Some(pq) => pq,
+            None => req
+                .uri()
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/")),
+        };
+        *req.uri_mut() = guest_uri(plan.target, path_and_query)?;
+        // The guest hop is HTTP/1.1 whatever the client spoke.
+        *req.version_mut() = Version::HTTP_11;
+        let fwd = headers::Forwarded {
+            client_ip,
+            proto: &self.scheme,
+            prefix: plan.prefix.as_deref(),
+        };
+        headers::prepare_request(req.headers_mut(), upgrade, &fwd);
+
+        let mut resp = self
+            .client
+            .request(req)
+            .await
+            .map_err(|e| self.upstream_error(&e, &plan))?;
+
+        let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+        match (switched, client_side) {
+            (true, Some(client_side)) => {
+                let guest_side = hyper::upgrade::on(&mut resp);
+                tokio::spawn(splice(
+                    client_side,
+                    guest_side,
+                    self.activity.clone(),
+                    id.clone(),
+                ));
+            }
+            (true, None) => {
+                return Err(ApiError::new(
+                    ErrorCode::BadGateway,
+                    format!(
+                        "machine '{id}' port {} switched protocols on a request that asked for no upgrade",
+                        plan.port
+                    ),
+                ))
+            }
+            (false, _) => {}
+        }
+        headers::strip_hop_by_hop(resp.headers_mut(), switched);
+        if let Some(cookie) = plan.set_cookie.take() {
+            resp.headers_mut().append(SET_COOKIE, cookie);
+        }
+        Ok(resp.map(Either::Left))
+    }
+
+    /// Everything decided before the guest is contacted: route, access,
+    /// port, state and address.
+    fn plan(&self, req: &Request<Incoming>) -> Result<Plan, ApiError> {
+        let host = req
+            .uri()
+            .host()
+            .or_else(|| req.headers().get(HOST).and_then(|v| v.to_str().ok()));
+        let original = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        let route = route::parse(host, original, &self.domain).map_err(|e| match e {
+            route::RouteError::NoRoute => ApiError::new(ErrorCode::NotFound, e.to_string()),
+            route::RouteError::BadPort(_) => ApiError::validation(e.to_string()),
+        })?;
+        let creds = Credentials::new(req.headers(), route.token);
+        let (machine, grant) =
+            auth::authorize(&self.store, &route.machine, &creds, self.auth_disabled)?;
+        let rec = &machine.rec;
+        let port = pick_port(rec, route.port)?;
+        if rec.status != MachineStatus::Running {
+            return Err(ApiError::new(
+                ErrorCode::InvalidState,
+                format!(
+                    "machine '{}' is {}, not running: its ports are reachable only while it runs",
+                    rec.id, rec.status
+                ),
+            ));
+        }
+        let Some(lease) = &rec.network else {
+            return Err(ApiError::new(
+                ErrorCode::InvalidState,
+                format!(
+                    "machine '{}' has no network address: the daemon runs with networking off, \
+                     or the machine has not started since networking was turned on",
+                    rec.id
+                ),
+            ));
+        };
+        let prefix = match route.form {
+            Form::Host => None,
+            Form::Path { prefix } => Some(prefix.to_string()),
+        };
+        let set_cookie = match (grant, &rec.spec.access_token) {
+            (Grant::QueryToken, Some(token)) => Some(self.token_cookie(token, prefix.as_deref())?),
+            _ => None,
+        };
+        let path_and_query = match route.path_and_query {
+            // Borrowed: the original, unchanged (see `route::parse`).
+            Cow::Borrowed(_) => None,
+            Cow::Owned(changed) => Some(PathAndQuery::try_from(changed).map_err(|e| {
+                ApiError::validation(format!("the request path cannot be forwarded: {e}"))
+            })?),
+        };
+        Ok(Plan {
+            target: SocketAddr::new(IpAddr::V4(lease.ip), port),
+            port,
+            path_and_query,
+            prefix,
+            set_cookie,
+            machine,
+        })
+    }
+
+    /// `Set-Cookie` for a token that came as `?hf_token=`: the host's root in
+    /// the host form, `/proxy/<machine>/` in the path form.
+    fn token_cookie(&self, token: &str, prefix: Option<&str>) -> Result<HeaderValue, ApiError> {
+        let path = prefix.map_or_else(|| "/".to_string(), |p| format!("{p}/"));
+        let secure = if self.secure_cookies { "; Secure" } else { "" };
+        HeaderValue::try_from(format!(
+            "{}={token}; Path={path}; HttpOnly; SameSite=Lax{secure}",
+            auth::TOKEN_COOKIE
+        ))
+        .map_err(|e| ApiError::internal("cannot build the access-token cookie", e))
+    }
+
+    /// The answer when the guest could not be reached or broke off.
+    fn upstream_error(&self, e: &hyper_util::client::legacy::Error, plan: &Plan) -> ApiError {
+        let (id, port) = (&plan.machine.rec.id, plan.port);
+        let io_kind = io_error_kind(e);
+        tracing::debug!(machine = %id, port, error = %chain(e), "proxy: guest port failed");
+        if e.is_connect() {
+            return match io_kind {
+                Some(std::io::ErrorKind::TimedOut) => ApiError::new(
+                    ErrorCode::Timeout,
+                    format!(
+                        "machine '{id}' port {port} did not accept the connection within {} ms",
+                        self.connect_timeout.as_millis()
+                    ),
+                ),
+                Some(std::io::ErrorKind::ConnectionRefused) => ApiError::new(
+                    ErrorCode::BadGateway,
+                    format!(
+                        "machine '{id}' port {port} refused the connection: nothing listens there \
+                         (is the application listening on 0.0.0.0:{port}, not only 127.0.0.1, \
+                         inside the guest?)"
+                    ),
+                ),
+                _ => ApiError::new(
+                    ErrorCode::BadGateway,
+                    format!("machine '{id}' port {port} cannot be reached: {}", chain(e)),
+                ),
+            };
+        }
+        ApiError::new(
+            ErrorCode::BadGateway,
+            format!(
+                "machine '{id}' port {port} closed the connection or answered with a broken response: {}",
+                chain(e)
+            ),
+        )
+    }
+}
+
+/// A request's destination, decided.
+struct Plan {
+    machine: Arc<CachedMachine>,
+    target: SocketAddr,
+    port: u16,
+    /// None: the original path and query, unchanged.
+    path_and_query: Option<PathAndQuery>,
+    /// The path form's `/proxy/<machine>`.
+    prefix: Option<String>,
+    set_cookie: Option<HeaderValue>,
+}
+
+/// The guest port a request may reach: one of the exposed ports, or the
+/// only one when the path form names none.
+fn pick_port(rec: &MachineRecord, asked: Option<u16>) -> Result<u16, ApiError> {
+    let exposed = &rec.spec.exposed_ports;
+    let list = || {
+        if exposed.is_empty() {
+            "none".to_string()
+        } else {
+            exposed
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    };
+    match asked {
+        Some(p) if exposed.contains(&u32::from(p)) => Ok(p),
+        Some(p) => Err(ApiError::new(
+            ErrorCode::NotFound,
+            format!(
+                "port {p} is not exposed by machine '{}' (exposed: {})",
+                rec.id,
+                list()
+            ),
+        )),
+        None => match exposed.as_slice() {
+            // Validation keeps exposed ports within 1–65535.
+            [only] => u16::try_from(*only).map_err(|_| {
+                ApiError::internal("an exposed port is out of range", format!("{only}"))
+            }),
+            [] => Err(ApiError::new(
+                ErrorCode::NotFound,
+                format!("machine '{}' exposes no ports", rec.id),
+            )),
+            _ => Err(ApiError::validation(format!(
+                "machine '{}' exposes several ports ({}): say which with ?port=N",
+                rec.id,
+                list()
+            ))),
+        },
+    }
+}
+
+fn guest_uri(target: SocketAddr, path_and_query: PathAndQuery) -> Result<Uri, ApiError> {
+    let authority = Authority::try_from(target.to_string())
+        .map_err(|e| ApiError::internal("cannot make the guest address a URI", e))?;
+    let mut parts = axum::http::uri::Parts::default();
+    parts.scheme = Some(Scheme::HTTP);
+    parts.authority = Some(authority);
+    parts.path_and_query = Some(path_and_query);
+    Uri::from_parts(parts).map_err(|e| ApiError::internal("cannot make the guest URI", e))
+}
+
+/// Joins the two halves of an upgraded connection once both switched, and
+/// copies bytes both ways until either side closes.
+async fn splice(
+    client: hyper::upgrade::OnUpgrade,
+    guest: hyper::upgrade::OnUpgrade,
+    activity: Activity,
+    id: String,
+) {
+    let (client, guest) = match tokio::try_join!(client, guest) {
+        Ok(both) => both,
+        Err(e) => {
+            tracing::debug!(machine = %id, error = %e, "proxy: an upgrade did not complete");
+            return;
+        }
+    };
+    let (mut client, mut guest) = (TokioIo::new(client), TokioIo::new(guest));
+    let copy = tokio::io::copy_bidirectional(&mut client, &mut guest);
+    tokio::pin!(copy);
+    let mut tick = tokio::time::interval(UPGRADED_TOUCH_EVERY);
+    loop {
+        tokio::select! {
+            r = &mut copy => {
+                if let Err(e) = r {
+                    tracing::debug!(machine = %id, error = %e, "proxy: an upgraded connection ended with an error");
+                }
+                break;
+            }
+            _ = tick.tick() => activity.touch(&id),
+        }
+    }
+    activity.touch(&id);
+}
+
+/// The proxy's own answers use the API's error envelope.
+pub fn error_response(e: ApiError) -> Response<ProxyBody> {
+    let status =
+        StatusCode::from_u16(e.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let body = serde_json::to_vec(&ErrorBody::new(e.code, e.message))
+        // A struct of an enum and a string always serialises.
+        .unwrap_or_default();
+    let mut resp = Response::new(Either::Right(Full::new(Bytes::from(body))));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+fn io_error_kind(e: &(dyn std::error::Error + 'static)) -> Option<std::io::ErrorKind> {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return Some(io.kind());
+        }
+        cur = err.source();
+    }
+    None
+}
+
+/// An error and its causes on one line, for messages and logs.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(err) = cur {
+        let text = err.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        cur = err.source();
+    }
+    s
+}

@@ -113,6 +113,16 @@ impl MachineIndex {
         self.by_id.get(id).cloned()
     }
 
+    /// Every tenant's machine named `name`. One lookup per tenant (tenants
+    /// are few), so the index needs no second map for this rare question.
+    pub fn find_name_in_all_tenants(&self, name: &str) -> Vec<Arc<CachedMachine>> {
+        self.by_tenant
+            .keys()
+            .filter_map(|t| self.find(Some(t), name))
+            .filter(|m| m.rec.name == name)
+            .collect()
+    }
+
     pub fn name_taken(&self, tenant: &str, name: &str) -> Option<String> {
         self.by_name
             .get(&(tenant.to_string(), name.to_string()))

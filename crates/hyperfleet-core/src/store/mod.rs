@@ -179,6 +179,12 @@ impl Store {
         index.find(tenant, id_or_name)
     }
 
+    /// The machines named `name` in any tenant (names are unique only per
+    /// tenant). For the proxy, which may see a name without a tenant.
+    pub fn find_by_name_in_all_tenants(&self, name: &str) -> Vec<Arc<CachedMachine>> {
+        read_lock(&self.shared.index).find_name_in_all_tenants(name)
+    }
+
     pub fn get_by_id(&self, id: &str) -> Option<Arc<CachedMachine>> {
         read_lock(&self.shared.index).by_id(id)
     }

@@ -107,6 +107,34 @@ pub struct MachineRecord {
 }
 
 impl MachineRecord {
+    /// A machine as created: `pending`, nothing prepared, no VMM, no lease.
+    pub fn new(id: String, tenant: &str, name: String, spec: MachineSpec, now: i64) -> Self {
+        MachineRecord {
+            id,
+            tenant: tenant.to_string(),
+            name,
+            spec,
+            status: MachineStatus::Pending,
+            desired: Desired::Stopped,
+            generation: 1,
+            observed_generation: 1,
+            restart_seq: 0,
+            boot_restart_seq: 0,
+            stop_kill: false,
+            failed_generation: None,
+            error_message: None,
+            vmm: None,
+            current_step: None,
+            prepared: false,
+            has_snapshot: false,
+            operation_id: None,
+            created_at: now,
+            updated_at: now,
+            started_at: None,
+            network: None,
+        }
+    }
+
     pub fn to_api(&self) -> Machine {
         self.to_api_with(None)
     }

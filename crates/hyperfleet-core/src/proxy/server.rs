@@ -1,0 +1,120 @@
+//! The proxy's listener: accepts connections, serves each with hyper's
+//! HTTP/1.1 server (keep-alive, upgrades), prunes the activity table, and
+//! shuts down gracefully with the daemon.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::activity::Activity;
+use super::Proxy;
+
+/// A client must send a request's headers within this long (slow-loris
+/// protection); it also bounds how long an idle keep-alive connection stays.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often activity entries of deleted machines are dropped.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+
+/// The running proxy.
+pub struct ProxyServer {
+    addr: SocketAddr,
+    proxy: Arc<Proxy>,
+    stop: watch::Sender<bool>,
+    accept: JoinHandle<()>,
+}
+
+impl ProxyServer {
+    /// Serves `proxy` on `listener` until [`ProxyServer::shutdown`].
+    pub fn spawn(listener: TcpListener, proxy: Arc<Proxy>) -> std::io::Result<ProxyServer> {
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = watch::channel(false);
+        let accept = tokio::spawn(accept_loop(listener, proxy.clone(), stopped));
+        Ok(ProxyServer {
+            addr,
+            proxy,
+            stop,
+            accept,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Last proxied activity per machine.
+    pub fn activity(&self) -> &Activity {
+        self.proxy.activity()
+    }
+
+    /// Stops accepting, lets each connection finish its in-flight request,
+    /// and returns once every connection has closed. Upgraded (WebSocket)
+    /// connections are not waited for; they end with the process.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.accept.await;
+        // Every connection task holds a receiver; closed() resolves when the
+        // last one is gone.
+        self.stop.closed().await;
+    }
+}
+
+async fn accept_loop(listener: TcpListener, proxy: Arc<Proxy>, mut stopped: watch::Receiver<bool>) {
+    let mut prune = tokio::time::interval(PRUNE_EVERY);
+    loop {
+        tokio::select! {
+            _ = stopped.changed() => break,
+            _ = prune.tick() => {
+                let store = &proxy.store;
+                proxy.activity.retain(|id| store.get_by_id(id).is_some());
+            }
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    tokio::spawn(serve_connection(stream, peer, proxy.clone(), stopped.clone()));
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead
+                    // of spinning; the listener itself stays good.
+                    tracing::warn!(error = %e, "proxy: accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    proxy: Arc<Proxy>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    // Responses are written whole or streamed; Nagle would only delay them.
+    let _ = stream.set_nodelay(true);
+    let service = service_fn(move |req| {
+        let proxy = proxy.clone();
+        async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = stopped.changed() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(%peer, error = %e, "proxy: a client connection ended with an error");
+    }
+}

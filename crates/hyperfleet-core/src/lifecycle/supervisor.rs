@@ -117,6 +117,9 @@ impl Supervisor {
                             .is_some_and(|m| run::quiescent(&m.rec));
                         if still_idle {
                             runs.remove(&mid);
+                            // The run's receiver is gone: an idle machine
+                            // keeps no change channel unless someone waits.
+                            me.ctx.store.forget_idle_watcher(&mid);
                             return;
                         }
                     }

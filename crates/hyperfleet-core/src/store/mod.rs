@@ -228,6 +228,16 @@ impl Store {
         Some(tx.subscribe())
     }
 
+    /// Drops machine `id`'s change channel if nobody holds a receiver (its
+    /// run ended and no request waits), so idle machines cost no channel;
+    /// the next `subscribe` makes a new one from the index.
+    pub fn forget_idle_watcher(&self, id: &str) {
+        let mut watchers = lock(&self.shared.watchers);
+        if watchers.get(id).is_some_and(|tx| tx.receiver_count() == 0) {
+            watchers.remove(id);
+        }
+    }
+
     /// Every event committed from now on.
     pub fn subscribe_events(&self) -> broadcast::Receiver<Arc<EventRecord>> {
         self.shared.events.subscribe()

@@ -715,6 +715,10 @@ impl Run {
             // Unlike other TAP removals this one must succeed: the lease
             // goes with the record, and nothing would own the device after.
             net.remove_tap(&lease.tap).await?;
+            // The rules go before the record, so a client told "deleted"
+            // finds nothing of the machine left on the host.
+            net.sync_rules_excluding(&self.ctx.store, Some(&rec.id))
+                .await?;
         }
         failpoint::hit("release.after_effect");
         let id = rec.id.clone();
@@ -737,8 +741,9 @@ impl Run {
             })
             .await?;
         if let Some(net) = &self.ctx.net {
-            // The lease is gone with the record: its rules go too. Should
-            // this fail, the next start of the daemon rebuilds the table.
+            // Again after the commit: a rebuild for another machine that
+            // ran in between still saw this lease. Should this fail, the
+            // next start of the daemon rebuilds the table.
             if let Err(e) = net.sync_rules(&self.ctx.store).await {
                 tracing::error!(machine = %rec.id, error = %e, "could not remove the machine's firewall rules");
             }

@@ -204,11 +204,23 @@ impl Network {
 
     /// Rebuilds the nftables table from the leases in the store.
     pub async fn sync_rules(&self, store: &crate::store::Store) -> Result<(), NetError> {
+        self.sync_rules_excluding(store, None).await
+    }
+
+    /// Rebuilds the table leaving out machine `exclude` (one being deleted:
+    /// its rules go before its record does, so a finished delete has
+    /// released everything).
+    pub async fn sync_rules_excluding(
+        &self,
+        store: &crate::store::Store,
+        exclude: Option<&str>,
+    ) -> Result<(), NetError> {
         let _one_at_a_time = self.rules.lock().await;
         // Read under the lock: a later rebuild sees at least these leases.
         let mut machines: Vec<nft::RuleMachine> = store
             .all_machines()
             .iter()
+            .filter(|m| Some(m.rec.id.as_str()) != exclude)
             .filter_map(|m| {
                 m.rec.network.as_ref().map(|l| nft::RuleMachine {
                     tap: l.tap.clone(),

@@ -9,9 +9,28 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 
+use std::path::Path;
+use std::time::Duration;
+
 use hyperfleet_agent_proto::AgentClient;
 
+use super::process::{self, Liveness};
 use super::VmmError;
+use crate::store::VmmIdentity;
+
+/// How a backend polls for its guest agent while the guest boots.
+pub struct ReadyPoll<'a> {
+    pub machine_id: &'a str,
+    pub vmm: &'a VmmIdentity,
+    /// The agent channel's socket; no attempt is made before it exists.
+    pub socket: &'a Path,
+    pub timeout: Duration,
+    pub deadline: tokio::time::Instant,
+    /// The longest one attempt may take (None: all the time left).
+    pub attempt_max: Option<Duration>,
+    /// The pause between attempts.
+    pub pause: Duration,
+}
 
 type Slot = Arc<tokio::sync::Mutex<Option<AgentClient>>>;
 
@@ -32,6 +51,52 @@ impl AgentCache {
     /// Drops the machine's connection (its VMM is stopping or gone).
     pub fn forget(&self, id: &str) {
         crate::store::lock(&self.slots).remove(id);
+    }
+
+    /// Waits until `connect` (given the time one attempt may take) reaches
+    /// the guest agent, and caches that connection. Fails when the VMM
+    /// exits or the deadline passes; `detail` says what the guest showed
+    /// (its console) for the error.
+    pub async fn wait_ready<F, Fut>(
+        &self,
+        poll: ReadyPoll<'_>,
+        detail: impl Fn() -> String,
+        connect: F,
+    ) -> Result<(), VmmError>
+    where
+        F: Fn(Duration) -> Fut,
+        Fut: Future<Output = Result<AgentClient, VmmError>>,
+    {
+        let slot = self.slot(poll.machine_id);
+        let mut guard = slot.lock().await;
+        loop {
+            if process::probe(poll.vmm) == Liveness::Gone {
+                return Err(VmmError::Exited {
+                    doing: format!("waiting for the guest to become ready; {}", detail()),
+                });
+            }
+            let now = tokio::time::Instant::now();
+            if now >= poll.deadline {
+                return Err(VmmError::BootTimeout {
+                    timeout: poll.timeout,
+                    detail: detail(),
+                });
+            }
+            if poll.socket.exists() {
+                let left = poll.deadline - now;
+                let attempt = poll.attempt_max.map_or(left, |max| left.min(max));
+                match connect(attempt).await {
+                    Ok(c) => {
+                        *guard = Some(c);
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        tracing::debug!(machine = %poll.machine_id, error = %e, "agent not ready yet")
+                    }
+                }
+            }
+            tokio::time::sleep(poll.pause).await;
+        }
     }
 
     /// The live cached connection, or a new one made by `connect`.

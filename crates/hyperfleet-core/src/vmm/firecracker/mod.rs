@@ -40,7 +40,7 @@ use hyperfleet_agent_proto::{hybrid_vsock_connect, AgentClient, ConnectOptions};
 use hyperfleet_api::VmmKind;
 use serde_json::{json, Value};
 
-use super::agent_cache::AgentCache;
+use super::agent_cache::{AgentCache, ReadyPoll};
 use super::process::{self, Liveness};
 use super::{LaunchSpec, MachinePaths, StopPath, Vmm, VmmError, VmmRunState};
 use crate::assets::AssetSet;
@@ -720,41 +720,25 @@ impl Vmm for FirecrackerVmm {
     ) -> Result<(), VmmError> {
         let deadline = tokio::time::Instant::now() + timeout;
         self.ensure_started(launch, vmm, deadline).await?;
-        let slot = self.agents.slot(&launch.machine_id);
-        let mut guard = slot.lock().await;
         let sock = Self::vsock_socket(&launch.paths);
-        loop {
-            if process::probe(vmm) == Liveness::Gone {
-                return Err(VmmError::Exited {
-                    doing: format!(
-                        "waiting for the guest to become ready; {}",
-                        self.boot_detail(&launch.paths)
-                    ),
-                });
-            }
-            let now = tokio::time::Instant::now();
-            if now >= deadline {
-                return Err(VmmError::BootTimeout {
-                    timeout,
-                    detail: self.boot_detail(&launch.paths),
-                });
-            }
-            if sock.exists() {
-                // Firecracker closes the connection at once while nothing
-                // listens on the port, so each attempt is short.
-                let left = (deadline - now).min(Duration::from_secs(2));
-                match self.connect_agent(&launch.paths, left).await {
-                    Ok(c) => {
-                        *guard = Some(c);
-                        return Ok(());
-                    }
-                    Err(e) => {
-                        tracing::debug!(machine = %launch.machine_id, error = %e, "agent not ready yet")
-                    }
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        // Firecracker closes the connection at once while nothing listens
+        // on the port, so each attempt is short.
+        let poll = ReadyPoll {
+            machine_id: &launch.machine_id,
+            vmm,
+            socket: &sock,
+            timeout,
+            deadline,
+            attempt_max: Some(Duration::from_secs(2)),
+            pause: Duration::from_millis(20),
+        };
+        self.agents
+            .wait_ready(
+                poll,
+                || self.boot_detail(&launch.paths),
+                |attempt| self.connect_agent(&launch.paths, attempt),
+            )
+            .await
     }
 
     async fn agent(&self, launch: &LaunchSpec) -> Result<AgentClient, VmmError> {

@@ -25,7 +25,7 @@ use hyperfleet_api::VmmKind;
 use serde_json::json;
 use tokio::net::UnixStream;
 
-use super::agent_cache::AgentCache;
+use super::agent_cache::{AgentCache, ReadyPoll};
 use super::process::{self, Liveness};
 use super::{LaunchSpec, MachinePaths, StopPath, Vmm, VmmError, VmmRunState};
 use crate::assets::AssetSet;
@@ -409,41 +409,25 @@ impl Vmm for QemuVmm {
         if launch.restore {
             self.finish_restore(launch, vmm, deadline).await?;
         }
-        let slot = self.agents.slot(&launch.machine_id);
-        let mut guard = slot.lock().await;
-        loop {
-            if process::probe(vmm) == Liveness::Gone {
-                return Err(VmmError::Exited {
-                    doing: format!(
-                        "waiting for the guest to become ready; {}",
-                        Self::console_tail(&launch.paths)
-                    ),
-                });
-            }
-            let now = tokio::time::Instant::now();
-            if now >= deadline {
-                return Err(VmmError::BootTimeout {
-                    timeout,
-                    detail: Self::console_tail(&launch.paths),
-                });
-            }
-            if sock.exists() {
-                // QEMU holds our hello until the agent opens its port, so one
-                // handshake with the remaining time covers the whole boot; it
-                // is retried when QEMU died or the channel broke meanwhile.
-                let remaining = deadline - now;
-                match self.connect_agent(&launch.paths, remaining).await {
-                    Ok(c) => {
-                        *guard = Some(c);
-                        return Ok(());
-                    }
-                    Err(e) => {
-                        tracing::debug!(machine = %launch.machine_id, error = %e, "agent not ready yet")
-                    }
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        // QEMU holds our hello until the agent opens its port, so one
+        // handshake with the remaining time covers the whole boot; it is
+        // retried when QEMU died or the channel broke meanwhile.
+        let poll = ReadyPoll {
+            machine_id: &launch.machine_id,
+            vmm,
+            socket: &sock,
+            timeout,
+            deadline,
+            attempt_max: None,
+            pause: Duration::from_millis(5),
+        };
+        self.agents
+            .wait_ready(
+                poll,
+                || Self::console_tail(&launch.paths),
+                |attempt| self.connect_agent(&launch.paths, attempt),
+            )
+            .await
     }
 
     async fn agent(&self, launch: &LaunchSpec) -> Result<AgentClient, VmmError> {

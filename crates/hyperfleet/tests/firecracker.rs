@@ -26,11 +26,7 @@ use hyperfleet_core::doctor::{detect_accel, Accel};
 use serde_json::{json, Value};
 
 fn prerequisites() -> Option<PathBuf> {
-    let assets = std::env::var_os("HF_TEST_ASSETS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/hf-test-data/assets/current")
-        });
+    let assets = common::assets_dir();
     let binary = std::process::Command::new("firecracker")
         .arg("--version")
         .output()
@@ -40,18 +36,12 @@ fn prerequisites() -> Option<PathBuf> {
                 .output()
         })
         .is_ok_and(|o| o.status.success());
-    if binary && assets.join("manifest.json").exists() {
-        return Some(assets);
-    }
-    let msg = format!(
-        "MISSING: the firecracker binary (PATH or /usr/local/bin) and guest assets in {}",
+    let what = format!(
+        "the firecracker binary (PATH or /usr/local/bin) and guest assets in {}",
         assets.display()
     );
-    if std::env::var_os("CI").is_some() {
-        panic!("{msg}; CI must not skip");
-    }
-    eprintln!("SKIPPED: {msg}");
-    None
+    common::present_or_skip(binary && assets.join("manifest.json").exists(), &what)
+        .then_some(assets)
 }
 
 /// Whether the test runs as root (the jailer needs it); a loud note

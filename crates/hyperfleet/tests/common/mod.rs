@@ -30,31 +30,43 @@ pub fn testvmm() -> PathBuf {
     p
 }
 
-/// The guest assets the QEMU tests boot (scripts/test.sh builds them), or
-/// `None` with a loud note when absent outside CI. In CI they must exist.
-pub fn guest_assets() -> Option<PathBuf> {
-    let dir = std::env::var_os("HF_TEST_ASSETS")
+/// Where the test command builds the guest assets (`HF_TEST_ASSETS` overrides).
+pub fn assets_dir() -> PathBuf {
+    std::env::var_os("HF_TEST_ASSETS")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
             Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/hf-test-data/assets/current")
-        });
+        })
+}
+
+/// `ok`, or else a loud `SKIPPED: MISSING: <what>` note outside CI and a
+/// panic in CI, where nothing the suite needs may be absent.
+pub fn present_or_skip(ok: bool, what: &str) -> bool {
+    if ok {
+        return true;
+    }
+    let msg = format!("MISSING: {what}");
+    if std::env::var_os("CI").is_some() {
+        panic!("{msg}; CI must not skip");
+    }
+    eprintln!("SKIPPED: {msg}");
+    false
+}
+
+/// The guest assets the QEMU tests boot (scripts/test.sh builds them), or
+/// `None` with a loud note when absent outside CI. In CI they must exist.
+pub fn guest_assets() -> Option<PathBuf> {
+    let dir = assets_dir();
     let ok = dir.join("manifest.json").exists()
         && std::process::Command::new("qemu-system-x86_64")
             .arg("--version")
             .output()
             .is_ok_and(|o| o.status.success());
-    if ok {
-        return Some(dir);
-    }
-    let msg = format!(
-        "MISSING: qemu-system-x86_64 and guest assets in {} (scripts/test.sh installs and builds them)",
+    let what = format!(
+        "qemu-system-x86_64 and guest assets in {} (scripts/test.sh installs and builds them)",
         dir.display()
     );
-    if std::env::var_os("CI").is_some() {
-        panic!("{msg}; CI must not skip");
-    }
-    eprintln!("SKIPPED: {msg}");
-    None
+    present_or_skip(ok, &what).then_some(dir)
 }
 
 /// Live QEMU processes whose command line contains `marker`.

@@ -155,12 +155,7 @@ pub async fn run(ctx: Arc<RunCtx>, id: String) -> RunExit {
         tracing::debug!(machine = %run.id, ?step, status = %rec.status, desired = rec.desired.as_str(), "step");
         match run.execute(step, &rec, &mut rx).await {
             Ok(()) => run.retry_delay = Duration::from_millis(250),
-            Err(RunError::Vmm(e)) => {
-                if let Err(e) = run.fail(&rec, step, e.to_string()).await {
-                    run.back_off(&e).await;
-                }
-            }
-            Err(e @ RunError::Net(_)) => {
+            Err(e @ (RunError::Vmm(_) | RunError::Net(_))) => {
                 if let Err(e) = run.fail(&rec, step, e.to_string()).await {
                     run.back_off(&e).await;
                 }

@@ -39,6 +39,9 @@ pub struct Config {
     pub network: Option<crate::net::NetConfig>,
     /// The reverse proxy; None = off.
     pub proxy: Option<ProxyConfig>,
+    /// Machine records kept in memory (`--machine-cache`); every other
+    /// machine is read from the database when asked for.
+    pub store: crate::store::StoreOptions,
 }
 
 /// The reverse proxy's settings (`--proxy-listen`, `--proxy-domain`, …).
@@ -87,6 +90,7 @@ impl Config {
             stub_binary: None,
             boot_timeout: Duration::from_secs(60),
             stop_timeout: Duration::from_secs(10),
+            store: crate::store::StoreOptions::default(),
             qemu_binary: PathBuf::from("qemu-system-x86_64"),
             qemu_accel: crate::vmm::qemu::AccelChoice::Auto,
             firecracker_binary: PathBuf::from("firecracker"),

@@ -158,7 +158,7 @@ pub async fn serve(config: Config) -> Result<(), DaemonError> {
             "crash points armed: this daemon will SIGKILL itself"
         );
     }
-    let store = Store::open(&config.db_path())?;
+    let store = Store::open_with(&config.db_path(), config.store)?;
     if let Some(path) = bootstrap_admin_key(&store, &config.data_dir).await? {
         tracing::warn!(
             path = %path.display(),
@@ -212,7 +212,11 @@ pub async fn serve(config: Config) -> Result<(), DaemonError> {
         stop_timeout: config.stop_timeout,
         net: net.clone(),
     });
-    sup.start_all();
+    let runs = sup.start_all()?;
+    tracing::info!(
+        runs,
+        "machine runs started for the machines with work to do"
+    );
     let machines_dir = config.machines_dir();
     tokio::spawn(async move {
         loop {
@@ -264,12 +268,12 @@ pub async fn serve(config: Config) -> Result<(), DaemonError> {
         Ok(_) => {}
         Err(_) => tracing::warn!("in-flight requests did not finish within 5 s; exiting anyway"),
     }
-    let live = store
-        .all_machine_ids()
-        .into_iter()
-        .filter(|id| store.get_by_id(id).is_some_and(|m| m.rec.vmm.is_some()))
-        .count();
-    tracing::info!(vmms_left_running = live, "hyperfleet stopped");
+    match store.machines_with_vmm() {
+        Ok(live) => tracing::info!(vmms_left_running = live.len(), "hyperfleet stopped"),
+        Err(e) => {
+            tracing::info!(error = %e, "hyperfleet stopped (cannot count the VMMs left running)")
+        }
+    }
     Ok(())
 }
 

@@ -127,6 +127,10 @@ pub struct ServeArgs {
     /// Seconds a graceful stop may take before the VMM is killed.
     #[arg(long, env = "HYPERFLEET_STOP_TIMEOUT", default_value_t = 10)]
     pub stop_timeout: u64,
+    /// Machine records kept in memory (about 1.3 KB each); the rest are read
+    /// from the database when asked for.
+    #[arg(long, env = "HYPERFLEET_MACHINE_CACHE", default_value_t = hyperfleet_core::store::DEFAULT_CACHED_MACHINES)]
+    pub machine_cache: std::num::NonZeroUsize,
     /// Log format.
     #[arg(
         long,

@@ -51,6 +51,7 @@ pub async fn serve(a: ServeArgs, global: &ClientArgs) -> anyhow::Result<()> {
     config.stub_binary = a.stub_vmm_binary;
     config.boot_timeout = Duration::from_secs(a.boot_timeout);
     config.stop_timeout = Duration::from_secs(a.stop_timeout);
+    config.store.cached_machines = a.machine_cache;
     config.qemu_binary = a.qemu_binary;
     config.firecracker_binary = a.firecracker_binary;
     // Absolute: Firecracker resolves it from its own working directory,

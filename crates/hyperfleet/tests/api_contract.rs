@@ -77,6 +77,77 @@ fn machines_are_created_listed_found_by_id_and_name_and_paged() {
     assert_ne!(a["name"], b["name"]);
 }
 
+/// With room for two records in memory, nearly every read is a cache miss
+/// served from SQLite: lookups by id and name, pages in creation order,
+/// status filters and totals must all still be exact, across lifecycle
+/// changes, deletes and a restart.
+#[test]
+fn a_two_record_machine_cache_still_answers_every_read_exactly() {
+    let sb = Sandbox::new();
+    let mut d = Daemon::start_with(&sb, &[], &["--machine-cache", "2"]);
+    let ids: Vec<String> = (0..8)
+        .map(|i| {
+            d.create(json!({"name": format!("c{i}")}))["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    let check = |d: &Daemon, live: &[usize], running: &[usize]| {
+        for &i in live {
+            for path in [format!("/machines/{}", ids[i]), format!("/machines/c{i}")] {
+                let r = d.call("GET", &path, None);
+                assert_eq!(r.status, 200, "{path}: {}", r.body);
+                assert_eq!(r.body["id"], ids[i].as_str());
+                let want = if running.contains(&i) {
+                    "running"
+                } else {
+                    "pending"
+                };
+                assert_eq!(r.body["status"], want, "{path}");
+            }
+        }
+        let r = d.call("GET", "/machines?limit=1000", None);
+        assert_eq!(r.body["total"], live.len());
+        let names: Vec<&str> = r.body["machines"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["name"].as_str().unwrap())
+            .collect();
+        let want: Vec<String> = live.iter().map(|i| format!("c{i}")).collect();
+        assert_eq!(names, want, "creation order");
+        let r = d.call("GET", "/machines?limit=2&offset=1", None);
+        assert_eq!(r.body["machines"][0]["name"], format!("c{}", live[1]));
+        let r = d.call("GET", "/machines?status=running", None);
+        assert_eq!(r.body["total"], running.len(), "{}", r.body);
+        let r = d.call("GET", "/machines?status=pending", None);
+        assert_eq!(r.body["total"], live.len() - running.len(), "{}", r.body);
+    };
+    check(&d, &[0, 1, 2, 3, 4, 5, 6, 7], &[]);
+    for i in [2, 5] {
+        let r = d.call("POST", &format!("/machines/{}/start", ids[i]), None);
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    check(&d, &[0, 1, 2, 3, 4, 5, 6, 7], &[2, 5]);
+    for i in [0, 6] {
+        let r = d.call("DELETE", &format!("/machines/c{i}"), None);
+        assert_eq!(r.status, 204, "{}", r.body);
+        let r = d.call("GET", &format!("/machines/{}", ids[i]), None);
+        assert_eq!(r.status, 404, "a deleted machine came back: {}", r.body);
+    }
+    // A freed name is free, a taken one is not, whether cached or not.
+    let r = d.call("POST", "/machines", Some(json!({"name": "c1"})));
+    assert_eq!(r.status, 409, "{}", r.body);
+    check(&d, &[1, 2, 3, 4, 5, 7], &[2, 5]);
+    // Counts come back from the database after a restart.
+    d.terminate();
+    let d = Daemon::start_with(&sb, &[], &["--machine-cache", "2"]);
+    check(&d, &[1, 2, 3, 4, 5, 7], &[2, 5]);
+    let r = d.call("POST", "/machines", Some(json!({"name": "c0"})));
+    assert_eq!(r.status, 201, "{}", r.body);
+}
+
 #[test]
 fn bad_input_gets_a_clear_4xx_and_changes_nothing() {
     let sb = Sandbox::new();

@@ -82,7 +82,7 @@ async fn agent_of(
     let p = caller.require(scope)?;
     let m = state
         .store
-        .get(Some(&p.tenant), id)
+        .get(Some(&p.tenant), id)?
         .ok_or_else(|| ApiError::not_found(format!("machine '{id}'")))?;
     if m.rec.status != MachineStatus::Running {
         return Err(ApiError::new(
@@ -790,7 +790,7 @@ pub async fn logs(
     let p = caller.require(Scope::Read)?;
     let m = state
         .store
-        .get(Some(&p.tenant), &id)
+        .get(Some(&p.tenant), &id)?
         .ok_or_else(|| ApiError::not_found(format!("machine '{id}'")))?;
     let tail = q.tail.unwrap_or(200);
     if tail > 100_000 {
@@ -810,8 +810,11 @@ pub async fn logs(
     }
     let store = state.store.clone();
     let mid = m.rec.id.clone();
-    let follow = crate::logs::follow(file, offset, move || store.get_by_id(&mid).is_some())
-        .map(Ok::<_, Infallible>);
+    let follow = crate::logs::follow(file, offset, move || {
+        // A read error is not a deletion: keep following.
+        store.get_by_id(&mid).map_or(true, |m| m.is_some())
+    })
+    .map(Ok::<_, Infallible>);
     let body = stream::once(async move { Ok::<_, Infallible>(Bytes::from(text)) }).chain(follow);
     Ok((
         [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],

@@ -53,7 +53,7 @@ fn find(state: &AppState, caller: &Caller, id: &str) -> Result<Arc<CachedMachine
     check_ref(id)?;
     state
         .store
-        .get(Some(caller.tenant()), id)
+        .get(Some(caller.tenant()), id)?
         .ok_or_else(|| ApiError::not_found(format!("machine '{id}'")))
 }
 
@@ -115,7 +115,7 @@ pub async fn list(
         )));
     }
     let offset = q.offset.unwrap_or(0);
-    let (machines, total) = state.store.list(&p.tenant, status, limit, offset);
+    let (machines, total) = state.store.list(&p.tenant, status, limit, offset)?;
     // Splice the pre-rendered machine JSON instead of re-serialising.
     let size: usize = machines
         .iter()
@@ -207,6 +207,7 @@ fn outcome_response(
 ) -> Result<Response, ApiError> {
     match outcome {
         WaitOutcome::Reached(m) => Ok(machine_response(state, StatusCode::OK, &m)),
+        WaitOutcome::Error(e) => Err(e.into()),
         WaitOutcome::Deleted if matches!(req, Request::Delete | Request::ForceDelete) => {
             Ok(StatusCode::NO_CONTENT.into_response())
         }

@@ -113,8 +113,15 @@ pub fn quiescent(rec: &MachineRecord) -> bool {
 
 /// Runs machine `id` until its record is deleted or it has nothing to do.
 pub async fn run(ctx: Arc<RunCtx>, id: String) -> RunExit {
-    let Some(mut rx) = ctx.store.subscribe(&id) else {
-        return RunExit::Deleted;
+    let mut rx = loop {
+        match ctx.store.subscribe(&id) {
+            Ok(Some(rx)) => break rx,
+            Ok(None) => return RunExit::Deleted,
+            Err(e) => {
+                tracing::error!(machine = %id, error = %e, "cannot read the machine; its run retries in 1 s");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
     };
     let mut run = Run {
         ctx,
@@ -232,7 +239,7 @@ impl Run {
             .store
             .write(move |ctx| {
                 let mut rec = ctx
-                    .machine(&id)
+                    .machine(&id)?
                     .ok_or_else(|| StoreError::NoSuchMachine(id.clone()))?;
                 let before = rec.status;
                 f(&mut rec);
@@ -813,6 +820,8 @@ impl Run {
             .ctx
             .store
             .get_by_id(&rec.id)
+            .ok()
+            .flatten()
             .map(|m| m.rec.clone())
             .unwrap_or_else(|| rec.clone());
         let marker = self.ctx.paths(&rec.id).dir.display().to_string();

@@ -58,6 +58,8 @@ pub enum WaitOutcome {
     /// The goal can no longer be reached without another request.
     Unreachable(Arc<CachedMachine>, String),
     TimedOut(Option<Arc<CachedMachine>>),
+    /// The store could not be read.
+    Error(StoreError),
 }
 
 pub struct Supervisor {
@@ -77,13 +79,21 @@ impl Supervisor {
         &self.ctx
     }
 
-    /// Starts the run of every machine in the store. Recovery after a crash
-    /// is nothing more than this: each run observes the host and finishes or
-    /// undoes what its journal says was under way.
-    pub fn start_all(self: &Arc<Self>) {
-        for id in self.ctx.store.all_machine_ids() {
-            self.ensure_run(&id);
+    /// Starts the run of every machine in the store that has something to
+    /// do. Recovery after a crash is nothing more than this: each run
+    /// observes the host and finishes or undoes what its journal says was
+    /// under way. A quiescent machine (no VMM, no step under way, nothing
+    /// wanted) would only start a run that ends at once, so it gets none;
+    /// its next request starts one.
+    pub fn start_all(self: &Arc<Self>) -> Result<usize, StoreError> {
+        let mut started = 0;
+        for m in self.ctx.store.all_machines()? {
+            if !run::quiescent(&m) {
+                self.ensure_run(&m.id);
+                started += 1;
+            }
         }
+        Ok(started)
     }
 
     /// Makes sure machine `id` has exactly one live run.
@@ -110,11 +120,12 @@ impl Supervisor {
                         // see their change here and go on, or they find no
                         // run after we leave and start a new one.
                         let mut runs = lock(&me.runs);
+                        // A read error is not idleness: run again.
                         let still_idle = me
                             .ctx
                             .store
                             .get_by_id(&mid)
-                            .is_some_and(|m| run::quiescent(&m.rec));
+                            .is_ok_and(|m| m.is_some_and(|m| run::quiescent(&m.rec)));
                         if still_idle {
                             runs.remove(&mid);
                             // The run's receiver is gone: an idle machine
@@ -177,9 +188,14 @@ impl Supervisor {
         let entry = self
             .ctx
             .store
-            .get_by_id(&id)
+            .get_by_id(&id)?
             .ok_or_else(|| LifecycleError::NotFound(id.clone()))?;
-        self.ensure_run(&id);
+        // A new machine's run prepares its directory and disk; a machine
+        // with nothing to do (no create-time work) gets no run until its
+        // first request.
+        if !run::quiescent(&entry.rec) {
+            self.ensure_run(&id);
+        }
         Ok(entry)
     }
 
@@ -195,7 +211,7 @@ impl Supervisor {
         let current = self
             .ctx
             .store
-            .get(Some(tenant), id_or_name)
+            .get(Some(tenant), id_or_name)?
             .ok_or_else(|| LifecycleError::NotFound(id_or_name.to_string()))?;
         let id = current.rec.id.clone();
         let wid = id.clone();
@@ -204,7 +220,7 @@ impl Supervisor {
             .store
             .write(move |ctx| {
                 let mut rec = ctx
-                    .machine(&wid)
+                    .machine(&wid)?
                     .ok_or_else(|| StoreError::NoSuchMachine(wid.clone()))?;
                 let Some(intent) = on_request(rec.status, req) else {
                     return Ok(Err(rec.status));
@@ -253,7 +269,7 @@ impl Supervisor {
                 let entry = self
                     .ctx
                     .store
-                    .get_by_id(&id)
+                    .get_by_id(&id)?
                     .ok_or_else(|| LifecycleError::NotFound(id.clone()))?;
                 Ok((entry, generation))
             }
@@ -327,8 +343,10 @@ impl Supervisor {
         timeout: Duration,
         check: impl Fn(&Arc<CachedMachine>) -> Option<WaitOutcome>,
     ) -> WaitOutcome {
-        let Some(mut rx) = self.ctx.store.subscribe(id) else {
-            return WaitOutcome::Deleted;
+        let mut rx = match self.ctx.store.subscribe(id) {
+            Ok(Some(rx)) => rx,
+            Ok(None) => return WaitOutcome::Deleted,
+            Err(e) => return WaitOutcome::Error(e),
         };
         let deadline = tokio::time::Instant::now() + timeout;
         loop {

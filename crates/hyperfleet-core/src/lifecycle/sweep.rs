@@ -19,11 +19,14 @@ pub struct SweepReport {
 
 pub async fn sweep(store: &Store, machines_dir: &Path) -> SweepReport {
     let mut report = SweepReport::default();
-    let known: HashMap<String, Option<crate::store::VmmIdentity>> = store
-        .all_machine_ids()
-        .into_iter()
-        .filter_map(|id| store.get_by_id(&id).map(|m| (id, m.rec.vmm.clone())))
-        .collect();
+    // Without the list of machines nothing can be called an orphan.
+    let known: HashMap<String, Option<crate::store::VmmIdentity>> = match store.all_machines() {
+        Ok(all) => all.into_iter().map(|m| (m.id, m.vmm)).collect(),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read the machines; skipping the orphan sweep");
+            return report;
+        }
+    };
 
     // Processes whose command line names a machine directory of ours.
     let prefix = format!("{}/", machines_dir.display());

@@ -130,6 +130,8 @@ pub enum NetError {
     },
     #[error("recording the network lease failed: {0}")]
     Store(#[from] crate::store::StoreError),
+    #[error("reading the machines' network leases failed: {0}")]
+    ReadLeases(#[source] crate::store::StoreError),
 }
 
 /// The host side of machine networking, shared by every machine run.
@@ -218,14 +220,15 @@ impl Network {
         let _one_at_a_time = self.rules.lock().await;
         // Read under the lock: a later rebuild sees at least these leases.
         let mut machines: Vec<nft::RuleMachine> = store
-            .all_machines()
+            .leased_machines()
+            .map_err(NetError::ReadLeases)?
             .iter()
-            .filter(|m| Some(m.rec.id.as_str()) != exclude)
+            .filter(|m| Some(m.id.as_str()) != exclude)
             .filter_map(|m| {
-                m.rec.network.as_ref().map(|l| nft::RuleMachine {
+                m.network.as_ref().map(|l| nft::RuleMachine {
                     tap: l.tap.clone(),
                     ip: l.ip,
-                    egress: m.rec.spec.egress,
+                    egress: m.spec.egress,
                 })
             })
             .collect();
@@ -246,13 +249,13 @@ impl Network {
         let prefix = self.config.tap_prefix.clone();
         let ours = tap::list(|n| lease::is_our_tap(&prefix, n)).await?;
         let needed: std::collections::HashSet<String> = store
-            .all_machines()
+            .leased_machines()
+            .map_err(NetError::ReadLeases)?
             .iter()
             .filter(|m| {
-                m.rec.vmm.is_some()
-                    || m.rec.current_step.as_deref() == Some(crate::lifecycle::steps::SPAWN)
+                m.vmm.is_some() || m.current_step.as_deref() == Some(crate::lifecycle::steps::SPAWN)
             })
-            .filter_map(|m| m.rec.network.as_ref().map(|l| l.tap.clone()))
+            .filter_map(|m| m.network.as_ref().map(|l| l.tap.clone()))
             .collect();
         let mut removed = Vec::new();
         for name in ours {

@@ -19,7 +19,7 @@ use hyperfleet_api::{ErrorCode, Scope, API_KEY_PREFIX};
 
 use crate::auth::{authenticate, Principal, Refusal};
 use crate::http::error::ApiError;
-use crate::store::{CachedMachine, Store};
+use crate::store::{CachedMachine, Store, StoreError};
 use crate::util::looks_like_machine_id;
 
 /// The cookie that carries a machine's access token.
@@ -108,7 +108,7 @@ pub fn authorize(
         },
         None => (None, None),
     };
-    let m = match lookup(store, machine, principal.as_ref(), creds) {
+    let m = match lookup(store, machine, principal.as_ref(), creds)? {
         Found::One(m) => m,
         Found::Ambiguous => {
             return Err(ApiError::new(
@@ -159,29 +159,31 @@ fn lookup(
     machine: &str,
     principal: Option<&Principal>,
     creds: &Credentials<'_>,
-) -> Found {
-    if let Some(m) = principal.and_then(|p| store.get(Some(&p.tenant), machine)) {
-        return Found::One(m);
+) -> Result<Found, StoreError> {
+    if let Some(p) = principal {
+        if let Some(m) = store.get(Some(&p.tenant), machine)? {
+            return Ok(Found::One(m));
+        }
     }
-    if let Some(m) = store.get_by_id(machine) {
-        return Found::One(m);
+    if let Some(m) = store.get_by_id(machine)? {
+        return Ok(Found::One(m));
     }
     if looks_like_machine_id(machine) {
         // Names never have an id's shape.
-        return Found::None;
+        return Ok(Found::None);
     }
-    let mut named = store.find_by_name_in_all_tenants(machine);
+    let mut named = store.find_by_name_in_all_tenants(machine)?;
     if named.len() <= 1 {
-        return named.pop().map_or(Found::None, Found::One);
+        return Ok(named.pop().map_or(Found::None, Found::One));
     }
     let mut tokened = named.into_iter().filter(|m| {
         creds.query_token.is_some_and(|t| token_matches(m, t))
             || creds.cookie_tokens().any(|t| token_matches(m, t))
     });
-    match (tokened.next(), tokened.next()) {
+    Ok(match (tokened.next(), tokened.next()) {
         (Some(m), None) => Found::One(m),
         _ => Found::Ambiguous,
-    }
+    })
 }
 
 fn token_matches(m: &CachedMachine, given: &str) -> bool {

@@ -72,7 +72,8 @@ async fn accept_loop(listener: TcpListener, proxy: Arc<Proxy>, mut stopped: watc
             _ = stopped.changed() => break,
             _ = prune.tick() => {
                 let store = &proxy.store;
-                proxy.activity.retain(|id| store.get_by_id(id).is_some());
+                // A read error keeps the entry: only a deletion drops it.
+                proxy.activity.retain(|id| store.get_by_id(id).map_or(true, |m| m.is_some()));
             }
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {

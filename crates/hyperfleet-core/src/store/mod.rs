@@ -1,5 +1,6 @@
 //! The durable store: SQLite (WAL, `synchronous=FULL`) behind one writer
-//! thread with group commit, plus an in-memory index of every machine.
+//! thread with group commit, plus a bounded in-memory cache of the machines
+//! in use.
 //!
 //! Why this shape:
 //! - *Durability without a per-request fsync bill.* Every write is a closure
@@ -12,18 +13,22 @@
 //!   the writer, a handler's "check the transition table against the current
 //!   record, then record the new desired state" cannot interleave with the
 //!   machine run's own status writes.
-//! - *Reads from memory.* The writer applies each committed change to an
-//!   index of machines (with their JSON pre-rendered) in commit order, so
-//!   `GET` and `list` never touch SQLite, and it notifies per-machine
-//!   `watch` channels that the machine runs and long-pollers wait on.
+//! - *Memory bounded by what is in use, not by how many machines exist.*
+//!   SQLite holds every machine; memory holds the most recently used records
+//!   (with their JSON pre-rendered) and exact per-tenant counts (see
+//!   [`cache`]). The writer publishes each committed change to the cache in
+//!   commit order and notifies per-machine `watch` channels that the machine
+//!   runs and long-pollers wait on; a read that misses the cache is a
+//!   primary-key lookup on a pooled read-only connection.
 
-mod index;
+mod cache;
 mod records;
 mod rows;
 mod schema;
 mod writer;
 
 use std::collections::HashMap;
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -31,12 +36,12 @@ use hyperfleet_api::MachineStatus;
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
-pub use index::CachedMachine;
+pub use cache::{CachedMachine, DEFAULT_CAPACITY as DEFAULT_CACHED_MACHINES};
 pub use records::{EventRecord, KeyRecord, MachineRecord, MachineSpec, NetLease, VmmIdentity};
 pub use schema::schema_version;
 pub use writer::WriteCtx;
 
-use index::MachineIndex;
+use cache::{Counts, RecordCache};
 use writer::Job;
 
 /// Errors of the store boundary.
@@ -70,8 +75,15 @@ impl StoreError {
     }
 }
 
+/// What memory holds of the machines: recently used records and counts.
+/// One lock, so a publish moves both at once.
+struct Hot {
+    cache: RecordCache,
+    counts: Counts,
+}
+
 struct Shared {
-    index: RwLock<MachineIndex>,
+    hot: Mutex<Hot>,
     watchers: Mutex<HashMap<String, watch::Sender<Option<Arc<CachedMachine>>>>>,
     events: broadcast::Sender<Arc<EventRecord>>,
     keys: RwLock<HashMap<String, KeyRecord>>,
@@ -86,7 +98,24 @@ pub struct Store {
     shared: Arc<Shared>,
 }
 
-const READERS: usize = 2;
+/// Idle read-only connections kept for cache misses, lists and history;
+/// more are opened under load and closed when the pool is full.
+const IDLE_READERS: usize = 4;
+
+/// Store settings the daemon chooses.
+#[derive(Debug, Clone, Copy)]
+pub struct StoreOptions {
+    /// Machine records kept in memory (`--machine-cache`).
+    pub cached_machines: NonZeroUsize,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            cached_machines: cache::DEFAULT_CAPACITY,
+        }
+    }
+}
 
 fn configure(conn: &Connection) -> Result<(), StoreError> {
     conn.busy_timeout(std::time::Duration::from_secs(5))
@@ -95,10 +124,31 @@ fn configure(conn: &Connection) -> Result<(), StoreError> {
         .map_err(|e| StoreError::sql("configuring the connection", e))
 }
 
+fn open_reader(path: &Path) -> Result<Connection, StoreError> {
+    let r = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| StoreError::Open {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    configure(&r)?;
+    // Readers do indexed lookups of pages the OS already caches; a small
+    // private cache each keeps the daemon's memory flat as the pool grows.
+    r.execute_batch("PRAGMA cache_size = -512;")
+        .map_err(|e| StoreError::sql("sizing a reader's page cache", e))?;
+    Ok(r)
+}
+
 impl Store {
     /// Opens (creating if needed) the database at `path`, applies migrations,
     /// loads machines and keys into memory and starts the writer thread.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
+        Store::open_with(path, StoreOptions::default())
+    }
+
+    pub fn open_with(path: &Path, opts: StoreOptions) -> Result<Store, StoreError> {
         let open_err = |e: rusqlite::Error| StoreError::Open {
             path: path.to_path_buf(),
             message: e.to_string(),
@@ -124,25 +174,21 @@ impl Store {
         .map_err(|e| StoreError::sql("configuring durability", e))?;
         schema::migrate(&mut conn)?;
 
-        let machines = rows::load_machines(&conn)?;
-        let keys = rows::load_keys(&conn)?;
-        let mut index = MachineIndex::default();
-        for m in machines {
-            index.put(m);
+        let mut counts = Counts::default();
+        for (tenant, status, n) in rows::status_counts(&conn)? {
+            counts.add(&tenant, status, n);
         }
-        let mut readers = Vec::with_capacity(READERS);
-        for _ in 0..READERS {
-            let r = Connection::open_with_flags(
-                path,
-                OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-            )
-            .map_err(open_err)?;
-            configure(&r)?;
-            readers.push(r);
+        let keys = rows::load_keys(&conn)?;
+        let mut readers = Vec::with_capacity(IDLE_READERS);
+        for _ in 0..IDLE_READERS {
+            readers.push(open_reader(path)?);
         }
         let (events, _) = broadcast::channel(4096);
         let shared = Arc::new(Shared {
-            index: RwLock::new(index),
+            hot: Mutex::new(Hot {
+                cache: RecordCache::new(opts.cached_machines),
+                counts,
+            }),
             watchers: Mutex::new(HashMap::new()),
             events,
             keys: RwLock::new(keys.into_iter().map(|k| (k.hash.clone(), k)).collect()),
@@ -173,20 +219,74 @@ impl Store {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
-    /// A machine by id or name, seen as `tenant` (None: any tenant).
-    pub fn get(&self, tenant: Option<&str>, id_or_name: &str) -> Option<Arc<CachedMachine>> {
-        let index = read_lock(&self.shared.index);
-        index.find(tenant, id_or_name)
+    /// Runs `f` on a pooled read-only connection. Called directly from
+    /// async code for cache misses: an indexed read of page-cached SQLite
+    /// takes microseconds, less than handing it to a blocking thread.
+    fn read<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let pooled = lock(&self.shared.readers).pop();
+        let conn = match pooled {
+            Some(c) => c,
+            None => open_reader(&self.shared.path)?,
+        };
+        let out = f(&conn);
+        let mut pool = lock(&self.shared.readers);
+        if pool.len() < IDLE_READERS {
+            pool.push(conn);
+        }
+        out
+    }
+
+    /// Caches records a reader loaded (see the freshness rule in [`cache`]).
+    fn fill(&self, seen_seq: u64, recs: Vec<MachineRecord>) -> Vec<Arc<CachedMachine>> {
+        let mut hot = lock(&self.shared.hot);
+        recs.into_iter()
+            .map(|r| hot.cache.fill(seen_seq, r))
+            .collect()
+    }
+
+    /// A machine by id or name, seen as `tenant` (None: any tenant, by id).
+    pub fn get(
+        &self,
+        tenant: Option<&str>,
+        id_or_name: &str,
+    ) -> Result<Option<Arc<CachedMachine>>, StoreError> {
+        let seen = {
+            let mut hot = lock(&self.shared.hot);
+            if let Some(m) = hot.cache.find(tenant, id_or_name) {
+                return Ok(Some(m));
+            }
+            hot.cache.seq()
+        };
+        let rec = self.read(|c| {
+            if let Some(m) = rows::load_machine(c, id_or_name)? {
+                if tenant.is_none_or(|t| t == m.tenant) {
+                    return Ok(Some(m));
+                }
+            }
+            match tenant {
+                Some(t) => rows::load_machine_named(c, t, id_or_name),
+                None => Ok(None),
+            }
+        })?;
+        Ok(self.fill(seen, rec.into_iter().collect()).pop())
     }
 
     /// The machines named `name` in any tenant (names are unique only per
     /// tenant). For the proxy, which may see a name without a tenant.
-    pub fn find_by_name_in_all_tenants(&self, name: &str) -> Vec<Arc<CachedMachine>> {
-        read_lock(&self.shared.index).find_name_in_all_tenants(name)
+    pub fn find_by_name_in_all_tenants(
+        &self,
+        name: &str,
+    ) -> Result<Vec<Arc<CachedMachine>>, StoreError> {
+        let seen = lock(&self.shared.hot).cache.seq();
+        let recs = self.read(|c| rows::load_machines_named_in_all_tenants(c, name))?;
+        Ok(self.fill(seen, recs))
     }
 
-    pub fn get_by_id(&self, id: &str) -> Option<Arc<CachedMachine>> {
-        read_lock(&self.shared.index).by_id(id)
+    pub fn get_by_id(&self, id: &str) -> Result<Option<Arc<CachedMachine>>, StoreError> {
+        self.get(None, id)
     }
 
     /// Machines of `tenant` in creation order, filtered, with the total count.
@@ -196,41 +296,83 @@ impl Store {
         status: Option<MachineStatus>,
         limit: usize,
         offset: usize,
-    ) -> (Vec<Arc<CachedMachine>>, usize) {
-        read_lock(&self.shared.index).list(tenant, status, limit, offset)
+    ) -> Result<(Vec<Arc<CachedMachine>>, usize), StoreError> {
+        let total = lock(&self.shared.hot).counts.tenant(tenant, status);
+        let ids = self.read(|c| rows::list_ids(c, tenant, status, limit, offset))?;
+        let (mut page, seen) = {
+            let mut hot = lock(&self.shared.hot);
+            let page: Vec<_> = ids.iter().map(|id| hot.cache.get(id)).collect();
+            (page, hot.cache.seq())
+        };
+        let missing: Vec<usize> = (0..page.len()).filter(|&i| page[i].is_none()).collect();
+        if !missing.is_empty() {
+            let recs = self.read(|c| {
+                missing
+                    .iter()
+                    .map(|&i| rows::load_machine(c, &ids[i]))
+                    .collect::<Result<Vec<_>, _>>()
+            })?;
+            let mut hot = lock(&self.shared.hot);
+            for (&i, rec) in missing.iter().zip(recs) {
+                // None: deleted since the page was read; left out.
+                page[i] = rec.map(|r| hot.cache.fill(seen, r));
+            }
+        }
+        Ok((page.into_iter().flatten().collect(), total))
     }
 
-    /// Every machine of every tenant (startup reconciliation, nftables).
-    pub fn all_machines(&self) -> Vec<Arc<CachedMachine>> {
-        read_lock(&self.shared.index).all()
+    /// Every machine of every tenant, read from SQLite (startup recovery).
+    pub fn all_machines(&self) -> Result<Vec<MachineRecord>, StoreError> {
+        self.read(|c| rows::load_machines(c, rows::MachineFilter::All))
     }
 
-    pub fn all_machine_ids(&self) -> Vec<String> {
-        read_lock(&self.shared.index).ids()
+    /// The machines holding a network lease (firewall rules, TAP sweep).
+    pub fn leased_machines(&self) -> Result<Vec<MachineRecord>, StoreError> {
+        self.read(|c| rows::load_machines(c, rows::MachineFilter::Leased))
+    }
+
+    /// The machines with a VMM recorded (shutdown report).
+    pub fn machines_with_vmm(&self) -> Result<Vec<MachineRecord>, StoreError> {
+        self.read(|c| rows::load_machines(c, rows::MachineFilter::WithVmm))
+    }
+
+    pub fn all_machine_ids(&self) -> Result<Vec<String>, StoreError> {
+        self.read(rows::machine_ids)
     }
 
     pub fn machine_count(&self) -> usize {
-        read_lock(&self.shared.index).len()
+        lock(&self.shared.hot).counts.all()
+    }
+
+    /// How many machine records memory holds now.
+    pub fn cached_machines(&self) -> usize {
+        lock(&self.shared.hot).cache.len()
     }
 
     /// A channel that sees every committed change of machine `id`
     /// (`None` once deleted). `None` when the machine does not exist.
-    pub fn subscribe(&self, id: &str) -> Option<watch::Receiver<Option<Arc<CachedMachine>>>> {
-        // Lock order matters: the writer updates the index *before* taking
-        // the watchers lock, so reading the index while holding that lock
-        // means a concurrent commit either is already visible here or will
-        // find this channel and send to it.
+    pub fn subscribe(
+        &self,
+        id: &str,
+    ) -> Result<Option<watch::Receiver<Option<Arc<CachedMachine>>>>, StoreError> {
+        // Lock order matters: the writer commits and updates the cache
+        // *before* taking the watchers lock, so reading the machine while
+        // holding that lock means a concurrent commit either is already
+        // visible here or will find this channel and send to it.
         let mut watchers = lock(&self.shared.watchers);
         let current = self.get_by_id(id)?;
+        let Some(current) = current else {
+            return Ok(None);
+        };
         let tx = watchers
             .entry(id.to_string())
             .or_insert_with(|| watch::channel(Some(current)).0);
-        Some(tx.subscribe())
+        Ok(Some(tx.subscribe()))
     }
 
     /// Drops machine `id`'s change channel if nobody holds a receiver (its
     /// run ended and no request waits), so idle machines cost no channel;
-    /// the next `subscribe` makes a new one from the index.
+    /// the next `subscribe` makes a new one from the current record.
     pub fn forget_idle_watcher(&self, id: &str) {
         let mut watchers = lock(&self.shared.watchers);
         if watchers.get(id).is_some_and(|tx| tx.receiver_count() == 0) {
@@ -250,34 +392,20 @@ impl Store {
         after: i64,
         limit: usize,
     ) -> Result<Vec<EventRecord>, StoreError> {
-        let shared = self.shared.clone();
         let id = machine_id.to_string();
-        tokio::task::spawn_blocking(move || {
-            let conn = lock(&shared.readers).pop();
-            let conn = match conn {
-                Some(c) => c,
-                None => Connection::open_with_flags(&shared.path, OpenFlags::SQLITE_OPEN_READ_ONLY)
-                    .map_err(|e| StoreError::sql("opening a reader", e))?,
-            };
-            let out = rows::load_events(&conn, &id, after, limit);
-            lock(&shared.readers).push(conn);
-            out
-        })
-        .await
-        .map_err(|_| StoreError::Closed)?
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || store.read(|c| rows::load_events(c, &id, after, limit)))
+            .await
+            .map_err(|_| StoreError::Closed)?
     }
 
     /// The steps journaled for a machine, oldest first (for tests and `doctor`).
     pub async fn journal(&self, machine_id: &str) -> Result<Vec<(String, String)>, StoreError> {
-        let shared = self.shared.clone();
         let id = machine_id.to_string();
-        tokio::task::spawn_blocking(move || {
-            let conn = Connection::open_with_flags(&shared.path, OpenFlags::SQLITE_OPEN_READ_ONLY)
-                .map_err(|e| StoreError::sql("opening a reader", e))?;
-            rows::load_journal(&conn, &id)
-        })
-        .await
-        .map_err(|_| StoreError::Closed)?
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || store.read(|c| rows::load_journal(c, &id)))
+            .await
+            .map_err(|_| StoreError::Closed)?
     }
 
     pub fn key_by_hash(&self, hash: &str) -> Option<KeyRecord> {

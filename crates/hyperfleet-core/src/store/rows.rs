@@ -2,7 +2,7 @@
 //! in the writer context, next to the schema it must match.
 
 use hyperfleet_api::{MachineStatus, Scope, StepTiming};
-use rusqlite::{params, Connection, Row};
+use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use super::{
     EventRecord, KeyRecord, MachineRecord, MachineSpec, NetLease, StoreError, VmmIdentity,
@@ -205,15 +205,169 @@ pub fn write_machine(conn: &Connection, m: &MachineRecord) -> Result<(), StoreEr
     Ok(())
 }
 
-pub fn load_machines(conn: &Connection) -> Result<Vec<MachineRecord>, StoreError> {
+/// Which machines a scan reads.
+#[derive(Debug, Clone, Copy)]
+pub enum MachineFilter {
+    All,
+    /// Holding a network lease.
+    Leased,
+    /// With a VMM recorded.
+    WithVmm,
+}
+
+pub fn load_machines(
+    conn: &Connection,
+    filter: MachineFilter,
+) -> Result<Vec<MachineRecord>, StoreError> {
+    let clause = match filter {
+        MachineFilter::All => "",
+        MachineFilter::Leased => " WHERE network IS NOT NULL",
+        MachineFilter::WithVmm => " WHERE vmm_pid IS NOT NULL",
+    };
     let mut stmt = conn
-        .prepare(&format!("SELECT {MACHINE_COLUMNS} FROM machines"))
+        .prepare_cached(&format!("SELECT {MACHINE_COLUMNS} FROM machines{clause}"))
         .map_err(|e| StoreError::sql("loading machines", e))?;
     let rows = stmt
         .query_map([], machine_from_row)
         .map_err(|e| StoreError::sql("loading machines", e))?;
     rows.collect::<Result<Vec<_>, _>>()
         .map_err(|e| StoreError::sql("reading a machine row", e))
+}
+
+/// At most one row of `sql` (prepared once per connection), mapped.
+fn query_one<T>(
+    conn: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+    map: impl FnOnce(&Row<'_>) -> rusqlite::Result<T>,
+    what: &str,
+) -> Result<Option<T>, StoreError> {
+    conn.prepare_cached(sql)
+        .and_then(|mut stmt| stmt.query_row(params, map).optional())
+        .map_err(|e| StoreError::sql(what, e))
+}
+
+/// Machine `id`, if it exists.
+pub fn load_machine(conn: &Connection, id: &str) -> Result<Option<MachineRecord>, StoreError> {
+    query_one(
+        conn,
+        &format!("SELECT {MACHINE_COLUMNS} FROM machines WHERE id = ?1"),
+        params![id],
+        machine_from_row,
+        &format!("reading machine {id}"),
+    )
+}
+
+/// The machine `tenant` named `name`, if any.
+pub fn load_machine_named(
+    conn: &Connection,
+    tenant: &str,
+    name: &str,
+) -> Result<Option<MachineRecord>, StoreError> {
+    query_one(
+        conn,
+        &format!("SELECT {MACHINE_COLUMNS} FROM machines WHERE tenant = ?1 AND name = ?2"),
+        params![tenant, name],
+        machine_from_row,
+        &format!("reading machine '{name}'"),
+    )
+}
+
+/// The id of `tenant`'s machine named `name` (as this connection sees it:
+/// on the writer, including the open transaction's changes).
+pub fn name_owner(
+    conn: &Connection,
+    tenant: &str,
+    name: &str,
+) -> Result<Option<String>, StoreError> {
+    query_one(
+        conn,
+        "SELECT id FROM machines WHERE tenant = ?1 AND name = ?2",
+        params![tenant, name],
+        |r| r.get(0),
+        &format!("looking up the name '{name}'"),
+    )
+}
+
+/// Every tenant's machine named `name`.
+pub fn load_machines_named_in_all_tenants(
+    conn: &Connection,
+    name: &str,
+) -> Result<Vec<MachineRecord>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached(&format!(
+            "SELECT {MACHINE_COLUMNS} FROM machines WHERE name = ?1"
+        ))
+        .map_err(|e| StoreError::sql("preparing a machine read by name", e))?;
+    let rows = stmt
+        .query_map(params![name], machine_from_row)
+        .map_err(|e| StoreError::sql(&format!("reading machines named '{name}'"), e))?;
+    rows.collect::<Result<Vec<_>, _>>()
+        .map_err(|e| StoreError::sql("reading a machine row", e))
+}
+
+/// Ids of one page of `tenant`'s machines in creation order (served by the
+/// covering indexes of migration 3).
+pub fn list_ids(
+    conn: &Connection,
+    tenant: &str,
+    status: Option<MachineStatus>,
+    limit: usize,
+    offset: usize,
+) -> Result<Vec<String>, StoreError> {
+    let (sql, status) = match status {
+        None => (
+            "SELECT id FROM machines WHERE tenant = ?1 \
+             ORDER BY created_at, id LIMIT ?2 OFFSET ?3",
+            None,
+        ),
+        Some(s) => (
+            "SELECT id FROM machines WHERE tenant = ?1 AND status = ?4 \
+             ORDER BY created_at, id LIMIT ?2 OFFSET ?3",
+            Some(s.as_str()),
+        ),
+    };
+    let mut stmt = conn
+        .prepare_cached(sql)
+        .map_err(|e| StoreError::sql("preparing a machine list", e))?;
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let offset = i64::try_from(offset).unwrap_or(i64::MAX);
+    let id = |r: &Row<'_>| r.get::<_, String>(0);
+    let rows = match status {
+        None => stmt.query_map(params![tenant, limit, offset], id),
+        Some(s) => stmt.query_map(params![tenant, limit, offset, s], id),
+    }
+    .map_err(|e| StoreError::sql("listing machines", e))?;
+    rows.collect::<Result<Vec<String>, _>>()
+        .map_err(|e| StoreError::sql("reading a machine id", e))
+}
+
+/// Every machine id.
+pub fn machine_ids(conn: &Connection) -> Result<Vec<String>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached("SELECT id FROM machines")
+        .map_err(|e| StoreError::sql("preparing the machine id scan", e))?;
+    let rows = stmt
+        .query_map([], |r| r.get(0))
+        .map_err(|e| StoreError::sql("reading machine ids", e))?;
+    rows.collect::<Result<Vec<String>, _>>()
+        .map_err(|e| StoreError::sql("reading a machine id", e))
+}
+
+/// How many machines each tenant has in each status.
+pub fn status_counts(conn: &Connection) -> Result<Vec<(String, MachineStatus, i64)>, StoreError> {
+    let mut stmt = conn
+        .prepare("SELECT tenant, status, count(*) FROM machines GROUP BY tenant, status")
+        .map_err(|e| StoreError::sql("counting machines", e))?;
+    let rows = stmt
+        .query_map([], |r| {
+            let status: String = r.get(1)?;
+            let status: MachineStatus = status.parse().map_err(|e: String| bad(1, e))?;
+            Ok((r.get(0)?, status, r.get(2)?))
+        })
+        .map_err(|e| StoreError::sql("counting machines", e))?;
+    rows.collect::<Result<Vec<_>, _>>()
+        .map_err(|e| StoreError::sql("reading a machine count", e))
 }
 
 fn scopes_to_text(scopes: &[Scope]) -> String {

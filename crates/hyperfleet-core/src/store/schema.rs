@@ -92,6 +92,16 @@ const MIGRATIONS: &[&str] = &[
         value TEXT NOT NULL
     ) STRICT;
     "#,
+    // 3: the store keeps only recently used machines in memory; lists,
+    // name lookups and the proxy's name routing read these indexes.
+    // `(tenant, created_at, id)` covers a page of ids in creation order,
+    // the status variant the `?status=` filter, `name` the proxy's host
+    // names (which carry no tenant).
+    r#"
+    CREATE INDEX machines_tenant_order ON machines(tenant, created_at, id);
+    CREATE INDEX machines_tenant_status ON machines(tenant, status, created_at, id);
+    CREATE INDEX machines_name ON machines(name);
+    "#,
 ];
 
 pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {

@@ -1,15 +1,16 @@
 //! The writer thread: batches queued write closures into one transaction
 //! (each in its own SAVEPOINT), commits once, then publishes the changes to
-//! the in-memory index, the per-machine watchers and the event stream, and
-//! finally answers each caller.
+//! the record cache and counts, the per-machine watchers and the event
+//! stream, and finally answers each caller.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use hyperfleet_api::MachineStatus;
 use rusqlite::{params, Connection, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
 
-use super::index::CachedMachine;
+use super::cache::CachedMachine;
 use super::{
     lock, read_lock, rows, write_lock, EventRecord, KeyRecord, MachineRecord, NetLease, Shared,
     StoreError,
@@ -19,8 +20,8 @@ use super::{
 #[derive(Default)]
 struct Changes {
     machines: HashMap<String, Option<MachineRecord>>,
-    /// (tenant, name) → id of machines inserted in this batch.
-    names: HashMap<(String, String), String>,
+    /// Moves of the per-tenant, per-status machine counts.
+    counts: Vec<(String, MachineStatus, i64)>,
     events: Vec<EventRecord>,
     keys: Vec<KeyRecord>,
 }
@@ -28,7 +29,7 @@ struct Changes {
 impl Changes {
     fn absorb(&mut self, other: Changes) {
         self.machines.extend(other.machines);
-        self.names.extend(other.names);
+        self.counts.extend(other.counts);
         self.events.extend(other.events);
         self.keys.extend(other.keys);
     }
@@ -70,49 +71,64 @@ pub struct WriteCtx<'a> {
 impl WriteCtx<'_> {
     /// The current record of machine `id`, including uncommitted changes of
     /// this batch.
-    pub fn machine(&self, id: &str) -> Option<MachineRecord> {
+    pub fn machine(&self, id: &str) -> Result<Option<MachineRecord>, StoreError> {
         for layer in [&self.mine, self.batch] {
             if let Some(m) = layer.machines.get(id) {
-                return m.clone();
+                return Ok(m.clone());
             }
         }
-        read_lock(&self.shared.index)
-            .by_id(id)
-            .map(|m| m.rec.clone())
+        // Not changed in this batch: the cache, when it holds the machine,
+        // has its last committed version; otherwise the row.
+        if let Some(m) = lock(&self.shared.hot).cache.peek(id) {
+            return Ok(Some(m.rec.clone()));
+        }
+        rows::load_machine(self.conn, id)
     }
 
     /// Inserts or replaces a machine record.
     pub fn put_machine(&mut self, rec: MachineRecord) -> Result<(), StoreError> {
-        let existing = self.machine_identity(&rec.id);
-        if existing
-            .as_ref()
-            .is_some_and(|(t, n, c)| *t == rec.tenant && *n == rec.name && *c == rec.created_at)
-        {
-            // A status change of a known machine: only mutable columns.
-            rows::update_machine(self.conn, &rec)?;
-            self.mine.machines.insert(rec.id.clone(), Some(rec));
-            return Ok(());
+        let existing = self.machine(&rec.id)?;
+        if let Some(old) = &existing {
+            if old.tenant == rec.tenant && old.name == rec.name && old.created_at == rec.created_at
+            {
+                // A status change of a known machine: only mutable columns.
+                rows::update_machine(self.conn, &rec)?;
+                self.count_move(Some(old), Some(&rec));
+                self.mine.machines.insert(rec.id.clone(), Some(rec));
+                return Ok(());
+            }
         }
         // Only a new machine (or a new name) can collide. The unique index
         // catches duplicates too; checking here first gives the clear error.
-        let renamed = existing.is_none_or(|(t, n, _)| n != rec.name || t != rec.tenant);
-        if renamed {
-            if let Some(other) = self.name_owner(&rec.tenant, &rec.name) {
-                if other != rec.id {
-                    return Err(StoreError::NameTaken(rec.name.clone()));
-                }
+        // The lookup runs on the writer's connection, so it sees earlier
+        // closures of this batch and not the ones rolled back.
+        if let Some(other) = rows::name_owner(self.conn, &rec.tenant, &rec.name)? {
+            if other != rec.id {
+                return Err(StoreError::NameTaken(rec.name.clone()));
             }
-            self.mine
-                .names
-                .insert((rec.tenant.clone(), rec.name.clone()), rec.id.clone());
         }
         rows::write_machine(self.conn, &rec)?;
+        self.count_move(existing.as_ref(), Some(&rec));
         self.mine.machines.insert(rec.id.clone(), Some(rec));
         Ok(())
     }
 
+    fn count_move(&mut self, old: Option<&MachineRecord>, new: Option<&MachineRecord>) {
+        let key = |m: &MachineRecord| (m.tenant.clone(), m.status);
+        if old.map(key) == new.map(key) {
+            return;
+        }
+        if let Some(o) = old {
+            self.mine.counts.push((o.tenant.clone(), o.status, -1));
+        }
+        if let Some(n) = new {
+            self.mine.counts.push((n.tenant.clone(), n.status, 1));
+        }
+    }
+
     /// Removes a machine and its history, journal and leases.
     pub fn delete_machine(&mut self, id: &str) -> Result<(), StoreError> {
+        let existing = self.machine(id)?;
         for sql in [
             "DELETE FROM machines WHERE id = ?1",
             "DELETE FROM events WHERE machine_id = ?1",
@@ -123,6 +139,7 @@ impl WriteCtx<'_> {
                 .execute(sql, params![id])
                 .map_err(|e| StoreError::sql(&format!("deleting machine {id}"), e))?;
         }
+        self.count_move(existing.as_ref(), None);
         self.mine.machines.insert(id.to_string(), None);
         Ok(())
     }
@@ -138,7 +155,7 @@ impl WriteCtx<'_> {
         pick: impl FnOnce(&std::collections::HashSet<u32>, u32) -> Option<NetLease>,
     ) -> Result<Option<NetLease>, StoreError> {
         let mut rec = self
-            .machine(id)
+            .machine(id)?
             .ok_or_else(|| StoreError::NoSuchMachine(id.to_string()))?;
         if let Some(l) = &rec.network {
             return Ok(Some(l.clone()));
@@ -199,34 +216,6 @@ impl WriteCtx<'_> {
         rec.network = Some(lease.clone());
         self.mine.machines.insert(id.to_string(), Some(rec));
         Ok(Some(lease))
-    }
-
-    /// (tenant, name, created_at) of machine `id`, seeing this batch's
-    /// writes, without cloning the whole record.
-    fn machine_identity(&self, id: &str) -> Option<(String, String, i64)> {
-        for layer in [&self.mine, self.batch] {
-            if let Some(m) = layer.machines.get(id) {
-                return m
-                    .as_ref()
-                    .map(|m| (m.tenant.clone(), m.name.clone(), m.created_at));
-            }
-        }
-        read_lock(&self.shared.index)
-            .by_id(id)
-            .map(|m| (m.rec.tenant.clone(), m.rec.name.clone(), m.rec.created_at))
-    }
-
-    /// The id of the live machine named `name`, seeing this batch's writes.
-    fn name_owner(&self, tenant: &str, name: &str) -> Option<String> {
-        let key = (tenant.to_string(), name.to_string());
-        let candidate = [&self.mine, self.batch]
-            .iter()
-            .find_map(|layer| layer.names.get(&key).cloned())
-            .or_else(|| read_lock(&self.shared.index).name_taken(tenant, name))?;
-        // Still that machine, with that name (not deleted or renamed since)?
-        self.machine(&candidate)
-            .filter(|m| m.tenant == tenant && m.name == name)
-            .map(|m| m.id)
     }
 
     /// Appends an event; its id is assigned now, it is broadcast after commit.
@@ -398,19 +387,23 @@ fn fail_unrun(job: Job, _err: &StoreError) {
 fn publish(changes: Changes, shared: &Shared) {
     let mut updated: Vec<(String, Option<Arc<CachedMachine>>)> = Vec::new();
     {
-        let mut index = write_lock(&shared.index);
+        let mut hot = lock(&shared.hot);
         for (id, rec) in changes.machines {
             match rec {
                 Some(rec) => {
-                    let entry = index.put(rec);
+                    let entry = hot.cache.put(rec);
                     updated.push((id, Some(entry)));
                 }
                 None => {
-                    index.remove(&id);
+                    hot.cache.remove(&id);
                     updated.push((id, None));
                 }
             }
         }
+        for (tenant, status, delta) in changes.counts {
+            hot.counts.add(&tenant, status, delta);
+        }
+        hot.cache.published();
     }
     {
         let mut watchers = lock(&shared.watchers);

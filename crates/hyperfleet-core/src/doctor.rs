@@ -231,6 +231,23 @@ pub fn run(config: &Config) -> Vec<Check> {
                 .into()
         },
     });
+    // Whether the guest kernel finds Firecracker's devices: judged on any
+    // host, so a kernel problem shows before the move to hardware KVM.
+    if let Ok(set) = crate::assets::AssetSet::load(&config.assets_path()) {
+        let verdict =
+            crate::vmm::firecracker::kernel::check(config.firecracker_kernel.as_deref(), &set);
+        out.push(match verdict {
+            Ok(how) => check("firecracker_kernel", Level::Ok, how, ""),
+            Err(why) => check(
+                "firecracker_kernel",
+                Level::Warn,
+                why,
+                "boot Firecracker guests with a kernel that has ACPI or virtio-mmio command-line \
+                 devices and the virtio block, net and vsock drivers (--firecracker-kernel; \
+                 docs/guests.md)",
+            ),
+        });
+    }
     match crate::assets::AssetSet::load(&config.assets_path()) {
         Ok(set) => out.push(check(
             "guest_assets",

@@ -79,24 +79,14 @@ fn hardware_kvm(test: &str) -> bool {
 }
 
 /// A kernel Firecracker can boot the agent with: `HF_TEST_FIRECRACKER_KERNEL`,
-/// or none when the asset set's has virtio-mmio command-line devices
-/// (Debian's has not; docs/guests.md). `Err` when neither.
+/// or none when the asset set's finds Firecracker's devices (Debian's does,
+/// through ACPI; docs/guests.md). `Err` when neither.
 fn firecracker_kernel(assets: &Path) -> Result<Option<String>, String> {
     if let Some(k) = std::env::var_os("HF_TEST_FIRECRACKER_KERNEL") {
         return Ok(Some(k.to_string_lossy().into_owned()));
     }
-    let config = std::fs::read_to_string(assets.join("kernel.config")).unwrap_or_default();
-    if config
-        .lines()
-        .any(|l| l == "CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES=y")
-    {
-        return Ok(None);
-    }
-    Err(format!(
-        "the asset set's kernel ({}) lacks CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES; set \
-         HF_TEST_FIRECRACKER_KERNEL to a Firecracker guest kernel",
-        assets.display()
-    ))
+    let set = hyperfleet_core::assets::AssetSet::load(assets).map_err(|e| e.to_string())?;
+    hyperfleet_core::vmm::firecracker::kernel::check(None, &set).map(|_| None)
 }
 
 /// The daemon flags for a test that boots a Firecracker guest: the assets,
@@ -830,4 +820,45 @@ fn a_firecracker_guest_runs_commands_and_moves_files() {
     assert_eq!(r.body["status"], "stopped", "{}", r.body);
     assert_eq!(d.call("DELETE", "/machines/real", None).status, 204);
     assert_nothing_left(&sb, &id);
+}
+
+/// The built asset set's kernel (Debian's cloud kernel) is judged able to
+/// find Firecracker's devices through ACPI, the installed binary carries
+/// the DSDT device id that judgement rests on, and `doctor` says so.
+#[test]
+fn the_asset_kernel_finds_firecrackers_devices_through_acpi() {
+    let Some(assets) = prerequisites() else {
+        return;
+    };
+    assert_eq!(firecracker_kernel(&assets), Ok(None));
+    let bin = ["/usr/local/bin/firecracker"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+        .expect("firecracker in /usr/local/bin");
+    let image = std::fs::read(&bin).unwrap();
+    assert!(
+        image.windows(8).any(|w| w == b"LNRO0005"),
+        "{} does not describe virtio-mmio devices in ACPI",
+        bin.display()
+    );
+    // doctor reads the data directory's current asset set.
+    let sb = Sandbox::new();
+    std::fs::create_dir_all(sb.path().join("assets")).unwrap();
+    std::os::unix::fs::symlink(
+        std::path::absolute(&assets).unwrap(),
+        sb.path().join("assets/current"),
+    )
+    .unwrap();
+    let out = std::process::Command::new(common::bin())
+        .args(["doctor", "--data-dir"])
+        .arg(sb.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("firecracker_kernel"))
+        .unwrap_or_else(|| panic!("no firecracker_kernel check in:\n{text}"));
+    assert!(line.contains("ok") && line.contains("ACPI"), "{line}");
 }

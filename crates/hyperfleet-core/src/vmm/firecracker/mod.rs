@@ -30,6 +30,7 @@
 
 pub mod api;
 pub mod jailer;
+pub mod kernel;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -92,6 +93,9 @@ pub struct FirecrackerVmm {
     /// Where jailed VMMs' cgroups are (detected once; also used to clean up
     /// after a VMM that ran jailed before the jailer was turned off).
     cgroups: Cgroups,
+    /// Whether the guest kernel finds Firecracker's devices, for the asset
+    /// set (by id) it was judged with; kernels do not change under an id.
+    kernel_check: std::sync::Mutex<Option<(String, Result<String, String>)>>,
 }
 
 /// Finds the binary: a path as given, else PATH, else /usr/local/bin (where
@@ -172,7 +176,21 @@ impl FirecrackerVmm {
             kernel: cfg.kernel,
             jail,
             cgroups: Cgroups::detect(),
+            kernel_check: std::sync::Mutex::new(None),
         }
+    }
+
+    /// [`kernel::check`] of the kernel guests boot with, once per asset set.
+    fn kernel_check(&self, set: &AssetSet) -> Result<String, String> {
+        let mut cached = crate::store::lock(&self.kernel_check);
+        if let Some((id, verdict)) = cached.as_ref() {
+            if *id == set.id {
+                return verdict.clone();
+            }
+        }
+        let verdict = kernel::check(self.kernel.as_deref(), set);
+        *cached = Some((set.id.clone(), verdict.clone()));
+        verdict
     }
 
     /// Whether VMMs run under the jailer.
@@ -642,12 +660,15 @@ impl Vmm for FirecrackerVmm {
                 self.accel.1
             ));
         }
-        let kernel = match &self.kernel {
-            Some(k) => format!("kernel {}", k.display()),
-            None => format!("kernel {}", set.manifest.kernel_release),
-        };
+        let kernel = self.kernel_check(&set).map_err(|why| {
+            format!(
+                "{} ({version}) is installed, but its guests cannot boot: {why} \
+                 (docs/guests.md lists kernels that work; --firecracker-kernel picks another)",
+                bin.display()
+            )
+        })?;
         Ok(format!(
-            "{} ({version}) with KVM, {jail}; guest image {} ({kernel})",
+            "{} ({version}) with KVM, {jail}; guest image {}; {kernel}",
             bin.display(),
             set.id,
         ))

@@ -2,7 +2,7 @@
 //! in the writer context, next to the schema it must match.
 
 use hyperfleet_api::{MachineStatus, Scope, StepTiming};
-use rusqlite::{params, Connection, OptionalExtension, Row};
+use rusqlite::{params, Connection, OptionalExtension, Row, Statement, ToSql};
 
 use super::{
     EventRecord, KeyRecord, MachineRecord, MachineSpec, NetLease, StoreError, VmmIdentity,
@@ -22,22 +22,16 @@ fn bad(col: usize, msg: String) -> rusqlite::Error {
     )
 }
 
-/// Insert or update every column but the immutable ones (id, tenant, name,
-/// spec, created_at). Column order is `MACHINE_COLUMNS`.
-const UPSERT_MACHINE: &str = "INSERT INTO machines (id, tenant, name, spec, status, desired, \
-    generation, restart_seq, boot_restart_seq, stop_kill, failed_generation, error_message, \
-    vmm_pid, vmm_start_time, vmm_boot_id, current_step, prepared, has_snapshot, operation_id, \
-    created_at, updated_at, started_at, observed_generation) VALUES \
-    (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17,?18,?19,?20,?21,?22,?23) \
-    ON CONFLICT(id) DO UPDATE SET status=excluded.status, desired=excluded.desired, \
-    generation=excluded.generation, restart_seq=excluded.restart_seq, \
-    boot_restart_seq=excluded.boot_restart_seq, stop_kill=excluded.stop_kill, \
-    failed_generation=excluded.failed_generation, error_message=excluded.error_message, \
-    vmm_pid=excluded.vmm_pid, vmm_start_time=excluded.vmm_start_time, \
-    vmm_boot_id=excluded.vmm_boot_id, current_step=excluded.current_step, \
-    prepared=excluded.prepared, has_snapshot=excluded.has_snapshot, \
-    operation_id=excluded.operation_id, updated_at=excluded.updated_at, \
-    started_at=excluded.started_at, observed_generation=excluded.observed_generation";
+/// A new machine: every column. Named parameters, bound by
+/// [`bind_state`] (shared with [`UPDATE_MACHINE`]) and [`insert_machine`].
+const INSERT_MACHINE: &str = "INSERT INTO machines (id, tenant, name, spec, created_at, status, \
+    desired, generation, restart_seq, boot_restart_seq, stop_kill, failed_generation, \
+    error_message, vmm_pid, vmm_start_time, vmm_boot_id, current_step, prepared, has_snapshot, \
+    operation_id, updated_at, started_at, observed_generation) VALUES (:id, :tenant, :name, \
+    :spec, :created_at, :status, :desired, :generation, :restart_seq, :boot_restart_seq, \
+    :stop_kill, :failed_generation, :error_message, :vmm_pid, :vmm_start_time, :vmm_boot_id, \
+    :current_step, :prepared, :has_snapshot, :operation_id, :updated_at, :started_at, \
+    :observed_generation)";
 
 pub fn machine_from_row(r: &Row<'_>) -> rusqlite::Result<MachineRecord> {
     let spec: String = r.get(3)?;
@@ -121,40 +115,63 @@ fn vmm_columns(m: &MachineRecord) -> (Option<i64>, Option<i64>, Option<&str>) {
 
 /// Every mutable column of an existing machine (the immutable id, tenant,
 /// name, spec and created_at are not rewritten).
-const UPDATE_MACHINE: &str = "UPDATE machines SET status=?2, desired=?3, generation=?4, \
-    restart_seq=?5, boot_restart_seq=?6, stop_kill=?7, failed_generation=?8, error_message=?9, \
-    vmm_pid=?10, vmm_start_time=?11, vmm_boot_id=?12, current_step=?13, prepared=?14, \
-    has_snapshot=?15, operation_id=?16, updated_at=?17, started_at=?18, observed_generation=?19 \
-    WHERE id=?1";
+const UPDATE_MACHINE: &str = "UPDATE machines SET status=:status, desired=:desired, \
+    generation=:generation, restart_seq=:restart_seq, boot_restart_seq=:boot_restart_seq, \
+    stop_kill=:stop_kill, failed_generation=:failed_generation, error_message=:error_message, \
+    vmm_pid=:vmm_pid, vmm_start_time=:vmm_start_time, vmm_boot_id=:vmm_boot_id, \
+    current_step=:current_step, prepared=:prepared, has_snapshot=:has_snapshot, \
+    operation_id=:operation_id, updated_at=:updated_at, started_at=:started_at, \
+    observed_generation=:observed_generation WHERE id=:id";
+
+/// Binds `(name, value)` pairs to a statement's named parameters.
+fn bind(stmt: &mut Statement<'_>, values: &[(&str, &dyn ToSql)]) -> rusqlite::Result<()> {
+    for (name, value) in values {
+        let i = stmt
+            .parameter_index(name)?
+            .ok_or_else(|| rusqlite::Error::InvalidParameterName(name.to_string()))?;
+        stmt.raw_bind_parameter(i, value)?;
+    }
+    Ok(())
+}
+
+/// Binds the id and every mutable column: the whole of an update, the
+/// state part of an insert.
+fn bind_state(stmt: &mut Statement<'_>, m: &MachineRecord) -> rusqlite::Result<()> {
+    let (pid, start, boot) = vmm_columns(m);
+    bind(
+        stmt,
+        &[
+            (":id", &m.id),
+            (":status", &m.status.as_str()),
+            (":desired", &m.desired.as_str()),
+            (":generation", &(m.generation as i64)),
+            (":restart_seq", &(m.restart_seq as i64)),
+            (":boot_restart_seq", &(m.boot_restart_seq as i64)),
+            (":stop_kill", &m.stop_kill),
+            (":failed_generation", &m.failed_generation.map(|g| g as i64)),
+            (":error_message", &m.error_message),
+            (":vmm_pid", &pid),
+            (":vmm_start_time", &start),
+            (":vmm_boot_id", &boot),
+            (":current_step", &m.current_step),
+            (":prepared", &m.prepared),
+            (":has_snapshot", &m.has_snapshot),
+            (":operation_id", &m.operation_id),
+            (":updated_at", &m.updated_at),
+            (":started_at", &m.started_at),
+            (":observed_generation", &(m.observed_generation as i64)),
+        ],
+    )
+}
 
 /// Updates an existing machine's mutable columns.
 pub fn update_machine(conn: &Connection, m: &MachineRecord) -> Result<(), StoreError> {
-    let (pid, start, boot) = vmm_columns(m);
-    let mut stmt = conn
+    let n = conn
         .prepare_cached(UPDATE_MACHINE)
-        .map_err(|e| StoreError::sql("preparing the machine update", e))?;
-    let n = stmt
-        .execute(params![
-            m.id,
-            m.status.as_str(),
-            m.desired.as_str(),
-            m.generation as i64,
-            m.restart_seq as i64,
-            m.boot_restart_seq as i64,
-            m.stop_kill as i64,
-            m.failed_generation.map(|g| g as i64),
-            m.error_message,
-            pid,
-            start,
-            boot,
-            m.current_step,
-            m.prepared as i64,
-            m.has_snapshot as i64,
-            m.operation_id,
-            m.updated_at,
-            m.started_at,
-            m.observed_generation as i64,
-        ])
+        .and_then(|mut stmt| {
+            bind_state(&mut stmt, m)?;
+            stmt.raw_execute()
+        })
         .map_err(|e| StoreError::sql(&format!("updating machine {}", m.id), e))?;
     if n == 0 {
         return Err(StoreError::NoSuchMachine(m.id.clone()));
@@ -162,46 +179,32 @@ pub fn update_machine(conn: &Connection, m: &MachineRecord) -> Result<(), StoreE
     Ok(())
 }
 
-pub fn write_machine(conn: &Connection, m: &MachineRecord) -> Result<(), StoreError> {
+/// Inserts a new machine; a taken (tenant, name) is `NameTaken`.
+pub fn insert_machine(conn: &Connection, m: &MachineRecord) -> Result<(), StoreError> {
     // Serialising a struct of strings, numbers and maps cannot fail.
     let spec = serde_json::to_string(&m.spec).expect("machine spec serialises");
-    let (pid, start, boot) = vmm_columns(m);
-    let mut stmt = conn
-        .prepare_cached(UPSERT_MACHINE)
-        .map_err(|e| StoreError::sql("preparing the machine upsert", e))?;
-    stmt.execute(params![
-        m.id,
-        m.tenant,
-        m.name,
-        spec,
-        m.status.as_str(),
-        m.desired.as_str(),
-        m.generation as i64,
-        m.restart_seq as i64,
-        m.boot_restart_seq as i64,
-        m.stop_kill as i64,
-        m.failed_generation.map(|g| g as i64),
-        m.error_message,
-        pid,
-        start,
-        boot,
-        m.current_step,
-        m.prepared as i64,
-        m.has_snapshot as i64,
-        m.operation_id,
-        m.created_at,
-        m.updated_at,
-        m.started_at,
-        m.observed_generation as i64,
-    ])
-    .map_err(|e| match e {
-        rusqlite::Error::SqliteFailure(f, _)
-            if f.code == rusqlite::ErrorCode::ConstraintViolation =>
-        {
-            StoreError::NameTaken(m.name.clone())
-        }
-        e => StoreError::sql(&format!("writing machine {}", m.id), e),
-    })?;
+    conn.prepare_cached(INSERT_MACHINE)
+        .and_then(|mut stmt| {
+            bind_state(&mut stmt, m)?;
+            bind(
+                &mut stmt,
+                &[
+                    (":tenant", &m.tenant),
+                    (":name", &m.name),
+                    (":spec", &spec),
+                    (":created_at", &m.created_at),
+                ],
+            )?;
+            stmt.raw_execute()
+        })
+        .map_err(|e| match e {
+            rusqlite::Error::SqliteFailure(f, _)
+                if f.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                StoreError::NameTaken(m.name.clone())
+            }
+            e => StoreError::sql(&format!("writing machine {}", m.id), e),
+        })?;
     Ok(())
 }
 

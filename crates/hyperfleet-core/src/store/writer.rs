@@ -85,29 +85,35 @@ impl WriteCtx<'_> {
         rows::load_machine(self.conn, id)
     }
 
-    /// Inserts or replaces a machine record.
+    /// Inserts a new machine record or updates a known one's state (its
+    /// id, tenant, name, spec and creation time never change).
     pub fn put_machine(&mut self, rec: MachineRecord) -> Result<(), StoreError> {
         let existing = self.machine(&rec.id)?;
-        if let Some(old) = &existing {
-            if old.tenant == rec.tenant && old.name == rec.name && old.created_at == rec.created_at
-            {
-                // A status change of a known machine: only mutable columns.
+        match &existing {
+            Some(old) => {
+                if old.tenant != rec.tenant
+                    || old.name != rec.name
+                    || old.created_at != rec.created_at
+                    || old.spec != rec.spec
+                {
+                    return Err(StoreError::Rejected(format!(
+                        "machine {} cannot change its tenant, name, spec or creation time",
+                        rec.id
+                    )));
+                }
                 rows::update_machine(self.conn, &rec)?;
-                self.count_move(Some(old), Some(&rec));
-                self.mine.machines.insert(rec.id.clone(), Some(rec));
-                return Ok(());
+            }
+            None => {
+                // The unique index catches a taken name too; checking first
+                // gives the clear error. The lookup runs on the writer's
+                // connection, so it sees earlier closures of this batch and
+                // not the ones rolled back.
+                if rows::name_owner(self.conn, &rec.tenant, &rec.name)?.is_some() {
+                    return Err(StoreError::NameTaken(rec.name.clone()));
+                }
+                rows::insert_machine(self.conn, &rec)?;
             }
         }
-        // Only a new machine (or a new name) can collide. The unique index
-        // catches duplicates too; checking here first gives the clear error.
-        // The lookup runs on the writer's connection, so it sees earlier
-        // closures of this batch and not the ones rolled back.
-        if let Some(other) = rows::name_owner(self.conn, &rec.tenant, &rec.name)? {
-            if other != rec.id {
-                return Err(StoreError::NameTaken(rec.name.clone()));
-            }
-        }
-        rows::write_machine(self.conn, &rec)?;
         self.count_move(existing.as_ref(), Some(&rec));
         self.mine.machines.insert(rec.id.clone(), Some(rec));
         Ok(())

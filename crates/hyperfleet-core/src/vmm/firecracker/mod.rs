@@ -67,6 +67,7 @@ use super::process::{self, Liveness};
 use super::{LaunchSpec, MachinePaths, StopPath, Vmm, VmmError, VmmRunState};
 use crate::assets::AssetSet;
 use crate::doctor::{detect_accel, Accel};
+use crate::net::netns;
 use crate::store::VmmIdentity;
 use jailer::{Cgroups, JailerConfig, Share};
 
@@ -252,7 +253,8 @@ impl FirecrackerVmm {
             ));
         }
         Ok(format!(
-            "jailed by {} ({}) as uid {} gid {}, {}",
+            "jailed by {} ({}) as uid {} gid {}, {}, networked machines each in a network \
+             namespace of their own",
             bin.display(),
             jail.version.as_deref().unwrap_or("unknown version"),
             jail.cfg.uid,
@@ -399,12 +401,23 @@ impl FirecrackerVmm {
         }
     }
 
+    /// The launch as Firecracker sees it: jailed, its TAP is the one inside
+    /// the machine's network namespace (`net::netns`), not the host's.
+    fn as_vmm_sees_it(&self, launch: &LaunchSpec) -> LaunchSpec {
+        let mut seen = launch.clone();
+        if let (true, Some(net)) = (self.machine_netns(), seen.network.as_mut()) {
+            net.tap = netns::INNER_TAP.to_string();
+        }
+        seen
+    }
+
     /// Configures a fresh process in the documented order and starts the VM.
     async fn configure_and_start(&self, launch: &LaunchSpec) -> Result<(), VmmError> {
         let set = self.set_for(launch.spec.image.as_deref())?;
         let (kernel, initrd) = self.boot_files(&set)?;
         let boot_args = Self::boot_args(launch, &set);
-        let requests = Self::start_requests(launch, &kernel, &initrd, &boot_args)
+        let seen = self.as_vmm_sees_it(launch);
+        let requests = Self::start_requests(&seen, &kernel, &initrd, &boot_args)
             .into_iter()
             .chain(Self::logging_requests(&launch.paths))
             .chain([("/actions", json!({"action_type": "InstanceStart"}))]);
@@ -608,7 +621,7 @@ impl FirecrackerVmm {
     /// Loads the suspend image into a fresh process and resumes it.
     async fn load_snapshot(&self, launch: &LaunchSpec) -> Result<(), VmmError> {
         self.configure_logging(launch).await?;
-        let body = Self::snapshot_load_body(launch);
+        let body = Self::snapshot_load_body(&self.as_vmm_sees_it(launch));
         Self::send(&launch.paths, "PUT", "/snapshot/load", &body).await
     }
 
@@ -727,9 +740,16 @@ impl FirecrackerVmm {
                 VmmError::host(format!("linking {} into the jail", sock.display()), e)
             })?;
         }
+        // With a network, the machine's own namespace (made by the run with
+        // the TAP inside); without, the configured one, if any.
+        let netns = match &launch.network {
+            Some(net) => Some(netns::path_for(&net.tap)),
+            None => jail.cfg.netns.clone(),
+        };
         let mut cmd = Command::new(jailer_bin);
         cmd.args(jailer::argv(
             &jail.cfg,
+            netns.as_deref(),
             &self.cgroups,
             firecracker,
             p,
@@ -789,6 +809,10 @@ impl Vmm for FirecrackerVmm {
 
     fn tap_owner(&self) -> Option<u32> {
         self.jail.as_ref().map(|j| j.cfg.uid)
+    }
+
+    fn machine_netns(&self) -> bool {
+        self.jailed()
     }
 
     fn current_image(&self) -> Result<Option<String>, String> {

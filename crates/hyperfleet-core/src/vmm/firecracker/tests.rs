@@ -16,7 +16,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 
 use super::*;
-use crate::net::GuestNet;
+use crate::net::{netns, GuestNet};
 use crate::store::MachineSpec;
 use crate::vmm::remove_dir_idempotent;
 
@@ -98,8 +98,9 @@ fn ip(args: &[&str]) {
 
 /// A network namespace of the test's own (`hft<tag><random>`), which the
 /// calling thread enters: the TAPs the test makes and the VMMs it spawns
-/// live there and vanish with it. Deleted on drop.
-struct TestNetNs(String);
+/// live there and vanish with it; with the machines' own namespaces (for
+/// jailed VMMs, named after the TAPs), which go first. Deleted on drop.
+struct TestNetNs(String, std::sync::Mutex<Vec<String>>);
 
 impl TestNetNs {
     fn new(tag: &str) -> TestNetNs {
@@ -107,7 +108,7 @@ impl TestNetNs {
         getrandom::fill(&mut rnd).unwrap();
         let name = format!("hft{tag}{:02x}{:02x}{:02x}", rnd[0], rnd[1], rnd[2]);
         ip(&["netns", "add", &name]);
-        TestNetNs(name)
+        TestNetNs(name, Default::default())
     }
 
     fn enter(tag: &str) -> TestNetNs {
@@ -124,9 +125,27 @@ impl TestNetNs {
     }
 
     /// A TAP device `<namespace name><suffix>` that `owner` may open, and
-    /// the guest network a lease would give.
-    fn tap(&self, suffix: &str, owner: u32, last_octet: u8) -> GuestNet {
+    /// the guest network a lease would give; for a backend whose VMMs run in
+    /// a namespace of the machine's, the namespace, its veth link (the host
+    /// end named like the TAP) and the TAP inside, as the run makes them.
+    async fn tap(&self, fc: &FirecrackerVmm, suffix: &str, owner: u32, last_octet: u8) -> GuestNet {
         let tap = format!("{}{suffix}", self.0);
+        let net = GuestNet {
+            tap: tap.clone(),
+            mac: format!("02:68:ac:1e:00:{last_octet:02x}"),
+            ip: std::net::Ipv4Addr::new(172, 30, 0, last_octet),
+            gateway: std::net::Ipv4Addr::new(172, 30, 0, last_octet - 1),
+            prefix_len: 30,
+            dns: vec![std::net::Ipv4Addr::new(1, 1, 1, 1)],
+        };
+        if fc.machine_netns() {
+            self.1.lock().unwrap().push(netns::name_for(&tap));
+            netns::ensure_link(&tap, net.ip).await.unwrap();
+            netns::ensure_tap(&tap, net.gateway, 30, Some(owner))
+                .await
+                .unwrap();
+            return net;
+        }
         ip(&[
             "tuntap",
             "add",
@@ -137,19 +156,15 @@ impl TestNetNs {
             "user",
             &owner.to_string(),
         ]);
-        GuestNet {
-            tap,
-            mac: format!("02:68:ac:1e:00:{last_octet:02x}"),
-            ip: std::net::Ipv4Addr::new(172, 30, 0, last_octet),
-            gateway: std::net::Ipv4Addr::new(172, 30, 0, last_octet - 1),
-            prefix_len: 30,
-            dns: vec![std::net::Ipv4Addr::new(1, 1, 1, 1)],
-        }
+        net
     }
 }
 
 impl Drop for TestNetNs {
     fn drop(&mut self) {
+        for ns in self.1.lock().unwrap().iter() {
+            let _ = netns::remove(ns);
+        }
         let _ = std::process::Command::new("ip")
             .args(["netns", "del", &self.0])
             .status();
@@ -266,7 +281,10 @@ async fn flow(fc: &FirecrackerVmm, assets: &Path, netns: Option<&TestNetNs>) {
     let mut reaper = Reaper::default();
     let owner = fc.tap_owner().unwrap_or(0);
     let mut l = launch(machines.path(), false);
-    l.network = netns.map(|ns| ns.tap("a", owner, 2));
+    l.network = match netns {
+        Some(ns) => Some(ns.tap(fc, "a", owner, 2).await),
+        None => None,
+    };
     let id = l.machine_id.clone();
     reaper.1 = fc.cgroups.dirs(&id);
 
@@ -323,7 +341,7 @@ async fn flow(fc: &FirecrackerVmm, assets: &Path, netns: Option<&TestNetNs>) {
         Some(net) => {
             assert_eq!(ifaces.len(), 1, "{cfg}");
             assert_eq!(ifaces[0]["iface_id"], "eth0");
-            assert_eq!(ifaces[0]["host_dev_name"], net.tap.as_str());
+            assert_eq!(ifaces[0]["host_dev_name"], vmm_tap(fc, net));
             assert_eq!(ifaces[0]["guest_mac"], net.mac.as_str());
             assert!(args.ends_with(&net.kernel_args()), "{args}");
         }
@@ -385,7 +403,10 @@ async fn flow(fc: &FirecrackerVmm, assets: &Path, netns: Option<&TestNetNs>) {
     // gets the TAP of its current lease): loaded and running with the same
     // configuration.
     let mut r = launch(machines.path(), true);
-    r.network = netns.map(|ns| ns.tap("b", owner, 6));
+    r.network = match netns {
+        Some(ns) => Some(ns.tap(fc, "b", owner, 6).await),
+        None => None,
+    };
     let vmm2 = started(fc, &r, &mut reaper).await;
     assert_ne!(vmm2.pid, vmm.pid);
     assert_eq!(get(&r, "/").await["state"], "Running");
@@ -399,7 +420,7 @@ async fn flow(fc: &FirecrackerVmm, assets: &Path, netns: Option<&TestNetNs>) {
         let cfg = get(&r, "/vm/config").await;
         let ifaces = cfg["network-interfaces"].as_array().unwrap();
         assert_eq!(ifaces.len(), 1, "{cfg}");
-        assert_eq!(ifaces[0]["host_dev_name"], net.tap.as_str(), "{cfg}");
+        assert_eq!(ifaces[0]["host_dev_name"], vmm_tap(fc, net), "{cfg}");
     }
     if fc.jailed() {
         assert_jailed(fc, &r, &vmm2);
@@ -499,9 +520,29 @@ async fn diff_then_merge(
     next
 }
 
+/// The TAP name Firecracker is given: jailed, the one inside the machine's
+/// namespace.
+fn vmm_tap<'a>(fc: &FirecrackerVmm, net: &'a GuestNet) -> &'a str {
+    if fc.machine_netns() {
+        netns::INNER_TAP
+    } else {
+        &net.tap
+    }
+}
+
 /// A jailed VMM runs as the jail's uid/gid, inside its chroot, in its
-/// cgroup with the spec's limits.
+/// cgroup with the spec's limits; with a network, in the machine's own
+/// network namespace.
 fn assert_jailed(fc: &FirecrackerVmm, l: &LaunchSpec, vmm: &VmmIdentity) {
+    let vmm_ns = dev_ino(Path::new(&format!("/proc/{}/ns/net", vmm.pid)));
+    assert_ne!(vmm_ns, dev_ino(Path::new("/proc/thread-self/ns/net")));
+    if let Some(net) = &l.network {
+        assert_eq!(
+            vmm_ns,
+            dev_ino(&netns::path_for(&net.tap)),
+            "its own namespace"
+        );
+    }
     let id = jailer::DEFAULT_ID.to_string();
     let all = format!("{id} {id} {id} {id}");
     assert_eq!(ids_of(vmm.pid), (all.clone(), all), "unprivileged");

@@ -221,7 +221,14 @@ pub fn run(config: &Config) -> Vec<Check> {
                  and without the jailer it reports the backend unavailable"
                     .to_string()
             },
-            |v| format!("{v}; {cgroups}"),
+            |v| {
+                format!(
+                    "{v}; {cgroups}; with machine networking, each jailed VMM runs in a network \
+                     namespace of its machine's own ({}/{}…)",
+                    crate::net::netns::NETNS_DIR,
+                    crate::net::netns::PREFIX
+                )
+            },
         ),
         fix: if jailer.is_some() {
             String::new()

@@ -186,8 +186,8 @@ pub struct ServeArgs {
     #[arg(long, env = "HYPERFLEET_JAILER_GID", default_value_t = hyperfleet_core::vmm::firecracker::jailer::DEFAULT_ID)]
     pub jailer_gid: u32,
     /// A network namespace (e.g. /run/netns/vmms) every jailed VMM joins;
-    /// only with `--network off` (the machines' TAPs live in the daemon's
-    /// namespace).
+    /// only with `--network off` (with networking on, each jailed VMM runs
+    /// in a namespace of its machine's own, with its TAP inside).
     #[arg(long, env = "HYPERFLEET_JAILER_NETNS")]
     pub jailer_netns: Option<PathBuf>,
     /// Guest asset set for new machines (default: <data-dir>/assets/current).

@@ -107,9 +107,9 @@ fn jailer_config(a: &ServeArgs, network: bool) -> anyhow::Result<Option<JailerCo
     }
     if a.jailer_netns.is_some() && network {
         anyhow::bail!(
-            "--jailer-netns cannot be combined with machine networking: the daemon creates each \
-             machine's TAP in its own network namespace, where a VMM in another one cannot open \
-             it; pass --network off, or drop --jailer-netns"
+            "--jailer-netns cannot be combined with machine networking: with networking on, each \
+             jailed VMM runs in a network namespace of its machine's own, with its TAP inside; \
+             pass --network off, or drop --jailer-netns"
         );
     }
     let mut j = JailerConfig::new(a.jailer_binary.clone());

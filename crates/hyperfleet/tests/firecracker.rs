@@ -2,7 +2,10 @@
 //! `firecracker` and `jailer` binaries (v1.12.1): a machine created with
 //! `"vmm": "firecracker"` is configured exactly as its spec says (asked of
 //! Firecracker's own API socket), jailed or not; jailed, it runs as the
-//! unprivileged uid in its chroot and cgroup; a guest that never answers —
+//! unprivileged uid in its chroot and cgroup, and with networking in a
+//! network namespace of its machine's own (TAP inside, veth and route on
+//! the daemon's side, all gone after stop, a VMM crash and delete, kept
+//! across a daemon crash, swept when stray); a guest that never answers —
 //! every guest on a host whose /dev/kvm is the software-nested kvm_pvm —
 //! ends `failed` with the boot timeout named; the crash scenario's spawn,
 //! stop and release boundaries converge; and nothing is left behind. What
@@ -412,11 +415,13 @@ fn configured_as_its_spec_says(jailer: &str, net: Option<&common::netns::NetNs>)
         Some(ns) => {
             let m = d.call("GET", "/machines/fc", None).body;
             let tap = m["network"]["tap"].as_str().unwrap().to_string();
+            // Jailed, Firecracker is given the TAP inside its namespace.
+            let vmm_tap = if jailed { "tap0" } else { tap.as_str() };
             assert_eq!(
                 cfg["network-interfaces"],
                 json!([{
                     "iface_id": "eth0",
-                    "host_dev_name": tap,
+                    "host_dev_name": vmm_tap,
                     "guest_mac": m["network"]["mac"],
                     "rx_rate_limiter": null,
                     "tx_rate_limiter": null,
@@ -430,10 +435,18 @@ fn configured_as_its_spec_says(jailer: &str, net: Option<&common::netns::NetNs>)
                     "hf.ip={}/30",
                     m["network"]["ip"].as_str().unwrap()
                 )));
-            assert_eq!(ns.hyperfleet_taps(), vec![tap]);
+            // On the host: the TAP, or jailed the veth named like it.
+            assert_eq!(ns.hyperfleet_taps(), vec![tap.clone()]);
         }
         None => assert_eq!(cfg["network-interfaces"], json!([]), "{cfg}"),
     }
+    let machine_ns = match (jailed, net) {
+        (true, Some(ns)) => {
+            let m = d.call("GET", "/machines/fc", None).body;
+            Some(assert_machine_netns(ns, &m, firecracker_pids(&sb)[0]))
+        }
+        _ => None,
+    };
     assert!(cfg["boot-source"]["boot_args"]
         .as_str()
         .unwrap()
@@ -476,6 +489,18 @@ fn configured_as_its_spec_says(jailer: &str, net: Option<&common::netns::NetNs>)
         firecracker_pids(&sb).is_empty(),
         "no Firecracker after stop"
     );
+    if let (Some(ns), Some(machine_ns)) = (net, &machine_ns) {
+        assert!(
+            !machine_ns.exists(),
+            "{} is left after stop",
+            machine_ns.display()
+        );
+        assert_eq!(
+            ns.hyperfleet_taps(),
+            Vec::<String>::new(),
+            "veth left after stop"
+        );
+    }
     for p in [&sock, &dir.join("vsock.sock"), &dir.join("jail")] {
         assert!(
             p.symlink_metadata().is_err(),
@@ -490,7 +515,134 @@ fn configured_as_its_spec_says(jailer: &str, net: Option<&common::netns::NetNs>)
     assert_nothing_left(&sb, &id);
     if let Some(ns) = net {
         assert_eq!(ns.hyperfleet_taps(), Vec::<String>::new(), "TAP left");
+        assert_eq!(
+            ns.machine_namespaces(),
+            Vec::<String>::new(),
+            "namespace left"
+        );
     }
+}
+
+/// Jailed with networking: a daemon SIGKILLed after making the machine's
+/// namespace (the `network.after_tap` crash point) is succeeded by one
+/// whose startup sweep removes a stray namespace of its own but keeps the
+/// machine's, and whose run spawns the VMM into it; a VMM killed from
+/// outside takes the namespace and veth with it; delete leaves nothing.
+#[test]
+fn a_jailed_machines_network_namespace_survives_a_daemon_crash_and_goes_with_its_vmm() {
+    let Some(assets) = crash_prerequisites() else {
+        return;
+    };
+    let ns = common::netns::NetNs::new("n");
+    ns.enter();
+    let sb = Sandbox::new();
+    let _reaper = FirecrackerReaper(sb.machines_dir());
+    let a = assets.display().to_string();
+    let args = [
+        "--default-vmm",
+        "stub",
+        "--assets-dir",
+        &a,
+        "--boot-timeout",
+        "60",
+        "--firecracker-jailer",
+        "on",
+        "--network",
+        "on",
+    ];
+    let mut d = Daemon::start_with(&sb, &[("HYPERFLEET_CRASH_AT", "network.after_tap")], &args);
+    d.create(json!({"name": "fc", "vmm": "firecracker"}));
+    let _ = d.call("POST", "/machines/fc/start?wait=false", None);
+    assert!(
+        d.wait_exit(Duration::from_secs(20)).is_some(),
+        "the crash point was not reached"
+    );
+    let made = ns.machine_namespaces();
+    assert_eq!(made.len(), 1, "the machine's namespace exists: {made:?}");
+    assert!(firecracker_pids(&sb).is_empty());
+
+    // A stray namespace of this daemon's naming, whose TAP no machine has.
+    let stray = made[0].rsplit_once('-').unwrap().0.to_string() + "-hf0badf00d";
+    common::netns::sh(&["ip", "netns", "add", &stray]);
+    let d = Daemon::start_with(&sb, &[], &args);
+    let m = eventually("the VMM to run", Duration::from_secs(30), || {
+        let m = d.call("GET", "/machines/fc", None).body;
+        (firecracker_pids(&sb).len() == 1 && m["status"] == "starting").then_some(m)
+    });
+    assert_eq!(
+        ns.machine_namespaces(),
+        made,
+        "the stray one is swept, the machine's kept"
+    );
+    let machine_ns = assert_machine_netns(&ns, &m, firecracker_pids(&sb)[0]);
+
+    // The VMM killed from outside: the run releases its network.
+    // SAFETY: kill(2) with the pid of this test's Firecracker.
+    unsafe {
+        libc::kill(firecracker_pids(&sb)[0], libc::SIGKILL);
+    }
+    eventually("the machine to fail", Duration::from_secs(30), || {
+        (d.call("GET", "/machines/fc", None).body["status"] == "failed").then_some(())
+    });
+    assert!(!machine_ns.exists(), "{} is left", machine_ns.display());
+    assert_eq!(ns.hyperfleet_taps(), Vec::<String>::new(), "veth left");
+    let id = m["id"].as_str().unwrap();
+    assert_eq!(d.call("DELETE", "/machines/fc", None).status, 204);
+    assert_nothing_left(&sb, id);
+    assert_eq!(ns.machine_namespaces(), Vec::<String>::new());
+}
+
+/// A jailed, networked VMM `pid` runs in a network namespace of its
+/// machine's own (not the daemon's, in test namespace `ns`), with the TAP
+/// inside; on the daemon's side a veth named like the machine's TAP carries
+/// the route to the guest. Returns the namespace's path.
+fn assert_machine_netns(ns: &common::netns::NetNs, m: &Value, pid: i32) -> PathBuf {
+    let tap = m["network"]["tap"].as_str().unwrap();
+    let ip = m["network"]["ip"].as_str().unwrap();
+    let daemon_ns = std::fs::metadata(format!("/run/netns/{}", ns.name)).unwrap();
+    let path = PathBuf::from(format!("/run/netns/hfns-{:x}-{tap}", daemon_ns.ino()));
+    let vmm_ns = std::fs::metadata(format!("/proc/{pid}/ns/net")).unwrap();
+    assert_ne!(
+        vmm_ns.ino(),
+        daemon_ns.ino(),
+        "the VMM has left the daemon's namespace"
+    );
+    let machine_ns = std::fs::metadata(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert_eq!(
+        vmm_ns.ino(),
+        machine_ns.ino(),
+        "the VMM is in its machine's namespace"
+    );
+    let name = path.file_name().unwrap().to_str().unwrap();
+    let inner = common::netns::sh(&[
+        "ip", "netns", "exec", name, "ip", "-o", "-d", "link", "show", "tap0",
+    ]);
+    assert!(
+        inner.contains(" tun ") || inner.contains("tun type tap"),
+        "{inner}"
+    );
+    let host = ns.exec(&["ip", "-o", "-d", "link", "show", tap]);
+    assert!(host.contains("veth"), "{host}");
+    let route = ns.exec(&["ip", "route", "get", ip]);
+    assert!(route.contains(&format!("dev {tap}")), "{route}");
+    // No guest answers here (kvm_pvm), so the guest's address stands on the
+    // namespace's loopback for a moment: the daemon's side reaches it over
+    // the veth and the route, and the answer comes back through the
+    // namespace's default route and the host's table.
+    let on_lo = |op: &str| {
+        let cidr = format!("{ip}/32");
+        common::netns::sh(&[
+            "ip", "netns", "exec", name, "ip", "addr", op, &cidr, "dev", "lo",
+        ]);
+    };
+    on_lo("add");
+    let ping = ns.try_exec(&["busybox", "ping", "-c", "1", "-W", "3", ip]);
+    on_lo("del");
+    assert!(
+        ping,
+        "the daemon's side cannot reach {ip} in the machine's namespace"
+    );
+    path
 }
 
 /// Unjailed, then jailed (as root).
@@ -726,17 +878,21 @@ const NO_GUEST_SCENARIO: &[Step] = &[
     },
 ];
 
-#[test]
-fn sigkill_at_the_spawn_stop_and_release_boundaries_converges_with_jailed_firecracker() {
+/// The assets, when a jailed crash test can run: the `failpoints` build
+/// (required), the binaries and assets, and root.
+fn crash_prerequisites() -> Option<PathBuf> {
     if !cfg!(feature = "failpoints") {
         panic!("MISSING: this test needs `--features failpoints` (the README's test command passes it)");
     }
-    let Some(assets) = prerequisites() else {
+    let assets = prerequisites()?;
+    root().then_some(assets)
+}
+
+#[test]
+fn sigkill_at_the_spawn_stop_and_release_boundaries_converges_with_jailed_firecracker() {
+    let Some(assets) = crash_prerequisites() else {
         return;
     };
-    if !root() {
-        return;
-    }
     let assets = assets.display().to_string();
     let args = [
         "--assets-dir",

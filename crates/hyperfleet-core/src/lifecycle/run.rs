@@ -780,8 +780,19 @@ impl Run {
         net.sync_rules(&self.ctx.store).await?;
         self.step_done(steps::RULES, t0, format!("table {}", net.config.table));
         let t0 = Instant::now();
-        net.ensure_tap(&lease, backend.tap_owner()).await?;
-        self.step_done(steps::TAP, t0, lease.tap.clone());
+        let detail = if backend.machine_netns() {
+            // Namespace, veth link and the TAP inside: one idempotent step.
+            net.ensure_tap_in_netns(&lease, backend.tap_owner()).await?;
+            format!(
+                "{} in network namespace {}",
+                crate::net::netns::INNER_TAP,
+                crate::net::netns::name_for(&lease.tap)
+            )
+        } else {
+            net.ensure_tap(&lease, backend.tap_owner()).await?;
+            lease.tap.clone()
+        };
+        self.step_done(steps::TAP, t0, detail);
         failpoint::hit("network.after_tap");
         Ok(Some(net.config.guest(&lease)))
     }

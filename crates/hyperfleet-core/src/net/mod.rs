@@ -10,9 +10,13 @@
 //!
 //! The machine run owns the lifecycle: the lease is committed before the TAP
 //! is made ([`tap`]), the TAP exists while a VMM does, and the table
-//! ([`nft`]) is rebuilt from the store's leases whenever they change.
+//! ([`nft`]) is rebuilt from the store's leases whenever they change. A VMM
+//! that runs in a network namespace of its own (jailed Firecracker) gets its
+//! TAP inside one, linked to the host by a veth named like the TAP
+//! ([`netns`]), so the host side looks the same to the table.
 
 pub mod lease;
+pub mod netns;
 pub mod nft;
 pub mod tap;
 
@@ -198,9 +202,23 @@ impl Network {
         Ok(())
     }
 
-    /// Removes a machine's TAP device (idempotent).
+    /// Makes the machine's network namespace, its veth link to the host and
+    /// the TAP inside it (idempotent): for VMMs that run in a namespace.
+    pub async fn ensure_tap_in_netns(
+        &self,
+        lease: &crate::store::NetLease,
+        owner: Option<u32>,
+    ) -> Result<(), NetError> {
+        netns::ensure_link(&lease.tap, lease.ip).await?;
+        netns::ensure_tap(&lease.tap, lease.gateway, lease.prefix_len, owner).await?;
+        Ok(())
+    }
+
+    /// Removes a machine's TAP device, or the host end of its namespace's
+    /// veth link and the namespace (idempotent).
     pub async fn remove_tap(&self, name: &str) -> Result<(), NetError> {
         tap::remove(name).await?;
+        netns::remove(&netns::name_for(name))?;
         Ok(())
     }
 
@@ -263,6 +281,13 @@ impl Network {
                 tracing::warn!(tap = %name, "removing a TAP device no running machine owns");
                 tap::remove(&name).await?;
                 removed.push(name);
+            }
+        }
+        for ns in netns::list() {
+            if netns::tap_of(&ns).is_some_and(|t| !needed.contains(t)) {
+                tracing::warn!(netns = %ns, "removing a network namespace no running machine owns");
+                netns::remove(&ns)?;
+                removed.push(ns);
             }
         }
         Ok(removed)

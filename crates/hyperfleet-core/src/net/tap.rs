@@ -15,7 +15,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use futures_util::TryStreamExt;
-use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
+use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
 use rtnetlink::{Handle, LinkUnspec};
 
 /// A TAP operation failed; `what` says which and on which device.
@@ -34,7 +34,7 @@ fn err(what: impl Into<String>, source: io::Error) -> TapError {
     }
 }
 
-fn nl_err(what: String, e: rtnetlink::Error) -> TapError {
+pub(crate) fn nl_err(what: String, e: rtnetlink::Error) -> TapError {
     let source = match e {
         rtnetlink::Error::NetlinkError(m) => m.to_io(),
         other => io::Error::other(other.to_string()),
@@ -50,9 +50,14 @@ fn nl_errno(e: &rtnetlink::Error) -> Option<i32> {
     }
 }
 
+/// Whether a netlink failure is errno `code`.
+pub(crate) fn errno_is(e: &rtnetlink::Error, code: i32) -> bool {
+    nl_errno(e) == Some(code)
+}
+
 /// A netlink connection on the current network namespace, driven by a task
 /// that ends when the handle is dropped.
-fn connect() -> Result<Handle, TapError> {
+pub(crate) fn connect() -> Result<Handle, TapError> {
     let (conn, handle, _) =
         rtnetlink::new_connection().map_err(|e| err("opening a netlink socket", e))?;
     tokio::spawn(conn);
@@ -61,7 +66,7 @@ fn connect() -> Result<Handle, TapError> {
 
 /// Makes a persistent TAP device `name` owned by `owner` (when given), so a
 /// VMM can attach to it later by name and the device outlives the daemon.
-fn create_persistent(name: &str, owner: Option<u32>) -> Result<(), TapError> {
+pub(crate) fn create_persistent(name: &str, owner: Option<u32>) -> Result<(), TapError> {
     let what = |step: &str| format!("{step} for TAP device {name}");
     let path = c"/dev/net/tun";
     // SAFETY: `path` is a valid NUL-terminated string; open has no other
@@ -111,14 +116,28 @@ fn create_persistent(name: &str, owner: Option<u32>) -> Result<(), TapError> {
     Ok(())
 }
 
-async fn link_index(h: &Handle, name: &str) -> Result<Option<u32>, TapError> {
+async fn link(h: &Handle, name: &str) -> Result<Option<LinkMessage>, TapError> {
     let mut links = h.link().get().match_name(name.to_string()).execute();
     match links.try_next().await {
-        Ok(Some(msg)) => Ok(Some(msg.header.index)),
-        Ok(None) => Ok(None),
+        Ok(m) => Ok(m),
         Err(e) if nl_errno(&e) == Some(libc::ENODEV) => Ok(None),
         Err(e) => Err(nl_err(format!("looking up device {name}"), e)),
     }
+}
+
+pub(crate) async fn link_index(h: &Handle, name: &str) -> Result<Option<u32>, TapError> {
+    Ok(link(h, name).await?.map(|m| m.header.index))
+}
+
+/// Whether device `name` exists and is a veth (the host end of a machine
+/// namespace's link) rather than a TAP.
+pub(crate) async fn is_veth(h: &Handle, name: &str) -> Result<bool, TapError> {
+    Ok(link(h, name).await?.is_some_and(|m| {
+        m.attributes.iter().any(|a| {
+            matches!(a, LinkAttribute::LinkInfo(infos)
+                if infos.contains(&LinkInfo::Kind(InfoKind::Veth)))
+        })
+    }))
 }
 
 /// Makes sure TAP device `name` exists, carries `gateway/prefix_len` (the
@@ -131,6 +150,10 @@ pub async fn ensure(
     owner: Option<u32>,
 ) -> Result<(), TapError> {
     let h = connect()?;
+    if is_veth(&h, name).await? {
+        // The host end of a machine namespace's link, left by a jailed run.
+        remove(name).await?;
+    }
     let index = match link_index(&h, name).await? {
         Some(i) => i,
         None => {
@@ -146,20 +169,27 @@ pub async fn ensure(
             })?
         }
     };
+    address_up(&h, name, index, gateway, prefix_len).await
+}
+
+/// Gives device `name` (at `index`) the address `ip/prefix_len` (the kernel
+/// derives the connected route) and brings it up. Idempotent.
+pub(crate) async fn address_up(
+    h: &Handle,
+    name: &str,
+    index: u32,
+    ip: Ipv4Addr,
+    prefix_len: u8,
+) -> Result<(), TapError> {
     match h
         .address()
-        .add(index, IpAddr::V4(gateway), prefix_len)
+        .add(index, IpAddr::V4(ip), prefix_len)
         .execute()
         .await
     {
         Ok(()) => {}
         Err(e) if nl_errno(&e) == Some(libc::EEXIST) => {}
-        Err(e) => {
-            return Err(nl_err(
-                format!("adding {gateway}/{prefix_len} to {name}"),
-                e,
-            ))
-        }
+        Err(e) => return Err(nl_err(format!("adding {ip}/{prefix_len} to {name}"), e)),
     }
     h.link()
         .set(LinkUnspec::new_with_index(index).up().build())

@@ -149,6 +149,13 @@ pub trait Vmm: Send + Sync + 'static {
         None
     }
 
+    /// Whether the VMM runs in a network namespace of its machine's own (the
+    /// run then makes the TAP inside it, linked to the host by a veth named
+    /// like the TAP: `net::netns`).
+    fn machine_netns(&self) -> bool {
+        false
+    }
+
     /// Where the guest's serial console is logged.
     fn console_log(&self, paths: &MachinePaths) -> PathBuf {
         paths.console_log()

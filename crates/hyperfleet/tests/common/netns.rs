@@ -6,7 +6,9 @@
 //! runs are then all inside it, its TAPs and nftables table never touch the
 //! host's, and deleting the namespace takes everything with it even when
 //! the test fails. Names start with `hft` and a random suffix, so they can
-//! collide neither with the host's nor with each other.
+//! collide neither with the host's nor with each other. The per-machine
+//! namespaces a daemon inside makes for jailed VMMs
+//! (`/run/netns/hfns-<this namespace's inode>-<TAP>`) are deleted with it.
 
 use std::os::fd::AsRawFd;
 use std::process::Command;
@@ -83,6 +85,25 @@ impl NetNs {
         v
     }
 
+    /// The names of the machine namespaces a daemon inside this namespace
+    /// has made (`hfns-<this namespace's inode in hex>-<TAP>`).
+    pub fn machine_namespaces(&self) -> Vec<String> {
+        let Ok(meta) = std::fs::metadata(format!("/run/netns/{}", self.name)) else {
+            return Vec::new();
+        };
+        let prefix = format!("hfns-{:x}-", std::os::unix::fs::MetadataExt::ino(&meta));
+        let mut v: Vec<String> = std::fs::read_dir("/run/netns")
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .filter(|n| n.starts_with(&prefix))
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
     /// Moves the calling thread into the namespace. Everything the thread
     /// starts from now on (processes, threads, sockets) lives there.
     pub fn enter(&self) {
@@ -106,6 +127,9 @@ pub fn enter(name: &str) {
 
 impl Drop for NetNs {
     fn drop(&mut self) {
+        for machine in self.machine_namespaces() {
+            let _ = Command::new("ip").args(["netns", "del", &machine]).status();
+        }
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .status();

@@ -45,8 +45,9 @@
 //! serial console — to /dev/null; the process is detached by the daemon
 //! anyway) and `--new-pid-ns` (the jailer then forks, exits, and leaves
 //! Firecracker as a child of init whose pid it writes to a file: the process
-//! the run spawned and recorded would not be the VMM). `--netns` is
-//! supported but off: see [`JailerConfig::netns`].
+//! the run spawned and recorded would not be the VMM). `--netns` names the
+//! machine's own network namespace when it has networking (its TAP is in
+//! there, `net::netns`), else [`JailerConfig::netns`] if configured.
 
 use std::ffi::OsString;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -84,11 +85,10 @@ pub struct JailerConfig {
     pub binary: PathBuf,
     pub uid: u32,
     pub gid: u32,
-    /// A network namespace every jailed VMM joins (`--netns`). Only for
-    /// machines without networking: the machine run creates each TAP in the
-    /// daemon's own namespace, where a VMM in another one cannot open it.
-    /// Per-machine namespaces (a TAP inside each, routed through a veth
-    /// pair) are not implemented.
+    /// A network namespace every jailed VMM of a machine *without*
+    /// networking joins (`--jailer-netns`). A machine with networking always
+    /// gets a namespace of its own instead (`net::netns`), with its TAP
+    /// inside, linked to the host by a veth pair.
     pub netns: Option<PathBuf>,
 }
 
@@ -281,9 +281,12 @@ pub fn inside(root: &Path, host: &Path) -> PathBuf {
     root.join(host.strip_prefix("/").unwrap_or(host))
 }
 
-/// The jailer's argv (without the program) for one machine.
+/// The jailer's argv (without the program) for one machine, joining the
+/// network namespace `netns` when given.
+#[allow(clippy::too_many_arguments)]
 pub fn argv(
     cfg: &JailerConfig,
+    netns: Option<&Path>,
     cgroups: &Cgroups,
     firecracker: &Path,
     paths: &MachinePaths,
@@ -304,7 +307,7 @@ pub fn argv(
         jail_dir(paths).into(),
     ];
     v.extend(cgroups.args(spec).into_iter().map(OsString::from));
-    if let Some(ns) = &cfg.netns {
+    if let Some(ns) = netns {
         v.push("--netns".into());
         v.push(ns.into());
     }
@@ -548,15 +551,15 @@ cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
     #[test]
     fn the_argv_names_the_machine_ids_chroot_netns_and_api_socket() {
         let paths = MachinePaths::new(Path::new("/var/lib/hf/machines"), "mABC");
-        let mut cfg = JailerConfig::new("jailer".into());
-        cfg.netns = Some("/run/netns/vmms".into());
+        let cfg = JailerConfig::new("jailer".into());
+        let ns = Some(Path::new("/run/netns/vmms"));
         let v1 = Cgroups::V1 {
             cpu: "/c".into(),
             memory: "/m".into(),
         };
         let fc = Path::new("/usr/local/bin/firecracker");
         let api = paths.dir.join("fc.sock");
-        let argv: Vec<String> = argv(&cfg, &v1, fc, &paths, "mABC", &spec(1, 128), &api)
+        let argv: Vec<String> = argv(&cfg, ns, &v1, fc, &paths, "mABC", &spec(1, 128), &api)
             .into_iter()
             .map(|a| a.into_string().unwrap())
             .collect();
@@ -594,6 +597,7 @@ cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
     fn argv_strings(cfg: &JailerConfig, c: &Cgroups, paths: &MachinePaths) -> Vec<String> {
         argv(
             cfg,
+            None,
             c,
             Path::new("/fc/firecracker"),
             paths,

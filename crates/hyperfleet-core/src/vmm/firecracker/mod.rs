@@ -8,9 +8,29 @@
 //! vsock device: hybrid vsock, `CONNECT <port>\n`), `console.log` (the
 //! process's stdout, which carries the guest's serial console), `fc.log` and
 //! `fc.metrics` (Firecracker's own logger and metrics), and
-//! `snapshot/vm.state` + `snapshot/mem` while suspended. Jailed, the sockets
-//! are symlinks into the chroot under `jail/`, whose mirror of these paths
-//! keeps every path Firecracker sees the same as unjailed.
+//! `snapshot/vm.state` + `snapshot/mem` (+ `snapshot/mem.diff`, see below)
+//! while suspended. Jailed, the sockets are symlinks into the chroot under
+//! `jail/`, whose mirror of these paths keeps every path Firecracker sees
+//! the same as unjailed.
+//!
+//! **Diff snapshots.** Dirty-page tracking is on for every VM
+//! (`track_dirty_pages` in machine-config at boot, `enable_diff_snapshots`
+//! on load). A VM restored from
+//! `snapshot/mem` keeps mapping that file (MAP_PRIVATE) for its whole life,
+//! so `spawn` keeps a hard link to it as `mem.base` (removed with the
+//! process's other leftovers). Suspending such a VM again writes a `"Diff"`
+//! snapshot: the base goes back to `snapshot/mem` and Firecracker writes
+//! only the pages dirtied since the load, as the sparse layer
+//! `snapshot/mem.diff`. Firecracker's documentation says a loaded memory
+//! file "must be considered immutable" while its VM lives (writing it
+//! corrupts the guest's view through the page cache), so the layer is not
+//! merged then: the next restore merges it onto the base in place
+//! ([`layer::merge`]) once no VMM of the machine runs, then removes it. A
+//! merge cut short is finished by the next attempt (merging is idempotent
+//! and the layer goes only after the merged base is fsynced), so a
+//! half-merged base is never loaded. A first suspend, a VM loaded without
+//! tracking, a base the VMM does not map, a filesystem without holes, or a
+//! failed diff all fall back to a full snapshot.
 //!
 //! `spawn` only starts the process (`firecracker --api-sock <dir>/fc.sock
 //! --id <machine id>`, or the jailer that execs it; the directory in the
@@ -31,6 +51,7 @@
 pub mod api;
 pub mod jailer;
 pub mod kernel;
+pub mod layer;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -46,6 +67,7 @@ use super::process::{self, Liveness};
 use super::{LaunchSpec, MachinePaths, StopPath, Vmm, VmmError, VmmRunState};
 use crate::assets::AssetSet;
 use crate::doctor::{detect_accel, Accel};
+use crate::net::netns;
 use crate::store::VmmIdentity;
 use jailer::{Cgroups, JailerConfig, Share};
 
@@ -144,6 +166,13 @@ fn tail(path: &Path, n: usize, keep: impl Fn(&str) -> bool) -> String {
     lines[lines.len().saturating_sub(n)..].join(" | ")
 }
 
+/// Makes the names in directory `dir` durable.
+fn sync_dir(dir: &Path) -> Result<(), VmmError> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| VmmError::host(format!("syncing {}", dir.display()), e))
+}
+
 fn remove_if_present(path: &Path) -> Result<(), VmmError> {
     match std::fs::remove_file(path) {
         Ok(()) => Ok(()),
@@ -224,7 +253,8 @@ impl FirecrackerVmm {
             ));
         }
         Ok(format!(
-            "jailed by {} ({}) as uid {} gid {}, {}",
+            "jailed by {} ({}) as uid {} gid {}, {}, networked machines each in a network \
+             namespace of their own",
             bin.display(),
             jail.version.as_deref().unwrap_or("unknown version"),
             jail.cfg.uid,
@@ -255,6 +285,15 @@ impl FirecrackerVmm {
     }
     pub fn mem_file(paths: &MachinePaths) -> PathBuf {
         paths.snapshot_dir().join("mem")
+    }
+    /// A diff snapshot's memory layer, not yet merged onto `mem_file`.
+    pub fn layer_file(paths: &MachinePaths) -> PathBuf {
+        paths.snapshot_dir().join("mem.diff")
+    }
+    /// A hard link to the memory file the running VMM was restored from (and
+    /// maps): the base of its next diff snapshot.
+    pub fn base_file(paths: &MachinePaths) -> PathBuf {
+        paths.dir.join("mem.base")
     }
 
     fn set_for(&self, image: Option<&str>) -> Result<AssetSet, VmmError> {
@@ -362,12 +401,23 @@ impl FirecrackerVmm {
         }
     }
 
+    /// The launch as Firecracker sees it: jailed, its TAP is the one inside
+    /// the machine's network namespace (`net::netns`), not the host's.
+    fn as_vmm_sees_it(&self, launch: &LaunchSpec) -> LaunchSpec {
+        let mut seen = launch.clone();
+        if let (true, Some(net)) = (self.machine_netns(), seen.network.as_mut()) {
+            net.tap = netns::INNER_TAP.to_string();
+        }
+        seen
+    }
+
     /// Configures a fresh process in the documented order and starts the VM.
     async fn configure_and_start(&self, launch: &LaunchSpec) -> Result<(), VmmError> {
         let set = self.set_for(launch.spec.image.as_deref())?;
         let (kernel, initrd) = self.boot_files(&set)?;
         let boot_args = Self::boot_args(launch, &set);
-        let requests = Self::start_requests(launch, &kernel, &initrd, &boot_args)
+        let seen = self.as_vmm_sees_it(launch);
+        let requests = Self::start_requests(&seen, &kernel, &initrd, &boot_args)
             .into_iter()
             .chain(Self::logging_requests(&launch.paths))
             .chain([("/actions", json!({"action_type": "InstanceStart"}))]);
@@ -393,6 +443,9 @@ impl FirecrackerVmm {
                 json!({
                     "vcpu_count": launch.spec.vcpu_count,
                     "mem_size_mib": launch.spec.mem_size_mib,
+                    // For diff snapshots; its cost is one write fault per
+                    // page until the next snapshot.
+                    "track_dirty_pages": true,
                 }),
             ),
             (
@@ -452,9 +505,10 @@ impl FirecrackerVmm {
         ]
     }
 
-    /// `PUT /snapshot/load`: the suspend image, resumed at once, with the
-    /// machine's current TAP in place of the one it was saved with (a TAP
-    /// is the machine's, but its name comes from the lease of the moment).
+    /// `PUT /snapshot/load`: the suspend image, resumed at once, with dirty
+    /// pages tracked (not saved in snapshots; needed for the next diff) and
+    /// the machine's current TAP in place of the one it was saved with (a
+    /// TAP is the machine's, but its name comes from the lease of the moment).
     /// There is no vsock override: Firecracker v1.12 has none (it rejects
     /// `vsock_override`), and none is needed — the socket's path is the
     /// machine directory's, the same jailed or not.
@@ -466,6 +520,8 @@ impl FirecrackerVmm {
                 "backend_type": "File",
                 "backend_path": Self::mem_file(p).display().to_string(),
             },
+            // v1.12's name for `track_dirty_pages` here (it rejects that).
+            "enable_diff_snapshots": true,
             "resume_vm": true,
         });
         if let Some(net) = &launch.network {
@@ -477,13 +533,82 @@ impl FirecrackerVmm {
         body
     }
 
-    /// `PUT /snapshot/create`: a full snapshot into the snapshot directory.
-    pub fn snapshot_create_body(paths: &MachinePaths) -> Value {
+    /// `PUT /snapshot/create` into the snapshot directory: a full snapshot
+    /// into `mem`, or a diff into the layer `mem.diff`.
+    pub fn snapshot_create_body(paths: &MachinePaths, diff: bool) -> Value {
+        let (kind, mem) = if diff {
+            ("Diff", Self::layer_file(paths))
+        } else {
+            ("Full", Self::mem_file(paths))
+        };
         json!({
-            "snapshot_type": "Full",
+            "snapshot_type": kind,
             "snapshot_path": Self::state_file(paths).display().to_string(),
-            "mem_file_path": Self::mem_file(paths).display().to_string(),
+            "mem_file_path": mem.display().to_string(),
         })
+    }
+
+    /// Whether the next snapshot can be a diff: the VMM was restored from
+    /// `mem.base` and maps it, and the snapshot directory keeps holes.
+    fn diff_possible(paths: &MachinePaths) -> bool {
+        let base = Self::base_file(paths);
+        if !base.exists() {
+            return false;
+        }
+        let vmms = process::find_by_marker(&paths.dir.display().to_string());
+        let mapped = match vmms.as_slice() {
+            [one] => layer::mapped_by(one.pid, &base),
+            _ => Ok(false),
+        };
+        let holes = layer::holes_supported(&paths.snapshot_dir());
+        match (mapped, holes) {
+            (Ok(true), Ok(true)) => true,
+            (mapped, holes) => {
+                tracing::info!(
+                    dir = %paths.dir.display(),
+                    ?mapped,
+                    ?holes,
+                    "taking a full snapshot: no base for a diff"
+                );
+                false
+            }
+        }
+    }
+
+    /// Merges a pending diff layer onto the base memory file (in place: no
+    /// VMM of the machine runs, so nothing maps the base), then removes the
+    /// layer. Idempotent, and safe to repeat after a crash at any point.
+    fn merge_layer(paths: &MachinePaths) -> Result<(), VmmError> {
+        let (base, diff) = (Self::mem_file(paths), Self::layer_file(paths));
+        if !diff.exists() {
+            return Ok(());
+        }
+        if let Some(v) = process::find_by_marker(&paths.dir.display().to_string()).first() {
+            return Err(VmmError::host(
+                format!("merging {} onto {}", diff.display(), base.display()),
+                std::io::Error::other(format!(
+                    "a VMM of the machine (pid {}) still runs and may map the base",
+                    v.pid
+                )),
+            ));
+        }
+        let t0 = std::time::Instant::now();
+        let merged = layer::merge(&base, &diff).map_err(|e| {
+            VmmError::host(
+                format!("merging the diff snapshot onto {}", base.display()),
+                e,
+            )
+        })?;
+        remove_if_present(&diff)?;
+        sync_dir(&paths.snapshot_dir())?;
+        tracing::info!(
+            dir = %paths.dir.display(),
+            regions = merged.regions,
+            bytes = merged.bytes,
+            elapsed = ?t0.elapsed(),
+            "merged a diff snapshot onto its base"
+        );
+        Ok(())
     }
 
     async fn configure_logging(&self, launch: &LaunchSpec) -> Result<(), VmmError> {
@@ -496,7 +621,7 @@ impl FirecrackerVmm {
     /// Loads the suspend image into a fresh process and resumes it.
     async fn load_snapshot(&self, launch: &LaunchSpec) -> Result<(), VmmError> {
         self.configure_logging(launch).await?;
-        let body = Self::snapshot_load_body(launch);
+        let body = Self::snapshot_load_body(&self.as_vmm_sees_it(launch));
         Self::send(&launch.paths, "PUT", "/snapshot/load", &body).await
     }
 
@@ -565,11 +690,12 @@ impl FirecrackerVmm {
         remove_if_present(&Self::vsock_socket(paths))
     }
 
-    /// Removes what a VMM that is gone leaves on the host: its sockets, and
-    /// its jail and cgroups if it ran jailed (whether or not the jailer is
-    /// on now).
+    /// Removes what a VMM that is gone leaves on the host: its sockets, its
+    /// link to the memory file it was restored from, and its jail and
+    /// cgroups if it ran jailed (whether or not the jailer is on now).
     fn remove_leftovers(&self, paths: &MachinePaths, id: &str) -> Result<(), VmmError> {
         Self::remove_sockets(paths)?;
+        remove_if_present(&Self::base_file(paths))?;
         jailer::remove_jail(paths)?;
         self.cgroups.remove(id)
     }
@@ -614,9 +740,16 @@ impl FirecrackerVmm {
                 VmmError::host(format!("linking {} into the jail", sock.display()), e)
             })?;
         }
+        // With a network, the machine's own namespace (made by the run with
+        // the TAP inside); without, the configured one, if any.
+        let netns = match &launch.network {
+            Some(net) => Some(netns::path_for(&net.tap)),
+            None => jail.cfg.netns.clone(),
+        };
         let mut cmd = Command::new(jailer_bin);
         cmd.args(jailer::argv(
             &jail.cfg,
+            netns.as_deref(),
             &self.cgroups,
             firecracker,
             p,
@@ -678,6 +811,10 @@ impl Vmm for FirecrackerVmm {
         self.jail.as_ref().map(|j| j.cfg.uid)
     }
 
+    fn machine_netns(&self) -> bool {
+        self.jailed()
+    }
+
     fn current_image(&self) -> Result<Option<String>, String> {
         AssetSet::load(&self.assets)
             .map(|s| Some(s.id))
@@ -710,6 +847,17 @@ impl Vmm for FirecrackerVmm {
         // jail makes the jailer fail.
         self.remove_leftovers(p, &launch.machine_id)?;
         self.agents.forget(&launch.machine_id);
+        if launch.restore {
+            Self::merge_layer(p)?;
+            // The base of this VMM's next diff snapshot.
+            let (mem, base) = (Self::mem_file(p), Self::base_file(p));
+            std::fs::hard_link(&mem, &base).map_err(|e| {
+                VmmError::host(
+                    format!("linking {} as {}", mem.display(), base.display()),
+                    e,
+                )
+            })?;
+        }
         // The logger and metrics files must exist before Firecracker is
         // pointed at them (and before the jail, which links them in).
         for f in [Self::log_file(p), Self::metrics_file(p)] {
@@ -845,28 +993,55 @@ impl Vmm for FirecrackerVmm {
         // Jailed, Firecracker writes into the chroot's mirror of the
         // snapshot directory; the files are linked out afterwards.
         let chroot = jailer::existing_chroot(p, &launch.machine_id);
-        let files = [Self::state_file(p), Self::mem_file(p)];
-        // Unlinked, not truncated: a VMM restored from this image still
-        // maps the old memory file.
-        for f in &files {
+        let unlink = |f: &Path| -> Result<(), VmmError> {
             remove_if_present(f)?;
-            if let Some(root) = &chroot {
-                remove_if_present(&jailer::inside(root, f))?;
+            match &chroot {
+                Some(root) => remove_if_present(&jailer::inside(root, f)),
+                None => Ok(()),
+            }
+        };
+        // Unlinked, not truncated: the running VMM may map the old memory
+        // file. Whatever an earlier attempt left goes first, so the files
+        // below are all this attempt's.
+        let (state, mem, diff) = (Self::state_file(p), Self::mem_file(p), Self::layer_file(p));
+        for f in [&state, &mem, &diff] {
+            unlink(f)?;
+        }
+        // The base moves into the image before the diff is asked for: should
+        // this attempt die half-way, the next one finds no base and takes a
+        // full snapshot (a diff then would miss the pages this one wrote).
+        let mut layered = false;
+        if Self::diff_possible(p) {
+            let base = Self::base_file(p);
+            std::fs::rename(&base, &mem).map_err(|e| {
+                VmmError::host(format!("moving {} into the image", base.display()), e)
+            })?;
+            sync_dir(&dir)?;
+            let body = Self::snapshot_create_body(p, true);
+            match Self::send(p, "PUT", "/snapshot/create", &body).await {
+                Ok(()) => layered = true,
+                Err(e) => {
+                    tracing::warn!(dir = %p.dir.display(), error = %e, "the diff snapshot failed; taking a full one");
+                    for f in [&state, &mem, &diff] {
+                        unlink(f)?;
+                    }
+                }
             }
         }
-        Self::send(p, "PUT", "/snapshot/create", &Self::snapshot_create_body(p)).await?;
+        if !layered {
+            let body = Self::snapshot_create_body(p, false);
+            Self::send(p, "PUT", "/snapshot/create", &body).await?;
+        }
+        let written = [state, if layered { diff } else { mem }];
         if let Some(root) = &chroot {
-            for f in &files {
+            for f in &written {
                 jailer::export(root, f)?;
             }
         }
-        // Both files, and their names, must be on disk before the VMM is
+        // The files, and their names, must be on disk before the VMM is
         // killed.
-        if let Ok(d) = std::fs::File::open(&dir) {
-            d.sync_all()
-                .map_err(|e| VmmError::host(format!("syncing {}", dir.display()), e))?;
-        }
-        for f in [Self::state_file(p), Self::mem_file(p)] {
+        sync_dir(&dir)?;
+        for f in written {
             let file = tokio::fs::File::open(&f)
                 .await
                 .map_err(|e| VmmError::host(format!("opening {}", f.display()), e))?;

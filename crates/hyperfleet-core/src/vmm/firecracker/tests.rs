@@ -2,7 +2,9 @@
 //! /usr/local/bin on the test hosts) and the guest asset set: what the API
 //! socket reports after configuration (network interface included, on a
 //! real TAP in a network namespace of the test's own), pause/resume, a full
-//! snapshot loaded into a new process with another TAP, the boot timeout,
+//! snapshot loaded into a new process with another TAP, a diff snapshot of
+//! that restored VM merged onto its base and loaded into a third, the boot
+//! timeout,
 //! the jailed VMM's uid, chroot and cgroup, and that stop and release leave
 //! no process, socket, jail, cgroup or directory behind. The request bodies
 //! themselves are checked without any binary.
@@ -11,11 +13,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 
 use super::*;
-use crate::net::GuestNet;
+use crate::net::{netns, GuestNet};
 use crate::store::MachineSpec;
+use crate::vmm::remove_dir_idempotent;
 
 /// The asset set and binary, or `None` with a loud note (a panic in CI).
 fn prerequisites() -> Option<PathBuf> {
@@ -95,8 +98,9 @@ fn ip(args: &[&str]) {
 
 /// A network namespace of the test's own (`hft<tag><random>`), which the
 /// calling thread enters: the TAPs the test makes and the VMMs it spawns
-/// live there and vanish with it. Deleted on drop.
-struct TestNetNs(String);
+/// live there and vanish with it; with the machines' own namespaces (for
+/// jailed VMMs, named after the TAPs), which go first. Deleted on drop.
+struct TestNetNs(String, std::sync::Mutex<Vec<String>>);
 
 impl TestNetNs {
     fn new(tag: &str) -> TestNetNs {
@@ -104,7 +108,7 @@ impl TestNetNs {
         getrandom::fill(&mut rnd).unwrap();
         let name = format!("hft{tag}{:02x}{:02x}{:02x}", rnd[0], rnd[1], rnd[2]);
         ip(&["netns", "add", &name]);
-        TestNetNs(name)
+        TestNetNs(name, Default::default())
     }
 
     fn enter(tag: &str) -> TestNetNs {
@@ -121,9 +125,27 @@ impl TestNetNs {
     }
 
     /// A TAP device `<namespace name><suffix>` that `owner` may open, and
-    /// the guest network a lease would give.
-    fn tap(&self, suffix: &str, owner: u32, last_octet: u8) -> GuestNet {
+    /// the guest network a lease would give; for a backend whose VMMs run in
+    /// a namespace of the machine's, the namespace, its veth link (the host
+    /// end named like the TAP) and the TAP inside, as the run makes them.
+    async fn tap(&self, fc: &FirecrackerVmm, suffix: &str, owner: u32, last_octet: u8) -> GuestNet {
         let tap = format!("{}{suffix}", self.0);
+        let net = GuestNet {
+            tap: tap.clone(),
+            mac: format!("02:68:ac:1e:00:{last_octet:02x}"),
+            ip: std::net::Ipv4Addr::new(172, 30, 0, last_octet),
+            gateway: std::net::Ipv4Addr::new(172, 30, 0, last_octet - 1),
+            prefix_len: 30,
+            dns: vec![std::net::Ipv4Addr::new(1, 1, 1, 1)],
+        };
+        if fc.machine_netns() {
+            self.1.lock().unwrap().push(netns::name_for(&tap));
+            netns::ensure_link(&tap, net.ip).await.unwrap();
+            netns::ensure_tap(&tap, net.gateway, 30, Some(owner))
+                .await
+                .unwrap();
+            return net;
+        }
         ip(&[
             "tuntap",
             "add",
@@ -134,19 +156,15 @@ impl TestNetNs {
             "user",
             &owner.to_string(),
         ]);
-        GuestNet {
-            tap,
-            mac: format!("02:68:ac:1e:00:{last_octet:02x}"),
-            ip: std::net::Ipv4Addr::new(172, 30, 0, last_octet),
-            gateway: std::net::Ipv4Addr::new(172, 30, 0, last_octet - 1),
-            prefix_len: 30,
-            dns: vec![std::net::Ipv4Addr::new(1, 1, 1, 1)],
-        }
+        net
     }
 }
 
 impl Drop for TestNetNs {
     fn drop(&mut self) {
+        for ns in self.1.lock().unwrap().iter() {
+            let _ = netns::remove(ns);
+        }
         let _ = std::process::Command::new("ip")
             .args(["netns", "del", &self.0])
             .status();
@@ -263,7 +281,10 @@ async fn flow(fc: &FirecrackerVmm, assets: &Path, netns: Option<&TestNetNs>) {
     let mut reaper = Reaper::default();
     let owner = fc.tap_owner().unwrap_or(0);
     let mut l = launch(machines.path(), false);
-    l.network = netns.map(|ns| ns.tap("a", owner, 2));
+    l.network = match netns {
+        Some(ns) => Some(ns.tap(fc, "a", owner, 2).await),
+        None => None,
+    };
     let id = l.machine_id.clone();
     reaper.1 = fc.cgroups.dirs(&id);
 
@@ -320,7 +341,7 @@ async fn flow(fc: &FirecrackerVmm, assets: &Path, netns: Option<&TestNetNs>) {
         Some(net) => {
             assert_eq!(ifaces.len(), 1, "{cfg}");
             assert_eq!(ifaces[0]["iface_id"], "eth0");
-            assert_eq!(ifaces[0]["host_dev_name"], net.tap.as_str());
+            assert_eq!(ifaces[0]["host_dev_name"], vmm_tap(fc, net));
             assert_eq!(ifaces[0]["guest_mac"], net.mac.as_str());
             assert!(args.ends_with(&net.kernel_args()), "{args}");
         }
@@ -382,7 +403,10 @@ async fn flow(fc: &FirecrackerVmm, assets: &Path, netns: Option<&TestNetNs>) {
     // gets the TAP of its current lease): loaded and running with the same
     // configuration.
     let mut r = launch(machines.path(), true);
-    r.network = netns.map(|ns| ns.tap("b", owner, 6));
+    r.network = match netns {
+        Some(ns) => Some(ns.tap(fc, "b", owner, 6).await),
+        None => None,
+    };
     let vmm2 = started(fc, &r, &mut reaper).await;
     assert_ne!(vmm2.pid, vmm.pid);
     assert_eq!(get(&r, "/").await["state"], "Running");
@@ -396,25 +420,129 @@ async fn flow(fc: &FirecrackerVmm, assets: &Path, netns: Option<&TestNetNs>) {
         let cfg = get(&r, "/vm/config").await;
         let ifaces = cfg["network-interfaces"].as_array().unwrap();
         assert_eq!(ifaces.len(), 1, "{cfg}");
-        assert_eq!(ifaces[0]["host_dev_name"], net.tap.as_str(), "{cfg}");
+        assert_eq!(ifaces[0]["host_dev_name"], vmm_tap(fc, net), "{cfg}");
     }
     if fc.jailed() {
         assert_jailed(fc, &r, &vmm2);
     }
-
-    fc.shutdown(&r, &vmm2, Duration::from_millis(500))
+    // Restored with dirty pages tracked, from a base it keeps linked (the
+    // run removes the consumed image once the guest is up).
+    assert_eq!(get(&r, "/machine-config").await["track_dirty_pages"], true);
+    remove_dir_idempotent(&r.paths.snapshot_dir())
         .await
         .unwrap();
-    assert_eq!(process::probe(&vmm2), Liveness::Gone);
+    let base = FirecrackerVmm::base_file(&r.paths);
+    assert!(
+        layer::mapped_by(vmm2.pid, &base).unwrap(),
+        "the VMM maps its base"
+    );
+
+    // Suspending it again writes a diff: the base back in the image, a
+    // sparse layer beside it, merged by the next restore.
+    let vmm3 = diff_then_merge(fc, &r, &vmm2, &mut reaper).await;
+    assert_eq!(get(&r, "/").await["state"], "Running");
+    let mc = get(&r, "/machine-config").await;
+    assert_eq!(
+        (mc["vcpu_count"].as_u64(), mc["mem_size_mib"].as_u64()),
+        (Some(2), Some(192))
+    );
+    if fc.jailed() {
+        assert_jailed(fc, &r, &vmm3);
+    }
+
+    fc.shutdown(&r, &vmm3, Duration::from_millis(500))
+        .await
+        .unwrap();
+    assert_eq!(process::probe(&vmm3), Liveness::Gone);
     assert_nothing_left_running(fc, &r);
     fc.release(&r.paths).await.unwrap();
     assert!(!r.paths.dir.exists());
     fc.release(&r.paths).await.unwrap();
 }
 
+/// Suspends `vmm` (restored, so it has a base) with a diff snapshot, stops
+/// it, and restores into a new process, which merges the layer first;
+/// checks the layer and the merged result on the way.
+async fn diff_then_merge(
+    fc: &FirecrackerVmm,
+    l: &LaunchSpec,
+    vmm: &VmmIdentity,
+    reaper: &mut Reaper,
+) -> VmmIdentity {
+    let p = &l.paths;
+    let (mem, diff) = (FirecrackerVmm::mem_file(p), FirecrackerVmm::layer_file(p));
+    fc.save_state(l).await.unwrap();
+    assert_eq!(get(l, "/").await["state"], "Paused");
+    assert!(FirecrackerVmm::state_file(p).exists());
+    assert!(
+        !FirecrackerVmm::base_file(p).exists(),
+        "the base moved into the image"
+    );
+    let base = std::fs::read(&mem).unwrap();
+    let len = (l.spec.mem_size_mib as u64) << 20;
+    assert_eq!(base.len() as u64, len);
+    let d = std::fs::metadata(&diff).unwrap();
+    assert_eq!(d.len(), len);
+    assert!(d.blocks() * 512 < len, "the layer is sparse");
+    let regions = layer::data_regions(&std::fs::File::open(&diff).unwrap()).unwrap();
+    let dirty: Vec<(u64, Vec<u8>)> = regions
+        .iter()
+        .map(|&(off, n)| {
+            let mut b = vec![0; n as usize];
+            std::fs::File::open(&diff)
+                .unwrap()
+                .read_exact_at(&mut b, off)
+                .unwrap();
+            (off, b)
+        })
+        .collect();
+    fc.shutdown(l, vmm, Duration::from_millis(500))
+        .await
+        .unwrap();
+    assert_nothing_left_running(fc, l);
+
+    let mut r = l.clone();
+    r.restore = true;
+    let next = started(fc, &r, reaper).await;
+    assert!(!diff.exists(), "the layer is merged and gone");
+    // The merged base is the old base with exactly the layer's data over it.
+    let mut want = base;
+    for (off, b) in &dirty {
+        want[*off as usize..*off as usize + b.len()].copy_from_slice(b);
+    }
+    assert!(std::fs::read(&mem).unwrap() == want, "merged image differs");
+    eprintln!(
+        "diff snapshot of {} MiB: {} regions, {} KiB of layer",
+        l.spec.mem_size_mib,
+        dirty.len(),
+        dirty.iter().map(|d| d.1.len()).sum::<usize>() / 1024
+    );
+    next
+}
+
+/// The TAP name Firecracker is given: jailed, the one inside the machine's
+/// namespace.
+fn vmm_tap<'a>(fc: &FirecrackerVmm, net: &'a GuestNet) -> &'a str {
+    if fc.machine_netns() {
+        netns::INNER_TAP
+    } else {
+        &net.tap
+    }
+}
+
 /// A jailed VMM runs as the jail's uid/gid, inside its chroot, in its
-/// cgroup with the spec's limits.
+/// cgroup with the spec's limits; with a network, in the machine's own
+/// network namespace.
 fn assert_jailed(fc: &FirecrackerVmm, l: &LaunchSpec, vmm: &VmmIdentity) {
+    let vmm_ns = dev_ino(Path::new(&format!("/proc/{}/ns/net", vmm.pid)));
+    assert_ne!(vmm_ns, dev_ino(Path::new("/proc/thread-self/ns/net")));
+    if let Some(net) = &l.network {
+        assert_eq!(
+            vmm_ns,
+            dev_ino(&netns::path_for(&net.tap)),
+            "its own namespace"
+        );
+    }
     let id = jailer::DEFAULT_ID.to_string();
     let all = format!("{id} {id} {id} {id}");
     assert_eq!(ids_of(vmm.pid), (all.clone(), all), "unprivileged");
@@ -555,7 +683,10 @@ fn the_requests_carry_the_spec_the_network_and_the_snapshot_paths() {
         paths,
         ["/machine-config", "/boot-source", "/drives/root", "/vsock"]
     );
-    assert_eq!(reqs[0].1, json!({"vcpu_count": 2, "mem_size_mib": 192}));
+    assert_eq!(
+        reqs[0].1,
+        json!({"vcpu_count": 2, "mem_size_mib": 192, "track_dirty_pages": true})
+    );
     assert_eq!(
         reqs[1].1,
         json!({"kernel_image_path": "/a/vmlinux", "initrd_path": "/a/initramfs.cpio", "boot_args": "console=ttyS0"})
@@ -602,18 +733,21 @@ fn the_requests_carry_the_spec_the_network_and_the_snapshot_paths() {
         json!({
             "snapshot_path": format!("{d}/snapshot/vm.state"),
             "mem_backend": {"backend_type": "File", "backend_path": format!("{d}/snapshot/mem")},
+            "enable_diff_snapshots": true,
             "resume_vm": true,
             "network_overrides": [{"iface_id": "eth0", "host_dev_name": "hfac1e0002"}],
         })
     );
-    assert_eq!(
-        FirecrackerVmm::snapshot_create_body(&l.paths),
-        json!({
-            "snapshot_type": "Full",
-            "snapshot_path": format!("{d}/snapshot/vm.state"),
-            "mem_file_path": format!("{d}/snapshot/mem"),
-        })
-    );
+    for (diff, kind, mem) in [(false, "Full", "mem"), (true, "Diff", "mem.diff")] {
+        assert_eq!(
+            FirecrackerVmm::snapshot_create_body(&l.paths, diff),
+            json!({
+                "snapshot_type": kind,
+                "snapshot_path": format!("{d}/snapshot/vm.state"),
+                "mem_file_path": format!("{d}/snapshot/{mem}"),
+            })
+        );
+    }
     let [logger, metrics] = FirecrackerVmm::logging_requests(&l.paths);
     assert_eq!(
         (logger.0, logger.1["log_path"].as_str()),
@@ -721,4 +855,56 @@ fn boot_args_carry_the_agent_settings() {
         "{args}"
     );
     assert!(args.ends_with("hf.vsock_port=1024"), "{args}");
+}
+
+/// Size on disk and time of a full snapshot (fresh boot) and of a diff one
+/// (restored VM suspended again), plus the merge, at 256 MiB and 1 GiB.
+/// Measurement only: `cargo test -p hyperfleet-core --lib
+/// firecracker::tests::measure -- --ignored --nocapture`.
+#[tokio::test]
+#[ignore = "a measurement, not a check"]
+async fn measure_full_and_diff_snapshots() {
+    let Some(assets) = prerequisites() else {
+        return;
+    };
+    let fc = backend(&assets, None);
+    let on_disk = |p: &Path| std::fs::metadata(p).map(|m| m.blocks() * 512).unwrap_or(0);
+    for mib in [256u32, 1024] {
+        let machines = tempfile::tempdir().unwrap();
+        let mut reaper = Reaper::default();
+        let mut l = launch(machines.path(), false);
+        l.spec.mem_size_mib = mib;
+        fc.prepare(&l).await.unwrap();
+        // Starts (or restores) the VM, lets the guest kernel run and touch
+        // memory for a while, suspends it and stops it; the suspend's time
+        // and the size on disk of the memory file it wrote.
+        let mut suspend = async |l: &LaunchSpec, written: PathBuf| {
+            let vmm = started(&fc, l, &mut reaper).await;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let t = std::time::Instant::now();
+            fc.save_state(l).await.unwrap();
+            let took = t.elapsed();
+            fc.shutdown(l, &vmm, Duration::from_millis(200))
+                .await
+                .unwrap();
+            (took, on_disk(&written))
+        };
+        let (full_t, full_disk) = suspend(&l, FirecrackerVmm::mem_file(&l.paths)).await;
+        let mut r = l.clone();
+        r.restore = true;
+        let (diff_t, diff_disk) = suspend(&r, FirecrackerVmm::layer_file(&r.paths)).await;
+        let t = std::time::Instant::now();
+        FirecrackerVmm::merge_layer(&r.paths).unwrap();
+        let merge_t = t.elapsed();
+        eprintln!(
+            "MEASURE {mib} MiB: full snapshot {:.0} ms, {} MiB on disk; \
+             diff snapshot {:.0} ms, {} KiB on disk; merge {:.1} ms",
+            full_t.as_secs_f64() * 1000.0,
+            full_disk >> 20,
+            diff_t.as_secs_f64() * 1000.0,
+            diff_disk >> 10,
+            merge_t.as_secs_f64() * 1000.0
+        );
+        fc.release(&r.paths).await.unwrap();
+    }
 }

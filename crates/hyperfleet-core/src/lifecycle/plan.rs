@@ -326,6 +326,58 @@ mod tests {
         assert_eq!(next_step(&r, VmmSeen::None, true), Step::BeginDelete);
     }
 
+    /// Without a VMM and with no step under way, whatever the run chooses
+    /// for any wanted state must be a transition the table accepts, or the
+    /// run would retry a refused step forever. (`running`, `paused`,
+    /// `stopping` and `suspending` always have a VMM recorded: a VMM that
+    /// goes is observed through `ForgetVmm`, which clears it and moves the
+    /// status in one commit. `deleting` only ever wants deletion.)
+    #[test]
+    fn with_nothing_running_every_chosen_step_is_one_the_table_accepts() {
+        use crate::lifecycle::table::{on_observation, Observation as O};
+        let without_vmm = [
+            S::Pending,
+            S::Starting,
+            S::Stopped,
+            S::Suspended,
+            S::Failed,
+            S::Deleting,
+        ];
+        let wanted = [
+            Desired::Running,
+            Desired::Paused,
+            Desired::Suspended,
+            Desired::Stopped,
+            Desired::Deleted,
+        ];
+        for status in without_vmm {
+            for desired in wanted {
+                if status == S::Deleting && desired != Desired::Deleted {
+                    continue;
+                }
+                for snapshot in [false, true] {
+                    let mut r = rec(status, desired);
+                    r.has_snapshot = snapshot;
+                    let step = next_step(&r, VmmSeen::None, true);
+                    let observed = match step {
+                        Step::Spawn { .. } => Some(O::VmmSpawned),
+                        Step::SettleStopped => Some(O::SettledStopped),
+                        Step::BeginDelete => Some(O::DeleteBegun),
+                        Step::Release | Step::Converged | Step::Idle | Step::Prepare => None,
+                        other => panic!("{status} wanting {desired:?}: unexpected {other:?}"),
+                    };
+                    if let Some(o) = observed {
+                        assert!(
+                            on_observation(status, o).is_some(),
+                            "{status} wanting {desired:?} (snapshot {snapshot}): the run would \
+                             choose {step:?} and the table refuses {o:?}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn stop_of_a_machine_with_nothing_running_settles() {
         let mut r = rec(S::Failed, Desired::Stopped);

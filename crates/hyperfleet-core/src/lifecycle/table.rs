@@ -320,11 +320,18 @@ pub fn on_observation(status: MachineStatus, obs: Observation) -> Option<Machine
         (Deleting, O::StepFailed) => Some(Deleting),
         (_, O::StepFailed) => Some(Failed),
 
-        (Pending | Failed | Suspended | Stopped, O::SettledStopped) => Some(Stopped),
-        (Starting | Running | Paused | Stopping | Suspending | Deleting, O::SettledStopped) => None,
+        // The run settles or begins a delete only when no VMM exists. A
+        // machine can be `starting` without one — the daemon was killed
+        // after the spawn intent and before a VMM existed, and a stop or a
+        // delete arrived before the start was retried — and then stopped
+        // (or deleting) is the truth.
+        (Pending | Starting | Failed | Suspended | Stopped, O::SettledStopped) => Some(Stopped),
+        (Running | Paused | Stopping | Suspending | Deleting, O::SettledStopped) => None,
 
-        (Pending | Stopped | Failed | Suspended | Deleting, O::DeleteBegun) => Some(Deleting),
-        (Starting | Running | Paused | Stopping | Suspending, O::DeleteBegun) => None,
+        (Pending | Starting | Stopped | Failed | Suspended | Deleting, O::DeleteBegun) => {
+            Some(Deleting)
+        }
+        (Running | Paused | Stopping | Suspending, O::DeleteBegun) => None,
     }
 }
 
@@ -408,7 +415,7 @@ mod tests {
     /// u suspending, U suspended, F failed, D deleting.
     const OBSERVED: [(MachineStatus, &str); 10] = [
         (Pending, "s..........FSD"),
-        (Starting, "sRRP..x.F..F.."),
+        (Starting, "sRRP..x.F..FSD"),
         (Running, "..RPP.x.Fu.F.."),
         (Paused, "..RP.Rx.Fu.F.."),
         (Stopping, "..RP..xSS..F.."),

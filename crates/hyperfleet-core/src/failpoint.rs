@@ -13,6 +13,7 @@ pub const CRASH_POINTS: &[&str] = &[
     "prepare.before_effect",
     "prepare.after_effect",
     "spawn.after_intent",
+    "jail.after_uid",
     "network.after_lease",
     "network.after_tap",
     "spawn.after_effect",
@@ -30,6 +31,10 @@ pub const CRASH_POINTS: &[&str] = &[
     "release.after_intent",
     "release.after_effect",
 ];
+
+/// The crash points only a backend that runs each machine's VMM as a uid
+/// of its own (jailed Firecracker) reaches.
+pub const JAILED_CRASH_POINTS: &[&str] = &["jail.after_uid"];
 
 /// Passes a crash point.
 #[inline]

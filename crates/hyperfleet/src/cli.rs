@@ -166,8 +166,8 @@ pub struct ServeArgs {
     /// virtio-mmio command-line devices; docs/guests.md).
     #[arg(long, env = "HYPERFLEET_FIRECRACKER_KERNEL")]
     pub firecracker_kernel: Option<PathBuf>,
-    /// Run each Firecracker VMM under the jailer (chroot, unprivileged
-    /// uid/gid, cgroup limits). `auto` turns it on when running as root;
+    /// Run each Firecracker VMM under the jailer (chroot, an unprivileged
+    /// uid/gid of its machine's own, cgroup limits). `auto` turns it on when running as root;
     /// `off` is for development.
     #[arg(
         long,
@@ -179,12 +179,23 @@ pub struct ServeArgs {
     /// The jailer binary (looked up in PATH, then /usr/local/bin).
     #[arg(long, env = "HYPERFLEET_JAILER_BINARY", default_value = "jailer")]
     pub jailer_binary: PathBuf,
-    /// The unprivileged uid jailed VMMs run as.
-    #[arg(long, env = "HYPERFLEET_JAILER_UID", default_value_t = hyperfleet_core::vmm::firecracker::jailer::DEFAULT_ID)]
-    pub jailer_uid: u32,
-    /// The unprivileged gid jailed VMMs run as.
-    #[arg(long, env = "HYPERFLEET_JAILER_GID", default_value_t = hyperfleet_core::vmm::firecracker::jailer::DEFAULT_ID)]
-    pub jailer_gid: u32,
+    /// The first of the unprivileged uids jailed VMMs run as: each machine
+    /// gets one of its own (gid = uid), kept until it is deleted. The range
+    /// must not contain 0 or any account, group or subordinate id of the
+    /// host (/etc/passwd, /etc/group, /etc/subuid, /etc/subgid).
+    #[arg(long, env = "HYPERFLEET_JAILER_UID_BASE", default_value_t = hyperfleet_core::vmm::uid::DEFAULT_BASE)]
+    pub jailer_uid_base: u32,
+    /// How many uids from --jailer-uid-base machines may hold: at most
+    /// that many machines can have run jailed at once.
+    #[arg(long, env = "HYPERFLEET_JAILER_UID_COUNT", default_value_t = hyperfleet_core::vmm::uid::DEFAULT_COUNT)]
+    pub jailer_uid_count: u32,
+    /// Replaced by --jailer-uid-base/--jailer-uid-count (each machine now
+    /// runs as a uid of its own); given, the daemon refuses to start.
+    #[arg(long, env = "HYPERFLEET_JAILER_UID", hide = true)]
+    pub jailer_uid: Option<u32>,
+    /// Replaced like --jailer-uid.
+    #[arg(long, env = "HYPERFLEET_JAILER_GID", hide = true)]
+    pub jailer_gid: Option<u32>,
     /// A network namespace (e.g. /run/netns/vmms) every jailed VMM joins;
     /// only with `--network off` (with networking on, each jailed VMM runs
     /// in a namespace of its machine's own, with its TAP inside).

@@ -12,6 +12,7 @@ use hyperfleet_core::Config;
 
 use hyperfleet_core::vmm::firecracker::jailer::JailerConfig;
 use hyperfleet_core::vmm::qemu::AccelChoice;
+use hyperfleet_core::vmm::uid::UidRange;
 
 use crate::cli::{AccelArg, ClientArgs, LogFormat, ServeArgs, Toggle, VmmChoice};
 
@@ -80,10 +81,19 @@ pub async fn serve(a: ServeArgs, global: &ClientArgs) -> anyhow::Result<()> {
 fn jailer_config(a: &ServeArgs, network: bool) -> anyhow::Result<Option<JailerConfig>> {
     // SAFETY: geteuid has no preconditions and cannot fail.
     let root = unsafe { libc::geteuid() } == 0;
+    if a.jailer_uid.is_some() || a.jailer_gid.is_some() {
+        anyhow::bail!(
+            "--jailer-uid and --jailer-gid (HYPERFLEET_JAILER_UID/GID) were replaced by \
+             --jailer-uid-base and --jailer-uid-count: every jailed VMM now runs as a uid (= gid) \
+             of its machine's own from that range (default {} from {}); drop the old flags",
+            hyperfleet_core::vmm::uid::DEFAULT_COUNT,
+            hyperfleet_core::vmm::uid::DEFAULT_BASE
+        );
+    }
     let on = match a.firecracker_jailer {
         Toggle::On if !root => anyhow::bail!(
             "--firecracker-jailer on needs root (the jailer makes a chroot with device nodes, \
-             cgroups and a mount namespace, then drops to --jailer-uid); run as root or pass \
+             cgroups and a mount namespace, then drops to the machine's uid); run as root or pass \
              --firecracker-jailer off"
         ),
         Toggle::On => true,
@@ -98,13 +108,9 @@ fn jailer_config(a: &ServeArgs, network: bool) -> anyhow::Result<Option<JailerCo
         }
         return Ok(None);
     }
-    if a.jailer_uid == 0 || a.jailer_gid == 0 {
-        anyhow::bail!(
-            "--jailer-uid and --jailer-gid must be unprivileged ids, not 0 (got {}:{})",
-            a.jailer_uid,
-            a.jailer_gid
-        );
-    }
+    let uids = UidRange::new(a.jailer_uid_base, a.jailer_uid_count)
+        .and_then(|r| r.check_host().map(|()| r))
+        .map_err(|e| anyhow::anyhow!(e))?;
     if a.jailer_netns.is_some() && network {
         anyhow::bail!(
             "--jailer-netns cannot be combined with machine networking: with networking on, each \
@@ -113,8 +119,7 @@ fn jailer_config(a: &ServeArgs, network: bool) -> anyhow::Result<Option<JailerCo
         );
     }
     let mut j = JailerConfig::new(a.jailer_binary.clone());
-    j.uid = a.jailer_uid;
-    j.gid = a.jailer_gid;
+    j.uids = uids;
     j.netns = a.jailer_netns.clone();
     Ok(Some(j))
 }

@@ -1,8 +1,10 @@
 //! The Firecracker backend through the daemon's API, against the real
 //! `firecracker` and `jailer` binaries (v1.12.1): a machine created with
 //! `"vmm": "firecracker"` is configured exactly as its spec says (asked of
-//! Firecracker's own API socket), jailed or not; jailed, it runs as the
-//! unprivileged uid in its chroot and cgroup, and with networking in a
+//! Firecracker's own API socket), jailed or not; jailed, it runs as an
+//! unprivileged uid of its machine's own (two machines never share one; a
+//! deleted machine's uid is free again) in its chroot and cgroup, and with
+//! networking in a
 //! network namespace of its machine's own (TAP inside, veth and route on
 //! the daemon's side, all gone after stop, a VMM crash and delete, kept
 //! across a daemon crash, swept when stray); a guest that never answers —
@@ -181,23 +183,50 @@ fn hierarchy_mount(controllers: &str) -> PathBuf {
         .unwrap()
 }
 
-/// A jailed VMM of machine `id` with `vcpus` and `mib`: unprivileged, in
-/// its chroot, in `hyperfleet/<id>` with the spec's limits.
-fn assert_jailed(pid: i32, dir: &Path, id: &str, vcpus: u64, mib: u64) {
+/// The uid and gid (real, effective, saved and filesystem ones, which must
+/// all agree) process `pid` runs as, from /proc/<pid>/status.
+fn ids_of(pid: i32) -> (u32, u32) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    for key in ["Uid:", "Gid:"] {
-        let ids: Vec<&str> = status
+    let one = |key: &str| {
+        let ids: Vec<u32> = status
             .lines()
             .find_map(|l| l.strip_prefix(key))
             .unwrap()
             .split_whitespace()
+            .map(|v| v.parse().unwrap())
             .collect();
-        assert_eq!(ids, ["64321"; 4], "{key} of the jailed Firecracker");
+        assert!(
+            ids.len() == 4 && ids.iter().all(|i| *i == ids[0]),
+            "{key} {ids:?}"
+        );
+        ids[0]
+    };
+    (one("Uid:"), one("Gid:"))
+}
+
+/// A jailed VMM of machine `id` with `vcpus` and `mib`: running as the
+/// machine's own unprivileged `uid` (and the gid of the same number), in
+/// its chroot, whose files for the machine are the uid's, in
+/// `hyperfleet/<id>` with the spec's limits.
+fn assert_jailed(pid: i32, dir: &Path, id: &str, uid: u32, vcpus: u64, mib: u64) {
+    assert_eq!(
+        ids_of(pid),
+        (uid, uid),
+        "the jailed Firecracker's uid and gid"
+    );
+    let chroot = dir.join(format!("jail/firecracker/{id}/root"));
+    let mirror = chroot.join(dir.strip_prefix("/").unwrap());
+    for f in ["", "disk.ext4", "fc.log", "fc.metrics", "snapshot"] {
+        let m = std::fs::metadata(mirror.join(f)).unwrap();
+        assert_eq!((m.uid(), m.gid()), (uid, uid), "{f} in the chroot");
     }
+    // The sockets Firecracker made are its own too.
+    let sock = std::fs::symlink_metadata(mirror.join("fc.sock")).unwrap();
+    assert_eq!(sock.uid(), uid, "the API socket");
     // readlink(/proc/<pid>/root) says "/" (the jailer pivot_roots in a mount
     // namespace of its own); stat reaches the directory itself.
     let root = std::fs::metadata(format!("/proc/{pid}/root")).unwrap();
-    let chroot = std::fs::metadata(dir.join(format!("jail/firecracker/{id}/root"))).unwrap();
+    let chroot = std::fs::metadata(&chroot).unwrap();
     assert_eq!(
         (root.dev(), root.ino()),
         (chroot.dev(), chroot.ino()),
@@ -246,6 +275,30 @@ fn assert_jailed(pid: i32, dir: &Path, id: &str, vcpus: u64, mib: u64) {
         ],
         "{cg}"
     );
+}
+
+/// A sandbox for a jailed test, with the guest assets; its reaper goes
+/// first (fields drop in order). None, after a note, without the
+/// prerequisites or root.
+struct JailedSandbox {
+    _reaper: FirecrackerReaper,
+    sb: Sandbox,
+    assets: PathBuf,
+}
+
+impl JailedSandbox {
+    fn new() -> Option<JailedSandbox> {
+        let assets = prerequisites()?;
+        if !root() {
+            return None;
+        }
+        let sb = Sandbox::new();
+        Some(JailedSandbox {
+            _reaper: FirecrackerReaper(sb.machines_dir()),
+            sb,
+            assets,
+        })
+    }
 }
 
 /// Firecracker (or jailer) processes of one machine.
@@ -454,7 +507,8 @@ fn configured_as_its_spec_says(jailer: &str, net: Option<&common::netns::NetNs>)
     let pids = firecracker_pids(&sb);
     assert_eq!(pids.len(), 1);
     if jailed {
-        assert_jailed(pids[0], &dir, &id, 2, 320);
+        // The first machine of a fresh daemon: the first uid of the range.
+        assert_jailed(pids[0], &dir, &id, 900_000, 2, 320);
     }
     assert_eq!(
         d.call("GET", "/machines/fc", None).body["status"],
@@ -520,6 +574,92 @@ fn configured_as_its_spec_says(jailer: &str, net: Option<&common::netns::NetNs>)
             Vec::<String>::new(),
             "namespace left"
         );
+    }
+}
+
+/// Jailed (as root), each machine's VMM runs as a uid of its own from the
+/// configured range: two machines at once get different uids and own
+/// their chroot files; a machine keeps its uid across stop and start; with
+/// the range used up a third machine fails with a reason; after a delete,
+/// the deleted machine's uid is free again and the third machine gets it.
+#[test]
+fn jailed_machines_each_run_as_a_uid_of_their_own_which_delete_frees() {
+    let Some(jail) = JailedSandbox::new() else {
+        return;
+    };
+    let (sb, assets) = (&jail.sb, &jail.assets);
+    let range = ["--jailer-uid-base", "910000", "--jailer-uid-count", "2"];
+    let mut extra = vec!["--stop-timeout", "1"];
+    extra.extend_from_slice(&range);
+    let d = start_daemon_with(sb, assets, "60", "on", &extra);
+    let spec = |name: &str| json!({"name": name, "vmm": "firecracker", "vcpu_count": 1, "mem_size_mib": 128});
+    let mut ids = std::collections::HashMap::new();
+    for name in ["a", "b", "c"] {
+        let m = d.create(spec(name));
+        ids.insert(name, m["id"].as_str().unwrap().to_string());
+    }
+    // The machine's VMM, once Firecracker runs its VM: (pid, uid).
+    let running = |name: &str| -> (i32, u32) {
+        let id = &ids[name];
+        let r = d.call("POST", &format!("/machines/{name}/start?wait=false"), None);
+        assert!(r.status < 300, "{name}: {}", r.body);
+        let sock = sb.machines_dir().join(id).join("fc.sock");
+        eventually(
+            &format!("Firecracker to run {name}'s VM"),
+            Duration::from_secs(30),
+            || fc_get(&sock, "/").filter(|v| v["state"] == "Running"),
+        );
+        let pids = machine_vmm_pids(sb, id);
+        assert_eq!(pids.len(), 1, "{name}: {pids:?}");
+        let uid = ids_of(pids[0]).0;
+        assert_jailed(pids[0], &sb.machines_dir().join(id), id, uid, 1, 128);
+        (pids[0], uid)
+    };
+    let (_, ua) = running("a");
+    let (pb, ub) = running("b");
+    assert_ne!(ua, ub, "two live machines never share a uid");
+    let mut both = [ua, ub];
+    both.sort();
+    assert_eq!(both, [910_000, 910_001], "both from the configured range");
+
+    // The range is used up: c fails, saying why, and nothing of it runs.
+    let r = d.call("POST", "/machines/c/start?wait=false", None);
+    assert!(r.status < 300, "{}", r.body);
+    let m = eventually("c to fail", Duration::from_secs(30), || {
+        let m = d.call("GET", "/machines/c", None).body;
+        (m["status"] == "failed").then_some(m)
+    });
+    let msg = m["error_message"].as_str().unwrap();
+    assert!(
+        msg.contains("no uid of the jail's range 910000–910001 is free"),
+        "{msg}"
+    );
+    assert!(machine_vmm_pids(sb, &ids["c"]).is_empty());
+
+    // b keeps its uid across a stop and a start (its files stay its own).
+    let r = d.call("POST", "/machines/b/stop", None);
+    assert_eq!(r.body["status"], "stopped", "{}", r.body);
+    let (pb2, ub2) = running("b");
+    assert_ne!(pb2, pb, "a new VMM");
+    assert_eq!(ub2, ub, "the same uid");
+
+    // Deleting a (running: its VMM is killed first) frees its uid: c now
+    // gets it.
+    assert_eq!(d.call("DELETE", "/machines/a?force=true", None).status, 204);
+    let dir_a = sb.machines_dir().join(&ids["a"]);
+    eventually("a's directory to go", Duration::from_secs(10), || {
+        (!dir_a.exists()).then_some(())
+    });
+    assert!(machine_vmm_pids(sb, &ids["a"]).is_empty());
+    let (_, uc) = running("c");
+    assert_eq!(uc, ua, "the deleted machine's uid");
+
+    for name in ["b", "c"] {
+        let r = d.call("DELETE", &format!("/machines/{name}?force=true"), None);
+        assert_eq!(r.status, 204, "{}", r.body);
+    }
+    for name in ["a", "b", "c"] {
+        assert_nothing_left(sb, &ids[name]);
     }
 }
 
@@ -745,7 +885,7 @@ fn health_lists_firecracker_and_the_binary_flag_is_honoured() {
     assert!(
         detail.contains("jailed by")
             && detail.contains("Jailer v1.12")
-            && detail.contains("uid 64321"),
+            && detail.contains("each machine as a uid (= gid) of its own from 900000–965535"),
         "{fc}"
     );
     // A missing jailer makes the backend unavailable rather than unjailed.
@@ -776,9 +916,10 @@ fn jailer_flags_that_cannot_work_stop_the_daemon_with_a_reason() {
             "{args:?}: {err}"
         );
     };
+    // The one shared uid is gone; its flags say what replaced them.
     refuse(
-        &["--firecracker-jailer", "on", "--jailer-uid", "0"],
-        "must be unprivileged ids",
+        &["--firecracker-jailer", "off", "--jailer-uid", "64321"],
+        "were replaced by --jailer-uid-base and --jailer-uid-count",
     );
     refuse(
         &[
@@ -790,6 +931,27 @@ fn jailer_flags_that_cannot_work_stop_the_daemon_with_a_reason() {
         "--jailer-netns needs the jailer",
     );
     if root() {
+        let jailed = |extra: &[&str], want: &str| {
+            let mut args = vec!["--firecracker-jailer", "on"];
+            args.extend_from_slice(extra);
+            refuse(&args, want);
+        };
+        jailed(&["--jailer-uid-base", "0"], "not 0 (root)");
+        jailed(&["--jailer-uid-count", "0"], "at least 1");
+        jailed(
+            &[
+                "--jailer-uid-base",
+                "4294967000",
+                "--jailer-uid-count",
+                "65536",
+            ],
+            "runs past the largest uid",
+        );
+        // Debian's nobody is 65534.
+        jailed(
+            &["--jailer-uid-base", "60000", "--jailer-uid-count", "10000"],
+            "contains 65534, the uid of the account nobody",
+        );
         refuse(
             &[
                 "--firecracker-jailer",
@@ -806,15 +968,11 @@ fn jailer_flags_that_cannot_work_stop_the_daemon_with_a_reason() {
 
 #[test]
 fn an_orphan_jailed_vmm_is_swept_with_its_jail_and_cgroup() {
-    let Some(assets) = prerequisites() else {
+    let Some(jail) = JailedSandbox::new() else {
         return;
     };
-    if !root() {
-        return;
-    }
-    let sb = Sandbox::new();
-    let _reaper = FirecrackerReaper(sb.machines_dir());
-    let mut d = start_daemon(&sb, &assets, "60", "on");
+    let (sb, assets) = (&jail.sb, &jail.assets);
+    let mut d = start_daemon(sb, assets, "60", "on");
     let m = d.create(json!({"name": "lost", "vmm": "firecracker"}));
     let id = m["id"].as_str().unwrap().to_string();
     let r = d.call("POST", "/machines/lost/start?wait=false", None);
@@ -830,9 +988,9 @@ fn an_orphan_jailed_vmm_is_swept_with_its_jail_and_cgroup() {
     for f in ["hyperfleet.db", "hyperfleet.db-wal", "hyperfleet.db-shm"] {
         let _ = std::fs::remove_file(sb.path().join(f));
     }
-    let d = start_daemon(&sb, &assets, "60", "on");
+    let d = start_daemon(sb, assets, "60", "on");
     assert_eq!(d.call("GET", "/machines/lost", None).status, 404);
-    assert_nothing_left(&sb, &id);
+    assert_nothing_left(sb, &id);
     assert!(
         d.log().contains("killing an orphan VMM process"),
         "{}",
@@ -847,6 +1005,7 @@ const NO_GUEST_POINTS: &[&str] = &[
     "prepare.before_effect",
     "prepare.after_effect",
     "spawn.after_intent",
+    "jail.after_uid",
     "spawn.after_effect",
     "spawn.after_commit",
     "stop.after_intent",

@@ -15,6 +15,7 @@ pub mod steps {
     pub const PREPARE: &str = "prepare_disk";
     pub const SPAWN: &str = "spawn_vmm";
     pub const LEASE: &str = "lease_network";
+    pub const UID: &str = "lease_uid";
     pub const TAP: &str = "create_tap";
     pub const RULES: &str = "apply_firewall";
     pub const ADOPT: &str = "adopt_vmm";

@@ -23,6 +23,7 @@ use crate::net::NetError;
 use crate::store::{CachedMachine, EventRecord, MachineRecord, Store, StoreError};
 use crate::util::now_ms;
 use crate::vmm::process::{self, Liveness};
+use crate::vmm::uid::UidError;
 use crate::vmm::{remove_dir_idempotent, LaunchSpec, MachinePaths, StopPath, Vmm, VmmError};
 
 /// What every run shares.
@@ -41,8 +42,13 @@ impl RunCtx {
         MachinePaths::new(&self.machines_dir, id)
     }
 
-    /// What a backend needs to act on machine `rec`.
+    /// What a backend needs to act on machine `rec`. Its uid is there
+    /// only when its backend runs VMMs as one (the jailer is on).
     pub fn launch(&self, rec: &MachineRecord) -> LaunchSpec {
+        let jailed = self
+            .backends
+            .get(&rec.spec.vmm)
+            .is_some_and(|b| b.jail_uids().is_some());
         LaunchSpec {
             machine_id: rec.id.clone(),
             paths: self.paths(&rec.id),
@@ -54,6 +60,7 @@ impl RunCtx {
                 .as_ref()
                 .zip(rec.network.as_ref())
                 .map(|(n, lease)| n.config.guest(lease)),
+            uid: rec.jail_uid.filter(|_| jailed),
         }
     }
 }
@@ -68,8 +75,19 @@ enum RunError {
     Vmm(#[from] VmmError),
     #[error("setting up the machine's network failed: {0}")]
     Net(NetError),
+    #[error("giving the machine a uid of its own failed: {0}")]
+    Uid(UidError),
     #[error("recording progress failed: {0}")]
     Store(#[from] StoreError),
+}
+
+impl From<UidError> for RunError {
+    fn from(e: UidError) -> Self {
+        match e {
+            UidError::Store(e) => RunError::Store(e),
+            e => RunError::Uid(e),
+        }
+    }
 }
 
 impl From<NetError> for RunError {
@@ -162,7 +180,7 @@ pub async fn run(ctx: Arc<RunCtx>, id: String) -> RunExit {
         tracing::debug!(machine = %run.id, ?step, status = %rec.status, desired = rec.desired.as_str(), "step");
         match run.execute(step, &rec, &mut rx).await {
             Ok(()) => run.retry_delay = Duration::from_millis(250),
-            Err(e @ (RunError::Vmm(_) | RunError::Net(_))) => {
+            Err(e @ (RunError::Vmm(_) | RunError::Net(_) | RunError::Uid(_))) => {
                 if let Err(e) = run.fail(&rec, step, e.to_string()).await {
                     run.back_off(&e).await;
                 }
@@ -442,7 +460,8 @@ impl Run {
         })
         .await?;
         failpoint::hit("spawn.after_intent");
-        launch.network = self.ensure_network(rec, backend.as_ref()).await?;
+        launch.uid = self.ensure_uid(rec, backend.as_ref()).await?;
+        launch.network = self.ensure_network(rec, launch.uid).await?;
         let identity = backend.spawn(&launch).await?;
         failpoint::hit("spawn.after_effect");
         self.verified = true;
@@ -753,15 +772,37 @@ impl Run {
         Ok(())
     }
 
+    /// The uid the machine's next VMM runs as, when its backend runs each
+    /// machine's VMM as one: the machine's own, leased once (committed in
+    /// one transaction before anything is made for it, so a crash on either
+    /// side of the commit leaks nothing and shares nothing) and kept until
+    /// the machine is deleted. None when the VMM runs as the daemon's user.
+    async fn ensure_uid(
+        &mut self,
+        rec: &MachineRecord,
+        backend: &dyn Vmm,
+    ) -> Result<Option<u32>, RunError> {
+        let Some(range) = backend.jail_uids() else {
+            return Ok(None);
+        };
+        let t0 = Instant::now();
+        let uid = crate::vmm::uid::lease(&self.ctx.store, &rec.id, range).await?;
+        self.step_done(steps::UID, t0, format!("uid and gid {uid}"));
+        failpoint::hit("jail.after_uid");
+        Ok(Some(uid))
+    }
+
     /// The machine's network for its next VMM: the lease (taken once and
     /// committed before any device is made), the firewall rules that
-    /// include it, then the TAP device. Every part is idempotent, so a
+    /// include it, then the TAP device, owned by `owner` (the uid the VMM
+    /// runs as, when not the daemon's). Every part is idempotent, so a
     /// crash anywhere here is recovered by doing it all again.
     async fn ensure_network(
         &mut self,
         rec: &MachineRecord,
-        backend: &dyn Vmm,
+        owner: Option<u32>,
     ) -> Result<Option<crate::net::GuestNet>, RunError> {
+        let backend = self.backend(rec.spec.vmm)?;
         let Some(net) = self.ctx.net.clone() else {
             return Ok(None);
         };
@@ -782,14 +823,14 @@ impl Run {
         let t0 = Instant::now();
         let detail = if backend.machine_netns() {
             // Namespace, veth link and the TAP inside: one idempotent step.
-            net.ensure_tap_in_netns(&lease, backend.tap_owner()).await?;
+            net.ensure_tap_in_netns(&lease, owner).await?;
             format!(
                 "{} in network namespace {}",
                 crate::net::netns::INNER_TAP,
                 crate::net::netns::name_for(&lease.tap)
             )
         } else {
-            net.ensure_tap(&lease, backend.tap_owner()).await?;
+            net.ensure_tap(&lease, owner).await?;
             lease.tap.clone()
         };
         self.step_done(steps::TAP, t0, detail);

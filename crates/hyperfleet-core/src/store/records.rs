@@ -104,6 +104,10 @@ pub struct MachineRecord {
     pub started_at: Option<i64>,
     /// The network lease, once taken (first start with networking on).
     pub network: Option<NetLease>,
+    /// The unprivileged uid (= gid) the machine's jailed VMM runs as, once
+    /// leased (first jailed start); kept until the machine is deleted
+    /// (`vmm::uid`).
+    pub jail_uid: Option<u32>,
 }
 
 impl MachineRecord {
@@ -132,6 +136,7 @@ impl MachineRecord {
             updated_at: now,
             started_at: None,
             network: None,
+            jail_uid: None,
         }
     }
 

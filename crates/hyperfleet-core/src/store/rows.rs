@@ -12,7 +12,7 @@ use crate::lifecycle::table::Desired;
 pub const MACHINE_COLUMNS: &str = "id, tenant, name, spec, status, desired, generation, \
     restart_seq, boot_restart_seq, stop_kill, failed_generation, error_message, vmm_pid, \
     vmm_start_time, vmm_boot_id, current_step, prepared, has_snapshot, operation_id, \
-    created_at, updated_at, started_at, observed_generation, network";
+    created_at, updated_at, started_at, observed_generation, network, jail_uid";
 
 fn bad(col: usize, msg: String) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(
@@ -81,6 +81,10 @@ pub fn machine_from_row(r: &Row<'_>) -> rusqlite::Result<MachineRecord> {
             }
             None => None,
         },
+        jail_uid: r
+            .get::<_, Option<i64>>(24)?
+            .map(|u| u32::try_from(u).map_err(|_| bad(24, format!("uid {u} out of range"))))
+            .transpose()?,
     })
 }
 
@@ -98,6 +102,17 @@ pub fn set_machine_network(
         params![id, json],
     )
     .map_err(|e| StoreError::sql(&format!("recording the network lease of {id}"), e))?;
+    Ok(())
+}
+
+/// Records machine `id`'s uid (written once, when it is leased, like the
+/// network column).
+pub fn set_machine_uid(conn: &Connection, id: &str, uid: u32) -> Result<(), StoreError> {
+    conn.execute(
+        "UPDATE machines SET jail_uid = ?2 WHERE id = ?1",
+        params![id, i64::from(uid)],
+    )
+    .map_err(|e| StoreError::sql(&format!("recording the uid of {id}"), e))?;
     Ok(())
 }
 

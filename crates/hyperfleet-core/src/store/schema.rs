@@ -102,6 +102,12 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX machines_tenant_status ON machines(tenant, status, created_at, id);
     CREATE INDEX machines_name ON machines(name);
     "#,
+    // 4: the unprivileged uid a jailed machine's VMM runs as, leased like
+    // the network (a `leases` row of kind `uid` holds the uniqueness; the
+    // allocator's cursor is the `uid_cursor` meta key).
+    r#"
+    ALTER TABLE machines ADD COLUMN jail_uid INTEGER;
+    "#,
 ];
 
 pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {

@@ -3,7 +3,7 @@
 //! the record cache and counts, the per-machine watchers and the event
 //! stream, and finally answers each caller.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use hyperfleet_api::MachineStatus;
@@ -36,6 +36,9 @@ impl Changes {
 }
 
 type Reply = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+
+/// Where a machine's record keeps one kind of lease.
+type Kept<T> = fn(&mut MachineRecord) -> &mut Option<T>;
 pub(super) type Job = Box<dyn FnOnce(&mut WriteCtx<'_>) -> (bool, Reply) + Send>;
 
 pub(super) fn job<T, F>(f: F, tx: oneshot::Sender<Result<T, StoreError>>) -> Job
@@ -158,70 +161,134 @@ impl WriteCtx<'_> {
     pub fn take_lease(
         &mut self,
         id: &str,
-        pick: impl FnOnce(&std::collections::HashSet<u32>, u32) -> Option<NetLease>,
+        pick: impl FnOnce(&HashSet<u32>, u32) -> Option<NetLease>,
     ) -> Result<Option<NetLease>, StoreError> {
-        let mut rec = self
-            .machine(id)?
-            .ok_or_else(|| StoreError::NoSuchMachine(id.to_string()))?;
-        if let Some(l) = &rec.network {
-            return Ok(Some(l.clone()));
+        let kept: Kept<NetLease> = |r| &mut r.network;
+        self.take(id, "block", "lease_cursor", kept, pick, |ctx, lease| {
+            ctx.record_leases(
+                id,
+                &[
+                    ("block", lease.block.to_string()),
+                    ("ipv4", lease.ip.to_string()),
+                    ("mac", lease.mac.clone()),
+                    ("tap", lease.tap.clone()),
+                ],
+            )?;
+            rows::set_machine_network(ctx.conn, id, Some(lease))?;
+            Ok(lease.block + 1)
+        })
+    }
+
+    /// The unprivileged uid of machine `id` (its jailed VMM's): the one it
+    /// holds, or a new one from `pick(taken uids, cursor)` recorded in this
+    /// transaction (a `leases` row of kind `uid`, whose primary key makes a
+    /// second holder impossible, plus the machine's `jail_uid` column; the
+    /// row goes with the machine's record). `Ok(None)` when `pick` finds no
+    /// free uid.
+    pub fn take_uid(
+        &mut self,
+        id: &str,
+        pick: impl FnOnce(&HashSet<u32>, u32) -> Option<u32>,
+    ) -> Result<Option<u32>, StoreError> {
+        let kept: Kept<u32> = |r| &mut r.jail_uid;
+        self.take(id, "uid", "uid_cursor", kept, pick, |ctx, uid| {
+            ctx.record_leases(id, &[("uid", uid.to_string())])?;
+            rows::set_machine_uid(ctx.conn, id, *uid)?;
+            Ok(uid.saturating_add(1))
+        })
+    }
+
+    /// What machine `id` keeps in `kept` once leased: the value it holds,
+    /// or `pick(numbers of the kind leases held now, the cursor in meta key
+    /// cursor_key)`, written by `record` (which returns the next cursor) in
+    /// this transaction and onto the record. `Ok(None)` when `pick` finds
+    /// nothing free.
+    fn take<T: Clone>(
+        &mut self,
+        id: &str,
+        kind: &str,
+        cursor_key: &str,
+        kept: Kept<T>,
+        pick: impl FnOnce(&HashSet<u32>, u32) -> Option<T>,
+        record: impl FnOnce(&Self, &T) -> Result<u32, StoreError>,
+    ) -> Result<Option<T>, StoreError> {
+        let mut rec = self.leasing(id)?;
+        if let Some(v) = kept(&mut rec) {
+            return Ok(Some(v.clone()));
         }
-        let sql = |what: &str, e| StoreError::sql(what, e);
-        let taken = {
-            let mut stmt = self
-                .conn
-                .prepare_cached("SELECT value FROM leases WHERE kind = 'block'")
-                .map_err(|e| sql("reading the leased blocks", e))?;
-            let rows = stmt
-                .query_map([], |r| r.get::<_, String>(0))
-                .map_err(|e| sql("reading the leased blocks", e))?;
-            let mut set = std::collections::HashSet::new();
-            for v in rows {
-                let v = v.map_err(|e| sql("reading the leased blocks", e))?;
-                if let Ok(b) = v.parse::<u32>() {
-                    set.insert(b);
-                }
-            }
-            set
-        };
-        let cursor: u32 = self
-            .conn
-            .query_row(
-                "SELECT value FROM meta WHERE key = 'lease_cursor'",
-                [],
-                |r| r.get::<_, String>(0),
-            )
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        let Some(lease) = pick(&taken, cursor) else {
+        let Some(v) = pick(&self.leased(kind)?, self.cursor(cursor_key)) else {
             return Ok(None);
         };
+        let next = record(self, &v)?;
+        self.set_cursor(cursor_key, next)?;
+        *kept(&mut rec) = Some(v.clone());
+        self.mine.machines.insert(id.to_string(), Some(rec));
+        Ok(Some(v))
+    }
+
+    /// The record of machine `id`, which is to get a lease.
+    fn leasing(&self, id: &str) -> Result<MachineRecord, StoreError> {
+        self.machine(id)?
+            .ok_or_else(|| StoreError::NoSuchMachine(id.to_string()))
+    }
+
+    /// The numeric values of the `kind` leases held now.
+    fn leased(&self, kind: &str) -> Result<HashSet<u32>, StoreError> {
+        let what = format!("reading the leased {kind} values");
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT value FROM leases WHERE kind = ?1")
+            .map_err(|e| StoreError::sql(&what, e))?;
+        let rows = stmt
+            .query_map(params![kind], |r| r.get::<_, String>(0))
+            .map_err(|e| StoreError::sql(&what, e))?;
+        let mut set = HashSet::new();
+        for v in rows {
+            let v = v.map_err(|e| StoreError::sql(&what, e))?;
+            if let Ok(n) = v.parse::<u32>() {
+                set.insert(n);
+            }
+        }
+        Ok(set)
+    }
+
+    /// An allocator's cursor (the meta key `key`); 0 before the first lease.
+    fn cursor(&self, key: &str) -> u32 {
+        self.conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", params![key], |r| {
+                r.get::<_, String>(0)
+            })
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+
+    fn set_cursor(&self, key: &str, value: u32) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2) \
+                 ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                params![key, value.to_string()],
+            )
+            .map_err(|e| StoreError::sql(&format!("advancing the allocator cursor {key}"), e))?;
+        Ok(())
+    }
+
+    /// Records `(kind, value)` lease rows of machine `id`; a value another
+    /// machine holds fails on the primary key.
+    fn record_leases(&self, id: &str, leases: &[(&str, String)]) -> Result<(), StoreError> {
         let now = crate::util::now_ms();
-        for (kind, value) in [
-            ("block", lease.block.to_string()),
-            ("ipv4", lease.ip.to_string()),
-            ("mac", lease.mac.clone()),
-            ("tap", lease.tap.clone()),
-        ] {
+        for (kind, value) in leases {
             self.conn
                 .execute(
                     "INSERT INTO leases (kind, value, machine_id, created_at) VALUES (?1, ?2, ?3, ?4)",
                     params![kind, value, id, now],
                 )
-                .map_err(|e| sql(&format!("recording the {kind} lease {value} of {id}"), e))?;
+                .map_err(|e| {
+                    StoreError::sql(&format!("recording the {kind} lease {value} of {id}"), e)
+                })?;
         }
-        self.conn
-            .execute(
-                "INSERT INTO meta (key, value) VALUES ('lease_cursor', ?1) \
-                 ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                params![(lease.block + 1).to_string()],
-            )
-            .map_err(|e| sql("advancing the lease cursor", e))?;
-        rows::set_machine_network(self.conn, id, Some(&lease))?;
-        rec.network = Some(lease.clone());
-        self.mine.machines.insert(id.to_string(), Some(rec));
-        Ok(Some(lease))
+        Ok(())
     }
 
     /// Appends an event; its id is assigned now, it is broadcast after commit.

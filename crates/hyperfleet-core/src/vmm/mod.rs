@@ -12,6 +12,7 @@ pub mod firecracker;
 pub mod process;
 pub mod qemu;
 pub mod stub;
+pub mod uid;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -100,6 +101,11 @@ pub struct LaunchSpec {
     /// The machine's network (its TAP exists when `spawn` is called); None
     /// when networking is off.
     pub network: Option<crate::net::GuestNet>,
+    /// The machine's own unprivileged uid (and gid) its VMM runs as, when
+    /// the backend runs VMMs as one ([`Vmm::jail_uids`]); leased before
+    /// `spawn` and kept for the machine's life (`uid`). None when the VMM
+    /// runs as the daemon's user.
+    pub uid: Option<u32>,
 }
 
 /// How a graceful stop ended.
@@ -142,10 +148,11 @@ pub trait Vmm: Send + Sync + 'static {
         })
     }
 
-    /// The uid that must be able to open the machine's TAP device (the
-    /// jailer's unprivileged user); None when the VMM runs as the daemon's
-    /// own user.
-    fn tap_owner(&self) -> Option<u32> {
+    /// The range each machine's VMM runs as a uid of its own from (the
+    /// jailer's unprivileged users): the run leases the machine one before
+    /// spawning and passes it as [`LaunchSpec::uid`], which also owns the
+    /// machine's TAP device. None when VMMs run as the daemon's own user.
+    fn jail_uids(&self) -> Option<uid::UidRange> {
         None
     }
 

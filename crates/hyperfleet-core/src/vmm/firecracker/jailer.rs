@@ -2,8 +2,12 @@
 //! argv, chroot and cgroups that make it so.
 //!
 //! With the jailer on, `spawn` runs `jailer --id <machine id> --exec-file
-//! <firecracker> --uid/--gid <unprivileged ids> --chroot-base-dir
+//! <firecracker> --uid/--gid <the machine's uid> --chroot-base-dir
 //! <machine dir>/jail [cgroup limits] -- --api-sock <machine dir>/fc.sock`.
+//! Every machine has an unprivileged uid of its own (gid = uid), leased by
+//! the run from [`JailerConfig::uids`] before anything is made for it
+//! (`vmm::uid`): one VMM that escapes Firecracker's sandbox still cannot
+//! signal another, read its memory or open its files.
 //! The jailer creates `<machine dir>/jail/<exec file name>/<id>/root`, copies
 //! Firecracker into it, creates `/dev/kvm`, `/dev/net/tun` and friends there,
 //! puts itself into the machine's cgroup, `pivot_root`s into the chroot in a
@@ -56,14 +60,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::store::MachineSpec;
+use crate::vmm::uid::UidRange;
 use crate::vmm::{MachinePaths, VmmError};
-
-/// The default uid and gid of jailed VMMs: unprivileged ids that no Debian
-/// account or dynamic allocation uses (system ids end at 999, regular
-/// users at 59999, systemd's dynamic range is 61184–65519; 64321 is only
-/// below the top of that range, so hosts that use DynamicUser for many units
-/// should pick their own with `--jailer-uid`/`--jailer-gid`).
-pub const DEFAULT_ID: u32 = 64321;
 
 /// The cgroup every jailed VMM's own cgroup is created under.
 pub const PARENT_CGROUP: &str = "hyperfleet";
@@ -83,8 +81,9 @@ pub const CPU_PERIOD_US: u64 = 100_000;
 pub struct JailerConfig {
     /// `jailer`, resolved like the firecracker binary.
     pub binary: PathBuf,
-    pub uid: u32,
-    pub gid: u32,
+    /// The uids (= gids) machines' VMMs run as, one per machine
+    /// (`--jailer-uid-base`, `--jailer-uid-count`).
+    pub uids: UidRange,
     /// A network namespace every jailed VMM of a machine *without*
     /// networking joins (`--jailer-netns`). A machine with networking always
     /// gets a namespace of its own instead (`net::netns`), with its TAP
@@ -96,8 +95,7 @@ impl JailerConfig {
     pub fn new(binary: PathBuf) -> Self {
         JailerConfig {
             binary,
-            uid: DEFAULT_ID,
-            gid: DEFAULT_ID,
+            uids: UidRange::default(),
             netns: None,
         }
     }
@@ -281,11 +279,12 @@ pub fn inside(root: &Path, host: &Path) -> PathBuf {
     root.join(host.strip_prefix("/").unwrap_or(host))
 }
 
-/// The jailer's argv (without the program) for one machine, joining the
-/// network namespace `netns` when given.
+/// The jailer's argv (without the program) for one machine, whose VMM runs
+/// as `uid` (and the gid of the same number), joining the network namespace
+/// `netns` when given.
 #[allow(clippy::too_many_arguments)]
 pub fn argv(
-    cfg: &JailerConfig,
+    uid: u32,
     netns: Option<&Path>,
     cgroups: &Cgroups,
     firecracker: &Path,
@@ -300,9 +299,9 @@ pub fn argv(
         "--exec-file".into(),
         firecracker.into(),
         "--uid".into(),
-        cfg.uid.to_string().into(),
+        uid.to_string().into(),
         "--gid".into(),
-        cfg.gid.to_string().into(),
+        uid.to_string().into(),
         "--chroot-base-dir".into(),
         jail_dir(paths).into(),
     ];
@@ -321,7 +320,7 @@ pub fn argv(
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Share {
     /// One of the machine's own files (disk, logs, snapshot): hard-linked and
-    /// handed to the jail's uid/gid, so the VMM writes the host's file.
+    /// handed to the machine's uid/gid, so the VMM writes the host's file.
     Own,
     /// A read-only file shared by machines (kernel, initramfs): hard-linked
     /// when it is on the same filesystem and world-readable, copied
@@ -329,11 +328,12 @@ pub enum Share {
     ReadOnly,
 }
 
-/// Builds the chroot `root` before the jailer runs: removes whatever an
-/// earlier VMM left, creates the mirror of `dirs` (owned by uid/gid: the
-/// VMM creates its sockets and snapshot files there) and puts `files` in.
+/// Builds the chroot `root` for a VMM running as `uid` (and the gid of the
+/// same number) before the jailer runs: removes whatever an earlier VMM
+/// left, creates the mirror of `dirs` (owned by the uid: the VMM creates
+/// its sockets and snapshot files there) and puts `files` in.
 pub fn build(
-    cfg: &JailerConfig,
+    uid: u32,
     paths: &MachinePaths,
     root: &Path,
     dirs: &[&Path],
@@ -343,14 +343,14 @@ pub fn build(
     for d in dirs {
         let inner = inside(root, d);
         mkdirs(&inner)?;
-        chown(&inner, cfg.uid, cfg.gid)?;
+        chown(&inner, uid)?;
     }
     for (host, share) in files {
         let inner = inside(root, host);
         if let Some(parent) = inner.parent() {
             mkdirs(parent)?;
         }
-        place(cfg, host, &inner, *share)?;
+        place(uid, host, &inner, *share)?;
     }
     Ok(())
 }
@@ -379,12 +379,17 @@ fn mkdirs(dir: &Path) -> Result<(), VmmError> {
         .map_err(|e| VmmError::host(format!("creating {} in the jail", dir.display()), e))
 }
 
-fn chown(path: &Path, uid: u32, gid: u32) -> Result<(), VmmError> {
-    std::os::unix::fs::chown(path, Some(uid), Some(gid))
-        .map_err(|e| VmmError::host(format!("handing {} to the jail's user", path.display()), e))
+/// Hands `path` to the machine's uid and the gid of the same number.
+fn chown(path: &Path, uid: u32) -> Result<(), VmmError> {
+    std::os::unix::fs::chown(path, Some(uid), Some(uid)).map_err(|e| {
+        VmmError::host(
+            format!("handing {} to the machine's uid {uid}", path.display()),
+            e,
+        )
+    })
 }
 
-fn place(cfg: &JailerConfig, host: &Path, inner: &Path, share: Share) -> Result<(), VmmError> {
+fn place(uid: u32, host: &Path, inner: &Path, share: Share) -> Result<(), VmmError> {
     let meta = std::fs::metadata(host)
         .map_err(|e| VmmError::host(format!("reading {}", host.display()), e))?;
     let root_dev = inner
@@ -413,7 +418,7 @@ fn place(cfg: &JailerConfig, host: &Path, inner: &Path, share: Share) -> Result<
             .map_err(|e| VmmError::host(format!("making {} readable", inner.display()), e))?;
     }
     if share == Share::Own {
-        chown(inner, cfg.uid, cfg.gid)?;
+        chown(inner, uid)?;
     }
     Ok(())
 }
@@ -551,7 +556,6 @@ cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
     #[test]
     fn the_argv_names_the_machine_ids_chroot_netns_and_api_socket() {
         let paths = MachinePaths::new(Path::new("/var/lib/hf/machines"), "mABC");
-        let cfg = JailerConfig::new("jailer".into());
         let ns = Some(Path::new("/run/netns/vmms"));
         let v1 = Cgroups::V1 {
             cpu: "/c".into(),
@@ -559,14 +563,14 @@ cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
         };
         let fc = Path::new("/usr/local/bin/firecracker");
         let api = paths.dir.join("fc.sock");
-        let argv: Vec<String> = argv(&cfg, ns, &v1, fc, &paths, "mABC", &spec(1, 128), &api)
+        let argv: Vec<String> = argv(900_007, ns, &v1, fc, &paths, "mABC", &spec(1, 128), &api)
             .into_iter()
             .map(|a| a.into_string().unwrap())
             .collect();
         let text = argv.join(" ");
         assert!(
             text.starts_with(
-                "--id mABC --exec-file /usr/local/bin/firecracker --uid 64321 --gid 64321 \
+                "--id mABC --exec-file /usr/local/bin/firecracker --uid 900007 --gid 900007 \
                  --chroot-base-dir /var/lib/hf/machines/mABC/jail --cgroup-version 1 "
             ),
             "{text}"
@@ -581,7 +585,7 @@ cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
         let v2 = Cgroups::V2 {
             mount: "/cg".into(),
         };
-        let a = argv_strings(&JailerConfig::new("j".into()), &v2, &paths);
+        let a = argv_strings(&v2, &paths);
         assert!(a.contains(&"cpu.max=100000 100000".to_string()), "{a:?}");
         assert!(!a.contains(&"--netns".to_string()));
         assert_eq!(
@@ -594,9 +598,9 @@ cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
         );
     }
 
-    fn argv_strings(cfg: &JailerConfig, c: &Cgroups, paths: &MachinePaths) -> Vec<String> {
+    fn argv_strings(c: &Cgroups, paths: &MachinePaths) -> Vec<String> {
         argv(
-            cfg,
+            900_000,
             None,
             c,
             Path::new("/fc/firecracker"),
@@ -612,9 +616,15 @@ cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
 
     #[test]
     fn building_a_jail_links_own_files_hands_them_over_and_copies_unreadable_shared_ones() {
-        // Runs as any user: ownership is handed to our own ids.
+        // As root, ownership goes to a machine's uid; as another user, to
+        // its own uid, which works where its gid is the same number.
         // SAFETY: getuid/getgid have no preconditions.
-        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        let (me, my_gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        let uid = if me == 0 { 900_123 } else { me };
+        if me != 0 && me != my_gid {
+            eprintln!("SKIPPED: uid {me} != gid {my_gid}, and only root hands files to others");
+            return;
+        }
         let tmp = tempfile::tempdir().unwrap();
         let paths = MachinePaths::new(&tmp.path().join("machines"), "mABC");
         std::fs::create_dir_all(&paths.dir).unwrap();
@@ -629,8 +639,6 @@ cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
         std::fs::write(&secret, b"initrd").unwrap();
         std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
 
-        let mut cfg = JailerConfig::new("jailer".into());
-        (cfg.uid, cfg.gid) = (uid, gid);
         let root = chroot(&paths, Path::new("/x/firecracker"), "mABC");
         // A leftover from an earlier VMM is cleared first.
         std::fs::create_dir_all(root.join("dev/net")).unwrap();
@@ -640,8 +648,27 @@ cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
             (kernel.clone(), Share::ReadOnly),
             (secret.clone(), Share::ReadOnly),
         ];
-        build(&cfg, &paths, &root, &[&paths.dir], &files).unwrap();
+        build(uid, &paths, &root, &[&paths.dir], &files).unwrap();
         assert!(!root.join("dev").exists());
+        let owner = |p: &Path| {
+            let m = std::fs::metadata(p).unwrap();
+            (m.uid(), m.gid())
+        };
+        assert_eq!(
+            owner(&inside(&root, &disk)),
+            (uid, uid),
+            "the disk is the machine's"
+        );
+        assert_eq!(
+            owner(&inside(&root, &paths.dir)),
+            (uid, uid),
+            "so is the mirror"
+        );
+        assert_eq!(
+            owner(&kernel),
+            (me, my_gid),
+            "a shared file is never chowned"
+        );
         let ino = |p: &Path| std::fs::metadata(p).unwrap().ino();
         assert_eq!(ino(&inside(&root, &disk)), ino(&disk), "the disk is linked");
         assert_eq!(

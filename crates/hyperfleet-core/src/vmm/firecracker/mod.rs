@@ -253,12 +253,11 @@ impl FirecrackerVmm {
             ));
         }
         Ok(format!(
-            "jailed by {} ({}) as uid {} gid {}, {}, networked machines each in a network \
-             namespace of their own",
+            "jailed by {} ({}), each machine as a uid (= gid) of its own from {}, {}, \
+             networked machines each in a network namespace of their own",
             bin.display(),
             jail.version.as_deref().unwrap_or("unknown version"),
-            jail.cfg.uid,
-            jail.cfg.gid,
+            jail.cfg.uids,
             self.cgroups.describe()
         ))
     }
@@ -716,6 +715,12 @@ impl FirecrackerVmm {
                 jail.cfg.binary.display()
             ))
         })?;
+        // The run leases the uid before spawning (`LaunchSpec::uid`).
+        let uid = launch.uid.ok_or_else(|| {
+            unavailable(format!(
+                "machine {id} has no uid of its own to run its jailed VMM as"
+            ))
+        })?;
         let root = jailer::chroot(p, firecracker, id);
         let mut files = vec![
             (Self::disk(p), Share::Own),
@@ -731,7 +736,7 @@ impl FirecrackerVmm {
             files.push((kernel, Share::ReadOnly));
             files.push((initrd, Share::ReadOnly));
         }
-        jailer::build(&jail.cfg, p, &root, &[&p.dir, &p.snapshot_dir()], &files)?;
+        jailer::build(uid, p, &root, &[&p.dir, &p.snapshot_dir()], &files)?;
         for sock in [Self::api_socket(p), Self::vsock_socket(p)] {
             let target = jailer::inside(&root, &sock);
             // Relative, so the link stays right if the data directory moves.
@@ -748,7 +753,7 @@ impl FirecrackerVmm {
         };
         let mut cmd = Command::new(jailer_bin);
         cmd.args(jailer::argv(
-            &jail.cfg,
+            uid,
             netns.as_deref(),
             &self.cgroups,
             firecracker,
@@ -807,8 +812,8 @@ impl Vmm for FirecrackerVmm {
         ))
     }
 
-    fn tap_owner(&self) -> Option<u32> {
-        self.jail.as_ref().map(|j| j.cfg.uid)
+    fn jail_uids(&self) -> Option<crate::vmm::uid::UidRange> {
+        self.jail.as_ref().map(|j| j.cfg.uids)
     }
 
     fn machine_netns(&self) -> bool {

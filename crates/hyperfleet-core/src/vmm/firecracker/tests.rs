@@ -231,8 +231,13 @@ fn launch(dir: &Path, restore: bool) -> LaunchSpec {
         name: "fc-one".into(),
         restore,
         network: None,
+        uid: Some(JAIL_UID),
     }
 }
+
+/// The uid the tests' machines run as when jailed (the run would lease
+/// one; the backend uses what the launch says, and only when jailed).
+const JAIL_UID: u32 = 900_321;
 
 /// Spawns the machine's VMM (for the reaper to kill if the test fails) and
 /// brings its VM to running (configured, or loaded from the snapshot).
@@ -270,7 +275,7 @@ async fn the_jailed_binary_runs_unprivileged_in_its_chroot_and_cgroup_and_leaves
     let netns = TestNetNs::enter("fj");
     let fc = backend(&assets, Some(JailerConfig::new("jailer".into())));
     assert!(fc.jailed());
-    assert_eq!(fc.tap_owner(), Some(jailer::DEFAULT_ID));
+    assert_eq!(fc.jail_uids(), Some(crate::vmm::uid::UidRange::default()));
     flow(&fc, &assets, Some(&netns)).await;
 }
 
@@ -279,8 +284,9 @@ async fn the_jailed_binary_runs_unprivileged_in_its_chroot_and_cgroup_and_leaves
 async fn flow(fc: &FirecrackerVmm, assets: &Path, netns: Option<&TestNetNs>) {
     let machines = tempfile::tempdir().unwrap();
     let mut reaper = Reaper::default();
-    let owner = fc.tap_owner().unwrap_or(0);
     let mut l = launch(machines.path(), false);
+    // Jailed, the machine's uid opens its TAP; unjailed, the daemon's.
+    let owner = if fc.jailed() { JAIL_UID } else { 0 };
     l.network = match netns {
         Some(ns) => Some(ns.tap(fc, "a", owner, 2).await),
         None => None,
@@ -530,7 +536,7 @@ fn vmm_tap<'a>(fc: &FirecrackerVmm, net: &'a GuestNet) -> &'a str {
     }
 }
 
-/// A jailed VMM runs as the jail's uid/gid, inside its chroot, in its
+/// A jailed VMM runs as its machine's uid/gid, inside its chroot, in its
 /// cgroup with the spec's limits; with a network, in the machine's own
 /// network namespace.
 fn assert_jailed(fc: &FirecrackerVmm, l: &LaunchSpec, vmm: &VmmIdentity) {
@@ -543,7 +549,7 @@ fn assert_jailed(fc: &FirecrackerVmm, l: &LaunchSpec, vmm: &VmmIdentity) {
             "its own namespace"
         );
     }
-    let id = jailer::DEFAULT_ID.to_string();
+    let id = l.uid.unwrap().to_string();
     let all = format!("{id} {id} {id} {id}");
     assert_eq!(ids_of(vmm.pid), (all.clone(), all), "unprivileged");
     let root = jailer::chroot(&l.paths, fc.binary.as_ref().unwrap(), &l.machine_id);

@@ -185,8 +185,9 @@ pub struct ServeArgs {
     /// host (/etc/passwd, /etc/group, /etc/subuid, /etc/subgid).
     #[arg(long, env = "HYPERFLEET_JAILER_UID_BASE", default_value_t = hyperfleet_core::vmm::uid::DEFAULT_BASE)]
     pub jailer_uid_base: u32,
-    /// How many uids from --jailer-uid-base machines may hold: at most
-    /// that many machines can have run jailed at once.
+    /// How many uids from --jailer-uid-base there are to hand out: a
+    /// machine holds one from its first jailed start until it is deleted,
+    /// so at most this many machines can hold one at a time.
     #[arg(long, env = "HYPERFLEET_JAILER_UID_COUNT", default_value_t = hyperfleet_core::vmm::uid::DEFAULT_COUNT)]
     pub jailer_uid_count: u32,
     /// Replaced by --jailer-uid-base/--jailer-uid-count (each machine now

@@ -709,6 +709,15 @@ fn a_jailed_machines_network_namespace_survives_a_daemon_crash_and_goes_with_its
         let m = d.call("GET", "/machines/fc", None).body;
         (firecracker_pids(&sb).len() == 1 && m["status"] == "starting").then_some(m)
     });
+    // Until its API answers, the process may still be the jailer, not yet
+    // in the machine's namespace nor running as the machine's uid.
+    let sock = sb
+        .machines_dir()
+        .join(m["id"].as_str().unwrap())
+        .join("fc.sock");
+    eventually("Firecracker to run the VM", Duration::from_secs(30), || {
+        fc_get(&sock, "/").filter(|v| v["state"] == "Running")
+    });
     assert_eq!(
         ns.machine_namespaces(),
         made,
@@ -761,6 +770,16 @@ fn assert_machine_netns(ns: &common::netns::NetNs, m: &Value, pid: i32) -> PathB
         inner.contains(" tun ") || inner.contains("tun type tap"),
         "{inner}"
     );
+    // The TAP is the machine's uid's, the one its VMM runs as.
+    let owner = common::netns::sh(&[
+        "ip",
+        "netns",
+        "exec",
+        name,
+        "cat",
+        "/sys/class/net/tap0/owner",
+    ]);
+    assert_eq!(owner.trim(), ids_of(pid).0.to_string(), "the TAP's owner");
     let host = ns.exec(&["ip", "-o", "-d", "link", "show", tap]);
     assert!(host.contains("veth"), "{host}");
     let route = ns.exec(&["ip", "route", "get", ip]);

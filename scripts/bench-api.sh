@@ -48,6 +48,10 @@ run() { # name, extra wrk args...
   printf '%-34s %12s req/s   p99 %8s%s\n' "$name" "$rps" "$p99" "${non2xx:+   non-2xx: $non2xx}"
 }
 
+# Settle the disk first: dirty data of earlier work (a previous run's
+# removed store and machine directories) would share the journal with the
+# durable creates measured below.
+sync
 echo
 echo "wrk -t2 -c50 -d${DUR}s on loopback, $(nproc) cores"
 run "floor: unknown route (HTTP only)" "$URL/nope"

@@ -148,6 +148,62 @@ fn a_two_record_machine_cache_still_answers_every_read_exactly() {
     assert_eq!(r.status, 201, "{}", r.body);
 }
 
+/// A burst of creates is prepared in the background a few machines at a
+/// time; a start of a machine still waiting there does not queue behind
+/// the others, and every machine ends up prepared exactly once.
+#[test]
+fn a_burst_of_creates_is_prepared_in_the_background_and_a_start_jumps_the_queue() {
+    let sb = Sandbox::new();
+    let d = Daemon::start(&sb);
+    let ids: Vec<String> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..4)
+            .map(|w| {
+                let d = &d;
+                s.spawn(move || {
+                    (0..50)
+                        .map(|i| {
+                            d.create(json!({"name": format!("b{w}-{i}")}))["id"]
+                                .as_str()
+                                .unwrap()
+                                .to_string()
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap())
+            .collect()
+    });
+    let last = ids.last().unwrap();
+    let t0 = std::time::Instant::now();
+    let r = d.call("POST", &format!("/machines/{last}/start"), None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["status"], "running");
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "the start waited {:?}",
+        t0.elapsed()
+    );
+    let prepared = |id: &str| {
+        d.call("GET", &format!("/machines/{id}/events"), None).body["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|e| e["steps"].as_array().cloned().unwrap_or_default())
+            .filter(|s| s["step"] == "prepare_disk")
+            .count()
+    };
+    common::eventually("every machine prepared", Duration::from_secs(60), || {
+        ids.iter().all(|id| prepared(id) >= 1).then_some(())
+    });
+    for id in &ids {
+        assert_eq!(prepared(id), 1, "machine {id} was prepared more than once");
+        assert!(sb.machines_dir().join(id).is_dir(), "{id} has no directory");
+    }
+}
+
 #[test]
 fn bad_input_gets_a_clear_4xx_and_changes_nothing() {
     let sb = Sandbox::new();

@@ -123,6 +123,16 @@ pub enum RunExit {
 
 /// Whether a machine needs no run right now: converged, no VMM, nothing
 /// under way. Such a run ends so that idle machines cost no task.
+/// A machine whose only work is create-time preparation and which nobody
+/// waits for (never started, nothing wanted): its run can wait for a
+/// background slot.
+pub fn background_only(rec: &MachineRecord) -> bool {
+    rec.vmm.is_none()
+        && rec.current_step.is_none()
+        && rec.desired == Desired::Stopped
+        && plan::next_step(rec, VmmSeen::None, true) == Step::Prepare
+}
+
 pub fn quiescent(rec: &MachineRecord) -> bool {
     rec.vmm.is_none()
         && rec.current_step.is_none()

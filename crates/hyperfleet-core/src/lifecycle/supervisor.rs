@@ -3,7 +3,7 @@
 //! transition table), makes sure the machine's run exists, and lets callers
 //! wait for the outcome on in-memory notifications.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -65,13 +65,33 @@ pub enum WaitOutcome {
 pub struct Supervisor {
     ctx: Arc<RunCtx>,
     runs: Mutex<HashMap<String, JoinHandle<()>>>,
+    background: Mutex<Background>,
 }
+
+/// Runs whose only work is create-time preparation nobody waits for. A
+/// burst of creates (or a restart with many unprepared machines) would
+/// otherwise start one run per machine at once: each a task holding its
+/// record and change channel, all competing for the disk, so memory grew
+/// with the backlog (measured: +35 MiB during a 10 s create burst). They
+/// wait here as ids and are admitted [`BACKGROUND_RUNS`] at a time; a
+/// request for a waiting machine starts its run at once.
+#[derive(Default)]
+struct Background {
+    waiting: VecDeque<String>,
+    /// Machines whose run holds a background slot.
+    admitted: HashSet<String>,
+}
+
+/// Background runs at once: enough to keep the disk busy, few enough that
+/// they never crowd out requests.
+const BACKGROUND_RUNS: usize = 8;
 
 impl Supervisor {
     pub fn new(ctx: RunCtx) -> Arc<Self> {
         Arc::new(Supervisor {
             ctx: Arc::new(ctx),
             runs: Mutex::new(HashMap::new()),
+            background: Mutex::new(Background::default()),
         })
     }
 
@@ -88,7 +108,10 @@ impl Supervisor {
     pub fn start_all(self: &Arc<Self>) -> Result<usize, StoreError> {
         let mut started = 0;
         for m in self.ctx.store.all_machines()? {
-            if !run::quiescent(&m) {
+            if run::background_only(&m) {
+                self.ensure_run_later(&m.id);
+                started += 1;
+            } else if !run::quiescent(&m) {
                 self.ensure_run(&m.id);
                 started += 1;
             }
@@ -96,56 +119,107 @@ impl Supervisor {
         Ok(started)
     }
 
-    /// Makes sure machine `id` has exactly one live run.
+    /// Makes sure machine `id` has exactly one live run, now (a request is
+    /// waiting for it).
     pub fn ensure_run(self: &Arc<Self>, id: &str) {
+        // A run admitted as background work now serves a request: it no
+        // longer holds a background slot.
+        if lock(&self.background).admitted.remove(id) {
+            self.admit();
+        }
+        self.spawn_run(id);
+    }
+
+    /// Makes sure machine `id` gets a run once a background slot is free
+    /// (see [`Background`]).
+    fn ensure_run_later(self: &Arc<Self>, id: &str) {
+        lock(&self.background).waiting.push_back(id.to_string());
+        self.admit();
+    }
+
+    /// Starts waiting background runs while slots are free.
+    fn admit(self: &Arc<Self>) {
+        loop {
+            let id = {
+                let mut bg = lock(&self.background);
+                if bg.admitted.len() >= BACKGROUND_RUNS {
+                    return;
+                }
+                let Some(id) = bg.waiting.pop_front() else {
+                    return;
+                };
+                bg.admitted.insert(id.clone());
+                id
+            };
+            if !self.spawn_run(&id) {
+                // Its run already exists (a request started it): no slot.
+                lock(&self.background).admitted.remove(&id);
+            }
+        }
+    }
+
+    /// Spawns machine `id`'s run unless one is live; true when it spawned.
+    fn spawn_run(self: &Arc<Self>, id: &str) -> bool {
         let mut runs = lock(&self.runs);
         if let Some(h) = runs.get(id) {
             if !h.is_finished() {
-                return;
+                return false;
             }
         }
         let me = Arc::clone(self);
         let mid = id.to_string();
         let handle = tokio::spawn(async move {
-            loop {
-                let task = tokio::spawn(run::run(me.ctx.clone(), mid.clone()));
-                match task.await {
-                    Ok(RunExit::Deleted) => {
-                        lock(&me.runs).remove(&mid);
-                        return;
-                    }
-                    Ok(RunExit::Quiescent) => {
-                        // Requests write the store *before* calling
-                        // ensure_run, which takes this same lock: either we
-                        // see their change here and go on, or they find no
-                        // run after we leave and start a new one.
-                        let mut runs = lock(&me.runs);
-                        // A read error is not idleness: run again.
-                        let still_idle = me
-                            .ctx
-                            .store
-                            .get_by_id(&mid)
-                            .is_ok_and(|m| m.is_some_and(|m| run::quiescent(&m.rec)));
-                        if still_idle {
-                            runs.remove(&mid);
-                            // The run's receiver is gone: an idle machine
-                            // keeps no change channel unless someone waits.
-                            me.ctx.store.forget_idle_watcher(&mid);
-                            return;
-                        }
-                    }
-                    Err(e) if e.is_panic() => {
-                        tracing::error!(machine = %mid, "BUG: machine run panicked; restarting it in 1 s");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                    }
-                    Err(_) => {
-                        lock(&me.runs).remove(&mid);
-                        return;
-                    }
-                }
+            me.drive(&mid).await;
+            if lock(&me.background).admitted.remove(&mid) {
+                me.admit();
             }
         });
         runs.insert(id.to_string(), handle);
+        true
+    }
+
+    /// Runs machine `id`'s run until the machine is deleted or idle,
+    /// restarting it after a panic.
+    async fn drive(self: &Arc<Self>, mid: &str) {
+        let me = self;
+        let mid = mid.to_string();
+        loop {
+            let task = tokio::spawn(run::run(me.ctx.clone(), mid.clone()));
+            match task.await {
+                Ok(RunExit::Deleted) => {
+                    lock(&me.runs).remove(&mid);
+                    return;
+                }
+                Ok(RunExit::Quiescent) => {
+                    // Requests write the store *before* calling
+                    // ensure_run, which takes this same lock: either we
+                    // see their change here and go on, or they find no
+                    // run after we leave and start a new one.
+                    let mut runs = lock(&me.runs);
+                    // A read error is not idleness: run again.
+                    let still_idle = me
+                        .ctx
+                        .store
+                        .get_by_id(&mid)
+                        .is_ok_and(|m| m.is_some_and(|m| run::quiescent(&m.rec)));
+                    if still_idle {
+                        runs.remove(&mid);
+                        // The run's receiver is gone: an idle machine
+                        // keeps no change channel unless someone waits.
+                        me.ctx.store.forget_idle_watcher(&mid);
+                        return;
+                    }
+                }
+                Err(e) if e.is_panic() => {
+                    tracing::error!(machine = %mid, "BUG: machine run panicked; restarting it in 1 s");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(_) => {
+                    lock(&me.runs).remove(&mid);
+                    return;
+                }
+            }
+        }
     }
 
     pub fn run_count(&self) -> usize {
@@ -190,10 +264,12 @@ impl Supervisor {
             .store
             .get_by_id(&id)?
             .ok_or_else(|| LifecycleError::NotFound(id.clone()))?;
-        // A new machine's run prepares its directory and disk; a machine
-        // with nothing to do (no create-time work) gets no run until its
+        // A new machine's run prepares its directory and disk in the
+        // background; a machine with nothing to do gets no run until its
         // first request.
-        if !run::quiescent(&entry.rec) {
+        if run::background_only(&entry.rec) {
+            self.ensure_run_later(&id);
+        } else if !run::quiescent(&entry.rec) {
             self.ensure_run(&id);
         }
         Ok(entry)

@@ -3,7 +3,7 @@
 //! transition table), makes sure the machine's run exists, and lets callers
 //! wait for the outcome on in-memory notifications.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -65,21 +65,12 @@ pub enum WaitOutcome {
 pub struct Supervisor {
     ctx: Arc<RunCtx>,
     runs: Mutex<HashMap<String, JoinHandle<()>>>,
-    background: Mutex<Background>,
-}
-
-/// Runs whose only work is create-time preparation nobody waits for. A
-/// burst of creates (or a restart with many unprepared machines) would
-/// otherwise start one run per machine at once: each a task holding its
-/// record and change channel, all competing for the disk, so memory grew
-/// with the backlog (measured: +35 MiB during a 10 s create burst). They
-/// wait here as ids and are admitted [`BACKGROUND_RUNS`] at a time; a
-/// request for a waiting machine starts its run at once.
-#[derive(Default)]
-struct Background {
-    waiting: VecDeque<String>,
-    /// Machines whose run holds a background slot.
-    admitted: HashSet<String>,
+    /// Machines whose run holds a background slot (see [`admit`]).
+    ///
+    /// [`admit`]: Supervisor::admit
+    background: Mutex<HashSet<String>>,
+    /// Wakes the admission loop: a create, a freed slot.
+    background_wake: tokio::sync::Notify,
 }
 
 /// Background runs at once: enough to keep the disk busy, few enough that
@@ -91,7 +82,8 @@ impl Supervisor {
         Arc::new(Supervisor {
             ctx: Arc::new(ctx),
             runs: Mutex::new(HashMap::new()),
-            background: Mutex::new(Background::default()),
+            background: Mutex::new(HashSet::new()),
+            background_wake: tokio::sync::Notify::new(),
         })
     }
 
@@ -105,17 +97,18 @@ impl Supervisor {
     /// under way. A quiescent machine (no VMM, no step under way, nothing
     /// wanted) would only start a run that ends at once, so it gets none;
     /// its next request starts one.
+    /// Machines whose only work is preparation are left to the admission
+    /// loop, which this starts.
     pub fn start_all(self: &Arc<Self>) -> Result<usize, StoreError> {
         let mut started = 0;
         for m in self.ctx.store.all_machines()? {
-            if run::background_only(&m) {
-                self.ensure_run_later(&m.id);
-                started += 1;
-            } else if !run::quiescent(&m) {
+            if !run::quiescent(&m) && !run::background_only(&m) {
                 self.ensure_run(&m.id);
                 started += 1;
             }
         }
+        let me = Arc::clone(self);
+        tokio::spawn(async move { me.admission_loop().await });
         Ok(started)
     }
 
@@ -124,38 +117,53 @@ impl Supervisor {
     pub fn ensure_run(self: &Arc<Self>, id: &str) {
         // A run admitted as background work now serves a request: it no
         // longer holds a background slot.
-        if lock(&self.background).admitted.remove(id) {
-            self.admit();
+        if lock(&self.background).remove(id) {
+            self.background_wake.notify_one();
         }
         self.spawn_run(id);
     }
 
-    /// Makes sure machine `id` gets a run once a background slot is free
-    /// (see [`Background`]).
-    fn ensure_run_later(self: &Arc<Self>, id: &str) {
-        lock(&self.background).waiting.push_back(id.to_string());
-        self.admit();
+    /// Runs whose only work is create-time preparation nobody waits for
+    /// (`run::background_only`) are background work. Starting one per
+    /// machine at once — a burst of creates, a restart with many
+    /// unprepared machines — held a task with its record and change
+    /// channel per machine, all competing for the disk (measured: +35 MiB
+    /// during a 10 s create burst). Instead the store is the queue (the
+    /// partial index of unprepared machines, oldest first) and this loop
+    /// admits [`BACKGROUND_RUNS`] at a time, so memory holds only the
+    /// admitted ids; a request for a waiting machine starts its run at once.
+    async fn admission_loop(self: Arc<Self>) {
+        loop {
+            if let Err(e) = self.admit() {
+                tracing::error!(error = %e, "cannot look for machines to prepare; retrying in 1 s");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            self.background_wake.notified().await;
+        }
     }
 
-    /// Starts waiting background runs while slots are free.
-    fn admit(self: &Arc<Self>) {
-        loop {
-            let id = {
-                let mut bg = lock(&self.background);
-                if bg.admitted.len() >= BACKGROUND_RUNS {
-                    return;
-                }
-                let Some(id) = bg.waiting.pop_front() else {
-                    return;
-                };
-                bg.admitted.insert(id.clone());
-                id
-            };
+    /// Fills the free background slots with the oldest unprepared machines.
+    fn admit(self: &Arc<Self>) -> Result<(), StoreError> {
+        let admitted: HashSet<String> = lock(&self.background).clone();
+        let free = BACKGROUND_RUNS.saturating_sub(admitted.len());
+        if free == 0 {
+            return Ok(());
+        }
+        // Admitted machines are still unprepared: ask for enough to skip them.
+        let next = self.ctx.store.unprepared_ids(free + admitted.len())?;
+        for id in next
+            .into_iter()
+            .filter(|id| !admitted.contains(id))
+            .take(free)
+        {
+            lock(&self.background).insert(id.clone());
             if !self.spawn_run(&id) {
                 // Its run already exists (a request started it): no slot.
-                lock(&self.background).admitted.remove(&id);
+                lock(&self.background).remove(&id);
             }
         }
+        Ok(())
     }
 
     /// Spawns machine `id`'s run unless one is live; true when it spawned.
@@ -170,8 +178,8 @@ impl Supervisor {
         let mid = id.to_string();
         let handle = tokio::spawn(async move {
             me.drive(&mid).await;
-            if lock(&me.background).admitted.remove(&mid) {
-                me.admit();
+            if lock(&me.background).remove(&mid) {
+                me.background_wake.notify_one();
             }
         });
         runs.insert(id.to_string(), handle);
@@ -268,7 +276,7 @@ impl Supervisor {
         // background; a machine with nothing to do gets no run until its
         // first request.
         if run::background_only(&entry.rec) {
-            self.ensure_run_later(&id);
+            self.background_wake.notify_one();
         } else if !run::quiescent(&entry.rec) {
             self.ensure_run(&id);
         }

@@ -336,6 +336,12 @@ impl Store {
         self.read(|c| rows::load_machines(c, rows::MachineFilter::WithVmm))
     }
 
+    /// Up to `limit` of the oldest machines waiting only for create-time
+    /// preparation (see `lifecycle::run::background_only`).
+    pub fn unprepared_ids(&self, limit: usize) -> Result<Vec<String>, StoreError> {
+        self.read(|c| rows::unprepared_ids(c, limit))
+    }
+
     pub fn all_machine_ids(&self) -> Result<Vec<String>, StoreError> {
         self.read(rows::machine_ids)
     }

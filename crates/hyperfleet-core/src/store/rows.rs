@@ -360,6 +360,26 @@ pub fn list_ids(
         .map_err(|e| StoreError::sql("reading a machine id", e))
 }
 
+/// The oldest machines whose only work is preparation nobody waits for
+/// (never started, nothing wanted, no VMM, no step under way), from the
+/// partial index of migration 5.
+pub fn unprepared_ids(conn: &Connection, limit: usize) -> Result<Vec<String>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT id FROM machines WHERE prepared = 0 AND status = 'pending' \
+             AND desired = 'stopped' AND vmm_pid IS NULL AND current_step IS NULL \
+             ORDER BY created_at, id LIMIT ?1",
+        )
+        .map_err(|e| StoreError::sql("preparing the unprepared-machine query", e))?;
+    let rows = stmt
+        .query_map(params![i64::try_from(limit).unwrap_or(i64::MAX)], |r| {
+            r.get::<_, String>(0)
+        })
+        .map_err(|e| StoreError::sql("finding machines to prepare", e))?;
+    rows.collect::<Result<Vec<_>, _>>()
+        .map_err(|e| StoreError::sql("reading a machine id", e))
+}
+
 /// Every machine id.
 pub fn machine_ids(conn: &Connection) -> Result<Vec<String>, StoreError> {
     let mut stmt = conn

@@ -108,6 +108,12 @@ const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE machines ADD COLUMN jail_uid INTEGER;
     "#,
+    // 5: machines still to prepare, oldest first: the queue the supervisor
+    // admits background preparation from (a partial index, so it holds
+    // only the unprepared rows).
+    r#"
+    CREATE INDEX machines_unprepared ON machines(created_at, id) WHERE prepared = 0;
+    "#,
 ];
 
 pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {

@@ -202,24 +202,11 @@ impl Counts {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::MachineSpec;
     use hyperfleet_api::VmmKind;
 
     fn rec(id: &str, tenant: &str, name: &str) -> MachineRecord {
-        let spec = MachineSpec {
-            vmm: VmmKind::Qemu,
-            vcpu_count: 1,
-            mem_size_mib: 128,
-            exposed_ports: vec![],
-            env: Default::default(),
-            metadata: Default::default(),
-            idle_timeout_seconds: None,
-            persistence: None,
-            image: None,
-            egress: true,
-            public: false,
-            access_token: None,
-        };
+        let (_, spec) = crate::validate::validate_create(Default::default(), VmmKind::Stub)
+            .expect("an empty create request is valid");
         MachineRecord::new(id.into(), tenant, name.into(), spec, 1)
     }
 

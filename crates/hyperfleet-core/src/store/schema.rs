@@ -146,3 +146,78 @@ pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
 pub fn schema_version() -> i64 {
     MIGRATIONS.len() as i64
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Store;
+    use hyperfleet_api::{MachineStatus, VmmKind};
+
+    /// A database as the release with schema version 2 left it (machines
+    /// with network leases, before the cache indexes, jail uids and the
+    /// preparation queue), holding one prepared, stopped machine.
+    fn version_2_database(path: &std::path::Path) {
+        let conn = Connection::open(path).unwrap();
+        for sql in &MIGRATIONS[..2] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 2).unwrap();
+        let (_, mut spec) = crate::validate::validate_create(Default::default(), VmmKind::Stub)
+            .expect("an empty create request is valid");
+        spec.exposed_ports = vec![8080];
+        conn.execute(
+            "INSERT INTO machines (id, tenant, name, spec, status, desired, generation, \
+             prepared, created_at, updated_at) VALUES ('mold', 'default', 'old', ?1, 'stopped', \
+             'stopped', 3, 1, 1000, 2000)",
+            [serde_json::to_string(&spec).unwrap()],
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn a_version_2_database_is_migrated_and_its_machines_read_as_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hyperfleet.db");
+        version_2_database(&path);
+        let store = Store::open(&path).unwrap();
+        let conn = Connection::open(&path).unwrap();
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, schema_version());
+        let m = store.get(Some("default"), "old").unwrap().unwrap();
+        assert_eq!(m.rec.id, "mold");
+        assert_eq!(m.rec.status, MachineStatus::Stopped);
+        assert_eq!(m.rec.generation, 3);
+        assert_eq!(m.rec.spec.exposed_ports, vec![8080]);
+        assert_eq!(m.rec.jail_uid, None);
+        let (page, total) = store.list("default", None, 10, 0).unwrap();
+        assert_eq!((page.len(), total), (1, 1));
+        assert_eq!(
+            store
+                .list("default", Some(MachineStatus::Stopped), 10, 0)
+                .unwrap()
+                .1,
+            1
+        );
+        // Prepared: not in the preparation queue.
+        assert!(store.unprepared_ids(10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_database_of_a_newer_release_is_refused_and_its_schema_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hyperfleet.db");
+        let conn = Connection::open(&path).unwrap();
+        conn.pragma_update(None, "user_version", schema_version() + 1)
+            .unwrap();
+        drop(conn);
+        let err = Store::open(&path).err().expect("a newer schema is refused");
+        assert!(err.to_string().contains("newer release"), "{err}");
+        let conn = Connection::open(&path).unwrap();
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, schema_version() + 1);
+    }
+}

@@ -736,6 +736,21 @@ fn a_jailed_machines_network_namespace_survives_a_daemon_crash_and_goes_with_its
     assert!(!machine_ns.exists(), "{} is left", machine_ns.display());
     assert_eq!(ns.hyperfleet_taps(), Vec::<String>::new(), "veth left");
     let id = m["id"].as_str().unwrap();
+    // Nor does the dead VMM's jail, cgroup or sockets wait for a delete.
+    let dir = sb.machines_dir().join(id);
+    for left in ["jail", "fc.sock", "vsock.sock", "mem.base"] {
+        assert!(
+            !dir.join(left).exists(),
+            "{left} is left after the VMM died"
+        );
+    }
+    for c in cgroup_dirs(id) {
+        assert!(
+            !c.exists(),
+            "the cgroup {} is left after the VMM died",
+            c.display()
+        );
+    }
     assert_eq!(d.call("DELETE", "/machines/fc", None).status, 204);
     assert_nothing_left(&sb, id);
     assert_eq!(ns.machine_namespaces(), Vec::<String>::new());

@@ -375,7 +375,7 @@ impl Run {
                         .await
                         .map_err(|e| VmmError::host("killing the VMM of a failed machine", e))?;
                 }
-                self.drop_tap(rec).await;
+                self.vmm_gone(rec).await;
                 self.persist(Some(Journal::done(steps::KILL, "cleanup")), |r| {
                     r.vmm = None;
                     observe(r, Observation::VmmExited);
@@ -635,7 +635,7 @@ impl Run {
         process::kill(&vmm)
             .await
             .map_err(|e| VmmError::host("killing the VMM", e))?;
-        self.drop_tap(rec).await;
+        self.vmm_gone(rec).await;
         failpoint::hit("stop.after_effect");
         self.persist(Some(Journal::finished(step, t0, Some(path))), |r| {
             r.vmm = None;
@@ -668,7 +668,7 @@ impl Run {
         process::kill(&vmm)
             .await
             .map_err(|e| VmmError::host("stopping the VMM after saving its memory", e))?;
-        self.drop_tap(rec).await;
+        self.vmm_gone(rec).await;
         failpoint::hit("suspend.after_effect");
         self.persist(Some(Journal::finished(steps::SAVE_STATE, t0, None)), |r| {
             r.vmm = None;
@@ -682,7 +682,7 @@ impl Run {
     async fn forget_vmm(&mut self, rec: &MachineRecord, obs: Observation) -> Result<(), RunError> {
         let was = rec.status;
         tracing::warn!(machine = %rec.id, status = %was, "the VMM process is gone");
-        self.drop_tap(rec).await;
+        self.vmm_gone(rec).await;
         self.persist(
             Some(Journal::done(
                 steps::FORGET,
@@ -861,10 +861,18 @@ impl Run {
     /// Removes the machine's TAP device once its VMM is gone. Best effort:
     /// a device that could not be removed now is removed by the next
     /// stop, the release, or the startup sweep, and a start reuses it.
-    async fn drop_tap(&self, rec: &MachineRecord) {
+    /// The machine's VMM is gone: its TAP goes, and the backend removes
+    /// what the process left (`Vmm::after_exit`). Failures are logged, not
+    /// fatal: the next start and the delete clean up again.
+    async fn vmm_gone(&self, rec: &MachineRecord) {
         if let (Some(net), Some(lease)) = (&self.ctx.net, &rec.network) {
             if let Err(e) = net.remove_tap(&lease.tap).await {
                 tracing::warn!(machine = %rec.id, tap = %lease.tap, error = %e, "could not remove the TAP device");
+            }
+        }
+        if let Ok(backend) = self.backend(rec.spec.vmm) {
+            if let Err(e) = backend.after_exit(&self.launch(rec)).await {
+                tracing::warn!(machine = %rec.id, error = %e, "could not remove what the VMM left");
             }
         }
     }
@@ -898,7 +906,7 @@ impl Run {
                 tracing::error!(machine = %rec.id, pid = v.pid, error = %ke, "could not kill the VMM of a failed step");
             }
         }
-        self.drop_tap(&latest).await;
+        self.vmm_gone(&latest).await;
         let deleting = latest.desired == Desired::Deleted;
         let timing = StepTiming {
             step: format!("{step:?}"),

@@ -203,6 +203,14 @@ pub trait Vmm: Send + Sync + 'static {
     /// left paused; the run kills it afterwards.
     async fn save_state(&self, launch: &LaunchSpec) -> Result<(), VmmError>;
 
+    /// The machine's VMM is gone (stopped, suspended, killed, crashed or
+    /// killed from outside): remove what it left on the host besides the
+    /// machine's files (sockets, a jail, cgroups), so nothing waits for the
+    /// next start or the delete to be cleaned up. Idempotent.
+    async fn after_exit(&self, _launch: &LaunchSpec) -> Result<(), VmmError> {
+        Ok(())
+    }
+
     /// Removes everything `prepare` and the VMM created. Idempotent.
     async fn release(&self, paths: &MachinePaths) -> Result<(), VmmError>;
 }

@@ -1058,6 +1058,11 @@ impl Vmm for FirecrackerVmm {
         Ok(())
     }
 
+    async fn after_exit(&self, launch: &LaunchSpec) -> Result<(), VmmError> {
+        self.agents.forget(&launch.machine_id);
+        self.remove_leftovers(&launch.paths, &launch.machine_id)
+    }
+
     async fn release(&self, paths: &MachinePaths) -> Result<(), VmmError> {
         if let Some(id) = paths.dir.file_name().and_then(|n| n.to_str()) {
             self.agents.forget(id);

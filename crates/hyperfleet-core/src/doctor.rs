@@ -238,6 +238,42 @@ pub fn run(config: &Config) -> Vec<Check> {
                 .into()
         },
     });
+    // The uids jailed VMMs lease one each of: the range `serve` would use
+    // (its flags' environment variables, else the defaults), checked as the
+    // daemon checks it at start.
+    let env_u32 = |name: &str, default: u32| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(default)
+    };
+    let uids = crate::vmm::uid::UidRange::new(
+        env_u32("HYPERFLEET_JAILER_UID_BASE", crate::vmm::uid::DEFAULT_BASE),
+        env_u32(
+            "HYPERFLEET_JAILER_UID_COUNT",
+            crate::vmm::uid::DEFAULT_COUNT,
+        ),
+    )
+    .and_then(|r| r.check_host().map(|()| r));
+    out.push(match uids {
+        Ok(r) => check(
+            "jailer_uids",
+            Level::Ok,
+            format!(
+                "uids {}–{} are free for jailed VMMs (one per machine; gid = uid)",
+                r.base,
+                r.last()
+            ),
+            "",
+        ),
+        Err(why) => check(
+            "jailer_uids",
+            Level::Warn,
+            why,
+            "pick a free range with --jailer-uid-base/--jailer-uid-count (the daemon refuses \
+             to start a jailer with this one)",
+        ),
+    });
     // Whether the guest kernel finds Firecracker's devices: judged on any
     // host, so a kernel problem shows before the move to hardware KVM.
     if let Ok(set) = crate::assets::AssetSet::load(&config.assets_path()) {

@@ -1211,3 +1211,36 @@ fn the_asset_kernel_finds_firecrackers_devices_through_acpi() {
         .unwrap_or_else(|| panic!("no firecracker_kernel check in:\n{text}"));
     assert!(line.contains("ok") && line.contains("ACPI"), "{line}");
 }
+
+/// `doctor` checks the uid range jailed VMMs would lease from, as the
+/// daemon does at start, reading the same environment as `serve`.
+#[test]
+fn doctor_checks_the_jail_uid_range_serve_would_use() {
+    let sb = Sandbox::new();
+    let doctor = |env: &[(&str, &str)]| {
+        let out = std::process::Command::new(common::bin())
+            .args(["doctor", "--data-dir"])
+            .arg(sb.path())
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.lines()
+            .find(|l| l.starts_with("jailer_uids"))
+            .unwrap_or_else(|| panic!("no jailer_uids check in:\n{text}"))
+            .to_string()
+    };
+    let default = doctor(&[]);
+    assert!(
+        default.contains("ok") && default.contains("900000"),
+        "{default}"
+    );
+    let nobody = doctor(&[
+        ("HYPERFLEET_JAILER_UID_BASE", "65534"),
+        ("HYPERFLEET_JAILER_UID_COUNT", "2"),
+    ]);
+    assert!(
+        nobody.contains("WARN") && nobody.contains("nobody"),
+        "{nobody}"
+    );
+}

@@ -133,6 +133,11 @@ pub fn background_only(rec: &MachineRecord) -> bool {
         && plan::next_step(rec, VmmSeen::None, true) == Step::Prepare
 }
 
+/// How often, and how far apart, adoption looks again for a VMM spawned
+/// before a crash when the first look finds none (about half a second).
+const ORPHAN_RESCANS: usize = 10;
+const ORPHAN_RESCAN_PAUSE: Duration = Duration::from_millis(50);
+
 pub fn quiescent(rec: &MachineRecord) -> bool {
     rec.vmm.is_none()
         && rec.current_step.is_none()
@@ -388,8 +393,20 @@ impl Run {
 
     async fn adopt_orphan(&mut self, rec: &MachineRecord) -> Result<(), RunError> {
         let marker = self.ctx.paths(&rec.id).dir.display().to_string();
-        let found = process::find_by_marker(&marker);
         let t0 = Instant::now();
+        // "None found" decides that no VMM was spawned, and the start is
+        // then simply done again: it must not be a process caught where its
+        // command line cannot be read (mid-exec, as a jailer turning into
+        // Firecracker right after the daemon died). Look again a few times
+        // before believing it; this path runs only after a crash.
+        let mut found = process::find_by_marker(&marker);
+        for _ in 0..ORPHAN_RESCANS {
+            if !found.is_empty() {
+                break;
+            }
+            tokio::time::sleep(ORPHAN_RESCAN_PAUSE).await;
+            found = process::find_by_marker(&marker);
+        }
         match found.as_slice() {
             [one] => {
                 tracing::warn!(machine = %rec.id, pid = one.pid, "adopting a VMM spawned before the daemon stopped");

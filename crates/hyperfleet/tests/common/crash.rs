@@ -272,9 +272,10 @@ pub fn run(case: &Case) {
                 assert_eq!(
                     pids.len(),
                     n,
-                    "{ctx}: after {} ({:?}) the processes are {pids:?}",
+                    "{ctx}: after {} ({:?}) the processes are {pids:?}\n{}",
                     step.req,
-                    step.want
+                    step.want,
+                    d.log()
                 );
             }
         }

@@ -96,20 +96,22 @@ impl Supervisor {
     /// observes the host and finishes or undoes what its journal says was
     /// under way. A quiescent machine (no VMM, no step under way, nothing
     /// wanted) would only start a run that ends at once, so it gets none;
-    /// its next request starts one.
-    /// Machines whose only work is preparation are left to the admission
-    /// loop, which this starts.
+    /// its next request starts one. Machines whose only work is
+    /// preparation are left to the admission loop, which this starts.
     pub fn start_all(self: &Arc<Self>) -> Result<usize, StoreError> {
-        let mut started = 0;
-        for m in self.ctx.store.all_machines()? {
+        // Streamed: only the ids of machines with work are kept.
+        let mut busy = Vec::new();
+        self.ctx.store.for_each_machine(|m| {
             if !run::quiescent(&m) && !run::background_only(&m) {
-                self.ensure_run(&m.id);
-                started += 1;
+                busy.push(m.id);
             }
+        })?;
+        for id in &busy {
+            self.ensure_run(id);
         }
         let me = Arc::clone(self);
         tokio::spawn(async move { me.admission_loop().await });
-        Ok(started)
+        Ok(busy.len())
     }
 
     /// Makes sure machine `id` has exactly one live run, now (a request is
@@ -190,12 +192,11 @@ impl Supervisor {
     /// restarting it after a panic.
     async fn drive(self: &Arc<Self>, mid: &str) {
         let me = self;
-        let mid = mid.to_string();
         loop {
-            let task = tokio::spawn(run::run(me.ctx.clone(), mid.clone()));
+            let task = tokio::spawn(run::run(me.ctx.clone(), mid.to_string()));
             match task.await {
                 Ok(RunExit::Deleted) => {
-                    lock(&me.runs).remove(&mid);
+                    lock(&me.runs).remove(mid);
                     return;
                 }
                 Ok(RunExit::Quiescent) => {
@@ -208,13 +209,13 @@ impl Supervisor {
                     let still_idle = me
                         .ctx
                         .store
-                        .get_by_id(&mid)
+                        .get_by_id(mid)
                         .is_ok_and(|m| m.is_some_and(|m| run::quiescent(&m.rec)));
                     if still_idle {
-                        runs.remove(&mid);
+                        runs.remove(mid);
                         // The run's receiver is gone: an idle machine
                         // keeps no change channel unless someone waits.
-                        me.ctx.store.forget_idle_watcher(&mid);
+                        me.ctx.store.forget_idle_watcher(mid);
                         return;
                     }
                 }
@@ -223,7 +224,7 @@ impl Supervisor {
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
                 Err(_) => {
-                    lock(&me.runs).remove(&mid);
+                    lock(&me.runs).remove(mid);
                     return;
                 }
             }

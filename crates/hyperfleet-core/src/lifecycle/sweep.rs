@@ -5,7 +5,6 @@
 //! database restored from backup). Objects of known machines are left to
 //! their runs, which know what they own.
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use crate::store::Store;
@@ -19,13 +18,13 @@ pub struct SweepReport {
 
 pub async fn sweep(store: &Store, machines_dir: &Path) -> SweepReport {
     let mut report = SweepReport::default();
-    // Without the list of machines nothing can be called an orphan.
-    let known: HashMap<String, Option<crate::store::VmmIdentity>> = match store.all_machines() {
-        Ok(all) => all.into_iter().map(|m| (m.id, m.vmm)).collect(),
-        Err(e) => {
-            tracing::error!(error = %e, "cannot read the machines; skipping the orphan sweep");
-            return report;
-        }
+    // Each process and directory is looked up by its machine id (a point
+    // read), so the sweep holds no list of every machine. A machine that
+    // cannot be read can be called no orphan: the sweep stops.
+    let known = |id: &str| {
+        store.machine_vmm(id).inspect_err(|e| {
+            tracing::error!(machine = %id, error = %e, "cannot read the machine; stopping the orphan sweep");
+        })
     };
 
     // Processes whose command line names a machine directory of ours.
@@ -34,11 +33,14 @@ pub async fn sweep(store: &Store, machines_dir: &Path) -> SweepReport {
         let Some(id) = machine_id_in_cmdline(v.pid, &prefix) else {
             continue;
         };
-        let orphan = match known.get(&id) {
+        let Ok(recorded) = known(&id) else {
+            return report;
+        };
+        let orphan = match recorded {
             None => true,
             // A second process for a known machine that recorded another
             // one (and is not mid-spawn): never two VMMs per machine.
-            Some(Some(recorded)) => *recorded != v,
+            Some(Some(recorded)) => recorded != v,
             // Known machine with no recorded VMM: its run adopts or kills it
             // (a crash between spawn and recording the pid).
             Some(None) => false,
@@ -58,8 +60,10 @@ pub async fn sweep(store: &Store, machines_dir: &Path) -> SweepReport {
     if let Ok(entries) = std::fs::read_dir(machines_dir) {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().to_string();
-            if known.contains_key(&name) {
-                continue;
+            match known(&name) {
+                Ok(Some(_)) => continue,
+                Ok(None) => {}
+                Err(_) => return report,
             }
             tracing::warn!(dir = %e.path().display(), "removing an orphan machine directory");
             if let Err(err) = cgroups.remove(&name) {

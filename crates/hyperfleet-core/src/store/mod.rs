@@ -321,9 +321,16 @@ impl Store {
         Ok((page.into_iter().flatten().collect(), total))
     }
 
-    /// Every machine of every tenant, read from SQLite (startup recovery).
-    pub fn all_machines(&self) -> Result<Vec<MachineRecord>, StoreError> {
-        self.read(|c| rows::load_machines(c, rows::MachineFilter::All))
+    /// Hands every machine of every tenant to `f`, one at a time, straight
+    /// from SQLite (startup recovery): memory holds one record, not all.
+    pub fn for_each_machine(&self, f: impl FnMut(MachineRecord)) -> Result<(), StoreError> {
+        self.read(|c| rows::for_each_machine(c, rows::MachineFilter::All, f))
+    }
+
+    /// Whether machine `id` exists (`None`: no such machine) and the VMM it
+    /// records; a point read that leaves the cache alone (the orphan sweep).
+    pub fn machine_vmm(&self, id: &str) -> Result<Option<Option<VmmIdentity>>, StoreError> {
+        self.read(|c| rows::machine_vmm(c, id))
     }
 
     /// The machines holding a network lease (firewall rules, TAP sweep).
@@ -340,10 +347,6 @@ impl Store {
     /// preparation (see `lifecycle::run::background_only`).
     pub fn unprepared_ids(&self, limit: usize) -> Result<Vec<String>, StoreError> {
         self.read(|c| rows::unprepared_ids(c, limit))
-    }
-
-    pub fn all_machine_ids(&self) -> Result<Vec<String>, StoreError> {
-        self.read(rows::machine_ids)
     }
 
     pub fn machine_count(&self) -> usize {

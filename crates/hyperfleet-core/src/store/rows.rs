@@ -33,6 +33,22 @@ const INSERT_MACHINE: &str = "INSERT INTO machines (id, tenant, name, spec, crea
     :current_step, :prepared, :has_snapshot, :operation_id, :updated_at, :started_at, \
     :observed_generation)";
 
+/// The VMM identity from its three nullable columns (`vmm_pid`,
+/// `vmm_start_time`, `vmm_boot_id`), starting at column `first`.
+fn vmm_from_row(r: &Row<'_>, first: usize) -> rusqlite::Result<Option<VmmIdentity>> {
+    let pid: Option<i64> = r.get(first)?;
+    let start: Option<i64> = r.get(first + 1)?;
+    let boot: Option<String> = r.get(first + 2)?;
+    Ok(match (pid, start, boot) {
+        (Some(pid), Some(start_time), Some(boot_id)) => Some(VmmIdentity {
+            pid: pid as i32,
+            start_time: start_time as u64,
+            boot_id,
+        }),
+        _ => None,
+    })
+}
+
 pub fn machine_from_row(r: &Row<'_>) -> rusqlite::Result<MachineRecord> {
     let spec: String = r.get(3)?;
     let spec: MachineSpec =
@@ -42,17 +58,7 @@ pub fn machine_from_row(r: &Row<'_>) -> rusqlite::Result<MachineRecord> {
     let desired: String = r.get(5)?;
     let desired =
         Desired::parse(&desired).ok_or_else(|| bad(5, format!("unknown desired '{desired}'")))?;
-    let pid: Option<i64> = r.get(12)?;
-    let start: Option<i64> = r.get(13)?;
-    let boot: Option<String> = r.get(14)?;
-    let vmm = match (pid, start, boot) {
-        (Some(pid), Some(start_time), Some(boot_id)) => Some(VmmIdentity {
-            pid: pid as i32,
-            start_time: start_time as u64,
-            boot_id,
-        }),
-        _ => None,
-    };
+    let vmm = vmm_from_row(r, 12)?;
     Ok(MachineRecord {
         id: r.get(0)?,
         tenant: r.get(1)?,
@@ -233,10 +239,13 @@ pub enum MachineFilter {
     WithVmm,
 }
 
-pub fn load_machines(
+/// Hands each machine `filter` selects to `f`, one row at a time: a scan
+/// of every machine never holds them all in memory.
+pub fn for_each_machine(
     conn: &Connection,
     filter: MachineFilter,
-) -> Result<Vec<MachineRecord>, StoreError> {
+    mut f: impl FnMut(MachineRecord),
+) -> Result<(), StoreError> {
     let clause = match filter {
         MachineFilter::All => "",
         MachineFilter::Leased => " WHERE network IS NOT NULL",
@@ -248,8 +257,31 @@ pub fn load_machines(
     let rows = stmt
         .query_map([], machine_from_row)
         .map_err(|e| StoreError::sql("loading machines", e))?;
-    rows.collect::<Result<Vec<_>, _>>()
-        .map_err(|e| StoreError::sql("reading a machine row", e))
+    for row in rows {
+        f(row.map_err(|e| StoreError::sql("reading a machine row", e))?);
+    }
+    Ok(())
+}
+
+pub fn load_machines(
+    conn: &Connection,
+    filter: MachineFilter,
+) -> Result<Vec<MachineRecord>, StoreError> {
+    let mut out = Vec::new();
+    for_each_machine(conn, filter, |m| out.push(m))?;
+    Ok(out)
+}
+
+/// Whether machine `id` exists (`None`: no such machine) and the VMM it
+/// records, without reading the rest of its record.
+pub fn machine_vmm(conn: &Connection, id: &str) -> Result<Option<Option<VmmIdentity>>, StoreError> {
+    query_one(
+        conn,
+        "SELECT vmm_pid, vmm_start_time, vmm_boot_id FROM machines WHERE id = ?1",
+        params![id],
+        |r| vmm_from_row(r, 0),
+        &format!("reading the VMM of machine {id}"),
+    )
 }
 
 /// At most one row of `sql` (prepared once per connection), mapped.
@@ -377,18 +409,6 @@ pub fn unprepared_ids(conn: &Connection, limit: usize) -> Result<Vec<String>, St
         })
         .map_err(|e| StoreError::sql("finding machines to prepare", e))?;
     rows.collect::<Result<Vec<_>, _>>()
-        .map_err(|e| StoreError::sql("reading a machine id", e))
-}
-
-/// Every machine id.
-pub fn machine_ids(conn: &Connection) -> Result<Vec<String>, StoreError> {
-    let mut stmt = conn
-        .prepare_cached("SELECT id FROM machines")
-        .map_err(|e| StoreError::sql("preparing the machine id scan", e))?;
-    let rows = stmt
-        .query_map([], |r| r.get(0))
-        .map_err(|e| StoreError::sql("reading machine ids", e))?;
-    rows.collect::<Result<Vec<String>, _>>()
         .map_err(|e| StoreError::sql("reading a machine id", e))
 }
 

@@ -10,23 +10,6 @@ pub mod table;
 
 pub use supervisor::{LifecycleError, Supervisor, WaitOutcome};
 
-/// Step names as journaled and shown in events.
-pub mod steps {
-    pub const PREPARE: &str = "prepare_disk";
-    pub const SPAWN: &str = "spawn_vmm";
-    pub const LEASE: &str = "lease_network";
-    pub const UID: &str = "lease_uid";
-    pub const TAP: &str = "create_tap";
-    pub const RULES: &str = "apply_firewall";
-    pub const ADOPT: &str = "adopt_vmm";
-    pub const WAIT_READY: &str = "wait_agent";
-    pub const VERIFY: &str = "verify_vmm";
-    pub const PAUSE: &str = "pause_vcpus";
-    pub const RESUME: &str = "resume_vcpus";
-    pub const GRACEFUL_STOP: &str = "graceful_shutdown";
-    pub const KILL: &str = "kill_vmm";
-    pub const SAVE_STATE: &str = "save_memory";
-    pub const DISCARD_SNAPSHOT: &str = "discard_snapshot";
-    pub const RELEASE: &str = "release_resources";
-    pub const FORGET: &str = "vmm_gone";
-}
+/// Step names as journaled and shown in events (stored data: they live
+/// with the store's records).
+pub use crate::store::steps;

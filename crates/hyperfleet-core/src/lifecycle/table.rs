@@ -13,6 +13,8 @@ use std::fmt;
 use hyperfleet_api::MachineStatus;
 use MachineStatus::*;
 
+pub use crate::store::Desired;
+
 /// What an API request asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Request {
@@ -108,51 +110,6 @@ impl Observation {
         Observation::SettledStopped,
         Observation::DeleteBegun,
     ];
-}
-
-/// The state a request asks the run to reach.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Desired {
-    Running,
-    Paused,
-    Stopped,
-    Suspended,
-    Deleted,
-}
-
-impl Desired {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Desired::Running => "running",
-            Desired::Paused => "paused",
-            Desired::Stopped => "stopped",
-            Desired::Suspended => "suspended",
-            Desired::Deleted => "deleted",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Desired> {
-        [
-            Desired::Running,
-            Desired::Paused,
-            Desired::Stopped,
-            Desired::Suspended,
-            Desired::Deleted,
-        ]
-        .into_iter()
-        .find(|d| d.as_str() == s)
-    }
-
-    /// The public status shown as `desired_status`.
-    pub fn as_status(self) -> MachineStatus {
-        match self {
-            Desired::Running => Running,
-            Desired::Paused => Paused,
-            Desired::Stopped => Stopped,
-            Desired::Suspended => Suspended,
-            Desired::Deleted => Deleting,
-        }
-    }
 }
 
 /// The change a request records when the table accepts it.

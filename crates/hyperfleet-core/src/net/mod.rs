@@ -271,7 +271,7 @@ impl Network {
             .map_err(NetError::ReadLeases)?
             .iter()
             .filter(|m| {
-                m.vmm.is_some() || m.current_step.as_deref() == Some(crate::lifecycle::steps::SPAWN)
+                m.vmm.is_some() || m.current_step.as_deref() == Some(crate::store::steps::SPAWN)
             })
             .filter_map(|m| m.network.as_ref().map(|l| l.tap.clone()))
             .collect();

@@ -37,7 +37,9 @@ use rusqlite::{Connection, OpenFlags};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 pub use cache::{CachedMachine, DEFAULT_CAPACITY as DEFAULT_CACHED_MACHINES};
-pub use records::{EventRecord, KeyRecord, MachineRecord, MachineSpec, NetLease, VmmIdentity};
+pub use records::{
+    steps, Desired, EventRecord, KeyRecord, MachineRecord, MachineSpec, NetLease, VmmIdentity,
+};
 pub use schema::schema_version;
 pub use writer::WriteCtx;
 

@@ -8,7 +8,6 @@ use hyperfleet_api::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::lifecycle::table::Desired;
 use crate::util::rfc3339;
 
 /// What the machine was created with; immutable after create.
@@ -66,6 +65,78 @@ pub struct VmmIdentity {
     pub start_time: u64,
     /// /proc/sys/kernel/random/boot_id at spawn time.
     pub boot_id: String,
+}
+
+/// The state a request asks the machine run to reach (the `desired`
+/// column). The lifecycle's transition table decides which request records
+/// which; the store only keeps it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Desired {
+    Running,
+    Paused,
+    Stopped,
+    Suspended,
+    Deleted,
+}
+
+impl Desired {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Desired::Running => "running",
+            Desired::Paused => "paused",
+            Desired::Stopped => "stopped",
+            Desired::Suspended => "suspended",
+            Desired::Deleted => "deleted",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Desired> {
+        [
+            Desired::Running,
+            Desired::Paused,
+            Desired::Stopped,
+            Desired::Suspended,
+            Desired::Deleted,
+        ]
+        .into_iter()
+        .find(|d| d.as_str() == s)
+    }
+
+    /// The public status shown as `desired_status`.
+    pub fn as_status(self) -> MachineStatus {
+        match self {
+            Desired::Running => MachineStatus::Running,
+            Desired::Paused => MachineStatus::Paused,
+            Desired::Stopped => MachineStatus::Stopped,
+            Desired::Suspended => MachineStatus::Suspended,
+            Desired::Deleted => MachineStatus::Deleting,
+        }
+    }
+}
+
+/// Step names as journaled (`current_step`, the step journal) and shown in
+/// events. They are stored data: the machine run writes them, and whoever
+/// reads a record (the network sweep, recovery) may need to recognise one.
+pub mod steps {
+    pub const PREPARE: &str = "prepare_disk";
+    pub const SPAWN: &str = "spawn_vmm";
+    pub const LEASE: &str = "lease_network";
+    pub const UID: &str = "lease_uid";
+    pub const TAP: &str = "create_tap";
+    pub const RULES: &str = "apply_firewall";
+    pub const ADOPT: &str = "adopt_vmm";
+    pub const WAIT_READY: &str = "wait_agent";
+    pub const VERIFY: &str = "verify_vmm";
+    pub const PAUSE: &str = "pause_vcpus";
+    pub const RESUME: &str = "resume_vcpus";
+    pub const GRACEFUL_STOP: &str = "graceful_shutdown";
+    pub const KILL: &str = "kill_vmm";
+    pub const SAVE_STATE: &str = "save_memory";
+    pub const DISCARD_SNAPSHOT: &str = "discard_snapshot";
+    pub const RELEASE: &str = "release_resources";
+    pub const FORGET: &str = "vmm_gone";
+    /// Journaled when a step failed (the failed step is in the detail).
+    pub const FAILED: &str = "step_failed";
 }
 
 /// One machine's durable record: spec, desired state, observed status and

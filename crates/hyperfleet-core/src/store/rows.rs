@@ -5,9 +5,8 @@ use hyperfleet_api::{MachineStatus, Scope, StepTiming};
 use rusqlite::{params, Connection, OptionalExtension, Row, Statement, ToSql};
 
 use super::{
-    EventRecord, KeyRecord, MachineRecord, MachineSpec, NetLease, StoreError, VmmIdentity,
+    Desired, EventRecord, KeyRecord, MachineRecord, MachineSpec, NetLease, StoreError, VmmIdentity,
 };
-use crate::lifecycle::table::Desired;
 
 pub const MACHINE_COLUMNS: &str = "id, tenant, name, spec, status, desired, generation, \
     restart_seq, boot_restart_seq, stop_kill, failed_generation, error_message, vmm_pid, \

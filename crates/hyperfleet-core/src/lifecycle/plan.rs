@@ -55,9 +55,34 @@ pub enum Step {
     CleanupFailed,
 }
 
+/// A failure sticks until a new request raises the generation: while it is
+/// current the run retries nothing, and a request that changes nothing
+/// else is a request to retry.
+pub(crate) fn failure_current(rec: &MachineRecord) -> bool {
+    rec.status == MachineStatus::Failed && rec.failed_generation == Some(rec.generation)
+}
+
+/// Whether a machine needs no run right now: converged, no VMM, nothing
+/// under way. Such a run ends so that idle machines cost no task.
+pub(crate) fn quiescent(rec: &MachineRecord) -> bool {
+    rec.vmm.is_none()
+        && rec.current_step.is_none()
+        && next_step(rec, VmmSeen::None, true) == Step::Idle
+}
+
+/// A machine whose only work is create-time preparation and which nobody
+/// waits for (never started, nothing wanted): its run can wait for a
+/// background slot.
+pub(crate) fn background_only(rec: &MachineRecord) -> bool {
+    rec.vmm.is_none()
+        && rec.current_step.is_none()
+        && rec.desired == Desired::Stopped
+        && next_step(rec, VmmSeen::None, true) == Step::Prepare
+}
+
 /// `verified`: the run has confirmed, since it started, that the recorded
 /// status of a live VMM matches reality (always true for a VMM it spawned).
-pub fn next_step(rec: &MachineRecord, vmm: VmmSeen, verified: bool) -> Step {
+pub(crate) fn next_step(rec: &MachineRecord, vmm: VmmSeen, verified: bool) -> Step {
     use MachineStatus as S;
 
     if vmm == VmmSeen::None && rec.current_step.as_deref() == Some(super::steps::SPAWN) {
@@ -68,9 +93,7 @@ pub fn next_step(rec: &MachineRecord, vmm: VmmSeen, verified: bool) -> Step {
     }
     let alive = vmm == VmmSeen::Alive;
 
-    // A failure sticks until a new request raises the generation.
-    let failure_current = rec.status == S::Failed && rec.failed_generation == Some(rec.generation);
-    if failure_current && rec.desired != Desired::Deleted {
+    if failure_current(rec) && rec.desired != Desired::Deleted {
         return if alive {
             Step::CleanupFailed
         } else {
@@ -385,5 +408,49 @@ mod tests {
         assert_eq!(next_step(&r, VmmSeen::None, true), Step::SettleStopped);
         let r = rec(S::Suspended, Desired::Stopped);
         assert_eq!(next_step(&r, VmmSeen::None, true), Step::SettleStopped);
+    }
+
+    #[test]
+    fn a_failure_is_current_only_at_its_generation_and_while_failed() {
+        let mut r = rec(S::Failed, Desired::Running);
+        assert!(!failure_current(&r));
+        r.failed_generation = Some(r.generation);
+        assert!(failure_current(&r));
+        r.generation += 1;
+        assert!(!failure_current(&r));
+        let mut r = rec(S::Stopped, Desired::Stopped);
+        r.failed_generation = Some(r.generation);
+        assert!(!failure_current(&r));
+    }
+
+    #[test]
+    fn quiescent_and_background_only_machines() {
+        // Converged and nothing running: no run needed.
+        let mut r = rec(S::Stopped, Desired::Stopped);
+        r.observed_generation = r.generation;
+        assert!(quiescent(&r) && !background_only(&r));
+        // Not yet converged, a VMM recorded, or a step under way: it needs one.
+        r.observed_generation = 0;
+        assert!(!quiescent(&r));
+        let mut r = with_vmm(rec(S::Running, Desired::Running));
+        r.observed_generation = r.generation;
+        assert!(!quiescent(&r));
+        let mut r = rec(S::Stopped, Desired::Stopped);
+        r.observed_generation = r.generation;
+        r.current_step = Some(crate::lifecycle::steps::RELEASE.into());
+        assert!(!quiescent(&r));
+        // Unprepared and never asked for anything: background work.
+        let mut r = rec(S::Pending, Desired::Stopped);
+        r.observed_generation = r.generation;
+        r.prepared = false;
+        assert!(background_only(&r) && !quiescent(&r));
+        // A start wants it now.
+        r.desired = Desired::Running;
+        assert!(!background_only(&r));
+        // A failure nobody asked to retry needs no run.
+        let mut r = rec(S::Failed, Desired::Running);
+        r.failed_generation = Some(r.generation);
+        r.observed_generation = r.generation;
+        assert!(quiescent(&r));
     }
 }

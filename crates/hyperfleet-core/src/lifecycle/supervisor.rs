@@ -10,8 +10,9 @@ use std::time::Duration;
 use hyperfleet_api::{MachineStatus, VmmKind};
 use tokio::task::JoinHandle;
 
+use super::plan::{background_only, failure_current, quiescent};
 use super::run::{self, RunCtx, RunExit};
-use super::table::{allowed_requests, on_request, reachable, Desired, Request};
+use super::table::{self, allowed_requests, reachable, Admission, Denied, Request};
 use crate::store::{lock, CachedMachine, EventRecord, MachineRecord, MachineSpec, StoreError};
 use crate::util::{new_machine_id, new_operation_id, now_ms};
 
@@ -102,7 +103,7 @@ impl Supervisor {
         // Streamed: only the ids of machines with work are kept.
         let mut busy = Vec::new();
         self.ctx.store.for_each_machine(|m| {
-            if !run::quiescent(&m) && !run::background_only(&m) {
+            if !quiescent(&m) && !background_only(&m) {
                 busy.push(m.id);
             }
         })?;
@@ -210,7 +211,7 @@ impl Supervisor {
                         .ctx
                         .store
                         .get_by_id(mid)
-                        .is_ok_and(|m| m.is_some_and(|m| run::quiescent(&m.rec)));
+                        .is_ok_and(|m| m.is_some_and(|m| quiescent(&m.rec)));
                     if still_idle {
                         runs.remove(mid);
                         // The run's receiver is gone: an idle machine
@@ -276,9 +277,9 @@ impl Supervisor {
         // A new machine's run prepares its directory and disk in the
         // background; a machine with nothing to do gets no run until its
         // first request.
-        if run::background_only(&entry.rec) {
+        if background_only(&entry.rec) {
             self.background_wake.notify_one();
-        } else if !run::quiescent(&entry.rec) {
+        } else if !quiescent(&entry.rec) {
             self.ensure_run(&id);
         }
         Ok(entry)
@@ -286,7 +287,8 @@ impl Supervisor {
 
     /// Applies a request through the transition table and records the new
     /// desired state. Returns the machine after the change and the
-    /// generation a waiter should wait for (None when nothing changed).
+    /// generation a waiter should wait for (the current one when nothing
+    /// changed).
     pub async fn request(
         self: &Arc<Self>,
         tenant: &str,
@@ -307,26 +309,12 @@ impl Supervisor {
                 let mut rec = ctx
                     .machine(&wid)?
                     .ok_or_else(|| StoreError::NoSuchMachine(wid.clone()))?;
-                let Some(intent) = on_request(rec.status, req) else {
-                    return Ok(Err(rec.status));
+                let intent = match table::decide(&rec, req) {
+                    Admission::Deny(denied) => return Ok(Err(denied)),
+                    Admission::Unchanged => return Ok(Ok(rec.generation)),
+                    Admission::Apply(intent) => intent,
                 };
-                let escalate = intent.kill && !rec.stop_kill;
-                let unchanged = rec.desired == intent.desired && !intent.restart && !escalate;
-                // A failure sticks until a request; an unchanged desired
-                // state on a failed machine is still a request to retry.
-                let retry = rec.status == MachineStatus::Failed
-                    && rec.failed_generation == Some(rec.generation);
-                if unchanged && !retry {
-                    return Ok(Ok(rec.generation));
-                }
-                rec.desired = intent.desired;
-                rec.generation += 1;
-                if intent.restart {
-                    rec.restart_seq += 1;
-                }
-                rec.stop_kill = intent.kill
-                    || (rec.stop_kill
-                        && matches!(intent.desired, Desired::Stopped | Desired::Deleted));
+                table::apply(&mut rec, intent);
                 let op = new_operation_id();
                 rec.operation_id = Some(op.clone());
                 rec.updated_at = now_ms();
@@ -336,7 +324,7 @@ impl Supervisor {
                 ev.operation_id = Some(op);
                 ev.message = Some(format!(
                     "{req} requested; desired state is now {}",
-                    intent.desired.as_str()
+                    intent.desired().as_str()
                 ));
                 ctx.put_machine(rec)?;
                 ctx.append_event(ev)?;
@@ -344,8 +332,8 @@ impl Supervisor {
             })
             .await?;
         match outcome {
-            Err(status) => Err(LifecycleError::InvalidState {
-                request: req,
+            Err(Denied { request, status }) => Err(LifecycleError::InvalidState {
+                request,
                 status,
                 allowed: describe_allowed(status),
             }),
@@ -402,9 +390,7 @@ impl Supervisor {
             if r.status == target {
                 return Some(WaitOutcome::Reached(m.clone()));
             }
-            let failure_current =
-                r.status == MachineStatus::Failed && r.failed_generation == Some(r.generation);
-            if failure_current {
+            if failure_current(r) {
                 return Some(WaitOutcome::Failed(m.clone()));
             }
             if !reachable(r.status, r.desired, target) {

@@ -13,7 +13,9 @@ use std::fmt;
 use hyperfleet_api::MachineStatus;
 use MachineStatus::*;
 
+use super::plan::failure_current;
 pub use crate::store::Desired;
+use crate::store::MachineRecord;
 
 /// What an API request asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -68,7 +70,7 @@ impl fmt::Display for Request {
 
 /// What the machine run observed or completed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Observation {
+pub(crate) enum Observation {
     /// A VMM process was spawned (boot or restore) or adopted mid-boot.
     VmmSpawned,
     /// The guest agent answered.
@@ -94,6 +96,8 @@ pub enum Observation {
 }
 
 impl Observation {
+    /// Every observation, for the tests that walk the table.
+    #[cfg(test)]
     pub const ALL: [Observation; 14] = [
         Observation::VmmSpawned,
         Observation::AgentReady,
@@ -114,36 +118,89 @@ impl Observation {
 
 /// The change a request records when the table accepts it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Intent {
-    pub desired: Desired,
+pub(crate) enum Intent {
+    /// Reach this desired state (by the usual path: graceful stop, …).
+    Want(Desired),
     /// Reboot the guest even though it is already running.
-    pub restart: bool,
+    Restart,
     /// Stop without a graceful shutdown.
-    pub kill: bool,
+    Kill,
+}
+
+impl Intent {
+    /// The desired state the intent records.
+    pub fn desired(self) -> Desired {
+        match self {
+            Intent::Want(d) => d,
+            Intent::Restart => Desired::Running,
+            Intent::Kill => Desired::Stopped,
+        }
+    }
+}
+
+/// What admitting a request does to a machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Admission {
+    /// Record the intent: a new generation the run works toward.
+    Apply(Intent),
+    /// The machine already wants exactly this; nothing is recorded.
+    Unchanged,
+    /// The current status does not allow the request (409 INVALID_STATE).
+    Deny(Denied),
+}
+
+/// Why a request was refused: its status allows it not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Denied {
+    pub request: Request,
+    pub status: MachineStatus,
 }
 
 const fn want(desired: Desired) -> Option<Intent> {
-    Some(Intent {
-        desired,
-        restart: false,
-        kill: false,
-    })
+    Some(Intent::Want(desired))
 }
 
-const RESTART: Option<Intent> = Some(Intent {
-    desired: Desired::Running,
-    restart: true,
-    kill: false,
-});
+const RESTART: Option<Intent> = Some(Intent::Restart);
 
-const KILL: Option<Intent> = Some(Intent {
-    desired: Desired::Stopped,
-    restart: false,
-    kill: true,
-});
+const KILL: Option<Intent> = Some(Intent::Kill);
+
+/// Admits `req` for the machine as recorded: the whole decision, so the
+/// supervisor only saves what it says.
+pub(crate) fn decide(rec: &MachineRecord, req: Request) -> Admission {
+    let Some(intent) = on_request(rec.status, req) else {
+        return Admission::Deny(Denied {
+            request: req,
+            status: rec.status,
+        });
+    };
+    let escalate = intent == Intent::Kill && !rec.stop_kill;
+    let unchanged = rec.desired == intent.desired() && intent != Intent::Restart && !escalate;
+    // A failure sticks until a request; an unchanged desired state on a
+    // failed machine is still a request to retry.
+    if unchanged && !failure_current(rec) {
+        Admission::Unchanged
+    } else {
+        Admission::Apply(intent)
+    }
+}
+
+/// Records an admitted intent on the machine: a new generation, the desired
+/// state, and what the run needs to carry it out (a restart to do, a stop
+/// without grace). Operation id and event are the supervisor's.
+pub(crate) fn apply(rec: &mut MachineRecord, intent: Intent) {
+    let desired = intent.desired();
+    rec.desired = desired;
+    rec.generation += 1;
+    if intent == Intent::Restart {
+        rec.restart_seq += 1;
+    }
+    // An earlier kill stays asked for while the machine still goes down.
+    rec.stop_kill = intent == Intent::Kill
+        || (rec.stop_kill && matches!(desired, Desired::Stopped | Desired::Deleted));
+}
 
 /// The request half of the table. `None` means 409 INVALID_STATE.
-pub fn on_request(status: MachineStatus, req: Request) -> Option<Intent> {
+pub(crate) fn on_request(status: MachineStatus, req: Request) -> Option<Intent> {
     use Desired as D;
     use Request as R;
     match (status, req) {
@@ -216,7 +273,7 @@ pub fn on_request(status: MachineStatus, req: Request) -> Option<Intent> {
 }
 
 /// The requests the table accepts in `status`, for error messages.
-pub fn allowed_requests(status: MachineStatus) -> Vec<Request> {
+pub(crate) fn allowed_requests(status: MachineStatus) -> Vec<Request> {
     Request::ALL
         .into_iter()
         .filter(|r| on_request(status, *r).is_some())
@@ -225,7 +282,7 @@ pub fn allowed_requests(status: MachineStatus) -> Vec<Request> {
 
 /// The observation half of the table: the status the machine moves to, or
 /// `None` when the observation cannot happen in that status.
-pub fn on_observation(status: MachineStatus, obs: Observation) -> Option<MachineStatus> {
+pub(crate) fn on_observation(status: MachineStatus, obs: Observation) -> Option<MachineStatus> {
     use Observation as O;
     match (status, obs) {
         (Pending | Stopped | Failed | Suspended | Starting, O::VmmSpawned) => Some(Starting),
@@ -295,7 +352,7 @@ pub fn on_observation(status: MachineStatus, obs: Observation) -> Option<Machine
 /// Could a machine now in `status`, moving toward `desired`, reach `target`
 /// without a further request? Used by `GET /machines/{id}/wait` to fail
 /// fast instead of waiting for a deadline that cannot be met.
-pub fn reachable(status: MachineStatus, desired: Desired, target: MachineStatus) -> bool {
+pub(crate) fn reachable(status: MachineStatus, desired: Desired, target: MachineStatus) -> bool {
     if status == target {
         return true;
     }
@@ -342,9 +399,9 @@ mod tests {
     fn code(intent: Option<Intent>) -> char {
         match intent {
             None => '.',
-            Some(Intent { restart: true, .. }) => 'r',
-            Some(Intent { kill: true, .. }) => 'k',
-            Some(Intent { desired, .. }) => match desired {
+            Some(Intent::Restart) => 'r',
+            Some(Intent::Kill) => 'k',
+            Some(Intent::Want(desired)) => match desired {
                 Desired::Running => 'R',
                 Desired::Paused => 'P',
                 Desired::Stopped => 'S',
@@ -419,7 +476,7 @@ mod tests {
                 let Some(intent) = on_request(status, req) else {
                     continue;
                 };
-                let goal = intent.desired.as_status();
+                let goal = intent.desired().as_status();
                 let mut seen = vec![status];
                 let mut frontier = vec![status];
                 while let Some(s) = frontier.pop() {
@@ -448,6 +505,124 @@ mod tests {
         );
         assert!(allowed_requests(Running).contains(&Request::Pause));
         assert!(!allowed_requests(Running).contains(&Request::Delete));
+    }
+
+    fn machine(status: MachineStatus, desired: Desired) -> MachineRecord {
+        let (_, spec) =
+            crate::validate::validate_create(Default::default(), hyperfleet_api::VmmKind::Stub)
+                .expect("an empty create request is valid");
+        let mut r = MachineRecord::new("m000000000000000".into(), "default", "t".into(), spec, 0);
+        r.status = status;
+        r.desired = desired;
+        r
+    }
+
+    const WANTED: [Desired; 5] = [
+        Desired::Running,
+        Desired::Paused,
+        Desired::Stopped,
+        Desired::Suspended,
+        Desired::Deleted,
+    ];
+
+    /// Every status, desired state, request and kill flag, with and without
+    /// a current failure: admission denies exactly what the table refuses,
+    /// is `Unchanged` exactly when nothing new would be asked for, and an
+    /// applied intent always opens a new generation toward its desired state.
+    #[test]
+    fn admission_is_decided_for_every_record_and_request() {
+        for status in MachineStatus::ALL {
+            for desired in WANTED {
+                for stop_kill in [false, true] {
+                    for failed in [false, true] {
+                        for req in Request::ALL {
+                            let mut r = machine(status, desired);
+                            r.stop_kill = stop_kill;
+                            r.failed_generation = failed.then_some(r.generation);
+                            let got = decide(&r, req);
+                            let Some(intent) = on_request(status, req) else {
+                                assert_eq!(
+                                    got,
+                                    Admission::Deny(Denied {
+                                        request: req,
+                                        status
+                                    })
+                                );
+                                continue;
+                            };
+                            let retry = failed && status == Failed;
+                            // Nothing new: the same state by the usual path,
+                            // or a kill already asked for.
+                            let same = match intent {
+                                Intent::Want(d) => d == desired,
+                                Intent::Restart => false,
+                                Intent::Kill => desired == Desired::Stopped && stop_kill,
+                            };
+                            let want = if same && !retry {
+                                Admission::Unchanged
+                            } else {
+                                Admission::Apply(intent)
+                            };
+                            assert_eq!(
+                                got, want,
+                                "{req} on {status} wanting {desired:?} (kill {stop_kill}, failed {failed})"
+                            );
+                            if let Admission::Apply(i) = got {
+                                let before = r.clone();
+                                apply(&mut r, i);
+                                assert_eq!(r.generation, before.generation + 1);
+                                assert_eq!(r.desired, i.desired());
+                                assert_eq!(
+                                    r.restart_seq,
+                                    before.restart_seq + u64::from(i == Intent::Restart)
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn admission_cases_that_matter() {
+        // Asking again for what is wanted records nothing...
+        let r = machine(Running, Desired::Running);
+        assert_eq!(decide(&r, Request::Start), Admission::Unchanged);
+        // ...unless the machine failed at this generation: that is a retry.
+        let mut r = machine(Failed, Desired::Running);
+        r.failed_generation = Some(r.generation);
+        assert_eq!(
+            decide(&r, Request::Start),
+            Admission::Apply(Intent::Want(Desired::Running))
+        );
+        // A restart always reboots.
+        let r = machine(Running, Desired::Running);
+        assert_eq!(
+            decide(&r, Request::Restart),
+            Admission::Apply(Intent::Restart)
+        );
+        // A kill escalates a graceful stop under way, once.
+        let mut r = machine(Stopping, Desired::Stopped);
+        assert_eq!(decide(&r, Request::Kill), Admission::Apply(Intent::Kill));
+        apply(&mut r, Intent::Kill);
+        assert!(r.stop_kill);
+        assert_eq!(decide(&r, Request::Kill), Admission::Unchanged);
+        // A delete keeps the kill asked for; a start drops it.
+        let mut d = r.clone();
+        apply(&mut d, Intent::Want(Desired::Deleted));
+        assert!(d.stop_kill);
+        apply(&mut r, Intent::Want(Desired::Running));
+        assert!(!r.stop_kill);
+        // Refused requests name the status.
+        let r = machine(Deleting, Desired::Deleted);
+        assert_eq!(
+            decide(&r, Request::Start),
+            Admission::Deny(Denied {
+                request: Request::Start,
+                status: Deleting
+            })
+        );
     }
 
     #[test]

@@ -1,0 +1,503 @@
+//! The steps the run carries out, one method each. The journaled ones are
+//! declared as [`StepDef`]s and follow the protocol in [`super::journal`];
+//! the rest record a decision or an observation in one commit.
+
+use std::time::{Duration, Instant};
+
+use hyperfleet_api::MachineStatus;
+
+use super::host::{kill_everything_of, kill_vmm};
+use super::journal::{failure_timing, Journal, StepDef};
+use super::{until, Run, RunError, Rx};
+use crate::failpoint;
+use crate::lifecycle::plan::Step;
+use crate::lifecycle::table::{Desired, Observation};
+use crate::store::{steps, EventRecord, MachineRecord, StoreError};
+use crate::util::now_ms;
+use crate::vmm::process;
+use crate::vmm::{remove_dir_idempotent, StopPath};
+
+const SPAWN: StepDef = StepDef {
+    name: steps::SPAWN,
+    after_intent: "spawn.after_intent",
+    after_effect: "spawn.after_effect",
+    begins: Some(Observation::VmmSpawned),
+};
+
+const PAUSE: StepDef = StepDef {
+    name: steps::PAUSE,
+    after_intent: "pause.after_intent",
+    after_effect: "pause.after_effect",
+    begins: None,
+};
+
+const RESUME: StepDef = StepDef {
+    name: steps::RESUME,
+    after_intent: "resume.after_intent",
+    after_effect: "resume.after_effect",
+    begins: None,
+};
+
+const GRACEFUL_STOP: StepDef = StepDef {
+    name: steps::GRACEFUL_STOP,
+    after_intent: "stop.after_intent",
+    after_effect: "stop.after_effect",
+    begins: Some(Observation::StopBegun),
+};
+
+const KILL: StepDef = StepDef {
+    name: steps::KILL,
+    ..GRACEFUL_STOP
+};
+
+const SUSPEND: StepDef = StepDef {
+    name: steps::SAVE_STATE,
+    after_intent: "suspend.after_intent",
+    after_effect: "suspend.after_effect",
+    begins: Some(Observation::SuspendBegun),
+};
+
+const RELEASE: StepDef = StepDef {
+    name: steps::RELEASE,
+    after_intent: "release.after_intent",
+    after_effect: "release.after_effect",
+    begins: None,
+};
+
+/// How often, and how far apart, adoption looks again for a VMM spawned
+/// before a crash when the first look finds none (about half a second).
+const ORPHAN_RESCANS: usize = 10;
+const ORPHAN_RESCAN_PAUSE: Duration = Duration::from_millis(50);
+
+impl Run {
+    pub(super) async fn execute(
+        &mut self,
+        step: Step,
+        rec: &MachineRecord,
+        rx: &mut Rx,
+    ) -> Result<(), RunError> {
+        match step {
+            Step::Idle => Ok(()),
+            Step::Converged => {
+                let planned = rec.generation;
+                self.persist(None, move |r| {
+                    r.observed_generation = r.observed_generation.max(planned);
+                })
+                .await?;
+                Ok(())
+            }
+            Step::AdoptOrphan => self.adopt_orphan(rec).await,
+            Step::Prepare => self.prepare(rec).await,
+            Step::Spawn { restore } => self.spawn(rec, restore).await,
+            Step::WaitReady => self.wait_ready(rec, rx).await,
+            Step::Verify => self.verify(rec).await,
+            Step::Pause => self.pause_or_resume(rec, true).await,
+            Step::Resume => self.pause_or_resume(rec, false).await,
+            Step::Stop { kill } => self.stop(rec, kill, rx).await,
+            Step::Suspend => self.suspend(rec).await,
+            Step::ForgetVmm(obs) => self.forget_vmm(rec, obs).await,
+            Step::SettleStopped => self.settle_stopped(rec).await,
+            Step::BeginDelete => {
+                self.persist(Some(Journal::done(steps::RELEASE, "begin")), |r| {
+                    r.observe(Observation::DeleteBegun)
+                })
+                .await?;
+                Ok(())
+            }
+            Step::Release => self.release(rec).await,
+            Step::CleanupFailed => {
+                if let Some(v) = &rec.vmm {
+                    kill_vmm(v, "killing the VMM of a failed machine").await?;
+                }
+                self.vmm_gone(rec).await;
+                self.persist(Some(Journal::done(steps::KILL, "cleanup")), |r| {
+                    r.vmm = None;
+                    r.observe(Observation::VmmExited);
+                })
+                .await?;
+                Ok(())
+            }
+        }
+    }
+
+    async fn adopt_orphan(&mut self, rec: &MachineRecord) -> Result<(), RunError> {
+        let marker = self.ctx.paths(&rec.id).dir.display().to_string();
+        let t0 = Instant::now();
+        // "None found" decides that no VMM was spawned, and the start is
+        // then simply done again: it must not be a process caught where its
+        // command line cannot be read (mid-exec, as a jailer turning into
+        // Firecracker right after the daemon died). Look again a few times
+        // before believing it; this path runs only after a crash.
+        let mut found = process::find_by_marker(&marker);
+        for _ in 0..ORPHAN_RESCANS {
+            if !found.is_empty() {
+                break;
+            }
+            tokio::time::sleep(ORPHAN_RESCAN_PAUSE).await;
+            found = process::find_by_marker(&marker);
+        }
+        match found.as_slice() {
+            [one] => {
+                tracing::warn!(machine = %rec.id, pid = one.pid, "adopting a VMM spawned before the daemon stopped");
+                let one = one.clone();
+                self.verified = false;
+                self.persist(
+                    Some(Journal::finished(
+                        steps::ADOPT,
+                        t0,
+                        Some(format!("pid {}", one.pid)),
+                    )),
+                    move |r| {
+                        r.vmm = Some(one);
+                        r.current_step = None;
+                    },
+                )
+                .await?;
+            }
+            many => {
+                // Never two VMMs for one machine: if somehow more than one
+                // exists, none can be trusted; kill them all and start over.
+                for v in many {
+                    tracing::warn!(machine = %rec.id, pid = v.pid, "killing an unrecorded duplicate VMM");
+                    kill_vmm(v, "killing an unrecorded VMM").await?;
+                }
+                let detail = if many.is_empty() {
+                    "the daemon stopped before the VMM was spawned".to_string()
+                } else {
+                    format!("killed {} unrecorded VMM processes", many.len())
+                };
+                self.persist(Some(Journal::failed(steps::SPAWN, t0, detail)), |r| {
+                    r.current_step = None
+                })
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn prepare(&mut self, rec: &MachineRecord) -> Result<(), RunError> {
+        let backend = self.backend(rec.spec.vmm)?;
+        let launch = self.launch(rec);
+        let t0 = Instant::now();
+        // No intent record: preparation is idempotent and everything it
+        // makes lives under the machine's directory (known from its id), so
+        // recovery simply prepares again while `prepared` is false, and the
+        // sweep or release removes the directory of a machine that is gone.
+        failpoint::hit("prepare.before_effect");
+        backend.prepare(&launch).await?;
+        failpoint::hit("prepare.after_effect");
+        // No status changes here, so the step gets an event of its own in
+        // the same commit (instead of a separate flush later).
+        let journal = Journal::finished(steps::PREPARE, t0, None).with_own_event();
+        self.persist(Some(journal), |r| {
+            r.prepared = true;
+            r.current_step = None;
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn spawn(&mut self, rec: &MachineRecord, restore: bool) -> Result<(), RunError> {
+        let backend = self.backend(rec.spec.vmm)?;
+        let mut launch = self.launch(rec);
+        launch.restore = restore;
+        let step = self
+            .begin(&SPAWN, |r| {
+                r.boot_restart_seq = r.restart_seq;
+                r.stop_kill = false;
+                if r.status == MachineStatus::Failed {
+                    r.error_message = None;
+                }
+            })
+            .await?;
+        launch.uid = self.ensure_uid(rec, backend.as_ref()).await?;
+        launch.network = self.ensure_network(rec, launch.uid).await?;
+        let identity = backend.spawn(&launch).await?;
+        self.verified = true;
+        let detail = format!(
+            "pid {}{}",
+            identity.pid,
+            if restore { ", restoring memory" } else { "" }
+        );
+        self.finish(step, Some(detail), move |r| r.vmm = Some(identity))
+            .await?;
+        failpoint::hit("spawn.after_commit");
+        Ok(())
+    }
+
+    async fn wait_ready(&mut self, rec: &MachineRecord, rx: &mut Rx) -> Result<(), RunError> {
+        let backend = self.backend(rec.spec.vmm)?;
+        let launch = self.launch(rec);
+        let Some(vmm) = rec.vmm.clone() else {
+            return Ok(());
+        };
+        let t0 = Instant::now();
+        let timeout = self.ctx.boot_timeout;
+        // A stop, kill, delete or restart asked for meanwhile ends the wait.
+        let restart_seq = rec.restart_seq;
+        let outcome = tokio::select! {
+            r = backend.wait_ready(&launch, &vmm, timeout) => Some(r),
+            _ = until(rx, move |r| {
+                !matches!(r.desired, Desired::Running | Desired::Paused | Desired::Suspended)
+                    || r.restart_seq != restart_seq
+            }) => None,
+        };
+        let Some(result) = outcome else {
+            return Ok(());
+        };
+        result?;
+        failpoint::hit("ready.after_effect");
+        self.verified = true;
+        let restored = rec.has_snapshot;
+        self.persist(
+            Some(Journal::finished(steps::WAIT_READY, t0, None)),
+            move |r| {
+                r.observe(Observation::AgentReady);
+                r.started_at = Some(now_ms());
+                if restored {
+                    // The image is consumed: the guest has moved on from it.
+                    r.has_snapshot = false;
+                }
+            },
+        )
+        .await?;
+        if restored {
+            let dir = self.ctx.paths(&rec.id).snapshot_dir();
+            if let Err(e) = remove_dir_idempotent(&dir).await {
+                tracing::warn!(machine = %rec.id, error = %e, "could not remove a consumed suspend image");
+            }
+        }
+        Ok(())
+    }
+
+    async fn verify(&mut self, rec: &MachineRecord) -> Result<(), RunError> {
+        let backend = self.backend(rec.spec.vmm)?;
+        let launch = self.launch(rec);
+        let t0 = Instant::now();
+        let state = backend.run_state(&launch).await?;
+        let obs = match state {
+            crate::vmm::VmmRunState::Running => Observation::AdoptedRunning,
+            crate::vmm::VmmRunState::Paused => Observation::AdoptedPaused,
+        };
+        self.verified = true;
+        let detail = Some(format!("{state:?}").to_lowercase());
+        self.persist(
+            Some(Journal::finished(steps::VERIFY, t0, detail)),
+            move |r| {
+                r.observe(obs);
+                r.current_step = None;
+            },
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn pause_or_resume(&mut self, rec: &MachineRecord, pause: bool) -> Result<(), RunError> {
+        let backend = self.backend(rec.spec.vmm)?;
+        let launch = self.launch(rec);
+        let (def, done) = if pause {
+            (&PAUSE, Observation::PauseDone)
+        } else {
+            (&RESUME, Observation::ResumeDone)
+        };
+        let step = self.begin(def, |_| {}).await?;
+        if pause {
+            backend.pause(&launch).await?;
+        } else {
+            backend.resume(&launch).await?;
+        }
+        self.finish(step, None, move |r| r.observe(done)).await?;
+        Ok(())
+    }
+
+    async fn stop(&mut self, rec: &MachineRecord, kill: bool, rx: &mut Rx) -> Result<(), RunError> {
+        let Some(vmm) = rec.vmm.clone() else {
+            return Ok(());
+        };
+        let backend = self.backend(rec.spec.vmm)?;
+        let launch = self.launch(rec);
+        let step = self
+            .begin(if kill { &KILL } else { &GRACEFUL_STOP }, |_| {})
+            .await?;
+        let path = if kill {
+            "killed on request".to_string()
+        } else {
+            let timeout = self.ctx.stop_timeout;
+            let graceful = tokio::select! {
+                r = backend.shutdown(&launch, &vmm, timeout) => Some(r?),
+                _ = until(rx, |r| r.stop_kill) => None,
+            };
+            match graceful {
+                Some(StopPath::Graceful { via }) => format!("guest powered off ({via})"),
+                Some(StopPath::KilledAfterTimeout) => {
+                    format!("guest did not power off within {timeout:?}; VMM killed")
+                }
+                None => "escalated to kill on request".to_string(),
+            }
+        };
+        // Whatever happened above, the process must be gone before we say so.
+        self.end_vmm(rec, &vmm, "killing the VMM").await?;
+        self.finish(step, Some(path), |r| {
+            r.vmm = None;
+            r.stop_kill = false;
+            r.observe(Observation::VmmExited);
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn suspend(&mut self, rec: &MachineRecord) -> Result<(), RunError> {
+        let Some(vmm) = rec.vmm.clone() else {
+            return Ok(());
+        };
+        let backend = self.backend(rec.spec.vmm)?;
+        let launch = self.launch(rec);
+        let step = self.begin(&SUSPEND, |_| {}).await?;
+        backend.save_state(&launch).await?;
+        failpoint::hit("suspend.after_save");
+        // The image is complete: record it before the VMM goes, so a crash
+        // from here on still ends in `suspended`, not `failed`.
+        self.persist(None, |r| r.has_snapshot = true).await?;
+        self.end_vmm(rec, &vmm, "stopping the VMM after saving its memory")
+            .await?;
+        self.finish(step, None, |r| {
+            r.vmm = None;
+            r.observe(Observation::SuspendDone);
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn forget_vmm(&mut self, rec: &MachineRecord, obs: Observation) -> Result<(), RunError> {
+        let was = rec.status;
+        tracing::warn!(machine = %rec.id, status = %was, "the VMM process is gone");
+        self.vmm_gone(rec).await;
+        self.persist(
+            Some(Journal::done(
+                steps::FORGET,
+                &format!("VMM gone while {was}"),
+            )),
+            move |r| {
+                r.vmm = None;
+                r.current_step = None;
+                r.observe(obs);
+                if r.status == MachineStatus::Failed && was != MachineStatus::Failed {
+                    r.error_message = Some(format!(
+                        "the VMM process exited without being asked to while the machine was {was} \
+                         (guest poweroff, crash, or killed from outside); see the console log"
+                    ));
+                    r.failed_generation = Some(r.generation);
+                }
+            },
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn settle_stopped(&mut self, rec: &MachineRecord) -> Result<(), RunError> {
+        let t0 = Instant::now();
+        if rec.has_snapshot {
+            remove_dir_idempotent(&self.ctx.paths(&rec.id).snapshot_dir()).await?;
+        }
+        let journal = rec
+            .has_snapshot
+            .then(|| Journal::finished(steps::DISCARD_SNAPSHOT, t0, None));
+        self.persist(journal, |r| {
+            r.has_snapshot = false;
+            r.current_step = None;
+            r.error_message = None;
+            r.observe(Observation::SettledStopped);
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn release(&mut self, rec: &MachineRecord) -> Result<(), RunError> {
+        let paths = self.ctx.paths(&rec.id);
+        let step = self.begin(&RELEASE, |_| {}).await?;
+        // Belt and braces: no process of this machine may outlive it.
+        for v in process::find_by_marker(&paths.dir.display().to_string()) {
+            tracing::warn!(machine = %rec.id, pid = v.pid, "killing a leftover VMM before release");
+            kill_vmm(&v, "killing a leftover VMM").await?;
+        }
+        match self.backend(rec.spec.vmm) {
+            Ok(b) => b.release(&paths).await?,
+            Err(_) => remove_dir_idempotent(&paths.dir).await?,
+        }
+        if let (Some(net), Some(lease)) = (&self.ctx.net, &rec.network) {
+            // Unlike other TAP removals this one must succeed: the lease
+            // goes with the record, and nothing would own the device after.
+            net.remove_tap(&lease.tap).await?;
+            // The rules go before the record, so a client told "deleted"
+            // finds nothing of the machine left on the host.
+            net.sync_rules_excluding(&self.ctx.store, Some(&rec.id))
+                .await?;
+        }
+        // The outcome is the record's removal, with its last event.
+        let timing = step.effect_done(None);
+        let id = rec.id.clone();
+        let mut ev = EventRecord::new(&id, "deleted");
+        ev.from_status = Some(rec.status);
+        ev.operation_id = rec.operation_id.clone();
+        let mut timings = std::mem::take(&mut self.timings);
+        timings.push(timing);
+        ev.steps = timings;
+        self.ctx
+            .store
+            .write(move |ctx| {
+                ctx.append_event(ev)?;
+                ctx.delete_machine(&id)
+            })
+            .await?;
+        if let Some(net) = &self.ctx.net {
+            // Again after the commit: a rebuild for another machine that
+            // ran in between still saw this lease. Should this fail, the
+            // next start of the daemon rebuilds the table.
+            if let Err(e) = net.sync_rules(&self.ctx.store).await {
+                tracing::error!(machine = %rec.id, error = %e, "could not remove the machine's firewall rules");
+            }
+        }
+        Ok(())
+    }
+
+    /// A step failed: make sure nothing runs, then record `failed` with the
+    /// reason. A failure while deleting is retried instead, after the
+    /// back-off.
+    pub(super) async fn fail(
+        &mut self,
+        rec: &MachineRecord,
+        step: Step,
+        message: String,
+    ) -> Result<(), StoreError> {
+        tracing::error!(machine = %rec.id, ?step, error = %message, "machine step failed");
+        let latest = self
+            .ctx
+            .store
+            .get_by_id(&rec.id)
+            .ok()
+            .flatten()
+            .map(|m| m.rec.clone())
+            .unwrap_or_else(|| rec.clone());
+        kill_everything_of(&self.ctx.paths(&rec.id), &latest).await;
+        self.vmm_gone(&latest).await;
+        let deleting = latest.desired == Desired::Deleted;
+        self.timings
+            .push(failure_timing(&format!("{step:?}"), message.clone()));
+        self.persist(Some(Journal::step_failed(message.clone())), move |r| {
+            r.vmm = None;
+            r.current_step = None;
+            r.stop_kill = false;
+            r.observe(Observation::StepFailed);
+            if !deleting {
+                r.error_message = Some(message);
+                r.failed_generation = Some(r.generation);
+            }
+        })
+        .await?;
+        if deleting {
+            // Deleting is retried until it succeeds.
+            self.back_off(&"deleting the machine failed").await;
+        }
+        Ok(())
+    }
+}

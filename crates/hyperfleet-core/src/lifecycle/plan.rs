@@ -7,6 +7,7 @@ use hyperfleet_api::MachineStatus;
 
 use super::table::{Desired, Observation};
 use crate::store::MachineRecord;
+use crate::vmm::process::Liveness;
 
 /// What the run observed about the recorded VMM process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,6 +54,28 @@ pub enum Step {
     Release,
     /// A failed machine still has a process (crash between kill and record).
     CleanupFailed,
+}
+
+/// What the run does next, given what probing the recorded VMM found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Next {
+    Step(Step),
+    /// The host could not say whether the VMM lives (e.g. no file
+    /// descriptor left to look with): neither gone nor alive. Back off and
+    /// look again; acting on a guess could forget or duplicate a VMM.
+    BackOff,
+}
+
+/// `liveness`: what probing the recorded VMM found (None when the record
+/// names none). See [`next_step`] for `verified`.
+pub(crate) fn next(rec: &MachineRecord, liveness: Option<Liveness>, verified: bool) -> Next {
+    let seen = match liveness {
+        None => VmmSeen::None,
+        Some(Liveness::Alive) => VmmSeen::Alive,
+        Some(Liveness::Gone) => VmmSeen::Gone,
+        Some(Liveness::Unknown) => return Next::BackOff,
+    };
+    Next::Step(next_step(rec, seen, verified))
 }
 
 /// A failure sticks until a new request raises the generation: while it is
@@ -408,6 +431,27 @@ mod tests {
         assert_eq!(next_step(&r, VmmSeen::None, true), Step::SettleStopped);
         let r = rec(S::Suspended, Desired::Stopped);
         assert_eq!(next_step(&r, VmmSeen::None, true), Step::SettleStopped);
+    }
+
+    #[test]
+    fn a_probe_that_cannot_decide_backs_off_instead_of_stepping() {
+        // Alive or gone, the run steps; unknown (EMFILE opening /proc or a
+        // pidfd), it neither forgets the VMM nor trusts it: it backs off.
+        let r = with_vmm(rec(S::Running, Desired::Stopped));
+        assert_eq!(next(&r, Some(Liveness::Unknown), true), Next::BackOff);
+        assert_eq!(
+            next(&r, Some(Liveness::Alive), true),
+            Next::Step(Step::Stop { kill: false })
+        );
+        assert_eq!(
+            next(&r, Some(Liveness::Gone), true),
+            Next::Step(Step::ForgetVmm(Observation::VmmLost))
+        );
+        let r = rec(S::Stopped, Desired::Running);
+        assert_eq!(
+            next(&r, None, true),
+            Next::Step(Step::Spawn { restore: false })
+        );
     }
 
     #[test]

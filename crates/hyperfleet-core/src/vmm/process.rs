@@ -23,6 +23,9 @@ use crate::store::VmmIdentity;
 pub enum Liveness {
     Alive,
     Gone,
+    /// The host could not say (e.g. EMFILE opening `/proc`): neither alive
+    /// nor gone. Callers that wait keep waiting; the machine run backs off.
+    Unknown,
 }
 
 /// The host's boot id; identities from another boot are never alive.
@@ -68,18 +71,34 @@ pub fn identity_of(pid: i32) -> io::Result<VmmIdentity> {
     })
 }
 
-/// Is the recorded process still alive (and not a zombie)?
+/// Is the recorded process still alive (and not a zombie)? `Unknown` when
+/// the host could not be asked; [`probe_checked`] says why.
 pub fn probe(id: &VmmIdentity) -> Liveness {
-    match boot_id() {
-        Ok(b) if b == id.boot_id => {}
-        _ => return Liveness::Gone,
+    probe_checked(id).unwrap_or(Liveness::Unknown)
+}
+
+/// Like [`probe`], with the reason when the host could not be asked. Only a
+/// process that provably is not the recorded one is `Gone`: another boot,
+/// no such pid, a different start time, a zombie. Any other failure to
+/// read (out of file descriptors, a malformed stat) is an error, never a
+/// guess: a live VMM taken for gone would be spawned a second time.
+pub fn probe_checked(id: &VmmIdentity) -> io::Result<Liveness> {
+    if boot_id()? != id.boot_id {
+        return Ok(Liveness::Gone);
     }
     match read_stat(id.pid) {
         Ok(s) if s.start_time == id.start_time && s.state != 'Z' && s.state != 'X' => {
-            Liveness::Alive
+            Ok(Liveness::Alive)
         }
-        _ => Liveness::Gone,
+        Ok(_) => Ok(Liveness::Gone),
+        Err(e) if no_such_process(&e) => Ok(Liveness::Gone),
+        Err(e) => Err(e),
     }
+}
+
+/// The error reading `/proc/PID/…` gives once the process is gone.
+fn no_such_process(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ESRCH)
 }
 
 /// Spawns `cmd` in its own session, detached from the daemon's process group
@@ -133,10 +152,9 @@ fn open_verified(id: &VmmIdentity) -> io::Result<Option<OwnedFd>> {
     };
     // The identity check after opening closes the reuse race: if the pid was
     // reused before pidfd_open, the start time differs now.
-    if probe(id) == Liveness::Alive {
-        Ok(Some(fd))
-    } else {
-        Ok(None)
+    match probe_checked(id)? {
+        Liveness::Alive => Ok(Some(fd)),
+        Liveness::Gone | Liveness::Unknown => Ok(None),
     }
 }
 
@@ -181,7 +199,7 @@ pub async fn wait_gone(id: &VmmIdentity, timeout: Duration) -> io::Result<bool> 
     match exited {
         Ok(Ok(_)) => Ok(true),
         Ok(Err(e)) => Err(e),
-        Err(_) => Ok(probe(id) == Liveness::Gone),
+        Err(_) => Ok(probe_checked(id)? == Liveness::Gone),
     }
 }
 
@@ -202,33 +220,48 @@ pub async fn kill(id: &VmmIdentity) -> io::Result<()> {
 /// directory path), other than ourselves. Used to find a VMM that a crashed
 /// daemon spawned but never recorded, and by the orphan sweep.
 pub fn find_by_marker(marker: &str) -> Vec<VmmIdentity> {
+    find_by_marker_checked(marker).unwrap_or_else(|e| {
+        tracing::error!(error = %e, "cannot list processes; treating none as found");
+        Vec::new()
+    })
+}
+
+/// Like [`find_by_marker`], but an error when `/proc` could not be read
+/// (e.g. out of file descriptors) rather than "none found": a caller that
+/// decides from "none" (was a VMM spawned before the crash?) must not
+/// decide from a failure. Processes that end while being looked at are
+/// simply not found.
+pub fn find_by_marker_checked(marker: &str) -> io::Result<Vec<VmmIdentity>> {
     let me = std::process::id() as i32;
     let mut out = Vec::new();
-    let Ok(entries) = fs::read_dir("/proc") else {
-        return out;
-    };
-    for e in entries.flatten() {
+    for e in fs::read_dir("/proc")? {
+        let e = e?;
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
             continue;
         };
         if pid == me {
             continue;
         }
-        let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else {
-            continue;
+        let cmdline = match fs::read(format!("/proc/{pid}/cmdline")) {
+            Ok(c) => c,
+            Err(e) if no_such_process(&e) => continue,
+            Err(e) => return Err(e),
         };
         if cmdline
             .split(|b| *b == 0)
             .any(|arg| contains(arg, marker.as_bytes()))
         {
-            if let Ok(id) = identity_of(pid) {
-                if probe(&id) == Liveness::Alive {
-                    out.push(id);
-                }
+            let id = match identity_of(pid) {
+                Ok(id) => id,
+                Err(e) if no_such_process(&e) => continue,
+                Err(e) => return Err(e),
+            };
+            if probe_checked(&id)? == Liveness::Alive {
+                out.push(id);
             }
         }
     }
-    out
+    Ok(out)
 }
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
@@ -253,6 +286,17 @@ mod tests {
             ..me
         };
         assert_eq!(probe(&other_boot), Liveness::Gone);
+    }
+
+    #[test]
+    fn a_pid_that_does_not_exist_is_gone_not_unknown() {
+        let me = identity_of(std::process::id() as i32).unwrap();
+        // Above pid_max (at most 2^22 on Linux): no such process.
+        let absent = VmmIdentity {
+            pid: i32::MAX,
+            ..me
+        };
+        assert_eq!(probe_checked(&absent).unwrap(), Liveness::Gone);
     }
 
     #[tokio::test]

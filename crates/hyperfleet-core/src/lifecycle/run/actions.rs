@@ -128,13 +128,16 @@ impl Run {
         // command line cannot be read (mid-exec, as a jailer turning into
         // Firecracker right after the daemon died). Look again a few times
         // before believing it; this path runs only after a crash.
-        let mut found = process::find_by_marker(&marker);
+        // A look that fails is no look: "none found" must not come from
+        // a host out of file descriptors.
+        let look = || process::find_by_marker_checked(&marker).map_err(RunError::Host);
+        let mut found = look()?;
         for _ in 0..ORPHAN_RESCANS {
             if !found.is_empty() {
                 break;
             }
             tokio::time::sleep(ORPHAN_RESCAN_PAUSE).await;
-            found = process::find_by_marker(&marker);
+            found = look()?;
         }
         match found.as_slice() {
             [one] => {

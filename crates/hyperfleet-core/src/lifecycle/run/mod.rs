@@ -1,7 +1,7 @@
 //! The machine run: one task per machine, the only writer of its status.
 //!
 //! In a loop it reads the committed record, observes the host (is the
-//! recorded VMM process alive and ours?), asks [`plan::next_step`] for the next
+//! recorded VMM process alive and ours?), asks [`plan::next`] for the next
 //! safe step, carries it out and persists the outcome, until status matches
 //! the desired state; then it waits for a new request or for the VMM to
 //! change. Recovery after a restart is this same loop.
@@ -24,7 +24,7 @@ use std::time::Duration;
 use hyperfleet_api::{StepTiming, VmmKind};
 use tokio::sync::watch;
 
-use super::plan::{self, VmmSeen};
+use super::plan::{self, Next};
 use crate::net::NetError;
 use crate::store::{CachedMachine, MachineRecord, Store, StoreError};
 use crate::vmm::process::{self, Liveness};
@@ -84,6 +84,10 @@ enum RunError {
     Uid(UidError),
     #[error("recording progress failed: {0}")]
     Store(#[from] StoreError),
+    /// The host could not be looked at (e.g. out of file descriptors):
+    /// nothing is known, so nothing is decided; the run backs off.
+    #[error("cannot look at the host's processes: {0}")]
+    Host(std::io::Error),
 }
 
 impl From<UidError> for RunError {
@@ -166,14 +170,17 @@ pub(crate) async fn run(ctx: Arc<RunCtx>, id: String) -> RunExit {
             return RunExit::Deleted;
         };
         let rec = entry.rec.clone();
-        let seen = match &rec.vmm {
-            None => VmmSeen::None,
-            Some(v) => match process::probe(v) {
-                Liveness::Alive => VmmSeen::Alive,
-                Liveness::Gone => VmmSeen::Gone,
-            },
+        let probed = rec.vmm.as_ref().map(process::probe_checked).transpose();
+        let liveness = probed.as_ref().map_or(Some(Liveness::Unknown), |l| *l);
+        let step = match plan::next(&rec, liveness, run.verified) {
+            Next::Step(step) => step,
+            Next::BackOff => {
+                let why = probed.err().map(|e| e.to_string()).unwrap_or_default();
+                run.back_off(&format!("cannot tell whether the VMM process lives: {why}"))
+                    .await;
+                continue;
+            }
         };
-        let step = plan::next_step(&rec, seen, run.verified);
         if step == plan::Step::Idle {
             // Steps that changed no status (create-time preparation) still
             // belong in the history.
@@ -197,7 +204,7 @@ pub(crate) async fn run(ctx: Arc<RunCtx>, id: String) -> RunExit {
                     run.back_off(&e).await;
                 }
             }
-            Err(RunError::Store(e)) => run.back_off(&e).await,
+            Err(e @ (RunError::Store(_) | RunError::Host(_))) => run.back_off(&e).await,
         }
     }
 }
@@ -219,7 +226,9 @@ impl Run {
     }
 
     /// Waits before the loop tries again after `e`, longer each time in a
-    /// row.
+    /// row. Every error the loop meets comes through here (or through
+    /// [`Run::idle`], which waits the same way while still listening for
+    /// requests), so no error can make the run spin.
     async fn back_off(&mut self, e: &(dyn std::fmt::Display + Sync)) {
         tracing::error!(machine = %self.id, error = %e, delay = ?self.retry_delay, "machine run cannot go on; retrying");
         tokio::time::sleep(self.retry_delay).await;
@@ -227,26 +236,39 @@ impl Run {
     }
 
     /// Waits for a change of the record, the VMM's exit, or a periodic
-    /// re-check of the host.
+    /// re-check of the host. Never returns at once on its own: should the
+    /// host refuse to watch the VMM (no pidfd: out of file descriptors) it
+    /// polls after the back-off delay instead, and the delay grows.
     async fn idle(&mut self, rec: &MachineRecord, rx: &mut Rx) {
         let vmm = rec.vmm.clone();
+        let delay = self.retry_delay;
+        let id = self.id.clone();
         let vmm_exit = async move {
-            match vmm {
-                Some(v) => {
-                    let _ = process::wait_gone(&v, Duration::from_secs(3600)).await;
+            let Some(v) = vmm else {
+                return std::future::pending::<bool>().await;
+            };
+            match process::wait_gone(&v, IDLE_RECHECK).await {
+                Ok(_) => false,
+                Err(e) => {
+                    tracing::error!(machine = %id, error = %e, delay = ?delay, "cannot watch the VMM process; looking again after the delay");
+                    tokio::time::sleep(delay).await;
+                    true
                 }
-                None => std::future::pending::<()>().await,
             }
         };
-        tokio::select! {
+        let failed = tokio::select! {
             changed = rx.changed() => {
                 if changed.is_err() {
                     // The store dropped the watcher: the machine is gone.
                     std::future::pending::<()>().await;
                 }
+                false
             }
-            _ = vmm_exit => {}
-            _ = tokio::time::sleep(IDLE_RECHECK) => {}
+            failed = vmm_exit => failed,
+            _ = tokio::time::sleep(IDLE_RECHECK) => false,
+        };
+        if failed {
+            self.retry_delay = grown(delay);
         }
     }
 }

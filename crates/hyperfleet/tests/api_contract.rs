@@ -700,3 +700,57 @@ fn openapi_is_served_and_matches_the_checked_in_copy() {
         assert!(doc["paths"][p].is_object(), "{p} documented");
     }
 }
+
+/// A waiting action that a later request supersedes answers 409, never 200
+/// with the other request's state (a start answered `stopped`, a stop
+/// answered `running`).
+#[test]
+fn a_waiting_action_superseded_by_a_later_request_answers_409() {
+    let sb = Sandbox::new();
+    let d = Daemon::start(&sb);
+    d.create(json!({"name": "slow", "metadata": {"stub_boot_ms": "3000"}}));
+    std::thread::scope(|s| {
+        let start = s.spawn(|| d.call("POST", "/machines/slow/start", None));
+        common::eventually("the machine is starting", Duration::from_secs(10), || {
+            (d.call("GET", "/machines/slow", None).body["status"] == "starting").then_some(())
+        });
+        let stop = d.call("POST", "/machines/slow/stop", None);
+        assert_eq!(
+            (stop.status, stop.body["status"].as_str()),
+            (200, Some("stopped")),
+            "{}",
+            stop.body
+        );
+        let start = start.join().expect("the start request returns");
+        assert_eq!(
+            (start.status, start.code()),
+            (409, "INVALID_STATE"),
+            "a start superseded by a stop: {}",
+            start.body
+        );
+    });
+
+    d.create(json!({"name": "stubborn", "metadata": {"stub_ignore_poweroff": "true"}}));
+    d.call("POST", "/machines/stubborn/start", None);
+    std::thread::scope(|s| {
+        // The guest ignores the poweroff: the stop waits for its timeout.
+        let stop = s.spawn(|| d.call("POST", "/machines/stubborn/stop", None));
+        common::eventually("the machine is stopping", Duration::from_secs(10), || {
+            (d.call("GET", "/machines/stubborn", None).body["status"] == "stopping").then_some(())
+        });
+        let start = d.call("POST", "/machines/stubborn/start", None);
+        assert_eq!(
+            (start.status, start.body["status"].as_str()),
+            (200, Some("running")),
+            "{}",
+            start.body
+        );
+        let stop = stop.join().expect("the stop request returns");
+        assert_eq!(
+            (stop.status, stop.code()),
+            (409, "INVALID_STATE"),
+            "a stop superseded by a start: {}",
+            stop.body
+        );
+    });
+}

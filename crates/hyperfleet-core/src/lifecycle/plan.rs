@@ -207,14 +207,9 @@ fn lost_observation(rec: &MachineRecord) -> Observation {
 mod tests {
     use super::*;
     use crate::store::VmmIdentity;
-    use hyperfleet_api::VmmKind;
 
     fn rec(status: MachineStatus, desired: Desired) -> MachineRecord {
-        let (_, spec) = crate::validate::validate_create(Default::default(), VmmKind::Stub)
-            .expect("an empty create request is valid");
-        let mut r = MachineRecord::new("m000000000000000".into(), "default", "t".into(), spec, 0);
-        r.status = status;
-        r.desired = desired;
+        let mut r = crate::lifecycle::test_machine(status, desired);
         r.observed_generation = 0;
         r.prepared = true;
         r

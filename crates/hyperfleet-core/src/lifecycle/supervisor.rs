@@ -12,7 +12,7 @@ use tokio::task::JoinHandle;
 
 use super::plan::{background_only, failure_current, quiescent};
 use super::run::{self, RunCtx, RunExit};
-use super::table::{self, allowed_requests, reachable, Admission, Denied, Request};
+use super::table::{self, allowed_requests, reachable, Admission, Denied, Desired, Request};
 use crate::store::{lock, CachedMachine, EventRecord, MachineRecord, MachineSpec, StoreError};
 use crate::util::{new_machine_id, new_operation_id, now_ms};
 
@@ -294,7 +294,7 @@ impl Supervisor {
         tenant: &str,
         id_or_name: &str,
         req: Request,
-    ) -> Result<(Arc<CachedMachine>, u64), LifecycleError> {
+    ) -> Result<(Arc<CachedMachine>, Generation), LifecycleError> {
         let current = self
             .ctx
             .store
@@ -311,14 +311,22 @@ impl Supervisor {
                     .ok_or_else(|| StoreError::NoSuchMachine(wid.clone()))?;
                 let intent = match table::decide(&rec, req) {
                     Admission::Deny(denied) => return Ok(Err(denied)),
-                    Admission::Unchanged => return Ok(Ok(rec.generation)),
+                    Admission::Unchanged => {
+                        return Ok(Ok(Generation {
+                            number: rec.generation,
+                            desired: rec.desired,
+                        }))
+                    }
                     Admission::Apply(intent) => intent,
                 };
                 table::apply(&mut rec, intent);
                 let op = new_operation_id();
                 rec.operation_id = Some(op.clone());
                 rec.updated_at = now_ms();
-                let generation = rec.generation;
+                let generation = Generation {
+                    number: rec.generation,
+                    desired: rec.desired,
+                };
                 let mut ev = EventRecord::new(&wid, "requested");
                 ev.from_status = Some(rec.status);
                 ev.operation_id = Some(op);
@@ -349,31 +357,25 @@ impl Supervisor {
         }
     }
 
-    /// Waits until the run has converged on `generation` (or a later one),
-    /// the machine failed at or after it, or the deadline passes.
+    /// Waits until the run has converged on `generation` (or a later one
+    /// that still wants the same), the machine failed at or after it, a
+    /// later request wanted something else, or the deadline passes.
     pub async fn wait_generation(
         &self,
         id: &str,
-        generation: u64,
+        generation: Generation,
         timeout: Duration,
     ) -> WaitOutcome {
-        self.wait_until(id, timeout, |m| {
-            let r = &m.rec;
-            if r.status == MachineStatus::Failed
-                && r.failed_generation.is_some_and(|g| g >= generation)
-            {
-                return Some(WaitOutcome::Failed(m.clone()));
-            }
-            if r.observed_generation >= generation {
-                if r.generation > generation && r.status != r.desired.as_status() {
-                    return Some(WaitOutcome::Unreachable(
-                        m.clone(),
-                        "a later request changed the machine's desired state".into(),
-                    ));
-                }
-                return Some(WaitOutcome::Reached(m.clone()));
-            }
-            None
+        self.wait_until(id, timeout, |m| match settled(&m.rec, generation)? {
+            Settled::Reached => Some(WaitOutcome::Reached(m.clone())),
+            Settled::Failed => Some(WaitOutcome::Failed(m.clone())),
+            Settled::Superseded => Some(WaitOutcome::Unreachable(
+                m.clone(),
+                format!(
+                    "a later request changed the machine's desired state to {}",
+                    m.rec.desired.as_str()
+                ),
+            )),
         })
         .await
     }
@@ -437,6 +439,44 @@ impl Supervisor {
     }
 }
 
+/// What an accepted request opened: the generation to wait for and the
+/// state it asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Generation {
+    pub number: u64,
+    pub desired: Desired,
+}
+
+/// How a wait for a request's generation ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Settled {
+    /// The run converged on it (or on a later request wanting the same).
+    Reached,
+    /// The machine failed at or after it.
+    Failed,
+    /// A later request wants something else: this one will never be
+    /// reached as asked (answered 409, never 200 with the other's state).
+    Superseded,
+}
+
+/// Whether machine `r` has settled what the request that opened `g` asked.
+fn settled(r: &MachineRecord, g: Generation) -> Option<Settled> {
+    if r.status == MachineStatus::Failed && r.failed_generation.is_some_and(|f| f >= g.number) {
+        return Some(Settled::Failed);
+    }
+    let later = r.generation > g.number;
+    if later && r.desired != g.desired {
+        return Some(Settled::Superseded);
+    }
+    if r.observed_generation >= g.number {
+        if later && r.status != r.desired.as_status() {
+            return Some(Settled::Superseded);
+        }
+        return Some(Settled::Reached);
+    }
+    None
+}
+
 /// "start, delete (or: nothing)" for error messages.
 pub fn describe_allowed(status: MachineStatus) -> String {
     let allowed = allowed_requests(status);
@@ -448,4 +488,68 @@ pub fn describe_allowed(status: MachineStatus) -> String {
         .map(|r| r.as_str())
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use MachineStatus as S;
+
+    fn rec(status: MachineStatus, desired: Desired, generation: u64) -> MachineRecord {
+        let mut r = crate::lifecycle::test_machine(status, desired);
+        r.generation = generation;
+        r.observed_generation = generation - 1;
+        r
+    }
+
+    const START: Generation = Generation {
+        number: 2,
+        desired: Desired::Running,
+    };
+
+    #[test]
+    fn a_wait_ends_when_its_request_converged() {
+        let mut r = rec(S::Starting, Desired::Running, 2);
+        assert_eq!(settled(&r, START), None);
+        r.status = S::Running;
+        r.observed_generation = 2;
+        assert_eq!(settled(&r, START), Some(Settled::Reached));
+    }
+
+    #[test]
+    fn a_later_request_for_something_else_supersedes_the_wait() {
+        // A start waiting while a stop arrives: never "200 stopped".
+        let mut r = rec(S::Starting, Desired::Stopped, 3);
+        assert_eq!(settled(&r, START), Some(Settled::Superseded));
+        r.status = S::Stopped;
+        r.observed_generation = 3;
+        assert_eq!(settled(&r, START), Some(Settled::Superseded));
+        // A stop waiting while a start arrives: never "200 running".
+        let stop = Generation {
+            number: 2,
+            desired: Desired::Stopped,
+        };
+        let r = rec(S::Running, Desired::Running, 3);
+        assert_eq!(settled(&r, stop), Some(Settled::Superseded));
+    }
+
+    #[test]
+    fn a_later_request_for_the_same_state_still_ends_the_wait() {
+        // A restart after a start, a kill after a stop: same goal.
+        let mut r = rec(S::Starting, Desired::Running, 3);
+        r.observed_generation = 1;
+        assert_eq!(settled(&r, START), None);
+        r.status = S::Running;
+        r.observed_generation = 3;
+        assert_eq!(settled(&r, START), Some(Settled::Reached));
+    }
+
+    #[test]
+    fn a_failure_at_or_after_the_request_ends_the_wait() {
+        let mut r = rec(S::Failed, Desired::Running, 2);
+        r.failed_generation = Some(1);
+        assert_eq!(settled(&r, START), None);
+        r.failed_generation = Some(2);
+        assert_eq!(settled(&r, START), Some(Settled::Failed));
+    }
 }

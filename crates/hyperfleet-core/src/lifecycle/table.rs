@@ -507,15 +507,7 @@ mod tests {
         assert!(!allowed_requests(Running).contains(&Request::Delete));
     }
 
-    fn machine(status: MachineStatus, desired: Desired) -> MachineRecord {
-        let (_, spec) =
-            crate::validate::validate_create(Default::default(), hyperfleet_api::VmmKind::Stub)
-                .expect("an empty create request is valid");
-        let mut r = MachineRecord::new("m000000000000000".into(), "default", "t".into(), spec, 0);
-        r.status = status;
-        r.desired = desired;
-        r
-    }
+    use crate::lifecycle::test_machine as machine;
 
     const WANTED: [Desired; 5] = [
         Desired::Running,

@@ -374,6 +374,7 @@ impl Run {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::lifecycle::table::Desired;
 
     #[test]
     fn phases_are_journaled_and_timed_as_before() {
@@ -396,10 +397,7 @@ mod tests {
     #[test]
     #[should_panic(expected = "BUG")]
     fn a_refused_observation_fails_loudly_in_tests() {
-        let (_, spec) =
-            crate::validate::validate_create(Default::default(), hyperfleet_api::VmmKind::Stub)
-                .expect("an empty create request is valid");
-        let rec = MachineRecord::new("m000000000000000".into(), "default", "t".into(), spec, 0);
+        let rec = crate::lifecycle::test_machine(MachineStatus::Pending, Desired::Stopped);
         let mut edit = Edit { rec, refused: None };
         // A pending machine has no VMM to have paused.
         edit.observe(Observation::PauseDone);

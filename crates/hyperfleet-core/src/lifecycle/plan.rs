@@ -1,7 +1,7 @@
 //! The machine run's decision logic, as a pure function: given the durable
 //! record and what was observed on the host, which single step moves the
 //! machine closer to its desired state? Kept free of I/O so every case is
-//! unit-tested; `run.rs` carries the steps out.
+//! unit-tested; `run/` carries the steps out.
 
 use hyperfleet_api::MachineStatus;
 

@@ -504,3 +504,30 @@ impl Run {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::failpoint::CRASH_POINTS;
+
+    /// The crash tests enumerate `CRASH_POINTS`: every declared step must
+    /// pass only listed points, in the order a machine's life reaches them.
+    #[test]
+    fn every_declared_step_passes_listed_crash_points_in_order() {
+        for def in [
+            &SPAWN,
+            &PAUSE,
+            &RESUME,
+            &GRACEFUL_STOP,
+            &KILL,
+            &SUSPEND,
+            &RELEASE,
+        ] {
+            let at = |p: &str| CRASH_POINTS.iter().position(|c| *c == p);
+            let (Some(intent), Some(effect)) = (at(def.after_intent), at(def.after_effect)) else {
+                panic!("{}: unlisted crash point", def.name);
+            };
+            assert!(intent < effect, "{}: effect before intent", def.name);
+        }
+    }
+}

@@ -104,7 +104,9 @@ fn with_machine_env(preq: &mut proto::ExecRequest, m: &CachedMachine) {
     request_body = ExecRequest,
     responses(
         (status = 200, body = ExecResult),
+        (status = 400, description = "Invalid request, e.g. max_output_bytes over the JSON cap or a bad env name", body = hyperfleet_api::ErrorBody),
         (status = 409, description = "Not running", body = hyperfleet_api::ErrorBody),
+        (status = 429, description = "Too many guest requests in progress", body = hyperfleet_api::ErrorBody),
         (status = 502, description = "Agent unreachable (AGENT_ERROR)", body = hyperfleet_api::ErrorBody),
     ),
     security(("bearer" = [])))]
@@ -140,8 +142,8 @@ pub async fn exec(
         let resp = axum::Json(ExecResult {
             exit_code: st.exit_code,
             signal: st.signal,
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            stdout: into_text(out.stdout),
+            stderr: into_text(out.stderr),
             timed_out: st.timed_out,
             truncated: out.truncated || st.output_cut,
             duration_ms: st.duration_ms,
@@ -419,6 +421,12 @@ impl OutputSink for JsonOutput {
     fn stderr(&mut self, chunk: &[u8]) {
         self.keep(true, chunk);
     }
+}
+
+/// Output as text, invalid UTF-8 replaced; valid output is moved, not copied
+/// (the buffer can be as large as the JSON cap).
+fn into_text(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
 /// The length of `bytes` as the inside of a JSON string, after invalid UTF-8

@@ -1,6 +1,6 @@
 //! How many guest requests (exec, files, logs) the daemon serves at once: a slot per
 //! request, from the tenant's own pool and from the daemon-wide one. Each request can make
-//! the daemon buffer up to the JSON cap (a few times over while encoding), so the number of
+//! the daemon buffer up to the JSON cap (twice over while encoding), so the number of
 //! them in flight is what bounds the daemon's memory. Over the limit a request is refused at
 //! once with `429 TOO_MANY_REQUESTS` rather than queued: a queue would itself grow without
 //! bound, and a client can retry.

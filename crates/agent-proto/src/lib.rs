@@ -7,22 +7,24 @@
 //! - [`messages`]: the JSON schemas of control messages and the protocol version;
 //! - [`client`]: the async host-side client ([`AgentClient`]) that multiplexes many
 //!   operations over one connection with per-stream flow control;
+//! - [`writer`]: writing queued frames to a stream (both ends use it);
 //! - [`vsock`]: the Firecracker hybrid-vsock `CONNECT` handshake;
 //! - [`error`]: the one error type of the host boundary.
 //!
 //! `PROTOCOL.md` at the root of the development workspace is the normative description of the
-//! wire format; this crate is its reference implementation (the agent reuses [`frame`] and
-//! [`messages`]).
+//! wire format; this crate is its reference implementation (the agent reuses [`frame`],
+//! [`messages`] and [`writer`]).
 
 pub mod client;
 pub mod error;
 pub mod frame;
 pub mod messages;
 pub mod vsock;
+pub mod writer;
 
 pub use client::{
     AgentClient, ByteRange, ConnectOptions, ExecEvent, ExecHandle, ExecOutput, ExecStdin,
-    FileReader,
+    FileReader, OutputSink,
 };
 pub use error::Error;
 pub use frame::{

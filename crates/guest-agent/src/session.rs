@@ -2,7 +2,8 @@
 //!
 //! This module owns framing on the agent side: reading and resynchronising the byte stream,
 //! the hello/version handshake, the table of live operations (one per stream id), routing of
-//! data/credit/cancel frames to them, and the single writer task that serialises their frames.
+//! data/credit/cancel frames to them, and the single writer task that serialises their frames
+//! (through the frame writer shared with the host client, `agent_proto::writer`).
 //!
 //! A stream can outlive a host connection (a virtio-serial port), so a new `Hello` on the same
 //! stream restarts the session in place: every operation of the previous session is cancelled
@@ -15,11 +16,12 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::{Bytes, BytesMut};
+use hyperfleet_agent_proto::writer::{write_queue, Outgoing};
 use hyperfleet_agent_proto::{
     ErrorCode, Frame, FrameDecoder, Hello, HelloReply, Kind, PowerAction, RemoteError, Request,
-    Response, INITIAL_WINDOW, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, SYNC,
+    Response, INITIAL_WINDOW, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::sync::{mpsc, watch, Semaphore};
 
 use crate::reaper::Reaper;
@@ -415,28 +417,15 @@ impl Session {
     }
 }
 
+/// Writes the session's frames, dropping those of operations from an earlier session on the
+/// same stream (their epoch is older than the current one).
 async fn writer_loop<W: AsyncWrite + Unpin>(
     wr: W,
     mut rx: mpsc::UnboundedReceiver<(u64, Frame)>,
     epoch: Arc<AtomicU64>,
 ) -> io::Result<()> {
-    let mut w = BufWriter::with_capacity(64 * 1024, wr);
-    while let Some(first) = rx.recv().await {
-        let mut next = Some(first);
-        while let Some((e, f)) = next.take() {
-            if e >= epoch.load(Ordering::SeqCst) {
-                let h = f
-                    .header()
-                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-                if f.kind.is_synced() {
-                    w.write_all(&SYNC).await?;
-                }
-                w.write_all(&h).await?;
-                w.write_all(&f.payload).await?;
-            }
-            next = rx.try_recv().ok();
-        }
-        w.flush().await?;
-    }
-    Ok(())
+    write_queue(wr, &mut rx, |(e, f)| {
+        (e >= epoch.load(Ordering::SeqCst)).then_some(Outgoing::Frame(f))
+    })
+    .await
 }

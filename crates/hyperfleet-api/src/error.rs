@@ -34,6 +34,9 @@ pub enum ErrorCode {
     /// The proxy could not reach a guest port: refused, unreachable, or the
     /// guest closed the connection or answered with a broken response (502).
     BadGateway,
+    /// Too many requests of this kind in progress, for the tenant or the
+    /// server; retry later (429).
+    TooManyRequests,
     /// The server cannot serve the request right now, e.g. shutting down (503).
     Unavailable,
     /// A bug or an unexpected host failure; details are in the server log (500).
@@ -54,6 +57,7 @@ impl ErrorCode {
             ErrorCode::Timeout => 504,
             ErrorCode::RuntimeError | ErrorCode::InternalError => 500,
             ErrorCode::AgentError | ErrorCode::BadGateway => 502,
+            ErrorCode::TooManyRequests => 429,
             ErrorCode::Unavailable => 503,
         }
     }

@@ -26,7 +26,10 @@ pub struct ExecRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stdin: Option<String>,
     /// Keep at most this many bytes of each of stdout and stderr (default
-    /// 1 MiB, at most 16 MiB); `truncated` says when more was produced.
+    /// 1 MiB, at most the server's JSON cap, 16 MiB unless configured);
+    /// `truncated` says when more was produced. The buffered answer also
+    /// holds at most the JSON cap for both together once encoded; larger
+    /// output needs the streaming form.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_output_bytes: Option<usize>,
 }

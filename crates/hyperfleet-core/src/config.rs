@@ -42,6 +42,33 @@ pub struct Config {
     /// Machine records kept in memory (`--machine-cache`); every other
     /// machine is read from the database when asked for.
     pub store: crate::store::StoreOptions,
+    /// Bounds on guest requests (exec, files, logs): `--guest-json-max-bytes`,
+    /// `--guest-requests-per-tenant`, `--guest-requests-total`.
+    pub guest: GuestLimits,
+}
+
+/// How much the daemon buffers for one guest request and how many it serves
+/// at once, so that guests and clients cannot grow its memory at will.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuestLimits {
+    /// The most a JSON-form answer carries: the bytes of a file read as JSON,
+    /// and the encoded stdout plus stderr of a buffered exec. Larger output
+    /// goes through the streaming forms.
+    pub json_max_bytes: usize,
+    /// Guest requests one tenant may have in progress at once.
+    pub per_tenant: usize,
+    /// Guest requests in progress at once, all tenants together.
+    pub total: usize,
+}
+
+impl Default for GuestLimits {
+    fn default() -> Self {
+        GuestLimits {
+            json_max_bytes: 16 << 20,
+            per_tenant: 8,
+            total: 32,
+        }
+    }
 }
 
 /// The reverse proxy's settings (`--proxy-listen`, `--proxy-domain`, …).
@@ -99,6 +126,7 @@ impl Config {
             assets_dir: None,
             network: None,
             proxy: None,
+            guest: GuestLimits::default(),
         }
     }
 

@@ -246,6 +246,7 @@ pub async fn serve(config: Config) -> Result<(), DaemonError> {
         auth_disabled: config.disable_auth,
         default_vmm,
         urls,
+        guest: Arc::new(crate::http::guest::GuestSlots::new(config.guest)),
     });
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use hyperfleet_core::config::GuestLimits;
 
 #[derive(Parser)]
 #[command(
@@ -131,6 +132,18 @@ pub struct ServeArgs {
     /// from the database when asked for.
     #[arg(long, env = "HYPERFLEET_MACHINE_CACHE", default_value_t = hyperfleet_core::store::DEFAULT_CACHED_MACHINES)]
     pub machine_cache: std::num::NonZeroUsize,
+    /// The most bytes a JSON-form guest answer carries: a file read as JSON,
+    /// the encoded stdout plus stderr of a buffered exec. More goes through
+    /// the streamed forms (`?raw=true`, `?stream=true`).
+    #[arg(long, env = "HYPERFLEET_GUEST_JSON_MAX_BYTES", default_value_t = GuestLimits::default().json_max_bytes)]
+    pub guest_json_max_bytes: usize,
+    /// Guest requests (exec, files, logs) one tenant may have in progress at
+    /// once; more get 429.
+    #[arg(long, env = "HYPERFLEET_GUEST_REQUESTS_PER_TENANT", default_value_t = nonzero(GuestLimits::default().per_tenant))]
+    pub guest_requests_per_tenant: std::num::NonZeroUsize,
+    /// Guest requests in progress at once, all tenants together; more get 429.
+    #[arg(long, env = "HYPERFLEET_GUEST_REQUESTS_TOTAL", default_value_t = nonzero(GuestLimits::default().total))]
+    pub guest_requests_total: std::num::NonZeroUsize,
     /// Log format.
     #[arg(
         long,
@@ -412,4 +425,9 @@ pub enum KeysCmd {
     Revoke {
         id: String,
     },
+}
+
+/// A default that is never zero, for a flag that must not be.
+fn nonzero(n: usize) -> std::num::NonZeroUsize {
+    std::num::NonZeroUsize::new(n).unwrap_or(std::num::NonZeroUsize::MIN)
 }

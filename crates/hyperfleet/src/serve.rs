@@ -53,6 +53,11 @@ pub async fn serve(a: ServeArgs, global: &ClientArgs) -> anyhow::Result<()> {
     config.boot_timeout = Duration::from_secs(a.boot_timeout);
     config.stop_timeout = Duration::from_secs(a.stop_timeout);
     config.store.cached_machines = a.machine_cache;
+    config.guest = hyperfleet_core::config::GuestLimits {
+        json_max_bytes: a.guest_json_max_bytes,
+        per_tenant: a.guest_requests_per_tenant.get(),
+        total: a.guest_requests_total.get(),
+    };
     config.qemu_binary = a.qemu_binary;
     config.firecracker_binary = a.firecracker_binary;
     // Absolute: Firecracker resolves it from its own working directory,

@@ -304,3 +304,164 @@ fn make_broken_set(good: &std::path::Path, dir: &std::path::Path) {
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
+
+/// The peak resident memory of process `pid` (VmHWM), in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc/<pid>/status");
+    kb * 1024
+}
+
+#[test]
+fn a_guest_cannot_make_the_daemon_buffer_more_than_the_json_cap() {
+    let Some(assets) = guest_assets() else { return };
+    let sb = Sandbox::new();
+    let cap: usize = 1 << 20;
+    let d = start_daemon(
+        &sb,
+        &assets,
+        &[
+            "--default-vmm",
+            "qemu",
+            "--guest-json-max-bytes",
+            "1048576",
+            "--guest-requests-per-tenant",
+            "2",
+        ],
+    );
+    let m = d.create(json!({"name": "bounded", "vcpu_count": 1, "mem_size_mib": 256}));
+    let id = m["id"].as_str().unwrap().to_string();
+    let r = d.call("POST", "/machines/bounded/start?timeout=300", None);
+    assert_eq!(r.body["status"], "running", "{}\n{}", r.body, d.log());
+
+    // A 512 MiB sparse file, a small one, and a link the guest keeps swapping
+    // between them: whatever the stat saw, the JSON form reads at most the cap.
+    sh(
+        &d,
+        &id,
+        "dd if=/dev/zero of=/tmp/big bs=1048576 count=0 seek=512 2>/dev/null; \
+         echo small > /tmp/small; ln -sf /tmp/small /tmp/link; \
+         (while :; do ln -sf /tmp/big /tmp/link.new; mv -f /tmp/link.new /tmp/link; \
+         ln -sf /tmp/small /tmp/link.new; mv -f /tmp/link.new /tmp/link; done) \
+         >/dev/null 2>&1 </dev/null & echo $! > /tmp/swapper",
+    );
+    let r = d.call("GET", "/machines/bounded/files?path=/tmp/big", None);
+    assert_eq!(
+        (r.status, r.code()),
+        (413, "PAYLOAD_TOO_LARGE"),
+        "{}",
+        r.body
+    );
+    assert!(
+        r.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("raw=true"),
+        "the refusal names the streamed form: {}",
+        r.body
+    );
+    let (mut small, mut refused) = (0, 0);
+    for _ in 0..40 {
+        let r = d.call("GET", "/machines/bounded/files?path=/tmp/link", None);
+        match r.status {
+            200 => {
+                assert!(r.body["size"].as_u64().unwrap() <= cap as u64, "{}", r.body);
+                small += 1;
+            }
+            413 => refused += 1,
+            _ => panic!("unexpected answer {}: {}", r.status, r.body),
+        }
+    }
+    assert_eq!(small + refused, 40);
+
+    // 16 MiB of NULs asked for with a 1 MiB cap: the answer is bounded once
+    // encoded (a NUL is six bytes of JSON), not six times the cap.
+    let resp = d
+        .raw()
+        .post(format!("{}/machines/bounded/exec", d.url))
+        .bearer_auth(&d.key)
+        .json(&json!({"command": ["head", "-c", "16777216", "/dev/zero"],
+                      "max_output_bytes": cap}))
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.bytes().unwrap();
+    assert!(
+        body.len() <= cap + 1024,
+        "a {} byte answer for a {cap} byte cap",
+        body.len()
+    );
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        (v["exit_code"].as_i64(), v["truncated"].as_bool()),
+        (Some(0), Some(true))
+    );
+    let r = d.call(
+        "POST",
+        "/machines/bounded/exec",
+        Some(json!({"command": ["true"], "max_output_bytes": 2 * cap})),
+    );
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("stream=true"));
+
+    // All of the above left the daemon small (it idles around 15 MB; reading
+    // the 512 MiB file would take it past 700 MB).
+    let peak = peak_rss(d.child.id());
+    assert!(peak < 200 << 20, "the daemon peaked at {} MiB", peak >> 20);
+
+    // Two guest requests per tenant: a third one at the same time gets 429.
+    let slow: Vec<_> = (0..2)
+        .map(|_| {
+            let (url, key) = (d.url.clone(), d.key.clone());
+            std::thread::spawn(move || {
+                reqwest::blocking::Client::new()
+                    .post(format!("{url}/machines/bounded/exec"))
+                    .bearer_auth(key)
+                    .json(&json!({"command": ["sleep", "4"]}))
+                    .send()
+                    .map(|r| r.status().as_u16())
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    let r = d.call(
+        "POST",
+        "/machines/bounded/exec",
+        Some(json!({"command": ["true"]})),
+    );
+    assert_eq!(
+        (r.status, r.code()),
+        (429, "TOO_MANY_REQUESTS"),
+        "{}",
+        r.body
+    );
+    for t in slow {
+        assert_eq!(t.join().unwrap().unwrap(), 200);
+    }
+    sh(&d, &id, "kill $(cat /tmp/swapper)");
+
+    // The guest's root cannot be removed by another spelling, nor by '..'.
+    for path in ["//", "/./", "/tmp/.."] {
+        let r = d.call(
+            "DELETE",
+            &format!("/machines/bounded/files?path={path}&recursive=true"),
+            None,
+        );
+        assert_eq!(r.status, 400, "{path}: {}", r.body);
+    }
+    assert!(sh(&d, &id, "ls /").contains("tmp"), "the root is intact");
+    let r = d.call(
+        "POST",
+        "/machines/bounded/exec",
+        Some(json!({"command": ["true"], "env": {"A=B": "x"}})),
+    );
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body["error"]["message"].as_str().unwrap().contains("A=B"));
+}

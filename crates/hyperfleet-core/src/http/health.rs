@@ -30,24 +30,16 @@ pub async fn health(State(state): State<AppState>) -> Response {
                 detail: "the store did not answer within 2 s".into(),
             },
         };
-    let mut backends: Vec<BackendHealth> = state
+    let backends: Vec<BackendHealth> = state
         .sup
-        .ctx()
-        .backends
-        .values()
-        .map(|b| {
-            let (available, detail) = match b.availability() {
-                Ok(d) => (true, d),
-                Err(d) => (false, d),
-            };
-            BackendHealth {
-                vmm: b.kind(),
-                available,
-                detail,
-            }
+        .backend_health()
+        .into_iter()
+        .map(|b| BackendHealth {
+            vmm: b.vmm,
+            available: b.available,
+            detail: b.detail,
         })
         .collect();
-    backends.sort_by_key(|b| b.vmm.as_str());
     let default_ok = backends
         .iter()
         .any(|b| b.vmm == state.default_vmm && b.available);

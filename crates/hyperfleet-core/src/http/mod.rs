@@ -33,6 +33,8 @@ pub struct AppState {
     pub default_vmm: VmmKind,
     /// Proxy URLs for the machine JSON; None when the proxy is off.
     pub urls: Option<Arc<crate::proxy::urls::UrlTemplate>>,
+    /// Bounds on guest requests (exec, files, logs).
+    pub guest: Arc<guest::GuestSlots>,
 }
 
 fn api_routes() -> Router<AppState> {

@@ -75,7 +75,7 @@ impl From<LifecycleError> for ApiError {
     fn from(e: LifecycleError) -> Self {
         match e {
             LifecycleError::NotFound(id) => ApiError::not_found(format!("machine '{id}'")),
-            e @ LifecycleError::InvalidState { .. } => {
+            e @ (LifecycleError::InvalidState { .. } | LifecycleError::BeingDeleted(_)) => {
                 ApiError::new(ErrorCode::InvalidState, e.to_string())
             }
             LifecycleError::NameTaken(n) => ApiError::new(

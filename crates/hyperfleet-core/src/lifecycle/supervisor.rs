@@ -27,6 +27,8 @@ pub enum LifecycleError {
         status: MachineStatus,
         allowed: String,
     },
+    #[error("cannot {0} a machine that is being deleted: a delete was accepted, and only deletes are allowed now")]
+    BeingDeleted(Request),
     #[error("a machine named '{0}' already exists")]
     NameTaken(String),
     #[error("the {0} backend is not enabled on this server")]
@@ -340,7 +342,14 @@ impl Supervisor {
             })
             .await?;
         match outcome {
-            Err(Denied { request, status }) => Err(LifecycleError::InvalidState {
+            Err(Denied {
+                request,
+                deleting: true,
+                ..
+            }) => Err(LifecycleError::BeingDeleted(request)),
+            Err(Denied {
+                request, status, ..
+            }) => Err(LifecycleError::InvalidState {
                 request,
                 status,
                 allowed: describe_allowed(status),

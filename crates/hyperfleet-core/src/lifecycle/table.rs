@@ -149,11 +149,14 @@ pub(crate) enum Admission {
     Deny(Denied),
 }
 
-/// Why a request was refused: its status allows it not.
+/// Why a request was refused: its status allows it not, or the machine is
+/// to be deleted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Denied {
     pub request: Request,
     pub status: MachineStatus,
+    /// A delete was accepted: only deletes are admitted from then on.
+    pub deleting: bool,
 }
 
 const fn want(desired: Desired) -> Option<Intent> {
@@ -171,8 +174,19 @@ pub(crate) fn decide(rec: &MachineRecord, req: Request) -> Admission {
         return Admission::Deny(Denied {
             request: req,
             status: rec.status,
+            deleting: false,
         });
     };
+    // An accepted delete is final, whatever the status still says: a start
+    // admitted before the run began the delete would resurrect a machine
+    // whose client was told it is being deleted (found by the chaos test).
+    if rec.desired == Desired::Deleted && intent.desired() != Desired::Deleted {
+        return Admission::Deny(Denied {
+            request: req,
+            status: rec.status,
+            deleting: true,
+        });
+    }
     let escalate = intent == Intent::Kill && !rec.stop_kill;
     let unchanged = rec.desired == intent.desired() && intent != Intent::Restart && !escalate;
     // A failure sticks until a request; an unchanged desired state on a
@@ -537,11 +551,24 @@ mod tests {
                                     got,
                                     Admission::Deny(Denied {
                                         request: req,
-                                        status
+                                        status,
+                                        deleting: false,
                                     })
                                 );
                                 continue;
                             };
+                            if desired == Desired::Deleted && intent.desired() != Desired::Deleted {
+                                assert_eq!(
+                                    got,
+                                    Admission::Deny(Denied {
+                                        request: req,
+                                        status,
+                                        deleting: true,
+                                    }),
+                                    "{req} on {status} after a delete was accepted"
+                                );
+                                continue;
+                            }
                             let retry = failed && status == Failed;
                             // Nothing new: the same state by the usual path,
                             // or a kill already asked for.
@@ -612,7 +639,19 @@ mod tests {
             decide(&r, Request::Start),
             Admission::Deny(Denied {
                 request: Request::Start,
-                status: Deleting
+                status: Deleting,
+                deleting: false,
+            })
+        );
+        // Before the run begins the delete, the status still says running:
+        // the accepted delete is what refuses.
+        let r = machine(Running, Desired::Deleted);
+        assert_eq!(
+            decide(&r, Request::Start),
+            Admission::Deny(Denied {
+                request: Request::Start,
+                status: Running,
+                deleting: true,
             })
         );
     }

@@ -26,7 +26,7 @@ pub struct Config {
     pub stop_timeout: Duration,
     /// `qemu-system-x86_64` (resolved through PATH).
     pub qemu_binary: PathBuf,
-    pub qemu_accel: crate::vmm::qemu::AccelChoice,
+    pub qemu_accel: crate::vmm::host::AccelChoice,
     /// `firecracker` (resolved through PATH, then /usr/local/bin).
     pub firecracker_binary: PathBuf,
     /// A kernel Firecracker boots instead of the asset set's.
@@ -92,7 +92,7 @@ impl Config {
             stop_timeout: Duration::from_secs(10),
             store: crate::store::StoreOptions::default(),
             qemu_binary: PathBuf::from("qemu-system-x86_64"),
-            qemu_accel: crate::vmm::qemu::AccelChoice::Auto,
+            qemu_accel: crate::vmm::host::AccelChoice::Auto,
             firecracker_binary: PathBuf::from("firecracker"),
             firecracker_kernel: None,
             firecracker_jailer: None,

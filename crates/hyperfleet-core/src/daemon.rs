@@ -332,7 +332,7 @@ mod tests {
         }
         let (map, default) = backends(&config);
         assert!(map.contains_key(&VmmKind::Firecracker));
-        let hardware = crate::doctor::detect_accel().0 == crate::doctor::Accel::HardwareKvm;
+        let hardware = crate::vmm::host::detect_accel().0 == crate::vmm::host::Accel::HardwareKvm;
         if !hardware {
             assert_ne!(default, Ok(VmmKind::Firecracker));
             let why = map[&VmmKind::Firecracker].availability().unwrap_err();

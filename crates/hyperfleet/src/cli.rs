@@ -54,8 +54,9 @@ pub enum Command {
     /// Run the daemon.
     // Boxed: the daemon's flags outweigh every other command's.
     Serve(Box<ServeArgs>),
-    /// Check this host and say what to fix.
-    Doctor(DoctorArgs),
+    /// Check this host and say what to fix (for the settings `serve` would
+    /// run with: it takes the same flags and environment variables).
+    Doctor(Box<DoctorArgs>),
     /// Print the OpenAPI document.
     Openapi,
     /// Create, inspect and control machines.
@@ -257,7 +258,10 @@ pub enum AccelArg {
 }
 
 #[derive(Args)]
-pub struct DoctorArgs {}
+pub struct DoctorArgs {
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
 
 #[derive(Subcommand)]
 pub enum MachinesCmd {

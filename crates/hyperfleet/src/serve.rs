@@ -11,7 +11,7 @@ use hyperfleet_core::net::{NetConfig, Subnet};
 use hyperfleet_core::Config;
 
 use hyperfleet_core::vmm::firecracker::jailer::JailerConfig;
-use hyperfleet_core::vmm::qemu::AccelChoice;
+use hyperfleet_core::vmm::host::AccelChoice;
 use hyperfleet_core::vmm::uid::UidRange;
 
 use crate::cli::{AccelArg, ClientArgs, LogFormat, ServeArgs, Toggle, VmmChoice};
@@ -39,28 +39,43 @@ fn vmm_kind(c: VmmChoice) -> Option<VmmKind> {
 
 pub async fn serve(a: ServeArgs, global: &ClientArgs) -> anyhow::Result<()> {
     init_logging(a.log_format);
+    let config = settings(&a, global)?;
+    // The host's accounts must not overlap the range (doctor checks the
+    // same, without refusing).
+    if let Some(j) = &config.firecracker_jailer {
+        j.uids.check_host().map_err(|e| anyhow::anyhow!(e))?;
+    }
+    hyperfleet_core::serve(config)
+        .await
+        .context("the daemon stopped with an error")
+}
+
+/// The daemon's settings from its flags (and their environment variables):
+/// what `serve` runs with and what `doctor` checks.
+fn settings(a: &ServeArgs, global: &ClientArgs) -> anyhow::Result<Config> {
     let ip: IpAddr = a
         .host
         .parse()
         .with_context(|| format!("--host '{}' is not an IP address", a.host))?;
     let mut config = Config::new(global.data_dir.clone());
-    config.network = network_config(&a)?;
-    config.firecracker_jailer = jailer_config(&a, config.network.is_some())?;
+    config.network = network_config(a)?;
+    config.firecracker_jailer = jailer_config(a, config.network.is_some())?;
     config.listen = SocketAddr::new(ip, a.port);
     config.disable_auth = a.disable_auth;
     config.default_vmm = vmm_kind(a.default_vmm);
-    config.stub_binary = a.stub_vmm_binary;
+    config.stub_binary = a.stub_vmm_binary.clone();
     config.boot_timeout = Duration::from_secs(a.boot_timeout);
     config.stop_timeout = Duration::from_secs(a.stop_timeout);
     config.store.cached_machines = a.machine_cache;
-    config.qemu_binary = a.qemu_binary;
-    config.firecracker_binary = a.firecracker_binary;
+    config.qemu_binary = a.qemu_binary.clone();
+    config.firecracker_binary = a.firecracker_binary.clone();
     // Absolute: Firecracker resolves it from its own working directory,
     // which is the chroot's root when jailed.
     config.firecracker_kernel = a
         .firecracker_kernel
+        .clone()
         .map(|k| std::path::absolute(&k).unwrap_or(k));
-    config.assets_dir = a.assets_dir;
+    config.assets_dir = a.assets_dir.clone();
     config.qemu_accel = match a.qemu_accel {
         AccelArg::Auto => AccelChoice::Auto,
         AccelArg::Kvm => AccelChoice::Kvm,
@@ -73,9 +88,7 @@ pub async fn serve(a: ServeArgs, global: &ClientArgs) -> anyhow::Result<()> {
         p.public_port = a.proxy_public_port;
         config.proxy = Some(p);
     }
-    hyperfleet_core::serve(config)
-        .await
-        .context("the daemon stopped with an error")
+    Ok(config)
 }
 
 fn jailer_config(a: &ServeArgs, network: bool) -> anyhow::Result<Option<JailerConfig>> {
@@ -108,9 +121,8 @@ fn jailer_config(a: &ServeArgs, network: bool) -> anyhow::Result<Option<JailerCo
         }
         return Ok(None);
     }
-    let uids = UidRange::new(a.jailer_uid_base, a.jailer_uid_count)
-        .and_then(|r| r.check_host().map(|()| r))
-        .map_err(|e| anyhow::anyhow!(e))?;
+    let uids =
+        UidRange::new(a.jailer_uid_base, a.jailer_uid_count).map_err(|e| anyhow::anyhow!(e))?;
     if a.jailer_netns.is_some() && network {
         anyhow::bail!(
             "--jailer-netns cannot be combined with machine networking: with networking on, each \
@@ -170,8 +182,10 @@ fn network_config(a: &ServeArgs) -> anyhow::Result<Option<NetConfig>> {
     Ok(Some(n))
 }
 
-pub fn doctor(global: &ClientArgs) -> anyhow::Result<()> {
-    let config = Config::new(global.data_dir.clone());
+/// Checks the host for the daemon `serve` would run with the same flags
+/// and environment.
+pub fn doctor(a: &ServeArgs, global: &ClientArgs) -> anyhow::Result<()> {
+    let config = settings(a, global).context("serve would refuse these settings")?;
     let checks = doctor::run(&config);
     if global.json {
         crate::output::json(&checks)?;

@@ -9,6 +9,7 @@
 
 pub mod agent_cache;
 pub mod firecracker;
+pub mod host;
 pub mod process;
 pub mod qemu;
 pub mod stub;

@@ -63,10 +63,10 @@ use hyperfleet_api::VmmKind;
 use serde_json::{json, Value};
 
 use super::agent_cache::{AgentCache, ReadyPoll};
+use super::host::{self, Accel};
 use super::process::{self, Liveness};
 use super::{LaunchSpec, MachinePaths, StopPath, Vmm, VmmError, VmmRunState};
 use crate::assets::AssetSet;
-use crate::doctor::{detect_accel, Accel};
 use crate::net::netns;
 use crate::store::VmmIdentity;
 use jailer::{Cgroups, JailerConfig, Share};
@@ -120,18 +120,9 @@ pub struct FirecrackerVmm {
     kernel_check: std::sync::Mutex<Option<(String, Result<String, String>)>>,
 }
 
-/// Finds the binary: a path as given, else PATH, else /usr/local/bin (where
-/// the release tarball's binaries are usually put, and which a daemon
-/// started by an init system may not have in its PATH).
+/// Finds the binary: a path as given, else PATH, else /usr/local/bin.
 fn which(bin: &Path) -> Option<PathBuf> {
-    if bin.components().count() > 1 {
-        return bin.is_file().then(|| bin.to_path_buf());
-    }
-    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect())
-        .unwrap_or_default();
-    dirs.push(PathBuf::from("/usr/local/bin"));
-    dirs.into_iter().map(|d| d.join(bin)).find(|p| p.is_file())
+    host::which(bin, &[host::RELEASE_BIN_DIR])
 }
 
 fn version_of(bin: &Path) -> Option<String> {
@@ -198,7 +189,7 @@ impl FirecrackerVmm {
         FirecrackerVmm {
             binary,
             version,
-            accel: detect_accel(),
+            accel: host::detect_accel(),
             assets_root: cfg.assets_root,
             assets: cfg.assets,
             agents: AgentCache::default(),

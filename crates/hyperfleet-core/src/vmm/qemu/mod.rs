@@ -26,19 +26,11 @@ use serde_json::json;
 use tokio::net::UnixStream;
 
 use super::agent_cache::{AgentCache, ReadyPoll};
+use super::host::{self, Accel, AccelChoice};
 use super::process::{self, Liveness};
 use super::{LaunchSpec, MachinePaths, StopPath, Vmm, VmmError, VmmRunState};
 use crate::assets::AssetSet;
-use crate::doctor::{detect_accel, Accel};
 use crate::store::VmmIdentity;
-
-/// `--qemu-accel`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AccelChoice {
-    Auto,
-    Kvm,
-    Tcg,
-}
 
 pub struct QemuConfig {
     /// `qemu-system-x86_64`, resolved through PATH when relative.
@@ -63,35 +55,9 @@ pub struct QemuVmm {
 
 const QBOOT: &[&str] = &["/usr/share/qemu/qboot.rom", "/usr/share/seabios/qboot.rom"];
 
-fn which(bin: &Path) -> Option<PathBuf> {
-    if bin.components().count() > 1 {
-        return bin.is_file().then(|| bin.to_path_buf());
-    }
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(bin))
-        .find(|p| p.is_file())
-}
-
-/// The host TSC frequency in kHz, so the guest can skip its calibration
-/// loop (`tsc_early_khz`, `lpj`): about one boot in thirty hung in
-/// `calibrate_delay` without it.
-fn host_tsc_khz() -> Option<u64> {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
-    let mhz: f64 = cpuinfo
-        .lines()
-        .find(|l| l.starts_with("cpu MHz"))?
-        .split(':')
-        .nth(1)?
-        .trim()
-        .parse()
-        .ok()?;
-    Some((mhz * 1000.0) as u64)
-}
-
 impl QemuVmm {
     pub fn new(cfg: QemuConfig) -> QemuVmm {
-        let (host, why) = detect_accel();
+        let (host, why) = host::detect_accel();
         let accel = match (cfg.accel, host) {
             (AccelChoice::Kvm, _) => ("kvm", "forced by --qemu-accel kvm".to_string()),
             (AccelChoice::Tcg, _) => ("tcg", "forced by --qemu-accel tcg".to_string()),
@@ -99,12 +65,12 @@ impl QemuVmm {
             (AccelChoice::Auto, _) => ("tcg", why),
         };
         QemuVmm {
-            binary: which(&cfg.binary),
+            binary: host::which(&cfg.binary, &[]),
             firmware: QBOOT.iter().map(PathBuf::from).find(|p| p.exists()),
             accel,
             assets_root: cfg.assets_root,
             assets: cfg.assets,
-            tsc_khz: host_tsc_khz(),
+            tsc_khz: host::tsc_khz(),
             agents: AgentCache::default(),
         }
     }

@@ -6,7 +6,9 @@
 //! bind-mounted there as `ip netns add` does (so `ip netns exec` works on
 //! it); `<daemon netns>` is the inode of the daemon's own network namespace
 //! in hex, so daemons in different namespaces (each with its own TAP names
-//! and table) never share or sweep each other's. Inside it the machine's TAP
+//! and table) never share or sweep each other's; daemons sharing a namespace
+//! have different TAP prefixes, and the startup sweep takes only namespaces
+//! of its own prefix's TAPs ([`list`]). Inside it the machine's TAP
 //! is [`INNER_TAP`] with the guest's gateway as today, and the namespace
 //! routes between it and [`UPLINK`]. The uplink's peer on the host is named
 //! like the machine's TAP, so the nftables table's per-machine rules (which
@@ -86,15 +88,27 @@ pub fn tap_of(ns_name: &str) -> Option<&str> {
     ns_name.strip_prefix(scope.as_str())
 }
 
-/// This daemon's machine namespaces (by name).
-pub fn list() -> Vec<String> {
+/// This daemon's machine namespaces (by name): see [`ours`].
+pub fn list(tap_prefix: &str) -> Vec<String> {
     let Ok(entries) = std::fs::read_dir(NETNS_DIR) else {
         return Vec::new();
     };
-    entries
-        .flatten()
-        .filter_map(|e| e.file_name().into_string().ok())
-        .filter(|n| tap_of(n).is_some())
+    ours(
+        entries
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok()),
+        tap_prefix,
+    )
+}
+
+/// The names of this daemon's machine namespaces: in its scope, and for a
+/// TAP of its own naming (`tap_prefix`). Two daemons sharing a network
+/// namespace share the scope but not the prefix (nor the nftables table),
+/// so neither sweeps the other's.
+fn ours(names: impl IntoIterator<Item = String>, tap_prefix: &str) -> Vec<String> {
+    names
+        .into_iter()
+        .filter(|n| tap_of(n).is_some_and(|tap| super::lease::is_our_tap(tap_prefix, tap)))
         .collect()
 }
 
@@ -401,6 +415,23 @@ mod tests {
         assert_eq!(tap_of("hfns-1-hfac1e0002"), None);
         assert_eq!(tap_of("hfac1e0002"), None);
         assert_eq!(tap_of("vmms"), None);
+    }
+
+    #[test]
+    fn a_daemon_lists_only_the_namespaces_of_its_own_taps() {
+        let mine = name_for("hfac1e0002");
+        let names = [
+            mine.clone(),
+            // Another daemon in the same namespace, with prefix `hfb`.
+            name_for("hfbac1e0006"),
+            // Another daemon in another namespace, with the same prefix.
+            "hfns-1-hfac1e000a".to_string(),
+            // Not a TAP of the naming scheme.
+            name_for("hfzz"),
+            "vmms".to_string(),
+        ];
+        assert_eq!(ours(names.clone(), "hf"), vec![mine]);
+        assert_eq!(ours(names, "hfb"), vec![name_for("hfbac1e0006")]);
     }
 
     #[test]

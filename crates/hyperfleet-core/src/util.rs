@@ -1,5 +1,6 @@
 //! Small shared helpers: wall-clock time in the store's unit, RFC 3339
-//! rendering, and random identifiers.
+//! rendering, random identifiers, error chains on one line, and removal
+//! that treats "already gone" as done.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -66,6 +67,31 @@ pub fn new_operation_id() -> String {
     random_id("op_", 12)
 }
 
+/// An error and its causes on one line (`a: b: c`), for messages and logs;
+/// a cause whose text the line already holds is not repeated.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(err) = cur {
+        let text = err.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        cur = err.source();
+    }
+    s
+}
+
+/// The result of removing something, with "it was not there" counted as
+/// removed: removals are idempotent.
+pub fn absent_ok(removed: std::io::Result<()>) -> std::io::Result<()> {
+    match removed {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -87,6 +113,31 @@ mod tests {
         let b = new_machine_id();
         assert!(a < b, "{a} < {b}");
         assert_ne!(new_machine_id(), new_machine_id());
+    }
+
+    #[test]
+    fn error_chains_name_each_cause_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("reading the state")]
+        struct Outer(#[source] std::io::Error);
+        #[derive(Debug, thiserror::Error)]
+        #[error("the guest failed: {0}")]
+        struct Repeats(#[source] std::io::Error);
+        let io = || std::io::Error::other("disk on fire");
+        assert_eq!(error_chain(&Outer(io())), "reading the state: disk on fire");
+        assert_eq!(
+            error_chain(&Repeats(io())),
+            "the guest failed: disk on fire"
+        );
+    }
+
+    #[test]
+    fn removing_what_is_absent_succeeds_and_other_failures_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let gone = dir.path().join("gone");
+        assert!(absent_ok(std::fs::remove_file(&gone)).is_ok());
+        // A directory is not a file: that failure is kept.
+        assert!(absent_ok(std::fs::remove_file(dir.path())).is_err());
     }
 
     #[test]

@@ -243,11 +243,7 @@ pub fn remove(name: &str) -> Result<(), TapError> {
             return Err(err(what, e));
         }
     }
-    match std::fs::remove_file(&path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(err(what, e)),
-    }
+    crate::util::absent_ok(std::fs::remove_file(&path)).map_err(|e| err(what, e))
 }
 
 /// Runs blocking work (threads that change namespace, mounts) off the

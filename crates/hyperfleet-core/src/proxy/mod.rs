@@ -41,6 +41,7 @@ use hyperfleet_api::{ErrorBody, ErrorCode, MachineStatus};
 use crate::config::ProxyConfig;
 use crate::http::error::ApiError;
 use crate::store::{CachedMachine, MachineRecord, Store};
+use crate::util::error_chain;
 use activity::Activity;
 use auth::{Credentials, Grant};
 use route::Form;
@@ -254,7 +255,7 @@ impl Proxy {
     fn upstream_error(&self, e: &hyper_util::client::legacy::Error, plan: &Plan) -> ApiError {
         let (id, port) = (&plan.machine.rec.id, plan.port);
         let io_kind = io_error_kind(e);
-        tracing::debug!(machine = %id, port, error = %chain(e), "proxy: guest port failed");
+        tracing::debug!(machine = %id, port, error = %error_chain(e), "proxy: guest port failed");
         if e.is_connect() {
             return match io_kind {
                 Some(std::io::ErrorKind::TimedOut) => ApiError::new(
@@ -274,7 +275,10 @@ impl Proxy {
                 ),
                 _ => ApiError::new(
                     ErrorCode::BadGateway,
-                    format!("machine '{id}' port {port} cannot be reached: {}", chain(e)),
+                    format!(
+                        "machine '{id}' port {port} cannot be reached: {}",
+                        error_chain(e)
+                    ),
                 ),
             };
         }
@@ -282,7 +286,7 @@ impl Proxy {
             ErrorCode::BadGateway,
             format!(
                 "machine '{id}' port {port} closed the connection or answered with a broken response: {}",
-                chain(e)
+                error_chain(e)
             ),
         )
     }
@@ -409,19 +413,4 @@ fn io_error_kind(e: &(dyn std::error::Error + 'static)) -> Option<std::io::Error
         cur = err.source();
     }
     None
-}
-
-/// An error and its causes on one line, for messages and logs.
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(err) = cur {
-        let text = err.to_string();
-        if !s.contains(&text) {
-            s.push_str(": ");
-            s.push_str(&text);
-        }
-        cur = err.source();
-    }
-    s
 }

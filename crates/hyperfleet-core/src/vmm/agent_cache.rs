@@ -4,6 +4,9 @@
 //! is replaced on next use. A per-machine async lock makes sure only one
 //! connection attempt runs at a time (a virtio-serial port or hybrid vsock
 //! listener serves one host connection at a time).
+//!
+//! A backend only opens its channel ([`AgentChannel::open_channel`]); the
+//! greeting and the cached connection are written once here.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -12,11 +15,58 @@ use std::sync::{Arc, Mutex};
 use std::path::Path;
 use std::time::Duration;
 
-use hyperfleet_agent_proto::AgentClient;
+use async_trait::async_trait;
+use hyperfleet_agent_proto::{AgentClient, ConnectOptions};
+use tokio::net::UnixStream;
 
 use super::process::{self, Liveness};
-use super::VmmError;
+use super::{LaunchSpec, MachinePaths, VmmError};
 use crate::store::VmmIdentity;
+
+/// How long reaching a running guest's agent may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A backend whose guest agent is reached over a unix socket on the host
+/// (QEMU's virtio-serial channel, Firecracker's hybrid vsock).
+#[async_trait]
+pub(crate) trait AgentChannel: Send + Sync {
+    fn agents(&self) -> &AgentCache;
+
+    /// Opens a byte stream to the agent, not yet greeted, within `timeout`.
+    async fn open_channel(
+        &self,
+        paths: &MachinePaths,
+        timeout: Duration,
+    ) -> Result<UnixStream, VmmError>;
+
+    /// A greeted connection, made within `timeout`.
+    async fn connect_agent(
+        &self,
+        paths: &MachinePaths,
+        timeout: Duration,
+    ) -> Result<AgentClient, VmmError> {
+        let stream = self.open_channel(paths, timeout).await?;
+        let opts = ConnectOptions {
+            handshake_timeout: timeout,
+            ..ConnectOptions::default()
+        };
+        AgentClient::connect_with(stream, opts)
+            .await
+            .map_err(|e| VmmError::Control {
+                doing: "greeting the guest agent".into(),
+                detail: e.to_string(),
+            })
+    }
+
+    /// The machine's cached connection, or a new one ([`super::Vmm::agent`]).
+    async fn cached_agent(&self, launch: &LaunchSpec) -> Result<AgentClient, VmmError> {
+        self.agents()
+            .get(&launch.machine_id, || {
+                self.connect_agent(&launch.paths, CONNECT_TIMEOUT)
+            })
+            .await
+    }
+}
 
 /// How a backend polls for its guest agent while the guest boots.
 pub struct ReadyPoll<'a> {

@@ -12,6 +12,7 @@ pub mod firecracker;
 pub mod host;
 pub mod process;
 pub mod qemu;
+mod stop;
 pub mod stub;
 pub mod uid;
 
@@ -61,6 +62,25 @@ impl VmmError {
             source,
         }
     }
+
+    pub fn unavailable(backend: VmmKind, reason: impl Into<String>) -> Self {
+        VmmError::Unavailable {
+            backend,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// An unusable asset set (a file missing or corrupt) makes `backend`
+/// unavailable for the machine.
+pub(crate) fn asset_err(backend: VmmKind) -> impl Fn(crate::assets::AssetError) -> VmmError {
+    move |e| VmmError::unavailable(backend, e.to_string())
+}
+
+/// Removes a file, treating "already gone" as done.
+pub(crate) fn remove_file_if_present(path: &Path) -> Result<(), VmmError> {
+    crate::util::absent_ok(std::fs::remove_file(path))
+        .map_err(|e| VmmError::host(format!("removing {}", path.display()), e))
 }
 
 /// Where a machine's files live; chosen from its id, so they are known before
@@ -232,8 +252,7 @@ pub fn asset_set_for(
     image: Option<&str>,
 ) -> Result<crate::assets::AssetSet, VmmError> {
     use crate::assets::AssetSet;
-    let unavailable = |reason: String| VmmError::Unavailable { backend, reason };
-    let set = AssetSet::load(current).map_err(|e| unavailable(e.to_string()));
+    let set = AssetSet::load(current).map_err(asset_err(backend));
     let Some(id) = image else {
         return set;
     };
@@ -241,9 +260,10 @@ pub fn asset_set_for(
         return set;
     }
     AssetSet::load(&root.join(id)).map_err(|e| {
-        unavailable(format!(
-            "the machine's guest image {id} is gone ({e}); it cannot boot"
-        ))
+        VmmError::unavailable(
+            backend,
+            format!("the machine's guest image {id} is gone ({e}); it cannot boot"),
+        )
     })
 }
 
@@ -285,12 +305,10 @@ pub async fn make_disk_once(
 
 /// Removes a machine directory, treating "already gone" as done.
 pub async fn remove_dir_idempotent(dir: &Path) -> Result<(), VmmError> {
-    match tokio::fs::remove_dir_all(dir).await {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(VmmError::host(
+    crate::util::absent_ok(tokio::fs::remove_dir_all(dir).await).map_err(|e| {
+        VmmError::host(
             format!("removing the machine directory {}", dir.display()),
             e,
-        )),
-    }
+        )
+    })
 }

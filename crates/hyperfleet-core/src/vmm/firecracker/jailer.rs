@@ -359,14 +359,8 @@ pub fn build(
 /// must be gone. Idempotent.
 pub fn remove_jail(paths: &MachinePaths) -> Result<(), VmmError> {
     let dir = jail_dir(paths);
-    match std::fs::remove_dir_all(&dir) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(VmmError::host(
-            format!("removing the jail {}", dir.display()),
-            e,
-        )),
-    }
+    crate::util::absent_ok(std::fs::remove_dir_all(&dir))
+        .map_err(|e| VmmError::host(format!("removing the jail {}", dir.display()), e))
 }
 
 fn mkdirs(dir: &Path) -> Result<(), VmmError> {
@@ -427,11 +421,7 @@ fn place(uid: u32, host: &Path, inner: &Path, share: Share) -> Result<(), VmmErr
 /// `host`, replacing what was there.
 pub fn export(root: &Path, host: &Path) -> Result<(), VmmError> {
     let inner = inside(root, host);
-    match std::fs::remove_file(host) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(VmmError::host(format!("removing {}", host.display()), e)),
-    }
+    crate::vmm::remove_file_if_present(host)?;
     std::fs::hard_link(&inner, host).map_err(|e| {
         VmmError::host(
             format!("hard-linking {} out of the jail", inner.display()),

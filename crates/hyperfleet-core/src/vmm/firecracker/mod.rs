@@ -58,14 +58,18 @@ use std::process::Command;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use hyperfleet_agent_proto::{hybrid_vsock_connect, AgentClient, ConnectOptions};
+use hyperfleet_agent_proto::{hybrid_vsock_connect, AgentClient};
 use hyperfleet_api::VmmKind;
 use serde_json::{json, Value};
 
-use super::agent_cache::{AgentCache, ReadyPoll};
+use super::agent_cache::{AgentCache, AgentChannel, ReadyPoll};
 use super::host::{self, Accel};
 use super::process::{self, Liveness};
-use super::{LaunchSpec, MachinePaths, StopPath, Vmm, VmmError, VmmRunState};
+use super::stop::{graceful_stop, StopRequest};
+use super::{
+    asset_err, remove_file_if_present, LaunchSpec, MachinePaths, StopPath, Vmm, VmmError,
+    VmmRunState,
+};
 use crate::assets::AssetSet;
 use crate::net::netns;
 use crate::store::VmmIdentity;
@@ -135,14 +139,7 @@ fn version_of(bin: &Path) -> Option<String> {
 }
 
 fn unavailable(reason: impl Into<String>) -> VmmError {
-    VmmError::Unavailable {
-        backend: VmmKind::Firecracker,
-        reason: reason.into(),
-    }
-}
-
-fn asset_err(e: crate::assets::AssetError) -> VmmError {
-    unavailable(e.to_string())
+    VmmError::unavailable(VmmKind::Firecracker, reason)
 }
 
 /// The last `n` non-empty lines of a file that `keep` accepts, joined.
@@ -162,14 +159,6 @@ fn sync_dir(dir: &Path) -> Result<(), VmmError> {
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| VmmError::host(format!("syncing {}", dir.display()), e))
-}
-
-fn remove_if_present(path: &Path) -> Result<(), VmmError> {
-    match std::fs::remove_file(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(VmmError::host(format!("removing {}", path.display()), e)),
-    }
 }
 
 impl FirecrackerVmm {
@@ -317,9 +306,12 @@ impl FirecrackerVmm {
                     k.display()
                 )))
             }
-            None => set.kernel().map_err(asset_err)?,
+            None => set.kernel().map_err(asset_err(VmmKind::Firecracker))?,
         };
-        Ok((kernel, set.initramfs().map_err(asset_err)?))
+        Ok((
+            kernel,
+            set.initramfs().map_err(asset_err(VmmKind::Firecracker))?,
+        ))
     }
 
     /// Why a guest did not come up, from the console and Firecracker's log.
@@ -589,7 +581,7 @@ impl FirecrackerVmm {
                 e,
             )
         })?;
-        remove_if_present(&diff)?;
+        remove_file_if_present(&diff)?;
         sync_dir(&paths.snapshot_dir())?;
         tracing::info!(
             dir = %paths.dir.display(),
@@ -646,38 +638,10 @@ impl FirecrackerVmm {
         }
     }
 
-    async fn connect_agent(
-        &self,
-        paths: &MachinePaths,
-        timeout: Duration,
-    ) -> Result<AgentClient, VmmError> {
-        let sock = Self::vsock_socket(paths);
-        let stream = tokio::time::timeout(timeout, hybrid_vsock_connect(&sock, AGENT_VSOCK_PORT))
-            .await
-            .map_err(|_| VmmError::Control {
-                doing: "connecting to the guest agent over vsock".into(),
-                detail: format!("no answer within {timeout:?}"),
-            })?
-            .map_err(|e| VmmError::Control {
-                doing: "connecting to the guest agent over vsock".into(),
-                detail: e.to_string(),
-            })?;
-        let opts = ConnectOptions {
-            handshake_timeout: timeout,
-            ..ConnectOptions::default()
-        };
-        AgentClient::connect_with(stream, opts)
-            .await
-            .map_err(|e| VmmError::Control {
-                doing: "greeting the guest agent".into(),
-                detail: e.to_string(),
-            })
-    }
-
     /// Removes the sockets of a process that is gone.
     fn remove_sockets(paths: &MachinePaths) -> Result<(), VmmError> {
-        remove_if_present(&Self::api_socket(paths))?;
-        remove_if_present(&Self::vsock_socket(paths))
+        remove_file_if_present(&Self::api_socket(paths))?;
+        remove_file_if_present(&Self::vsock_socket(paths))
     }
 
     /// Removes what a VMM that is gone leaves on the host: its sockets, its
@@ -685,7 +649,7 @@ impl FirecrackerVmm {
     /// cgroups if it ran jailed (whether or not the jailer is on now).
     fn remove_leftovers(&self, paths: &MachinePaths, id: &str) -> Result<(), VmmError> {
         Self::remove_sockets(paths)?;
-        remove_if_present(&Self::base_file(paths))?;
+        remove_file_if_present(&Self::base_file(paths))?;
         jailer::remove_jail(paths)?;
         self.cgroups.remove(id)
     }
@@ -767,6 +731,29 @@ impl FirecrackerVmm {
 }
 
 #[async_trait]
+impl AgentChannel for FirecrackerVmm {
+    fn agents(&self) -> &AgentCache {
+        &self.agents
+    }
+
+    async fn open_channel(
+        &self,
+        paths: &MachinePaths,
+        timeout: Duration,
+    ) -> Result<tokio::net::UnixStream, VmmError> {
+        let sock = Self::vsock_socket(paths);
+        let failed = |detail: String| VmmError::Control {
+            doing: "connecting to the guest agent over vsock".into(),
+            detail,
+        };
+        tokio::time::timeout(timeout, hybrid_vsock_connect(&sock, AGENT_VSOCK_PORT))
+            .await
+            .map_err(|_| failed(format!("no answer within {timeout:?}")))?
+            .map_err(|e| failed(e.to_string()))
+    }
+}
+
+#[async_trait]
 impl Vmm for FirecrackerVmm {
     fn kind(&self) -> VmmKind {
         VmmKind::Firecracker
@@ -819,7 +806,7 @@ impl Vmm for FirecrackerVmm {
 
     async fn prepare(&self, launch: &LaunchSpec) -> Result<(), VmmError> {
         let set = self.set_for(launch.spec.image.as_deref())?;
-        let rootfs = set.rootfs().map_err(asset_err)?;
+        let rootfs = set.rootfs().map_err(asset_err(VmmKind::Firecracker))?;
         // Firecracker takes raw block images only: a sparse private copy.
         let mut cmd = tokio::process::Command::new("cp");
         cmd.arg("--sparse=always").arg(&rootfs);
@@ -907,11 +894,7 @@ impl Vmm for FirecrackerVmm {
     }
 
     async fn agent(&self, launch: &LaunchSpec) -> Result<AgentClient, VmmError> {
-        self.agents
-            .get(&launch.machine_id, || {
-                self.connect_agent(&launch.paths, Duration::from_secs(5))
-            })
-            .await
+        self.cached_agent(launch).await
     }
 
     async fn run_state(&self, launch: &LaunchSpec) -> Result<VmmRunState, VmmError> {
@@ -937,44 +920,20 @@ impl Vmm for FirecrackerVmm {
         vmm: &VmmIdentity,
         timeout: Duration,
     ) -> Result<StopPath, VmmError> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        let gone_by = |deadline: tokio::time::Instant| async move {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            process::wait_gone(vmm, left)
-                .await
-                .map_err(|e| VmmError::host("waiting for Firecracker to exit", e))
-        };
-        let done = |path: StopPath| -> Result<StopPath, VmmError> {
-            self.agents.forget(&launch.machine_id);
-            self.remove_leftovers(&launch.paths, &launch.machine_id)?;
-            Ok(path)
-        };
-        // 1. Ask the agent: it syncs and unmounts before powering off.
-        let agent = tokio::time::timeout(Duration::from_secs(2), self.agent(launch)).await;
-        if let Ok(Ok(c)) = agent {
-            if c.poweroff().await.is_ok() && gone_by(deadline).await? {
-                return done(StopPath::Graceful {
-                    via: "agent poweroff",
-                });
-            }
-        }
-        // 2. Ctrl-Alt-Del: with reboot=k the guest's reboot ends Firecracker.
+        // Ctrl-Alt-Del: with reboot=k the guest's reboot ends Firecracker.
         let cad = json!({"action_type": "SendCtrlAltDel"});
-        if tokio::time::Instant::now() < deadline
-            && Self::send(&launch.paths, "PUT", "/actions", &cad)
-                .await
-                .is_ok()
-            && gone_by(deadline).await?
-        {
-            return done(StopPath::Graceful {
-                via: "Ctrl-Alt-Del",
-            });
-        }
-        // 3. Out of time.
-        process::kill(vmm)
-            .await
-            .map_err(|e| VmmError::host("killing Firecracker", e))?;
-        done(StopPath::KilledAfterTimeout)
+        let requests = vec![
+            StopRequest::agent_poweroff(self, launch),
+            StopRequest::new("Ctrl-Alt-Del", async {
+                Self::send(&launch.paths, "PUT", "/actions", &cad)
+                    .await
+                    .is_ok()
+            }),
+        ];
+        let path = graceful_stop(vmm, timeout, "Firecracker", requests).await?;
+        self.agents.forget(&launch.machine_id);
+        self.remove_leftovers(&launch.paths, &launch.machine_id)?;
+        Ok(path)
     }
 
     async fn save_state(&self, launch: &LaunchSpec) -> Result<(), VmmError> {
@@ -990,9 +949,9 @@ impl Vmm for FirecrackerVmm {
         // snapshot directory; the files are linked out afterwards.
         let chroot = jailer::existing_chroot(p, &launch.machine_id);
         let unlink = |f: &Path| -> Result<(), VmmError> {
-            remove_if_present(f)?;
+            remove_file_if_present(f)?;
             match &chroot {
-                Some(root) => remove_if_present(&jailer::inside(root, f)),
+                Some(root) => remove_file_if_present(&jailer::inside(root, f)),
                 None => Ok(()),
             }
         };

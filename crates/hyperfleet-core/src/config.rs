@@ -71,8 +71,8 @@ impl ProxyConfig {
         }
     }
 
-    pub fn url_template(&self, bound_port: u16) -> crate::proxy::urls::UrlTemplate {
-        crate::proxy::urls::UrlTemplate {
+    pub fn url_template(&self, bound_port: u16) -> crate::urls::UrlTemplate {
+        crate::urls::UrlTemplate {
             scheme: self.public_scheme.clone(),
             suffix: self.domain.clone(),
             port: self.public_port.unwrap_or(bound_port),

@@ -17,8 +17,8 @@ use axum::http::header::{AUTHORIZATION, COOKIE};
 use axum::http::HeaderMap;
 use hyperfleet_api::{ErrorCode, Scope, API_KEY_PREFIX};
 
+use super::ProxyError;
 use crate::auth::{authenticate, Principal, Refusal};
-use crate::http::error::ApiError;
 use crate::store::{CachedMachine, Store, StoreError};
 use crate::util::looks_like_machine_id;
 
@@ -98,7 +98,7 @@ pub fn authorize(
     machine: &str,
     creds: &Credentials<'_>,
     auth_disabled: bool,
-) -> Result<(Arc<CachedMachine>, Grant), ApiError> {
+) -> Result<(Arc<CachedMachine>, Grant), ProxyError> {
     // A refused key does not end the request: a token may still grant it,
     // and a public machine needs nothing.
     let (principal, refusal) = match creds.key {
@@ -111,7 +111,7 @@ pub fn authorize(
     let m = match lookup(store, machine, principal.as_ref(), creds)? {
         Found::One(m) => m,
         Found::Ambiguous => {
-            return Err(ApiError::new(
+            return Err(ProxyError::new(
                 ErrorCode::NotFound,
                 format!(
                     "more than one tenant has a machine named '{machine}': address it by its id"
@@ -119,7 +119,10 @@ pub fn authorize(
             ))
         }
         Found::None if principal.is_some() => {
-            return Err(ApiError::not_found(format!("machine '{machine}'")))
+            return Err(ProxyError::new(
+                ErrorCode::NotFound,
+                format!("machine '{machine}' not found"),
+            ))
         }
         Found::None => return Err(unauthorized(machine, creds, refusal)),
     };
@@ -141,7 +144,10 @@ pub fn authorize(
     }
     if principal.is_some() {
         // Another tenant's machine: the same answer as for no machine.
-        return Err(ApiError::not_found(format!("machine '{machine}'")));
+        return Err(ProxyError::new(
+            ErrorCode::NotFound,
+            format!("machine '{machine}' not found"),
+        ));
     }
     Err(unauthorized(machine, creds, refusal))
 }
@@ -207,9 +213,9 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     std::hint::black_box(diff) == 0
 }
 
-fn missing_scope(p: &Principal) -> ApiError {
+fn missing_scope(p: &Principal) -> ProxyError {
     let has: Vec<&str> = p.scopes.iter().map(|s| s.as_str()).collect();
-    ApiError::new(
+    ProxyError::new(
         ErrorCode::Forbidden,
         format!(
             "this API key lacks the 'exec' scope needed to reach machines through the proxy (it has: {})",
@@ -218,7 +224,7 @@ fn missing_scope(p: &Principal) -> ApiError {
     )
 }
 
-fn unauthorized(machine: &str, creds: &Credentials<'_>, refusal: Option<Refusal>) -> ApiError {
+fn unauthorized(machine: &str, creds: &Credentials<'_>, refusal: Option<Refusal>) -> ProxyError {
     let why = match refusal {
         Some(r) => format!("{}; ", r.message()),
         None if creds.any() => {
@@ -226,7 +232,7 @@ fn unauthorized(machine: &str, creds: &Credentials<'_>, refusal: Option<Refusal>
         }
         None => String::new(),
     };
-    ApiError::new(
+    ProxyError::new(
         ErrorCode::Unauthorized,
         format!(
             "{why}machine '{machine}' is not public (or does not exist): send an API key with the \

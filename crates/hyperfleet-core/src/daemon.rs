@@ -197,7 +197,7 @@ pub async fn serve(config: Config) -> Result<(), DaemonError> {
             "machine networking ready"
         );
     }
-    let report = sweep::sweep(&store, &config.machines_dir()).await;
+    let report = sweep::sweep(&store, &config.machines_dir(), backends.values()).await;
     tracing::info!(
         ?report,
         machines = store.machine_count(),

@@ -234,6 +234,16 @@ pub trait Vmm: Send + Sync + 'static {
 
     /// Removes everything `prepare` and the VMM created. Idempotent.
     async fn release(&self, paths: &MachinePaths) -> Result<(), VmmError>;
+
+    /// The startup sweep found machine `id`'s directory with no record left
+    /// (its VMM, if any, is already killed, and the sweep removes the
+    /// directory): remove what this backend keeps for a machine outside its
+    /// directory (a jailed VMM's cgroups). Called on every backend, since the
+    /// record that named the backend is gone. Idempotent.
+    fn remove_orphan(&self, id: &str) -> Result<(), VmmError> {
+        let _ = id;
+        Ok(())
+    }
 }
 
 /// Spawns a VMM process detached (see [`process::spawn_detached`]), its

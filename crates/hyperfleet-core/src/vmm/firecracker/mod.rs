@@ -1013,6 +1013,11 @@ impl Vmm for FirecrackerVmm {
         self.remove_leftovers(&launch.paths, &launch.machine_id)
     }
 
+    fn remove_orphan(&self, id: &str) -> Result<(), VmmError> {
+        // The jailer names a VMM's cgroups by its machine id.
+        self.cgroups.remove(id)
+    }
+
     async fn release(&self, paths: &MachinePaths) -> Result<(), VmmError> {
         if let Some(id) = paths.dir.file_name().and_then(|n| n.to_str()) {
             self.agents.forget(id);

@@ -440,6 +440,76 @@ pub fn version_of(bin: &Path) -> Option<String> {
         .map(str::to_string)
 }
 
+/// The jailed command: builds the chroot for the next jailed VMM of
+/// `launch` and points the daemon's socket paths into it.
+impl super::FirecrackerVmm {
+    /// Builds the chroot for the next jailed VMM of `launch` and points the
+    /// daemon's socket paths into it; returns the jailer command.
+    pub(super) fn jailed_command(
+        &self,
+        jail: &super::Jail,
+        firecracker: &Path,
+        launch: &crate::vmm::LaunchSpec,
+    ) -> Result<Command, VmmError> {
+        let p = &launch.paths;
+        let id = &launch.machine_id;
+        let jailer_bin = jail.binary.clone().ok_or_else(|| {
+            super::unavailable(format!(
+                "the jailer is on but {} was not found in PATH or /usr/local/bin",
+                jail.cfg.binary.display()
+            ))
+        })?;
+        // The run leases the uid before spawning (`LaunchSpec::uid`).
+        let uid = launch.uid.ok_or_else(|| {
+            super::unavailable(format!(
+                "machine {id} has no uid of its own to run its jailed VMM as"
+            ))
+        })?;
+        let root = chroot(p, firecracker, id);
+        let mut files = vec![
+            (Self::disk(p), Share::Own),
+            (Self::log_file(p), Share::Own),
+            (Self::metrics_file(p), Share::Own),
+        ];
+        if launch.restore {
+            files.push((Self::state_file(p), Share::Own));
+            files.push((Self::mem_file(p), Share::Own));
+        } else {
+            let set = self.set_for(launch.spec.image.as_deref())?;
+            let (kernel, initrd) = self.boot_files(&set)?;
+            files.push((kernel, Share::ReadOnly));
+            files.push((initrd, Share::ReadOnly));
+        }
+        build(uid, p, &root, &[&p.dir, &p.snapshot_dir()], &files)?;
+        for sock in [Self::api_socket(p), Self::vsock_socket(p)] {
+            let target = inside(&root, &sock);
+            // Relative, so the link stays right if the data directory moves.
+            let target = target.strip_prefix(&p.dir).unwrap_or(&target);
+            std::os::unix::fs::symlink(target, &sock).map_err(|e| {
+                VmmError::host(format!("linking {} into the jail", sock.display()), e)
+            })?;
+        }
+        // With a network, the machine's own namespace (made by the run with
+        // the TAP inside); without, the configured one, if any.
+        let netns = match &launch.network {
+            Some(net) => Some(crate::net::netns::path_for(&net.tap)),
+            None => jail.cfg.netns.clone(),
+        };
+        let mut cmd = Command::new(jailer_bin);
+        cmd.args(argv(
+            uid,
+            netns.as_deref(),
+            &self.cgroups,
+            firecracker,
+            p,
+            id,
+            &launch.spec,
+            &Self::api_socket(p),
+        ));
+        Ok(cmd)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::tests::spec;

@@ -71,7 +71,7 @@ impl ProxyConfig {
         }
     }
 
-    pub fn url_template(&self, bound_port: u16) -> crate::urls::UrlTemplate {
+    pub(crate) fn url_template(&self, bound_port: u16) -> crate::urls::UrlTemplate {
         crate::urls::UrlTemplate {
             scheme: self.public_scheme.clone(),
             suffix: self.domain.clone(),
@@ -102,25 +102,25 @@ impl Config {
         }
     }
 
-    pub fn db_path(&self) -> PathBuf {
+    pub(crate) fn db_path(&self) -> PathBuf {
         self.data_dir.join("hyperfleet.db")
     }
 
-    pub fn assets_root(&self) -> PathBuf {
+    pub(crate) fn assets_root(&self) -> PathBuf {
         crate::assets::assets_root(&self.data_dir)
     }
 
-    pub fn assets_path(&self) -> PathBuf {
+    pub(crate) fn assets_path(&self) -> PathBuf {
         self.assets_dir
             .clone()
             .unwrap_or_else(|| self.assets_root().join("current"))
     }
 
-    pub fn machines_dir(&self) -> PathBuf {
+    pub(crate) fn machines_dir(&self) -> PathBuf {
         self.data_dir.join("machines")
     }
 
-    pub fn stub_binary_path(&self) -> Option<PathBuf> {
+    pub(crate) fn stub_binary_path(&self) -> Option<PathBuf> {
         if let Some(p) = &self.stub_binary {
             return Some(p.clone());
         }

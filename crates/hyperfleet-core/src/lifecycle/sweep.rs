@@ -13,12 +13,12 @@ use crate::store::Store;
 use crate::vmm::{process, Vmm};
 
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct SweepReport {
+pub(crate) struct SweepReport {
     pub killed_processes: usize,
     pub removed_dirs: usize,
 }
 
-pub async fn sweep<'a>(
+pub(crate) async fn sweep<'a>(
     store: &Store,
     machines_dir: &Path,
     backends: impl IntoIterator<Item = &'a Arc<dyn Vmm>>,

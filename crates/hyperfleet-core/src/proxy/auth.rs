@@ -23,10 +23,10 @@ use crate::store::{CachedMachine, Store, StoreError};
 use crate::util::looks_like_machine_id;
 
 /// The cookie that carries a machine's access token.
-pub const TOKEN_COOKIE: &str = "hf_token";
+pub(crate) const TOKEN_COOKIE: &str = "hf_token";
 
 /// What a request presented.
-pub struct Credentials<'a> {
+pub(crate) struct Credentials<'a> {
     /// The `Authorization` value when it carries a Hyperfleet API key.
     /// Other `Authorization` headers belong to the guest's application.
     pub key: Option<&'a str>,
@@ -36,7 +36,7 @@ pub struct Credentials<'a> {
 }
 
 impl<'a> Credentials<'a> {
-    pub fn new(headers: &'a HeaderMap, query_token: Option<&'a str>) -> Self {
+    pub(crate) fn new(headers: &'a HeaderMap, query_token: Option<&'a str>) -> Self {
         let key = headers
             .get(AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
@@ -59,7 +59,7 @@ impl<'a> Credentials<'a> {
 }
 
 /// `Bearer hf_…`: a Hyperfleet key, which the proxy checks and strips.
-pub fn is_hyperfleet_key(authorization: &str) -> bool {
+pub(crate) fn is_hyperfleet_key(authorization: &str) -> bool {
     authorization
         .get(..7)
         .is_some_and(|b| b.eq_ignore_ascii_case("bearer "))
@@ -67,7 +67,10 @@ pub fn is_hyperfleet_key(authorization: &str) -> bool {
 }
 
 /// The values of cookie `name` in every `Cookie` header.
-pub fn cookie_values<'a>(headers: &'a HeaderMap, name: &'a str) -> impl Iterator<Item = &'a str> {
+pub(crate) fn cookie_values<'a>(
+    headers: &'a HeaderMap,
+    name: &'a str,
+) -> impl Iterator<Item = &'a str> {
     headers
         .get_all(COOKIE)
         .iter()
@@ -81,7 +84,7 @@ pub fn cookie_values<'a>(headers: &'a HeaderMap, name: &'a str) -> impl Iterator
 
 /// How the request got through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Grant {
+pub(crate) enum Grant {
     /// A public machine, or auth is off.
     Public,
     ApiKey,
@@ -93,7 +96,7 @@ pub enum Grant {
 
 /// Resolves `machine` (id or name, as addressed) and decides whether the
 /// request may reach it.
-pub fn authorize(
+pub(crate) fn authorize(
     store: &Store,
     machine: &str,
     creds: &Credentials<'_>,
@@ -118,12 +121,7 @@ pub fn authorize(
                 ),
             ))
         }
-        Found::None if principal.is_some() => {
-            return Err(ProxyError::new(
-                ErrorCode::NotFound,
-                format!("machine '{machine}' not found"),
-            ))
-        }
+        Found::None if principal.is_some() => return Err(ProxyError::no_machine(machine)),
         Found::None => return Err(unauthorized(machine, creds, refusal)),
     };
     if m.rec.spec.public || auth_disabled {
@@ -144,10 +142,7 @@ pub fn authorize(
     }
     if principal.is_some() {
         // Another tenant's machine: the same answer as for no machine.
-        return Err(ProxyError::new(
-            ErrorCode::NotFound,
-            format!("machine '{machine}' not found"),
-        ));
+        return Err(ProxyError::no_machine(machine));
     }
     Err(unauthorized(machine, creds, refusal))
 }

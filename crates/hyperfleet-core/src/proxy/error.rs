@@ -14,20 +14,20 @@ use crate::store::StoreError;
 /// Why the proxy answered itself: an error code of the API's vocabulary and
 /// a sentence for the client.
 #[derive(Debug)]
-pub struct ProxyError {
+pub(crate) struct ProxyError {
     pub code: ErrorCode,
     pub message: String,
 }
 
 impl ProxyError {
-    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+    pub(crate) fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         ProxyError {
             code,
             message: message.into(),
         }
     }
 
-    pub fn no_machine(machine: &str) -> Self {
+    pub(crate) fn no_machine(machine: &str) -> Self {
         ProxyError::new(
             ErrorCode::NotFound,
             format!("machine '{machine}' not found"),
@@ -36,7 +36,7 @@ impl ProxyError {
 
     /// A failure of the daemon itself: the detail goes to the log, the
     /// client gets the sentence.
-    pub fn internal(context: &str, e: impl std::fmt::Display) -> Self {
+    pub(crate) fn internal(context: &str, e: impl std::fmt::Display) -> Self {
         tracing::error!(error = %e, "proxy: {context}");
         ProxyError::new(
             ErrorCode::InternalError,
@@ -45,7 +45,7 @@ impl ProxyError {
     }
 
     /// The response, with the status that goes with the code.
-    pub fn into_response(self) -> Response<ProxyBody> {
+    pub(crate) fn into_response(self) -> Response<ProxyBody> {
         let status = StatusCode::from_u16(self.code.http_status())
             .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let body = serde_json::to_vec(&ErrorBody::new(self.code, self.message))

@@ -13,10 +13,10 @@
 //! router in between.
 
 pub mod activity;
-pub mod auth;
+pub(crate) mod auth;
 mod error;
-pub mod headers;
-pub mod route;
+pub(crate) mod headers;
+pub(crate) mod route;
 pub mod server;
 
 #[cfg(test)]
@@ -43,12 +43,12 @@ use crate::store::{CachedMachine, MachineRecord, Store};
 use crate::util::error_chain;
 use activity::Activity;
 use auth::{Credentials, Grant};
-pub use error::ProxyError;
+pub(crate) use error::ProxyError;
 use route::Form;
 
 /// What the proxy answers with: the guest's body as it streams, or a body
 /// of the proxy's own (errors).
-pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+pub(crate) type ProxyBody = Either<Incoming, Full<Bytes>>;
 
 /// Idle keep-alive connections to guests are closed after this long.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -101,7 +101,11 @@ impl Proxy {
     }
 
     /// Answers one request: the guest's response, or the error envelope.
-    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+    pub(crate) async fn handle(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Response<ProxyBody> {
         match self.forward(req, peer.ip()).await {
             Ok(resp) => resp,
             Err(e) => e.into_response(),

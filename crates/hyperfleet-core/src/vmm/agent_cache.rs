@@ -69,7 +69,7 @@ pub(crate) trait AgentChannel: Send + Sync {
 }
 
 /// How a backend polls for its guest agent while the guest boots.
-pub struct ReadyPoll<'a> {
+pub(crate) struct ReadyPoll<'a> {
     pub machine_id: &'a str,
     pub vmm: &'a VmmIdentity,
     /// The agent channel's socket; no attempt is made before it exists.
@@ -85,13 +85,13 @@ pub struct ReadyPoll<'a> {
 type Slot = Arc<tokio::sync::Mutex<Option<AgentClient>>>;
 
 #[derive(Default)]
-pub struct AgentCache {
+pub(crate) struct AgentCache {
     slots: Mutex<HashMap<String, Slot>>,
 }
 
 impl AgentCache {
     /// The machine's slot; hold its lock while connecting.
-    pub fn slot(&self, id: &str) -> Slot {
+    pub(crate) fn slot(&self, id: &str) -> Slot {
         crate::store::lock(&self.slots)
             .entry(id.to_string())
             .or_default()
@@ -99,7 +99,7 @@ impl AgentCache {
     }
 
     /// Drops the machine's connection (its VMM is stopping or gone).
-    pub fn forget(&self, id: &str) {
+    pub(crate) fn forget(&self, id: &str) {
         crate::store::lock(&self.slots).remove(id);
     }
 
@@ -107,7 +107,7 @@ impl AgentCache {
     /// the guest agent, and caches that connection. Fails when the VMM
     /// exits or the deadline passes; `detail` says what the guest showed
     /// (its console) for the error.
-    pub async fn wait_ready<F, Fut>(
+    pub(crate) async fn wait_ready<F, Fut>(
         &self,
         poll: ReadyPoll<'_>,
         detail: impl Fn() -> String,
@@ -150,7 +150,7 @@ impl AgentCache {
     }
 
     /// The live cached connection, or a new one made by `connect`.
-    pub async fn get<F, Fut>(&self, id: &str, connect: F) -> Result<AgentClient, VmmError>
+    pub(crate) async fn get<F, Fut>(&self, id: &str, connect: F) -> Result<AgentClient, VmmError>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<AgentClient, VmmError>>,

@@ -7,13 +7,13 @@
 //! instead of booting a second one, and never signals an unrelated process
 //! that reused the pid.
 
-pub mod agent_cache;
+pub(crate) mod agent_cache;
 pub mod firecracker;
 pub mod host;
-pub mod process;
+pub(crate) mod process;
 pub mod qemu;
 mod stop;
-pub mod stub;
+pub(crate) mod stub;
 pub mod uid;
 
 use std::path::{Path, PathBuf};
@@ -63,7 +63,7 @@ impl VmmError {
         }
     }
 
-    pub fn unavailable(backend: VmmKind, reason: impl Into<String>) -> Self {
+    pub(crate) fn unavailable(backend: VmmKind, reason: impl Into<String>) -> Self {
         VmmError::Unavailable {
             backend,
             reason: reason.into(),
@@ -91,20 +91,20 @@ pub struct MachinePaths {
 }
 
 impl MachinePaths {
-    pub fn new(machines_dir: &Path, id: &str) -> Self {
+    pub(crate) fn new(machines_dir: &Path, id: &str) -> Self {
         MachinePaths {
             dir: machines_dir.join(id),
         }
     }
     /// The VMM's control socket (QMP, Firecracker API, stub protocol).
-    pub fn control_socket(&self) -> PathBuf {
+    pub(crate) fn control_socket(&self) -> PathBuf {
         self.dir.join("vmm.sock")
     }
-    pub fn console_log(&self) -> PathBuf {
+    pub(crate) fn console_log(&self) -> PathBuf {
         self.dir.join("console.log")
     }
     /// Where a suspended machine's memory image is kept.
-    pub fn snapshot_dir(&self) -> PathBuf {
+    pub(crate) fn snapshot_dir(&self) -> PathBuf {
         self.dir.join("snapshot")
     }
 }
@@ -248,14 +248,14 @@ pub trait Vmm: Send + Sync + 'static {
 
 /// Spawns a VMM process detached (see [`process::spawn_detached`]), its
 /// output appended to `log`.
-pub fn spawn_vmm(cmd: std::process::Command, log: &Path) -> Result<VmmIdentity, VmmError> {
+pub(crate) fn spawn_vmm(cmd: std::process::Command, log: &Path) -> Result<VmmIdentity, VmmError> {
     let program = cmd.get_program().to_string_lossy().into_owned();
     process::spawn_detached(cmd, log).map_err(|source| VmmError::Spawn { program, source })
 }
 
 /// The asset set a machine boots: the one its spec recorded (by id, under
 /// `root`), or the current set at `current` when it recorded none.
-pub fn asset_set_for(
+pub(crate) fn asset_set_for(
     backend: VmmKind,
     current: &Path,
     root: &Path,
@@ -282,7 +282,7 @@ pub fn asset_set_for(
 /// last argument, then renames the result into place, so a crash never
 /// leaves a half-made disk under the real name. `doing` names the work in
 /// errors.
-pub async fn make_disk_once(
+pub(crate) async fn make_disk_once(
     disk: &Path,
     mut cmd: tokio::process::Command,
     doing: &str,
@@ -314,7 +314,7 @@ pub async fn make_disk_once(
 }
 
 /// Removes a machine directory, treating "already gone" as done.
-pub async fn remove_dir_idempotent(dir: &Path) -> Result<(), VmmError> {
+pub(crate) async fn remove_dir_idempotent(dir: &Path) -> Result<(), VmmError> {
     crate::util::absent_ok(tokio::fs::remove_dir_all(dir).await).map_err(|e| {
         VmmError::host(
             format!("removing the machine directory {}", dir.display()),

@@ -21,12 +21,12 @@ use super::stop::{graceful_stop, StopRequest};
 use super::{LaunchSpec, MachinePaths, StopPath, Vmm, VmmError, VmmRunState};
 use crate::store::VmmIdentity;
 
-pub struct StubVmm {
+pub(crate) struct StubVmm {
     binary: PathBuf,
 }
 
 impl StubVmm {
-    pub fn new(binary: PathBuf) -> Self {
+    pub(crate) fn new(binary: PathBuf) -> Self {
         StubVmm { binary }
     }
 

@@ -21,7 +21,7 @@ impl FirecrackerVmm {
     /// The kernel command line. `pci=off`: Firecracker has no PCI bus; its
     /// virtio-mmio devices are appended to this line by Firecracker itself.
     /// The network keys (`hf.ip=` …) come last, when the machine has one.
-    pub fn boot_args(launch: &LaunchSpec, set: &AssetSet) -> String {
+    pub(crate) fn boot_args(launch: &LaunchSpec, set: &AssetSet) -> String {
         let net = launch
             .network
             .as_ref()
@@ -113,7 +113,7 @@ impl FirecrackerVmm {
 
     /// What configures a fresh process, in the documented order, up to (not
     /// including) logging and `InstanceStart`.
-    pub fn start_requests(
+    pub(crate) fn start_requests(
         launch: &LaunchSpec,
         kernel: &Path,
         initrd: &Path,
@@ -172,7 +172,7 @@ impl FirecrackerVmm {
     }
 
     /// Logger and metrics to the per-machine files (which `spawn` creates).
-    pub fn logging_requests(paths: &MachinePaths) -> [(&'static str, Value); 2] {
+    pub(crate) fn logging_requests(paths: &MachinePaths) -> [(&'static str, Value); 2] {
         [
             (
                 "/logger",
@@ -210,7 +210,7 @@ impl FirecrackerVmm {
 
     /// Brings a process that has not started its VM to a running VM
     /// (configure + start, or load the snapshot). Idempotent.
-    pub async fn ensure_started(
+    pub(crate) async fn ensure_started(
         &self,
         launch: &LaunchSpec,
         vmm: &VmmIdentity,

@@ -53,11 +53,11 @@
 //! configuration, but the guest never answers; such machines fail at the
 //! boot timeout, and [`FirecrackerVmm::availability`] says why.
 
-pub mod api;
+pub(crate) mod api;
 mod configure;
 pub mod jailer;
 pub mod kernel;
-pub mod layer;
+pub(crate) mod layer;
 mod paths;
 mod snapshot;
 
@@ -68,11 +68,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use hyperfleet_agent_proto::{hybrid_vsock_connect, AgentClient};
 use hyperfleet_api::VmmKind;
-use serde_json::{json, Value};
+use serde_json::json;
 
 use super::agent_cache::{AgentCache, AgentChannel, ReadyPoll};
 use super::host::{self, Accel};
-use super::process::{self, Liveness};
 use super::stop::{graceful_stop, StopRequest};
 use super::{asset_err, LaunchSpec, MachinePaths, StopPath, Vmm, VmmError, VmmRunState};
 use crate::assets::AssetSet;
@@ -80,14 +79,14 @@ use crate::store::VmmIdentity;
 use jailer::{Cgroups, JailerConfig};
 
 /// The vsock port the guest agent listens on (`hf.vsock_port=`).
-pub const AGENT_VSOCK_PORT: u32 = 1024;
+pub(crate) const AGENT_VSOCK_PORT: u32 = 1024;
 /// The guest's vsock context id (any value ≥ 3 works; each VM has its own
 /// device, so every machine can use the same).
 const GUEST_CID: u32 = 3;
 /// The guest's one network interface.
 const NET_IFACE: &str = "eth0";
 
-pub struct FirecrackerConfig {
+pub(crate) struct FirecrackerConfig {
     /// `firecracker`, resolved through PATH (then /usr/local/bin) when relative.
     pub binary: PathBuf,
     /// `<data_dir>/assets`: where asset sets live by id.
@@ -110,7 +109,7 @@ struct Jail {
     version: Option<String>,
 }
 
-pub struct FirecrackerVmm {
+pub(crate) struct FirecrackerVmm {
     binary: Option<PathBuf>,
     /// `Firecracker v1.12.1`, from `--version`.
     version: Option<String>,
@@ -159,7 +158,7 @@ fn tail(path: &Path, n: usize, keep: impl Fn(&str) -> bool) -> String {
 }
 
 impl FirecrackerVmm {
-    pub fn new(cfg: FirecrackerConfig) -> FirecrackerVmm {
+    pub(crate) fn new(cfg: FirecrackerConfig) -> FirecrackerVmm {
         // Absolute: the jailer copies `--exec-file` into the chroot.
         let binary = which(&cfg.binary).map(|b| std::path::absolute(&b).unwrap_or(b));
         let version = binary.as_deref().and_then(version_of);
@@ -200,7 +199,7 @@ impl FirecrackerVmm {
     }
 
     /// Whether VMMs run under the jailer.
-    pub fn jailed(&self) -> bool {
+    pub(crate) fn jailed(&self) -> bool {
         self.jail.is_some()
     }
 

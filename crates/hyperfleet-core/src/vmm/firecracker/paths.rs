@@ -8,16 +8,16 @@ use crate::vmm::{remove_file_if_present, MachinePaths, VmmError};
 
 impl FirecrackerVmm {
     /// The API socket.
-    pub fn api_socket(paths: &MachinePaths) -> PathBuf {
+    pub(crate) fn api_socket(paths: &MachinePaths) -> PathBuf {
         paths.dir.join("fc.sock")
     }
 
     /// The host side of the guest's vsock device.
-    pub fn vsock_socket(paths: &MachinePaths) -> PathBuf {
+    pub(crate) fn vsock_socket(paths: &MachinePaths) -> PathBuf {
         paths.dir.join("vsock.sock")
     }
 
-    pub fn disk(paths: &MachinePaths) -> PathBuf {
+    pub(crate) fn disk(paths: &MachinePaths) -> PathBuf {
         paths.dir.join("disk.ext4")
     }
 
@@ -29,22 +29,22 @@ impl FirecrackerVmm {
         paths.dir.join("fc.metrics")
     }
 
-    pub fn state_file(paths: &MachinePaths) -> PathBuf {
+    pub(crate) fn state_file(paths: &MachinePaths) -> PathBuf {
         paths.snapshot_dir().join("vm.state")
     }
 
-    pub fn mem_file(paths: &MachinePaths) -> PathBuf {
+    pub(crate) fn mem_file(paths: &MachinePaths) -> PathBuf {
         paths.snapshot_dir().join("mem")
     }
 
     /// A diff snapshot's memory layer, not yet merged onto `mem_file`.
-    pub fn layer_file(paths: &MachinePaths) -> PathBuf {
+    pub(crate) fn layer_file(paths: &MachinePaths) -> PathBuf {
         paths.snapshot_dir().join("mem.diff")
     }
 
     /// A hard link to the memory file the running VMM was restored from (and
     /// maps): the base of its next diff snapshot.
-    pub fn base_file(paths: &MachinePaths) -> PathBuf {
+    pub(crate) fn base_file(paths: &MachinePaths) -> PathBuf {
         paths.dir.join("mem.base")
     }
 

@@ -26,7 +26,7 @@ impl FirecrackerVmm {
     /// There is no vsock override: Firecracker v1.12 has none (it rejects
     /// `vsock_override`), and none is needed — the socket's path is the
     /// machine directory's, the same jailed or not.
-    pub fn snapshot_load_body(launch: &LaunchSpec) -> Value {
+    pub(crate) fn snapshot_load_body(launch: &LaunchSpec) -> Value {
         let p = &launch.paths;
         let mut body = json!({
             "snapshot_path": Self::state_file(p).display().to_string(),
@@ -49,7 +49,7 @@ impl FirecrackerVmm {
 
     /// `PUT /snapshot/create` into the snapshot directory: a full snapshot
     /// into `mem`, or a diff into the layer `mem.diff`.
-    pub fn snapshot_create_body(paths: &MachinePaths, diff: bool) -> Value {
+    pub(crate) fn snapshot_create_body(paths: &MachinePaths, diff: bool) -> Value {
         let (kind, mem) = if diff {
             ("Diff", Self::layer_file(paths))
         } else {

@@ -36,7 +36,7 @@ use super::{
 use crate::assets::AssetSet;
 use crate::store::VmmIdentity;
 
-pub struct QemuConfig {
+pub(crate) struct QemuConfig {
     /// `qemu-system-x86_64`, resolved through PATH when relative.
     pub binary: PathBuf,
     pub accel: AccelChoice,
@@ -61,7 +61,7 @@ const QBOOT: &[&str] = &["/usr/share/qemu/qboot.rom", "/usr/share/seabios/qboot.
 const NO_QBOOT: &str = "qboot.rom not found (install Debian's qemu-system-data)";
 
 impl QemuVmm {
-    pub fn new(cfg: QemuConfig) -> QemuVmm {
+    pub(crate) fn new(cfg: QemuConfig) -> QemuVmm {
         let (host, why) = host::detect_accel();
         let accel = match (cfg.accel, host) {
             (AccelChoice::Kvm, _) => ("kvm", "forced by --qemu-accel kvm".to_string()),

@@ -253,28 +253,62 @@ pub(crate) fn spawn_vmm(cmd: std::process::Command, log: &Path) -> Result<VmmIde
     process::spawn_detached(cmd, log).map_err(|source| VmmError::Spawn { program, source })
 }
 
-/// The asset set a machine boots: the one its spec recorded (by id, under
-/// `root`), or the current set at `current` when it recorded none.
-pub(crate) fn asset_set_for(
+/// Where a backend with a guest finds its asset sets: by id under `root`,
+/// and the set new machines get at `current`.
+pub(crate) struct GuestImages {
     backend: VmmKind,
-    current: &Path,
-    root: &Path,
-    image: Option<&str>,
-) -> Result<crate::assets::AssetSet, VmmError> {
-    use crate::assets::AssetSet;
-    let set = AssetSet::load(current).map_err(asset_err(backend));
-    let Some(id) = image else {
-        return set;
-    };
-    if set.as_ref().is_ok_and(|c| c.id == id) {
-        return set;
-    }
-    AssetSet::load(&root.join(id)).map_err(|e| {
-        VmmError::unavailable(
+    root: PathBuf,
+    current: PathBuf,
+}
+
+impl GuestImages {
+    pub(crate) fn new(backend: VmmKind, root: PathBuf, current: PathBuf) -> Self {
+        GuestImages {
             backend,
-            format!("the machine's guest image {id} is gone ({e}); it cannot boot"),
-        )
-    })
+            root,
+            current,
+        }
+    }
+
+    /// The set new machines get, or why there is none.
+    pub(crate) fn current(&self) -> Result<crate::assets::AssetSet, String> {
+        crate::assets::AssetSet::load(&self.current).map_err(|e| e.to_string())
+    }
+
+    /// [`Vmm::current_image`]: the current set's id.
+    pub(crate) fn current_id(&self) -> Result<Option<String>, String> {
+        self.current().map(|s| Some(s.id))
+    }
+
+    /// The set a machine boots: the one its spec recorded (by id), or the
+    /// current set when it recorded none.
+    pub(crate) fn for_image(
+        &self,
+        image: Option<&str>,
+    ) -> Result<crate::assets::AssetSet, VmmError> {
+        use crate::assets::AssetSet;
+        let set = AssetSet::load(&self.current).map_err(asset_err(self.backend));
+        let Some(id) = image else {
+            return set;
+        };
+        if set.as_ref().is_ok_and(|c| c.id == id) {
+            return set;
+        }
+        AssetSet::load(&self.root.join(id)).map_err(|e| {
+            VmmError::unavailable(
+                self.backend,
+                format!("the machine's guest image {id} is gone ({e}); it cannot boot"),
+            )
+        })
+    }
+
+    /// The root filesystem of the set the machine boots, which its disk is
+    /// made from.
+    pub(crate) fn rootfs(&self, launch: &LaunchSpec) -> Result<PathBuf, VmmError> {
+        self.for_image(launch.spec.image.as_deref())?
+            .rootfs()
+            .map_err(asset_err(self.backend))
+    }
 }
 
 /// Makes a machine's disk once: creates its directory, and unless `disk`

@@ -97,7 +97,7 @@ impl FirecrackerVmm {
 
     /// Configures a fresh process in the documented order and starts the VM.
     pub(super) async fn configure_and_start(&self, launch: &LaunchSpec) -> Result<(), VmmError> {
-        let set = self.set_for(launch.spec.image.as_deref())?;
+        let set = self.images.for_image(launch.spec.image.as_deref())?;
         let (kernel, initrd) = self.boot_files(&set)?;
         let boot_args = Self::boot_args(launch, &set);
         let seen = self.as_vmm_sees_it(launch);

@@ -475,7 +475,7 @@ impl super::FirecrackerVmm {
             files.push((Self::state_file(p), Share::Own));
             files.push((Self::mem_file(p), Share::Own));
         } else {
-            let set = self.set_for(launch.spec.image.as_deref())?;
+            let set = self.images.for_image(launch.spec.image.as_deref())?;
             let (kernel, initrd) = self.boot_files(&set)?;
             files.push((kernel, Share::ReadOnly));
             files.push((initrd, Share::ReadOnly));

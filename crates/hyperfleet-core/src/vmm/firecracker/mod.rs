@@ -73,7 +73,7 @@ use serde_json::json;
 use super::agent_cache::{AgentCache, AgentChannel, ReadyPoll};
 use super::host::{self, Accel};
 use super::stop::{graceful_stop, StopRequest};
-use super::{asset_err, LaunchSpec, MachinePaths, StopPath, Vmm, VmmError, VmmRunState};
+use super::{GuestImages, LaunchSpec, MachinePaths, StopPath, Vmm, VmmError, VmmRunState};
 use crate::assets::AssetSet;
 use crate::store::VmmIdentity;
 use jailer::{Cgroups, JailerConfig};
@@ -114,8 +114,7 @@ pub(crate) struct FirecrackerVmm {
     /// `Firecracker v1.12.1`, from `--version`.
     version: Option<String>,
     accel: (Accel, String),
-    assets_root: PathBuf,
-    assets: PathBuf,
+    images: GuestImages,
     agents: AgentCache,
     kernel: Option<PathBuf>,
     jail: Option<Jail>,
@@ -175,8 +174,7 @@ impl FirecrackerVmm {
             binary,
             version,
             accel: host::detect_accel(),
-            assets_root: cfg.assets_root,
-            assets: cfg.assets,
+            images: GuestImages::new(VmmKind::Firecracker, cfg.assets_root, cfg.assets),
             agents: AgentCache::default(),
             kernel: cfg.kernel,
             jail,
@@ -236,10 +234,6 @@ impl FirecrackerVmm {
             jail.cfg.uids,
             self.cgroups.describe()
         ))
-    }
-
-    fn set_for(&self, image: Option<&str>) -> Result<AssetSet, VmmError> {
-        super::asset_set_for(VmmKind::Firecracker, &self.assets, &self.assets_root, image)
     }
 
     /// Why a guest did not come up, from the console and Firecracker's log.
@@ -317,7 +311,7 @@ impl Vmm for FirecrackerVmm {
             .version
             .clone()
             .unwrap_or_else(|| "unknown version".into());
-        let set = AssetSet::load(&self.assets).map_err(|e| e.to_string())?;
+        let set = self.images.current()?;
         let jail = self.jail_summary()?;
         if self.accel.0 != Accel::HardwareKvm {
             return Err(format!(
@@ -349,14 +343,11 @@ impl Vmm for FirecrackerVmm {
     }
 
     fn current_image(&self) -> Result<Option<String>, String> {
-        AssetSet::load(&self.assets)
-            .map(|s| Some(s.id))
-            .map_err(|e| e.to_string())
+        self.images.current_id()
     }
 
     async fn prepare(&self, launch: &LaunchSpec) -> Result<(), VmmError> {
-        let set = self.set_for(launch.spec.image.as_deref())?;
-        let rootfs = set.rootfs().map_err(asset_err(VmmKind::Firecracker))?;
+        let rootfs = self.images.rootfs(launch)?;
         // Firecracker takes raw block images only: a sparse private copy.
         let mut cmd = tokio::process::Command::new("cp");
         cmd.arg("--sparse=always").arg(&rootfs);

@@ -30,8 +30,8 @@ use super::host::{self, Accel, AccelChoice};
 use super::process::{self, Liveness};
 use super::stop::{graceful_stop, StopRequest};
 use super::{
-    asset_err, remove_file_if_present, LaunchSpec, MachinePaths, StopPath, Vmm, VmmError,
-    VmmRunState,
+    asset_err, remove_file_if_present, GuestImages, LaunchSpec, MachinePaths, StopPath, Vmm,
+    VmmError, VmmRunState,
 };
 use crate::assets::AssetSet;
 use crate::store::VmmIdentity;
@@ -51,8 +51,7 @@ pub struct QemuVmm {
     firmware: Option<PathBuf>,
     /// `kvm` or `tcg`, and why.
     accel: (&'static str, String),
-    assets_root: PathBuf,
-    assets: PathBuf,
+    images: GuestImages,
     tsc_khz: Option<u64>,
     agents: AgentCache,
 }
@@ -73,8 +72,7 @@ impl QemuVmm {
             binary: host::which(&cfg.binary, &[]),
             firmware: QBOOT.iter().map(PathBuf::from).find(|p| p.exists()),
             accel,
-            assets_root: cfg.assets_root,
-            assets: cfg.assets,
+            images: GuestImages::new(VmmKind::Qemu, cfg.assets_root, cfg.assets),
             tsc_khz: host::tsc_khz(),
             agents: AgentCache::default(),
         }
@@ -82,10 +80,6 @@ impl QemuVmm {
 
     pub fn accel(&self) -> &'static str {
         self.accel.0
-    }
-
-    fn set_for(&self, image: Option<&str>) -> Result<AssetSet, VmmError> {
-        super::asset_set_for(VmmKind::Qemu, &self.assets, &self.assets_root, image)
     }
 
     fn agent_socket(paths: &MachinePaths) -> PathBuf {
@@ -295,7 +289,7 @@ impl Vmm for QemuVmm {
         if self.firmware.is_none() {
             return Err(NO_QBOOT.into());
         }
-        let set = AssetSet::load(&self.assets).map_err(|e| e.to_string())?;
+        let set = self.images.current()?;
         Ok(format!(
             "{} with {} ({}); guest image {} (kernel {})",
             bin.display(),
@@ -307,14 +301,11 @@ impl Vmm for QemuVmm {
     }
 
     fn current_image(&self) -> Result<Option<String>, String> {
-        AssetSet::load(&self.assets)
-            .map(|s| Some(s.id))
-            .map_err(|e| e.to_string())
+        self.images.current_id()
     }
 
     async fn prepare(&self, launch: &LaunchSpec) -> Result<(), VmmError> {
-        let set = self.set_for(launch.spec.image.as_deref())?;
-        let rootfs = set.rootfs().map_err(asset_err(VmmKind::Qemu))?;
+        let rootfs = self.images.rootfs(launch)?;
         // A copy-on-write overlay: the set's rootfs stays read-only.
         let mut cmd = tokio::process::Command::new("qemu-img");
         cmd.args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
@@ -331,7 +322,7 @@ impl Vmm for QemuVmm {
         let binary = self.binary.clone().ok_or_else(|| {
             VmmError::unavailable(VmmKind::Qemu, "qemu-system-x86_64 not found in PATH")
         })?;
-        let set = self.set_for(launch.spec.image.as_deref())?;
+        let set = self.images.for_image(launch.spec.image.as_deref())?;
         let argv = self.argv(launch, &set)?;
         if launch.restore && !Self::state_file(&launch.paths).exists() {
             return Err(VmmError::host(

@@ -343,3 +343,27 @@ fn jailer_checks(config: &Config) -> [Check; 2] {
     };
     [jailer, uids]
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vmm::firecracker::jailer::JailerConfig;
+
+    #[test]
+    fn the_jailer_checks_follow_the_settings_serve_built() {
+        let mut config = Config::new(std::path::PathBuf::from("/nonexistent"));
+        let checks = |config: &Config| jailer_checks(config).map(|c| (c.level, c.detail));
+        let [(level, jailer), (_, uids)] = checks(&config);
+        assert_eq!(level, Level::Warn);
+        assert!(jailer.contains("the jailer is off"), "{jailer}");
+        assert!(uids.contains("no uids needed"), "{uids}");
+
+        let mut j = JailerConfig::new("/nonexistent/jailer".into());
+        j.uids = crate::vmm::uid::UidRange::new(0xFFFF_FF00, 16).unwrap();
+        config.firecracker_jailer = Some(j);
+        let [(level, jailer), (_, uids)] = checks(&config);
+        assert_eq!(level, Level::Warn);
+        assert!(jailer.contains("/nonexistent/jailer not found"), "{jailer}");
+        assert!(uids.contains("4294967040"), "{uids}");
+    }
+}

@@ -26,7 +26,7 @@ pub struct Config {
     pub stop_timeout: Duration,
     /// `qemu-system-x86_64` (resolved through PATH).
     pub qemu_binary: PathBuf,
-    pub qemu_accel: crate::vmm::qemu::AccelChoice,
+    pub qemu_accel: crate::vmm::host::AccelChoice,
     /// `firecracker` (resolved through PATH, then /usr/local/bin).
     pub firecracker_binary: PathBuf,
     /// A kernel Firecracker boots instead of the asset set's.
@@ -98,8 +98,8 @@ impl ProxyConfig {
         }
     }
 
-    pub fn url_template(&self, bound_port: u16) -> crate::proxy::urls::UrlTemplate {
-        crate::proxy::urls::UrlTemplate {
+    pub(crate) fn url_template(&self, bound_port: u16) -> crate::urls::UrlTemplate {
+        crate::urls::UrlTemplate {
             scheme: self.public_scheme.clone(),
             suffix: self.domain.clone(),
             port: self.public_port.unwrap_or(bound_port),
@@ -119,7 +119,7 @@ impl Config {
             stop_timeout: Duration::from_secs(10),
             store: crate::store::StoreOptions::default(),
             qemu_binary: PathBuf::from("qemu-system-x86_64"),
-            qemu_accel: crate::vmm::qemu::AccelChoice::Auto,
+            qemu_accel: crate::vmm::host::AccelChoice::Auto,
             firecracker_binary: PathBuf::from("firecracker"),
             firecracker_kernel: None,
             firecracker_jailer: None,
@@ -130,25 +130,25 @@ impl Config {
         }
     }
 
-    pub fn db_path(&self) -> PathBuf {
+    pub(crate) fn db_path(&self) -> PathBuf {
         self.data_dir.join("hyperfleet.db")
     }
 
-    pub fn assets_root(&self) -> PathBuf {
+    pub(crate) fn assets_root(&self) -> PathBuf {
         crate::assets::assets_root(&self.data_dir)
     }
 
-    pub fn assets_path(&self) -> PathBuf {
+    pub(crate) fn assets_path(&self) -> PathBuf {
         self.assets_dir
             .clone()
             .unwrap_or_else(|| self.assets_root().join("current"))
     }
 
-    pub fn machines_dir(&self) -> PathBuf {
+    pub(crate) fn machines_dir(&self) -> PathBuf {
         self.data_dir.join("machines")
     }
 
-    pub fn stub_binary_path(&self) -> Option<PathBuf> {
+    pub(crate) fn stub_binary_path(&self) -> Option<PathBuf> {
         if let Some(p) = &self.stub_binary {
             return Some(p.clone());
         }

@@ -197,7 +197,7 @@ pub async fn serve(config: Config) -> Result<(), DaemonError> {
             "machine networking ready"
         );
     }
-    let report = sweep::sweep(&store, &config.machines_dir()).await;
+    let report = sweep::sweep(&store, &config.machines_dir(), backends.values()).await;
     tracing::info!(
         ?report,
         machines = store.machine_count(),
@@ -333,7 +333,7 @@ mod tests {
         }
         let (map, default) = backends(&config);
         assert!(map.contains_key(&VmmKind::Firecracker));
-        let hardware = crate::doctor::detect_accel().0 == crate::doctor::Accel::HardwareKvm;
+        let hardware = crate::vmm::host::detect_accel().0 == crate::vmm::host::Accel::HardwareKvm;
         if !hardware {
             assert_ne!(default, Ok(VmmKind::Firecracker));
             let why = map[&VmmKind::Firecracker].availability().unwrap_err();

@@ -1,4 +1,7 @@
-//! `hyperfleet doctor`: checks the host and says what to fix.
+//! `hyperfleet doctor`: checks the host for the settings the daemon would
+//! run with (the binary builds the same [`Config`] as `serve`) and says
+//! what to fix. What the host offers is detected in `vmm::host`, as the
+//! backends detect it.
 
 use std::path::Path;
 use std::process::Command;
@@ -6,6 +9,7 @@ use std::process::Command;
 use serde::Serialize;
 
 use crate::config::Config;
+use crate::vmm::host::{self, Accel};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -39,54 +43,11 @@ fn check(
     }
 }
 
-fn first_line(program: &str, arg: &str) -> Option<String> {
+fn first_line(program: &Path, arg: &str) -> Option<String> {
     let out = Command::new(program).arg(arg).output().ok()?;
     let text =
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     text.lines().next().map(|l| l.trim().to_string())
-}
-
-/// What virtualisation the host offers, and what it means for guests.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Accel {
-    /// Hardware virtualisation with a usable /dev/kvm.
-    HardwareKvm,
-    /// /dev/kvm is the software-nested PVM module: stock guests cannot boot.
-    PvmOnly,
-    /// No usable KVM: only software emulation (TCG).
-    None,
-}
-
-pub fn detect_accel() -> (Accel, String) {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let hw = cpuinfo
-        .lines()
-        .filter(|l| l.starts_with("flags"))
-        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
-    let pvm = Path::new("/sys/module/kvm_pvm").exists();
-    let kvm_rw = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if pvm {
-        (Accel::PvmOnly, "/dev/kvm is provided by kvm_pvm (software nested KVM); stock Linux guests die under it with KVM_EXIT_INTERNAL_ERROR, so QEMU must use TCG and Firecracker cannot boot guests here".into())
-    } else if hw && kvm_rw {
-        (
-            Accel::HardwareKvm,
-            "hardware virtualisation (vmx/svm) with a usable /dev/kvm".into(),
-        )
-    } else if hw {
-        (
-            Accel::None,
-            "the CPU has vmx/svm but /dev/kvm is missing or not accessible".into(),
-        )
-    } else {
-        (
-            Accel::None,
-            "no vmx/svm CPU flag: only software emulation (QEMU TCG) is possible".into(),
-        )
-    }
 }
 
 fn is_root_or_net_admin() -> bool {
@@ -161,7 +122,7 @@ pub fn run(config: &Config) -> Vec<Check> {
     }
 
     // Virtualisation.
-    let (accel, why) = detect_accel();
+    let (accel, why) = host::detect_accel();
     out.push(match accel {
         Accel::HardwareKvm => check("kvm", Level::Ok, why, ""),
         Accel::PvmOnly => check("kvm", Level::Warn, why, "guests run under QEMU TCG (software emulation: boots take seconds, not milliseconds); use a host with hardware virtualisation for Firecracker and KVM speed"),
@@ -169,16 +130,19 @@ pub fn run(config: &Config) -> Vec<Check> {
     });
 
     // VMM binaries.
-    match first_line("qemu-system-x86_64", "--version") {
+    let version = |bin: &Path, extra: &[&str]| {
+        host::which(bin, extra).and_then(|b| first_line(&b, "--version"))
+    };
+    match version(&config.qemu_binary, &[]) {
         Some(v) => out.push(check("qemu", Level::Ok, v, "")),
         None => out.push(check(
             "qemu",
             Level::Warn,
-            "qemu-system-x86_64 not found",
+            format!("{} not found", config.qemu_binary.display()),
             "install Debian's qemu-system-x86 (10.x from bookworm-backports on Debian 12)",
         )),
     }
-    match first_line("firecracker", "--version") {
+    match version(&config.firecracker_binary, &[host::RELEASE_BIN_DIR]) {
         Some(v) => out.push(check(
             "firecracker",
             if accel == Accel::HardwareKvm {
@@ -200,80 +164,15 @@ pub fn run(config: &Config) -> Vec<Check> {
         None => out.push(check(
             "firecracker",
             Level::Warn,
-            "firecracker not found in PATH",
+            format!(
+                "{} not found in PATH or {}",
+                config.firecracker_binary.display(),
+                host::RELEASE_BIN_DIR
+            ),
             "install the official Firecracker release binaries (firecracker, jailer) into PATH",
         )),
     }
-    // A daemon running as root jails Firecracker by default; without the
-    // jailer it offers no Firecracker rather than an unjailed one.
-    let jailer = first_line("jailer", "--version");
-    let cgroups = crate::vmm::firecracker::jailer::Cgroups::detect().describe();
-    out.push(Check {
-        name: "jailer",
-        level: if jailer.is_some() {
-            Level::Ok
-        } else {
-            Level::Warn
-        },
-        detail: jailer.as_ref().map_or_else(
-            || {
-                "jailer not found in PATH: as root the daemon jails Firecracker by default, \
-                 and without the jailer it reports the backend unavailable"
-                    .to_string()
-            },
-            |v| {
-                format!(
-                    "{v}; {cgroups}; with machine networking, each jailed VMM runs in a network \
-                     namespace of its machine's own ({}/{}…)",
-                    crate::net::netns::NETNS_DIR,
-                    crate::net::netns::PREFIX
-                )
-            },
-        ),
-        fix: if jailer.is_some() {
-            String::new()
-        } else {
-            "install the jailer from the Firecracker release next to firecracker, or run the \
-             daemon with --firecracker-jailer off (development only)"
-                .into()
-        },
-    });
-    // The uids jailed VMMs lease one each of: the range `serve` would use
-    // (its flags' environment variables, else the defaults), checked as the
-    // daemon checks it at start.
-    let env_u32 = |name: &str, default: u32| {
-        std::env::var(name)
-            .ok()
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(default)
-    };
-    let uids = crate::vmm::uid::UidRange::new(
-        env_u32("HYPERFLEET_JAILER_UID_BASE", crate::vmm::uid::DEFAULT_BASE),
-        env_u32(
-            "HYPERFLEET_JAILER_UID_COUNT",
-            crate::vmm::uid::DEFAULT_COUNT,
-        ),
-    )
-    .and_then(|r| r.check_host().map(|()| r));
-    out.push(match uids {
-        Ok(r) => check(
-            "jailer_uids",
-            Level::Ok,
-            format!(
-                "uids {}–{} are free for jailed VMMs (one per machine; gid = uid)",
-                r.base,
-                r.last()
-            ),
-            "",
-        ),
-        Err(why) => check(
-            "jailer_uids",
-            Level::Warn,
-            why,
-            "pick a free range with --jailer-uid-base/--jailer-uid-count (the daemon refuses \
-             to start a jailer with this one)",
-        ),
-    });
+    out.extend(jailer_checks(config));
     // Whether the guest kernel finds Firecracker's devices: judged on any
     // host, so a kernel problem shows before the move to hardware KVM.
     if let Ok(set) = crate::assets::AssetSet::load(&config.assets_path()) {
@@ -355,7 +254,11 @@ pub fn run(config: &Config) -> Vec<Check> {
             "modprobe tun",
         )
     });
-    match first_line("nft", "--version") {
+    let nft = config
+        .network
+        .as_ref()
+        .map_or(Path::new("nft"), |n| n.nft_binary.as_path());
+    match first_line(nft, "--version") {
         Some(v) => out.push(check("nftables", Level::Ok, v, "")),
         None => out.push(check(
             "nftables",
@@ -365,4 +268,102 @@ pub fn run(config: &Config) -> Vec<Check> {
         )),
     }
     out
+}
+
+/// The jailer and the uids jailed VMMs lease one each of, as the daemon
+/// would run them (it refuses to start a jailer whose range the host's
+/// accounts overlap).
+fn jailer_checks(config: &Config) -> [Check; 2] {
+    let Some(jail) = &config.firecracker_jailer else {
+        let off = "the jailer is off (--firecracker-jailer off, or auto without root): \
+                   Firecracker VMMs run unjailed as the daemon's user";
+        return [
+            check(
+                "jailer",
+                Level::Warn,
+                off,
+                "run the daemon as root with --firecracker-jailer auto or on (unjailed is for \
+                 development only)",
+            ),
+            check(
+                "jailer_uids",
+                Level::Ok,
+                "no uids needed: the jailer is off",
+                "",
+            ),
+        ];
+    };
+    let version = host::which(&jail.binary, &[host::RELEASE_BIN_DIR])
+        .and_then(|b| first_line(&b, "--version"));
+    let cgroups = crate::vmm::firecracker::jailer::Cgroups::detect().describe();
+    let jailer = match version {
+        Some(v) => check(
+            "jailer",
+            Level::Ok,
+            format!(
+                "{v}; {cgroups}; with machine networking, each jailed VMM runs in a network \
+                 namespace of its machine's own ({}/{}…)",
+                crate::net::netns::NETNS_DIR,
+                crate::net::netns::PREFIX
+            ),
+            "",
+        ),
+        None => check(
+            "jailer",
+            Level::Warn,
+            format!(
+                "{} not found in PATH or {}: the jailer is on, so the daemon reports the \
+                 Firecracker backend unavailable",
+                jail.binary.display(),
+                host::RELEASE_BIN_DIR
+            ),
+            "install the jailer from the Firecracker release next to firecracker, or run the \
+             daemon with --firecracker-jailer off (development only)",
+        ),
+    };
+    let r = jail.uids;
+    let uids = match r.check_host() {
+        Ok(()) => check(
+            "jailer_uids",
+            Level::Ok,
+            format!(
+                "uids {}–{} are free for jailed VMMs (one per machine; gid = uid)",
+                r.base,
+                r.last()
+            ),
+            "",
+        ),
+        Err(why) => check(
+            "jailer_uids",
+            Level::Warn,
+            why,
+            "pick a free range with --jailer-uid-base/--jailer-uid-count (the daemon refuses \
+             to start a jailer with this one)",
+        ),
+    };
+    [jailer, uids]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vmm::firecracker::jailer::JailerConfig;
+
+    #[test]
+    fn the_jailer_checks_follow_the_settings_serve_built() {
+        let mut config = Config::new(std::path::PathBuf::from("/nonexistent"));
+        let checks = |config: &Config| jailer_checks(config).map(|c| (c.level, c.detail));
+        let [(level, jailer), (_, uids)] = checks(&config);
+        assert_eq!(level, Level::Warn);
+        assert!(jailer.contains("the jailer is off"), "{jailer}");
+        assert!(uids.contains("no uids needed"), "{uids}");
+
+        let mut j = JailerConfig::new("/nonexistent/jailer".into());
+        j.uids = crate::vmm::uid::UidRange::new(0xFFFF_FF00, 16).unwrap();
+        config.firecracker_jailer = Some(j);
+        let [(level, jailer), (_, uids)] = checks(&config);
+        assert_eq!(level, Level::Warn);
+        assert!(jailer.contains("/nonexistent/jailer not found"), "{jailer}");
+        assert!(uids.contains("4294967040"), "{uids}");
+    }
 }

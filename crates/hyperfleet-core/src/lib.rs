@@ -20,6 +20,7 @@ pub mod logs;
 pub mod net;
 pub mod proxy;
 pub mod store;
+pub mod urls;
 pub mod util;
 pub mod validate;
 pub mod vmm;

@@ -1,10 +1,11 @@
 //! Small shared helpers: wall-clock time in the store's unit, RFC 3339
-//! rendering, and random identifiers.
+//! rendering, random identifiers, error chains on one line, and removal
+//! that treats "already gone" as done.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Milliseconds since the Unix epoch: the store's unit for timestamps.
-pub fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     // A clock before 1970 is a broken host; 0 keeps ordering sane there.
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -13,13 +14,13 @@ pub fn now_ms() -> i64 {
 }
 
 /// Renders a store timestamp as RFC 3339 with milliseconds (UTC).
-pub fn rfc3339(ms: i64) -> String {
+pub(crate) fn rfc3339(ms: i64) -> String {
     let t = UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
     humantime::format_rfc3339_millis(t).to_string()
 }
 
 /// `n` random bytes from the OS.
-pub fn random_bytes<const N: usize>() -> [u8; N] {
+pub(crate) fn random_bytes<const N: usize>() -> [u8; N] {
     let mut buf = [0u8; N];
     // getrandom only fails when the OS has no entropy source at all, which
     // no supported Linux host lacks; there is nothing sensible to continue with.
@@ -30,7 +31,7 @@ pub fn random_bytes<const N: usize>() -> [u8; N] {
 const ID_ALPHABET: &[u8; 32] = b"0123456789abcdefghjkmnpqrstvwxyz";
 
 /// A random lowercase identifier of `len` characters (5 bits each) after `prefix`.
-pub fn random_id(prefix: &str, len: usize) -> String {
+pub(crate) fn random_id(prefix: &str, len: usize) -> String {
     let bytes = random_bytes::<32>();
     let mut s = String::with_capacity(prefix.len() + len);
     s.push_str(prefix);
@@ -46,7 +47,7 @@ pub fn random_id(prefix: &str, len: usize) -> String {
 /// every index keyed by machine id, which keeps each commit's page writes
 /// few. Names may not have this shape, so `GET /machines/{id-or-name}` is
 /// never ambiguous.
-pub fn new_machine_id() -> String {
+pub(crate) fn new_machine_id() -> String {
     let ms = now_ms().max(0) as u64;
     let mut s = String::with_capacity(16);
     s.push('m');
@@ -57,13 +58,38 @@ pub fn new_machine_id() -> String {
     s
 }
 
-pub fn looks_like_machine_id(s: &str) -> bool {
+pub(crate) fn looks_like_machine_id(s: &str) -> bool {
     s.len() == 16 && s.starts_with('m') && s[1..].bytes().all(|b| ID_ALPHABET.contains(&b))
 }
 
 /// Operation ids name one accepted request in events and logs.
-pub fn new_operation_id() -> String {
+pub(crate) fn new_operation_id() -> String {
     random_id("op_", 12)
+}
+
+/// An error and its causes on one line (`a: b: c`), for messages and logs;
+/// a cause whose text the line already holds is not repeated.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(err) = cur {
+        let text = err.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        cur = err.source();
+    }
+    s
+}
+
+/// The result of removing something, with "it was not there" counted as
+/// removed: removals are idempotent.
+pub(crate) fn absent_ok(removed: std::io::Result<()>) -> std::io::Result<()> {
+    match removed {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
 }
 
 #[cfg(test)]
@@ -87,6 +113,31 @@ mod tests {
         let b = new_machine_id();
         assert!(a < b, "{a} < {b}");
         assert_ne!(new_machine_id(), new_machine_id());
+    }
+
+    #[test]
+    fn error_chains_name_each_cause_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("reading the state")]
+        struct Outer(#[source] std::io::Error);
+        #[derive(Debug, thiserror::Error)]
+        #[error("the guest failed: {0}")]
+        struct Repeats(#[source] std::io::Error);
+        let io = || std::io::Error::other("disk on fire");
+        assert_eq!(error_chain(&Outer(io())), "reading the state: disk on fire");
+        assert_eq!(
+            error_chain(&Repeats(io())),
+            "the guest failed: disk on fire"
+        );
+    }
+
+    #[test]
+    fn removing_what_is_absent_succeeds_and_other_failures_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let gone = dir.path().join("gone");
+        assert!(absent_ok(std::fs::remove_file(&gone)).is_ok());
+        // A directory is not a file: that failure is kept.
+        assert!(absent_ok(std::fs::remove_file(dir.path())).is_err());
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Command-line arguments. Flags fall back to `HYPERFLEET_*` environment
-//! variables (and `PORT`); docs/configuration.md has the full table.
+//! variables (and the seeds' `PORT`, `PROXY_PORT`, `DISABLE_AUTH`, read in
+//! `serve::settings`); docs/configuration.md has the full table.
 
 use std::path::PathBuf;
 
@@ -55,8 +56,9 @@ pub enum Command {
     /// Run the daemon.
     // Boxed: the daemon's flags outweigh every other command's.
     Serve(Box<ServeArgs>),
-    /// Check this host and say what to fix.
-    Doctor(DoctorArgs),
+    /// Check this host and say what to fix (for the settings `serve` would
+    /// run with: it takes the same flags and environment variables).
+    Doctor(Box<DoctorArgs>),
     /// Print the OpenAPI document.
     Openapi,
     /// Create, inspect and control machines.
@@ -105,11 +107,13 @@ pub struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "HYPERFLEET_HOST", default_value = "127.0.0.1")]
     pub host: String,
-    /// Port for the API.
-    #[arg(long, env = "PORT", default_value_t = 3000)]
-    pub port: u16,
-    /// Development only: no API keys; every request is an admin of tenant `default`.
-    #[arg(long, env = "DISABLE_AUTH", default_value_t = false)]
+    /// Port for the API [env: HYPERFLEET_PORT, else PORT] [default: 3000].
+    // The environment is read in `serve::settings`: clap takes one name.
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Development only: no API keys; every request is an admin of tenant
+    /// `default` [env: HYPERFLEET_DISABLE_AUTH, else DISABLE_AUTH].
+    #[arg(long)]
     pub disable_auth: bool,
     /// Backend for machines created without `vmm` (`auto` picks the best available).
     #[arg(
@@ -238,9 +242,10 @@ pub struct ServeArgs {
     /// The nftables table (family inet) Hyperfleet owns.
     #[arg(long, env = "HYPERFLEET_NFT_TABLE", default_value = "hyperfleet")]
     pub nft_table: String,
-    /// Port of the reverse proxy to exposed guest ports (0 = any free port).
-    #[arg(long, env = "PROXY_PORT", default_value_t = 4000)]
-    pub proxy_port: u16,
+    /// Port of the reverse proxy to exposed guest ports (0 = any free port)
+    /// [env: HYPERFLEET_PROXY_PORT, else PROXY_PORT] [default: 4000].
+    #[arg(long)]
+    pub proxy_port: Option<u16>,
     /// Turn the reverse proxy off.
     #[arg(long, env = "HYPERFLEET_NO_PROXY", default_value_t = false)]
     pub no_proxy: bool,
@@ -270,7 +275,10 @@ pub enum AccelArg {
 }
 
 #[derive(Args)]
-pub struct DoctorArgs {}
+pub struct DoctorArgs {
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
 
 #[derive(Subcommand)]
 pub enum MachinesCmd {

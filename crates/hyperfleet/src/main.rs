@@ -46,7 +46,7 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async move {
         match args.command {
             cli::Command::Serve(a) => serve::serve(*a, &args.client).await,
-            cli::Command::Doctor(_) => serve::doctor(&args.client),
+            cli::Command::Doctor(a) => serve::doctor(&a.serve, &args.client),
             cli::Command::Openapi => {
                 print!("{}", hyperfleet_core::http::openapi::document());
                 Ok(())

@@ -11,7 +11,7 @@ use hyperfleet_core::net::{NetConfig, Subnet};
 use hyperfleet_core::Config;
 
 use hyperfleet_core::vmm::firecracker::jailer::JailerConfig;
-use hyperfleet_core::vmm::qemu::AccelChoice;
+use hyperfleet_core::vmm::host::AccelChoice;
 use hyperfleet_core::vmm::uid::UidRange;
 
 use crate::cli::{AccelArg, ClientArgs, LogFormat, ServeArgs, Toggle, VmmChoice};
@@ -39,17 +39,41 @@ fn vmm_kind(c: VmmChoice) -> Option<VmmKind> {
 
 pub async fn serve(a: ServeArgs, global: &ClientArgs) -> anyhow::Result<()> {
     init_logging(a.log_format);
+    let config = settings(&a, global)?;
+    // The host's accounts must not overlap the range (doctor checks the
+    // same, without refusing).
+    if let Some(j) = &config.firecracker_jailer {
+        j.uids.check_host().map_err(|e| anyhow::anyhow!(e))?;
+    }
+    hyperfleet_core::serve(config)
+        .await
+        .context("the daemon stopped with an error")
+}
+
+/// The daemon's settings from its flags (and their environment variables):
+/// what `serve` runs with and what `doctor` checks.
+fn settings(a: &ServeArgs, global: &ClientArgs) -> anyhow::Result<Config> {
     let ip: IpAddr = a
         .host
         .parse()
         .with_context(|| format!("--host '{}' is not an IP address", a.host))?;
+    let env = |name: &str| std::env::var(name).ok();
+    let port = from_env(a.port, PORT, &env, parse_port)?.unwrap_or(3000);
+    let proxy_port = from_env(a.proxy_port, PROXY_PORT, &env, parse_port)?.unwrap_or(4000);
+    let disable_auth = from_env(
+        a.disable_auth.then_some(true),
+        DISABLE_AUTH,
+        &env,
+        parse_bool,
+    )?
+    .unwrap_or(false);
     let mut config = Config::new(global.data_dir.clone());
-    config.network = network_config(&a)?;
-    config.firecracker_jailer = jailer_config(&a, config.network.is_some())?;
-    config.listen = SocketAddr::new(ip, a.port);
-    config.disable_auth = a.disable_auth;
+    config.network = network_config(a)?;
+    config.firecracker_jailer = jailer_config(a, config.network.is_some())?;
+    config.listen = SocketAddr::new(ip, port);
+    config.disable_auth = disable_auth;
     config.default_vmm = vmm_kind(a.default_vmm);
-    config.stub_binary = a.stub_vmm_binary;
+    config.stub_binary = a.stub_vmm_binary.clone();
     config.boot_timeout = Duration::from_secs(a.boot_timeout);
     config.stop_timeout = Duration::from_secs(a.stop_timeout);
     config.store.cached_machines = a.machine_cache;
@@ -58,29 +82,71 @@ pub async fn serve(a: ServeArgs, global: &ClientArgs) -> anyhow::Result<()> {
         per_tenant: a.guest_requests_per_tenant.get(),
         total: a.guest_requests_total.get(),
     };
-    config.qemu_binary = a.qemu_binary;
-    config.firecracker_binary = a.firecracker_binary;
+    config.qemu_binary = a.qemu_binary.clone();
+    config.firecracker_binary = a.firecracker_binary.clone();
     // Absolute: Firecracker resolves it from its own working directory,
     // which is the chroot's root when jailed.
     config.firecracker_kernel = a
         .firecracker_kernel
+        .clone()
         .map(|k| std::path::absolute(&k).unwrap_or(k));
-    config.assets_dir = a.assets_dir;
+    config.assets_dir = a.assets_dir.clone();
     config.qemu_accel = match a.qemu_accel {
         AccelArg::Auto => AccelChoice::Auto,
         AccelArg::Kvm => AccelChoice::Kvm,
         AccelArg::Tcg => AccelChoice::Tcg,
     };
     if !a.no_proxy {
-        let mut p = ProxyConfig::new(SocketAddr::new(ip, a.proxy_port));
+        let mut p = ProxyConfig::new(SocketAddr::new(ip, proxy_port));
         p.domain = a.proxy_domain.trim_matches('.').to_ascii_lowercase();
         p.public_scheme = a.proxy_scheme.clone();
         p.public_port = a.proxy_public_port;
         config.proxy = Some(p);
     }
-    hyperfleet_core::serve(config)
-        .await
-        .context("the daemon stopped with an error")
+    Ok(config)
+}
+
+/// A setting's two environment variables: Hyperfleet's own name and the
+/// seeds' shorter one.
+type EnvNames = (&'static str, &'static str);
+const PORT: EnvNames = ("HYPERFLEET_PORT", "PORT");
+const PROXY_PORT: EnvNames = ("HYPERFLEET_PROXY_PORT", "PROXY_PORT");
+const DISABLE_AUTH: EnvNames = ("HYPERFLEET_DISABLE_AUTH", "DISABLE_AUTH");
+
+/// The flag's value, else the `HYPERFLEET_*` variable's, else the seeds'
+/// name's (an empty variable counts as unset). The longer name wins over
+/// the seeds': it can only have been meant for Hyperfleet, while `PORT` is
+/// often set for something else in the same environment.
+fn from_env<T>(
+    flag: Option<T>,
+    (ours, seeds): EnvNames,
+    env: &dyn Fn(&str) -> Option<String>,
+    parse: fn(&str) -> Result<T, String>,
+) -> anyhow::Result<Option<T>> {
+    if flag.is_some() {
+        return Ok(flag);
+    }
+    for name in [ours, seeds] {
+        if let Some(v) = env(name).filter(|v| !v.is_empty()) {
+            return parse(&v)
+                .map(Some)
+                .map_err(|e| anyhow::anyhow!("{name}='{v}': {e}"));
+        }
+    }
+    Ok(None)
+}
+
+fn parse_port(v: &str) -> Result<u16, String> {
+    v.trim()
+        .parse()
+        .map_err(|_| "not a port number (0 to 65535)".to_string())
+}
+
+/// Like clap's boolean flags read from the environment: the usual words
+/// for no are false, anything else is true.
+fn parse_bool(v: &str) -> Result<bool, String> {
+    let no = ["0", "false", "f", "no", "n", "off"];
+    Ok(!no.contains(&v.trim().to_ascii_lowercase().as_str()))
 }
 
 fn jailer_config(a: &ServeArgs, network: bool) -> anyhow::Result<Option<JailerConfig>> {
@@ -113,9 +179,8 @@ fn jailer_config(a: &ServeArgs, network: bool) -> anyhow::Result<Option<JailerCo
         }
         return Ok(None);
     }
-    let uids = UidRange::new(a.jailer_uid_base, a.jailer_uid_count)
-        .and_then(|r| r.check_host().map(|()| r))
-        .map_err(|e| anyhow::anyhow!(e))?;
+    let uids =
+        UidRange::new(a.jailer_uid_base, a.jailer_uid_count).map_err(|e| anyhow::anyhow!(e))?;
     if a.jailer_netns.is_some() && network {
         anyhow::bail!(
             "--jailer-netns cannot be combined with machine networking: with networking on, each \
@@ -175,8 +240,10 @@ fn network_config(a: &ServeArgs) -> anyhow::Result<Option<NetConfig>> {
     Ok(Some(n))
 }
 
-pub fn doctor(global: &ClientArgs) -> anyhow::Result<()> {
-    let config = Config::new(global.data_dir.clone());
+/// Checks the host for the daemon `serve` would run with the same flags
+/// and environment.
+pub fn doctor(a: &ServeArgs, global: &ClientArgs) -> anyhow::Result<()> {
+    let config = settings(a, global).context("serve would refuse these settings")?;
     let checks = doctor::run(&config);
     if global.json {
         crate::output::json(&checks)?;
@@ -213,4 +280,56 @@ pub fn api_key(args: &ClientArgs) -> Option<String> {
         .ok()
         .map(|s| s.trim().to_string())
         .filter(|s| !s.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |name| {
+            vars.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.to_string())
+        }
+    }
+
+    #[test]
+    fn the_flag_wins_then_the_hyperfleet_name_then_the_seeds_name() {
+        let both = [("HYPERFLEET_PORT", "3001"), ("PORT", "3002")];
+        let seeds = [("PORT", "3002")];
+        let port =
+            |flag, vars: &[(&str, &str)]| from_env(flag, PORT, &env(vars), parse_port).unwrap();
+        assert_eq!(port(Some(3000), &both), Some(3000));
+        assert_eq!(port(None, &both), Some(3001));
+        assert_eq!(port(None, &seeds), Some(3002));
+        assert_eq!(
+            port(None, &[("HYPERFLEET_PORT", ""), ("PORT", "3002")]),
+            Some(3002)
+        );
+        assert_eq!(port(None, &[]), None);
+        let proxy = [("HYPERFLEET_PROXY_PORT", "4001"), ("PROXY_PORT", "4002")];
+        assert_eq!(
+            from_env(None, PROXY_PORT, &env(&proxy), parse_port).unwrap(),
+            Some(4001)
+        );
+        let auth = [
+            ("HYPERFLEET_DISABLE_AUTH", "false"),
+            ("DISABLE_AUTH", "true"),
+        ];
+        assert_eq!(
+            from_env(None, DISABLE_AUTH, &env(&auth), parse_bool).unwrap(),
+            Some(false)
+        );
+        assert_eq!(
+            from_env(None, DISABLE_AUTH, &env(&auth[1..]), parse_bool).unwrap(),
+            Some(true)
+        );
+    }
+
+    #[test]
+    fn a_bad_value_names_its_variable() {
+        let e = from_env(None, PORT, &env(&[("PORT", "http")]), parse_port).unwrap_err();
+        assert!(e.to_string().contains("PORT='http'"), "{e}");
+    }
 }

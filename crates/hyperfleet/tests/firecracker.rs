@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use common::crash::{self, Step, Want};
 use common::{eventually, pids_matching, Daemon, Sandbox};
-use hyperfleet_core::doctor::{detect_accel, Accel};
+use hyperfleet_core::vmm::host::{detect_accel, Accel};
 use serde_json::{json, Value};
 
 fn prerequisites() -> Option<PathBuf> {

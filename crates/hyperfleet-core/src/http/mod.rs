@@ -32,7 +32,7 @@ pub struct AppState {
     pub auth_disabled: bool,
     pub default_vmm: VmmKind,
     /// Proxy URLs for the machine JSON; None when the proxy is off.
-    pub urls: Option<Arc<crate::proxy::urls::UrlTemplate>>,
+    pub urls: Option<Arc<crate::urls::UrlTemplate>>,
     /// Bounds on guest requests (exec, files, logs).
     pub guest: Arc<guest::GuestSlots>,
 }

@@ -1,22 +1,29 @@
 //! The orphan sweep: at startup, before any run starts, reclaim host objects
 //! that belong to no machine — VMM processes, machine directories (with the
-//! Firecracker jails inside them) and jailed VMMs' cgroups left by machines
-//! whose records are gone (a crash between releasing and deleting, or a
-//! database restored from backup). Objects of known machines are left to
-//! their runs, which know what they own.
+//! Firecracker jails inside them) and whatever the backends keep elsewhere
+//! ([`Vmm::remove_orphan`]: jailed VMMs' cgroups) left by machines whose
+//! records are gone (a crash between releasing and deleting, or a database
+//! restored from backup). Objects of known machines are left to their runs,
+//! which know what they own.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use crate::store::Store;
-use crate::vmm::process;
+use crate::vmm::{process, Vmm};
 
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct SweepReport {
+pub(crate) struct SweepReport {
     pub killed_processes: usize,
     pub removed_dirs: usize,
 }
 
-pub async fn sweep(store: &Store, machines_dir: &Path) -> SweepReport {
+pub(crate) async fn sweep<'a>(
+    store: &Store,
+    machines_dir: &Path,
+    backends: impl IntoIterator<Item = &'a Arc<dyn Vmm>>,
+) -> SweepReport {
+    let backends: Vec<&Arc<dyn Vmm>> = backends.into_iter().collect();
     let mut report = SweepReport::default();
     // Each process and directory is looked up by its machine id (a point
     // read), so the sweep holds no list of every machine. A machine that
@@ -54,9 +61,8 @@ pub async fn sweep(store: &Store, machines_dir: &Path) -> SweepReport {
         }
     }
 
-    // Directories of machines that no longer exist, and their cgroups (the
-    // jailer names them by machine id; their processes were killed above).
-    let cgroups = crate::vmm::firecracker::jailer::Cgroups::detect();
+    // Directories of machines that no longer exist, and what the backends
+    // keep for them elsewhere (their processes were killed above).
     if let Ok(entries) = std::fs::read_dir(machines_dir) {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().to_string();
@@ -66,8 +72,10 @@ pub async fn sweep(store: &Store, machines_dir: &Path) -> SweepReport {
                 Err(_) => return report,
             }
             tracing::warn!(dir = %e.path().display(), "removing an orphan machine directory");
-            if let Err(err) = cgroups.remove(&name) {
-                tracing::error!(machine = %name, error = %err, "could not remove an orphan VMM's cgroup");
+            for b in &backends {
+                if let Err(err) = b.remove_orphan(&name) {
+                    tracing::error!(machine = %name, backend = %b.kind(), error = %err, "could not remove an orphan VMM's leftovers");
+                }
             }
             match std::fs::remove_dir_all(e.path()) {
                 Ok(()) => report.removed_dirs += 1,

@@ -283,7 +283,7 @@ impl Network {
                 removed.push(name);
             }
         }
-        for ns in netns::list() {
+        for ns in netns::list(&prefix) {
             if netns::tap_of(&ns).is_some_and(|t| !needed.contains(t)) {
                 tracing::warn!(netns = %ns, "removing a network namespace no running machine owns");
                 netns::remove(&ns)?;

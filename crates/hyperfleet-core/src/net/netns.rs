@@ -6,7 +6,9 @@
 //! bind-mounted there as `ip netns add` does (so `ip netns exec` works on
 //! it); `<daemon netns>` is the inode of the daemon's own network namespace
 //! in hex, so daemons in different namespaces (each with its own TAP names
-//! and table) never share or sweep each other's. Inside it the machine's TAP
+//! and table) never share or sweep each other's; daemons sharing a namespace
+//! have different TAP prefixes, and the startup sweep takes only namespaces
+//! of its own prefix's TAPs ([`list`]). Inside it the machine's TAP
 //! is [`INNER_TAP`] with the guest's gateway as today, and the namespace
 //! routes between it and [`UPLINK`]. The uplink's peer on the host is named
 //! like the machine's TAP, so the nftables table's per-machine rules (which
@@ -40,17 +42,17 @@ use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBu
 use super::tap::{self, TapError};
 
 /// Where named network namespaces are bind-mounted (as by `ip netns`).
-pub const NETNS_DIR: &str = "/run/netns";
+pub(crate) const NETNS_DIR: &str = "/run/netns";
 /// Every machine namespace's name starts with this.
-pub const PREFIX: &str = "hfns-";
+pub(crate) const PREFIX: &str = "hfns-";
 /// The machine's TAP device inside its namespace.
-pub const INNER_TAP: &str = "tap0";
+pub(crate) const INNER_TAP: &str = "tap0";
 /// The namespace's end of the veth pair.
-pub const UPLINK: &str = "uplink0";
+pub(crate) const UPLINK: &str = "uplink0";
 /// The host's end of every machine's veth link.
-pub const HOST_LINK: Ipv4Addr = Ipv4Addr::new(169, 254, 0, 1);
+pub(crate) const HOST_LINK: Ipv4Addr = Ipv4Addr::new(169, 254, 0, 1);
 /// The namespace's end of every machine's veth link.
-pub const NS_LINK: Ipv4Addr = Ipv4Addr::new(169, 254, 0, 2);
+pub(crate) const NS_LINK: Ipv4Addr = Ipv4Addr::new(169, 254, 0, 2);
 const LINK_PREFIX: u8 = 30;
 /// `statfs` type of a namespace file (`NSFS_MAGIC`).
 const NSFS_MAGIC: i64 = 0x6e73_6673;
@@ -71,30 +73,42 @@ fn own_scope() -> String {
 }
 
 /// The namespace name of the machine whose TAP is `tap`.
-pub fn name_for(tap: &str) -> String {
+pub(crate) fn name_for(tap: &str) -> String {
     format!("{PREFIX}{}-{tap}", own_scope())
 }
 
 /// The namespace path of the machine whose TAP is `tap` (for `--netns`).
-pub fn path_for(tap: &str) -> PathBuf {
+pub(crate) fn path_for(tap: &str) -> PathBuf {
     Path::new(NETNS_DIR).join(name_for(tap))
 }
 
 /// The TAP name of a machine namespace of this daemon's, else None.
-pub fn tap_of(ns_name: &str) -> Option<&str> {
+pub(crate) fn tap_of(ns_name: &str) -> Option<&str> {
     let scope = format!("{PREFIX}{}-", own_scope());
     ns_name.strip_prefix(scope.as_str())
 }
 
-/// This daemon's machine namespaces (by name).
-pub fn list() -> Vec<String> {
+/// This daemon's machine namespaces (by name): see [`ours`].
+pub(crate) fn list(tap_prefix: &str) -> Vec<String> {
     let Ok(entries) = std::fs::read_dir(NETNS_DIR) else {
         return Vec::new();
     };
-    entries
-        .flatten()
-        .filter_map(|e| e.file_name().into_string().ok())
-        .filter(|n| tap_of(n).is_some())
+    ours(
+        entries
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok()),
+        tap_prefix,
+    )
+}
+
+/// The names of this daemon's machine namespaces: in its scope, and for a
+/// TAP of its own naming (`tap_prefix`). Two daemons sharing a network
+/// namespace share the scope but not the prefix (nor the nftables table),
+/// so neither sweeps the other's.
+fn ours(names: impl IntoIterator<Item = String>, tap_prefix: &str) -> Vec<String> {
+    names
+        .into_iter()
+        .filter(|n| tap_of(n).is_some_and(|tap| super::lease::is_our_tap(tap_prefix, tap)))
         .collect()
 }
 
@@ -178,7 +192,7 @@ fn inside<T: Send + 'static>(
 /// Creates the named namespace (idempotent: an existing one is kept, a
 /// placeholder left by a creation cut short is completed). Returns whether
 /// it was created now.
-pub fn add(name: &str) -> Result<bool, TapError> {
+pub(crate) fn add(name: &str) -> Result<bool, TapError> {
     let path = Path::new(NETNS_DIR).join(name);
     if is_mounted_ns(&path) {
         return Ok(false);
@@ -218,7 +232,7 @@ pub fn add(name: &str) -> Result<bool, TapError> {
 
 /// Removes the named namespace (unmounts and unlinks it; the kernel frees
 /// it, and the devices in it, once no process is in it). Idempotent.
-pub fn remove(name: &str) -> Result<(), TapError> {
+pub(crate) fn remove(name: &str) -> Result<(), TapError> {
     let path = Path::new(NETNS_DIR).join(name);
     let what = format!("removing the network namespace {}", path.display());
     let c = cstr(&path).map_err(|e| err(what.clone(), e))?;
@@ -229,11 +243,7 @@ pub fn remove(name: &str) -> Result<(), TapError> {
             return Err(err(what, e));
         }
     }
-    match std::fs::remove_file(&path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(err(what, e)),
-    }
+    crate::util::absent_ok(std::fs::remove_file(&path)).map_err(|e| err(what, e))
 }
 
 /// Runs blocking work (threads that change namespace, mounts) off the
@@ -261,7 +271,7 @@ fn connect_inside(path: &Path) -> Result<Handle, TapError> {
 
 /// Makes sure machine `tap`'s namespace, veth link and routes exist (the
 /// TAP inside is [`ensure_tap`]'s). Idempotent.
-pub async fn ensure_link(tap: &str, guest: Ipv4Addr) -> Result<(), TapError> {
+pub(crate) async fn ensure_link(tap: &str, guest: Ipv4Addr) -> Result<(), TapError> {
     let name = name_for(tap);
     let path = Path::new(NETNS_DIR).join(&name);
     let fresh = off_runtime({
@@ -354,7 +364,7 @@ async fn add_route(
 
 /// Makes sure the TAP inside machine `tap`'s namespace exists, owned by
 /// `owner`, with the guest's gateway, and up. Idempotent.
-pub async fn ensure_tap(
+pub(crate) async fn ensure_tap(
     tap: &str,
     gateway: Ipv4Addr,
     prefix_len: u8,
@@ -401,6 +411,23 @@ mod tests {
         assert_eq!(tap_of("hfns-1-hfac1e0002"), None);
         assert_eq!(tap_of("hfac1e0002"), None);
         assert_eq!(tap_of("vmms"), None);
+    }
+
+    #[test]
+    fn a_daemon_lists_only_the_namespaces_of_its_own_taps() {
+        let mine = name_for("hfac1e0002");
+        let names = [
+            mine.clone(),
+            // Another daemon in the same namespace, with prefix `hfb`.
+            name_for("hfbac1e0006"),
+            // Another daemon in another namespace, with the same prefix.
+            "hfns-1-hfac1e000a".to_string(),
+            // Not a TAP of the naming scheme.
+            name_for("hfzz"),
+            "vmms".to_string(),
+        ];
+        assert_eq!(ours(names.clone(), "hf"), vec![mine]);
+        assert_eq!(ours(names, "hfb"), vec![name_for("hfbac1e0006")]);
     }
 
     #[test]

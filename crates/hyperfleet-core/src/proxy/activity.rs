@@ -20,7 +20,7 @@ pub struct Activity {
 
 impl Activity {
     /// Records activity of machine `id` now.
-    pub fn touch(&self, id: &str) {
+    pub(crate) fn touch(&self, id: &str) {
         let now = now_ms();
         if let Some(t) = read_lock(&self.last).get(id) {
             t.fetch_max(now, Ordering::Relaxed);
@@ -41,7 +41,7 @@ impl Activity {
     }
 
     /// Forgets machines for which `exists` is false (deleted ones).
-    pub fn retain(&self, exists: impl Fn(&str) -> bool) {
+    pub(crate) fn retain(&self, exists: impl Fn(&str) -> bool) {
         write_lock(&self.last).retain(|id, _| exists(id));
     }
 

@@ -17,16 +17,16 @@ use axum::http::header::{AUTHORIZATION, COOKIE};
 use axum::http::HeaderMap;
 use hyperfleet_api::{ErrorCode, Scope, API_KEY_PREFIX};
 
+use super::ProxyError;
 use crate::auth::{authenticate, Principal, Refusal};
-use crate::http::error::ApiError;
 use crate::store::{CachedMachine, Store, StoreError};
 use crate::util::looks_like_machine_id;
 
 /// The cookie that carries a machine's access token.
-pub const TOKEN_COOKIE: &str = "hf_token";
+pub(crate) const TOKEN_COOKIE: &str = "hf_token";
 
 /// What a request presented.
-pub struct Credentials<'a> {
+pub(crate) struct Credentials<'a> {
     /// The `Authorization` value when it carries a Hyperfleet API key.
     /// Other `Authorization` headers belong to the guest's application.
     pub key: Option<&'a str>,
@@ -36,7 +36,7 @@ pub struct Credentials<'a> {
 }
 
 impl<'a> Credentials<'a> {
-    pub fn new(headers: &'a HeaderMap, query_token: Option<&'a str>) -> Self {
+    pub(crate) fn new(headers: &'a HeaderMap, query_token: Option<&'a str>) -> Self {
         let key = headers
             .get(AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
@@ -59,7 +59,7 @@ impl<'a> Credentials<'a> {
 }
 
 /// `Bearer hf_…`: a Hyperfleet key, which the proxy checks and strips.
-pub fn is_hyperfleet_key(authorization: &str) -> bool {
+pub(crate) fn is_hyperfleet_key(authorization: &str) -> bool {
     authorization
         .get(..7)
         .is_some_and(|b| b.eq_ignore_ascii_case("bearer "))
@@ -67,7 +67,10 @@ pub fn is_hyperfleet_key(authorization: &str) -> bool {
 }
 
 /// The values of cookie `name` in every `Cookie` header.
-pub fn cookie_values<'a>(headers: &'a HeaderMap, name: &'a str) -> impl Iterator<Item = &'a str> {
+pub(crate) fn cookie_values<'a>(
+    headers: &'a HeaderMap,
+    name: &'a str,
+) -> impl Iterator<Item = &'a str> {
     headers
         .get_all(COOKIE)
         .iter()
@@ -81,7 +84,7 @@ pub fn cookie_values<'a>(headers: &'a HeaderMap, name: &'a str) -> impl Iterator
 
 /// How the request got through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Grant {
+pub(crate) enum Grant {
     /// A public machine, or auth is off.
     Public,
     ApiKey,
@@ -93,12 +96,12 @@ pub enum Grant {
 
 /// Resolves `machine` (id or name, as addressed) and decides whether the
 /// request may reach it.
-pub fn authorize(
+pub(crate) fn authorize(
     store: &Store,
     machine: &str,
     creds: &Credentials<'_>,
     auth_disabled: bool,
-) -> Result<(Arc<CachedMachine>, Grant), ApiError> {
+) -> Result<(Arc<CachedMachine>, Grant), ProxyError> {
     // A refused key does not end the request: a token may still grant it,
     // and a public machine needs nothing.
     let (principal, refusal) = match creds.key {
@@ -111,16 +114,14 @@ pub fn authorize(
     let m = match lookup(store, machine, principal.as_ref(), creds)? {
         Found::One(m) => m,
         Found::Ambiguous => {
-            return Err(ApiError::new(
+            return Err(ProxyError::new(
                 ErrorCode::NotFound,
                 format!(
                     "more than one tenant has a machine named '{machine}': address it by its id"
                 ),
             ))
         }
-        Found::None if principal.is_some() => {
-            return Err(ApiError::not_found(format!("machine '{machine}'")))
-        }
+        Found::None if principal.is_some() => return Err(ProxyError::no_machine(machine)),
         Found::None => return Err(unauthorized(machine, creds, refusal)),
     };
     if m.rec.spec.public || auth_disabled {
@@ -141,7 +142,7 @@ pub fn authorize(
     }
     if principal.is_some() {
         // Another tenant's machine: the same answer as for no machine.
-        return Err(ApiError::not_found(format!("machine '{machine}'")));
+        return Err(ProxyError::no_machine(machine));
     }
     Err(unauthorized(machine, creds, refusal))
 }
@@ -207,9 +208,9 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     std::hint::black_box(diff) == 0
 }
 
-fn missing_scope(p: &Principal) -> ApiError {
+fn missing_scope(p: &Principal) -> ProxyError {
     let has: Vec<&str> = p.scopes.iter().map(|s| s.as_str()).collect();
-    ApiError::new(
+    ProxyError::new(
         ErrorCode::Forbidden,
         format!(
             "this API key lacks the 'exec' scope needed to reach machines through the proxy (it has: {})",
@@ -218,7 +219,7 @@ fn missing_scope(p: &Principal) -> ApiError {
     )
 }
 
-fn unauthorized(machine: &str, creds: &Credentials<'_>, refusal: Option<Refusal>) -> ApiError {
+fn unauthorized(machine: &str, creds: &Credentials<'_>, refusal: Option<Refusal>) -> ProxyError {
     let why = match refusal {
         Some(r) => format!("{}; ", r.message()),
         None if creds.any() => {
@@ -226,7 +227,7 @@ fn unauthorized(machine: &str, creds: &Credentials<'_>, refusal: Option<Refusal>
         }
         None => String::new(),
     };
-    ApiError::new(
+    ProxyError::new(
         ErrorCode::Unauthorized,
         format!(
             "{why}machine '{machine}' is not public (or does not exist): send an API key with the \

@@ -34,7 +34,7 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 
 /// `Connection: upgrade` with an `Upgrade` header: a protocol switch
 /// (WebSocket and friends) the proxy carries through.
-pub fn is_upgrade(headers: &HeaderMap) -> bool {
+pub(crate) fn is_upgrade(headers: &HeaderMap) -> bool {
     headers.contains_key(UPGRADE)
         && connection_tokens(headers).any(|t| t.eq_ignore_ascii_case("upgrade"))
 }
@@ -51,7 +51,7 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
 
 /// Drops the hop-by-hop headers, including those `Connection` names. With
 /// `upgrade`, keeps `Upgrade` and says `Connection: upgrade` again.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     // Named headers first, while `Connection` is still there to read; only
     // unusual ones (not keep-alive, close or upgrade) cost an allocation.
     let named: Vec<HeaderName> = connection_tokens(headers)
@@ -73,7 +73,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
 }
 
 /// What the guest learns about the original request.
-pub struct Forwarded<'a> {
+pub(crate) struct Forwarded<'a> {
     pub client_ip: IpAddr,
     /// `X-Forwarded-Proto`: the scheme clients use (the proxy URLs').
     pub proto: &'a HeaderValue,
@@ -83,7 +83,7 @@ pub struct Forwarded<'a> {
 
 /// Rewrites a request's headers for the guest: hop-by-hop headers out,
 /// Hyperfleet credentials out, `X-Forwarded-*` in. `Host` stays as sent.
-pub fn prepare_request(headers: &mut HeaderMap, upgrade: bool, fwd: &Forwarded<'_>) {
+pub(crate) fn prepare_request(headers: &mut HeaderMap, upgrade: bool, fwd: &Forwarded<'_>) {
     strip_hop_by_hop(headers, upgrade);
     if headers
         .get(AUTHORIZATION)

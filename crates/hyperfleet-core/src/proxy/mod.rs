@@ -13,11 +13,11 @@
 //! router in between.
 
 pub mod activity;
-pub mod auth;
-pub mod headers;
-pub mod route;
+pub(crate) mod auth;
+mod error;
+pub(crate) mod headers;
+pub(crate) mod route;
 pub mod server;
-pub mod urls;
 
 #[cfg(test)]
 mod tests;
@@ -27,7 +27,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::http::header::{CONTENT_TYPE, HOST, SET_COOKIE};
+use axum::http::header::{HOST, SET_COOKIE};
 use axum::http::uri::{Authority, PathAndQuery, Scheme};
 use axum::http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use bytes::Bytes;
@@ -36,18 +36,19 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyperfleet_api::{ErrorBody, ErrorCode, MachineStatus};
+use hyperfleet_api::{ErrorCode, MachineStatus};
 
 use crate::config::ProxyConfig;
-use crate::http::error::ApiError;
 use crate::store::{CachedMachine, MachineRecord, Store};
+use crate::util::error_chain;
 use activity::Activity;
 use auth::{Credentials, Grant};
+pub(crate) use error::ProxyError;
 use route::Form;
 
 /// What the proxy answers with: the guest's body as it streams, or a body
 /// of the proxy's own (errors).
-pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+pub(crate) type ProxyBody = Either<Incoming, Full<Bytes>>;
 
 /// Idle keep-alive connections to guests are closed after this long.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -100,10 +101,14 @@ impl Proxy {
     }
 
     /// Answers one request: the guest's response, or the error envelope.
-    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+    pub(crate) async fn handle(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Response<ProxyBody> {
         match self.forward(req, peer.ip()).await {
             Ok(resp) => resp,
-            Err(e) => error_response(e),
+            Err(e) => e.into_response(),
         }
     }
 
@@ -111,9 +116,9 @@ impl Proxy {
         &self,
         mut req: Request<Incoming>,
         client_ip: IpAddr,
-    ) -> Result<Response<ProxyBody>, ApiError> {
+    ) -> Result<Response<ProxyBody>, ProxyError> {
         if req.method() == Method::CONNECT {
-            return Err(ApiError::new(
+            return Err(ProxyError::new(
                 ErrorCode::MethodNotAllowed,
                 "the Hyperfleet proxy does not tunnel CONNECT requests",
             ));
@@ -160,7 +165,7 @@ impl Proxy {
                 ));
             }
             (true, None) => {
-                return Err(ApiError::new(
+                return Err(ProxyError::new(
                     ErrorCode::BadGateway,
                     format!(
                         "machine '{id}' port {} switched protocols on a request that asked for no upgrade",
@@ -179,15 +184,17 @@ impl Proxy {
 
     /// Everything decided before the guest is contacted: route, access,
     /// port, state and address.
-    fn plan(&self, req: &Request<Incoming>) -> Result<Plan, ApiError> {
+    fn plan(&self, req: &Request<Incoming>) -> Result<Plan, ProxyError> {
         let host = req
             .uri()
             .host()
             .or_else(|| req.headers().get(HOST).and_then(|v| v.to_str().ok()));
         let original = req.uri().path_and_query().map_or("/", |p| p.as_str());
         let route = route::parse(host, original, &self.domain).map_err(|e| match e {
-            route::RouteError::NoRoute => ApiError::new(ErrorCode::NotFound, e.to_string()),
-            route::RouteError::BadPort(_) => ApiError::validation(e.to_string()),
+            route::RouteError::NoRoute => ProxyError::new(ErrorCode::NotFound, e.to_string()),
+            route::RouteError::BadPort(_) => {
+                ProxyError::new(ErrorCode::ValidationError, e.to_string())
+            }
         })?;
         let creds = Credentials::new(req.headers(), route.token);
         let (machine, grant) =
@@ -195,7 +202,7 @@ impl Proxy {
         let rec = &machine.rec;
         let port = pick_port(rec, route.port)?;
         if rec.status != MachineStatus::Running {
-            return Err(ApiError::new(
+            return Err(ProxyError::new(
                 ErrorCode::InvalidState,
                 format!(
                     "machine '{}' is {}, not running: its ports are reachable only while it runs",
@@ -204,7 +211,7 @@ impl Proxy {
             ));
         }
         let Some(lease) = &rec.network else {
-            return Err(ApiError::new(
+            return Err(ProxyError::new(
                 ErrorCode::InvalidState,
                 format!(
                     "machine '{}' has no network address: the daemon runs with networking off, \
@@ -225,7 +232,10 @@ impl Proxy {
             // Borrowed: the original, unchanged (see `route::parse`).
             Cow::Borrowed(_) => None,
             Cow::Owned(changed) => Some(PathAndQuery::try_from(changed).map_err(|e| {
-                ApiError::validation(format!("the request path cannot be forwarded: {e}"))
+                ProxyError::new(
+                    ErrorCode::ValidationError,
+                    format!("the request path cannot be forwarded: {e}"),
+                )
             })?),
         };
         Ok(Plan {
@@ -240,31 +250,31 @@ impl Proxy {
 
     /// `Set-Cookie` for a token that came as `?hf_token=`: the host's root in
     /// the host form, `/proxy/<machine>/` in the path form.
-    fn token_cookie(&self, token: &str, prefix: Option<&str>) -> Result<HeaderValue, ApiError> {
+    fn token_cookie(&self, token: &str, prefix: Option<&str>) -> Result<HeaderValue, ProxyError> {
         let path = prefix.map_or_else(|| "/".to_string(), |p| format!("{p}/"));
         let secure = if self.secure_cookies { "; Secure" } else { "" };
         HeaderValue::try_from(format!(
             "{}={token}; Path={path}; HttpOnly; SameSite=Lax{secure}",
             auth::TOKEN_COOKIE
         ))
-        .map_err(|e| ApiError::internal("cannot build the access-token cookie", e))
+        .map_err(|e| ProxyError::internal("cannot build the access-token cookie", e))
     }
 
     /// The answer when the guest could not be reached or broke off.
-    fn upstream_error(&self, e: &hyper_util::client::legacy::Error, plan: &Plan) -> ApiError {
+    fn upstream_error(&self, e: &hyper_util::client::legacy::Error, plan: &Plan) -> ProxyError {
         let (id, port) = (&plan.machine.rec.id, plan.port);
         let io_kind = io_error_kind(e);
-        tracing::debug!(machine = %id, port, error = %chain(e), "proxy: guest port failed");
+        tracing::debug!(machine = %id, port, error = %error_chain(e), "proxy: guest port failed");
         if e.is_connect() {
             return match io_kind {
-                Some(std::io::ErrorKind::TimedOut) => ApiError::new(
+                Some(std::io::ErrorKind::TimedOut) => ProxyError::new(
                     ErrorCode::Timeout,
                     format!(
                         "machine '{id}' port {port} did not accept the connection within {} ms",
                         self.connect_timeout.as_millis()
                     ),
                 ),
-                Some(std::io::ErrorKind::ConnectionRefused) => ApiError::new(
+                Some(std::io::ErrorKind::ConnectionRefused) => ProxyError::new(
                     ErrorCode::BadGateway,
                     format!(
                         "machine '{id}' port {port} refused the connection: nothing listens there \
@@ -272,17 +282,20 @@ impl Proxy {
                          inside the guest?)"
                     ),
                 ),
-                _ => ApiError::new(
+                _ => ProxyError::new(
                     ErrorCode::BadGateway,
-                    format!("machine '{id}' port {port} cannot be reached: {}", chain(e)),
+                    format!(
+                        "machine '{id}' port {port} cannot be reached: {}",
+                        error_chain(e)
+                    ),
                 ),
             };
         }
-        ApiError::new(
+        ProxyError::new(
             ErrorCode::BadGateway,
             format!(
                 "machine '{id}' port {port} closed the connection or answered with a broken response: {}",
-                chain(e)
+                error_chain(e)
             ),
         )
     }
@@ -302,7 +315,7 @@ struct Plan {
 
 /// The guest port a request may reach: one of the exposed ports, or the
 /// only one when the path form names none.
-fn pick_port(rec: &MachineRecord, asked: Option<u16>) -> Result<u16, ApiError> {
+fn pick_port(rec: &MachineRecord, asked: Option<u16>) -> Result<u16, ProxyError> {
     let exposed = &rec.spec.exposed_ports;
     let list = || {
         if exposed.is_empty() {
@@ -317,7 +330,7 @@ fn pick_port(rec: &MachineRecord, asked: Option<u16>) -> Result<u16, ApiError> {
     };
     match asked {
         Some(p) if exposed.contains(&u32::from(p)) => Ok(p),
-        Some(p) => Err(ApiError::new(
+        Some(p) => Err(ProxyError::new(
             ErrorCode::NotFound,
             format!(
                 "port {p} is not exposed by machine '{}' (exposed: {})",
@@ -328,29 +341,32 @@ fn pick_port(rec: &MachineRecord, asked: Option<u16>) -> Result<u16, ApiError> {
         None => match exposed.as_slice() {
             // Validation keeps exposed ports within 1–65535.
             [only] => u16::try_from(*only).map_err(|_| {
-                ApiError::internal("an exposed port is out of range", format!("{only}"))
+                ProxyError::internal("an exposed port is out of range", format!("{only}"))
             }),
-            [] => Err(ApiError::new(
+            [] => Err(ProxyError::new(
                 ErrorCode::NotFound,
                 format!("machine '{}' exposes no ports", rec.id),
             )),
-            _ => Err(ApiError::validation(format!(
-                "machine '{}' exposes several ports ({}): say which with ?port=N",
-                rec.id,
-                list()
-            ))),
+            _ => Err(ProxyError::new(
+                ErrorCode::ValidationError,
+                format!(
+                    "machine '{}' exposes several ports ({}): say which with ?port=N",
+                    rec.id,
+                    list()
+                ),
+            )),
         },
     }
 }
 
-fn guest_uri(target: SocketAddr, path_and_query: PathAndQuery) -> Result<Uri, ApiError> {
+fn guest_uri(target: SocketAddr, path_and_query: PathAndQuery) -> Result<Uri, ProxyError> {
     let authority = Authority::try_from(target.to_string())
-        .map_err(|e| ApiError::internal("cannot make the guest address a URI", e))?;
+        .map_err(|e| ProxyError::internal("cannot make the guest address a URI", e))?;
     let mut parts = axum::http::uri::Parts::default();
     parts.scheme = Some(Scheme::HTTP);
     parts.authority = Some(authority);
     parts.path_and_query = Some(path_and_query);
-    Uri::from_parts(parts).map_err(|e| ApiError::internal("cannot make the guest URI", e))
+    Uri::from_parts(parts).map_err(|e| ProxyError::internal("cannot make the guest URI", e))
 }
 
 /// Joins the two halves of an upgraded connection once both switched, and
@@ -386,20 +402,6 @@ async fn splice(
     activity.touch(&id);
 }
 
-/// The proxy's own answers use the API's error envelope.
-pub fn error_response(e: ApiError) -> Response<ProxyBody> {
-    let status =
-        StatusCode::from_u16(e.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let body = serde_json::to_vec(&ErrorBody::new(e.code, e.message))
-        // A struct of an enum and a string always serialises.
-        .unwrap_or_default();
-    let mut resp = Response::new(Either::Right(Full::new(Bytes::from(body))));
-    *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    resp
-}
-
 fn io_error_kind(e: &(dyn std::error::Error + 'static)) -> Option<std::io::ErrorKind> {
     let mut cur = Some(e);
     while let Some(err) = cur {
@@ -409,19 +411,4 @@ fn io_error_kind(e: &(dyn std::error::Error + 'static)) -> Option<std::io::Error
         cur = err.source();
     }
     None
-}
-
-/// An error and its causes on one line, for messages and logs.
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(err) = cur {
-        let text = err.to_string();
-        if !s.contains(&text) {
-            s.push_str(": ");
-            s.push_str(&text);
-        }
-        cur = err.source();
-    }
-    s
 }

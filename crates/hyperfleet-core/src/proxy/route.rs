@@ -15,7 +15,7 @@
 use std::borrow::Cow;
 
 /// The query parameter that carries a machine's access token.
-pub const TOKEN_PARAM: &str = "hf_token";
+pub(crate) const TOKEN_PARAM: &str = "hf_token";
 /// The query parameter that picks the guest port in the path form.
 const PORT_PARAM: &str = "port";
 /// The path form's prefix.
@@ -23,7 +23,7 @@ const PATH_PREFIX: &str = "/proxy/";
 
 /// Which form addressed the machine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Form<'a> {
+pub(crate) enum Form<'a> {
     Host,
     /// `prefix` is `/proxy/<machine>` as written (the guest's
     /// `X-Forwarded-Prefix`, and the path of the token cookie).
@@ -34,7 +34,7 @@ pub enum Form<'a> {
 
 /// A parsed proxy address.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Route<'a> {
+pub(crate) struct Route<'a> {
     /// The machine's id or name, lowercased.
     pub machine: Cow<'a, str>,
     /// The guest port; None in the path form without `?port=`.
@@ -48,7 +48,7 @@ pub struct Route<'a> {
 
 /// Why an address is not a proxy address.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RouteError {
+pub(crate) enum RouteError {
     /// Neither form matches.
     NoRoute,
     /// A port that is not a number in 1–65535.
@@ -74,7 +74,7 @@ impl std::fmt::Display for RouteError {
 /// Parses a request's Host (as sent, with or without `:port`) and its path
 /// and query. `domain` is the configured proxy domain (lowercase, no dots
 /// at either end).
-pub fn parse<'a>(
+pub(crate) fn parse<'a>(
     host: Option<&'a str>,
     path_and_query: &'a str,
     domain: &str,

@@ -32,7 +32,7 @@ pub struct ProxyServer {
 
 impl ProxyServer {
     /// Serves `proxy` on `listener` until [`ProxyServer::shutdown`].
-    pub fn spawn(listener: TcpListener, proxy: Arc<Proxy>) -> std::io::Result<ProxyServer> {
+    pub(crate) fn spawn(listener: TcpListener, proxy: Arc<Proxy>) -> std::io::Result<ProxyServer> {
         let addr = listener.local_addr()?;
         let (stop, stopped) = watch::channel(false);
         let accept = tokio::spawn(accept_loop(listener, proxy.clone(), stopped));
@@ -44,7 +44,7 @@ impl ProxyServer {
         })
     }
 
-    pub fn local_addr(&self) -> SocketAddr {
+    pub(crate) fn local_addr(&self) -> SocketAddr {
         self.addr
     }
 
@@ -56,7 +56,7 @@ impl ProxyServer {
     /// Stops accepting, lets each connection finish its in-flight request,
     /// and returns once every connection has closed. Upgraded (WebSocket)
     /// connections are not waited for; they end with the process.
-    pub async fn shutdown(self) {
+    pub(crate) async fn shutdown(self) {
         let _ = self.stop.send(true);
         let _ = self.accept.await;
         // Every connection task holds a receiver; closed() resolves when the

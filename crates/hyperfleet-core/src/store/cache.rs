@@ -24,7 +24,7 @@ use hashlink::LruCache;
 use hyperfleet_api::MachineStatus;
 
 use super::MachineRecord;
-use crate::proxy::urls::UrlTemplate;
+use crate::urls::UrlTemplate;
 
 /// A committed machine record. Its API JSON is rendered on the first read
 /// and then shared, so reads are a clone of `Bytes` and the writer thread

@@ -217,7 +217,7 @@ impl MachineRecord {
 
     /// The API view, with a proxy URL for each exposed port when the proxy
     /// is on.
-    pub fn to_api_with(&self, urls: Option<&crate::proxy::urls::UrlTemplate>) -> Machine {
+    pub fn to_api_with(&self, urls: Option<&crate::urls::UrlTemplate>) -> Machine {
         Machine {
             id: self.id.clone(),
             name: self.name.clone(),

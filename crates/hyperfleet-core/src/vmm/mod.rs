@@ -7,11 +7,13 @@
 //! instead of booting a second one, and never signals an unrelated process
 //! that reused the pid.
 
-pub mod agent_cache;
+pub(crate) mod agent_cache;
 pub mod firecracker;
-pub mod process;
+pub mod host;
+pub(crate) mod process;
 pub mod qemu;
-pub mod stub;
+mod stop;
+pub(crate) mod stub;
 pub mod uid;
 
 use std::path::{Path, PathBuf};
@@ -60,6 +62,25 @@ impl VmmError {
             source,
         }
     }
+
+    pub(crate) fn unavailable(backend: VmmKind, reason: impl Into<String>) -> Self {
+        VmmError::Unavailable {
+            backend,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// An unusable asset set (a file missing or corrupt) makes `backend`
+/// unavailable for the machine.
+pub(crate) fn asset_err(backend: VmmKind) -> impl Fn(crate::assets::AssetError) -> VmmError {
+    move |e| VmmError::unavailable(backend, e.to_string())
+}
+
+/// Removes a file, treating "already gone" as done.
+pub(crate) fn remove_file_if_present(path: &Path) -> Result<(), VmmError> {
+    crate::util::absent_ok(std::fs::remove_file(path))
+        .map_err(|e| VmmError::host(format!("removing {}", path.display()), e))
 }
 
 /// Where a machine's files live; chosen from its id, so they are known before
@@ -70,20 +91,20 @@ pub struct MachinePaths {
 }
 
 impl MachinePaths {
-    pub fn new(machines_dir: &Path, id: &str) -> Self {
+    pub(crate) fn new(machines_dir: &Path, id: &str) -> Self {
         MachinePaths {
             dir: machines_dir.join(id),
         }
     }
     /// The VMM's control socket (QMP, Firecracker API, stub protocol).
-    pub fn control_socket(&self) -> PathBuf {
+    pub(crate) fn control_socket(&self) -> PathBuf {
         self.dir.join("vmm.sock")
     }
-    pub fn console_log(&self) -> PathBuf {
+    pub(crate) fn console_log(&self) -> PathBuf {
         self.dir.join("console.log")
     }
     /// Where a suspended machine's memory image is kept.
-    pub fn snapshot_dir(&self) -> PathBuf {
+    pub(crate) fn snapshot_dir(&self) -> PathBuf {
         self.dir.join("snapshot")
     }
 }
@@ -213,37 +234,81 @@ pub trait Vmm: Send + Sync + 'static {
 
     /// Removes everything `prepare` and the VMM created. Idempotent.
     async fn release(&self, paths: &MachinePaths) -> Result<(), VmmError>;
+
+    /// The startup sweep found machine `id`'s directory with no record left
+    /// (its VMM, if any, is already killed, and the sweep removes the
+    /// directory): remove what this backend keeps for a machine outside its
+    /// directory (a jailed VMM's cgroups). Called on every backend, since the
+    /// record that named the backend is gone. Idempotent.
+    fn remove_orphan(&self, id: &str) -> Result<(), VmmError> {
+        let _ = id;
+        Ok(())
+    }
 }
 
 /// Spawns a VMM process detached (see [`process::spawn_detached`]), its
 /// output appended to `log`.
-pub fn spawn_vmm(cmd: std::process::Command, log: &Path) -> Result<VmmIdentity, VmmError> {
+pub(crate) fn spawn_vmm(cmd: std::process::Command, log: &Path) -> Result<VmmIdentity, VmmError> {
     let program = cmd.get_program().to_string_lossy().into_owned();
     process::spawn_detached(cmd, log).map_err(|source| VmmError::Spawn { program, source })
 }
 
-/// The asset set a machine boots: the one its spec recorded (by id, under
-/// `root`), or the current set at `current` when it recorded none.
-pub fn asset_set_for(
+/// Where a backend with a guest finds its asset sets: by id under `root`,
+/// and the set new machines get at `current`.
+pub(crate) struct GuestImages {
     backend: VmmKind,
-    current: &Path,
-    root: &Path,
-    image: Option<&str>,
-) -> Result<crate::assets::AssetSet, VmmError> {
-    use crate::assets::AssetSet;
-    let unavailable = |reason: String| VmmError::Unavailable { backend, reason };
-    let set = AssetSet::load(current).map_err(|e| unavailable(e.to_string()));
-    let Some(id) = image else {
-        return set;
-    };
-    if set.as_ref().is_ok_and(|c| c.id == id) {
-        return set;
+    root: PathBuf,
+    current: PathBuf,
+}
+
+impl GuestImages {
+    pub(crate) fn new(backend: VmmKind, root: PathBuf, current: PathBuf) -> Self {
+        GuestImages {
+            backend,
+            root,
+            current,
+        }
     }
-    AssetSet::load(&root.join(id)).map_err(|e| {
-        unavailable(format!(
-            "the machine's guest image {id} is gone ({e}); it cannot boot"
-        ))
-    })
+
+    /// The set new machines get, or why there is none.
+    pub(crate) fn current(&self) -> Result<crate::assets::AssetSet, String> {
+        crate::assets::AssetSet::load(&self.current).map_err(|e| e.to_string())
+    }
+
+    /// [`Vmm::current_image`]: the current set's id.
+    pub(crate) fn current_id(&self) -> Result<Option<String>, String> {
+        self.current().map(|s| Some(s.id))
+    }
+
+    /// The set a machine boots: the one its spec recorded (by id), or the
+    /// current set when it recorded none.
+    pub(crate) fn for_image(
+        &self,
+        image: Option<&str>,
+    ) -> Result<crate::assets::AssetSet, VmmError> {
+        use crate::assets::AssetSet;
+        let set = AssetSet::load(&self.current).map_err(asset_err(self.backend));
+        let Some(id) = image else {
+            return set;
+        };
+        if set.as_ref().is_ok_and(|c| c.id == id) {
+            return set;
+        }
+        AssetSet::load(&self.root.join(id)).map_err(|e| {
+            VmmError::unavailable(
+                self.backend,
+                format!("the machine's guest image {id} is gone ({e}); it cannot boot"),
+            )
+        })
+    }
+
+    /// The root filesystem of the set the machine boots, which its disk is
+    /// made from.
+    pub(crate) fn rootfs(&self, launch: &LaunchSpec) -> Result<PathBuf, VmmError> {
+        self.for_image(launch.spec.image.as_deref())?
+            .rootfs()
+            .map_err(asset_err(self.backend))
+    }
 }
 
 /// Makes a machine's disk once: creates its directory, and unless `disk`
@@ -251,7 +316,7 @@ pub fn asset_set_for(
 /// last argument, then renames the result into place, so a crash never
 /// leaves a half-made disk under the real name. `doing` names the work in
 /// errors.
-pub async fn make_disk_once(
+pub(crate) async fn make_disk_once(
     disk: &Path,
     mut cmd: tokio::process::Command,
     doing: &str,
@@ -283,13 +348,11 @@ pub async fn make_disk_once(
 }
 
 /// Removes a machine directory, treating "already gone" as done.
-pub async fn remove_dir_idempotent(dir: &Path) -> Result<(), VmmError> {
-    match tokio::fs::remove_dir_all(dir).await {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(VmmError::host(
+pub(crate) async fn remove_dir_idempotent(dir: &Path) -> Result<(), VmmError> {
+    crate::util::absent_ok(tokio::fs::remove_dir_all(dir).await).map_err(|e| {
+        VmmError::host(
             format!("removing the machine directory {}", dir.display()),
             e,
-        )),
-    }
+        )
+    })
 }

@@ -17,15 +17,16 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
 use super::process::{self, Liveness};
+use super::stop::{graceful_stop, StopRequest};
 use super::{LaunchSpec, MachinePaths, StopPath, Vmm, VmmError, VmmRunState};
 use crate::store::VmmIdentity;
 
-pub struct StubVmm {
+pub(crate) struct StubVmm {
     binary: PathBuf,
 }
 
 impl StubVmm {
-    pub fn new(binary: PathBuf) -> Self {
+    pub(crate) fn new(binary: PathBuf) -> Self {
         StubVmm { binary }
     }
 
@@ -112,18 +113,11 @@ impl Vmm for StubVmm {
 
     async fn spawn(&self, launch: &LaunchSpec) -> Result<VmmIdentity, VmmError> {
         self.availability()
-            .map_err(|reason| VmmError::Unavailable {
-                backend: VmmKind::Stub,
-                reason,
-            })?;
+            .map_err(|reason| VmmError::unavailable(VmmKind::Stub, reason))?;
         let socket = launch.paths.control_socket();
         // A stale socket from a previous VMM would make the new one refuse to
         // bind; nothing else can be using it (the old process is gone).
-        match std::fs::remove_file(&socket) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(VmmError::host(format!("removing {}", socket.display()), e)),
-        }
+        super::remove_file_if_present(&socket)?;
         let meta = &launch.spec.metadata;
         let mut cmd = Command::new(&self.binary);
         cmd.arg("--machine-dir")
@@ -202,20 +196,11 @@ impl Vmm for StubVmm {
         vmm: &VmmIdentity,
         timeout: Duration,
     ) -> Result<StopPath, VmmError> {
-        let asked = command(&launch.paths.control_socket(), "POWEROFF").await;
-        if asked.is_ok()
-            && process::wait_gone(vmm, timeout)
-                .await
-                .map_err(|e| VmmError::host("waiting for the VMM to exit", e))?
-        {
-            return Ok(StopPath::Graceful {
-                via: "poweroff request",
-            });
-        }
-        process::kill(vmm)
-            .await
-            .map_err(|e| VmmError::host("killing the VMM", e))?;
-        Ok(StopPath::KilledAfterTimeout)
+        let socket = launch.paths.control_socket();
+        let requests = vec![StopRequest::new("poweroff request", async move {
+            command(&socket, "POWEROFF").await.is_ok()
+        })];
+        graceful_stop(vmm, timeout, "the VMM", requests).await
     }
 
     async fn save_state(&self, launch: &LaunchSpec) -> Result<(), VmmError> {

@@ -47,7 +47,7 @@ impl fmt::Display for UidRange {
 
 /// Errors of taking a machine's uid.
 #[derive(Debug, thiserror::Error)]
-pub enum UidError {
+pub(crate) enum UidError {
     #[error(
         "no uid of the jail's range {0} is free for another jailed machine (each holds one until \
          it is deleted); delete machines or configure a larger --jailer-uid-count"
@@ -85,7 +85,7 @@ impl UidRange {
         self.base + (self.count - 1)
     }
 
-    pub fn contains(&self, uid: u32) -> bool {
+    pub(crate) fn contains(&self, uid: u32) -> bool {
         uid >= self.base && uid - self.base < self.count
     }
 
@@ -95,7 +95,7 @@ impl UidRange {
     /// `subuid`/`subgid` (/etc/subuid, /etc/subgid: ids user namespaces map
     /// to). A jailed VMM running as such an id could touch that account's
     /// files or processes.
-    pub fn check(
+    pub(crate) fn check(
         &self,
         passwd: &str,
         group: &str,
@@ -166,7 +166,7 @@ impl UidRange {
     /// `taken` holds the uids machines hold (some may lie outside the range
     /// when it was changed; they are kept by their machines). `None` when
     /// every uid of the range is taken.
-    pub fn pick(&self, taken: &HashSet<u32>, cursor: u32) -> Option<u32> {
+    pub(crate) fn pick(&self, taken: &HashSet<u32>, cursor: u32) -> Option<u32> {
         let offsets: HashSet<u32> = taken
             .iter()
             .filter(|u| self.contains(**u))
@@ -183,7 +183,7 @@ impl UidRange {
 
 /// Takes (or returns the one it holds) machine `id`'s uid from `range`,
 /// committed before anything on the host is made for it.
-pub async fn lease(
+pub(crate) async fn lease(
     store: &crate::store::Store,
     id: &str,
     range: UidRange,

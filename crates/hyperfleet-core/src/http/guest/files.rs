@@ -19,7 +19,8 @@ use utoipa::IntoParams;
 use super::super::error::ApiError;
 use super::super::extract::{Caller, Json, Query};
 use super::super::AppState;
-use super::{agent_error, chain, guest_of, holding, Guest, Slot, B64};
+use super::{agent_error, guest_of, holding, Guest, Slot, B64};
+use crate::util::error_chain as chain;
 use crate::util::rfc3339;
 
 fn check_path(path: &str) -> Result<(), ApiError> {

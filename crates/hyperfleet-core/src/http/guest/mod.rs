@@ -60,19 +60,8 @@ pub fn agent_error(e: proto::Error) -> ApiError {
     }
     ApiError::new(
         ErrorCode::AgentError,
-        format!("the guest agent failed: {}", chain(&e)),
+        format!("the guest agent failed: {}", crate::util::error_chain(&e)),
     )
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// A running machine of the caller's, its agent, and the request's slot.
@@ -110,7 +99,9 @@ async fn guest_of(
             ApiError::new(ErrorCode::Unavailable, e.to_string())
         }
         GuestAccessError::NoAgent(_) => ApiError::new(ErrorCode::InvalidState, e.to_string()),
-        GuestAccessError::Unreachable(_) => ApiError::new(ErrorCode::AgentError, chain(&e)),
+        GuestAccessError::Unreachable(_) => {
+            ApiError::new(ErrorCode::AgentError, crate::util::error_chain(&e))
+        }
     })?;
     Ok(Guest {
         machine: m,

@@ -27,7 +27,7 @@ const MAX_BODY: usize = 1 << 20;
 
 /// A parsed answer.
 #[derive(Debug, Clone)]
-pub struct Response {
+pub(crate) struct Response {
     pub status: u16,
     /// The body as JSON, or `Value::Null` when empty.
     pub body: Value,
@@ -41,7 +41,7 @@ fn control(doing: &str, detail: impl Into<String>) -> VmmError {
 }
 
 /// Sends one request and returns the answer, whatever its status.
-pub async fn call(
+pub(crate) async fn call(
     sock: &Path,
     method: &str,
     path: &str,
@@ -133,7 +133,7 @@ fn parse_status(line: &str) -> Option<u16> {
 
 /// Sends one request and insists on a 2xx answer; Firecracker's
 /// `fault_message` becomes the error's detail.
-pub async fn expect_ok(
+pub(crate) async fn expect_ok(
     sock: &Path,
     method: &str,
     path: &str,

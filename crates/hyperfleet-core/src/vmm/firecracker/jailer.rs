@@ -64,17 +64,17 @@ use crate::vmm::uid::UidRange;
 use crate::vmm::{MachinePaths, VmmError};
 
 /// The cgroup every jailed VMM's own cgroup is created under.
-pub const PARENT_CGROUP: &str = "hyperfleet";
+pub(crate) const PARENT_CGROUP: &str = "hyperfleet";
 
 /// Memory a jailed VMM may use beyond its guest's: Firecracker's own
 /// footprint (under 5 MiB by its specification), KVM's per-VM and per-vCPU
 /// kernel memory, which the memory controller charges to the cgroup, and
 /// page cache of the snapshot files it writes. Generous on purpose: the
 /// limit is there to stop a runaway VMM, not to squeeze a guest.
-pub const MEMORY_OVERHEAD_MIB: u64 = 64;
+pub(crate) const MEMORY_OVERHEAD_MIB: u64 = 64;
 
 /// The CPU controller's period; the quota is `vcpu_count` periods.
-pub const CPU_PERIOD_US: u64 = 100_000;
+pub(crate) const CPU_PERIOD_US: u64 = 100_000;
 
 /// The jailer's settings (`--firecracker-jailer`, `--jailer-*`).
 #[derive(Debug, Clone)]
@@ -103,7 +103,7 @@ impl JailerConfig {
 
 /// Which cgroup hierarchy carries the cpu and memory controllers.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Cgroups {
+pub(crate) enum Cgroups {
     /// The unified hierarchy, mounted here, has both controllers.
     V2 { mount: PathBuf },
     /// v1 hierarchies (a hybrid host): where `cpu` and `memory` are mounted.
@@ -114,7 +114,7 @@ pub enum Cgroups {
 
 impl Cgroups {
     /// Looks at this host's mounts.
-    pub fn detect() -> Cgroups {
+    pub(crate) fn detect() -> Cgroups {
         let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
         Self::from_mounts(&mounts, |mount| {
             std::fs::read_to_string(mount.join("cgroup.controllers")).unwrap_or_default()
@@ -123,7 +123,7 @@ impl Cgroups {
 
     /// The choice for a `/proc/mounts` text; `controllers` reads a cgroup2
     /// mount's `cgroup.controllers`.
-    pub fn from_mounts(mounts: &str, controllers: impl Fn(&Path) -> String) -> Cgroups {
+    pub(crate) fn from_mounts(mounts: &str, controllers: impl Fn(&Path) -> String) -> Cgroups {
         let (mut cpu, mut memory) = (None, None);
         for line in mounts.lines() {
             let f: Vec<&str> = line.split_whitespace().collect();
@@ -159,7 +159,7 @@ impl Cgroups {
 
     /// The jailer arguments that put a VMM with `spec` into its cgroup with
     /// the spec's limits.
-    pub fn args(&self, spec: &MachineSpec) -> Vec<String> {
+    pub(crate) fn args(&self, spec: &MachineSpec) -> Vec<String> {
         let quota = u64::from(spec.vcpu_count) * CPU_PERIOD_US;
         let bytes = (u64::from(spec.mem_size_mib) + MEMORY_OVERHEAD_MIB) << 20;
         let (version, limits) = match self {
@@ -195,7 +195,7 @@ impl Cgroups {
 
     /// The directories the jailer creates for machine `id` (one per v1
     /// hierarchy).
-    pub fn dirs(&self, id: &str) -> Vec<PathBuf> {
+    pub(crate) fn dirs(&self, id: &str) -> Vec<PathBuf> {
         let mut v = match self {
             Cgroups::None => vec![],
             Cgroups::V2 { mount } => vec![mount.clone()],
@@ -210,7 +210,7 @@ impl Cgroups {
     /// Removes machine `id`'s cgroups. Its processes must be gone; a cgroup
     /// whose last task exited a moment ago may still count as busy, so
     /// EBUSY is retried for a second. Idempotent.
-    pub fn remove(&self, id: &str) -> Result<(), VmmError> {
+    pub(crate) fn remove(&self, id: &str) -> Result<(), VmmError> {
         for dir in self.dirs(id) {
             let mut tries = 0;
             loop {
@@ -234,7 +234,7 @@ impl Cgroups {
     }
 
     /// One line for availability and doctor output.
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match self {
             Cgroups::V2 { mount } => format!(
                 "cgroup v2 limits under {}",
@@ -254,19 +254,19 @@ impl Cgroups {
 }
 
 /// The jail's directory under a machine's directory (`--chroot-base-dir`).
-pub fn jail_dir(paths: &MachinePaths) -> PathBuf {
+pub(crate) fn jail_dir(paths: &MachinePaths) -> PathBuf {
     paths.dir.join("jail")
 }
 
 /// The chroot the jailer makes for machine `id` from `firecracker`.
-pub fn chroot(paths: &MachinePaths, firecracker: &Path, id: &str) -> PathBuf {
+pub(crate) fn chroot(paths: &MachinePaths, firecracker: &Path, id: &str) -> PathBuf {
     let exec = firecracker.file_name().unwrap_or_default();
     jail_dir(paths).join(exec).join(id).join("root")
 }
 
 /// The chroot of the machine's current (or last) jailed VMM, whatever
 /// binary it was made from; None when the machine has no jail.
-pub fn existing_chroot(paths: &MachinePaths, id: &str) -> Option<PathBuf> {
+pub(crate) fn existing_chroot(paths: &MachinePaths, id: &str) -> Option<PathBuf> {
     let entries = std::fs::read_dir(jail_dir(paths)).ok()?;
     entries
         .flatten()
@@ -275,7 +275,7 @@ pub fn existing_chroot(paths: &MachinePaths, id: &str) -> Option<PathBuf> {
 }
 
 /// Where host path `host` is inside the chroot `root` (the mirror).
-pub fn inside(root: &Path, host: &Path) -> PathBuf {
+pub(crate) fn inside(root: &Path, host: &Path) -> PathBuf {
     root.join(host.strip_prefix("/").unwrap_or(host))
 }
 
@@ -283,7 +283,7 @@ pub fn inside(root: &Path, host: &Path) -> PathBuf {
 /// as `uid` (and the gid of the same number), joining the network namespace
 /// `netns` when given.
 #[allow(clippy::too_many_arguments)]
-pub fn argv(
+pub(crate) fn argv(
     uid: u32,
     netns: Option<&Path>,
     cgroups: &Cgroups,
@@ -318,7 +318,7 @@ pub fn argv(
 
 /// How a file is put into the chroot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Share {
+pub(crate) enum Share {
     /// One of the machine's own files (disk, logs, snapshot): hard-linked and
     /// handed to the machine's uid/gid, so the VMM writes the host's file.
     Own,
@@ -332,7 +332,7 @@ pub enum Share {
 /// same number) before the jailer runs: removes whatever an earlier VMM
 /// left, creates the mirror of `dirs` (owned by the uid: the VMM creates
 /// its sockets and snapshot files there) and puts `files` in.
-pub fn build(
+pub(crate) fn build(
     uid: u32,
     paths: &MachinePaths,
     root: &Path,
@@ -357,16 +357,10 @@ pub fn build(
 
 /// Removes the machine's jail (the chroot and everything in it). Its VMM
 /// must be gone. Idempotent.
-pub fn remove_jail(paths: &MachinePaths) -> Result<(), VmmError> {
+pub(crate) fn remove_jail(paths: &MachinePaths) -> Result<(), VmmError> {
     let dir = jail_dir(paths);
-    match std::fs::remove_dir_all(&dir) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(VmmError::host(
-            format!("removing the jail {}", dir.display()),
-            e,
-        )),
-    }
+    crate::util::absent_ok(std::fs::remove_dir_all(&dir))
+        .map_err(|e| VmmError::host(format!("removing the jail {}", dir.display()), e))
 }
 
 fn mkdirs(dir: &Path) -> Result<(), VmmError> {
@@ -425,13 +419,9 @@ fn place(uid: u32, host: &Path, inner: &Path, share: Share) -> Result<(), VmmErr
 
 /// Hard-links a file the jailed VMM made (`inside(root, host)`) out to
 /// `host`, replacing what was there.
-pub fn export(root: &Path, host: &Path) -> Result<(), VmmError> {
+pub(crate) fn export(root: &Path, host: &Path) -> Result<(), VmmError> {
     let inner = inside(root, host);
-    match std::fs::remove_file(host) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(VmmError::host(format!("removing {}", host.display()), e)),
-    }
+    crate::vmm::remove_file_if_present(host)?;
     std::fs::hard_link(&inner, host).map_err(|e| {
         VmmError::host(
             format!("hard-linking {} out of the jail", inner.display()),
@@ -441,13 +431,83 @@ pub fn export(root: &Path, host: &Path) -> Result<(), VmmError> {
 }
 
 /// The jailer's version line (`Jailer v1.12.1`).
-pub fn version_of(bin: &Path) -> Option<String> {
+pub(crate) fn version_of(bin: &Path) -> Option<String> {
     let out = Command::new(bin).arg("--version").output().ok()?;
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(str::trim)
         .find(|l| l.starts_with("Jailer"))
         .map(str::to_string)
+}
+
+/// The jailed command: builds the chroot for the next jailed VMM of
+/// `launch` and points the daemon's socket paths into it.
+impl super::FirecrackerVmm {
+    /// Builds the chroot for the next jailed VMM of `launch` and points the
+    /// daemon's socket paths into it; returns the jailer command.
+    pub(super) fn jailed_command(
+        &self,
+        jail: &super::Jail,
+        firecracker: &Path,
+        launch: &crate::vmm::LaunchSpec,
+    ) -> Result<Command, VmmError> {
+        let p = &launch.paths;
+        let id = &launch.machine_id;
+        let jailer_bin = jail.binary.clone().ok_or_else(|| {
+            super::unavailable(format!(
+                "the jailer is on but {} was not found in PATH or /usr/local/bin",
+                jail.cfg.binary.display()
+            ))
+        })?;
+        // The run leases the uid before spawning (`LaunchSpec::uid`).
+        let uid = launch.uid.ok_or_else(|| {
+            super::unavailable(format!(
+                "machine {id} has no uid of its own to run its jailed VMM as"
+            ))
+        })?;
+        let root = chroot(p, firecracker, id);
+        let mut files = vec![
+            (Self::disk(p), Share::Own),
+            (Self::log_file(p), Share::Own),
+            (Self::metrics_file(p), Share::Own),
+        ];
+        if launch.restore {
+            files.push((Self::state_file(p), Share::Own));
+            files.push((Self::mem_file(p), Share::Own));
+        } else {
+            let set = self.images.for_image(launch.spec.image.as_deref())?;
+            let (kernel, initrd) = self.boot_files(&set)?;
+            files.push((kernel, Share::ReadOnly));
+            files.push((initrd, Share::ReadOnly));
+        }
+        build(uid, p, &root, &[&p.dir, &p.snapshot_dir()], &files)?;
+        for sock in [Self::api_socket(p), Self::vsock_socket(p)] {
+            let target = inside(&root, &sock);
+            // Relative, so the link stays right if the data directory moves.
+            let target = target.strip_prefix(&p.dir).unwrap_or(&target);
+            std::os::unix::fs::symlink(target, &sock).map_err(|e| {
+                VmmError::host(format!("linking {} into the jail", sock.display()), e)
+            })?;
+        }
+        // With a network, the machine's own namespace (made by the run with
+        // the TAP inside); without, the configured one, if any.
+        let netns = match &launch.network {
+            Some(net) => Some(crate::net::netns::path_for(&net.tap)),
+            None => jail.cfg.netns.clone(),
+        };
+        let mut cmd = Command::new(jailer_bin);
+        cmd.args(argv(
+            uid,
+            netns.as_deref(),
+            &self.cgroups,
+            firecracker,
+            p,
+            id,
+            &launch.spec,
+            &Self::api_socket(p),
+        ));
+        Ok(cmd)
+    }
 }
 
 #[cfg(test)]

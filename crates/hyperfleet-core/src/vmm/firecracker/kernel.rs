@@ -65,7 +65,10 @@ const DRIVERS: &[(&str, &str, &str)] = &[
 /// whether the initramfs the kernel boots with carries that module.
 /// `Ok` says how the kernel will find the devices; `Err` says why it
 /// cannot boot a Hyperfleet guest on Firecracker.
-pub fn check_config(config: &str, loadable: impl Fn(&str) -> bool) -> Result<String, String> {
+pub(crate) fn check_config(
+    config: &str,
+    loadable: impl Fn(&str) -> bool,
+) -> Result<String, String> {
     let mut missing = Vec::new();
     for (opt, module, what) in DRIVERS {
         let ok = match option(config, opt) {
@@ -102,7 +105,7 @@ pub fn check_config(config: &str, loadable: impl Fn(&str) -> bool) -> Result<Str
 /// -line devices) and the `LNRO0005` ACPI id of the virtio_mmio driver.
 /// Modules are not considered: the asset set's initramfs carries modules of
 /// the asset set's kernel only.
-pub fn check_image(image: &[u8]) -> Result<String, String> {
+pub(crate) fn check_image(image: &[u8]) -> Result<String, String> {
     let has = |needle: &[u8]| memchr::memmem::find(image, needle).is_some();
     let cmdline = has(b"virtio_mmio.device");
     let acpi = has(b"LNRO0005");

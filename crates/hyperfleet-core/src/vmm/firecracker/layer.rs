@@ -43,7 +43,7 @@ fn seek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>
 }
 
 /// The data regions of `file` as `(offset, length)`, in order.
-pub fn data_regions(file: &File) -> io::Result<Vec<(u64, u64)>> {
+pub(crate) fn data_regions(file: &File) -> io::Result<Vec<(u64, u64)>> {
     let len = file.metadata()?.len();
     let mut out = Vec::new();
     let mut pos = 0;
@@ -64,7 +64,7 @@ pub fn data_regions(file: &File) -> io::Result<Vec<(u64, u64)>> {
 
 /// What a merge copied.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Merged {
+pub(crate) struct Merged {
     pub regions: usize,
     pub bytes: u64,
 }
@@ -76,7 +76,7 @@ fn context(what: String) -> impl FnOnce(io::Error) -> io::Error {
 /// Copies every data region of `layer` onto `base` at the same offset and
 /// fsyncs `base`. `base` never shrinks; it grows to the layer's length if
 /// the layer is longer. Idempotent.
-pub fn merge(base: &Path, layer: &Path) -> io::Result<Merged> {
+pub(crate) fn merge(base: &Path, layer: &Path) -> io::Result<Merged> {
     let src = File::open(layer).map_err(context(format!(
         "opening the memory layer {}",
         layer.display()
@@ -120,7 +120,7 @@ pub fn merge(base: &Path, layer: &Path) -> io::Result<Merged> {
 
 /// Whether process `pid` has `file` mapped (by device and inode, so a file
 /// unlinked since, or seen through a jail's hard link, still counts).
-pub fn mapped_by(pid: i32, file: &Path) -> io::Result<bool> {
+pub(crate) fn mapped_by(pid: i32, file: &Path) -> io::Result<bool> {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(file)?;
     let dev = format!("{:02x}:{:02x}", libc::major(m.dev()), libc::minor(m.dev()));
@@ -135,7 +135,7 @@ pub fn mapped_by(pid: i32, file: &Path) -> io::Result<bool> {
 
 /// Whether the filesystem of `dir` reports holes (a sparse probe file's
 /// leading hole is found by `SEEK_DATA`). The probe is removed.
-pub fn holes_supported(dir: &Path) -> io::Result<bool> {
+pub(crate) fn holes_supported(dir: &Path) -> io::Result<bool> {
     let probe = dir.join(".hole-probe");
     let result = (|| {
         let f = std::fs::OpenOptions::new()

@@ -18,7 +18,9 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use super::*;
 use crate::net::{netns, GuestNet};
 use crate::store::MachineSpec;
+use crate::vmm::process::{self, Liveness};
 use crate::vmm::remove_dir_idempotent;
+use serde_json::Value;
 
 /// The asset set and binary, or `None` with a loud note (a panic in CI).
 fn prerequisites() -> Option<PathBuf> {

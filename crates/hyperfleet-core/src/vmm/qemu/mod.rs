@@ -20,27 +20,23 @@ use std::process::Command;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use hyperfleet_agent_proto::{AgentClient, ConnectOptions};
+use hyperfleet_agent_proto::AgentClient;
 use hyperfleet_api::VmmKind;
 use serde_json::json;
 use tokio::net::UnixStream;
 
-use super::agent_cache::{AgentCache, ReadyPoll};
+use super::agent_cache::{AgentCache, AgentChannel, ReadyPoll};
+use super::host::{self, Accel, AccelChoice};
 use super::process::{self, Liveness};
-use super::{LaunchSpec, MachinePaths, StopPath, Vmm, VmmError, VmmRunState};
+use super::stop::{graceful_stop, StopRequest};
+use super::{
+    asset_err, remove_file_if_present, GuestImages, LaunchSpec, MachinePaths, StopPath, Vmm,
+    VmmError, VmmRunState,
+};
 use crate::assets::AssetSet;
-use crate::doctor::{detect_accel, Accel};
 use crate::store::VmmIdentity;
 
-/// `--qemu-accel`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AccelChoice {
-    Auto,
-    Kvm,
-    Tcg,
-}
-
-pub struct QemuConfig {
+pub(crate) struct QemuConfig {
     /// `qemu-system-x86_64`, resolved through PATH when relative.
     pub binary: PathBuf,
     pub accel: AccelChoice,
@@ -55,43 +51,17 @@ pub struct QemuVmm {
     firmware: Option<PathBuf>,
     /// `kvm` or `tcg`, and why.
     accel: (&'static str, String),
-    assets_root: PathBuf,
-    assets: PathBuf,
+    images: GuestImages,
     tsc_khz: Option<u64>,
     agents: AgentCache,
 }
 
 const QBOOT: &[&str] = &["/usr/share/qemu/qboot.rom", "/usr/share/seabios/qboot.rom"];
-
-fn which(bin: &Path) -> Option<PathBuf> {
-    if bin.components().count() > 1 {
-        return bin.is_file().then(|| bin.to_path_buf());
-    }
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(bin))
-        .find(|p| p.is_file())
-}
-
-/// The host TSC frequency in kHz, so the guest can skip its calibration
-/// loop (`tsc_early_khz`, `lpj`): about one boot in thirty hung in
-/// `calibrate_delay` without it.
-fn host_tsc_khz() -> Option<u64> {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
-    let mhz: f64 = cpuinfo
-        .lines()
-        .find(|l| l.starts_with("cpu MHz"))?
-        .split(':')
-        .nth(1)?
-        .trim()
-        .parse()
-        .ok()?;
-    Some((mhz * 1000.0) as u64)
-}
+const NO_QBOOT: &str = "qboot.rom not found (install Debian's qemu-system-data)";
 
 impl QemuVmm {
-    pub fn new(cfg: QemuConfig) -> QemuVmm {
-        let (host, why) = detect_accel();
+    pub(crate) fn new(cfg: QemuConfig) -> QemuVmm {
+        let (host, why) = host::detect_accel();
         let accel = match (cfg.accel, host) {
             (AccelChoice::Kvm, _) => ("kvm", "forced by --qemu-accel kvm".to_string()),
             (AccelChoice::Tcg, _) => ("tcg", "forced by --qemu-accel tcg".to_string()),
@@ -99,22 +69,17 @@ impl QemuVmm {
             (AccelChoice::Auto, _) => ("tcg", why),
         };
         QemuVmm {
-            binary: which(&cfg.binary),
+            binary: host::which(&cfg.binary, &[]),
             firmware: QBOOT.iter().map(PathBuf::from).find(|p| p.exists()),
             accel,
-            assets_root: cfg.assets_root,
-            assets: cfg.assets,
-            tsc_khz: host_tsc_khz(),
+            images: GuestImages::new(VmmKind::Qemu, cfg.assets_root, cfg.assets),
+            tsc_khz: host::tsc_khz(),
             agents: AgentCache::default(),
         }
     }
 
     pub fn accel(&self) -> &'static str {
         self.accel.0
-    }
-
-    fn set_for(&self, image: Option<&str>) -> Result<AssetSet, VmmError> {
-        super::asset_set_for(VmmKind::Qemu, &self.assets, &self.assets_root, image)
     }
 
     fn agent_socket(paths: &MachinePaths) -> PathBuf {
@@ -153,10 +118,7 @@ impl QemuVmm {
         let firmware = self
             .firmware
             .as_ref()
-            .ok_or_else(|| VmmError::Unavailable {
-                backend: VmmKind::Qemu,
-                reason: "qboot.rom not found (install Debian's qemu-system-data)".into(),
-            })?;
+            .ok_or_else(|| VmmError::unavailable(VmmKind::Qemu, NO_QBOOT))?;
         let s = |x: &Path| x.display().to_string();
         let mut a: Vec<String> = vec![
             "-name".into(),
@@ -182,9 +144,9 @@ impl QemuVmm {
             "-smp".into(),
             launch.spec.vcpu_count.to_string(),
             "-kernel".into(),
-            s(&set.kernel().map_err(asset_err)?),
+            s(&set.kernel().map_err(asset_err(VmmKind::Qemu))?),
             "-initrd".into(),
-            s(&set.initramfs().map_err(asset_err)?),
+            s(&set.initramfs().map_err(asset_err(VmmKind::Qemu))?),
             "-append".into(),
             self.cmdline(launch, set),
             "-chardev".into(),
@@ -290,36 +252,26 @@ impl QemuVmm {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
+}
 
-    async fn connect_agent(
+#[async_trait]
+impl AgentChannel for QemuVmm {
+    fn agents(&self) -> &AgentCache {
+        &self.agents
+    }
+
+    async fn open_channel(
         &self,
         paths: &MachinePaths,
-        timeout: Duration,
-    ) -> Result<AgentClient, VmmError> {
+        _timeout: Duration,
+    ) -> Result<UnixStream, VmmError> {
         let sock = Self::agent_socket(paths);
-        let stream = UnixStream::connect(&sock)
+        UnixStream::connect(&sock)
             .await
             .map_err(|e| VmmError::Control {
                 doing: "connecting to the guest agent channel".into(),
                 detail: format!("{}: {e}", sock.display()),
-            })?;
-        let opts = ConnectOptions {
-            handshake_timeout: timeout,
-            ..ConnectOptions::default()
-        };
-        AgentClient::connect_with(stream, opts)
-            .await
-            .map_err(|e| VmmError::Control {
-                doing: "greeting the guest agent".into(),
-                detail: e.to_string(),
             })
-    }
-}
-
-fn asset_err(e: crate::assets::AssetError) -> VmmError {
-    VmmError::Unavailable {
-        backend: VmmKind::Qemu,
-        reason: e.to_string(),
     }
 }
 
@@ -335,9 +287,9 @@ impl Vmm for QemuVmm {
             .as_ref()
             .ok_or("qemu-system-x86_64 not found in PATH (install qemu-system-x86 10.x)")?;
         if self.firmware.is_none() {
-            return Err("qboot.rom not found (install Debian's qemu-system-data)".into());
+            return Err(NO_QBOOT.into());
         }
-        let set = AssetSet::load(&self.assets).map_err(|e| e.to_string())?;
+        let set = self.images.current()?;
         Ok(format!(
             "{} with {} ({}); guest image {} (kernel {})",
             bin.display(),
@@ -349,14 +301,11 @@ impl Vmm for QemuVmm {
     }
 
     fn current_image(&self) -> Result<Option<String>, String> {
-        AssetSet::load(&self.assets)
-            .map(|s| Some(s.id))
-            .map_err(|e| e.to_string())
+        self.images.current_id()
     }
 
     async fn prepare(&self, launch: &LaunchSpec) -> Result<(), VmmError> {
-        let set = self.set_for(launch.spec.image.as_deref())?;
-        let rootfs = set.rootfs().map_err(asset_err)?;
+        let rootfs = self.images.rootfs(launch)?;
         // A copy-on-write overlay: the set's rootfs stays read-only.
         let mut cmd = tokio::process::Command::new("qemu-img");
         cmd.args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
@@ -370,11 +319,10 @@ impl Vmm for QemuVmm {
     }
 
     async fn spawn(&self, launch: &LaunchSpec) -> Result<VmmIdentity, VmmError> {
-        let binary = self.binary.clone().ok_or_else(|| VmmError::Unavailable {
-            backend: VmmKind::Qemu,
-            reason: "qemu-system-x86_64 not found in PATH".into(),
+        let binary = self.binary.clone().ok_or_else(|| {
+            VmmError::unavailable(VmmKind::Qemu, "qemu-system-x86_64 not found in PATH")
         })?;
-        let set = self.set_for(launch.spec.image.as_deref())?;
+        let set = self.images.for_image(launch.spec.image.as_deref())?;
         let argv = self.argv(launch, &set)?;
         if launch.restore && !Self::state_file(&launch.paths).exists() {
             return Err(VmmError::host(
@@ -386,11 +334,7 @@ impl Vmm for QemuVmm {
             launch.paths.control_socket(),
             Self::agent_socket(&launch.paths),
         ] {
-            match std::fs::remove_file(&sock) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(VmmError::host(format!("removing {}", sock.display()), e)),
-            }
+            remove_file_if_present(&sock)?;
         }
         self.agents.forget(&launch.machine_id);
         let mut cmd = Command::new(&binary);
@@ -431,11 +375,7 @@ impl Vmm for QemuVmm {
     }
 
     async fn agent(&self, launch: &LaunchSpec) -> Result<AgentClient, VmmError> {
-        self.agents
-            .get(&launch.machine_id, || {
-                self.connect_agent(&launch.paths, Duration::from_secs(5))
-            })
-            .await
+        self.cached_agent(launch).await
     }
 
     async fn run_state(&self, launch: &LaunchSpec) -> Result<VmmRunState, VmmError> {
@@ -465,41 +405,17 @@ impl Vmm for QemuVmm {
         vmm: &VmmIdentity,
         timeout: Duration,
     ) -> Result<StopPath, VmmError> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        let gone_by = |deadline: tokio::time::Instant| async move {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            process::wait_gone(vmm, left)
-                .await
-                .map_err(|e| VmmError::host("waiting for QEMU to exit", e))
-        };
-        // 1. Ask the agent: it syncs and unmounts before powering off.
-        let agent = tokio::time::timeout(Duration::from_secs(2), self.agent(launch)).await;
-        if let Ok(Ok(c)) = agent {
-            if c.poweroff().await.is_ok() && gone_by(deadline).await? {
-                self.agents.forget(&launch.machine_id);
-                return Ok(StopPath::Graceful {
-                    via: "agent poweroff",
-                });
-            }
-        }
-        // 2. The ACPI power button (the agent also acts on it).
-        if tokio::time::Instant::now() < deadline
-            && qmp::command(&launch.paths.control_socket(), "system_powerdown", None)
-                .await
-                .is_ok()
-            && gone_by(deadline).await?
-        {
-            self.agents.forget(&launch.machine_id);
-            return Ok(StopPath::Graceful {
-                via: "ACPI power button",
-            });
-        }
-        // 3. Out of time.
-        process::kill(vmm)
-            .await
-            .map_err(|e| VmmError::host("killing QEMU", e))?;
+        let sock = launch.paths.control_socket();
+        let requests = vec![
+            StopRequest::agent_poweroff(self, launch),
+            // The agent also acts on the ACPI power button.
+            StopRequest::new("ACPI power button", async move {
+                qmp::command(&sock, "system_powerdown", None).await.is_ok()
+            }),
+        ];
+        let path = graceful_stop(vmm, timeout, "QEMU", requests).await?;
         self.agents.forget(&launch.machine_id);
-        Ok(StopPath::KilledAfterTimeout)
+        Ok(path)
     }
 
     async fn save_state(&self, launch: &LaunchSpec) -> Result<(), VmmError> {

@@ -32,7 +32,7 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Qmp {
     /// Connects, reads the greeting and enters command mode.
-    pub async fn connect(socket: &Path) -> Result<Qmp, VmmError> {
+    pub(crate) async fn connect(socket: &Path) -> Result<Qmp, VmmError> {
         let stream = tokio::time::timeout(TIMEOUT, UnixStream::connect(socket))
             .await
             .map_err(|_| err("connect", "timed out"))?
@@ -66,7 +66,11 @@ impl Qmp {
     }
 
     /// Runs one command and returns its `return` value.
-    pub async fn execute(&mut self, command: &str, args: Option<Value>) -> Result<Value, VmmError> {
+    pub(crate) async fn execute(
+        &mut self,
+        command: &str,
+        args: Option<Value>,
+    ) -> Result<Value, VmmError> {
         let mut msg = json!({ "execute": command });
         if let Some(a) = args {
             msg["arguments"] = a;
@@ -125,7 +129,11 @@ impl Qmp {
 }
 
 /// One command on a fresh connection.
-pub async fn command(socket: &Path, command: &str, args: Option<Value>) -> Result<Value, VmmError> {
+pub(crate) async fn command(
+    socket: &Path,
+    command: &str,
+    args: Option<Value>,
+) -> Result<Value, VmmError> {
     let mut q = Qmp::connect(socket).await?;
     q.execute(command, args).await
 }

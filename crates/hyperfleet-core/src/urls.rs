@@ -1,7 +1,9 @@
 //! How the proxy's public URLs look: `<scheme>://<port>-<machine id>.<suffix>[:<proxy port>]/`.
 //!
-//! The machine JSON lists one per exposed port (`urls`), and the proxy's
-//! host-name routing parses the same shape back (see `route`).
+//! The machine JSON lists one per exposed port (`urls`, rendered by the
+//! store's record cache), and the proxy's host-name routing parses the same
+//! shape back (`proxy::route`). It lives outside both so that neither the
+//! store nor the API depends on the proxy.
 
 /// The parts of a proxy URL that come from the server's configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]

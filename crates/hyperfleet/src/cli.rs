@@ -242,6 +242,15 @@ pub struct ServeArgs {
     /// The nftables table (family inet) Hyperfleet owns.
     #[arg(long, env = "HYPERFLEET_NFT_TABLE", default_value = "hyperfleet")]
     pub nft_table: String,
+    /// A private or host network guests may reach (CIDR, repeatable or
+    /// comma-separated). By default guests reach neither 10/8, 172.16/12,
+    /// 192.168/16, 100.64/10 nor the host's own networks; 169.254/16 never.
+    #[arg(
+        long = "guest-allow-net",
+        env = "HYPERFLEET_GUEST_ALLOW_NETS",
+        value_delimiter = ','
+    )]
+    pub guest_allow_nets: Vec<hyperfleet_core::net::dest::Cidr>,
     /// Port of the reverse proxy to exposed guest ports (0 = any free port)
     /// [env: HYPERFLEET_PROXY_PORT, else PROXY_PORT] [default: 4000].
     #[arg(long)]

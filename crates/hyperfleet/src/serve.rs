@@ -237,6 +237,7 @@ fn network_config(a: &ServeArgs) -> anyhow::Result<Option<NetConfig>> {
     }
     n.nft_binary = a.nft_binary.clone();
     n.table = a.nft_table.clone();
+    n.allow_nets = a.guest_allow_nets.clone();
     Ok(Some(n))
 }
 

@@ -4,8 +4,12 @@
 //! Each test runs the daemon inside network namespaces of its own (see
 //! common/netns.rs): `host` stands for the machine's host (the daemon, its
 //! TAPs and its nftables table live there) and `inet` for the internet,
-//! joined to `host` by a veth pair, with the host's default route through
-//! it and a small HTTP server on 10.250.0.2:8000. Nothing touches the real
+//! joined to `host` by a veth pair (10.250.0.0/24, `inet` being the host's
+//! default gateway at 10.250.0.2), with a small HTTP server on port 8000 of
+//! a public-looking address behind that gateway (198.51.100.7, a
+//! documentation range), of the gateway itself and of a cloud-metadata-like
+//! 169.254.169.254, and on port 53 of the gateway (the guests' resolver).
+//! Nothing touches the real
 //! host's interfaces; the namespaces go away with everything in them even
 //! when a test fails. Needs root, QEMU and the guest assets (scripts/test.sh
 //! provides all three; in CI nothing is skipped).
@@ -21,8 +25,15 @@ use common::netns::NetNs;
 use common::{eventually, guest_assets, Daemon, Sandbox};
 use serde_json::{json, Value};
 
-const INET_IP: &str = "10.250.0.2";
+/// "The internet": beyond the host's gateway.
+const INET_IP: &str = "198.51.100.7";
+/// The host's gateway, on a private network the host has an address in.
+const GATEWAY_IP: &str = "10.250.0.2";
+/// Where clouds serve instance metadata (and credentials).
+const METADATA_IP: &str = "169.254.169.254";
 const INET_PORT: u16 = 8000;
+/// The guests' nameserver (`--dns`) listens here too.
+const DNS_PORT: u16 = 53;
 
 /// The guest-side servers (scripts/build-agent.sh builds them static).
 fn guest_testkit() -> PathBuf {
@@ -52,28 +63,45 @@ impl World {
         ]);
         host.exec(&["ip", "addr", "add", "10.250.0.1/24", "dev", &veth]);
         host.exec(&["ip", "link", "set", &veth, "up"]);
-        host.exec(&["ip", "route", "add", "default", "via", INET_IP]);
-        inet.exec(&["ip", "addr", "add", &format!("{INET_IP}/24"), "dev", "up0"]);
+        host.exec(&["ip", "route", "add", "default", "via", GATEWAY_IP]);
+        inet.exec(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{GATEWAY_IP}/24"),
+            "dev",
+            "up0",
+        ]);
         inet.exec(&["ip", "link", "set", "up0", "up"]);
+        for ip in [INET_IP, METADATA_IP] {
+            inet.exec(&["ip", "addr", "add", &format!("{ip}/32"), "dev", "lo"]);
+        }
         // The "internet" server: a thread of this test process inside `inet`.
         let (tx, rx) = std::sync::mpsc::channel();
         let inet_name = inet.name.clone();
         std::thread::spawn(move || {
             common::netns::enter(&inet_name);
-            let l = TcpListener::bind((INET_IP, INET_PORT)).expect("bind the internet server");
+            let l = TcpListener::bind(("0.0.0.0", INET_PORT)).expect("bind the internet server");
+            let dns = TcpListener::bind((GATEWAY_IP, DNS_PORT)).expect("bind the resolver port");
             tx.send(()).unwrap();
-            for s in l.incoming() {
-                let Ok(mut s) = s else { continue };
-                let mut buf = [0u8; 1024];
-                let _ = s.read(&mut buf);
-                let _ = s.write_all(
-                    b"HTTP/1.0 200 OK\r\nContent-Length: 11\r\nConnection: close\r\n\r\ninternet-ok",
-                );
-            }
+            // Both answer the same way: what is measured is whether a guest gets through.
+            std::thread::spawn(move || serve_internet(dns));
+            serve_internet(l);
         });
         rx.recv_timeout(Duration::from_secs(10))
             .expect("internet server up");
         World { host, _inet: inet }
+    }
+}
+
+fn serve_internet(l: TcpListener) {
+    for s in l.incoming() {
+        let Ok(mut s) = s else { continue };
+        let mut buf = [0u8; 1024];
+        let _ = s.read(&mut buf);
+        let _ = s.write_all(
+            b"HTTP/1.0 200 OK\r\nContent-Length: 11\r\nConnection: close\r\n\r\ninternet-ok",
+        );
     }
 }
 
@@ -138,7 +166,7 @@ fn start_daemon(sb: &Sandbox, assets: &std::path::Path) -> Daemon {
             "--host",
             "0.0.0.0",
             "--dns",
-            INET_IP,
+            GATEWAY_IP,
         ],
     )
 }
@@ -196,7 +224,7 @@ fn guests_are_isolated_get_egress_by_spec_and_are_reachable_from_the_host() {
     );
     assert!(addr.contains(&format!("{}/30", ip(0))), "{addr}");
     assert!(addr.contains(&format!("default via {}", gw(0))), "{addr}");
-    assert!(addr.contains(&format!("nameserver {INET_IP}")), "{addr}");
+    assert!(addr.contains(&format!("nameserver {GATEWAY_IP}")), "{addr}");
 
     for (id, name) in [(ida, "ga"), (idb, "gb")] {
         exec_ok(
@@ -253,6 +281,28 @@ fn guests_are_isolated_get_egress_by_spec_and_are_reachable_from_the_host() {
         None,
         "a machine with egress false reached the internet"
     );
+    // Egress is the internet only: never link-local (cloud metadata), nor
+    // private networks and the host's own (here 10.250.0.0/24, also RFC
+    // 1918), except the guests' resolver on port 53 for machines with egress.
+    for (url, why) in [
+        (
+            format!("http://{METADATA_IP}:{INET_PORT}/"),
+            "the metadata address",
+        ),
+        (
+            format!("http://{GATEWAY_IP}:{INET_PORT}/"),
+            "the host's private network",
+        ),
+    ] {
+        assert_eq!(guest_fetch(&d, ida, &url), None, "a guest reached {why}");
+    }
+    let resolver = format!("http://{GATEWAY_IP}:{DNS_PORT}/");
+    assert_eq!(
+        guest_fetch(&d, ida, &resolver).as_deref(),
+        Some("internet-ok"),
+        "the guests' nameserver must stay reachable on port 53"
+    );
+    assert_eq!(guest_fetch(&d, idb, &resolver), None);
 
     // Suspend gives the TAP back; resume restores the guest's memory (httpd
     // still running) on the same lease and a new TAP of the same name.

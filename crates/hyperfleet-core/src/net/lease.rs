@@ -41,35 +41,29 @@ impl Subnet {
 
 impl fmt::Display for Subnet {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.base, self.prefix)
+        super::dest::Cidr::containing(self.base, self.prefix).fmt(f)
     }
 }
 
 impl FromStr for Subnet {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let (addr, prefix) = s
-            .split_once('/')
-            .ok_or_else(|| format!("'{s}' is not a subnet in CIDR form (e.g. 172.30.0.0/16)"))?;
-        let base: Ipv4Addr = addr
-            .parse()
-            .map_err(|_| format!("'{addr}' is not an IPv4 address"))?;
-        let prefix: u8 = prefix
-            .parse()
-            .map_err(|_| format!("'{prefix}' is not a prefix length"))?;
-        if !(8..=29).contains(&prefix) {
+        if !s.contains('/') {
             return Err(format!(
-                "the prefix length must be between 8 and 29 (each machine takes a /30), got {prefix}"
+                "'{s}' is not a subnet in CIDR form (e.g. 172.30.0.0/16)"
             ));
         }
-        let mask = u32::MAX << (32 - prefix as u32);
-        if u32::from(base) & !mask != 0 {
+        let net: super::dest::Cidr = s.parse()?;
+        if !(8..=29).contains(&net.prefix) {
             return Err(format!(
-                "{s} has host bits set; did you mean {}/{prefix}?",
-                Ipv4Addr::from(u32::from(base) & mask)
+                "the prefix length must be between 8 and 29 (each machine takes a /30), got {}",
+                net.prefix
             ));
         }
-        Ok(Subnet { base, prefix })
+        Ok(Subnet {
+            base: net.base,
+            prefix: net.prefix,
+        })
     }
 }
 

@@ -15,6 +15,7 @@
 //! TAP inside one, linked to the host by a veth named like the TAP
 //! ([`netns`]), so the host side looks the same to the table.
 
+pub mod dest;
 pub mod lease;
 pub mod netns;
 pub mod nft;
@@ -38,6 +39,9 @@ pub struct NetConfig {
     pub nft_binary: PathBuf,
     /// The nftables table (family `inet`) Hyperfleet owns.
     pub table: String,
+    /// Private or host networks guests may reach nonetheless
+    /// (`--guest-allow-net`; [`dest`]).
+    pub allow_nets: Vec<dest::Cidr>,
 }
 
 impl NetConfig {
@@ -48,6 +52,7 @@ impl NetConfig {
             dns: default_dns(),
             nft_binary: PathBuf::from("nft"),
             table: "hyperfleet".into(),
+            allow_nets: Vec::new(),
         }
     }
 
@@ -251,7 +256,14 @@ impl Network {
             })
             .collect();
         machines.sort_by_key(|m| m.ip);
-        let script = nft::render(&self.config.table, &machines);
+        let policy = if machines.is_empty() {
+            dest::DestPolicy::default()
+        } else {
+            // Read every time: the host's addresses may have changed.
+            let host_nets = dest::host_networks().await?;
+            dest::DestPolicy::new(&host_nets, &self.config.allow_nets, &self.config.dns)
+        };
+        let script = nft::render(&self.config.table, &machines, &policy);
         nft::apply(&self.config.nft_binary, &script)
             .await
             .map_err(|source| NetError::Rules {

@@ -42,6 +42,8 @@ pub struct Config {
     /// Machine records kept in memory (`--machine-cache`); every other
     /// machine is read from the database when asked for.
     pub store: crate::store::StoreOptions,
+    /// The API listener's timeouts and connection cap (`--api-*`).
+    pub api: crate::http::server::ApiLimits,
 }
 
 /// The reverse proxy's settings (`--proxy-listen`, `--proxy-domain`, …).
@@ -91,6 +93,7 @@ impl Config {
             boot_timeout: Duration::from_secs(60),
             stop_timeout: Duration::from_secs(10),
             store: crate::store::StoreOptions::default(),
+            api: crate::http::server::ApiLimits::default(),
             qemu_binary: PathBuf::from("qemu-system-x86_64"),
             qemu_accel: crate::vmm::qemu::AccelChoice::Auto,
             firecracker_binary: PathBuf::from("firecracker"),

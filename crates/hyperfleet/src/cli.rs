@@ -131,6 +131,19 @@ pub struct ServeArgs {
     /// from the database when asked for.
     #[arg(long, env = "HYPERFLEET_MACHINE_CACHE", default_value_t = hyperfleet_core::store::DEFAULT_CACHED_MACHINES)]
     pub machine_cache: std::num::NonZeroUsize,
+    /// Seconds a client has to send a request's headers, on a new API
+    /// connection and between keep-alive requests; then it is closed.
+    #[arg(long, env = "HYPERFLEET_API_HEADER_TIMEOUT", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..))]
+    pub api_header_timeout: u64,
+    /// Seconds an API connection may sit with no request being handled and
+    /// no byte moving before it is closed (event streams send a keep-alive
+    /// every 15 s).
+    #[arg(long, env = "HYPERFLEET_API_IDLE_TIMEOUT", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    pub api_idle_timeout: u64,
+    /// API connections served at once (at most a quarter of the open-file
+    /// limit); more wait in the listen backlog.
+    #[arg(long, env = "HYPERFLEET_API_MAX_CONNECTIONS", default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..))]
+    pub api_max_connections: u64,
     /// Log format.
     #[arg(
         long,

@@ -53,6 +53,9 @@ pub async fn serve(a: ServeArgs, global: &ClientArgs) -> anyhow::Result<()> {
     config.boot_timeout = Duration::from_secs(a.boot_timeout);
     config.stop_timeout = Duration::from_secs(a.stop_timeout);
     config.store.cached_machines = a.machine_cache;
+    config.api.header_timeout = Duration::from_secs(a.api_header_timeout);
+    config.api.idle_timeout = Duration::from_secs(a.api_idle_timeout);
+    config.api.max_connections = usize::try_from(a.api_max_connections).unwrap_or(usize::MAX);
     config.qemu_binary = a.qemu_binary;
     config.firecracker_binary = a.firecracker_binary;
     // Absolute: Firecracker resolves it from its own working directory,

@@ -23,7 +23,8 @@ pub enum ErrorCode {
     PayloadTooLarge,
     /// The machine's current state does not allow the operation (409).
     InvalidState,
-    /// The resource already exists, e.g. a machine name in use (409).
+    /// The resource already exists, e.g. a machine name in use, or the
+    /// change would leave no active admin key (409).
     Conflict,
     /// The operation did not finish before its deadline (504).
     Timeout,
@@ -36,6 +37,9 @@ pub enum ErrorCode {
     BadGateway,
     /// The server cannot serve the request right now, e.g. shutting down (503).
     Unavailable,
+    /// The host's disk is full: the change could not be stored. Nothing
+    /// was changed; retry once space is freed (507).
+    InsufficientStorage,
     /// A bug or an unexpected host failure; details are in the server log (500).
     InternalError,
 }
@@ -55,6 +59,7 @@ impl ErrorCode {
             ErrorCode::RuntimeError | ErrorCode::InternalError => 500,
             ErrorCode::AgentError | ErrorCode::BadGateway => 502,
             ErrorCode::Unavailable => 503,
+            ErrorCode::InsufficientStorage => 507,
         }
     }
 }

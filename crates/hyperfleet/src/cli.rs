@@ -409,16 +409,22 @@ pub struct ActionArgs {
 pub enum KeysCmd {
     /// Create a key; its secret is printed once.
     Create {
-        #[arg(long)]
-        name: String,
+        #[arg(long, required_unless_present = "admin")]
+        name: Option<String>,
         /// read, write, exec or admin (repeatable).
-        #[arg(long = "scope", required = true)]
+        #[arg(long = "scope", required_unless_present = "admin")]
         scopes: Vec<String>,
         #[arg(long)]
         tenant: Option<String>,
         /// Lifetime in seconds.
         #[arg(long)]
         expires_in: Option<u64>,
+        /// Recovery when no admin key works: write a new operator admin key
+        /// straight into the database under --data-dir (run on the host as
+        /// the daemon's user; works while the daemon runs) instead of asking
+        /// the server.
+        #[arg(long, conflicts_with_all = ["scopes", "tenant", "expires_in"])]
+        admin: bool,
     },
     List,
     /// Revoke a key by id (`key_…`).

@@ -224,3 +224,57 @@ fn disable_auth_lets_anyone_in_and_says_so_loudly() {
     );
     assert!(d.log().contains("AUTHENTICATION IS DISABLED"));
 }
+
+#[test]
+fn the_last_admin_key_cannot_be_revoked() {
+    let sb = Sandbox::new();
+    let d = Daemon::start(&sb);
+    let keys = d.call("GET", "/keys", None);
+    let own = keys.body["keys"][0]["id"].as_str().unwrap().to_string();
+    let (_, reader) = make_key(&d, "reader", &["read"], None);
+    let (alice_admin, alice_id) = make_key(&d, "alice-admin", &["admin"], Some("alice"));
+    let r = d.call("DELETE", &format!("/keys/{own}"), None);
+    assert_eq!((r.status, r.code()), (409, "CONFLICT"), "{}", r.body);
+    assert!(
+        r.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("last active admin key"),
+        "{}",
+        r.body
+    );
+    // Still works; other keys are revoked as before.
+    assert_eq!(d.call("GET", "/keys", None).status, 200);
+    assert_eq!(
+        d.call("DELETE", &format!("/keys/{reader}"), None).status,
+        204
+    );
+    // A tenant admin cannot see (so cannot revoke) the operator's key, and
+    // revoking itself is fine while an operator admin remains.
+    let r = d.call_as(&alice_admin, "DELETE", &format!("/keys/{own}"), None);
+    assert_eq!(r.status, 404);
+    // With a second operator admin, the first may go.
+    let (second, _) = make_key(&d, "second", &["admin"], None);
+    assert_eq!(
+        d.call_as(&second, "DELETE", &format!("/keys/{own}"), None)
+            .status,
+        204
+    );
+    let r = d.call_as(&second, "GET", "/keys", None);
+    let second_id = r.body["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["name"] == "second")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = d.call_as(&second, "DELETE", &format!("/keys/{second_id}"), None);
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert_eq!(
+        d.call_as(&second, "DELETE", &format!("/keys/{alice_id}"), None)
+            .status,
+        204
+    );
+}

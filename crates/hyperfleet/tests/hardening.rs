@@ -1,5 +1,6 @@
 //! The daemon under hostile or unlucky conditions (issue 13): a flood of
-//! idle connections and loose file modes on the data directory.
+//! idle connections, loose file modes on the data directory, a full disk,
+//! and an operator who revoked the last admin key.
 
 mod common;
 
@@ -9,6 +10,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
 use common::{eventually, Daemon, Sandbox};
+use serde_json::json;
 
 fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
@@ -163,4 +165,135 @@ fn the_data_dir_and_its_secrets_are_made_private_at_every_start() {
     assert_eq!(mode(""), 0o700);
     assert_eq!(mode("hyperfleet.db"), 0o600);
     assert_eq!(mode("admin.key"), 0o600);
+}
+
+#[test]
+fn a_lost_admin_key_is_recovered_on_the_host_while_the_daemon_runs() {
+    let sb = Sandbox::new();
+    let d = Daemon::start(&sb);
+    // Operator mistake: the only admin key is gone (deleted file, lost
+    // secret); every request is refused.
+    std::fs::remove_file(sb.path().join("admin.key")).unwrap();
+    let out = std::process::Command::new(common::bin())
+        .args(["keys", "create", "--admin", "--data-dir"])
+        .arg(sb.path())
+        .env_remove("HYPERFLEET_API_KEY")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let key = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(key.starts_with("hf_"), "{key}");
+    // The running daemon accepts it at once, with the admin scope.
+    let r = d.call_as(&key, "GET", "/keys", None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["keys"].as_array().unwrap().len(), 2);
+    let r = d.call_as(
+        &key,
+        "POST",
+        "/keys",
+        Some(json!({"name": "n", "scopes": ["read"]})),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    // A data dir with no database is an error, not a new empty one.
+    let empty = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(common::bin())
+        .args(["keys", "create", "--admin", "--data-dir"])
+        .arg(empty.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(!empty.path().join("hyperfleet.db").exists());
+}
+
+/// A tmpfs mounted on a directory, unmounted on drop (also when the test
+/// fails), after whatever holds it open was dropped first.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &std::path::Path, size: &str) -> Option<Tmpfs> {
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Tmpfs(at.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Fills the filesystem of `dir` with one file; returns its path.
+fn fill(dir: &std::path::Path) -> std::path::PathBuf {
+    use std::io::Write;
+    let path = dir.join("filler");
+    let mut f = std::fs::File::create(&path).unwrap();
+    let chunk = vec![0xa5u8; 4096];
+    while f.write_all(&chunk).is_ok() {}
+    let _ = f.sync_all();
+    path
+}
+
+#[test]
+fn a_full_disk_answers_507_and_health_says_degraded_until_a_write_succeeds() {
+    let sb = Sandbox::new();
+    let Some(_mount) = Tmpfs::mount(sb.path(), "16m") else {
+        assert!(
+            !common::present_or_skip(false, "permission to mount a tmpfs (run as root)"),
+            "unreachable"
+        );
+        return;
+    };
+    let d = Daemon::start_with(&sb, &[], &["--no-proxy"]);
+    assert_eq!(d.call("GET", "/health", None).status, 200);
+    let filler = fill(sb.path());
+    let big = "x".repeat(32 * 1024);
+    let body = |i: usize| json!({"name": format!("full-{i}"), "env": {"A": big, "B": big, "C": big, "D": big}});
+    // Free pages inside the WAL may take a few writes; then the disk is full.
+    let mut full = None;
+    for i in 0..200 {
+        let r = d.call("POST", "/machines", Some(body(i)));
+        match r.status {
+            201 => continue,
+            507 => {
+                full = Some(r);
+                break;
+            }
+            s => panic!("create on a full disk answered {s}: {}", r.body),
+        }
+    }
+    let r = full.unwrap_or_else(|| panic!("no write failed on a full disk\n{}", d.log()));
+    assert_eq!(r.code(), "INSUFFICIENT_STORAGE");
+    assert!(
+        r.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("full"),
+        "{}",
+        r.body
+    );
+    let h = d.call("GET", "/health", None);
+    assert_eq!(h.status, 503, "{}", h.body);
+    assert_eq!(h.body["status"], "degraded");
+    assert_eq!(h.body["store"]["ok"], false);
+    // Space is back: the next write succeeds and health recovers with it.
+    std::fs::remove_file(filler).unwrap();
+    let r = eventually("a write to succeed", Duration::from_secs(10), || {
+        let r = d.call("POST", "/machines", Some(json!({"name": "after"})));
+        (r.status != 507).then_some(r)
+    });
+    assert_eq!(r.status, 201, "{}", r.body);
+    let h = d.call("GET", "/health", None);
+    assert_eq!(h.status, 200, "{}", h.body);
+    drop(d);
 }

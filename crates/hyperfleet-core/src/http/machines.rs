@@ -63,6 +63,7 @@ fn find(state: &AppState, caller: &Caller, id: &str) -> Result<Arc<CachedMachine
         (status = 201, description = "Created (status `pending`); durable when answered", body = Machine),
         (status = 400, description = "Malformed or invalid request", body = hyperfleet_api::ErrorBody),
         (status = 409, description = "Name already in use", body = hyperfleet_api::ErrorBody),
+        (status = 507, description = "The disk holding the database is full (INSUFFICIENT_STORAGE); nothing was stored", body = hyperfleet_api::ErrorBody),
     ),
     security(("bearer" = [])))]
 pub async fn create(
@@ -253,6 +254,7 @@ macro_rules! action_route {
                 (status = 409, description = "Not allowed in the current state", body = hyperfleet_api::ErrorBody),
                 (status = 500, description = "The machine failed (RUNTIME_ERROR)", body = hyperfleet_api::ErrorBody),
                 (status = 504, description = "Deadline passed; the operation continues", body = hyperfleet_api::ErrorBody),
+                (status = 507, description = "The disk holding the database is full (INSUFFICIENT_STORAGE); nothing was changed", body = hyperfleet_api::ErrorBody),
             ),
             security(("bearer" = [])))]
         pub async fn $name(

@@ -226,6 +226,67 @@ fn disable_auth_lets_anyone_in_and_says_so_loudly() {
 }
 
 #[test]
+fn machine_secrets_are_shown_only_to_keys_that_may_exec() {
+    let sb = Sandbox::new();
+    let d = Daemon::start(&sb);
+    let (read, _) = make_key(&d, "r", &["read"], None);
+    let (write, _) = make_key(&d, "w", &["write"], None);
+    let (read_write, _) = make_key(&d, "rw", &["read", "write"], None);
+    let (exec, _) = make_key(&d, "x", &["read", "exec"], None);
+    let m = d.create(json!({"name": "sec", "env": {"DB_PASSWORD": "s3cret-pw"}}));
+    let token = m["access_token"].as_str().unwrap().to_string();
+    assert!(token.starts_with("hft_"));
+    assert_eq!(m["env"]["DB_PASSWORD"], "s3cret-pw", "admin sees them");
+    let redacted = |body: &serde_json::Value, what: &str| {
+        let text = body.to_string();
+        assert!(
+            !text.contains(&token) && !text.contains("s3cret-pw"),
+            "{what} leaks a secret: {text}"
+        );
+    };
+    let one = |key: &str| d.call_as(key, "GET", "/machines/sec", None);
+    for key in [&read, &read_write] {
+        let r = one(key);
+        assert_eq!(r.status, 200);
+        redacted(&r.body, "GET /machines/{id}");
+        assert!(r.body["access_token"].is_null());
+        assert_eq!(r.body["env"]["DB_PASSWORD"], "<redacted>");
+        let r = d.call_as(key, "GET", "/machines", None);
+        assert_eq!(r.status, 200);
+        redacted(&r.body, "GET /machines");
+        assert_eq!(r.body["machines"][0]["env"]["DB_PASSWORD"], "<redacted>");
+        let r = d.call_as(key, "GET", "/machines/sec/wait?status=pending", None);
+        assert_eq!(r.status, 200, "{}", r.body);
+        redacted(&r.body, "wait");
+    }
+    // Write-only actions: the create and action answers are redacted too.
+    let r = d.call_as(
+        &write,
+        "POST",
+        "/machines",
+        Some(json!({"name": "w1", "env": {"TOKEN": "s3cret-pw"}})),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert!(r.body["access_token"].is_null());
+    assert_eq!(r.body["env"]["TOKEN"], "<redacted>");
+    let r = d.call_as(&write, "POST", "/machines/w1/start?wait=false", None);
+    assert_eq!(r.status, 202, "{}", r.body);
+    redacted(&r.body, "start");
+    let r = d.call_as(&write, "POST", "/machines/sec/start", None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    redacted(&r.body, "start");
+    let r = d.call_as(&write, "POST", "/machines/sec/stop", None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    redacted(&r.body, "stop");
+    // Keys that may exec see them.
+    let r = one(&exec);
+    assert_eq!(r.body["access_token"], token.as_str());
+    assert_eq!(r.body["env"]["DB_PASSWORD"], "s3cret-pw");
+    let r = d.call_as(&exec, "GET", "/machines", None);
+    assert!(r.body.to_string().contains(&token));
+}
+
+#[test]
 fn the_last_admin_key_cannot_be_revoked() {
     let sb = Sandbox::new();
     let d = Daemon::start(&sb);

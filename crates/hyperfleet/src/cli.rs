@@ -141,7 +141,7 @@ pub struct ServeArgs {
     #[arg(long, env = "HYPERFLEET_API_IDLE_TIMEOUT", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     pub api_idle_timeout: u64,
     /// API connections served at once (at most a quarter of the open-file
-    /// limit); more wait in the listen backlog.
+    /// limit); at the cap a new client closes the connection idle longest.
     #[arg(long, env = "HYPERFLEET_API_MAX_CONNECTIONS", default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..))]
     pub api_max_connections: u64,
     /// Log format.

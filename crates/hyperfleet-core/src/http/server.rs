@@ -8,9 +8,10 @@
 //! up the file descriptors the machine runs need, left thousands of
 //! sockets in CLOSE-WAIT and made the daemon deaf to `/health` and SIGTERM
 //! (issue 13). Here every connection holds a slot of a semaphore sized well
-//! below the fd limit; at the cap the loop stops accepting (new clients wait
-//! in the kernel's backlog) until a slot frees, and the timeouts make sure
-//! slots do free.
+//! below the fd limit; at the cap a new client makes room by closing the
+//! connection idle longest (when every connection is busy, it waits and
+//! later clients wait in the kernel's backlog), and the timeouts make sure
+//! slots free up without new clients too.
 
 use std::convert::Infallible;
 use std::io;
@@ -41,7 +42,8 @@ pub struct ApiLimits {
     /// way for this long is closed (dead peers, clients that stopped reading
     /// a response or an event stream).
     pub idle_timeout: Duration,
-    /// Connections served at once; more wait in the listen backlog.
+    /// Connections served at once; at the cap a new client makes room by
+    /// closing the connection idle longest.
     pub max_connections: usize,
 }
 
@@ -121,6 +123,7 @@ async fn accept_loop(
     mut stopped: watch::Receiver<bool>,
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let live = Arc::new(Live::default());
     let mut last_warn: Option<Instant> = None;
     let mut should_warn = move || {
         let now = Instant::now();
@@ -131,36 +134,13 @@ async fn accept_loop(
         due
     };
     loop {
-        if slots.available_permits() == 0 && should_warn() {
-            tracing::warn!(
-                max_connections = limits.max_connections,
-                "API: at the connection cap; new connections wait until one closes"
-            );
-        }
-        let permit = tokio::select! {
-            _ = stopped.changed() => break,
-            p = slots.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                // Never closed while this loop holds it.
-                Err(_) => break,
-            },
-        };
         let accepted = tokio::select! {
             _ = stopped.changed() => break,
             a = listener.accept() => a,
         };
-        match accepted {
-            Ok((stream, peer)) => {
-                tokio::spawn(serve_connection(
-                    stream,
-                    peer,
-                    permit,
-                    app.clone(),
-                    limits,
-                    stopped.clone(),
-                ));
-            }
-            Err(e) if per_connection(&e) => {}
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) if per_connection(&e) => continue,
             Err(e) => {
                 // Out of file descriptors (EMFILE/ENFILE) or memory: the
                 // listener itself is fine; wait for resources to free up
@@ -172,8 +152,96 @@ async fn accept_loop(
                     _ = stopped.changed() => break,
                     _ = tokio::time::sleep(ACCEPT_BACKOFF) => {}
                 }
+                continue;
             }
+        };
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                // At the cap, a client is waiting: make room by closing
+                // the connection idle longest (a flood's silent sockets go
+                // first, so /health still gets in). With every connection
+                // busy, it waits for one to finish; more clients wait in
+                // the backlog meanwhile.
+                let evicted = live.evict_idlest();
+                if should_warn() {
+                    tracing::warn!(
+                        max_connections = limits.max_connections,
+                        evicted,
+                        "API: at the connection cap; closing idle connections to make room"
+                    );
+                }
+                tokio::select! {
+                    _ = stopped.changed() => break,
+                    slot = slots.clone().acquire_owned() => match slot {
+                        Ok(slot) => slot,
+                        // Never closed while this loop holds it.
+                        Err(_) => break,
+                    },
+                }
+            }
+        };
+        tokio::spawn(serve_connection(
+            stream,
+            peer,
+            slot,
+            live.clone(),
+            app.clone(),
+            limits,
+            stopped.clone(),
+        ));
+    }
+}
+
+/// The connections being served, for eviction at the cap.
+#[derive(Default)]
+struct Live {
+    next: AtomicU64,
+    conns: std::sync::Mutex<std::collections::HashMap<u64, Arc<Activity>>>,
+}
+
+impl Live {
+    fn conns(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, Arc<Activity>>> {
+        // A panic while holding it leaves a map that is still right.
+        self.conns.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn add(self: &Arc<Self>, a: Arc<Activity>) -> Registered {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        self.conns().insert(id, a);
+        Registered {
+            live: self.clone(),
+            id,
         }
+    }
+
+    /// Asks the connection idle longest (no handler running) to close, and
+    /// forgets it so the next eviction picks another. Whether there was one.
+    fn evict_idlest(&self) -> bool {
+        let mut conns = self.conns();
+        let idlest = conns
+            .iter()
+            .filter_map(|(id, a)| a.idle_for().map(|d| (d, *id)))
+            .max();
+        match idlest.and_then(|(_, id)| conns.remove(&id)) {
+            Some(a) => {
+                a.evict.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Removes a connection from [`Live`] when its task ends.
+struct Registered {
+    live: Arc<Live>,
+    id: u64,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.live.conns().remove(&self.id);
     }
 }
 
@@ -183,6 +251,8 @@ struct Activity {
     start: Instant,
     last_ms: AtomicU64,
     busy: AtomicUsize,
+    /// Signalled to close the connection to make room at the cap.
+    evict: tokio::sync::Notify,
 }
 
 impl Activity {
@@ -191,6 +261,7 @@ impl Activity {
             start: Instant::now(),
             last_ms: AtomicU64::new(0),
             busy: AtomicUsize::new(0),
+            evict: tokio::sync::Notify::new(),
         }
     }
 
@@ -297,6 +368,7 @@ async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
     slot: OwnedSemaphorePermit,
+    live: Arc<Live>,
     app: Router,
     limits: ApiLimits,
     mut stopped: watch::Receiver<bool>,
@@ -304,6 +376,7 @@ async fn serve_connection(
     // Responses are written whole or streamed; Nagle would only delay them.
     let _ = stream.set_nodelay(true);
     let activity = Arc::new(Activity::new());
+    let _registered = live.add(activity.clone());
     let io = Watched {
         inner: stream,
         activity: activity.clone(),
@@ -337,6 +410,12 @@ async fn serve_connection(
                 conn.as_mut().graceful_shutdown();
                 break conn.await;
             }
+            _ = activity.evict.notified() => {
+                // Idle when picked; a request that began since is cut, as
+                // a reset connection would, and its client retries.
+                tracing::debug!(%peer, "API: closing an idle connection to make room");
+                break Ok(());
+            }
             _ = check.tick() => {
                 if activity.idle_for().is_some_and(|d| d >= limits.idle_timeout) {
                     tracing::debug!(%peer, "API: closing an idle connection");
@@ -361,6 +440,36 @@ mod tests {
         assert_eq!(connection_cap(4096, 1024), 256);
         assert_eq!(connection_cap(4096, 20), 16);
         assert_eq!(connection_cap(0, 1024), 1);
+    }
+
+    #[test]
+    fn eviction_picks_the_connection_idle_longest_and_never_a_busy_one() {
+        use std::future::Future;
+        let live = Arc::new(Live::default());
+        let old = Arc::new(Activity::new());
+        std::thread::sleep(Duration::from_millis(30));
+        let busy_and_older = Arc::new(Activity::new());
+        let _b = Busy::new(&busy_and_older);
+        let young = Arc::new(Activity::new());
+        young.touch();
+        let r1 = live.add(old.clone());
+        let _r2 = live.add(busy_and_older.clone());
+        let _r3 = live.add(young.clone());
+        assert!(live.evict_idlest());
+        // The old one was told (a stored permit: notified() is ready).
+        let waker = futures_util::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        assert!(std::pin::pin!(old.evict.notified())
+            .poll(&mut cx)
+            .is_ready());
+        assert!(live.evict_idlest());
+        assert!(std::pin::pin!(young.evict.notified())
+            .poll(&mut cx)
+            .is_ready());
+        // Only the busy one is left: nothing to evict.
+        assert!(!live.evict_idlest());
+        drop(r1);
+        assert_eq!(live.conns().len(), 1);
     }
 
     #[test]

@@ -135,9 +135,9 @@ pub struct ServeArgs {
     /// connection and between keep-alive requests; then it is closed.
     #[arg(long, env = "HYPERFLEET_API_HEADER_TIMEOUT", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..))]
     pub api_header_timeout: u64,
-    /// Seconds an API connection may sit with no request being handled and
-    /// no byte moving before it is closed (event streams send a keep-alive
-    /// every 15 s).
+    /// Seconds an API connection may sit with no request in progress and no
+    /// byte moving, or with a response its peer stopped reading, before it
+    /// is closed (long-polls and quiet streams are in progress).
     #[arg(long, env = "HYPERFLEET_API_IDLE_TIMEOUT", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     pub api_idle_timeout: u64,
     /// API connections served at once (at most a quarter of the open-file

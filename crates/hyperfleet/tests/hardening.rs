@@ -117,6 +117,40 @@ fn idle_connection_floods_are_capped_closed_and_do_not_block_sigterm() {
 }
 
 #[test]
+fn the_idle_timeout_spares_long_polls_and_quiet_streams() {
+    let sb = Sandbox::new();
+    let d = Daemon::start_with(
+        &sb,
+        &[],
+        &["--api-idle-timeout", "1", "--api-header-timeout", "1"],
+    );
+    d.create(json!({"name": "quiet", "metadata": {"stub_boot_ms": "3000"}}));
+    // A long-poll sends nothing until it answers.
+    let t = Instant::now();
+    let r = d.call("POST", "/machines/quiet/start", None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(t.elapsed() >= Duration::from_secs(2), "{:?}", t.elapsed());
+    // An event stream with nothing to say (keep-alives come every 15 s)
+    // outlives the idle timeout and still delivers.
+    let text = std::thread::scope(|scope| {
+        let stream = scope.spawn(|| {
+            d.raw()
+                .get(format!("{}/machines/quiet/events", d.url))
+                .bearer_auth(&d.key)
+                .header("accept", "text/event-stream")
+                .send()
+                .and_then(|r| r.text())
+        });
+        std::thread::sleep(Duration::from_secs(3));
+        // The stream ends by itself after the `deleted` event.
+        d.call("DELETE", "/machines/quiet?force=true", None);
+        stream.join().unwrap()
+    })
+    .expect("the quiet event stream stays open past the idle timeout");
+    assert!(text.contains("event: deleted"), "{text}");
+}
+
+#[test]
 fn the_data_dir_and_its_secrets_are_made_private_at_every_start() {
     let sb = Sandbox::new();
     let dir = sb.path();

@@ -38,9 +38,9 @@ pub struct ApiLimits {
     /// A request's headers must arrive within this long once the server
     /// waits for them: on a new connection and between keep-alive requests.
     pub header_timeout: Duration,
-    /// A connection with no request being handled and no byte moving either
-    /// way for this long is closed (dead peers, clients that stopped reading
-    /// a response or an event stream).
+    /// A connection with no request in progress (handled, or its response
+    /// being sent) and no byte moving for this long is closed, and so is one
+    /// whose peer has not read what it was sent for this long.
     pub idle_timeout: Duration,
     /// Connections served at once; at the cap a new client makes room by
     /// closing the connection idle longest.
@@ -250,7 +250,12 @@ impl Drop for Registered {
 struct Activity {
     start: Instant,
     last_ms: AtomicU64,
+    /// Requests whose handler runs or whose response body is still being
+    /// sent (a quiet event or log stream is not idle).
     busy: AtomicUsize,
+    /// When a write first found the socket full (ms since `start`, plus
+    /// one; 0: not blocked): the peer stopped reading.
+    blocked_ms: AtomicU64,
     /// Signalled to close the connection to make room at the cap.
     evict: tokio::sync::Notify,
 }
@@ -261,17 +266,34 @@ impl Activity {
             start: Instant::now(),
             last_ms: AtomicU64::new(0),
             busy: AtomicUsize::new(0),
+            blocked_ms: AtomicU64::new(0),
             evict: tokio::sync::Notify::new(),
         }
     }
 
-    fn touch(&self) {
-        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_ms.store(ms, Ordering::Relaxed);
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// How long the connection has been idle; `None` while a handler runs
-    /// (a long-poll legitimately sends nothing for minutes).
+    fn touch(&self) {
+        self.last_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    fn wrote(&self) {
+        self.blocked_ms.store(0, Ordering::Relaxed);
+        self.touch();
+    }
+
+    fn write_blocked(&self) {
+        let now = self.now_ms().saturating_add(1);
+        let _ = self
+            .blocked_ms
+            .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// How long the connection has been idle; `None` while a request is
+    /// handled or its response sent (a long-poll or a quiet stream
+    /// legitimately sends nothing for minutes).
     fn idle_for(&self) -> Option<Duration> {
         if self.busy.load(Ordering::Relaxed) > 0 {
             return None;
@@ -279,10 +301,29 @@ impl Activity {
         let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
         Some(self.start.elapsed().saturating_sub(last))
     }
+
+    /// How long a write has been waiting for the peer to read, if one is.
+    fn stalled_for(&self) -> Option<Duration> {
+        match self.blocked_ms.load(Ordering::Relaxed) {
+            0 => None,
+            since => Some(
+                self.start
+                    .elapsed()
+                    .saturating_sub(Duration::from_millis(since - 1)),
+            ),
+        }
+    }
+
+    /// Whether the idle timeout ends the connection: nothing handled and
+    /// nothing moving, or a peer that stopped reading what is sent.
+    fn expired(&self, timeout: Duration) -> bool {
+        self.idle_for().is_some_and(|d| d >= timeout)
+            || self.stalled_for().is_some_and(|d| d >= timeout)
+    }
 }
 
-/// Counts a request as in progress until dropped (also when the handler's
-/// future is cancelled).
+/// Counts a request as in progress until dropped: when its response body
+/// ended, or the handler's future was cancelled.
 struct Busy(Arc<Activity>);
 
 impl Busy {
@@ -299,6 +340,38 @@ impl Drop for Busy {
     }
 }
 
+/// A response body that keeps its request counted as busy until the last
+/// frame is sent (or the body is dropped).
+struct Tracked {
+    inner: axum::body::Body,
+    busy: Option<Busy>,
+}
+
+impl hyper::body::Body for Tracked {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_frame(cx);
+        if matches!(r, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+            this.busy = None;
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// The socket, noting every byte that moves. It also holds the
 /// connection's slot, so a connection upgraded to a WebSocket keeps
 /// counting against the cap until its socket closes.
@@ -306,6 +379,16 @@ struct Watched {
     inner: TcpStream,
     activity: Arc<Activity>,
     _slot: OwnedSemaphorePermit,
+}
+
+impl Watched {
+    fn note_write(&self, r: &Poll<io::Result<usize>>) {
+        match r {
+            Poll::Ready(Ok(n)) if *n > 0 => self.activity.wrote(),
+            Poll::Pending => self.activity.write_blocked(),
+            Poll::Ready(_) => {}
+        }
+    }
 }
 
 impl AsyncRead for Watched {
@@ -332,9 +415,7 @@ impl AsyncWrite for Watched {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_write(cx, buf);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            this.activity.touch();
-        }
+        this.note_write(&r);
         r
     }
 
@@ -345,9 +426,7 @@ impl AsyncWrite for Watched {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            this.activity.touch();
-        }
+        this.note_write(&r);
         r
     }
 
@@ -387,12 +466,14 @@ async fn serve_connection(
         let busy = Busy::new(&requests);
         let app = app.clone();
         async move {
-            let resp = app.oneshot(req).await;
-            drop(busy);
-            Ok::<_, Infallible>(match resp {
+            let resp = match app.oneshot(req).await {
                 Ok(r) => r,
                 Err(never) => match never {},
-            })
+            };
+            Ok::<_, Infallible>(resp.map(|inner| Tracked {
+                inner,
+                busy: Some(busy),
+            }))
         }
     });
     let conn = hyper::server::conn::http1::Builder::new()
@@ -417,7 +498,7 @@ async fn serve_connection(
                 break Ok(());
             }
             _ = check.tick() => {
-                if activity.idle_for().is_some_and(|d| d >= limits.idle_timeout) {
+                if activity.expired(limits.idle_timeout) {
                     tracing::debug!(%peer, "API: closing an idle connection");
                     break Ok(());
                 }
@@ -470,6 +551,21 @@ mod tests {
         assert!(!live.evict_idlest());
         drop(r1);
         assert_eq!(live.conns().len(), 1);
+    }
+
+    #[test]
+    fn a_peer_that_stops_reading_expires_even_mid_response() {
+        let a = Arc::new(Activity::new());
+        let _busy = Busy::new(&a);
+        assert!(!a.expired(Duration::ZERO), "busy and not blocked");
+        a.write_blocked();
+        std::thread::sleep(Duration::from_millis(20));
+        a.write_blocked();
+        assert!(a.stalled_for().unwrap() >= Duration::from_millis(20));
+        assert!(a.expired(Duration::from_millis(20)));
+        a.wrote();
+        assert_eq!(a.stalled_for(), None);
+        assert!(!a.expired(Duration::ZERO));
     }
 
     #[test]

@@ -8,17 +8,21 @@ use crate::cli::{ClientArgs, KeysCmd};
 use crate::output;
 
 pub async fn run(args: &ClientArgs, cmd: KeysCmd) -> anyhow::Result<()> {
+    // The local recovery needs no server (and no working key).
+    if let KeysCmd::Create {
+        name, admin: true, ..
+    } = cmd
+    {
+        return create_local_admin(args, name).await;
+    }
     let c = Client::new(&args.url, crate::serve::api_key(args)).context("bad server URL")?;
     match cmd {
-        KeysCmd::Create {
-            name, admin: true, ..
-        } => create_local_admin(args, name).await,
         KeysCmd::Create {
             name,
             scopes,
             tenant,
             expires_in,
-            admin: false,
+            ..
         } => {
             // clap requires --name unless --admin is given.
             let name = name.context("--name is required")?;

@@ -23,7 +23,8 @@ pub enum ErrorCode {
     PayloadTooLarge,
     /// The machine's current state does not allow the operation (409).
     InvalidState,
-    /// The resource already exists, e.g. a machine name in use (409).
+    /// The resource already exists, e.g. a machine name in use, or the
+    /// change would leave no active admin key (409).
     Conflict,
     /// The operation did not finish before its deadline (504).
     Timeout,
@@ -39,6 +40,9 @@ pub enum ErrorCode {
     TooManyRequests,
     /// The server cannot serve the request right now, e.g. shutting down (503).
     Unavailable,
+    /// The host's disk is full: the change could not be stored. Nothing
+    /// was changed; retry once space is freed (507).
+    InsufficientStorage,
     /// A bug or an unexpected host failure; details are in the server log (500).
     InternalError,
 }
@@ -59,6 +63,7 @@ impl ErrorCode {
             ErrorCode::AgentError | ErrorCode::BadGateway => 502,
             ErrorCode::TooManyRequests => 429,
             ErrorCode::Unavailable => 503,
+            ErrorCode::InsufficientStorage => 507,
         }
     }
 }

@@ -262,6 +262,9 @@ pub struct Machine {
     pub vcpu_count: u32,
     pub mem_size_mib: u32,
     pub exposed_ports: Vec<u32>,
+    /// Environment for commands run in the guest. The values may be
+    /// secrets: keys without the `exec` (or `admin`) scope see each value
+    /// replaced by `"<redacted>"` (the names stay).
     #[serde(default)]
     pub env: BTreeMap<String, String>,
     #[serde(default)]
@@ -283,6 +286,8 @@ pub struct Machine {
     pub public: bool,
     /// Grants proxy access to this machine's exposed ports, as
     /// `?hf_token=` or the `hf_token` cookie (see docs/networking.md).
+    /// Shown only to keys with the `exec` (or `admin`) scope, the scope the
+    /// proxy asks of API keys; null for every other key.
     #[serde(default)]
     pub access_token: Option<String>,
     /// The proxy URL of each exposed port, keyed by port.
@@ -292,6 +297,21 @@ pub struct Machine {
     pub updated_at: String,
     /// When the guest last became `running`.
     pub started_at: Option<String>,
+}
+
+/// What each `env` value reads as to a key that may not see secrets.
+pub const REDACTED: &str = "<redacted>";
+
+impl Machine {
+    /// Hides what grants access to the guest or may be a secret in it, for
+    /// keys without the `exec` scope: the proxy access token and the env
+    /// values.
+    pub fn redact_secrets(&mut self) {
+        self.access_token = None;
+        for v in self.env.values_mut() {
+            *v = REDACTED.to_string();
+        }
+    }
 }
 
 /// `GET /machines`

@@ -87,14 +87,24 @@ impl Refusal {
     }
 }
 
+/// The token of a `Bearer` credential: the scheme in any letter case,
+/// then one or more spaces or tabs (RFC 9110 §11.4 allows either), then the
+/// token. The API and the proxy read keys with this one function, so a
+/// spelling the proxy does not strip is never one the API would accept.
+pub fn bearer_token(value: &str) -> Option<&str> {
+    let v = value.trim_matches([' ', '\t']);
+    if !v.get(..6)?.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let rest = &v[6..];
+    let token = rest.trim_start_matches([' ', '\t']);
+    (token.len() < rest.len() && !token.is_empty()).then_some(token)
+}
+
 /// Checks an `Authorization` header value against the store.
 pub fn authenticate(store: &Store, header: Option<&str>) -> Result<Principal, Refusal> {
     let header = header.ok_or(Refusal::Missing)?;
-    let token = header
-        .strip_prefix("Bearer ")
-        .or_else(|| header.strip_prefix("bearer "))
-        .map(str::trim)
-        .ok_or(Refusal::Malformed)?;
+    let token = bearer_token(header).ok_or(Refusal::Malformed)?;
     if !token.starts_with(API_KEY_PREFIX) || token.len() > 256 {
         return Err(Refusal::Malformed);
     }
@@ -176,6 +186,31 @@ mod tests {
         assert_eq!(rec.hash, hash_key(&secret));
         assert_ne!(rec.hash, secret);
         assert!(secret.starts_with(&rec.prefix));
+    }
+
+    #[test]
+    fn bearer_tokens_are_read_in_every_spelling_the_rfc_allows() {
+        for v in [
+            "Bearer hf_x",
+            "bearer hf_x",
+            "BEARER hf_x",
+            "Bearer\thf_x",
+            "Bearer \t  hf_x ",
+            " Bearer hf_x",
+        ] {
+            assert_eq!(bearer_token(v), Some("hf_x"), "{v:?}");
+        }
+        for v in [
+            "Bearerhf_x",
+            "Bearer",
+            "Bearer  ",
+            "Basic hf_x",
+            "hf_x",
+            "Beaé hf_x",
+            "",
+        ] {
+            assert_eq!(bearer_token(v), None, "{v:?}");
+        }
     }
 
     #[test]

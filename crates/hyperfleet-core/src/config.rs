@@ -42,6 +42,8 @@ pub struct Config {
     /// Machine records kept in memory (`--machine-cache`); every other
     /// machine is read from the database when asked for.
     pub store: crate::store::StoreOptions,
+    /// The API listener's timeouts and connection cap (`--api-*`).
+    pub api: crate::http::server::ApiLimits,
     /// Bounds on guest requests (exec, files, logs): `--guest-json-max-bytes`,
     /// `--guest-requests-per-tenant`, `--guest-requests-total`.
     pub guest: GuestLimits,
@@ -118,6 +120,7 @@ impl Config {
             boot_timeout: Duration::from_secs(60),
             stop_timeout: Duration::from_secs(10),
             store: crate::store::StoreOptions::default(),
+            api: crate::http::server::ApiLimits::default(),
             qemu_binary: PathBuf::from("qemu-system-x86_64"),
             qemu_accel: crate::vmm::host::AccelChoice::Auto,
             firecracker_binary: PathBuf::from("firecracker"),

@@ -12,6 +12,7 @@ use hyperfleet_api::VmmKind;
 
 use crate::auth::{bootstrap_admin_key, BootstrapError};
 use crate::config::Config;
+use crate::http::server::{connection_cap, ApiServer};
 use crate::http::{router, AppState};
 use crate::lifecycle::run::RunCtx;
 use crate::lifecycle::{sweep, Supervisor};
@@ -22,6 +23,9 @@ use crate::vmm::firecracker::{FirecrackerConfig, FirecrackerVmm};
 use crate::vmm::qemu::{QemuConfig, QemuVmm};
 use crate::vmm::stub::StubVmm;
 use crate::vmm::Vmm;
+
+/// How long in-flight requests get after SIGTERM before the daemon exits.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Errors that stop the daemon from starting.
 #[derive(Debug, thiserror::Error)]
@@ -86,7 +90,93 @@ fn prepare_dirs(config: &Config) -> Result<(), DaemonError> {
             .create(&dir)
             .map_err(|source| DaemonError::DataDir { path: dir, source })?;
     }
+    tighten_modes(&config.data_dir)
+}
+
+/// The files under the data directory that hold secrets (the database
+/// stores key hashes, machine env and access tokens; `admin.key` is a
+/// key), each readable by the daemon's user only.
+pub const PRIVATE_FILES: [&str; 6] = [
+    "hyperfleet.db",
+    "hyperfleet.db-wal",
+    "hyperfleet.db-shm",
+    "admin.key",
+    "admin.tmp",
+    "hyperfleet.lock",
+];
+
+/// Modes the data directory and its private files must not exceed.
+const DIR_MODE: u32 = 0o700;
+const FILE_MODE: u32 = 0o600;
+
+/// Paths under `data_dir` (the directory itself included) whose mode
+/// grants more than the daemon's user, with their mode and the mode they
+/// should have. Missing files and symlinks are skipped. For `doctor`.
+pub fn loose_modes(data_dir: &Path) -> Vec<(PathBuf, u32, u32)> {
+    use std::os::unix::fs::PermissionsExt;
+    let wanted = std::iter::once((data_dir.to_path_buf(), DIR_MODE))
+        .chain(PRIVATE_FILES.iter().map(|f| (data_dir.join(f), FILE_MODE)));
+    wanted
+        .filter_map(|(path, want)| {
+            let md = std::fs::symlink_metadata(&path).ok()?;
+            let mode = md.permissions().mode() & 0o7777;
+            (!md.file_type().is_symlink() && mode & !want != 0).then_some((path, mode, want))
+        })
+        .collect()
+}
+
+/// Takes group and other access away from the data directory and its
+/// private files, also when they already existed with looser modes (an
+/// older version, a restore from backup, a careless `chmod -R`).
+fn tighten_modes(data_dir: &Path) -> Result<(), DaemonError> {
+    use std::os::unix::fs::PermissionsExt;
+    for (path, mode, want) in loose_modes(data_dir) {
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode & want)).map_err(
+            |source| DaemonError::DataDir {
+                path: path.clone(),
+                source,
+            },
+        )?;
+        tracing::warn!(
+            path = %path.display(),
+            was = format!("{mode:o}"),
+            now = format!("{:o}", mode & want),
+            "tightened the mode of a private file: it was readable by other users"
+        );
+    }
     Ok(())
+}
+
+/// Raises the soft limit on open files to the hard limit: each machine run
+/// holds sockets, a pidfd and logs, and the API's connection cap is sized
+/// from this limit. Returns the soft limit in force.
+fn raise_fd_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass; no other memory.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "cannot read the open-file limit");
+        return 1024;
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: setrlimit reads the struct we pass; no other memory.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            return raised.rlim_cur;
+        }
+        tracing::warn!(
+            error = %std::io::Error::last_os_error(),
+            soft = lim.rlim_cur,
+            hard = lim.rlim_max,
+            "cannot raise the open-file limit to its hard limit"
+        );
+    }
+    lim.rlim_cur
 }
 
 /// The backends this daemon can run, and the default among them.
@@ -149,6 +239,7 @@ fn names(map: &HashMap<VmmKind, Arc<dyn Vmm>>) -> String {
 }
 
 pub async fn serve(config: Config) -> Result<(), DaemonError> {
+    let fd_limit = raise_fd_limit();
     prepare_dirs(&config)?;
     let _lock = lock_data_dir(&config.data_dir)?;
     let armed = crate::failpoint::arm_from_env();
@@ -165,6 +256,8 @@ pub async fn serve(config: Config) -> Result<(), DaemonError> {
             "created the first admin API key; read it from this file (mode 0600) and keep it safe"
         );
     }
+    // Again: opening the store may have created the WAL and SHM files.
+    tighten_modes(&config.data_dir)?;
     if config.disable_auth {
         tracing::warn!(
             "AUTHENTICATION IS DISABLED (--disable-auth): anyone who can reach {} controls every machine. Development only.",
@@ -248,14 +341,19 @@ pub async fn serve(config: Config) -> Result<(), DaemonError> {
         urls,
         guest: Arc::new(crate::http::guest::GuestSlots::new(config.guest)),
     });
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        let _ = stop_rx.await;
-    });
-    let server = tokio::spawn(async move { server.await });
+    let mut limits = config.api;
+    limits.max_connections = connection_cap(config.api.max_connections, fd_limit);
+    if limits.max_connections < config.api.max_connections {
+        tracing::warn!(
+            asked = config.api.max_connections,
+            used = limits.max_connections,
+            fd_limit,
+            "--api-max-connections lowered to a quarter of the open-file limit, to keep descriptors for the machines"
+        );
+    }
+    let server = ApiServer::spawn(listener, app, limits).map_err(DaemonError::Serve)?;
     shutdown_signal().await;
     tracing::info!("shutting down: no new requests; VMMs keep running");
-    let _ = stop_tx.send(());
     let proxy_stopped = async move {
         if let Some(p) = proxy {
             p.shutdown().await;
@@ -263,11 +361,12 @@ pub async fn serve(config: Config) -> Result<(), DaemonError> {
     };
     // Long-polls may hold connections for minutes; give in-flight requests
     // a few seconds, then go.
-    let both = async move { tokio::join!(server, proxy_stopped).0 };
-    match tokio::time::timeout(Duration::from_secs(5), both).await {
-        Ok(Ok(Err(e))) => return Err(DaemonError::Serve(e)),
-        Ok(_) => {}
-        Err(_) => tracing::warn!("in-flight requests did not finish within 5 s; exiting anyway"),
+    let both = async move { tokio::join!(server.shutdown(), proxy_stopped) };
+    if tokio::time::timeout(SHUTDOWN_GRACE, both).await.is_err() {
+        tracing::warn!(
+            "in-flight requests did not finish within {} s; exiting anyway",
+            SHUTDOWN_GRACE.as_secs()
+        );
     }
     match store.machines_with_vmm() {
         Ok(live) => tracing::info!(vmms_left_running = live.len(), "hyperfleet stopped"),

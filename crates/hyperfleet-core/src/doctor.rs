@@ -63,6 +63,30 @@ fn is_root_or_net_admin() -> bool {
         .is_some_and(|caps| caps & (1 << 12) != 0)
 }
 
+/// The data directory and its secrets (database, WAL/SHM, admin key) must
+/// be private to the daemon's user; the daemon tightens them at start.
+fn private_modes(dir: &Path) -> Check {
+    let loose = crate::daemon::loose_modes(dir);
+    if loose.is_empty() {
+        return check(
+            "data_dir_modes",
+            Level::Ok,
+            "the data directory and its secrets are private (0700/0600)",
+            "",
+        );
+    }
+    let list: Vec<String> = loose
+        .iter()
+        .map(|(p, m, want)| format!("{} is {m:o} (should be {want:o})", p.display()))
+        .collect();
+    check(
+        "data_dir_modes",
+        Level::Warn,
+        format!("readable by other users: {}", list.join("; ")),
+        "restart the daemon (it tightens them at start) or chmod them yourself",
+    )
+}
+
 pub fn run(config: &Config) -> Vec<Check> {
     let mut out = Vec::new();
 
@@ -86,6 +110,8 @@ pub fn run(config: &Config) -> Vec<Check> {
             "run as a user that owns it, or pass --data-dir / HYPERFLEET_DATA_DIR",
         )
     });
+
+    out.push(private_modes(dir));
 
     // Store.
     let db = config.db_path();

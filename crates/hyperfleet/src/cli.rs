@@ -148,6 +148,19 @@ pub struct ServeArgs {
     /// Guest requests in progress at once, all tenants together; more get 429.
     #[arg(long, env = "HYPERFLEET_GUEST_REQUESTS_TOTAL", default_value_t = nonzero(GuestLimits::default().total))]
     pub guest_requests_total: std::num::NonZeroUsize,
+    /// Seconds a client has to send a request's headers, on a new API
+    /// connection and between keep-alive requests; then it is closed.
+    #[arg(long, env = "HYPERFLEET_API_HEADER_TIMEOUT", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..))]
+    pub api_header_timeout: u64,
+    /// Seconds an API connection may sit with no request in progress and no
+    /// byte moving, or with a response its peer stopped reading, before it
+    /// is closed (long-polls and quiet streams are in progress).
+    #[arg(long, env = "HYPERFLEET_API_IDLE_TIMEOUT", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    pub api_idle_timeout: u64,
+    /// API connections served at once (at most a quarter of the open-file
+    /// limit); at the cap a new client closes the connection idle longest.
+    #[arg(long, env = "HYPERFLEET_API_MAX_CONNECTIONS", default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..))]
+    pub api_max_connections: u64,
     /// Log format.
     #[arg(
         long,
@@ -426,16 +439,22 @@ pub struct ActionArgs {
 pub enum KeysCmd {
     /// Create a key; its secret is printed once.
     Create {
-        #[arg(long)]
-        name: String,
+        #[arg(long, required_unless_present = "admin")]
+        name: Option<String>,
         /// read, write, exec or admin (repeatable).
-        #[arg(long = "scope", required = true)]
+        #[arg(long = "scope", required_unless_present = "admin")]
         scopes: Vec<String>,
         #[arg(long)]
         tenant: Option<String>,
         /// Lifetime in seconds.
         #[arg(long)]
         expires_in: Option<u64>,
+        /// Recovery when no admin key works: write a new operator admin key
+        /// straight into the database under --data-dir (run on the host as
+        /// the daemon's user; works while the daemon runs) instead of asking
+        /// the server.
+        #[arg(long, conflicts_with_all = ["scopes", "tenant", "expires_in"])]
+        admin: bool,
     },
     List,
     /// Revoke a key by id (`key_…`).

@@ -110,20 +110,20 @@ fn print_event(e: &MachineEvent) {
         "{:>6}  {}  {:<10} {:<22} {}",
         e.id,
         e.at,
-        e.kind,
+        output::clean(&e.kind),
         change,
-        e.message.clone().unwrap_or_default()
+        output::clean(e.message.as_deref().unwrap_or_default())
     );
     for s in &e.steps {
         println!(
             "{:>8}{:<22} {:>10.1} ms  {}{}",
             "",
-            s.step,
+            output::clean(&s.step),
             s.duration_ms,
-            s.outcome,
+            output::clean(&s.outcome),
             s.detail
                 .as_ref()
-                .map(|d| format!("  ({d})"))
+                .map(|d| format!("  ({})", output::clean(d)))
                 .unwrap_or_default()
         );
     }
@@ -255,11 +255,19 @@ pub async fn run(args: &ClientArgs, cmd: MachinesCmd) -> anyhow::Result<()> {
         } => exec(args, &c, id, timeout, env, cwd, stdin, stream, command).await,
         MachinesCmd::Cp { src, dst } => cp(&c, &src, &dst).await,
         MachinesCmd::Logs { id, follow, tail } => {
+            use std::io::IsTerminal;
             use std::io::Write;
             let mut s = Box::pin(c.logs(&id, tail, follow).await?);
             let mut out = std::io::stdout();
+            // The guest writes what it likes to its console; a terminal
+            // must not obey it. Redirected, the bytes stay exact.
+            let mut text = out.is_terminal().then(output::TerminalText::default);
             while let Some(chunk) = s.next().await {
-                out.write_all(&chunk?)?;
+                let chunk = chunk?;
+                match &mut text {
+                    Some(t) => out.write_all(t.push(&chunk).as_bytes())?,
+                    None => out.write_all(&chunk)?,
+                }
                 out.flush()?;
             }
             Ok(())

@@ -56,6 +56,9 @@ fn main() -> std::process::ExitCode {
             cli::Command::Assets(cmd) => assets::run(&args.client, cmd),
         }
     });
+    // Do not wait for stuck blocking tasks (a hung filesystem call, a
+    // connection in a long-poll): the daemon has already said goodbye.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

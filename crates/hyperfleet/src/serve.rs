@@ -77,6 +77,9 @@ fn settings(a: &ServeArgs, global: &ClientArgs) -> anyhow::Result<Config> {
     config.boot_timeout = Duration::from_secs(a.boot_timeout);
     config.stop_timeout = Duration::from_secs(a.stop_timeout);
     config.store.cached_machines = a.machine_cache;
+    config.api.header_timeout = Duration::from_secs(a.api_header_timeout);
+    config.api.idle_timeout = Duration::from_secs(a.api_idle_timeout);
+    config.api.max_connections = usize::try_from(a.api_max_connections).unwrap_or(usize::MAX);
     config.guest = hyperfleet_core::config::GuestLimits {
         json_max_bytes: a.guest_json_max_bytes,
         per_tenant: a.guest_requests_per_tenant.get(),

@@ -224,3 +224,118 @@ fn disable_auth_lets_anyone_in_and_says_so_loudly() {
     );
     assert!(d.log().contains("AUTHENTICATION IS DISABLED"));
 }
+
+#[test]
+fn machine_secrets_are_shown_only_to_keys_that_may_exec() {
+    let sb = Sandbox::new();
+    let d = Daemon::start(&sb);
+    let (read, _) = make_key(&d, "r", &["read"], None);
+    let (write, _) = make_key(&d, "w", &["write"], None);
+    let (read_write, _) = make_key(&d, "rw", &["read", "write"], None);
+    let (exec, _) = make_key(&d, "x", &["read", "exec"], None);
+    let m = d.create(json!({"name": "sec", "env": {"DB_PASSWORD": "s3cret-pw"}}));
+    let token = m["access_token"].as_str().unwrap().to_string();
+    assert!(token.starts_with("hft_"));
+    assert_eq!(m["env"]["DB_PASSWORD"], "s3cret-pw", "admin sees them");
+    let redacted = |body: &serde_json::Value, what: &str| {
+        let text = body.to_string();
+        assert!(
+            !text.contains(&token) && !text.contains("s3cret-pw"),
+            "{what} leaks a secret: {text}"
+        );
+    };
+    let one = |key: &str| d.call_as(key, "GET", "/machines/sec", None);
+    for key in [&read, &read_write] {
+        let r = one(key);
+        assert_eq!(r.status, 200);
+        redacted(&r.body, "GET /machines/{id}");
+        assert!(r.body["access_token"].is_null());
+        assert_eq!(r.body["env"]["DB_PASSWORD"], "<redacted>");
+        let r = d.call_as(key, "GET", "/machines", None);
+        assert_eq!(r.status, 200);
+        redacted(&r.body, "GET /machines");
+        assert_eq!(r.body["machines"][0]["env"]["DB_PASSWORD"], "<redacted>");
+        let r = d.call_as(key, "GET", "/machines/sec/wait?status=pending", None);
+        assert_eq!(r.status, 200, "{}", r.body);
+        redacted(&r.body, "wait");
+    }
+    // Write-only actions: the create and action answers are redacted too.
+    let r = d.call_as(
+        &write,
+        "POST",
+        "/machines",
+        Some(json!({"name": "w1", "env": {"TOKEN": "s3cret-pw"}})),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert!(r.body["access_token"].is_null());
+    assert_eq!(r.body["env"]["TOKEN"], "<redacted>");
+    let r = d.call_as(&write, "POST", "/machines/w1/start?wait=false", None);
+    assert_eq!(r.status, 202, "{}", r.body);
+    redacted(&r.body, "start");
+    let r = d.call_as(&write, "POST", "/machines/sec/start", None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    redacted(&r.body, "start");
+    let r = d.call_as(&write, "POST", "/machines/sec/stop", None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    redacted(&r.body, "stop");
+    // Keys that may exec see them.
+    let r = one(&exec);
+    assert_eq!(r.body["access_token"], token.as_str());
+    assert_eq!(r.body["env"]["DB_PASSWORD"], "s3cret-pw");
+    let r = d.call_as(&exec, "GET", "/machines", None);
+    assert!(r.body.to_string().contains(&token));
+}
+
+#[test]
+fn the_last_admin_key_cannot_be_revoked() {
+    let sb = Sandbox::new();
+    let d = Daemon::start(&sb);
+    let keys = d.call("GET", "/keys", None);
+    let own = keys.body["keys"][0]["id"].as_str().unwrap().to_string();
+    let (_, reader) = make_key(&d, "reader", &["read"], None);
+    let (alice_admin, alice_id) = make_key(&d, "alice-admin", &["admin"], Some("alice"));
+    let r = d.call("DELETE", &format!("/keys/{own}"), None);
+    assert_eq!((r.status, r.code()), (409, "CONFLICT"), "{}", r.body);
+    assert!(
+        r.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("last active admin key"),
+        "{}",
+        r.body
+    );
+    // Still works; other keys are revoked as before.
+    assert_eq!(d.call("GET", "/keys", None).status, 200);
+    assert_eq!(
+        d.call("DELETE", &format!("/keys/{reader}"), None).status,
+        204
+    );
+    // A tenant admin cannot see (so cannot revoke) the operator's key, and
+    // revoking itself is fine while an operator admin remains.
+    let r = d.call_as(&alice_admin, "DELETE", &format!("/keys/{own}"), None);
+    assert_eq!(r.status, 404);
+    // With a second operator admin, the first may go.
+    let (second, _) = make_key(&d, "second", &["admin"], None);
+    assert_eq!(
+        d.call_as(&second, "DELETE", &format!("/keys/{own}"), None)
+            .status,
+        204
+    );
+    let r = d.call_as(&second, "GET", "/keys", None);
+    let second_id = r.body["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["name"] == "second")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = d.call_as(&second, "DELETE", &format!("/keys/{second_id}"), None);
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert_eq!(
+        d.call_as(&second, "DELETE", &format!("/keys/{alice_id}"), None)
+            .status,
+        204
+    );
+}

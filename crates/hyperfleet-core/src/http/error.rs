@@ -62,6 +62,13 @@ impl From<StoreError> for ApiError {
             ),
             StoreError::NoSuchMachine(id) => ApiError::not_found(format!("machine '{id}'")),
             StoreError::NoSuchKey(id) => ApiError::not_found(format!("API key '{id}'")),
+            e @ StoreError::Full { .. } => ApiError::new(
+                ErrorCode::InsufficientStorage,
+                format!(
+                    "{e}; free space on the filesystem of the data directory and retry (nothing \
+                     was changed)"
+                ),
+            ),
             StoreError::Closed => ApiError::new(
                 ErrorCode::Unavailable,
                 "the server is shutting down; retry against the restarted server",
@@ -88,5 +95,36 @@ impl From<LifecycleError> for ApiError {
             }
             LifecycleError::Store(e) => e.into(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_disk_is_507_and_other_database_failures_are_500() {
+        let e: ApiError = StoreError::Full {
+            context: "committing a write transaction".into(),
+        }
+        .into();
+        assert_eq!(e.code, ErrorCode::InsufficientStorage);
+        assert_eq!(e.code.http_status(), 507);
+        assert!(
+            e.message.contains("disk") && e.message.contains("full"),
+            "{}",
+            e.message
+        );
+        let e: ApiError = LifecycleError::Store(StoreError::Full {
+            context: "x".into(),
+        })
+        .into();
+        assert_eq!(e.code, ErrorCode::InsufficientStorage);
+        let e: ApiError = StoreError::Sql {
+            context: "x".into(),
+            message: "disk I/O error".into(),
+        }
+        .into();
+        assert_eq!(e.code, ErrorCode::InternalError);
     }
 }

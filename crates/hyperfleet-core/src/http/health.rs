@@ -13,6 +13,12 @@ use super::AppState;
 pub async fn health(State(state): State<AppState>) -> Response {
     let store =
         match tokio::time::timeout(std::time::Duration::from_secs(2), state.store.ping()).await {
+            Ok(Ok(())) if state.store.disk_full() => StoreHealth {
+                ok: false,
+                detail: "the disk holding the database is full: changes fail with 507 \
+                         INSUFFICIENT_STORAGE until space is freed and a write succeeds"
+                    .into(),
+            },
             Ok(Ok(())) => StoreHealth {
                 ok: true,
                 detail: format!(

@@ -21,6 +21,7 @@ use utoipa::IntoParams;
 use super::error::ApiError;
 use super::extract::{Caller, Json, Query};
 use super::AppState;
+use crate::auth::Principal;
 use crate::lifecycle::table::Request;
 use crate::lifecycle::WaitOutcome;
 use crate::store::CachedMachine;
@@ -33,8 +34,28 @@ fn json_bytes(status: StatusCode, body: Bytes) -> Response {
     (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
-fn machine_response(state: &AppState, status: StatusCode, m: &CachedMachine) -> Response {
-    json_bytes(status, m.json(state.urls.as_deref()).clone())
+/// The machine's JSON as `p` may see it. The access token opens the
+/// machine's ports through the proxy and env values may be passwords, so
+/// only keys that may exec in the machine anyway (`exec`, `admin`) see them;
+/// everyone else gets them redacted (docs/api.md "Secrets in machines").
+fn machine_body(state: &AppState, p: &Principal, m: &CachedMachine) -> Result<Bytes, ApiError> {
+    if p.has(Scope::Exec) {
+        return Ok(m.json(state.urls.as_deref()).clone());
+    }
+    let mut api = m.rec.to_api_with(state.urls.as_deref());
+    api.redact_secrets();
+    serde_json::to_vec(&api)
+        .map(Bytes::from)
+        .map_err(|e| ApiError::internal("rendering the machine", e))
+}
+
+fn machine_response(
+    state: &AppState,
+    p: &Principal,
+    status: StatusCode,
+    m: &CachedMachine,
+) -> Result<Response, ApiError> {
+    Ok(json_bytes(status, machine_body(state, p, m)?))
 }
 
 /// Ids and names are short ASCII; anything else cannot name a machine.
@@ -63,6 +84,7 @@ fn find(state: &AppState, caller: &Caller, id: &str) -> Result<Arc<CachedMachine
         (status = 201, description = "Created (status `pending`); durable when answered", body = Machine),
         (status = 400, description = "Malformed or invalid request", body = hyperfleet_api::ErrorBody),
         (status = 409, description = "Name already in use", body = hyperfleet_api::ErrorBody),
+        (status = 507, description = "The disk holding the database is full (INSUFFICIENT_STORAGE); nothing was stored", body = hyperfleet_api::ErrorBody),
     ),
     security(("bearer" = [])))]
 pub async fn create(
@@ -77,8 +99,12 @@ pub async fn create(
     let m = state.sup.create(&p.tenant, name, spec).await?;
     // Rendered without caching: a burst of creates should not keep a JSON
     // copy of every new machine in memory; the first GET caches it.
-    let body = serde_json::to_vec(&m.rec.to_api_with(state.urls.as_deref()))
-        .map_err(|e| ApiError::internal("rendering the machine", e))?;
+    let mut api = m.rec.to_api_with(state.urls.as_deref());
+    if !p.has(Scope::Exec) {
+        api.redact_secrets();
+    }
+    let body =
+        serde_json::to_vec(&api).map_err(|e| ApiError::internal("rendering the machine", e))?;
     Ok(json_bytes(StatusCode::CREATED, Bytes::from(body)))
 }
 
@@ -116,19 +142,20 @@ pub async fn list(
     }
     let offset = q.offset.unwrap_or(0);
     let (machines, total) = state.store.list(&p.tenant, status, limit, offset)?;
-    // Splice the pre-rendered machine JSON instead of re-serialising.
-    let size: usize = machines
+    // Splice the pre-rendered machine JSON instead of re-serialising (keys
+    // that may not see secrets get each machine rendered redacted).
+    let parts = machines
         .iter()
-        .map(|m| m.json(state.urls.as_deref()).len() + 1)
-        .sum::<usize>()
-        + 40;
+        .map(|m| machine_body(&state, p, m))
+        .collect::<Result<Vec<_>, _>>()?;
+    let size: usize = parts.iter().map(|b| b.len() + 1).sum::<usize>() + 40;
     let mut body = BytesMut::with_capacity(size);
     body.put_slice(b"{\"machines\":[");
-    for (i, m) in machines.iter().enumerate() {
+    for (i, part) in parts.iter().enumerate() {
         if i > 0 {
             body.put_u8(b',');
         }
-        body.put_slice(m.json(state.urls.as_deref()));
+        body.put_slice(part);
     }
     body.put_slice(format!("],\"total\":{total}}}").as_bytes());
     Ok(json_bytes(StatusCode::OK, body.freeze()))
@@ -143,9 +170,9 @@ pub async fn get(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    caller.require(Scope::Read)?;
+    let p = caller.require(Scope::Read)?;
     let m = find(&state, &caller, &id)?;
-    Ok(machine_response(&state, StatusCode::OK, &m))
+    machine_response(&state, p, StatusCode::OK, &m)
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -190,23 +217,24 @@ async fn act(
     check_ref(&id)?;
     let (m, generation) = state.sup.request(&p.tenant, &id, req).await?;
     if !wait {
-        return Ok(machine_response(&state, StatusCode::ACCEPTED, &m));
+        return machine_response(&state, p, StatusCode::ACCEPTED, &m);
     }
     let outcome = state
         .sup
         .wait_generation(&m.rec.id, generation, timeout)
         .await;
-    outcome_response(&state, outcome, req, timeout)
+    outcome_response(&state, p, outcome, req, timeout)
 }
 
 fn outcome_response(
     state: &AppState,
+    p: &Principal,
     outcome: WaitOutcome,
     req: Request,
     timeout: Duration,
 ) -> Result<Response, ApiError> {
     match outcome {
-        WaitOutcome::Reached(m) => Ok(machine_response(state, StatusCode::OK, &m)),
+        WaitOutcome::Reached(m) => machine_response(state, p, StatusCode::OK, &m),
         WaitOutcome::Error(e) => Err(e.into()),
         WaitOutcome::Deleted if matches!(req, Request::Delete | Request::ForceDelete) => {
             Ok(StatusCode::NO_CONTENT.into_response())
@@ -253,6 +281,7 @@ macro_rules! action_route {
                 (status = 409, description = "Not allowed in the current state", body = hyperfleet_api::ErrorBody),
                 (status = 500, description = "The machine failed (RUNTIME_ERROR)", body = hyperfleet_api::ErrorBody),
                 (status = 504, description = "Deadline passed; the operation continues", body = hyperfleet_api::ErrorBody),
+                (status = 507, description = "The disk holding the database is full (INSUFFICIENT_STORAGE); nothing was changed", body = hyperfleet_api::ErrorBody),
             ),
             security(("bearer" = [])))]
         pub async fn $name(
@@ -365,7 +394,7 @@ pub async fn wait(
     Path(id): Path<String>,
     Query(q): Query<WaitQuery>,
 ) -> Result<Response, ApiError> {
-    caller.require(Scope::Read)?;
+    let p = caller.require(Scope::Read)?;
     let target: MachineStatus = q
         .status
         .parse()
@@ -384,7 +413,7 @@ pub async fn wait(
             ),
         )),
         WaitOutcome::Deleted => Err(ApiError::not_found(format!("machine '{id}' (deleted)"))),
-        other => outcome_response(&state, other, Request::Start, timeout),
+        other => outcome_response(&state, p, other, Request::Start, timeout),
     }
 }
 

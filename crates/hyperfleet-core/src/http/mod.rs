@@ -8,6 +8,7 @@ pub mod health;
 pub mod keys;
 pub mod machines;
 pub mod openapi;
+pub mod server;
 
 use std::sync::Arc;
 

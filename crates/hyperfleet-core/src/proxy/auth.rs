@@ -18,7 +18,7 @@ use axum::http::HeaderMap;
 use hyperfleet_api::{ErrorCode, Scope, API_KEY_PREFIX};
 
 use super::ProxyError;
-use crate::auth::{authenticate, Principal, Refusal};
+use crate::auth::{authenticate, bearer_token, Principal, Refusal};
 use crate::store::{CachedMachine, Store, StoreError};
 use crate::util::looks_like_machine_id;
 
@@ -37,10 +37,14 @@ pub(crate) struct Credentials<'a> {
 
 impl<'a> Credentials<'a> {
     pub(crate) fn new(headers: &'a HeaderMap, query_token: Option<&'a str>) -> Self {
+        // In any of several `Authorization` headers, or in a comma-joined
+        // one: the first Hyperfleet key is the one checked.
         let key = headers
-            .get(AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .filter(|v| is_hyperfleet_key(v));
+            .get_all(AUTHORIZATION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .find(|v| is_hyperfleet_key(v));
         Credentials {
             key,
             query_token,
@@ -58,27 +62,24 @@ impl<'a> Credentials<'a> {
     }
 }
 
-/// `Bearer hf_…`: a Hyperfleet key, which the proxy checks and strips.
+/// `Bearer hf_…` (any case, spaces or tabs): a Hyperfleet key, which the
+/// proxy checks and strips.
 pub(crate) fn is_hyperfleet_key(authorization: &str) -> bool {
-    authorization
-        .get(..7)
-        .is_some_and(|b| b.eq_ignore_ascii_case("bearer "))
-        && authorization[7..].trim_start().starts_with(API_KEY_PREFIX)
+    bearer_token(authorization).is_some_and(|t| t.starts_with(API_KEY_PREFIX))
 }
 
-/// The values of cookie `name` in every `Cookie` header.
-pub(crate) fn cookie_values<'a>(
-    headers: &'a HeaderMap,
-    name: &'a str,
-) -> impl Iterator<Item = &'a str> {
+/// The values of cookie `name` in every `Cookie` header. Whitespace around
+/// names and values (`hf_token = x`) and quotes around a value are
+/// tolerated, as browsers and frameworks do.
+pub(crate) fn cookie_values<'a>(headers: &'a HeaderMap, name: &'a str) -> impl Iterator<Item = &'a str> {
     headers
         .get_all(COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(move |pair| {
-            let (k, v) = pair.trim().split_once('=')?;
-            (k == name).then_some(v)
+            let (k, v) = pair.split_once('=')?;
+            (k.trim() == name).then(|| v.trim().trim_matches('"'))
         })
 }
 
@@ -246,6 +247,8 @@ mod tests {
     fn only_bearer_hf_keys_are_hyperfleet_keys() {
         assert!(is_hyperfleet_key("Bearer hf_abc"));
         assert!(is_hyperfleet_key("bearer  hf_abc"));
+        assert!(is_hyperfleet_key("Bearer\thf_abc"));
+        assert!(is_hyperfleet_key("BEARER hf_abc"));
         assert!(!is_hyperfleet_key("Bearer eyJhbGciOi"));
         assert!(!is_hyperfleet_key("Basic aGZfOng="));
         assert!(!is_hyperfleet_key("hf_abc"));
@@ -258,8 +261,23 @@ mod tests {
         h.append(COOKIE, HeaderValue::from_static("a=1; hf_token=x ;b=2"));
         h.append(COOKIE, HeaderValue::from_static("hf_token=y"));
         h.append(COOKIE, HeaderValue::from_static("xhf_token=z; hf_token"));
+        h.append(COOKIE, HeaderValue::from_static("c=3;\thf_token = \"w\" "));
         let v: Vec<&str> = cookie_values(&h, TOKEN_COOKIE).collect();
-        assert_eq!(v, ["x", "y"]);
+        assert_eq!(v, ["x", "y", "w"]);
+    }
+
+    #[test]
+    fn the_key_is_found_in_any_authorization_header() {
+        let mut h = HeaderMap::new();
+        h.append(AUTHORIZATION, HeaderValue::from_static("Bearer app-token"));
+        h.append(AUTHORIZATION, HeaderValue::from_static("Bearer\thf_abc"));
+        assert_eq!(Credentials::new(&h, None).key, Some("Bearer\thf_abc"));
+        let mut h = HeaderMap::new();
+        h.append(
+            AUTHORIZATION,
+            HeaderValue::from_static("Basic eA==, bearer hf_abc"),
+        );
+        assert!(Credentials::new(&h, None).key.is_some());
     }
 
     #[test]

@@ -85,13 +85,7 @@ pub(crate) struct Forwarded<'a> {
 /// Hyperfleet credentials out, `X-Forwarded-*` in. `Host` stays as sent.
 pub(crate) fn prepare_request(headers: &mut HeaderMap, upgrade: bool, fwd: &Forwarded<'_>) {
     strip_hop_by_hop(headers, upgrade);
-    if headers
-        .get(AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(is_hyperfleet_key)
-    {
-        headers.remove(AUTHORIZATION);
-    }
+    strip_hyperfleet_keys(headers);
     strip_token_cookie(headers);
 
     // Append to a chain from proxies before this one (RFC 7239 style).
@@ -125,12 +119,54 @@ pub(crate) fn prepare_request(headers: &mut HeaderMap, upgrade: bool, fwd: &Forw
     };
 }
 
-/// Removes `hf_token` from the `Cookie` headers, keeping every other
+/// Whether an `Authorization` value carries a Hyperfleet key anywhere:
+/// alone or in a comma-joined list, in any spelling `bearer_token` reads,
+/// also next to bytes that are not UTF-8.
+fn carries_key(v: &HeaderValue) -> bool {
+    String::from_utf8_lossy(v.as_bytes())
+        .split(',')
+        .any(is_hyperfleet_key)
+}
+
+/// Removes every `Authorization` value that carries a Hyperfleet key — a
+/// client may send several — and keeps the application's own.
+fn strip_hyperfleet_keys(headers: &mut HeaderMap) {
+    if !headers.get_all(AUTHORIZATION).iter().any(carries_key) {
+        return;
+    }
+    let kept: Vec<HeaderValue> = headers
+        .get_all(AUTHORIZATION)
+        .iter()
+        .filter(|v| !carries_key(v))
+        .cloned()
+        .collect();
+    headers.remove(AUTHORIZATION);
+    for v in kept {
+        headers.append(AUTHORIZATION, v);
+    }
+}
+
+/// Whether one `name=value` pair of a `Cookie` header is the token cookie,
+/// whatever whitespace surrounds the name. Works on bytes: a header that is
+/// not UTF-8 must not hide the token from this check.
+fn is_token_pair(pair: &[u8]) -> bool {
+    let name = pair.split(|b| *b == b'=').next().unwrap_or_default();
+    name.trim_ascii() == TOKEN_COOKIE.as_bytes()
+}
+
+/// Removes `hf_token` from every `Cookie` header, keeping every other
 /// cookie; drops a `Cookie` header left empty.
 fn strip_token_cookie(headers: &mut HeaderMap) {
-    let has_token = super::auth::cookie_values(headers, TOKEN_COOKIE)
-        .next()
-        .is_some();
+    let pairs = |v: &HeaderValue| -> Vec<Vec<u8>> {
+        v.as_bytes()
+            .split(|b| *b == b';')
+            .map(|p| p.trim_ascii().to_vec())
+            .collect()
+    };
+    let has_token = headers
+        .get_all(COOKIE)
+        .iter()
+        .any(|v| pairs(v).iter().any(|p| is_token_pair(p)));
     if !has_token {
         return;
     }
@@ -138,18 +174,14 @@ fn strip_token_cookie(headers: &mut HeaderMap) {
         .get_all(COOKIE)
         .iter()
         .filter_map(|v| {
-            let v = v.to_str().ok()?;
-            let rest: Vec<&str> = v
-                .split(';')
-                .map(str::trim)
-                .filter(|pair| {
-                    !pair.is_empty() && pair.split_once('=').is_none_or(|(k, _)| k != TOKEN_COOKIE)
-                })
+            let rest: Vec<Vec<u8>> = pairs(v)
+                .into_iter()
+                .filter(|p| !p.is_empty() && !is_token_pair(p))
                 .collect();
             if rest.is_empty() {
                 return None;
             }
-            HeaderValue::from_str(&rest.join("; ")).ok()
+            HeaderValue::from_bytes(&rest.join(&b"; "[..])).ok()
         })
         .collect();
     headers.remove(COOKIE);
@@ -233,6 +265,35 @@ mod tests {
         assert_eq!(h["x-forwarded-host"], "8080-web.localhost:4000");
         assert_eq!(h["x-forwarded-prefix"], "/proxy/web");
         assert_eq!(h["host"], "8080-web.localhost:4000");
+
+        // Repeated, tab-separated, upper-case, comma-joined and non-UTF-8
+        // spellings of the key, and a token cookie with odd spacing: every
+        // copy goes, the application's own credentials stay.
+        let mut h = map(&[
+            ("authorization", "Bearer app-token"),
+            ("authorization", "Bearer\thf_secret"),
+            ("authorization", "BEARER   hf_secret"),
+            ("authorization", "Basic eA==, Bearer hf_secret"),
+            ("cookie", "a=1;\thf_token = hft_x ; b=2"),
+            ("cookie", " hf_token=\"hft_y\""),
+        ]);
+        h.append(
+            "authorization",
+            HeaderValue::from_bytes(b"Bearer hf_secret \xff").unwrap(),
+        );
+        h.append(
+            "cookie",
+            HeaderValue::from_bytes(b"c=\xff; hf_token=hft_z").unwrap(),
+        );
+        prepare_request(&mut h, false, &fwd);
+        let auth: Vec<&[u8]> = h
+            .get_all("authorization")
+            .iter()
+            .map(|v| v.as_bytes())
+            .collect();
+        assert_eq!(auth, [&b"Bearer app-token"[..]]);
+        let cookies: Vec<&[u8]> = h.get_all("cookie").iter().map(|v| v.as_bytes()).collect();
+        assert_eq!(cookies, [&b"a=1; b=2"[..], &b"c=\xff"[..]]);
 
         // The application's own credentials pass untouched.
         let mut h = map(&[

@@ -30,6 +30,7 @@ mod writer;
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use hyperfleet_api::MachineStatus;
@@ -51,6 +52,9 @@ use writer::Job;
 pub enum StoreError {
     #[error("the database failed while {context}: {message}")]
     Sql { context: String, message: String },
+    /// SQLITE_FULL (the VFS reports ENOSPC as this): nothing was stored.
+    #[error("the disk holding the database is full; nothing was stored while {context}")]
+    Full { context: String },
     #[error("the database schema is unusable: {0}")]
     Schema(String),
     #[error("cannot open the database at {path}: {message}")]
@@ -70,10 +74,31 @@ pub enum StoreError {
 
 impl StoreError {
     pub(crate) fn sql(context: &str, e: rusqlite::Error) -> Self {
+        if is_disk_full(&e) {
+            return StoreError::Full {
+                context: context.to_string(),
+            };
+        }
         StoreError::Sql {
             context: context.to_string(),
             message: e.to_string(),
         }
+    }
+}
+
+/// SQLite's unix VFS turns ENOSPC from write(2) and fallocate(2) into
+/// SQLITE_FULL; an ENOSPC that surfaces as an I/O error (fsync on some
+/// filesystems) carries the OS error number in the extended code's message
+/// only, so it is recognised by the errno SQLite recorded.
+fn is_disk_full(e: &rusqlite::Error) -> bool {
+    match e {
+        rusqlite::Error::SqliteFailure(f, msg) => {
+            f.code == rusqlite::ErrorCode::DiskFull
+                || msg
+                    .as_deref()
+                    .is_some_and(|m| m.contains("No space left on device"))
+        }
+        _ => false,
     }
 }
 
@@ -91,7 +116,17 @@ struct Shared {
     keys: RwLock<HashMap<String, KeyRecord>>,
     readers: Mutex<Vec<Connection>>,
     path: PathBuf,
+    /// When the keys were last looked for in the database (see
+    /// [`Store::key_by_hash`]).
+    keys_loaded: Mutex<Option<std::time::Instant>>,
+    /// Set by a write that failed for a full disk, cleared by one that
+    /// succeeded.
+    disk_full: AtomicBool,
 }
+
+/// How often a key unknown to memory may send the store back to the
+/// database.
+pub const KEY_RELOAD_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Handle to the store; cheap to clone.
 #[derive(Clone)]
@@ -196,6 +231,8 @@ impl Store {
             keys: RwLock::new(keys.into_iter().map(|k| (k.hash.clone(), k)).collect()),
             readers: Mutex::new(readers),
             path: path.to_path_buf(),
+            keys_loaded: Mutex::new(None),
+            disk_full: AtomicBool::new(false),
         });
         let (tx, rx) = mpsc::channel(8192);
         writer::spawn(conn, rx, shared.clone())?;
@@ -215,10 +252,40 @@ impl Store {
         T: Send + 'static,
         F: FnOnce(&mut WriteCtx<'_>) -> Result<T, StoreError> + Send + 'static,
     {
+        let out = self.run_write(f).await;
+        match &out {
+            Err(StoreError::Full { .. }) => {
+                if !self.shared.disk_full.swap(true, Ordering::Relaxed) {
+                    tracing::error!(
+                        "the disk holding the database is full: writes fail until space is freed"
+                    );
+                }
+            }
+            Ok(_) => {
+                if self.shared.disk_full.swap(false, Ordering::Relaxed) {
+                    tracing::info!("the database accepts writes again");
+                }
+            }
+            Err(_) => {}
+        }
+        out
+    }
+
+    async fn run_write<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut WriteCtx<'_>) -> Result<T, StoreError> + Send + 'static,
+    {
         let (tx, rx) = oneshot::channel();
         let job = writer::job(f, tx);
         self.jobs.send(job).await.map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Whether the last write failed for a full disk (no write succeeded
+    /// since): `/health` reports the store degraded meanwhile.
+    pub fn disk_full(&self) -> bool {
+        self.shared.disk_full.load(Ordering::Relaxed)
     }
 
     /// Runs `f` on a pooled read-only connection. Called directly from
@@ -419,8 +486,43 @@ impl Store {
             .map_err(|_| StoreError::Closed)?
     }
 
+    /// The key with this hash. Keys written into the database by another
+    /// process (`hyperfleet keys create --admin --data-dir`, the local
+    /// recovery) are found too: a miss looks at the database again, at most
+    /// once per [`KEY_RELOAD_EVERY`] so a stream of unknown keys costs no
+    /// more than that.
     pub fn key_by_hash(&self, hash: &str) -> Option<KeyRecord> {
+        if let Some(k) = read_lock(&self.shared.keys).get(hash) {
+            return Some(k.clone());
+        }
+        self.load_new_keys();
         read_lock(&self.shared.keys).get(hash).cloned()
+    }
+
+    /// Adds the keys the database has and memory does not. Known keys are
+    /// left alone: memory is never older than the database for them (the
+    /// writer publishes each commit), and a read racing a revocation's
+    /// publish must not bring the unrevoked row back.
+    fn load_new_keys(&self) {
+        {
+            let mut last = lock(&self.shared.keys_loaded);
+            if last.is_some_and(|t| t.elapsed() < KEY_RELOAD_EVERY) {
+                return;
+            }
+            *last = Some(std::time::Instant::now());
+        }
+        match self.read(rows::load_keys) {
+            Ok(keys) => {
+                let mut known = write_lock(&self.shared.keys);
+                for k in keys {
+                    if !known.contains_key(&k.hash) {
+                        tracing::info!(id = %k.id, name = %k.name, "found an API key added to the database by another process");
+                        known.insert(k.hash.clone(), k);
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot look for new API keys in the database"),
+        }
     }
 
     pub fn keys(&self) -> Vec<KeyRecord> {
@@ -435,7 +537,9 @@ impl Store {
 
     /// A cheap query that proves the database answers (for `/health`).
     pub async fn ping(&self) -> Result<(), StoreError> {
-        self.write(|ctx| ctx.ping()).await
+        // Not `write`: a read-only query succeeding says nothing about
+        // whether the disk has room again.
+        self.run_write(|ctx| ctx.ping()).await
     }
 }
 
@@ -478,4 +582,44 @@ pub(crate) fn write_lock<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T>
 
 pub(crate) fn lock<T>(l: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     l.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod error_tests {
+    use super::*;
+
+    fn failure(code: i32, msg: Option<&str>) -> rusqlite::Error {
+        rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(code), msg.map(str::to_string))
+    }
+
+    #[test]
+    fn a_full_disk_is_told_apart_from_other_database_failures() {
+        let full = StoreError::sql("committing", failure(rusqlite::ffi::SQLITE_FULL, None));
+        assert!(matches!(full, StoreError::Full { ref context } if context == "committing"));
+        let enospc = StoreError::sql(
+            "committing",
+            failure(
+                rusqlite::ffi::SQLITE_IOERR_FSYNC,
+                Some("disk I/O error: No space left on device"),
+            ),
+        );
+        assert!(matches!(enospc, StoreError::Full { .. }));
+        for other in [
+            failure(rusqlite::ffi::SQLITE_IOERR, None),
+            failure(rusqlite::ffi::SQLITE_CORRUPT, None),
+            failure(
+                rusqlite::ffi::SQLITE_CONSTRAINT,
+                Some("UNIQUE constraint failed"),
+            ),
+        ] {
+            assert!(matches!(
+                StoreError::sql("x", other),
+                StoreError::Sql { .. }
+            ));
+        }
+        assert!(matches!(
+            StoreError::sql("x", rusqlite::Error::QueryReturnedNoRows),
+            StoreError::Sql { .. }
+        ));
+    }
 }

@@ -93,7 +93,17 @@ pub fn run(config: &Config) -> Vec<Check> {
     // Data directory.
     let dir = &config.data_dir;
     let probe = dir.join(".doctor-probe");
-    let writable = std::fs::create_dir_all(dir).is_ok() && std::fs::write(&probe, b"ok").is_ok();
+    // Made private, as the daemon makes it: doctor must not be what leaves
+    // a fresh host's data dir readable by every user.
+    let made = {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .is_ok()
+    };
+    let writable = made && std::fs::write(&probe, b"ok").is_ok();
     let _ = std::fs::remove_file(&probe);
     out.push(if writable {
         check(

@@ -388,6 +388,10 @@ pub(crate) fn reachable(status: MachineStatus, desired: Desired, target: Machine
     matches!(status, Running | Paused) && target == Stopped
 }
 
+/// docs/api.md's state table checked against this one.
+#[cfg(test)]
+mod docs;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,6 +6,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
+# Fast fail: formatting and lints (the workspace's [workspace.lints] plus
+# clippy's defaults, every warning fatal) before the long build and tests.
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --features hyperfleet/failpoints -- -D warnings
 # `failpoints` compiles the crash points in; the crash tests need them.
 # Binaries of other packages (the stand-in VMM) are not built by `cargo test`
 # for hyperfleet's integration tests, so build every binary first.

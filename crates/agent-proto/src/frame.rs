@@ -1,8 +1,9 @@
 //! Framing: the byte layout of one frame, the sync marker, and the incremental decoder.
 //!
 //! This module owns everything that touches raw bytes on the wire and nothing that knows what a
-//! message means. Both ends use it: the host client and the guest agent. See `PROTOCOL.md` for
-//! the normative description; the constants here are the source of truth for the numbers.
+//! message means. Both ends use it: the host client and the guest agent. See
+//! `docs/agent-protocol.md` for the normative description; the constants here are the source of
+//! truth for the numbers.
 //!
 //! Layout of one frame (all integers big-endian):
 //!
@@ -552,5 +553,231 @@ mod tests {
         let (frames, errs) = decode_all(&mut d, &mut wire);
         assert!(errs.is_empty());
         assert_eq!(frames, vec![reply]);
+    }
+}
+
+/// Properties of the decoder over generated inputs, in any chunking.
+///
+/// What the decoder guarantees (and `docs/agent-protocol.md` §5 describes):
+/// 1. The frames a sender encodes come out unchanged, in order, with no error and nothing
+///    discarded, however the byte stream is split into reads.
+/// 2. Garbage at a frame boundary (bytes that cannot start a frame or `SYNC`, or a header that
+///    is invalid) is reported once, and then everything up to the next `SYNC` is discarded:
+///    frames sent between the garbage and the next hello/ready kind (the ones preceded by
+///    `SYNC`) are lost, that frame and everything after it come through. This holds exactly
+///    when `SYNC` occurs on the wire only where the sender put it (garbage or a payload that
+///    happens to contain the marker moves the resync point, which is the marker's nature).
+/// 3. On any bytes at all the decoder never panics, always makes progress, and every frame it
+///    yields is bytes that were on the wire, in order (it can read a frame out of garbage that
+///    is one, never make one up).
+#[cfg(test)]
+mod prop {
+    use super::*;
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+    use proptest::sample::Index;
+
+    fn kind() -> impl Strategy<Value = Kind> {
+        (1u8..=12).prop_map(|k| Kind::from_u8(k).expect("1..=12 are all kinds"))
+    }
+
+    fn frame() -> impl Strategy<Value = Frame> {
+        (kind(), any::<u32>(), vec(any::<u8>(), 0..300)).prop_map(|(k, s, p)| Frame::new(k, s, p))
+    }
+
+    fn wire_of(f: &Frame) -> Vec<u8> {
+        f.to_bytes()
+            .expect("payloads here are under MAX_PAYLOAD")
+            .to_vec()
+    }
+
+    /// A header with the given fields, checked or not.
+    fn raw_header(kind: u8, flags: u8, stream: u32, len: u32) -> Vec<u8> {
+        let mut h = MAGIC.to_vec();
+        h.extend([kind, flags]);
+        h.extend(stream.to_be_bytes());
+        h.extend(len.to_be_bytes());
+        h
+    }
+
+    /// Bytes at a frame boundary that the decoder must reject, followed by anything.
+    fn garbage() -> impl Strategy<Value = Vec<u8>> {
+        let rest = || vec(any::<u8>(), 0..40);
+        let not_a_start = any::<u8>().prop_filter("starts a frame or SYNC", |b| {
+            *b != MAGIC[0] && *b != SYNC[0]
+        });
+        let bad_kind = any::<u8>().prop_filter("is a kind", |k| Kind::from_u8(*k).is_none());
+        prop_oneof![
+            (not_a_start, rest()).prop_map(|(b, r)| [vec![b], r].concat()),
+            (bad_kind, rest()).prop_map(|(k, r)| [MAGIC.to_vec(), vec![k], r].concat()),
+            (kind(), 1u8.., any::<u32>(), 0u32..300, rest()).prop_map(|(k, fl, s, l, r)| [
+                raw_header(k as u8, fl, s, l),
+                r
+            ]
+            .concat()),
+            (kind(), any::<u32>(), (MAX_PAYLOAD as u32 + 1).., rest()).prop_map(|(k, s, l, r)| [
+                raw_header(k as u8, 0, s, l),
+                r
+            ]
+            .concat()),
+        ]
+    }
+
+    /// Splits `wire` at the cut points (any order, repeats allowed) into consecutive reads.
+    fn split<'a>(wire: &'a [u8], cuts: &[Index]) -> Vec<&'a [u8]> {
+        let mut at: Vec<usize> = cuts.iter().map(|i| i.index(wire.len() + 1)).collect();
+        at.extend([0, wire.len()]);
+        at.sort_unstable();
+        at.dedup();
+        at.windows(2).map(|w| &wire[w[0]..w[1]]).collect()
+    }
+
+    struct Fed {
+        frames: Vec<Frame>,
+        errors: usize,
+        left: BytesMut,
+    }
+
+    /// Feeds the reads one by one, decoding after each until the decoder wants more.
+    fn feed(d: &mut FrameDecoder, reads: &[&[u8]]) -> Fed {
+        let mut fed = Fed {
+            frames: vec![],
+            errors: 0,
+            left: BytesMut::new(),
+        };
+        for r in reads {
+            fed.left.put_slice(r);
+            // Every frame consumes 12 bytes or more, and an error is followed by a scan that
+            // consumes a marker or stops: more calls than this would be a livelock.
+            let mut budget = 2 * fed.left.len() + 2;
+            loop {
+                assert!(budget > 0, "the decoder stopped making progress");
+                budget -= 1;
+                match d.decode(&mut fed.left) {
+                    Ok(Some(f)) => fed.frames.push(f),
+                    Ok(None) => break,
+                    Err(_) => fed.errors += 1,
+                }
+            }
+        }
+        fed
+    }
+
+    fn marker_positions(wire: &[u8]) -> Vec<usize> {
+        wire.windows(SYNC.len())
+            .enumerate()
+            .filter(|(_, w)| *w == SYNC)
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    #[derive(Debug, Clone)]
+    enum Piece {
+        Frame(Frame),
+        Garbage(Vec<u8>),
+    }
+
+    proptest! {
+        #[test]
+        fn any_chunking_yields_exactly_the_frames_sent(
+            frames in vec(frame(), 0..12),
+            cuts in vec(any::<Index>(), 0..16),
+        ) {
+            let wire: Vec<u8> = frames.iter().flat_map(wire_of).collect();
+            let mut d = FrameDecoder::new();
+            let fed = feed(&mut d, &split(&wire, &cuts));
+            prop_assert_eq!(fed.frames, frames);
+            prop_assert_eq!(fed.errors, 0);
+            prop_assert!(fed.left.is_empty());
+            prop_assert_eq!(d.discarded(), 0);
+            prop_assert!(!d.is_resyncing());
+        }
+
+        #[test]
+        fn garbage_loses_exactly_the_frames_before_the_next_marker(
+            pieces in vec(prop_oneof![
+                3 => frame().prop_map(Piece::Frame),
+                1 => garbage().prop_map(Piece::Garbage),
+            ], 0..12),
+            cuts in vec(any::<Index>(), 0..16),
+        ) {
+            // The model: what the decoder must yield, report and throw away.
+            let mut wire = vec![];
+            let mut intended_markers = vec![];
+            let mut expected = vec![];
+            let (mut errors, mut lost_bytes, mut lost) = (0, 0, false);
+            for p in &pieces {
+                match p {
+                    Piece::Garbage(g) => {
+                        if !lost {
+                            errors += 1;
+                            lost = true;
+                        }
+                        lost_bytes += g.len();
+                        wire.extend(g);
+                    }
+                    Piece::Frame(f) => {
+                        if f.kind.is_synced() {
+                            intended_markers.push(wire.len());
+                            lost = false;
+                        }
+                        let bytes = wire_of(f);
+                        if lost {
+                            lost_bytes += bytes.len();
+                        } else {
+                            expected.push(f.clone());
+                        }
+                        wire.extend(bytes);
+                    }
+                }
+            }
+            prop_assume!(marker_positions(&wire) == intended_markers);
+
+            let mut d = FrameDecoder::new();
+            let fed = feed(&mut d, &split(&wire, &cuts));
+            prop_assert_eq!(fed.frames, expected);
+            prop_assert_eq!(fed.errors, errors);
+            prop_assert_eq!(d.is_resyncing(), lost);
+            // Lost bytes are discarded, except a tail short of a marker kept for the next read.
+            prop_assert_eq!(d.discarded() as usize + fed.left.len(), lost_bytes);
+            prop_assert!(fed.left.len() < SYNC.len());
+            prop_assert!(lost || fed.left.is_empty());
+        }
+
+        #[test]
+        fn any_bytes_never_panic_and_yield_only_frames_on_the_wire(
+            parts in vec(prop_oneof![
+                vec(any::<u8>(), 0..24),
+                Just(SYNC.to_vec()),
+                Just(MAGIC.to_vec()),
+                frame().prop_map(|f| wire_of(&f)),
+                (frame(), any::<Index>()).prop_map(|(f, i)| {
+                    let w = wire_of(&f);
+                    w[..i.index(w.len())].to_vec()
+                }),
+            ], 0..16),
+            cuts in vec(any::<Index>(), 0..16),
+            resyncing in any::<bool>(),
+        ) {
+            let wire = parts.concat();
+            // A small limit, so that generated frames also hit the size check.
+            let mut d = FrameDecoder::with_max_payload(200);
+            if resyncing {
+                d.resync();
+            }
+            let fed = feed(&mut d, &split(&wire, &cuts));
+            let mut from = 0;
+            for f in &fed.frames {
+                let mut bytes = f.header().expect("a decoded frame is within the limit").to_vec();
+                bytes.extend_from_slice(&f.payload);
+                prop_assert!(f.payload.len() <= 200);
+                let at = wire[from..]
+                    .windows(bytes.len())
+                    .position(|w| w == bytes);
+                prop_assert!(at.is_some(), "{:?} is not on the wire after byte {}", f, from);
+                from += at.unwrap_or(0) + bytes.len();
+            }
+            prop_assert!(fed.left.len() <= wire.len() - from);
+        }
     }
 }

@@ -11,8 +11,8 @@
 //! - [`vsock`]: the Firecracker hybrid-vsock `CONNECT` handshake;
 //! - [`error`]: the one error type of the host boundary.
 //!
-//! `PROTOCOL.md` at the root of the development workspace is the normative description of the
-//! wire format; this crate is its reference implementation (the agent reuses [`frame`],
+//! `docs/agent-protocol.md` in the repository is the normative description of the wire format;
+//! this crate is its reference implementation (the agent reuses [`frame`],
 //! [`messages`] and [`writer`]).
 
 pub mod client;

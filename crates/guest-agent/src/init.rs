@@ -366,6 +366,9 @@ pub fn switch_root(cfg: &Config) -> io::Result<()> {
 }
 
 /// Stops every process, syncs, unmounts and powers off or reboots. Only for PID 1.
+// Ending the process is the point: everything else has been stopped and
+// synced first, and as an ordinary process only the agent exits.
+#[allow(clippy::exit)]
 pub fn shutdown(action: PowerAction) -> ! {
     // SAFETY: getpid cannot fail.
     if unsafe { libc::getpid() } != 1 {

@@ -55,6 +55,8 @@ struct Args {
     level: Option<String>,
 }
 
+// `--help` prints and ends the process before anything is set up.
+#[allow(clippy::exit)]
 fn parse_args() -> Result<Args, String> {
     let mut mode = None;
     let mut port_name = None;
@@ -101,6 +103,8 @@ fn getpid() -> i32 {
     unsafe { libc::getpid() }
 }
 
+// The binary's entry point: its exit code is the session's outcome.
+#[allow(clippy::exit)]
 fn main() {
     let pid1 = getpid() == 1;
     if pid1 {
@@ -188,6 +192,7 @@ fn main() {
 }
 
 /// As PID 1, exiting panics the kernel; power off instead.
+#[allow(clippy::exit)] // The entry point's last resort; nothing left to clean up.
 fn fatal(pid1: bool) -> ! {
     if pid1 {
         init::shutdown(PowerAction::Poweroff);

@@ -38,7 +38,7 @@ pub fn prefix_to_mask(prefix: u8) -> Ipv4Addr {
     let bits = if prefix == 0 {
         0
     } else {
-        u32::MAX << (32 - prefix.min(32) as u32)
+        u32::MAX << (32 - u32::from(prefix.min(32)))
     };
     Ipv4Addr::from(bits)
 }

@@ -376,7 +376,7 @@ impl Session {
         let (in_tx, in_rx) = mpsc::unbounded_channel();
         let (cancel_tx, cancel_rx) = watch::channel(false);
         let send_credit = Arc::new(Semaphore::new(INITIAL_WINDOW as usize));
-        let recv_budget = Arc::new(AtomicI64::new(INITIAL_WINDOW as i64));
+        let recv_budget = Arc::new(AtomicI64::new(i64::from(INITIAL_WINDOW)));
         let epoch = out.epoch;
         ops.insert(
             id,

@@ -335,7 +335,7 @@ mod tests {
         assert_eq!(set.id.len(), 16);
         assert_eq!(set.module_list(), "virtio_ring,virtio");
         assert!(set.kernel().unwrap().ends_with("vmlinux"));
-        assert!(set.rootfs().is_err());
+        set.rootfs().expect_err("the set has no rootfs");
         set.verify().unwrap();
         std::fs::write(d.path().join("vmlinux"), b"KERNEL").unwrap();
         assert!(matches!(set.verify(), Err(AssetError::Corrupt { .. })));
@@ -352,7 +352,7 @@ mod tests {
         assert!(!is_static_elf(Path::new("/bin/sh")).unwrap());
         let d = tempfile::tempdir().unwrap();
         std::fs::write(d.path().join("x"), b"#!/bin/sh").unwrap();
-        assert!(is_static_elf(&d.path().join("x")).is_err());
+        is_static_elf(&d.path().join("x")).expect_err("a script is not an ELF");
     }
 
     #[test]

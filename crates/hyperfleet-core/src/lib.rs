@@ -1,12 +1,20 @@
 //! The Hyperfleet daemon as a library.
 //!
+//! - [`daemon`]: `serve` — startup, recovery, shutdown.
+//! - [`config`]: the server configuration the binary fills from flags and environment.
 //! - [`store`]: SQLite behind a group-commit writer, plus the in-memory index.
 //! - [`lifecycle`]: the transition table, the machine run and its supervisor.
-//! - [`vmm`]: the `Vmm` trait, process identity, and each backend.
+//! - [`vmm`]: the `Vmm` trait, process identity, host detection, and each backend.
+//! - [`net`]: machine networking on the host: leases, TAP devices, namespaces, nftables.
+//! - [`proxy`]: the reverse proxy to exposed guest ports; [`urls`]: the public URLs it serves.
 //! - [`http`]: the REST API (handlers validate and hand over).
 //! - [`auth`]: API keys and scopes.
-//! - [`daemon`]: `serve` — startup, recovery, shutdown.
+//! - [`validate`]: a create request checked into a machine spec.
+//! - [`assets`]: guest asset sets (kernel, initramfs, root filesystem), versioned and checksummed.
+//! - [`logs`]: console logs: tail, follow, rotation.
 //! - [`doctor`]: host checks.
+//! - [`failpoint`]: crash points at every step boundary (the `failpoints` feature).
+//! - [`util`]: small shared helpers (time, identifiers, error chains, idempotent removal).
 
 pub mod assets;
 pub mod auth;

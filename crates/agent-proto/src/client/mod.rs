@@ -280,7 +280,7 @@ impl AgentClient {
         let shared = &self.conn.shared;
         let (tx, rx) = mpsc::unbounded_channel();
         let send_credit = Arc::new(Semaphore::new(INITIAL_WINDOW as usize));
-        let recv_budget = Arc::new(AtomicI64::new(INITIAL_WINDOW as i64));
+        let recv_budget = Arc::new(AtomicI64::new(i64::from(INITIAL_WINDOW)));
         let id = {
             let mut map = shared.lock();
             if shared.closed.load(Ordering::SeqCst) {

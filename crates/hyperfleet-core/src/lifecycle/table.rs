@@ -388,6 +388,10 @@ pub(crate) fn reachable(status: MachineStatus, desired: Desired, target: Machine
     matches!(status, Running | Paused) && target == Stopped
 }
 
+/// docs/api.md's state table checked against this one.
+#[cfg(test)]
+mod docs;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -481,6 +485,24 @@ mod tests {
         }
     }
 
+    /// Every status some sequence of observations reaches from `from`
+    /// (`from` included).
+    pub(super) fn reached_by_observations(from: MachineStatus) -> Vec<MachineStatus> {
+        let mut seen = vec![from];
+        let mut frontier = vec![from];
+        while let Some(s) = frontier.pop() {
+            for o in Observation::ALL {
+                if let Some(n) = on_observation(s, o) {
+                    if !seen.contains(&n) {
+                        seen.push(n);
+                        frontier.push(n);
+                    }
+                }
+            }
+        }
+        seen
+    }
+
     #[test]
     fn every_accepted_request_leads_somewhere_the_run_can_reach() {
         // For each accepted request, the desired state must be reachable by
@@ -491,20 +513,8 @@ mod tests {
                     continue;
                 };
                 let goal = intent.desired().as_status();
-                let mut seen = vec![status];
-                let mut frontier = vec![status];
-                while let Some(s) = frontier.pop() {
-                    for o in Observation::ALL {
-                        if let Some(n) = on_observation(s, o) {
-                            if !seen.contains(&n) {
-                                seen.push(n);
-                                frontier.push(n);
-                            }
-                        }
-                    }
-                }
                 assert!(
-                    seen.contains(&goal),
+                    reached_by_observations(status).contains(&goal),
                     "{req} from {status} wants {goal}, unreachable"
                 );
             }
@@ -664,5 +674,132 @@ mod tests {
         assert!(!reachable(Stopped, Desired::Stopped, Failed));
         assert!(reachable(Starting, Desired::Running, Failed));
         assert!(!reachable(Deleting, Desired::Deleted, Running));
+    }
+}
+
+/// Random histories of requests and observations, applied the way the
+/// supervisor (`decide` + `apply`) and the run (`on_observation`, refusing
+/// what the table forbids; a failure recorded at the current generation)
+/// apply them. Checked after every event:
+/// - requests never change the status; the status changes only along a cell
+///   of the observation table, so it stays among the statuses the table
+///   reaches from `pending`, `pending` is never re-entered and `deleting` is
+///   never left;
+/// - a request is admitted only where its row allows it, and then with the
+///   row's intent; a refused or unchanged request leaves the record as it was;
+/// - generation only grows, by one per admitted request and never otherwise;
+///   restart_seq grows by one per admitted restart;
+/// - an accepted delete is final, and a kill is only asked for on the way
+///   down (stopped or deleted).
+#[cfg(test)]
+mod prop {
+    use super::tests::reached_by_observations;
+    use super::*;
+    use crate::lifecycle::test_machine as machine;
+    use proptest::prelude::*;
+    use proptest::sample::select;
+
+    #[derive(Debug, Clone, Copy)]
+    enum Event {
+        Request(Request),
+        Observation(Observation),
+    }
+
+    fn event() -> impl Strategy<Value = Event> {
+        prop_oneof![
+            select(Request::ALL.to_vec()).prop_map(Event::Request),
+            select(Observation::ALL.to_vec()).prop_map(Event::Observation),
+        ]
+    }
+
+    /// The fields requests and observations may change.
+    fn state(r: &MachineRecord) -> (MachineStatus, Desired, u64, u64, bool, Option<u64>) {
+        (
+            r.status,
+            r.desired,
+            r.generation,
+            r.restart_seq,
+            r.stop_kill,
+            r.failed_generation,
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn histories_stay_inside_the_table(
+            start_desired in select(vec![Desired::Stopped, Desired::Running]),
+            events in proptest::collection::vec(event(), 0..60),
+        ) {
+            let reachable = reached_by_observations(Pending);
+            let mut r = machine(Pending, start_desired);
+            let mut left_pending = false;
+            for ev in events {
+                let before = r.clone();
+                match ev {
+                    Event::Request(req) => {
+                        let row = on_request(before.status, req);
+                        match decide(&r, req) {
+                            Admission::Apply(intent) => {
+                                prop_assert_eq!(Some(intent), row, "{} in {}", req, before.status);
+                                apply(&mut r, intent);
+                                prop_assert_eq!(r.generation, before.generation + 1);
+                                prop_assert_eq!(
+                                    r.restart_seq,
+                                    before.restart_seq + u64::from(intent == Intent::Restart)
+                                );
+                                prop_assert_eq!(r.desired, intent.desired());
+                                prop_assert_eq!(r.status, before.status);
+                            }
+                            Admission::Unchanged => {
+                                prop_assert!(row.is_some(), "{} unchanged in {}", req, before.status);
+                                prop_assert_eq!(state(&r), state(&before));
+                            }
+                            Admission::Deny(d) => {
+                                prop_assert_eq!(d.request, req);
+                                prop_assert_eq!(d.status, before.status);
+                                prop_assert_eq!(d.deleting, row.is_some());
+                                prop_assert!(!d.deleting || before.desired == Desired::Deleted);
+                                prop_assert_eq!(state(&r), state(&before));
+                            }
+                        }
+                        if before.status == Deleting {
+                            prop_assert!(
+                                matches!(req, Request::Delete | Request::ForceDelete)
+                                    || state(&r) == state(&before),
+                                "{} changed a deleting machine",
+                                req
+                            );
+                        }
+                    }
+                    Event::Observation(obs) => {
+                        // What the run's journal does: a forbidden
+                        // transition is refused and the status kept.
+                        if let Some(next) = on_observation(r.status, obs) {
+                            r.status = next;
+                            if next == Failed && before.status != Failed && r.desired != Desired::Deleted {
+                                r.failed_generation = Some(r.generation);
+                            }
+                        }
+                        prop_assert_eq!(r.generation, before.generation);
+                        prop_assert_eq!(r.desired, before.desired);
+                    }
+                }
+                left_pending |= r.status != Pending;
+                prop_assert!(reachable.contains(&r.status));
+                prop_assert!(!(left_pending && r.status == Pending), "pending re-entered");
+                prop_assert!(before.status != Deleting || r.status == Deleting, "left deleting");
+                prop_assert!(
+                    before.desired != Desired::Deleted || r.desired == Desired::Deleted,
+                    "an accepted delete was undone by {:?}",
+                    ev
+                );
+                prop_assert!(
+                    !r.stop_kill || matches!(r.desired, Desired::Stopped | Desired::Deleted),
+                    "kill asked for while wanting {:?}",
+                    r.desired
+                );
+                prop_assert!(r.generation >= before.generation);
+            }
+        }
     }
 }

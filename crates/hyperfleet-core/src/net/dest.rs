@@ -209,9 +209,9 @@ mod tests {
             .parse::<Cidr>()
             .unwrap_err()
             .contains("did you mean 10.1.0.0/16"));
-        assert!("10.1.0.0/33".parse::<Cidr>().is_err());
-        assert!("ten/8".parse::<Cidr>().is_err());
-        assert!("::1/128".parse::<Cidr>().is_err());
+        "10.1.0.0/33".parse::<Cidr>().expect_err("10.1.0.0/33");
+        "ten/8".parse::<Cidr>().expect_err("ten/8");
+        "::1/128".parse::<Cidr>().expect_err("::1/128");
     }
 
     #[test]

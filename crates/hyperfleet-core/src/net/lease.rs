@@ -26,14 +26,14 @@ pub struct Subnet {
 impl Subnet {
     /// How many /30 blocks fit.
     pub fn blocks(&self) -> u32 {
-        1u32 << (32 - self.prefix as u32 - 2)
+        1u32 << (32 - u32::from(self.prefix) - 2)
     }
 
     pub fn contains(&self, ip: Ipv4Addr) -> bool {
         let mask = if self.prefix == 0 {
             0
         } else {
-            u32::MAX << (32 - self.prefix as u32)
+            u32::MAX << (32 - u32::from(self.prefix))
         };
         u32::from(ip) & mask == u32::from(self.base)
     }
@@ -119,9 +119,11 @@ mod tests {
             .parse::<Subnet>()
             .unwrap_err()
             .contains("172.30.0.0/16"));
-        assert!("172.30.0.0/30".parse::<Subnet>().is_err());
-        assert!("172.30.0.0".parse::<Subnet>().is_err());
-        assert!("nope/16".parse::<Subnet>().is_err());
+        "172.30.0.0/30"
+            .parse::<Subnet>()
+            .expect_err("172.30.0.0/30");
+        "172.30.0.0".parse::<Subnet>().expect_err("172.30.0.0");
+        "nope/16".parse::<Subnet>().expect_err("nope/16");
     }
 
     #[test]

@@ -105,7 +105,7 @@ pub(crate) fn create_persistent(name: &str, owner: Option<u32>) -> Result<(), Ta
     }
     if let Some(uid) = owner {
         // SAFETY: TUNSETOWNER takes the uid by value; `fd` is attached.
-        if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETOWNER, uid as libc::c_ulong) } < 0 {
+        if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETOWNER, libc::c_ulong::from(uid)) } < 0 {
             return Err(err(what("TUNSETOWNER"), io::Error::last_os_error()));
         }
     }

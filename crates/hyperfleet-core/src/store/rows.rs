@@ -125,7 +125,7 @@ pub fn set_machine_uid(conn: &Connection, id: &str, uid: u32) -> Result<(), Stor
 fn vmm_columns(m: &MachineRecord) -> (Option<i64>, Option<i64>, Option<&str>) {
     match &m.vmm {
         Some(v) => (
-            Some(v.pid as i64),
+            Some(i64::from(v.pid)),
             Some(v.start_time as i64),
             Some(v.boot_id.as_str()),
         ),

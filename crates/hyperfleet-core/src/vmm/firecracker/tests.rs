@@ -487,7 +487,7 @@ async fn diff_then_merge(
         "the base moved into the image"
     );
     let base = std::fs::read(&mem).unwrap();
-    let len = (l.spec.mem_size_mib as u64) << 20;
+    let len = u64::from(l.spec.mem_size_mib) << 20;
     assert_eq!(base.len() as u64, len);
     let d = std::fs::metadata(&diff).unwrap();
     assert_eq!(d.len(), len);

@@ -2,7 +2,7 @@
 //! host has usable hardware virtualisation and TCG (software) otherwise.
 //!
 //! Per machine, under its directory: `disk.qcow2` (a copy-on-write overlay
-//! over the read-only rootfs of the machine's asset set), `qmp.sock` (control),
+//! over the read-only rootfs of the machine's asset set), `vmm.sock` (QMP),
 //! `agent.sock` (virtio-serial channel to the guest agent), `console.log`
 //! (the serial console, appended; rotated by the daemon), `vmm.log` (QEMU's
 //! own messages) and `snapshot/mem.state` while suspended. The process runs

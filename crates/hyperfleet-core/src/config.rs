@@ -27,6 +27,10 @@ pub struct Config {
     /// `qemu-system-x86_64` (resolved through PATH).
     pub qemu_binary: PathBuf,
     pub qemu_accel: crate::vmm::host::AccelChoice,
+    /// Each machine's QEMU runs as a uid (= gid) of its machine's own from
+    /// this range (`--qemu-run-as`, sharing the jailer's
+    /// `--jailer-uid-base/--jailer-uid-count`); None: as the daemon's user.
+    pub qemu_uids: Option<crate::vmm::uid::UidRange>,
     /// `firecracker` (resolved through PATH, then /usr/local/bin).
     pub firecracker_binary: PathBuf,
     /// A kernel Firecracker boots instead of the asset set's.
@@ -123,6 +127,7 @@ impl Config {
             api: crate::http::server::ApiLimits::default(),
             qemu_binary: PathBuf::from("qemu-system-x86_64"),
             qemu_accel: crate::vmm::host::AccelChoice::Auto,
+            qemu_uids: None,
             firecracker_binary: PathBuf::from("firecracker"),
             firecracker_kernel: None,
             firecracker_jailer: None,

@@ -189,6 +189,7 @@ pub fn backends(config: &Config) -> (HashMap<VmmKind, Arc<dyn Vmm>>, Result<VmmK
             accel: config.qemu_accel,
             assets_root: config.assets_root(),
             assets: config.assets_path(),
+            run_as: config.qemu_uids,
         })),
     );
     // Always registered, so machines can ask for it; it is the default only

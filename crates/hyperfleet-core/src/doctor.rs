@@ -208,6 +208,7 @@ pub fn run(config: &Config) -> Vec<Check> {
             "install the official Firecracker release binaries (firecracker, jailer) into PATH",
         )),
     }
+    out.push(qemu_sandbox_check(config));
     out.extend(jailer_checks(config));
     // Whether the guest kernel finds Firecracker's devices: judged on any
     // host, so a kernel problem shows before the move to hardware KVM.
@@ -306,6 +307,108 @@ pub fn run(config: &Config) -> Vec<Check> {
     out
 }
 
+/// How QEMU VMMs are confined, as the daemon would run them: whether this
+/// QEMU accepts the seccomp sandbox, whom it runs as, and whether it can
+/// read the guest kernel and initramfs it is handed by `/proc/self/fd`.
+fn qemu_sandbox_check(config: &Config) -> Check {
+    let Some(bin) = host::which(&config.qemu_binary, &[]) else {
+        return check(
+            "qemu_sandbox",
+            Level::Warn,
+            "no QEMU to check (see the qemu check)",
+            "",
+        );
+    };
+    let seccomp = Command::new(&bin)
+        .args(["-sandbox", crate::vmm::qemu::SANDBOX, "-version"])
+        .output()
+        .map_err(|e| e.to_string())
+        .and_then(|o| match o.status.success() {
+            true => Ok(()),
+            false => Err(String::from_utf8_lossy(&o.stderr).trim().to_string()),
+        });
+    let run_as = config.qemu_uids.map(|r| (r, r.check_host()));
+    let mut unreadable = Vec::new();
+    if let (Some(_), Ok(set)) = (
+        config.qemu_uids,
+        crate::assets::AssetSet::load(&config.assets_path()),
+    ) {
+        for f in [set.kernel(), set.initramfs()].into_iter().flatten() {
+            use std::os::unix::fs::MetadataExt;
+            if std::fs::metadata(&f).is_ok_and(|m| m.mode() & 0o004 == 0) {
+                unreadable.push(f);
+            }
+        }
+    }
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    qemu_sandbox(seccomp, run_as, root, &unreadable)
+}
+
+/// [`qemu_sandbox_check`]'s verdict from what it found.
+fn qemu_sandbox(
+    seccomp: Result<(), String>,
+    run_as: Option<(crate::vmm::uid::UidRange, Result<(), String>)>,
+    root: bool,
+    unreadable: &[std::path::PathBuf],
+) -> Check {
+    let name = "qemu_sandbox";
+    if let Err(why) = seccomp {
+        return check(
+            name,
+            Level::Fail,
+            format!("QEMU refuses -sandbox {}: {why}", crate::vmm::qemu::SANDBOX),
+            "install a QEMU built with seccomp (Debian's qemu-system-x86 is); QEMU machines \
+             cannot start without it",
+        );
+    }
+    if let Some(f) = unreadable.first() {
+        return check(
+            name,
+            Level::Fail,
+            format!(
+                "{} is not readable by others, and QEMU, running as its machine's uid, reads it \
+                 through /proc/self/fd",
+                f.display()
+            ),
+            "chmod a+r the asset set's vmlinux and initramfs.cpio",
+        );
+    }
+    match run_as {
+        Some((_, Err(why))) => check(
+            name,
+            Level::Warn,
+            why,
+            "pick a free range with --jailer-uid-base/--jailer-uid-count (the daemon refuses \
+             to start with this one)",
+        ),
+        Some((r, Ok(()))) => check(
+            name,
+            Level::Ok,
+            format!(
+                "seccomp sandbox on; each QEMU runs as a uid of its machine's own from {r} \
+                 (gid = uid), with no capabilities or supplementary groups, and is handed its \
+                 disk, sockets, TAP and /dev/kvm as descriptors, so the uids need no access to \
+                 them"
+            ),
+            "",
+        ),
+        None if root => check(
+            name,
+            Level::Warn,
+            "seccomp sandbox on, but QEMU VMMs run as root (--qemu-run-as root)",
+            "pass --qemu-run-as auto or machine-uid, so each QEMU runs as an unprivileged uid of \
+             its machine's own",
+        ),
+        None => check(
+            name,
+            Level::Ok,
+            "seccomp sandbox on; QEMU VMMs run as the daemon's (unprivileged) user",
+            "",
+        ),
+    }
+}
+
 /// The jailer and the uids jailed VMMs lease one each of, as the daemon
 /// would run them (it refuses to start a jailer whose range the host's
 /// accounts overlap).
@@ -384,6 +487,31 @@ fn jailer_checks(config: &Config) -> [Check; 2] {
 mod tests {
     use super::*;
     use crate::vmm::firecracker::jailer::JailerConfig;
+
+    #[test]
+    fn the_qemu_sandbox_check_fails_without_seccomp_and_warns_when_qemu_runs_as_root() {
+        let r = crate::vmm::uid::UidRange::default();
+        let verdict = |seccomp, run_as, root, unreadable: &[std::path::PathBuf]| {
+            let c = qemu_sandbox(seccomp, run_as, root, unreadable);
+            (c.level, c.detail)
+        };
+        let (level, detail) = verdict(Err("no seccomp".into()), Some((r, Ok(()))), true, &[]);
+        assert_eq!(level, Level::Fail);
+        assert!(detail.contains("no seccomp"), "{detail}");
+        let (level, detail) = verdict(Ok(()), Some((r, Ok(()))), true, &[]);
+        assert_eq!(level, Level::Ok);
+        assert!(detail.contains("from 900000–965535"), "{detail}");
+        let kernel = [std::path::PathBuf::from("/a/vmlinux")];
+        let (level, detail) = verdict(Ok(()), Some((r, Ok(()))), true, &kernel);
+        assert_eq!(level, Level::Fail);
+        assert!(detail.contains("/a/vmlinux is not readable"), "{detail}");
+        let (level, _) = verdict(Ok(()), Some((r, Err("overlap".into()))), true, &[]);
+        assert_eq!(level, Level::Warn);
+        let (level, detail) = verdict(Ok(()), None, true, &[]);
+        assert_eq!(level, Level::Warn);
+        assert!(detail.contains("run as root"), "{detail}");
+        assert_eq!(verdict(Ok(()), None, false, &[]).0, Level::Ok);
+    }
 
     #[test]
     fn the_jailer_checks_follow_the_settings_serve_built() {

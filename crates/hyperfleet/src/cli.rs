@@ -178,6 +178,18 @@ pub struct ServeArgs {
         default_value = "auto"
     )]
     pub qemu_accel: AccelArg,
+    /// Whom QEMU VMMs run as: `machine-uid` runs each as an unprivileged uid
+    /// (= gid) of its machine's own from the --jailer-uid-base/--jailer-uid-count
+    /// range, with no capabilities or supplementary groups (needs root);
+    /// `root` as the daemon's user; `auto` is machine-uid when the daemon
+    /// runs as root. QEMU is seccomp-sandboxed either way.
+    #[arg(
+        long,
+        env = "HYPERFLEET_QEMU_RUN_AS",
+        value_enum,
+        default_value = "auto"
+    )]
+    pub qemu_run_as: RunAsArg,
     /// The QEMU binary.
     #[arg(
         long,
@@ -294,6 +306,13 @@ pub enum AccelArg {
     Auto,
     Kvm,
     Tcg,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum RunAsArg {
+    Auto,
+    Root,
+    MachineUid,
 }
 
 #[derive(Args)]

@@ -14,7 +14,7 @@ use hyperfleet_core::vmm::firecracker::jailer::JailerConfig;
 use hyperfleet_core::vmm::host::AccelChoice;
 use hyperfleet_core::vmm::uid::UidRange;
 
-use crate::cli::{AccelArg, ClientArgs, LogFormat, ServeArgs, Toggle, VmmChoice};
+use crate::cli::{AccelArg, ClientArgs, LogFormat, RunAsArg, ServeArgs, Toggle, VmmChoice};
 
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("HYPERFLEET_LOG")
@@ -42,8 +42,9 @@ pub async fn serve(a: ServeArgs, global: &ClientArgs) -> anyhow::Result<()> {
     let config = settings(&a, global)?;
     // The host's accounts must not overlap the range (doctor checks the
     // same, without refusing).
-    if let Some(j) = &config.firecracker_jailer {
-        j.uids.check_host().map_err(|e| anyhow::anyhow!(e))?;
+    let jail = config.firecracker_jailer.as_ref().map(|j| j.uids);
+    for uids in [jail, config.qemu_uids].into_iter().flatten() {
+        uids.check_host().map_err(|e| anyhow::anyhow!(e))?;
     }
     hyperfleet_core::serve(config)
         .await
@@ -70,6 +71,7 @@ fn settings(a: &ServeArgs, global: &ClientArgs) -> anyhow::Result<Config> {
     let mut config = Config::new(global.data_dir.clone());
     config.network = network_config(a)?;
     config.firecracker_jailer = jailer_config(a, config.network.is_some())?;
+    config.qemu_uids = qemu_uids(a)?;
     config.listen = SocketAddr::new(ip, port);
     config.disable_auth = disable_auth;
     config.default_vmm = vmm_kind(a.default_vmm);
@@ -195,6 +197,29 @@ fn jailer_config(a: &ServeArgs, network: bool) -> anyhow::Result<Option<JailerCo
     j.uids = uids;
     j.netns = a.jailer_netns.clone();
     Ok(Some(j))
+}
+
+/// The uids QEMU VMMs run as (`--qemu-run-as`): the jailer's range, so a
+/// machine holds one uid whichever backend runs it and no two machines of
+/// either share one.
+fn qemu_uids(a: &ServeArgs) -> anyhow::Result<Option<UidRange>> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    let on = match a.qemu_run_as {
+        RunAsArg::MachineUid if !root => anyhow::bail!(
+            "--qemu-run-as machine-uid needs root (the daemon hands each QEMU to its machine's \
+             uid); run as root or pass --qemu-run-as root, which runs QEMU as the daemon's user"
+        ),
+        RunAsArg::MachineUid => true,
+        RunAsArg::Root => false,
+        RunAsArg::Auto => root,
+    };
+    if !on {
+        return Ok(None);
+    }
+    UidRange::new(a.jailer_uid_base, a.jailer_uid_count)
+        .map(Some)
+        .map_err(|e| anyhow::anyhow!(e))
 }
 
 fn network_config(a: &ServeArgs) -> anyhow::Result<Option<NetConfig>> {

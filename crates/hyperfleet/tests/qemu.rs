@@ -465,3 +465,110 @@ fn a_guest_cannot_make_the_daemon_buffer_more_than_the_json_cap() {
     assert_eq!(r.status, 400, "{}", r.body);
     assert!(r.body["error"]["message"].as_str().unwrap().contains("A=B"));
 }
+
+/// Checks that machine `id`'s one QEMU process runs confined: as a single
+/// unprivileged uid (= gid, no supplementary groups), with no capabilities,
+/// under seccomp, and holding no descriptor of the daemon's data directory
+/// besides its own machine's files. Returns the uid.
+fn confined_uid(sb: &Sandbox, id: &str) -> u32 {
+    let dir = sb.machines_dir().join(id);
+    let pids = qemu_pids(&dir.display().to_string());
+    assert_eq!(pids.len(), 1, "one QEMU for {id}: {pids:?}");
+    let pid = pids[0];
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |key: &str| -> Vec<String> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .unwrap_or_else(|| panic!("no {key} in\n{status}"))
+            .split_whitespace()
+            .map(str::to_string)
+            .collect()
+    };
+    let uid = field("Uid:");
+    assert!(
+        uid.iter().all(|u| *u == uid[0]) && uid[0] != "0",
+        "real, effective, saved and fs uid are the machine's: {uid:?}"
+    );
+    assert_eq!(field("Gid:"), uid, "gid = uid");
+    assert!(field("Groups:").is_empty(), "no supplementary groups");
+    for caps in ["CapInh:", "CapPrm:", "CapEff:", "CapAmb:"] {
+        assert_eq!(field(caps), ["0000000000000000"], "{caps}");
+    }
+    assert_eq!(field("Seccomp:"), ["2"], "QEMU's seccomp filter is on");
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
+        let Ok(target) = std::fs::read_link(fd.unwrap().path()) else {
+            continue;
+        };
+        if target.starts_with(sb.path()) {
+            assert!(
+                target.starts_with(&dir),
+                "QEMU holds {} of the daemon's",
+                target.display()
+            );
+        }
+    }
+    uid[0].parse().unwrap()
+}
+
+#[test]
+fn as_root_each_qemu_runs_sandboxed_as_its_machines_own_uid() {
+    let Some(assets) = guest_assets() else { return };
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: only a root daemon runs QEMU as the machines' uids");
+        return;
+    }
+    let sb = Sandbox::new();
+    let d = start_daemon(&sb, &assets, &["--default-vmm", "qemu"]);
+    let mut ids = Vec::new();
+    let mut uids = Vec::new();
+    for name in ["conf-a", "conf-b"] {
+        let m = d.create(json!({"name": name, "vcpu_count": 1, "mem_size_mib": 256}));
+        let id = m["id"].as_str().unwrap().to_string();
+        let r = d.call("POST", &format!("/machines/{name}/start?timeout=300"), None);
+        assert_eq!(r.body["status"], "running", "{}\n{}", r.body, d.log());
+        uids.push(confined_uid(&sb, &id));
+        ids.push(id);
+    }
+    assert_ne!(uids[0], uids[1], "each machine has a uid of its own");
+    let id = &ids[0];
+
+    // Exec and files go through the agent channel QEMU was handed.
+    assert_eq!(sh(&d, id, "echo confined"), "confined\n");
+    d.put_file("conf-a", "/root/f.txt", b"through the sandbox".to_vec());
+    assert_eq!(d.get_file("conf-a", "/root/f.txt"), b"through the sandbox");
+
+    // Pause and resume over QMP.
+    let r = d.call("POST", "/machines/conf-a/pause?timeout=60", None);
+    assert_eq!(r.body["status"], "paused", "{}", r.body);
+    let r = d.call("POST", "/machines/conf-a/resume?timeout=60", None);
+    assert_eq!(r.body["status"], "running", "{}", r.body);
+
+    // Suspend writes memory through a descriptor QEMU is passed; resume
+    // reads it back in a new QEMU of the same uid, without a reboot.
+    let boot = sh(&d, id, "cat /proc/sys/kernel/random/boot_id");
+    let r = d.call("POST", "/machines/conf-a/suspend?timeout=300", None);
+    assert_eq!(r.body["status"], "suspended", "{}\n{}", r.body, d.log());
+    let dir = sb.machines_dir().join(id).display().to_string();
+    assert!(
+        qemu_pids(&dir).is_empty(),
+        "a suspended machine has no QEMU"
+    );
+    let r = d.call("POST", "/machines/conf-a/resume?timeout=300", None);
+    assert_eq!(r.body["status"], "running", "{}\n{}", r.body, d.log());
+    assert_eq!(sh(&d, id, "cat /proc/sys/kernel/random/boot_id"), boot);
+    assert_eq!(confined_uid(&sb, id), uids[0], "the uid is kept");
+
+    // A graceful stop still reaches the guest.
+    let r = d.call("POST", "/machines/conf-a/stop?timeout=120", None);
+    assert_eq!(r.body["status"], "stopped", "{}", r.body);
+    assert!(qemu_pids(&dir).is_empty());
+    let ev = d
+        .call("GET", "/machines/conf-a/events", None)
+        .body
+        .to_string();
+    assert!(ev.contains("agent poweroff"), "a graceful stop: {ev}");
+    let r = d.call("DELETE", "/machines/conf-b?force=true", None);
+    assert_eq!(r.status, 204, "{}", r.body);
+}

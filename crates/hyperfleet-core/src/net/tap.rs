@@ -64,9 +64,10 @@ pub(crate) fn connect() -> Result<Handle, TapError> {
     Ok(handle)
 }
 
-/// Makes a persistent TAP device `name` owned by `owner` (when given), so a
-/// VMM can attach to it later by name and the device outlives the daemon.
-pub(crate) fn create_persistent(name: &str, owner: Option<u32>) -> Result<(), TapError> {
+/// Opens `/dev/net/tun` and attaches it to TAP device `name` (creating a
+/// non-persistent one if there is none) with `flags` (`IFF_*`): the file
+/// descriptor a VMM moves the device's frames through.
+pub(crate) fn attach(name: &str, flags: libc::c_short) -> Result<OwnedFd, TapError> {
     let what = |step: &str| format!("{step} for TAP device {name}");
     let path = c"/dev/net/tun";
     // SAFETY: `path` is a valid NUL-terminated string; open has no other
@@ -98,11 +99,19 @@ pub(crate) fn create_persistent(name: &str, owner: Option<u32>) -> Result<(), Ta
     for (dst, src) in ifr.ifr_name.iter_mut().zip(bytes) {
         *dst = *src as libc::c_char;
     }
-    ifr.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
+    ifr.ifr_ifru.ifru_flags = flags;
     // SAFETY: TUNSETIFF reads and writes an ifreq, which `ifr` is; `fd` is open.
     if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &mut ifr) } < 0 {
         return Err(err(what("TUNSETIFF"), io::Error::last_os_error()));
     }
+    Ok(fd)
+}
+
+/// Makes a persistent TAP device `name` owned by `owner` (when given), so a
+/// VMM can attach to it later by name and the device outlives the daemon.
+pub(crate) fn create_persistent(name: &str, owner: Option<u32>) -> Result<(), TapError> {
+    let what = |step: &str| format!("{step} for TAP device {name}");
+    let fd = attach(name, (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short)?;
     if let Some(uid) = owner {
         // SAFETY: TUNSETOWNER takes the uid by value; `fd` is attached.
         if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETOWNER, libc::c_ulong::from(uid)) } < 0 {

@@ -1,6 +1,8 @@
-//! Per-machine unprivileged uids: the range a jailing backend runs each
-//! machine's VMM as one uid of (gid = uid), its validation against the
-//! host's accounts, and the allocator's choice.
+//! Per-machine unprivileged uids: the range a backend runs each machine's
+//! VMM as one uid of (gid = uid) — the Firecracker jailer's, and QEMU's
+//! with `--qemu-run-as machine-uid`, which share it, so a machine holds one
+//! uid whichever backend runs it — its validation against the host's
+//! accounts, and the allocator's choice.
 //!
 //! A machine's uid is leased like its network: picked inside the store
 //! transaction that records it (a `leases` row of kind `uid`, whose primary
@@ -49,8 +51,8 @@ impl fmt::Display for UidRange {
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum UidError {
     #[error(
-        "no uid of the jail's range {0} is free for another jailed machine (each holds one until \
-         it is deleted); delete machines or configure a larger --jailer-uid-count"
+        "no uid of the jail's range {0} is free for another machine's VMM (each machine holds one \
+         until it is deleted); delete machines or configure a larger --jailer-uid-count"
     )]
     Exhausted(UidRange),
     #[error("recording the machine's uid failed: {0}")]
@@ -345,8 +347,8 @@ mod tests {
         let msg = UidError::Exhausted(UidRange::new(900_000, 2).unwrap()).to_string();
         assert_eq!(
             msg,
-            "no uid of the jail's range 900000–900001 is free for another jailed machine (each \
-             holds one until it is deleted); delete machines or configure a larger \
+            "no uid of the jail's range 900000–900001 is free for another machine's VMM (each \
+             machine holds one until it is deleted); delete machines or configure a larger \
              --jailer-uid-count"
         );
     }

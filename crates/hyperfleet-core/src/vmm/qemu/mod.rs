@@ -2,20 +2,27 @@
 //! host has usable hardware virtualisation and TCG (software) otherwise.
 //!
 //! Per machine, under its directory: `disk.qcow2` (a copy-on-write overlay
-//! over the read-only rootfs of the machine's asset set), `qmp.sock` (control),
+//! over the read-only rootfs of the machine's asset set), `vmm.sock` (QMP),
 //! `agent.sock` (virtio-serial channel to the guest agent), `console.log`
 //! (the serial console, appended; rotated by the daemon), `vmm.log` (QEMU's
 //! own messages) and `snapshot/mem.state` while suspended. The process runs
 //! detached and outlives the daemon; a restarted daemon reconnects to QMP and
 //! to the agent channel (the agent protocol resynchronises).
 //!
+//! QEMU runs sandboxed (seccomp) and, when the daemon is root, as an
+//! unprivileged uid of its machine's own; it opens none of those files by
+//! name but is handed them as descriptors (`handoff`).
+//!
 //! The boot recipe (microvm + qboot + PVH vmlinux + initramfs that switches
 //! to the disk, the trimmed kernel command line, `tsc_early_khz`/`lpj` to
 //! skip calibration) is the one measured in shared/guest-notes.md.
 
+mod handoff;
 pub mod qmp;
 
-use std::path::{Path, PathBuf};
+pub use handoff::SANDBOX;
+
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
@@ -29,9 +36,9 @@ use super::agent_cache::{AgentCache, AgentChannel, ReadyPoll};
 use super::host::{self, Accel, AccelChoice};
 use super::process::{self, Liveness};
 use super::stop::{graceful_stop, StopRequest};
+use super::uid::UidRange;
 use super::{
-    asset_err, remove_file_if_present, GuestImages, LaunchSpec, MachinePaths, StopPath, Vmm,
-    VmmError, VmmRunState,
+    asset_err, GuestImages, LaunchSpec, MachinePaths, StopPath, Vmm, VmmError, VmmRunState,
 };
 use crate::assets::AssetSet;
 use crate::store::VmmIdentity;
@@ -44,6 +51,9 @@ pub(crate) struct QemuConfig {
     pub assets_root: PathBuf,
     /// The set new machines get (default `<assets_root>/current`).
     pub assets: PathBuf,
+    /// Each machine's QEMU runs as a uid (= gid) of its machine's own from
+    /// this range (`--qemu-run-as`); None: as the daemon's user.
+    pub run_as: Option<UidRange>,
 }
 
 pub struct QemuVmm {
@@ -54,6 +64,7 @@ pub struct QemuVmm {
     images: GuestImages,
     tsc_khz: Option<u64>,
     agents: AgentCache,
+    run_as: Option<UidRange>,
 }
 
 const QBOOT: &[&str] = &["/usr/share/qemu/qboot.rom", "/usr/share/seabios/qboot.rom"];
@@ -75,6 +86,7 @@ impl QemuVmm {
             images: GuestImages::new(VmmKind::Qemu, cfg.assets_root, cfg.assets),
             tsc_khz: host::tsc_khz(),
             agents: AgentCache::default(),
+            run_as: cfg.run_as,
         }
     }
 
@@ -113,23 +125,34 @@ impl QemuVmm {
         c
     }
 
-    fn argv(&self, launch: &LaunchSpec, set: &AssetSet) -> Result<Vec<String>, VmmError> {
+    fn argv(
+        &self,
+        launch: &LaunchSpec,
+        set: &AssetSet,
+        given: &handoff::Given,
+    ) -> Result<Vec<String>, VmmError> {
         let p = &launch.paths;
         let firmware = self
             .firmware
             .as_ref()
             .ok_or_else(|| VmmError::unavailable(VmmKind::Qemu, NO_QBOOT))?;
-        let s = |x: &Path| x.display().to_string();
-        let mut a: Vec<String> = vec![
+        let g = given.args(&Self::disk(p), &p.console_log(), self.accel.0);
+        let mut a: Vec<String> = Vec::new();
+        for fd in g.add_fds {
+            a.extend(["-add-fd".into(), fd]);
+        }
+        a.extend([
             "-name".into(),
             format!("hf-{},debug-threads=on", launch.machine_id),
+            "-sandbox".into(),
+            SANDBOX.into(),
             "-machine".into(),
             "microvm,acpi=on".into(),
             "-bios".into(),
-            s(firmware),
+            firmware.display().to_string(),
             "-accel".into(),
-            self.accel.0.into(),
-        ];
+            g.accel,
+        ]);
         if self.accel.0 == "kvm" {
             a.extend(["-cpu".into(), "host".into()]);
         }
@@ -144,48 +167,41 @@ impl QemuVmm {
             "-smp".into(),
             launch.spec.vcpu_count.to_string(),
             "-kernel".into(),
-            s(&set.kernel().map_err(asset_err(VmmKind::Qemu))?),
+            g.kernel,
             "-initrd".into(),
-            s(&set.initramfs().map_err(asset_err(VmmKind::Qemu))?),
+            g.initrd,
             "-append".into(),
             self.cmdline(launch, set),
             "-chardev".into(),
-            format!("file,id=con,path={},append=on", s(&p.console_log())),
+            g.console,
             "-serial".into(),
             "chardev:con".into(),
             "-chardev".into(),
-            format!(
-                "socket,id=agent,path={},server=on,wait=off",
-                s(&Self::agent_socket(p))
-            ),
+            g.agent,
             "-device".into(),
             "virtio-serial-device".into(),
             "-device".into(),
             "virtserialport,chardev=agent,name=hf.agent".into(),
-            "-qmp".into(),
-            format!("unix:{},server=on,wait=off", s(&p.control_socket())),
+            "-chardev".into(),
+            g.qmp,
+            "-mon".into(),
+            "chardev=qmp,mode=control".into(),
             "-drive".into(),
-            format!(
-                "id=root,file={},format=qcow2,if=none,discard=unmap",
-                s(&Self::disk(p))
-            ),
+            g.drive,
             "-device".into(),
             "virtio-blk-device,drive=root".into(),
         ]);
-        if let Some(n) = &launch.network {
-            // The TAP exists (the machine run made it); QEMU only attaches.
+        if let (Some(n), Some(netdev)) = (&launch.network, g.netdev) {
+            // The TAP exists (the machine run made it); QEMU gets it attached.
             a.extend([
                 "-netdev".into(),
-                format!("tap,id=net0,ifname={},script=no,downscript=no", n.tap),
+                netdev,
                 "-device".into(),
                 format!("virtio-net-device,netdev=net0,mac={}", n.mac),
             ]);
         }
-        if launch.restore {
-            a.extend([
-                "-incoming".into(),
-                format!("file:{}", s(&Self::state_file(p))),
-            ]);
+        if let Some(incoming) = g.incoming {
+            a.extend(["-incoming".into(), incoming]);
         }
         Ok(a)
     }
@@ -211,6 +227,40 @@ impl QemuVmm {
                 format!("the guest kernel panicked: {p} (last console lines: {tail})")
             }
             (None, false) => format!("last console lines: {tail}"),
+        }
+    }
+
+    /// Writes the paused VM's state into fd set `set` and waits until it
+    /// is all there.
+    async fn migrate(q: &mut qmp::Qmp, set: u64) -> Result<(), VmmError> {
+        q.execute(
+            "migrate",
+            Some(json!({"uri": format!("file:/dev/fdset/{set}")})),
+        )
+        .await?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            let st = q.execute("query-migrate", None).await?;
+            match st["status"].as_str().unwrap_or("") {
+                "completed" => return Ok(()),
+                "failed" | "cancelled" => {
+                    return Err(VmmError::Control {
+                        doing: "saving memory".into(),
+                        detail: st["error-desc"]
+                            .as_str()
+                            .unwrap_or("migration failed")
+                            .into(),
+                    })
+                }
+                _ => {}
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(VmmError::Control {
+                    doing: "saving memory".into(),
+                    detail: "the save did not finish within 120 s".into(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 
@@ -290,8 +340,12 @@ impl Vmm for QemuVmm {
             return Err(NO_QBOOT.into());
         }
         let set = self.images.current()?;
+        let user = match self.run_as {
+            Some(r) => format!("each as a uid of its machine's own from {r}"),
+            None => "as the daemon's user".into(),
+        };
         Ok(format!(
-            "{} with {} ({}); guest image {} (kernel {})",
+            "{} with {} ({}), seccomp-sandboxed, {user}; guest image {} (kernel {})",
             bin.display(),
             self.accel.0.to_uppercase(),
             self.accel.1,
@@ -302,6 +356,11 @@ impl Vmm for QemuVmm {
 
     fn current_image(&self) -> Result<Option<String>, String> {
         self.images.current_id()
+    }
+
+    /// Each machine's QEMU runs as a uid of its own when so configured.
+    fn jail_uids(&self) -> Option<UidRange> {
+        self.run_as
     }
 
     async fn prepare(&self, launch: &LaunchSpec) -> Result<(), VmmError> {
@@ -323,23 +382,28 @@ impl Vmm for QemuVmm {
             VmmError::unavailable(VmmKind::Qemu, "qemu-system-x86_64 not found in PATH")
         })?;
         let set = self.images.for_image(launch.spec.image.as_deref())?;
-        let argv = self.argv(launch, &set)?;
+        let asset = asset_err(VmmKind::Qemu);
+        let (kernel, initrd, rootfs) = (
+            set.kernel().map_err(&asset)?,
+            set.initramfs().map_err(&asset)?,
+            set.rootfs().map_err(&asset)?,
+        );
         if launch.restore && !Self::state_file(&launch.paths).exists() {
             return Err(VmmError::host(
                 "restoring memory",
                 std::io::Error::new(std::io::ErrorKind::NotFound, "the suspend image is missing"),
             ));
         }
-        for sock in [
-            launch.paths.control_socket(),
-            Self::agent_socket(&launch.paths),
-        ] {
-            remove_file_if_present(&sock)?;
-        }
         self.agents.forget(&launch.machine_id);
+        let given = self.open_handoff(launch, &kernel, &initrd, &rootfs)?;
+        let argv = self.argv(launch, &set, &given.given)?;
         let mut cmd = Command::new(&binary);
         cmd.args(&argv);
-        super::spawn_vmm(cmd, &launch.paths.dir.join("vmm.log"))
+        handoff::confine(&mut cmd, given.raw(), launch.uid);
+        // `given` stays open until QEMU has inherited it.
+        let spawned = super::spawn_vmm(cmd, &launch.paths.dir.join("vmm.log"));
+        drop(given);
+        spawned
     }
 
     async fn wait_ready(
@@ -424,7 +488,9 @@ impl Vmm for QemuVmm {
             .await
             .map_err(|e| VmmError::host(format!("creating {}", dir.display()), e))?;
         let state = Self::state_file(&launch.paths);
-        let _ = tokio::fs::remove_file(&state).await;
+        // QEMU cannot open the path (it runs as the machine's uid, outside
+        // the data directory): it writes through a descriptor we pass it.
+        let file = handoff::create_state_file(&state)?;
         let mut q = qmp::Qmp::connect(&launch.paths.control_socket()).await?;
         // The default bandwidth cap makes a save take ~7x longer.
         q.execute(
@@ -433,40 +499,16 @@ impl Vmm for QemuVmm {
         )
         .await?;
         q.execute("stop", None).await?;
-        q.execute(
-            "migrate",
-            Some(json!({"uri": format!("file:{}", state.display())})),
-        )
-        .await?;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-        loop {
-            let st = q.execute("query-migrate", None).await?;
-            match st["status"].as_str().unwrap_or("") {
-                "completed" => break,
-                "failed" | "cancelled" => {
-                    return Err(VmmError::Control {
-                        doing: "saving memory".into(),
-                        detail: st["error-desc"]
-                            .as_str()
-                            .unwrap_or("migration failed")
-                            .into(),
-                    })
-                }
-                _ => {}
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Err(VmmError::Control {
-                    doing: "saving memory".into(),
-                    detail: "the save did not finish within 120 s".into(),
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        let set = q.add_fd(&file, "suspend image").await?;
+        let saved = Self::migrate(&mut q, set).await;
+        // A failed save leaves the VM running on; the next one must not
+        // find this descriptor in a set.
+        let removed = q.execute("remove-fd", Some(json!({"fdset-id": set}))).await;
+        saved?;
+        removed?;
         // The image must be on disk before the VMM is killed.
-        let f = tokio::fs::File::open(&state)
-            .await
-            .map_err(|e| VmmError::host("opening the memory image", e))?;
-        f.sync_all()
+        let file = tokio::fs::File::from_std(file);
+        file.sync_all()
             .await
             .map_err(|e| VmmError::host("syncing the memory image", e))?;
         self.agents.forget(&launch.machine_id);

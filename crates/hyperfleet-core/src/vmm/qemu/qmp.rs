@@ -5,11 +5,12 @@
 //! anyway. Asynchronous events that arrive before a command's answer are
 //! collected and returned alongside it.
 
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::path::Path;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Interest};
 use tokio::net::UnixStream;
 
 use crate::vmm::VmmError;
@@ -71,16 +72,55 @@ impl Qmp {
         command: &str,
         args: Option<Value>,
     ) -> Result<Value, VmmError> {
+        let line = Self::line(command, args);
+        self.writer
+            .write_all(line.as_bytes())
+            .await
+            .map_err(|e| err(command, e))?;
+        self.answer(command).await
+    }
+
+    fn line(command: &str, args: Option<Value>) -> String {
         let mut msg = json!({ "execute": command });
         if let Some(a) = args {
             msg["arguments"] = a;
         }
         let mut line = msg.to_string();
         line.push('\n');
+        line
+    }
+
+    /// Passes `file` to QEMU (`add-fd`, the descriptor travelling with the
+    /// command as `SCM_RIGHTS`) and returns the fd set it is in, which
+    /// QEMU opens as `/dev/fdset/<set>`. `label` is the set's `opaque`.
+    pub(crate) async fn add_fd(&mut self, file: &impl AsFd, label: &str) -> Result<u64, VmmError> {
+        let command = "add-fd";
+        let line = Self::line(command, Some(json!({ "opaque": label })));
+        let stream: &UnixStream = self.writer.as_ref();
+        let fd = file.as_fd().as_raw_fd();
+        let sent = loop {
+            stream.writable().await.map_err(|e| err(command, e))?;
+            match stream.try_io(Interest::WRITABLE, || {
+                send_with_fd(stream.as_raw_fd(), line.as_bytes(), fd)
+            }) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(err(command, e)),
+            }
+        };
+        // The descriptor went with the first byte; the rest is plain.
         self.writer
-            .write_all(line.as_bytes())
+            .write_all(&line.as_bytes()[sent..])
             .await
             .map_err(|e| err(command, e))?;
+        let r = self.answer(command).await?;
+        r["fdset-id"]
+            .as_u64()
+            .ok_or_else(|| err(command, format!("no fdset-id in {r}")))
+    }
+
+    /// Reads until the answer to `command` (collecting events).
+    async fn answer(&mut self, command: &str) -> Result<Value, VmmError> {
         loop {
             let v = self.read_value(command).await?;
             if v.get("event").is_some() {
@@ -126,6 +166,46 @@ impl Qmp {
             self.events.push(v);
         }
     }
+}
+
+/// Sends `data` on unix socket `sock` with descriptor `fd` attached;
+/// returns how many bytes went (at least one, or an error).
+fn send_with_fd(sock: RawFd, data: &[u8], fd: RawFd) -> std::io::Result<usize> {
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    // u64s: the control buffer must be aligned like a cmsghdr.
+    let mut control = [0u64; 4];
+    let fd_len = std::mem::size_of::<RawFd>() as u32;
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE(fd_len) } as usize;
+    assert!(
+        space <= std::mem::size_of_val(&control),
+        "cmsg buffer too small"
+    );
+    // SAFETY: msghdr is plain old data; all-zero is a valid value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space as _;
+    // SAFETY: `msg` points at `control`, which has room for one header and
+    // one descriptor (checked above), so CMSG_FIRSTHDR is non-null and the
+    // writes through it and CMSG_DATA stay inside `control`; sendmsg reads
+    // `msg`, `iov` and `data`, which all live until it returns.
+    let n = unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(fd_len) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), fd);
+        libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT)
+    };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(n as usize)
 }
 
 /// One command on a fresh connection.

@@ -124,7 +124,9 @@ fn request_storms_never_produce_two_vmms_or_a_false_status() {
     }
     stop.store(true, Ordering::Relaxed);
     let samples = sampler.join().unwrap();
-    assert!(samples > 100, "the sampler ran ({samples} samples)");
+    // A liveness check of the sampler, not a rate: under CPU load it gets
+    // fewer turns (97 seen on a loaded 2-core host).
+    assert!(samples > 20, "the sampler ran ({samples} samples)");
     if let Some(v) = violation.lock().unwrap().take() {
         panic!("two VMM processes for one machine at once: {v}");
     }

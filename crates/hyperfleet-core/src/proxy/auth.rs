@@ -71,7 +71,10 @@ pub(crate) fn is_hyperfleet_key(authorization: &str) -> bool {
 /// The values of cookie `name` in every `Cookie` header. Whitespace around
 /// names and values (`hf_token = x`) and quotes around a value are
 /// tolerated, as browsers and frameworks do.
-pub(crate) fn cookie_values<'a>(headers: &'a HeaderMap, name: &'a str) -> impl Iterator<Item = &'a str> {
+pub(crate) fn cookie_values<'a>(
+    headers: &'a HeaderMap,
+    name: &'a str,
+) -> impl Iterator<Item = &'a str> {
     headers
         .get_all(COOKIE)
         .iter()

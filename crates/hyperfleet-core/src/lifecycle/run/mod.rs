@@ -48,7 +48,8 @@ impl RunCtx {
     }
 
     /// What a backend needs to act on machine `rec`. Its uid is there
-    /// only when its backend runs VMMs as one (the jailer is on).
+    /// only when its backend runs VMMs as one (the jailer, or QEMU run as
+    /// machine uids).
     pub fn launch(&self, rec: &MachineRecord) -> LaunchSpec {
         let jailed = self
             .backends

@@ -1,4 +1,4 @@
-//! Tenant quota routes. Any key reads its own tenant's quota (`read`
+//! Tenant quota routes. A key reads its own tenant's quota (`read`
 //! scope); operator admins (tenant `default`) read every tenant's and are
 //! the only ones who change them: a tenant's own admin could otherwise lift
 //! the limits the operator set on it. Enforcement is the supervisor's (at

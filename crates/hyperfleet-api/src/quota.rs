@@ -11,20 +11,20 @@ use utoipa::ToSchema;
 pub struct QuotaLimits {
     /// Machines the tenant may have, whatever their status.
     #[serde(default)]
-    #[schema(minimum = 0)]
+    #[schema(minimum = 0, maximum = 9223372036854775807_i64)]
     pub max_machines: Option<u64>,
     /// Sum of `vcpu_count` over the tenant's machines.
     #[serde(default)]
-    #[schema(minimum = 0)]
+    #[schema(minimum = 0, maximum = 9223372036854775807_i64)]
     pub max_vcpus: Option<u64>,
     /// Sum of `mem_size_mib` over the tenant's machines.
     #[serde(default)]
-    #[schema(minimum = 0)]
+    #[schema(minimum = 0, maximum = 9223372036854775807_i64)]
     pub max_memory_mib: Option<u64>,
     /// Sum of the machines' disk sizes (the size of the guest image each
     /// disk was made from, recorded at create time).
     #[serde(default)]
-    #[schema(minimum = 0)]
+    #[schema(minimum = 0, maximum = 9223372036854775807_i64)]
     pub max_disk_bytes: Option<u64>,
 }
 

@@ -96,7 +96,19 @@ fn creates_are_refused_past_each_limit_and_usage_is_reported() {
     let r = create_as(&d, &k, json!({"name": "a4", "mem_size_mib": 128}));
     assert_eq!(r.status, 201, "{}", r.body);
 
-    // Unknown fields and malformed tenants are refused.
+    // Unknown fields, limits SQLite cannot keep and malformed tenants are
+    // refused.
+    let r = d.call(
+        "PUT",
+        "/tenants/acme/quota",
+        Some(json!({"max_vcpus": 1u64 << 63})),
+    );
+    assert_eq!(
+        (r.status, r.code()),
+        (400, "VALIDATION_ERROR"),
+        "{}",
+        r.body
+    );
     let r = d.call("PUT", "/tenants/acme/quota", Some(json!({"max_cpus": 1})));
     assert_eq!(r.status, 400, "{}", r.body);
     let r = d.call("GET", "/tenants/NOPE/quota", None);

@@ -88,8 +88,25 @@ pub async fn put(
     Path(tenant): Path<String>,
     Json(limits): Json<QuotaLimits>,
 ) -> Result<Response, ApiError> {
+    // SQLite integers are signed 64-bit: a larger limit could not be kept
+    // as given.
+    let fields = [
+        ("max_machines", limits.max_machines),
+        ("max_vcpus", limits.max_vcpus),
+        ("max_memory_mib", limits.max_memory_mib),
+        ("max_disk_bytes", limits.max_disk_bytes),
+    ];
+    for (name, v) in fields {
+        if v.is_some_and(|n| n > MAX_LIMIT) {
+            return Err(ApiError::validation(format!(
+                "{name}: must be at most {MAX_LIMIT} or null (unlimited)"
+            )));
+        }
+    }
     change(state, caller, tenant, Some(limits)).await
 }
+
+const MAX_LIMIT: u64 = i64::MAX as u64;
 
 #[utoipa::path(delete, path = "/tenants/{tenant}/quota", tag = "quotas",
     params(("tenant" = String, Path, description = "Tenant name", pattern = "^[a-z0-9_-]{1,63}$")),

@@ -13,6 +13,9 @@ pub enum ErrorCode {
     Forbidden,
     /// No such machine, key or route for this tenant (404).
     NotFound,
+    /// The tenant's quota does not allow the new machine; the message names
+    /// the limit, what the tenant holds and what was asked (403).
+    QuotaExceeded,
     /// The HTTP method is not served on this path (405).
     MethodNotAllowed,
     /// A field has a value outside what the API accepts (400).
@@ -26,6 +29,11 @@ pub enum ErrorCode {
     /// The resource already exists, e.g. a machine name in use, or the
     /// change would leave no active admin key (409).
     Conflict,
+    /// The host's memory cannot hold the machine besides those it already
+    /// runs; the message says how much is committed, how much the host
+    /// allows and which setting changes it. Stop other machines, or retry
+    /// later (409).
+    InsufficientCapacity,
     /// The operation did not finish before its deadline (504).
     Timeout,
     /// The machine failed while carrying out the operation (500).
@@ -52,12 +60,12 @@ impl ErrorCode {
     pub fn http_status(self) -> u16 {
         match self {
             ErrorCode::Unauthorized => 401,
-            ErrorCode::Forbidden => 403,
+            ErrorCode::Forbidden | ErrorCode::QuotaExceeded => 403,
             ErrorCode::NotFound => 404,
             ErrorCode::MethodNotAllowed => 405,
             ErrorCode::ValidationError | ErrorCode::BadRequest => 400,
             ErrorCode::PayloadTooLarge => 413,
-            ErrorCode::InvalidState | ErrorCode::Conflict => 409,
+            ErrorCode::InvalidState | ErrorCode::Conflict | ErrorCode::InsufficientCapacity => 409,
             ErrorCode::Timeout => 504,
             ErrorCode::RuntimeError | ErrorCode::InternalError => 500,
             ErrorCode::AgentError | ErrorCode::BadGateway => 502,

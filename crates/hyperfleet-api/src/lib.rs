@@ -12,6 +12,7 @@ mod guest;
 mod health;
 mod keys;
 mod machine;
+mod quota;
 
 pub use error::{ErrorBody, ErrorCode, ErrorDetail};
 pub use events::{EventList, MachineEvent, StepTiming};
@@ -25,6 +26,7 @@ pub use machine::{
     CreateMachineRequest, Machine, MachineList, MachineNetwork, MachineStatus, NetworkRequest,
     Persistence, PersistenceType, VmmKind, LIMITS,
 };
+pub use quota::{Quota, QuotaLimits, QuotaUsage};
 
 /// The prefix every API key starts with, so that leaked keys are easy to
 /// recognise by secret scanners and operators.

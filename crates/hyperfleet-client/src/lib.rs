@@ -8,7 +8,7 @@ use futures_util::{Stream, StreamExt};
 use hyperfleet_api::{
     CreateKeyRequest, CreateMachineRequest, CreatedKey, ErrorBody, ErrorCode, EventList,
     ExecRequest, ExecResult, ExecStreamEvent, FileWritten, Health, KeyList, Machine, MachineEvent,
-    MachineList, MachineStatus,
+    MachineList, MachineStatus, Quota, QuotaLimits,
 };
 use reqwest::{Method, RequestBuilder, StatusCode};
 use serde::de::DeserializeOwned;
@@ -534,6 +534,27 @@ impl Client {
             .await
             .map(drop)
     }
+
+    /// A tenant's quota in force and what its machines hold.
+    pub async fn quota(&self, tenant: &str) -> Result<Quota, ClientError> {
+        self.json(self.req(Method::GET, &quota_path(tenant))).await
+    }
+
+    /// Replaces a tenant's quota (operator admin keys).
+    pub async fn set_quota(
+        &self,
+        tenant: &str,
+        limits: &QuotaLimits,
+    ) -> Result<Quota, ClientError> {
+        self.json(self.req(Method::PUT, &quota_path(tenant)).json(limits))
+            .await
+    }
+
+    /// Removes a tenant's own quota: the server's defaults apply again.
+    pub async fn reset_quota(&self, tenant: &str) -> Result<Quota, ClientError> {
+        self.json(self.req(Method::DELETE, &quota_path(tenant)))
+            .await
+    }
 }
 
 /// Splits a byte stream into text lines.
@@ -583,6 +604,10 @@ fn lines(
 
 /// Percent-encodes a path segment (ids and names are plain, but a user may
 /// type anything).
+fn quota_path(tenant: &str) -> String {
+    format!("/tenants/{}/quota", enc(tenant))
+}
+
 fn enc(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {

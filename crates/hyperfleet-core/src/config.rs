@@ -51,6 +51,9 @@ pub struct Config {
     /// Bounds on guest requests (exec, files, logs): `--guest-json-max-bytes`,
     /// `--guest-requests-per-tenant`, `--guest-requests-total`.
     pub guest: GuestLimits,
+    /// Default tenant quotas and the host's memory budget
+    /// (`--default-quota-*`, `--memory-overcommit`, `--memory-reserve-mib`).
+    pub admission: crate::lifecycle::capacity::AdmissionConfig,
 }
 
 /// How much the daemon buffers for one guest request and how many it serves
@@ -135,6 +138,7 @@ impl Config {
             network: None,
             proxy: None,
             guest: GuestLimits::default(),
+            admission: Default::default(),
         }
     }
 

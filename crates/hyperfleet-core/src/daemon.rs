@@ -298,14 +298,17 @@ pub async fn serve(config: Config) -> Result<(), DaemonError> {
         "startup sweep done"
     );
 
-    let sup = Supervisor::new(RunCtx {
-        store: store.clone(),
-        backends,
-        machines_dir: config.machines_dir(),
-        boot_timeout: config.boot_timeout,
-        stop_timeout: config.stop_timeout,
-        net: net.clone(),
-    });
+    let sup = Supervisor::with_admission(
+        RunCtx {
+            store: store.clone(),
+            backends,
+            machines_dir: config.machines_dir(),
+            boot_timeout: config.boot_timeout,
+            stop_timeout: config.stop_timeout,
+            net: net.clone(),
+        },
+        config.admission,
+    );
     let runs = sup.start_all()?;
     tracing::info!(
         runs,

@@ -171,6 +171,7 @@ pub fn validate_create(
         idle_timeout_seconds: req.idle_timeout_seconds,
         persistence: req.persistence,
         image: None,
+        disk_bytes: None,
         egress: req.network.and_then(|n| n.egress).unwrap_or(true),
         public: req.public.unwrap_or(false),
         access_token: None,

@@ -67,6 +67,9 @@ pub enum Command {
     /// Manage API keys (admin scope).
     #[command(subcommand)]
     Keys(KeysCmd),
+    /// Show and set tenant quotas (setting needs an operator admin key).
+    #[command(subcommand)]
+    Quota(QuotaCmd),
     /// Build and inspect the guest assets (kernel, initramfs, root filesystem).
     #[command(subcommand)]
     Assets(AssetsCmd),
@@ -276,6 +279,31 @@ pub struct ServeArgs {
         value_delimiter = ','
     )]
     pub guest_allow_nets: Vec<hyperfleet_core::net::dest::Cidr>,
+    /// Machines a tenant without a quota of its own may have (default:
+    /// unlimited; `PUT /tenants/{tenant}/quota` sets one per tenant).
+    #[arg(long, env = "HYPERFLEET_DEFAULT_QUOTA_MACHINES")]
+    pub default_quota_machines: Option<u64>,
+    /// vCPUs (summed over its machines) a tenant without a quota of its own
+    /// may hold (default: unlimited).
+    #[arg(long, env = "HYPERFLEET_DEFAULT_QUOTA_VCPUS")]
+    pub default_quota_vcpus: Option<u64>,
+    /// Memory in MiB (summed over its machines) a tenant without a quota of
+    /// its own may hold (default: unlimited).
+    #[arg(long, env = "HYPERFLEET_DEFAULT_QUOTA_MEMORY_MIB")]
+    pub default_quota_memory_mib: Option<u64>,
+    /// Disk bytes (summed over its machines' disk sizes) a tenant without a
+    /// quota of its own may hold (default: unlimited).
+    #[arg(long, env = "HYPERFLEET_DEFAULT_QUOTA_DISK_BYTES")]
+    pub default_quota_disk_bytes: Option<u64>,
+    /// Guest memory the host may promise, as a multiple of its MemTotal: a
+    /// start (or resume) is refused when the memory of the machines that
+    /// run or are starting plus the new one would pass MemTotal × this −
+    /// --memory-reserve-mib. Above 1 overcommits.
+    #[arg(long, env = "HYPERFLEET_MEMORY_OVERCOMMIT", default_value_t = 1.0, value_parser = parse_overcommit)]
+    pub memory_overcommit: f64,
+    /// Memory (MiB) kept for the host itself, not promised to guests.
+    #[arg(long, env = "HYPERFLEET_MEMORY_RESERVE_MIB", default_value_t = hyperfleet_core::lifecycle::capacity::DEFAULT_MEMORY_RESERVE_MIB)]
+    pub memory_reserve_mib: u64,
     /// Port of the reverse proxy to exposed guest ports (0 = any free port)
     /// [env: HYPERFLEET_PROXY_PORT, else PROXY_PORT] [default: 4000].
     #[arg(long)]
@@ -480,6 +508,57 @@ pub enum KeysCmd {
     Revoke {
         id: String,
     },
+}
+
+#[derive(Subcommand)]
+pub enum QuotaCmd {
+    /// Show a tenant's limits and what its machines hold.
+    Get {
+        /// The tenant (default: `default`, the operator's).
+        #[arg(long, default_value = "default")]
+        tenant: String,
+    },
+    /// Change a tenant's limits; the ones not given keep their value.
+    /// `unlimited` lifts one.
+    Set {
+        #[arg(long, default_value = "default")]
+        tenant: String,
+        #[arg(long, value_parser = parse_limit)]
+        machines: Option<Limit>,
+        #[arg(long, value_parser = parse_limit)]
+        vcpus: Option<Limit>,
+        #[arg(long, value_parser = parse_limit)]
+        memory_mib: Option<Limit>,
+        #[arg(long, value_parser = parse_limit)]
+        disk_bytes: Option<Limit>,
+    },
+    /// Drop a tenant's own quota: the server's defaults apply again.
+    Reset {
+        #[arg(long, default_value = "default")]
+        tenant: String,
+    },
+}
+
+/// A quota limit on the command line: a number, or `unlimited` (`None`).
+#[derive(Clone, Copy, Debug)]
+pub struct Limit(pub Option<u64>);
+
+fn parse_limit(v: &str) -> Result<Limit, String> {
+    if v == "unlimited" {
+        return Ok(Limit(None));
+    }
+    v.parse()
+        .map(|n| Limit(Some(n)))
+        .map_err(|_| format!("'{v}' is neither a whole number nor 'unlimited'"))
+}
+
+fn parse_overcommit(v: &str) -> Result<f64, String> {
+    match v.parse::<f64>() {
+        Ok(f) if f.is_finite() && f > 0.0 => Ok(f),
+        _ => Err(format!(
+            "'{v}' is not a number above 0 (1.0 promises no more than the host has)"
+        )),
+    }
 }
 
 /// A default that is never zero, for a flag that must not be.

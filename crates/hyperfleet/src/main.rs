@@ -7,6 +7,7 @@ mod cli;
 mod keys;
 mod machines;
 mod output;
+mod quota;
 mod serve;
 
 use clap::Parser;
@@ -53,6 +54,7 @@ fn main() -> std::process::ExitCode {
             }
             cli::Command::Machines(cmd) => machines::run(&args.client, cmd).await,
             cli::Command::Keys(cmd) => keys::run(&args.client, cmd).await,
+            cli::Command::Quota(cmd) => quota::run(&args.client, cmd).await,
             cli::Command::Assets(cmd) => assets::run(&args.client, cmd),
         }
     });

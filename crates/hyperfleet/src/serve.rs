@@ -87,6 +87,16 @@ fn settings(a: &ServeArgs, global: &ClientArgs) -> anyhow::Result<Config> {
         per_tenant: a.guest_requests_per_tenant.get(),
         total: a.guest_requests_total.get(),
     };
+    config.admission = hyperfleet_core::lifecycle::capacity::AdmissionConfig {
+        default_quota: hyperfleet_api::QuotaLimits {
+            max_machines: a.default_quota_machines,
+            max_vcpus: a.default_quota_vcpus,
+            max_memory_mib: a.default_quota_memory_mib,
+            max_disk_bytes: a.default_quota_disk_bytes,
+        },
+        memory_overcommit: a.memory_overcommit,
+        memory_reserve_mib: a.memory_reserve_mib,
+    };
     config.qemu_binary = a.qemu_binary.clone();
     config.firecracker_binary = a.firecracker_binary.clone();
     // Absolute: Firecracker resolves it from its own working directory,

@@ -93,6 +93,12 @@ impl From<LifecycleError> for ApiError {
             e @ LifecycleError::BackendUnavailable(..) => {
                 ApiError::new(ErrorCode::Unavailable, e.to_string())
             }
+            e @ LifecycleError::QuotaExceeded(_) => {
+                ApiError::new(ErrorCode::QuotaExceeded, e.to_string())
+            }
+            e @ LifecycleError::InsufficientCapacity { .. } => {
+                ApiError::new(ErrorCode::InsufficientCapacity, e.to_string())
+            }
             LifecycleError::Store(e) => e.into(),
         }
     }

@@ -14,11 +14,11 @@ use crate::auth::{new_key, Principal, DEFAULT_TENANT};
 use crate::store::KeyRecord;
 use crate::util::now_ms;
 
-fn is_operator(p: &Principal) -> bool {
+pub(super) fn is_operator(p: &Principal) -> bool {
     p.tenant == DEFAULT_TENANT
 }
 
-fn valid_tenant(t: &str) -> bool {
+pub(super) fn valid_tenant(t: &str) -> bool {
     !t.is_empty()
         && t.len() <= 63
         && t.bytes()

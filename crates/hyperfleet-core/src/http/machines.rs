@@ -83,6 +83,7 @@ fn find(state: &AppState, caller: &Caller, id: &str) -> Result<Arc<CachedMachine
     responses(
         (status = 201, description = "Created (status `pending`); durable when answered", body = Machine),
         (status = 400, description = "Malformed or invalid request", body = hyperfleet_api::ErrorBody),
+        (status = 403, description = "The key lacks the write scope (FORBIDDEN), or the tenant's quota does not allow the machine (QUOTA_EXCEEDED)", body = hyperfleet_api::ErrorBody),
         (status = 409, description = "Name already in use", body = hyperfleet_api::ErrorBody),
         (status = 507, description = "The disk holding the database is full (INSUFFICIENT_STORAGE); nothing was stored", body = hyperfleet_api::ErrorBody),
     ),
@@ -278,7 +279,7 @@ macro_rules! action_route {
             responses(
                 (status = 200, description = "Reached the target state", body = Machine),
                 (status = 202, description = "Accepted (`wait=false`)", body = Machine),
-                (status = 409, description = "Not allowed in the current state", body = hyperfleet_api::ErrorBody),
+                (status = 409, description = "Not allowed in the current state (INVALID_STATE), or the host's memory cannot hold the machine (INSUFFICIENT_CAPACITY)", body = hyperfleet_api::ErrorBody),
                 (status = 500, description = "The machine failed (RUNTIME_ERROR)", body = hyperfleet_api::ErrorBody),
                 (status = 504, description = "Deadline passed; the operation continues", body = hyperfleet_api::ErrorBody),
                 (status = 507, description = "The disk holding the database is full (INSUFFICIENT_STORAGE); nothing was changed", body = hyperfleet_api::ErrorBody),

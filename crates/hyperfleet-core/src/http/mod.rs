@@ -8,6 +8,7 @@ pub mod health;
 pub mod keys;
 pub mod machines;
 pub mod openapi;
+pub mod quota;
 pub mod server;
 
 use std::sync::Arc;
@@ -71,6 +72,10 @@ fn api_routes() -> Router<AppState> {
         .route("/machines/{id}/logs", get(guest::logs))
         .route("/keys", get(keys::list).post(keys::create))
         .route("/keys/{id}", axum::routing::delete(keys::revoke))
+        .route(
+            "/tenants/{tenant}/quota",
+            get(quota::get).put(quota::put).delete(quota::delete),
+        )
 }
 
 pub fn router(state: AppState) -> Router {

@@ -5,7 +5,7 @@
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use super::{guest, health, keys, machines};
+use super::{guest, health, keys, machines, quota};
 
 struct BearerAuth;
 
@@ -40,6 +40,7 @@ impl Modify for BearerAuth {
         guest::exec, guest::exec_ws, guest::write_json, guest::write_raw, guest::read, guest::delete,
         guest::stat, guest::list, guest::mkdir, guest::logs,
         keys::create, keys::list, keys::revoke,
+        quota::get, quota::put, quota::delete,
     ),
     components(schemas(
         hyperfleet_api::Machine, hyperfleet_api::MachineList, hyperfleet_api::MachineStatus,
@@ -52,12 +53,14 @@ impl Modify for BearerAuth {
         hyperfleet_api::ExecRequest, hyperfleet_api::ExecResult, hyperfleet_api::ExecStreamEvent,
         hyperfleet_api::FileWrite, hyperfleet_api::FileContent, hyperfleet_api::FileStat,
         hyperfleet_api::DirEntry, hyperfleet_api::DirListing, hyperfleet_api::FileWritten,
+        hyperfleet_api::Quota, hyperfleet_api::QuotaLimits, hyperfleet_api::QuotaUsage,
     )),
     modifiers(&BearerAuth),
     tags(
         (name = "machines", description = "Create, control and delete machines"),
         (name = "guest", description = "Commands, files and console inside running machines"),
         (name = "keys", description = "API keys (admin scope)"),
+        (name = "quotas", description = "Tenant quotas: what a tenant's machines may hold"),
         (name = "health", description = "Liveness and readiness"),
     )
 )]

@@ -2,6 +2,7 @@
 //! run that carries steps out, and the supervisor that owns one run per
 //! machine and hands API requests over to it.
 
+pub mod capacity;
 pub mod guest_access;
 pub(crate) mod plan;
 pub mod run;

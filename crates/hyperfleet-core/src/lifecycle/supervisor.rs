@@ -10,6 +10,7 @@ use std::time::Duration;
 use hyperfleet_api::{MachineStatus, VmmKind};
 use tokio::task::JoinHandle;
 
+use super::capacity::{self, AdmissionConfig, Ask, CapacityDenied, MemoryBudget, QuotaDenied};
 use super::plan::{background_only, failure_current, quiescent};
 use super::run::{self, RunCtx, RunExit};
 use super::table::{self, allowed_requests, reachable, Admission, Denied, Desired, Request};
@@ -35,6 +36,14 @@ pub enum LifecycleError {
     BackendDisabled(VmmKind),
     #[error("the {0} backend cannot create machines right now: {1}")]
     BackendUnavailable(VmmKind, String),
+    #[error(transparent)]
+    QuotaExceeded(QuotaDenied),
+    #[error("cannot {request} machine '{machine}': {why}")]
+    InsufficientCapacity {
+        request: Request,
+        machine: String,
+        why: CapacityDenied,
+    },
     #[error(transparent)]
     Store(StoreError),
 }
@@ -74,6 +83,11 @@ pub struct Supervisor {
     background: Mutex<HashSet<String>>,
     /// Wakes the admission loop: a create, a freed slot.
     background_wake: tokio::sync::Notify,
+    /// The quota of tenants without one of their own.
+    default_quota: hyperfleet_api::QuotaLimits,
+    /// What the host's memory allows; `None` when it is unknown (no
+    /// capacity check).
+    memory: Option<MemoryBudget>,
 }
 
 /// Background runs at once: enough to keep the disk busy, few enough that
@@ -82,12 +96,48 @@ const BACKGROUND_RUNS: usize = 8;
 
 impl Supervisor {
     pub fn new(ctx: RunCtx) -> Arc<Self> {
+        Supervisor::with_admission(ctx, AdmissionConfig::default())
+    }
+
+    /// A supervisor that admits creates under tenant quotas and VMMs under
+    /// the host's memory (see [`capacity`]).
+    pub fn with_admission(ctx: RunCtx, admission: AdmissionConfig) -> Arc<Self> {
+        let memory = match capacity::host_memory_mib() {
+            Some(host_total_mib) => Some(MemoryBudget {
+                host_total_mib,
+                overcommit: admission.memory_overcommit,
+                reserve_mib: admission.memory_reserve_mib,
+            }),
+            None => {
+                tracing::warn!(
+                    "cannot read MemTotal from /proc/meminfo: starts are not checked against \
+                     the host's memory"
+                );
+                None
+            }
+        };
+        if let Some(m) = &memory {
+            tracing::info!(
+                host_mib = m.host_total_mib,
+                overcommit = m.overcommit,
+                reserve_mib = m.reserve_mib,
+                allowed_mib = m.allowed_mib(),
+                "guest memory admitted up to the host's budget"
+            );
+        }
         Arc::new(Supervisor {
             ctx: Arc::new(ctx),
             runs: Mutex::new(HashMap::new()),
             background: Mutex::new(HashSet::new()),
             background_wake: tokio::sync::Notify::new(),
+            default_quota: admission.default_quota,
+            memory,
         })
+    }
+
+    /// The quota of tenants without one of their own (`--default-quota-*`).
+    pub fn default_quota(&self) -> hyperfleet_api::QuotaLimits {
+        self.default_quota
     }
 
     pub fn ctx(&self) -> &RunCtx {
@@ -254,6 +304,12 @@ impl Supervisor {
         spec.image = backend
             .current_image()
             .map_err(|why| LifecycleError::BackendUnavailable(spec.vmm, why))?;
+        spec.disk_bytes = backend.disk_bytes(spec.image.as_deref());
+        let ask = Ask {
+            vcpus: u64::from(spec.vcpu_count),
+            memory_mib: u64::from(spec.mem_size_mib),
+            disk_bytes: spec.disk_bytes.unwrap_or(0),
+        };
         let id = new_machine_id();
         let now = now_ms();
         // Derived from the whole id so generated names never collide.
@@ -263,14 +319,25 @@ impl Supervisor {
         let mut ev = EventRecord::new(&id, "created");
         ev.to_status = Some(MachineStatus::Pending);
         ev.operation_id = rec.operation_id.clone();
+        let default_quota = self.default_quota;
+        // Checked in the transaction that inserts the machine: creates are
+        // serialised on the writer, so concurrent ones cannot overshoot.
         self.ctx
             .store
             .write(move |ctx| {
+                let limits = ctx.quota(&rec.tenant)?.unwrap_or(default_quota);
+                if !limits.is_unlimited() {
+                    let usage = ctx.tenant_usage(&rec.tenant)?;
+                    if let Err(denied) = capacity::check_quota(&rec.tenant, &limits, &usage, ask) {
+                        return Ok(Err(denied));
+                    }
+                }
                 ctx.put_machine(rec)?;
                 ctx.append_event(ev)?;
-                Ok(())
+                Ok(Ok(()))
             })
-            .await?;
+            .await?
+            .map_err(LifecycleError::QuotaExceeded)?;
         let entry = self
             .ctx
             .store
@@ -304,6 +371,7 @@ impl Supervisor {
             .ok_or_else(|| LifecycleError::NotFound(id_or_name.to_string()))?;
         let id = current.rec.id.clone();
         let wid = id.clone();
+        let memory = self.memory;
         let outcome = self
             .ctx
             .store
@@ -312,7 +380,7 @@ impl Supervisor {
                     .machine(&wid)?
                     .ok_or_else(|| StoreError::NoSuchMachine(wid.clone()))?;
                 let intent = match table::decide(&rec, req) {
-                    Admission::Deny(denied) => return Ok(Err(denied)),
+                    Admission::Deny(denied) => return Ok(Err(Refused::State(denied))),
                     Admission::Unchanged => {
                         return Ok(Ok(Generation {
                             number: rec.generation,
@@ -321,7 +389,18 @@ impl Supervisor {
                     }
                     Admission::Apply(intent) => intent,
                 };
+                let held = capacity::holds_memory(&rec);
                 table::apply(&mut rec, intent);
+                // A machine about to get a VMM must fit besides those that
+                // hold one; checked here, in the same transaction that
+                // records the start, so two starts cannot share headroom.
+                if let Some(budget) = memory.filter(|_| !held && capacity::holds_memory(&rec)) {
+                    let committed = ctx.committed_memory_mib()?;
+                    let asked = u64::from(rec.spec.mem_size_mib);
+                    if let Err(why) = capacity::check_memory(&budget, committed, asked) {
+                        return Ok(Err(Refused::Capacity(rec.name.clone(), why)));
+                    }
+                }
                 let op = new_operation_id();
                 rec.operation_id = Some(op.clone());
                 rec.updated_at = now_ms();
@@ -342,14 +421,19 @@ impl Supervisor {
             })
             .await?;
         match outcome {
-            Err(Denied {
+            Err(Refused::Capacity(machine, why)) => Err(LifecycleError::InsufficientCapacity {
+                request: req,
+                machine,
+                why,
+            }),
+            Err(Refused::State(Denied {
                 request,
                 deleting: true,
                 ..
-            }) => Err(LifecycleError::BeingDeleted(request)),
-            Err(Denied {
+            })) => Err(LifecycleError::BeingDeleted(request)),
+            Err(Refused::State(Denied {
                 request, status, ..
-            }) => Err(LifecycleError::InvalidState {
+            })) => Err(LifecycleError::InvalidState {
                 request,
                 status,
                 allowed: describe_allowed(status),
@@ -446,6 +530,14 @@ impl Supervisor {
             }
         }
     }
+}
+
+/// Why a request was not recorded.
+enum Refused {
+    /// The transition table does not allow it.
+    State(Denied),
+    /// The machine (named) would get a VMM the host's memory cannot hold.
+    Capacity(String, CapacityDenied),
 }
 
 /// What an accepted request opened: the generation to wait for and the

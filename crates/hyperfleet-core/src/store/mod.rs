@@ -22,6 +22,7 @@
 //!   primary-key lookup on a pooled read-only connection.
 
 mod cache;
+mod quota;
 mod records;
 mod rows;
 mod schema;

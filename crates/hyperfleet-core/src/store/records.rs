@@ -26,6 +26,11 @@ pub struct MachineSpec {
     /// The guest image (asset set id) the machine's disk was made from.
     #[serde(default)]
     pub image: Option<String>,
+    /// The size of the machine's disk (what the guest can fill), recorded at
+    /// create time for disk quotas; `None` for machines created before
+    /// quotas existed and backends that cannot tell.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_bytes: Option<u64>,
     /// The guest may reach the internet (masqueraded egress).
     #[serde(default = "default_true")]
     pub egress: bool,

@@ -114,6 +114,57 @@ const MIGRATIONS: &[&str] = &[
     r#"
     CREATE INDEX machines_unprepared ON machines(created_at, id) WHERE prepared = 0;
     "#,
+    // 6: tenant quotas (a row per tenant with limits of its own; NULL is
+    // unlimited), what each tenant's machines hold (kept by triggers in the
+    // transaction that inserts or deletes a machine, so a quota check reads
+    // one row; the spec, and with it the sizes, never changes after
+    // insert), and the machines that hold host memory (see
+    // `store::quota::HOLDS_MEMORY`, which must stay the same expression).
+    r#"
+    CREATE TABLE quotas (
+        tenant TEXT PRIMARY KEY,
+        max_machines INTEGER,
+        max_vcpus INTEGER,
+        max_memory_mib INTEGER,
+        max_disk_bytes INTEGER,
+        updated_at INTEGER NOT NULL
+    ) STRICT;
+    CREATE TABLE tenant_usage (
+        tenant TEXT PRIMARY KEY,
+        machines INTEGER NOT NULL,
+        vcpus INTEGER NOT NULL,
+        memory_mib INTEGER NOT NULL,
+        disk_bytes INTEGER NOT NULL
+    ) STRICT;
+    INSERT INTO tenant_usage (tenant, machines, vcpus, memory_mib, disk_bytes)
+        SELECT tenant, count(*), sum(json_extract(spec, '$.vcpu_count')),
+               sum(json_extract(spec, '$.mem_size_mib')),
+               coalesce(sum(json_extract(spec, '$.disk_bytes')), 0)
+        FROM machines GROUP BY tenant;
+    CREATE TRIGGER machines_usage_insert AFTER INSERT ON machines BEGIN
+        INSERT INTO tenant_usage (tenant, machines, vcpus, memory_mib, disk_bytes)
+        VALUES (NEW.tenant, 1, json_extract(NEW.spec, '$.vcpu_count'),
+                json_extract(NEW.spec, '$.mem_size_mib'),
+                coalesce(json_extract(NEW.spec, '$.disk_bytes'), 0))
+        ON CONFLICT (tenant) DO UPDATE SET
+            machines = machines + 1,
+            vcpus = vcpus + excluded.vcpus,
+            memory_mib = memory_mib + excluded.memory_mib,
+            disk_bytes = disk_bytes + excluded.disk_bytes;
+    END;
+    CREATE TRIGGER machines_usage_delete AFTER DELETE ON machines BEGIN
+        UPDATE tenant_usage SET
+            machines = machines - 1,
+            vcpus = vcpus - json_extract(OLD.spec, '$.vcpu_count'),
+            memory_mib = memory_mib - json_extract(OLD.spec, '$.mem_size_mib'),
+            disk_bytes = disk_bytes - coalesce(json_extract(OLD.spec, '$.disk_bytes'), 0)
+        WHERE tenant = OLD.tenant;
+    END;
+    CREATE INDEX machines_holding_memory ON machines(id)
+        WHERE vmm_pid IS NOT NULL
+           OR (desired IN ('running', 'paused')
+               AND NOT (status = 'failed' AND failed_generation IS generation));
+    "#,
 ];
 
 pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
@@ -202,6 +253,24 @@ mod tests {
         );
         // Prepared: not in the preparation queue.
         assert!(store.unprepared_ids(10).unwrap().is_empty());
+        // What the tenant holds is summed from the machines already there
+        // (no disk size recorded before quotas: it counts none).
+        let (quota, usage) = store.quota_and_usage("default").unwrap();
+        assert_eq!(quota, None);
+        assert_eq!(
+            (
+                usage.machines,
+                usage.vcpus,
+                usage.memory_mib,
+                usage.disk_bytes
+            ),
+            (
+                1,
+                u64::from(m.rec.spec.vcpu_count),
+                u64::from(m.rec.spec.mem_size_mib),
+                0
+            )
+        );
     }
 
     #[test]

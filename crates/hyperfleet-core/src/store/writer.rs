@@ -72,6 +72,11 @@ pub struct WriteCtx<'a> {
 }
 
 impl WriteCtx<'_> {
+    /// The open transaction, for the queries of sibling modules (`quota`).
+    pub(super) fn conn(&self) -> &Connection {
+        self.conn
+    }
+
     /// The current record of machine `id`, including uncommitted changes of
     /// this batch.
     pub fn machine(&self, id: &str) -> Result<Option<MachineRecord>, StoreError> {

@@ -159,6 +159,14 @@ pub trait Vmm: Send + Sync + 'static {
         Ok(None)
     }
 
+    /// The size of the disk a machine made from guest image `image` gets
+    /// (what its guest can fill), recorded at create time for disk quotas.
+    /// `None` when it cannot tell.
+    fn disk_bytes(&self, image: Option<&str>) -> Option<u64> {
+        let _ = image;
+        None
+    }
+
     /// A connection to the guest agent of a running machine (cached and
     /// re-established when it broke, e.g. after a daemon restart).
     async fn agent(&self, launch: &LaunchSpec) -> Result<AgentClient, VmmError> {
@@ -300,6 +308,13 @@ impl GuestImages {
                 format!("the machine's guest image {id} is gone ({e}); it cannot boot"),
             )
         })
+    }
+
+    /// [`Vmm::disk_bytes`]: a disk is the size of the root filesystem it is
+    /// made from (a copy, or an overlay of that virtual size).
+    pub(crate) fn disk_bytes(&self, image: Option<&str>) -> Option<u64> {
+        let rootfs = self.for_image(image).ok()?.rootfs().ok()?;
+        std::fs::metadata(rootfs).ok().map(|m| m.len())
     }
 
     /// The root filesystem of the set the machine boots, which its disk is

@@ -71,6 +71,9 @@ async fn command(socket: &Path, line: &str) -> Result<String, VmmError> {
         .map_err(|_| control("no answer within 5 s".into()))?
 }
 
+/// The size of a stub machine's (sparse) disk.
+const STUB_DISK_BYTES: u64 = 64 << 20;
+
 #[async_trait]
 impl Vmm for StubVmm {
     fn kind(&self) -> VmmKind {
@@ -86,6 +89,10 @@ impl Vmm for StubVmm {
                 self.binary.display()
             ))
         }
+    }
+
+    fn disk_bytes(&self, _image: Option<&str>) -> Option<u64> {
+        Some(STUB_DISK_BYTES)
     }
 
     async fn prepare(&self, launch: &LaunchSpec) -> Result<(), VmmError> {
@@ -104,7 +111,7 @@ impl Vmm for StubVmm {
                 .write(true)
                 .open(&disk)
                 .map_err(|e| VmmError::host(format!("creating {}", disk.display()), e))?;
-            f.set_len(64 << 20)
+            f.set_len(STUB_DISK_BYTES)
                 .map_err(|e| VmmError::host(format!("sizing {}", disk.display()), e))
         })
         .await

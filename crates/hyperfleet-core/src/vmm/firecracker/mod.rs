@@ -346,6 +346,10 @@ impl Vmm for FirecrackerVmm {
         self.images.current_id()
     }
 
+    fn disk_bytes(&self, image: Option<&str>) -> Option<u64> {
+        self.images.disk_bytes(image)
+    }
+
     async fn prepare(&self, launch: &LaunchSpec) -> Result<(), VmmError> {
         let rootfs = self.images.rootfs(launch)?;
         // Firecracker takes raw block images only: a sparse private copy.

@@ -363,6 +363,10 @@ impl Vmm for QemuVmm {
         self.run_as
     }
 
+    fn disk_bytes(&self, image: Option<&str>) -> Option<u64> {
+        self.images.disk_bytes(image)
+    }
+
     async fn prepare(&self, launch: &LaunchSpec) -> Result<(), VmmError> {
         let rootfs = self.images.rootfs(launch)?;
         // A copy-on-write overlay: the set's rootfs stays read-only.

@@ -1,0 +1,58 @@
+//! Tenant quotas: what a tenant may hold (machines, vCPUs, memory, disk) and
+//! what it holds now.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// A tenant's limits; each one absent or `null` is unlimited. `PUT`
+/// replaces all four at once.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaLimits {
+    /// Machines the tenant may have, whatever their status.
+    #[serde(default)]
+    #[schema(minimum = 0, maximum = 9223372036854775807_i64)]
+    pub max_machines: Option<u64>,
+    /// Sum of `vcpu_count` over the tenant's machines.
+    #[serde(default)]
+    #[schema(minimum = 0, maximum = 9223372036854775807_i64)]
+    pub max_vcpus: Option<u64>,
+    /// Sum of `mem_size_mib` over the tenant's machines.
+    #[serde(default)]
+    #[schema(minimum = 0, maximum = 9223372036854775807_i64)]
+    pub max_memory_mib: Option<u64>,
+    /// Sum of the machines' disk sizes (the size of the guest image each
+    /// disk was made from, recorded at create time).
+    #[serde(default)]
+    #[schema(minimum = 0, maximum = 9223372036854775807_i64)]
+    pub max_disk_bytes: Option<u64>,
+}
+
+impl QuotaLimits {
+    /// No limit at all.
+    pub fn is_unlimited(&self) -> bool {
+        *self == QuotaLimits::default()
+    }
+}
+
+/// What a tenant's machines hold now, counted over all of them (stopped
+/// ones too), in the units of [`QuotaLimits`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct QuotaUsage {
+    pub machines: u64,
+    pub vcpus: u64,
+    pub memory_mib: u64,
+    pub disk_bytes: u64,
+}
+
+/// `GET`/`PUT /tenants/{tenant}/quota`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Quota {
+    pub tenant: String,
+    /// The limits in force for the tenant.
+    pub limits: QuotaLimits,
+    /// True when the tenant has no quota of its own and the server's
+    /// defaults (`--default-quota-*`) apply.
+    pub default: bool,
+    pub usage: QuotaUsage,
+}

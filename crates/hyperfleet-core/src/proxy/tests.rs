@@ -745,6 +745,39 @@ async fn browser_pages_on_the_path_form_are_sent_to_the_host_form() {
 }
 
 #[tokio::test]
+async fn behind_https_the_cookie_is_secure_and_host_urls_use_the_public_scheme_and_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("hyperfleet.db")).unwrap();
+    let mut config = ProxyConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)));
+    config.domain = DOMAIN.into();
+    config.public_scheme = "https".into();
+    config.public_port = Some(443);
+    let proxy = Proxy::new(store, &config, false);
+    assert_eq!(
+        proxy.token_cookie("hft_x").unwrap(),
+        "hf_token=hft_x; Path=/; HttpOnly; SameSite=Lax; Secure"
+    );
+    let route =
+        super::route::parse(Some("10.0.0.1:4000"), "/proxy/web/a?port=8080", DOMAIN).unwrap();
+    let e = proxy.page_on_path_form(&route, Some("10.0.0.1:4000"));
+    assert!(
+        e.message
+            .contains(&format!("instead: https://8080-web.{DOMAIN}/a ")),
+        "{}",
+        e.message
+    );
+    config.public_port = Some(8443);
+    let proxy = Proxy::new(proxy.store.clone(), &config, false);
+    let e = proxy.page_on_path_form(&route, None);
+    assert!(
+        e.message
+            .contains(&format!("instead: https://8080-web.{DOMAIN}:8443/a ")),
+        "{}",
+        e.message
+    );
+}
+
+#[tokio::test]
 async fn public_machines_pass_and_the_applications_own_credentials_reach_the_guest() {
     let e = env().await;
     let m = e.public("web").await;

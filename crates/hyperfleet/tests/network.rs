@@ -171,6 +171,21 @@ fn start_daemon(sb: &Sandbox, assets: &std::path::Path) -> Daemon {
     )
 }
 
+/// Writes an executable file (mode 0755) into the guest.
+fn put_executable(d: &Daemon, id: &str, path: &str, bytes: Vec<u8>) {
+    let r = d
+        .raw()
+        .put(format!(
+            "{}/machines/{id}/files?path={path}&mode=493",
+            d.url
+        ))
+        .bearer_auth(&d.key)
+        .body(bytes)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 201, "{path}: {}", r.text().unwrap_or_default());
+}
+
 fn port_of(addr_file: &std::path::Path) -> u16 {
     let s = std::fs::read_to_string(addr_file).unwrap();
     s.trim().rsplit(':').next().unwrap().parse().unwrap()
@@ -362,20 +377,9 @@ fn the_proxy_serves_exposed_ports_by_host_name_and_path_with_websockets() {
     exec_ok(
         &d,
         &id,
-        "mkdir -p /srv/sub && echo proxied > /srv/index.html && echo deep > /srv/sub/x.txt && httpd -p 8080 -h /srv",
+        "mkdir -p /srv/sub /srv/cgi-bin && echo proxied > /srv/index.html && echo deep > /srv/sub/x.txt && httpd -p 8080 -h /srv",
     );
-    let bytes = std::fs::read(&testkit).unwrap();
-    let r = d
-        .raw()
-        .put(format!(
-            "{}/machines/{id}/files?path=/bin/testkit&mode=493",
-            d.url
-        ))
-        .bearer_auth(&d.key)
-        .body(bytes)
-        .send()
-        .unwrap();
-    assert_eq!(r.status(), 201, "{}", r.text().unwrap_or_default());
+    put_executable(&d, &id, "/bin/testkit", std::fs::read(&testkit).unwrap());
     exec_ok(
         &d,
         &id,
@@ -413,6 +417,38 @@ fn the_proxy_serves_exposed_ports_by_host_name_and_path_with_websockets() {
     let token = m["access_token"].as_str().unwrap();
     let (s, body) = get(&host, &format!("/?hf_token={token}"), None);
     assert_eq!((s, body.trim()), (200, "proxied"));
+    // A guest's cookies stay within its own host name: one for a parent
+    // domain (every machine) is dropped, and the path form passes none.
+    let cgi = r"#!/bin/sh
+printf 'Content-Type: text/plain\r\nSet-Cookie: own=1; Path=/\r\nSet-Cookie: x=1; Domain=localhost\r\n\r\ncookies\n'
+";
+    put_executable(&d, &id, "/srv/cgi-bin/cookies", cgi.into());
+    let set_cookies = |host: &str, path: &str| {
+        let r = d
+            .raw()
+            .get(format!("{proxy}{path}"))
+            .header("Host", host)
+            .bearer_auth(&d.key)
+            .send()
+            .unwrap();
+        let cookies: Vec<String> = r
+            .headers()
+            .get_all("set-cookie")
+            .iter()
+            .map(|v| v.to_str().unwrap().to_string())
+            .collect();
+        (r.status().as_u16(), cookies, r.text().unwrap())
+    };
+    let (s, cookies, body) = set_cookies(&host, "/cgi-bin/cookies");
+    assert_eq!((s, body.trim()), (200, "cookies"));
+    assert_eq!(cookies, ["own=1; Path=/"]);
+    let (s, cookies, body) = set_cookies(
+        &format!("127.0.0.1:{proxy_port}"),
+        &format!("/proxy/{id}/cgi-bin/cookies?port=8080"),
+    );
+    assert_eq!((s, body.trim()), (200, "cookies"));
+    assert_eq!(cookies, Vec::<String>::new());
+
     // A port that is not exposed is refused; an exposed port nobody listens
     // on is a 502 that says so.
     let (s, body) = get(&format!("22-{id}.localhost"), "/", Some(&d.key));

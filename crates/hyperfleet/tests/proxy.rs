@@ -1,7 +1,9 @@
 //! The reverse proxy as the daemon serves it: its listener and `proxy.addr`,
 //! the machine JSON's `urls`, the proxy flags, and `machines create
-//! --expose` in the CLI. (Forwarding itself is tested in hyperfleet-core's
-//! `proxy::tests` against a local stand-in guest port.)
+//! --expose` in the CLI, and which credentials and requests each form
+//! takes. (Forwarding itself, guests' cookies included, is tested in
+//! hyperfleet-core's `proxy::tests` against a local stand-in guest port,
+//! and against a real guest in `network.rs`.)
 
 mod common;
 
@@ -19,25 +21,47 @@ fn proxy_addr(sb: &Sandbox) -> String {
 
 /// A request to the proxy with `Host: host`; status and JSON body.
 fn via_proxy(d: &Daemon, proxy: &str, host: &str, path: &str, key: Option<&str>) -> (u16, Value) {
+    let auth = key.map(|k| format!("Bearer {k}"));
+    let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("authorization", a.as_str())).collect();
+    let (status, _, body) = via_proxy_with(d, proxy, host, path, &headers);
+    (status, body)
+}
+
+/// A request to the proxy with `Host: host` and more headers; status,
+/// response headers and JSON body.
+fn via_proxy_with(
+    d: &Daemon,
+    proxy: &str,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, reqwest::header::HeaderMap, Value) {
     let mut r = d
         .raw()
         .get(format!("http://{proxy}{path}"))
         .header("host", host);
-    if let Some(k) = key {
-        r = r.bearer_auth(k);
+    for (k, v) in headers {
+        r = r.header(*k, *v);
     }
     let resp = r.send().unwrap();
     let status = resp.status().as_u16();
-    (status, resp.json().unwrap_or(Value::Null))
+    let headers = resp.headers().clone();
+    (status, headers, resp.json().unwrap_or(Value::Null))
+}
+
+/// A daemon with its proxy: the proxy's address and its port.
+fn daemon_and_proxy(sb: &Sandbox) -> (Daemon, String, String) {
+    let d = Daemon::start(sb);
+    let proxy = proxy_addr(sb);
+    let proxy_port = proxy.rsplit(':').next().unwrap().to_string();
+    assert_ne!(proxy_port, "0");
+    (d, proxy, proxy_port)
 }
 
 #[test]
 fn the_daemon_serves_the_proxy_and_lists_each_exposed_ports_url() {
     let sb = Sandbox::new();
-    let d = Daemon::start(&sb);
-    let proxy = proxy_addr(&sb);
-    let proxy_port = proxy.rsplit(':').next().unwrap();
-    assert_ne!(proxy_port, "0");
+    let (d, proxy, proxy_port) = daemon_and_proxy(&sb);
 
     let m = d.create(json!({"exposed_ports": [8080, 3000]}));
     let id = m["id"].as_str().unwrap();
@@ -89,6 +113,71 @@ fn the_daemon_serves_the_proxy_and_lists_each_exposed_ports_url() {
         (status, body["error"]["code"].as_str()),
         (404, Some("NOT_FOUND"))
     );
+}
+
+#[test]
+fn the_token_cookie_counts_on_the_host_name_only_and_browser_pages_go_there() {
+    let sb = Sandbox::new();
+    let (d, proxy, proxy_port) = daemon_and_proxy(&sb);
+    let m = d.create(json!({"exposed_ports": [8080]}));
+    let id = m["id"].as_str().unwrap();
+    let token = m["access_token"].as_str().unwrap();
+    let r = d.call("POST", &format!("/api/v1/machines/{id}/start"), None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    // Networking is off here: a request that gets past the access check
+    // ends in 409 "no network address", one that does not in 401.
+    let code = |body: &Value| body["error"]["code"].as_str().unwrap_or("").to_string();
+    let cookie = format!("hf_token={token}");
+
+    // The machine's own host name honours the cookie.
+    let host = format!("8080-{id}.localhost:{proxy_port}");
+    let (status, _, body) = via_proxy_with(&d, &proxy, &host, "/", &[("cookie", &cookie)]);
+    assert_eq!(
+        (status, code(&body).as_str()),
+        (409, "INVALID_STATE"),
+        "{body}"
+    );
+
+    // The path form, one origin for every machine, ignores it ...
+    let path = format!("/proxy/{id}/");
+    let (status, headers, body) = via_proxy_with(&d, &proxy, &proxy, &path, &[("cookie", &cookie)]);
+    assert_eq!(
+        (status, code(&body).as_str()),
+        (401, "UNAUTHORIZED"),
+        "{body}"
+    );
+    assert!(headers.get("set-cookie").is_none());
+    // ... and takes the token on the request itself.
+    let (status, _, body) =
+        via_proxy_with(&d, &proxy, &proxy, &format!("{path}?hf_token={token}"), &[]);
+    assert_eq!(
+        (status, code(&body).as_str()),
+        (409, "INVALID_STATE"),
+        "{body}"
+    );
+
+    // A browser opening a page on the path form is told the host-form URL.
+    let page = [
+        ("sec-fetch-mode", "navigate"),
+        ("sec-fetch-dest", "document"),
+    ];
+    let (status, _, body) = via_proxy_with(
+        &d,
+        &proxy,
+        &proxy,
+        &format!("{path}docs?port=8080&hf_token={token}"),
+        &page,
+    );
+    assert_eq!((status, code(&body).as_str()), (403, "FORBIDDEN"), "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!("http://8080-{id}.localhost:{proxy_port}/docs ")),
+        "{message}"
+    );
+    assert!(!message.contains(token), "{message}");
+    // The same browser request on the host name is not refused.
+    let (status, _, body) = via_proxy_with(&d, &proxy, &host, "/", &[("cookie", &cookie), page[0]]);
+    assert_eq!(status, 409, "{body}");
 }
 
 #[test]

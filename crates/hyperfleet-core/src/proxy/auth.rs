@@ -5,7 +5,13 @@
 //!   with `--disable-auth`);
 //! - `Authorization: Bearer hf_…`: an API key of the machine's tenant with
 //!   the `exec` scope (admin implies it);
-//! - the machine's access token, as `?hf_token=` or the `hf_token` cookie.
+//! - the machine's access token, as `?hf_token=` or, in the host form only,
+//!   the `hf_token` cookie.
+//!
+//! The path form (`/proxy/<machine>/…`) serves every machine from the
+//! proxy's one origin, so a page of one machine could make the browser send
+//! a cookie meant for another: there the cookie is never read (see
+//! `Credentials::new`), and only what a caller adds to each request counts.
 //!
 //! A caller learns that a machine exists only when it may reach it: a key of
 //! another tenant gets the 404 of an absent machine, and a caller without
@@ -32,11 +38,16 @@ pub(crate) struct Credentials<'a> {
     pub key: Option<&'a str>,
     /// `?hf_token=`.
     pub query_token: Option<&'a str>,
+    /// The `hf_token` cookie counts (the host form) or not (the path form).
+    cookies: bool,
     headers: &'a HeaderMap,
 }
 
 impl<'a> Credentials<'a> {
-    pub(crate) fn new(headers: &'a HeaderMap, query_token: Option<&'a str>) -> Self {
+    /// `cookies`: whether the `hf_token` cookie may grant access — only on
+    /// a machine's own host name, the one origin a browser keeps apart
+    /// from every other machine's.
+    pub(crate) fn new(headers: &'a HeaderMap, query_token: Option<&'a str>, cookies: bool) -> Self {
         // In any of several `Authorization` headers, or in a comma-joined
         // one: the first Hyperfleet key is the one checked.
         let key = headers
@@ -48,13 +59,16 @@ impl<'a> Credentials<'a> {
         Credentials {
             key,
             query_token,
+            cookies,
             headers,
         }
     }
 
-    /// Every `hf_token` cookie value (a browser may hold several).
+    /// Every `hf_token` cookie value (a browser may hold several); none
+    /// where cookies do not count.
     fn cookie_tokens(&self) -> impl Iterator<Item = &'a str> {
-        cookie_values(self.headers, TOKEN_COOKIE)
+        let counts = self.cookies;
+        cookie_values(self.headers, TOKEN_COOKIE).filter(move |_| counts)
     }
 
     fn any(&self) -> bool {
@@ -236,7 +250,8 @@ fn unauthorized(machine: &str, creds: &Credentials<'_>, refusal: Option<Refusal>
         format!(
             "{why}machine '{machine}' is not public (or does not exist): send an API key with the \
              'exec' scope ('Authorization: Bearer hf_…') or the machine's access token \
-             ('?hf_token=…' or the 'hf_token' cookie)"
+             ('?hf_token=…', or the 'hf_token' cookie on the machine's host name \
+             http://<port>-<machine>.<proxy domain>/, never on /proxy/…)"
         ),
     )
 }
@@ -270,17 +285,29 @@ mod tests {
     }
 
     #[test]
+    fn the_token_cookie_counts_only_where_cookies_do() {
+        let mut h = HeaderMap::new();
+        h.append(COOKIE, HeaderValue::from_static("hf_token=hft_x"));
+        let host_form = Credentials::new(&h, None, true);
+        assert_eq!(host_form.cookie_tokens().collect::<Vec<_>>(), ["hft_x"]);
+        assert!(host_form.any());
+        let path_form = Credentials::new(&h, None, false);
+        assert_eq!(path_form.cookie_tokens().next(), None);
+        assert!(!path_form.any(), "an ignored cookie is no credential");
+    }
+
+    #[test]
     fn the_key_is_found_in_any_authorization_header() {
         let mut h = HeaderMap::new();
         h.append(AUTHORIZATION, HeaderValue::from_static("Bearer app-token"));
         h.append(AUTHORIZATION, HeaderValue::from_static("Bearer\thf_abc"));
-        assert_eq!(Credentials::new(&h, None).key, Some("Bearer\thf_abc"));
+        assert_eq!(Credentials::new(&h, None, true).key, Some("Bearer\thf_abc"));
         let mut h = HeaderMap::new();
         h.append(
             AUTHORIZATION,
             HeaderValue::from_static("Basic eA==, bearer hf_abc"),
         );
-        assert!(Credentials::new(&h, None).key.is_some());
+        assert!(Credentials::new(&h, None, true).key.is_some());
     }
 
     #[test]

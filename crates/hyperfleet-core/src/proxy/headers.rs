@@ -1,16 +1,24 @@
 //! Header rewriting between client and guest: hop-by-hop headers stay on
-//! their hop, the guest learns who asked (`X-Forwarded-*`), and Hyperfleet
-//! credentials never reach it.
+//! their hop, the guest learns who asked (`X-Forwarded-*`), Hyperfleet
+//! credentials never reach it, and cookies stay within one machine's origin.
+//!
+//! Cookies: a browser keeps a machine's host name (`<port>-<machine>.<domain>`)
+//! apart from every other machine's, but not the path form's one origin,
+//! nor cookies whose `Domain` names a parent of the host (`localhost`, the
+//! proxy domain), which reach every machine. So the path form carries no
+//! cookies either way and its answers are sandboxed, and on the host form a
+//! guest may set only host-only cookies that are not the proxy's own.
 
 use std::net::IpAddr;
 
 use axum::http::header::{
-    HeaderName, HeaderValue, AUTHORIZATION, CONNECTION, COOKIE, HOST, PROXY_AUTHENTICATE,
-    PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
+    HeaderName, HeaderValue, AUTHORIZATION, CONNECTION, CONTENT_SECURITY_POLICY, COOKIE, HOST,
+    PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, SET_COOKIE, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
 };
 use axum::http::HeaderMap;
 
 use super::auth::{is_hyperfleet_key, TOKEN_COOKIE};
+use super::route::Form;
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -18,6 +26,23 @@ const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host")
 const X_FORWARDED_PREFIX: HeaderName = HeaderName::from_static("x-forwarded-prefix");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+const SEC_FETCH_MODE: HeaderName = HeaderName::from_static("sec-fetch-mode");
+const SEC_FETCH_DEST: HeaderName = HeaderName::from_static("sec-fetch-dest");
+
+/// `Sec-Fetch-Dest` values whose answer a browser runs as a page or a
+/// worker of the URL's own origin (Fetch: navigation and non-subresource
+/// requests). Scripts, images and the like run in the including page's
+/// origin instead, and `fetch()` is `empty`.
+const PAGE_DESTINATIONS: [&str; 8] = [
+    "document",
+    "iframe",
+    "frame",
+    "embed",
+    "object",
+    "worker",
+    "sharedworker",
+    "serviceworker",
+];
 
 /// RFC 9110 §7.6.1: meaningful for one connection only. `Upgrade` is
 /// handled apart (it passes when both sides switch protocols).
@@ -72,21 +97,48 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     }
 }
 
+/// Whether a browser asks for a page (or a frame, or a worker) to run in
+/// the URL's origin, by the `Sec-Fetch-*` headers every current browser
+/// sends. API clients send neither.
+pub(crate) fn is_browser_page_request(headers: &HeaderMap) -> bool {
+    let values = |name| {
+        headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .map(str::trim)
+    };
+    values(SEC_FETCH_MODE).any(|m| m.eq_ignore_ascii_case("navigate"))
+        || values(SEC_FETCH_DEST).any(|d| {
+            PAGE_DESTINATIONS
+                .iter()
+                .any(|page| d.eq_ignore_ascii_case(page))
+        })
+}
+
 /// What the guest learns about the original request.
 pub(crate) struct Forwarded<'a> {
     pub client_ip: IpAddr,
     /// `X-Forwarded-Proto`: the scheme clients use (the proxy URLs').
     pub proto: &'a HeaderValue,
-    /// `X-Forwarded-Prefix` in the path form (`/proxy/<machine>`).
+    /// `X-Forwarded-Prefix` in the path form (`/proxy/<machine>`); None in
+    /// the host form.
     pub prefix: Option<&'a str>,
 }
 
 /// Rewrites a request's headers for the guest: hop-by-hop headers out,
 /// Hyperfleet credentials out, `X-Forwarded-*` in. `Host` stays as sent.
+/// The path form passes no cookies at all: its guests set none (see
+/// `prepare_response`), so any cookie there belongs to someone else on the
+/// same host name (cookies ignore ports).
 pub(crate) fn prepare_request(headers: &mut HeaderMap, upgrade: bool, fwd: &Forwarded<'_>) {
     strip_hop_by_hop(headers, upgrade);
     strip_hyperfleet_keys(headers);
-    strip_token_cookie(headers);
+    if fwd.prefix.is_some() {
+        headers.remove(COOKIE);
+    } else {
+        strip_token_cookie(headers);
+    }
 
     // Append to a chain from proxies before this one (RFC 7239 style).
     let ip = fwd.client_ip.to_string();
@@ -119,6 +171,60 @@ pub(crate) fn prepare_request(headers: &mut HeaderMap, upgrade: bool, fwd: &Forw
     };
 }
 
+/// Rewrites a guest's response headers for the client: hop-by-hop headers
+/// out (`switched`: keeps the upgrade), and cookies kept to the machine's
+/// own origin. The path form drops every `Set-Cookie` and adds
+/// `Content-Security-Policy: sandbox`, so a browser that renders an answer
+/// anyway runs it in an origin of its own, with no script; the host form
+/// drops the cookies `is_host_only_guest_cookie` refuses. Returns how many
+/// cookies were dropped.
+pub(crate) fn prepare_response(headers: &mut HeaderMap, switched: bool, form: Form<'_>) -> usize {
+    strip_hop_by_hop(headers, switched);
+    let before = headers.get_all(SET_COOKIE).iter().count();
+    match form {
+        Form::Path { .. } => {
+            headers.remove(SET_COOKIE);
+            headers.append(CONTENT_SECURITY_POLICY, HeaderValue::from_static("sandbox"));
+        }
+        Form::Host => retain_values(headers, SET_COOKIE, is_host_only_guest_cookie),
+    }
+    before - headers.get_all(SET_COOKIE).iter().count()
+}
+
+/// Whether a guest's `Set-Cookie` may reach the browser on the machine's
+/// host name. Not with a `Domain` attribute, whatever its value: it makes
+/// the cookie reach every host under that domain (with `localhost` or the
+/// proxy domain, every machine), and even the machine's own host name as
+/// `Domain` reaches its subdomains. Not named like the proxy's own token
+/// cookie (any letter case), which a guest must not overwrite or fix.
+/// On bytes: a value that is not UTF-8 must not slip a `Domain` through.
+fn is_host_only_guest_cookie(v: &HeaderValue) -> bool {
+    let name = |part: &[u8]| -> Vec<u8> {
+        let name = part.split(|b| *b == b'=').next().unwrap_or_default();
+        name.trim_ascii().to_ascii_lowercase()
+    };
+    let mut parts = v.as_bytes().split(|b| *b == b';');
+    let cookie = parts.next().unwrap_or_default();
+    name(cookie) != TOKEN_COOKIE.as_bytes() && !parts.any(|attr| name(attr) == b"domain")
+}
+
+/// Keeps only the values of header `name` that `keep` accepts, in order.
+fn retain_values(headers: &mut HeaderMap, name: HeaderName, keep: fn(&HeaderValue) -> bool) {
+    if headers.get_all(&name).iter().all(keep) {
+        return;
+    }
+    let kept: Vec<HeaderValue> = headers
+        .get_all(&name)
+        .iter()
+        .filter(|v| keep(v))
+        .cloned()
+        .collect();
+    headers.remove(&name);
+    for v in kept {
+        headers.append(&name, v);
+    }
+}
+
 /// Whether an `Authorization` value carries a Hyperfleet key anywhere:
 /// alone or in a comma-joined list, in any spelling `bearer_token` reads,
 /// also next to bytes that are not UTF-8.
@@ -131,19 +237,7 @@ fn carries_key(v: &HeaderValue) -> bool {
 /// Removes every `Authorization` value that carries a Hyperfleet key — a
 /// client may send several — and keeps the application's own.
 fn strip_hyperfleet_keys(headers: &mut HeaderMap) {
-    if !headers.get_all(AUTHORIZATION).iter().any(carries_key) {
-        return;
-    }
-    let kept: Vec<HeaderValue> = headers
-        .get_all(AUTHORIZATION)
-        .iter()
-        .filter(|v| !carries_key(v))
-        .cloned()
-        .collect();
-    headers.remove(AUTHORIZATION);
-    for v in kept {
-        headers.append(AUTHORIZATION, v);
-    }
+    retain_values(headers, AUTHORIZATION, |v| !carries_key(v));
 }
 
 /// Whether one `name=value` pair of a `Cookie` header is the token cookie,
@@ -242,7 +336,7 @@ mod tests {
         let fwd = Forwarded {
             client_ip: "10.1.2.3".parse().unwrap(),
             proto: &proto,
-            prefix: Some("/proxy/web"),
+            prefix: None,
         };
         let mut h = map(&[
             ("host", "8080-web.localhost:4000"),
@@ -263,7 +357,6 @@ mod tests {
         assert_eq!(h["x-forwarded-for"], "192.0.2.1, 10.1.2.3");
         assert_eq!(h["x-forwarded-proto"], "https");
         assert_eq!(h["x-forwarded-host"], "8080-web.localhost:4000");
-        assert_eq!(h["x-forwarded-prefix"], "/proxy/web");
         assert_eq!(h["host"], "8080-web.localhost:4000");
 
         // Repeated, tab-separated, upper-case, comma-joined and non-UTF-8
@@ -300,14 +393,128 @@ mod tests {
             ("authorization", "Bearer app-token"),
             ("cookie", "session=abc"),
         ]);
-        let fwd = Forwarded {
-            prefix: None,
-            ..fwd
-        };
         prepare_request(&mut h, false, &fwd);
         assert_eq!(h["authorization"], "Bearer app-token");
         assert_eq!(h["cookie"], "session=abc");
         assert_eq!(h["x-forwarded-for"], "10.1.2.3");
         assert!(h.get("x-forwarded-prefix").is_none());
+    }
+
+    #[test]
+    fn browser_pages_are_told_apart_from_api_calls_by_sec_fetch() {
+        for page in [
+            &[
+                ("sec-fetch-mode", "navigate"),
+                ("sec-fetch-dest", "document"),
+            ][..],
+            &[("sec-fetch-mode", "navigate"), ("sec-fetch-dest", "iframe")],
+            &[("sec-fetch-mode", "Navigate")],
+            &[("sec-fetch-dest", "object")],
+            &[("sec-fetch-dest", "embed")],
+            &[
+                ("sec-fetch-mode", "same-origin"),
+                ("sec-fetch-dest", "worker"),
+            ],
+            &[("sec-fetch-dest", "serviceworker")],
+        ] {
+            assert!(is_browser_page_request(&map(page)), "{page:?}");
+        }
+        for call in [
+            &[][..],
+            &[("sec-fetch-mode", "cors"), ("sec-fetch-dest", "empty")],
+            &[("sec-fetch-mode", "no-cors"), ("sec-fetch-dest", "image")],
+            &[
+                ("sec-fetch-mode", "websocket"),
+                ("sec-fetch-dest", "websocket"),
+            ],
+            &[("sec-fetch-dest", "script")],
+            &[("accept", "text/html")],
+        ] {
+            assert!(!is_browser_page_request(&map(call)), "{call:?}");
+        }
+    }
+
+    fn set_cookies(h: &HeaderMap) -> Vec<&[u8]> {
+        h.get_all("set-cookie")
+            .iter()
+            .map(|v| v.as_bytes())
+            .collect()
+    }
+
+    /// A guest's answer setting cookies of every kind.
+    fn guest_answer() -> HeaderMap {
+        let mut h = map(&[
+            ("set-cookie", "sid=1; Path=/; HttpOnly"),
+            ("set-cookie", "x=1; Domain=localhost"),
+            ("set-cookie", "y=2; Path=/; domain=.machines.example.com"),
+            ("set-cookie", "z=3;DOMAIN =8080-web.localhost; Secure"),
+            ("set-cookie", "hf_token=hft_fixed; Path=/"),
+            ("set-cookie", " HF_Token = hft_fixed"),
+            ("set-cookie", "theme=dark; Max-Age=60; SameSite=Lax"),
+            ("set-cookie", "note=domain; Path=/domain"),
+            ("content-type", "text/html"),
+        ]);
+        h.append(
+            "set-cookie",
+            HeaderValue::from_bytes(b"bin=\xff; Domain=localhost").unwrap(),
+        );
+        h
+    }
+
+    #[test]
+    fn the_host_form_passes_only_host_only_cookies_not_named_like_the_token() {
+        let mut h = guest_answer();
+        assert_eq!(prepare_response(&mut h, false, Form::Host), 6);
+        assert_eq!(
+            set_cookies(&h),
+            [
+                &b"sid=1; Path=/; HttpOnly"[..],
+                b"theme=dark; Max-Age=60; SameSite=Lax",
+                b"note=domain; Path=/domain",
+            ]
+        );
+        assert!(h.get("content-security-policy").is_none());
+        assert_eq!(h["content-type"], "text/html");
+        // Nothing to drop: nothing changes.
+        let mut h = map(&[("set-cookie", "a=1"), ("set-cookie", "b=2; Path=/")]);
+        assert_eq!(prepare_response(&mut h, false, Form::Host), 0);
+        assert_eq!(set_cookies(&h), [&b"a=1"[..], b"b=2; Path=/"]);
+    }
+
+    #[test]
+    fn the_path_form_passes_no_cookies_and_sandboxes_its_answers() {
+        let path = Form::Path {
+            prefix: "/proxy/web",
+        };
+        let mut h = guest_answer();
+        h.append(
+            "content-security-policy",
+            HeaderValue::from_static("default-src 'self'"),
+        );
+        assert_eq!(prepare_response(&mut h, false, path), 9);
+        assert!(set_cookies(&h).is_empty());
+        let csp: Vec<&str> = h
+            .get_all("content-security-policy")
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect();
+        // Both apply: the guest's own policy cannot loosen the sandbox.
+        assert_eq!(csp, ["default-src 'self'", "sandbox"]);
+
+        // And its requests carry no cookies to the guest.
+        let proto = HeaderValue::from_static("http");
+        let fwd = Forwarded {
+            client_ip: "10.1.2.3".parse().unwrap(),
+            proto: &proto,
+            prefix: Some("/proxy/web"),
+        };
+        let mut h = map(&[
+            ("cookie", "sid=1"),
+            ("cookie", "hf_token=hft_x; b=2"),
+            ("x-forwarded-prefix", "/spoofed"),
+        ]);
+        prepare_request(&mut h, false, &fwd);
+        assert!(h.get("cookie").is_none());
+        assert_eq!(h["x-forwarded-prefix"], "/proxy/web");
     }
 }

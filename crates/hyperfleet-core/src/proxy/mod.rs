@@ -8,6 +8,12 @@
 //! and the per-machine last activity (`activity`). docs/networking.md
 //! ("Reverse proxy") describes the behaviour.
 //!
+//! Browsers get one origin per machine: the host form
+//! (`<port>-<machine>.<domain>`) is the one for them, with the `hf_token`
+//! cookie scoped to that host; the path form (`/proxy/<machine>/…`) serves
+//! every machine from the proxy's one origin, so it is for API clients:
+//! no cookies either way, no pages for browsers (see `plan` and `headers`).
+//!
 //! It is hyper, not axum: the client's body is handed to the guest and the
 //! guest's body to the client as they are, with no boxing, buffering or
 //! router in between.
@@ -61,8 +67,10 @@ pub struct Proxy {
     store: Store,
     client: Client<HttpConnector, Incoming>,
     domain: String,
-    /// `X-Forwarded-Proto`.
+    /// `X-Forwarded-Proto`, and the scheme of host-form URLs.
     scheme: HeaderValue,
+    /// The port of host-form URLs; None: the one the client used.
+    public_port: Option<u16>,
     /// The token cookie gets `Secure` when clients come over HTTPS.
     secure_cookies: bool,
     auth_disabled: bool,
@@ -89,6 +97,7 @@ impl Proxy {
             domain: config.domain.to_ascii_lowercase(),
             secure_cookies: config.public_scheme.eq_ignore_ascii_case("https"),
             scheme,
+            public_port: config.public_port,
             auth_disabled,
             connect_timeout: config.connect_timeout,
             activity: Activity::default(),
@@ -175,7 +184,15 @@ impl Proxy {
             }
             (false, _) => {}
         }
-        headers::strip_hop_by_hop(resp.headers_mut(), switched);
+        let dropped = headers::prepare_response(resp.headers_mut(), switched, plan.form());
+        if dropped > 0 {
+            tracing::debug!(
+                machine = %id,
+                port = plan.port,
+                dropped,
+                "proxy: dropped guest cookies that would reach beyond the machine's origin"
+            );
+        }
         if let Some(cookie) = plan.set_cookie.take() {
             resp.headers_mut().append(SET_COOKIE, cookie);
         }
@@ -196,7 +213,12 @@ impl Proxy {
                 ProxyError::new(ErrorCode::ValidationError, e.to_string())
             }
         })?;
-        let creds = Credentials::new(req.headers(), route.token);
+        if let Form::Path { .. } = route.form {
+            if headers::is_browser_page_request(req.headers()) {
+                return Err(self.page_on_path_form(&route, host));
+            }
+        }
+        let creds = Credentials::new(req.headers(), route.token, route.form == Form::Host);
         let (machine, grant) =
             auth::authorize(&self.store, &route.machine, &creds, self.auth_disabled)?;
         let rec = &machine.rec;
@@ -224,8 +246,10 @@ impl Proxy {
             Form::Host => None,
             Form::Path { prefix } => Some(prefix.to_string()),
         };
-        let set_cookie = match (grant, &rec.spec.access_token) {
-            (Grant::QueryToken, Some(token)) => Some(self.token_cookie(token, prefix.as_deref())?),
+        // Only on the machine's own host: on the path form the cookie would
+        // reach every machine's pages, and it is not read there anyway.
+        let set_cookie = match (grant, &rec.spec.access_token, route.form) {
+            (Grant::QueryToken, Some(token), Form::Host) => Some(self.token_cookie(token)?),
             _ => None,
         };
         let path_and_query = match route.path_and_query {
@@ -248,16 +272,46 @@ impl Proxy {
         })
     }
 
-    /// `Set-Cookie` for a token that came as `?hf_token=`: the host's root in
-    /// the host form, `/proxy/<machine>/` in the path form.
-    fn token_cookie(&self, token: &str, prefix: Option<&str>) -> Result<HeaderValue, ProxyError> {
-        let path = prefix.map_or_else(|| "/".to_string(), |p| format!("{p}/"));
+    /// `Set-Cookie` for a token that came as `?hf_token=` on a machine's
+    /// host name: no `Domain`, so the browser sends it to that host only,
+    /// never to another machine's.
+    fn token_cookie(&self, token: &str) -> Result<HeaderValue, ProxyError> {
         let secure = if self.secure_cookies { "; Secure" } else { "" };
         HeaderValue::try_from(format!(
-            "{}={token}; Path={path}; HttpOnly; SameSite=Lax{secure}",
+            "{}={token}; Path=/; HttpOnly; SameSite=Lax{secure}",
             auth::TOKEN_COOKIE
         ))
         .map_err(|e| ProxyError::internal("cannot build the access-token cookie", e))
+    }
+
+    /// The refusal of a browser page on the path form, naming the machine's
+    /// host-form URL. Nothing is looked up: the URL is built from the address
+    /// alone, so the answer is the same whether the machine exists or not.
+    fn page_on_path_form(&self, route: &route::Route<'_>, host: Option<&str>) -> ProxyError {
+        let scheme = self.scheme.to_str().unwrap_or("http");
+        // The port clients use: configured, else the one this client used.
+        let port = self.public_port.or_else(|| {
+            host.and_then(|h| h.rsplit_once(':'))
+                .and_then(|(_, p)| p.parse::<u16>().ok())
+        });
+        let port = match (scheme, port) {
+            (_, None) | ("http", Some(80)) | ("https", Some(443)) => String::new(),
+            (_, Some(p)) => format!(":{p}"),
+        };
+        let guest_port = route
+            .port
+            .map_or_else(|| "<port>".to_string(), |p| p.to_string());
+        let path = route.path_and_query.as_ref();
+        ProxyError::new(
+            ErrorCode::Forbidden,
+            format!(
+                "the path form /proxy/<machine>/… is for API clients: it serves every machine from \
+                 one browser origin, so it does not serve pages to browsers; open the machine at \
+                 its own host name instead: {scheme}://{guest_port}-{}.{}{port}{path} \
+                 (add ?hf_token=<access token> once if it is not public)",
+                route.machine, self.domain
+            ),
+        )
     }
 
     /// The answer when the guest could not be reached or broke off.
@@ -311,6 +365,15 @@ struct Plan {
     /// The path form's `/proxy/<machine>`.
     prefix: Option<String>,
     set_cookie: Option<HeaderValue>,
+}
+
+impl Plan {
+    fn form(&self) -> Form<'_> {
+        match &self.prefix {
+            Some(prefix) => Form::Path { prefix },
+            None => Form::Host,
+        }
+    }
 }
 
 /// The guest port a request may reach: one of the exposed ports, or the

@@ -100,6 +100,22 @@ async fn upload(State(g): State<Guest>, body: Body) -> String {
     n.to_string()
 }
 
+/// Sets a cookie of its own host, one for a parent domain, and one named
+/// like the proxy's token cookie.
+async fn set_cookies() -> Response {
+    let mut resp = "cookies".into_response();
+    for c in [
+        "own=1; Path=/; HttpOnly",
+        "x=1; Domain=localhost",
+        "y=2; Path=/; Domain=.machines.test",
+        "hf_token=hft_fixed; Path=/",
+    ] {
+        resp.headers_mut()
+            .append("set-cookie", c.parse().expect("a valid header value"));
+    }
+    resp
+}
+
 async fn ws(up: WebSocketUpgrade) -> Response {
     up.on_upgrade(|mut socket: WebSocket| async move {
         while let Some(Ok(msg)) = socket.recv().await {
@@ -116,6 +132,7 @@ async fn spawn_guest() -> (SocketAddr, Guest) {
         .route("/download", get(download))
         .route("/upload", any(upload))
         .route("/ws", get(ws))
+        .route("/set-cookies", get(set_cookies))
         .fallback(echo)
         .with_state(guest.clone());
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -569,18 +586,14 @@ async fn the_access_token_works_as_a_query_parameter_that_sets_a_cookie() {
         format!("hf_token={token}; Path=/; HttpOnly; SameSite=Lax")
     );
 
-    // The path form scopes the cookie to the machine's prefix.
+    // The path form takes the token on each request and sets no cookie:
+    // there a cookie would reach every machine's pages.
     let a = e
         .get_path(&format!("/proxy/{}/p?hf_token={token}", m.id), &[])
         .await;
-    assert_eq!(a.status, StatusCode::OK);
-    assert_eq!(
-        a.headers["set-cookie"],
-        format!(
-            "hf_token={token}; Path=/proxy/{}/; HttpOnly; SameSite=Lax",
-            m.id
-        )
-    );
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    assert_eq!(a.body["query"], Value::Null, "the token reached the guest");
+    assert!(a.headers.get("set-cookie").is_none());
 
     // The cookie alone; the guest keeps its own cookies and never sees ours.
     let cookie = format!("session=abc; hf_token={token}; theme=dark");
@@ -603,6 +616,165 @@ async fn the_access_token_works_as_a_query_parameter_that_sets_a_cookie() {
         .get(&e.host(&other), "/", &[("cookie", "hf_token=hft_wrong")])
         .await;
     assert_eq!(a.status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn the_path_form_ignores_the_token_cookie_and_carries_no_cookies() {
+    let e = env().await;
+    let m = e.private("default", "web").await;
+    let token = m.spec.access_token.clone().unwrap();
+    let cookie = format!("sid=abc; hf_token={token}");
+
+    // The host form honours the cookie; the path form, the shared origin,
+    // does not, whatever page made the browser send it.
+    let a = e.get(&e.host(&m), "/", &[("cookie", &cookie)]).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    assert_eq!(a.seen("cookie"), ["sid=abc"]);
+    let path = format!("/proxy/{}/", m.id);
+    let a = e.get_path(&path, &[("cookie", &cookie)]).await;
+    a.expect_error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", "never on /proxy/");
+
+    // With a key or the query token it passes, and the guest gets no
+    // cookie at all: only other services of the same host name set any.
+    let key = e.key("default", &[Scope::Exec]).await;
+    let auth = format!("Bearer {key}");
+    let a = e
+        .get_path(&path, &[("cookie", &cookie), ("authorization", &auth)])
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    assert!(a.seen("cookie").is_empty(), "{:?}", a.seen("cookie"));
+    let a = e
+        .get_path(
+            &format!("{path}?hf_token={token}"),
+            &[("cookie", "sid=abc")],
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    assert!(a.seen("cookie").is_empty(), "{:?}", a.seen("cookie"));
+}
+
+#[tokio::test]
+async fn guests_set_only_cookies_of_their_own_host_and_none_on_the_path_form() {
+    let e = env().await;
+    let m = e.private("default", "web").await;
+    let token = m.spec.access_token.clone().unwrap();
+    let set_cookies = |a: &Answer| -> Vec<String> {
+        a.headers
+            .get_all("set-cookie")
+            .iter()
+            .map(|v| v.to_str().unwrap().to_string())
+            .collect()
+    };
+
+    // The host form: the guest's host-only cookie passes; those for a
+    // parent domain (every machine) and a fake token cookie do not. The
+    // proxy's own cookie follows, scoped to this host.
+    let a = e
+        .get(&e.host(&m), &format!("/set-cookies?hf_token={token}"), &[])
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    assert_eq!(
+        set_cookies(&a),
+        [
+            "own=1; Path=/; HttpOnly".to_string(),
+            format!("hf_token={token}; Path=/; HttpOnly; SameSite=Lax"),
+        ]
+    );
+    assert!(a.headers.get("content-security-policy").is_none());
+
+    // The path form: no cookie at all, and a sandboxed answer.
+    let a = e
+        .get_path(
+            &format!("/proxy/{}/set-cookies?hf_token={token}", m.id),
+            &[],
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    assert_eq!(set_cookies(&a), Vec::<String>::new());
+    assert_eq!(a.headers["content-security-policy"], "sandbox");
+}
+
+#[tokio::test]
+async fn browser_pages_on_the_path_form_are_sent_to_the_host_form() {
+    let e = env().await;
+    let m = e.public("web").await;
+    let proxy_port = e.proxy.local_addr().port();
+    let page = [
+        ("sec-fetch-mode", "navigate"),
+        ("sec-fetch-dest", "document"),
+    ];
+
+    let a = e
+        .get_path(
+            &format!("/proxy/web/app/x?port={}&q=1&hf_token=hft_x", e.port),
+            &page,
+        )
+        .await;
+    a.expect_error(
+        StatusCode::FORBIDDEN,
+        "FORBIDDEN",
+        &format!(
+            "open the machine at its own host name instead: http://{}-web.{DOMAIN}:{proxy_port}/app/x?q=1 ",
+            e.port
+        ),
+    );
+    assert!(!a.message().contains("hft_x"), "{}", a.message());
+    // No port named: the URL says where it goes. A machine that does not
+    // exist gets the same answer (nothing is looked up).
+    let a = e.get_path("/proxy/nosuch/", &page).await;
+    a.expect_error(
+        StatusCode::FORBIDDEN,
+        "FORBIDDEN",
+        &format!("http://<port>-nosuch.{DOMAIN}:{proxy_port}/ "),
+    );
+    // A frame too.
+    let a = e
+        .get_path(
+            &format!("/proxy/{}/", m.id),
+            &[("sec-fetch-dest", "iframe")],
+        )
+        .await;
+    assert_eq!(a.status, StatusCode::FORBIDDEN, "{}", a.body);
+
+    // A script's fetch() and API clients pass; so do pages on the host form.
+    let fetch = [("sec-fetch-mode", "cors"), ("sec-fetch-dest", "empty")];
+    let a = e.get_path("/proxy/web/api", &fetch).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    let a = e.get(&e.host(&m), "/", &page).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+}
+
+#[tokio::test]
+async fn behind_https_the_cookie_is_secure_and_host_urls_use_the_public_scheme_and_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("hyperfleet.db")).unwrap();
+    let mut config = ProxyConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)));
+    config.domain = DOMAIN.into();
+    config.public_scheme = "https".into();
+    config.public_port = Some(443);
+    let proxy = Proxy::new(store, &config, false);
+    assert_eq!(
+        proxy.token_cookie("hft_x").unwrap(),
+        "hf_token=hft_x; Path=/; HttpOnly; SameSite=Lax; Secure"
+    );
+    let route =
+        super::route::parse(Some("10.0.0.1:4000"), "/proxy/web/a?port=8080", DOMAIN).unwrap();
+    let e = proxy.page_on_path_form(&route, Some("10.0.0.1:4000"));
+    assert!(
+        e.message
+            .contains(&format!("instead: https://8080-web.{DOMAIN}/a ")),
+        "{}",
+        e.message
+    );
+    config.public_port = Some(8443);
+    let proxy = Proxy::new(proxy.store.clone(), &config, false);
+    let e = proxy.page_on_path_form(&route, None);
+    assert!(
+        e.message
+            .contains(&format!("instead: https://8080-web.{DOMAIN}:8443/a ")),
+        "{}",
+        e.message
+    );
 }
 
 #[tokio::test]

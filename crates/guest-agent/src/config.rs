@@ -22,11 +22,11 @@
 
 use std::net::Ipv4Addr;
 
-pub const CONFIG_FILE: &str = "/etc/hyperfleet/agent.conf";
-pub const DEFAULT_PORT_NAME: &str = "hf.agent";
+pub(crate) const CONFIG_FILE: &str = "/etc/hyperfleet/agent.conf";
+pub(crate) const DEFAULT_PORT_NAME: &str = "hf.agent";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Config {
+pub(crate) struct Config {
     pub modules: Vec<String>,
     pub hostname: Option<String>,
     pub ip: Option<(Ipv4Addr, u8)>,
@@ -69,7 +69,7 @@ impl Default for Config {
 
 impl Config {
     /// Builds the configuration from the config file's text (if any), then the command line.
-    pub fn parse(cmdline: &str, file: Option<&str>) -> Config {
+    pub(crate) fn parse(cmdline: &str, file: Option<&str>) -> Config {
         let mut c = Config::default();
         if let Some(f) = file {
             for line in f.lines() {

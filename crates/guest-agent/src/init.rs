@@ -62,7 +62,7 @@ fn is_mountpoint(path: &str) -> bool {
 }
 
 /// Mounts the pseudo filesystems a guest needs.
-pub fn early_mounts() {
+pub(crate) fn early_mounts() {
     const NOSUID_NODEV_NOEXEC: libc::c_ulong = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
     let table: [(&str, &str, &str, libc::c_ulong, Option<&str>); 7] = [
         ("proc", "/proc", "proc", NOSUID_NODEV_NOEXEC, None),
@@ -116,7 +116,7 @@ pub fn early_mounts() {
 
 /// Makes sure fds 0, 1 and 2 exist (the kernel leaves them closed when the initramfs has no
 /// `/dev/console`), so logs reach the serial console and children inherit sane stdio.
-pub fn ensure_console() {
+pub(crate) fn ensure_console() {
     // SAFETY: F_GETFD only inspects the descriptor table.
     let missing = (0..3).any(|fd| unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0);
     if !missing {
@@ -141,7 +141,7 @@ pub fn ensure_console() {
 }
 
 /// Process-wide defaults a kernel-started init lacks.
-pub fn process_defaults() {
+pub(crate) fn process_defaults() {
     if std::env::var_os("PATH").is_none() {
         std::env::set_var(
             "PATH",
@@ -157,21 +157,21 @@ pub fn process_defaults() {
 
 /// Finds module files under `/lib/modules/<release>`: from `modules.dep` when present (with
 /// dependencies), otherwise by walking the tree (without dependencies: list them in order).
-pub struct ModuleIndex {
+pub(crate) struct ModuleIndex {
     base: PathBuf,
     paths: HashMap<String, PathBuf>,
     deps: HashMap<String, Vec<String>>,
 }
 
 /// `virtio-blk.ko.xz` → `virtio_blk`.
-pub fn module_name(file: &str) -> String {
+pub(crate) fn module_name(file: &str) -> String {
     let base = file.rsplit('/').next().unwrap_or(file);
     let stem = base.split(".ko").next().unwrap_or(base);
     stem.replace('-', "_")
 }
 
 impl ModuleIndex {
-    pub fn load(base: &Path) -> ModuleIndex {
+    pub(crate) fn load(base: &Path) -> ModuleIndex {
         let mut idx = ModuleIndex {
             base: base.to_path_buf(),
             paths: HashMap::new(),
@@ -185,7 +185,7 @@ impl ModuleIndex {
         idx
     }
 
-    pub fn parse_dep(&mut self, text: &str) {
+    pub(crate) fn parse_dep(&mut self, text: &str) {
         for line in text.lines() {
             let Some((m, deps)) = line.split_once(':') else {
                 continue;
@@ -214,7 +214,7 @@ impl ModuleIndex {
     }
 
     /// The load order for `wanted`: each module after its dependencies, no duplicates.
-    pub fn plan(&self, wanted: &[String]) -> Vec<String> {
+    pub(crate) fn plan(&self, wanted: &[String]) -> Vec<String> {
         fn visit(idx: &ModuleIndex, n: &str, seen: &mut HashSet<String>, out: &mut Vec<String>) {
             if !seen.insert(n.to_string()) {
                 return;
@@ -238,7 +238,7 @@ impl ModuleIndex {
 
 /// Loads the configured modules with `finit_module`. Already-loaded and built-in modules are
 /// fine; a missing one is logged.
-pub fn load_modules(names: &[String]) {
+pub(crate) fn load_modules(names: &[String]) {
     if names.is_empty() {
         return;
     }
@@ -295,7 +295,7 @@ fn finit_module(path: &Path) -> io::Result<()> {
     Ok(())
 }
 
-pub fn set_hostname(name: &str) {
+pub(crate) fn set_hostname(name: &str) {
     // SAFETY: sethostname reads exactly name.len() bytes from a valid slice.
     let rc = unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) };
     if rc != 0 {
@@ -306,7 +306,7 @@ pub fn set_hostname(name: &str) {
 /// Mounts `cfg.root` and makes it the root filesystem (like busybox `switch_root`, but the
 /// agent keeps running: it is a static binary already in memory). The pseudo filesystems move
 /// along. The initramfs contents are not freed (they are small).
-pub fn switch_root(cfg: &Config) -> io::Result<()> {
+pub(crate) fn switch_root(cfg: &Config) -> io::Result<()> {
     let Some(dev) = cfg.root.as_deref() else {
         return Ok(());
     };
@@ -369,7 +369,7 @@ pub fn switch_root(cfg: &Config) -> io::Result<()> {
 // Ending the process is the point: everything else has been stopped and
 // synced first, and as an ordinary process only the agent exits.
 #[allow(clippy::exit)]
-pub fn shutdown(action: PowerAction) -> ! {
+pub(crate) fn shutdown(action: PowerAction) -> ! {
     // SAFETY: getpid cannot fail.
     if unsafe { libc::getpid() } != 1 {
         // Never signal -1 from an ordinary process: that would hit every process of the user.
@@ -455,7 +455,7 @@ fn unmount_all() {
 
 /// Watches `/dev/input/event*` for the power button (QEMU `system_powerdown` through ACPI,
 /// with the `button` and `evdev` modules loaded) and reports presses.
-pub fn watch_power_button(tx: tokio::sync::mpsc::UnboundedSender<PowerAction>) {
+pub(crate) fn watch_power_button(tx: tokio::sync::mpsc::UnboundedSender<PowerAction>) {
     let Ok(rd) = std::fs::read_dir("/dev/input") else {
         return;
     };

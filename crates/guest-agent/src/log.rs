@@ -6,7 +6,7 @@
 use std::sync::atomic::{AtomicU8, Ordering};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Level {
+pub(crate) enum Level {
     Error = 0,
     Warn = 1,
     Info = 2,
@@ -15,11 +15,11 @@ pub enum Level {
 
 static LEVEL: AtomicU8 = AtomicU8::new(Level::Info as u8);
 
-pub fn set_level(l: Level) {
+pub(crate) fn set_level(l: Level) {
     LEVEL.store(l as u8, Ordering::Relaxed);
 }
 
-pub fn parse_level(s: &str) -> Option<Level> {
+pub(crate) fn parse_level(s: &str) -> Option<Level> {
     Some(match s {
         "error" => Level::Error,
         "warn" => Level::Warn,
@@ -29,11 +29,11 @@ pub fn parse_level(s: &str) -> Option<Level> {
     })
 }
 
-pub fn enabled(l: Level) -> bool {
+pub(crate) fn enabled(l: Level) -> bool {
     l as u8 <= LEVEL.load(Ordering::Relaxed)
 }
 
-pub fn write(l: Level, args: std::fmt::Arguments<'_>) {
+pub(crate) fn write(l: Level, args: std::fmt::Arguments<'_>) {
     use std::io::Write;
     let tag = match l {
         Level::Error => "error",

@@ -34,7 +34,7 @@ struct RtEntry {
 }
 
 /// Netmask of a prefix length.
-pub fn prefix_to_mask(prefix: u8) -> Ipv4Addr {
+pub(crate) fn prefix_to_mask(prefix: u8) -> Ipv4Addr {
     let bits = if prefix == 0 {
         0
     } else {
@@ -142,7 +142,7 @@ impl Ctl {
 
 /// Brings up `lo` and, when configured, the guest interface. Failures are logged, not fatal:
 /// a guest without network is still reachable through the agent channel.
-pub fn configure(cfg: &Config) {
+pub(crate) fn configure(cfg: &Config) {
     let ctl = match Ctl::new() {
         Ok(c) => c,
         Err(e) => {

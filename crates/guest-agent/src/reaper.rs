@@ -20,9 +20,9 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::oneshot;
 
 /// Raw `wait` status of an exited child.
-pub type WaitStatus = i32;
+pub(crate) type WaitStatus = i32;
 
-pub struct Reaper {
+pub(crate) struct Reaper {
     spawn_lock: RwLock<()>,
     waiters: Mutex<HashMap<i32, oneshot::Sender<WaitStatus>>>,
 }
@@ -30,7 +30,7 @@ pub struct Reaper {
 impl Reaper {
     /// Creates the reaper and starts its task. Must be called inside the tokio runtime, before
     /// any child is spawned (so no SIGCHLD is missed; a periodic sweep covers it anyway).
-    pub fn start() -> io::Result<Arc<Reaper>> {
+    pub(crate) fn start() -> io::Result<Arc<Reaper>> {
         let r = Arc::new(Reaper {
             spawn_lock: RwLock::new(()),
             waiters: Mutex::new(HashMap::new()),
@@ -51,7 +51,10 @@ impl Reaper {
     }
 
     /// Spawns `cmd` and registers for its exit status.
-    pub fn spawn(&self, cmd: &mut Command) -> io::Result<(Child, oneshot::Receiver<WaitStatus>)> {
+    pub(crate) fn spawn(
+        &self,
+        cmd: &mut Command,
+    ) -> io::Result<(Child, oneshot::Receiver<WaitStatus>)> {
         // Poisoning only means another spawn panicked; the lock protects no data.
         let _g = self.spawn_lock.read().unwrap_or_else(|p| p.into_inner());
         let child = cmd.spawn()?;
@@ -66,7 +69,7 @@ impl Reaper {
     }
 
     /// Reaps every exited child; returns how many.
-    pub fn reap_all(&self) -> usize {
+    pub(crate) fn reap_all(&self) -> usize {
         let _g = self.spawn_lock.write().unwrap_or_else(|p| p.into_inner());
         let mut n = 0;
         loop {
@@ -89,7 +92,7 @@ impl Reaper {
 }
 
 /// `(exit_code, signal)` of a raw wait status.
-pub fn decode_status(status: WaitStatus) -> (Option<i32>, Option<i32>) {
+pub(crate) fn decode_status(status: WaitStatus) -> (Option<i32>, Option<i32>) {
     if libc::WIFEXITED(status) {
         (Some(libc::WEXITSTATUS(status)), None)
     } else if libc::WIFSIGNALED(status) {

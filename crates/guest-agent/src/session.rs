@@ -32,7 +32,7 @@ use crate::{debug, info, warn};
 const MAX_CREDIT: usize = 1 << 30;
 
 /// What sessions share: the process reaper and the power-request channel to `main`.
-pub struct Services {
+pub(crate) struct Services {
     pub reaper: Arc<Reaper>,
     pub power: mpsc::UnboundedSender<PowerAction>,
     pub pid1: bool,
@@ -40,7 +40,7 @@ pub struct Services {
 
 /// Why a session ended.
 #[derive(Debug)]
-pub enum End {
+pub(crate) enum End {
     /// The peer closed the stream.
     Eof,
     /// Reading or writing failed.
@@ -49,7 +49,7 @@ pub enum End {
 
 /// How a stream was served.
 #[derive(Debug)]
-pub struct Served {
+pub(crate) struct Served {
     pub end: End,
     /// Whether a host said hello on it (a serial port reopened while no host is connected
     /// ends immediately, without one).
@@ -58,18 +58,18 @@ pub struct Served {
 
 /// Sends frames to the writer, tagged with the session epoch they belong to.
 #[derive(Clone)]
-pub struct Out {
+pub(crate) struct Out {
     tx: mpsc::UnboundedSender<(u64, Frame)>,
     epoch: u64,
 }
 
 impl Out {
-    pub fn send(&self, f: Frame) {
+    pub(crate) fn send(&self, f: Frame) {
         // A closed writer means the session is over; the op will notice through cancellation.
         let _ = self.tx.send((self.epoch, f));
     }
 
-    pub fn json<T: serde::Serialize>(&self, kind: Kind, stream: u32, v: &T) {
+    pub(crate) fn json<T: serde::Serialize>(&self, kind: Kind, stream: u32, v: &T) {
         match serde_json::to_vec(v) {
             Ok(p) => self.send(Frame::new(kind, stream, p)),
             // Our own message types always serialise; log rather than crash if one does not.
@@ -79,13 +79,13 @@ impl Out {
 }
 
 /// Host → agent input of one operation.
-pub enum OpIn {
+pub(crate) enum OpIn {
     Data(Bytes),
     Eof,
 }
 
 /// The shareable output side of an operation.
-pub struct OpIo {
+pub(crate) struct OpIo {
     pub id: u32,
     out: Out,
     send_credit: Arc<Semaphore>,
@@ -94,15 +94,15 @@ pub struct OpIo {
 
 /// The output side ended (cancelled, or the session is gone).
 #[derive(Debug)]
-pub struct Closed;
+pub(crate) struct Closed;
 
 impl OpIo {
-    pub fn event(&self, ev: &hyperfleet_agent_proto::Event) {
+    pub(crate) fn event(&self, ev: &hyperfleet_agent_proto::Event) {
         self.out.json(Kind::Event, self.id, ev);
     }
 
     /// Sends a data frame once the host granted enough credit.
-    pub async fn send_data(&self, kind: Kind, data: Bytes) -> Result<(), Closed> {
+    pub(crate) async fn send_data(&self, kind: Kind, data: Bytes) -> Result<(), Closed> {
         if data.is_empty() {
             return Ok(());
         }
@@ -118,7 +118,7 @@ impl OpIo {
     }
 
     /// Tells the host it may send `n` more bytes (we consumed that much).
-    pub fn grant(&self, n: usize) {
+    pub(crate) fn grant(&self, n: usize) {
         if n == 0 {
             return;
         }
@@ -128,7 +128,7 @@ impl OpIo {
 }
 
 /// Everything an operation gets: output, input and a cancellation signal.
-pub struct Op {
+pub(crate) struct Op {
     pub io: OpIo,
     pub inbound: mpsc::UnboundedReceiver<OpIn>,
     pub cancel: watch::Receiver<bool>,
@@ -136,7 +136,7 @@ pub struct Op {
 
 /// Resolves when the operation is cancelled (by `Cancel`, a new hello, or the end of the
 /// session).
-pub async fn cancelled(rx: &mut watch::Receiver<bool>) {
+pub(crate) async fn cancelled(rx: &mut watch::Receiver<bool>) {
     // An error means the sender is gone, which only happens when the session dropped the op.
     let _ = rx.wait_for(|c| *c).await;
 }
@@ -173,7 +173,7 @@ struct Session {
 }
 
 /// Serves one byte stream until it ends. Sends `Ready` first.
-pub async fn serve<S>(stream: S, svc: Arc<Services>) -> Served
+pub(crate) async fn serve<S>(stream: S, svc: Arc<Services>) -> Served
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {

@@ -2,14 +2,14 @@
 
 use hyperfleet_agent_proto::{AgentInfo, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 
-pub struct Uname {
+pub(crate) struct Uname {
     pub nodename: String,
     pub release: String,
     pub version: String,
     pub machine: String,
 }
 
-pub fn uname() -> Uname {
+pub(crate) fn uname() -> Uname {
     // SAFETY: utsname is plain old data; all-zero is a valid value.
     let mut u: libc::utsname = unsafe { std::mem::zeroed() };
     // SAFETY: uname writes into the struct we own; it only fails with EFAULT on a bad pointer.
@@ -31,7 +31,7 @@ pub fn uname() -> Uname {
 }
 
 /// Time since boot (`CLOCK_BOOTTIME`, which counts suspended time like `/proc/uptime`).
-pub fn uptime_ms() -> u64 {
+pub(crate) fn uptime_ms() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -44,7 +44,7 @@ pub fn uptime_ms() -> u64 {
     ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
 }
 
-pub fn agent_info(pid1: bool) -> AgentInfo {
+pub(crate) fn agent_info(pid1: bool) -> AgentInfo {
     let u = uname();
     AgentInfo {
         agent_version: env!("CARGO_PKG_VERSION").to_string(),

@@ -25,7 +25,7 @@ use crate::session::{serve, End, Services};
 use crate::{debug, error, info, warn};
 
 /// An `AsyncRead + AsyncWrite` over one (or a read and a write) non-blocking descriptor.
-pub struct FdStream {
+pub(crate) struct FdStream {
     rd: AsyncFd<OwnedFd>,
     wr: Option<AsyncFd<OwnedFd>>,
 }
@@ -52,7 +52,7 @@ fn set_nonblocking(fd: RawFd) -> io::Result<()> {
 
 impl FdStream {
     /// One descriptor used for both directions (socket, serial port).
-    pub fn new(fd: OwnedFd) -> io::Result<FdStream> {
+    pub(crate) fn new(fd: OwnedFd) -> io::Result<FdStream> {
         set_nonblocking(fd.as_raw_fd())?;
         Ok(FdStream {
             rd: register(fd)?,
@@ -61,7 +61,7 @@ impl FdStream {
     }
 
     /// Separate read and write descriptors (stdin/stdout).
-    pub fn pair(rd: OwnedFd, wr: OwnedFd) -> io::Result<FdStream> {
+    pub(crate) fn pair(rd: OwnedFd, wr: OwnedFd) -> io::Result<FdStream> {
         set_nonblocking(rd.as_raw_fd())?;
         set_nonblocking(wr.as_raw_fd())?;
         Ok(FdStream {
@@ -142,7 +142,7 @@ impl AsyncWrite for FdStream {
 }
 
 /// Serves every connection of a unix socket listener, each as its own session.
-pub async fn serve_unix(path: &Path, svc: Arc<Services>) -> io::Result<()> {
+pub(crate) async fn serve_unix(path: &Path, svc: Arc<Services>) -> io::Result<()> {
     // A stale socket file from an earlier run would make bind fail.
     let _ = std::fs::remove_file(path);
     let l = tokio::net::UnixListener::bind(path)?;
@@ -158,7 +158,7 @@ pub async fn serve_unix(path: &Path, svc: Arc<Services>) -> io::Result<()> {
 }
 
 /// Serves stdin/stdout as one session; returns when the host closes it.
-pub async fn serve_stdio(svc: Arc<Services>) -> io::Result<()> {
+pub(crate) async fn serve_stdio(svc: Arc<Services>) -> io::Result<()> {
     // SAFETY: dup of the process's standard descriptors; the results are new descriptors we
     // own exclusively (checked for -1 below).
     let (rd, wr) = unsafe { (libc::dup(0), libc::dup(1)) };
@@ -175,7 +175,7 @@ pub async fn serve_stdio(svc: Arc<Services>) -> io::Result<()> {
 }
 
 /// Finds the character device of the virtio-serial port called `name`.
-pub fn find_virtio_port(name: &str) -> Option<PathBuf> {
+pub(crate) fn find_virtio_port(name: &str) -> Option<PathBuf> {
     let dir = std::fs::read_dir("/sys/class/virtio-ports").ok()?;
     for ent in dir.flatten() {
         let n = std::fs::read_to_string(ent.path().join("name")).unwrap_or_default();
@@ -209,7 +209,7 @@ fn open_rw(path: &Path) -> io::Result<OwnedFd> {
 /// sends while the port is closed, so closing it between sessions would lose a new host's
 /// hello. While no host is connected, reads return EOF at once; each EOF ends the session
 /// (cancelling its operations) and a new one starts on the same descriptor after a short pause.
-pub async fn serve_serial(port_name: &str, explicit: Option<PathBuf>, svc: Arc<Services>) {
+pub(crate) async fn serve_serial(port_name: &str, explicit: Option<PathBuf>, svc: Arc<Services>) {
     let mut waited = 0u64;
     loop {
         let path = match explicit.clone().or_else(|| find_virtio_port(port_name)) {
@@ -256,7 +256,7 @@ pub async fn serve_serial(port_name: &str, explicit: Option<PathBuf>, svc: Arc<S
 }
 
 /// Serves an AF_VSOCK listener on `port` (any CID); one session per connection.
-pub async fn serve_vsock(port: u32, svc: Arc<Services>) -> io::Result<()> {
+pub(crate) async fn serve_vsock(port: u32, svc: Arc<Services>) -> io::Result<()> {
     // SAFETY: plain socket creation; the result is checked.
     let fd = unsafe {
         libc::socket(

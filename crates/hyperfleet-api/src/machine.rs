@@ -300,7 +300,7 @@ pub struct Machine {
 }
 
 /// What each `env` value reads as to a key that may not see secrets.
-pub const REDACTED: &str = "<redacted>";
+pub(crate) const REDACTED: &str = "<redacted>";
 
 impl Machine {
     /// Hides what grants access to the guest or may be a secret in it, for

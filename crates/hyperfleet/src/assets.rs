@@ -5,7 +5,7 @@ use hyperfleet_core::assets::{self, AssetSet};
 
 use crate::cli::{AssetsCmd, ClientArgs};
 
-pub fn run(args: &ClientArgs, cmd: AssetsCmd) -> anyhow::Result<()> {
+pub(crate) fn run(args: &ClientArgs, cmd: AssetsCmd) -> anyhow::Result<()> {
     let root = assets::assets_root(&args.data_dir);
     match cmd {
         AssetsCmd::Build { agent } => {

@@ -13,7 +13,7 @@ use hyperfleet_core::config::GuestLimits;
     version,
     about = "Durable microVMs: daemon and CLI"
 )]
-pub struct Cli {
+pub(crate) struct Cli {
     #[command(flatten)]
     pub client: ClientArgs,
     #[command(subcommand)]
@@ -21,7 +21,7 @@ pub struct Cli {
 }
 
 #[derive(Args, Clone)]
-pub struct ClientArgs {
+pub(crate) struct ClientArgs {
     /// Server URL for client commands.
     #[arg(
         long,
@@ -52,7 +52,7 @@ pub struct ClientArgs {
 }
 
 #[derive(Subcommand)]
-pub enum Command {
+pub(crate) enum Command {
     /// Run the daemon.
     // Boxed: the daemon's flags outweigh every other command's.
     Serve(Box<ServeArgs>),
@@ -76,7 +76,7 @@ pub enum Command {
 }
 
 #[derive(Subcommand)]
-pub enum AssetsCmd {
+pub(crate) enum AssetsCmd {
     /// Build the guest kernel, initramfs and root filesystem from Debian
     /// packages into <data-dir>/assets/<id> and make it the current set.
     Build {
@@ -92,13 +92,13 @@ pub enum AssetsCmd {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
-pub enum LogFormat {
+pub(crate) enum LogFormat {
     Text,
     Json,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
-pub enum VmmChoice {
+pub(crate) enum VmmChoice {
     Auto,
     Qemu,
     Firecracker,
@@ -106,7 +106,7 @@ pub enum VmmChoice {
 }
 
 #[derive(Args)]
-pub struct ServeArgs {
+pub(crate) struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "HYPERFLEET_HOST", default_value = "127.0.0.1")]
     pub host: String,
@@ -323,34 +323,34 @@ pub struct ServeArgs {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Toggle {
+pub(crate) enum Toggle {
     Auto,
     On,
     Off,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
-pub enum AccelArg {
+pub(crate) enum AccelArg {
     Auto,
     Kvm,
     Tcg,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
-pub enum RunAsArg {
+pub(crate) enum RunAsArg {
     Auto,
     Root,
     MachineUid,
 }
 
 #[derive(Args)]
-pub struct DoctorArgs {
+pub(crate) struct DoctorArgs {
     #[command(flatten)]
     pub serve: ServeArgs,
 }
 
 #[derive(Subcommand)]
-pub enum MachinesCmd {
+pub(crate) enum MachinesCmd {
     /// Create a machine (status `pending`); `--start` boots it too.
     Create(CreateArgs),
     /// List machines.
@@ -439,7 +439,7 @@ pub enum MachinesCmd {
 }
 
 #[derive(Args)]
-pub struct CreateArgs {
+pub(crate) struct CreateArgs {
     #[arg(long)]
     pub name: Option<String>,
     #[arg(long)]
@@ -472,7 +472,7 @@ pub struct CreateArgs {
 }
 
 #[derive(Args)]
-pub struct ActionArgs {
+pub(crate) struct ActionArgs {
     pub id: String,
     /// Answer at once (202) instead of waiting for the outcome.
     #[arg(long)]
@@ -483,7 +483,7 @@ pub struct ActionArgs {
 }
 
 #[derive(Subcommand)]
-pub enum KeysCmd {
+pub(crate) enum KeysCmd {
     /// Create a key; its secret is printed once.
     Create {
         #[arg(long, required_unless_present = "admin")]
@@ -511,7 +511,7 @@ pub enum KeysCmd {
 }
 
 #[derive(Subcommand)]
-pub enum QuotaCmd {
+pub(crate) enum QuotaCmd {
     /// Show a tenant's limits and what its machines hold.
     Get {
         /// The tenant (default: `default`, the operator's).
@@ -541,7 +541,7 @@ pub enum QuotaCmd {
 
 /// A quota limit on the command line: a number, or `unlimited` (`None`).
 #[derive(Clone, Copy, Debug)]
-pub struct Limit(pub Option<u64>);
+pub(crate) struct Limit(pub Option<u64>);
 
 fn parse_limit(v: &str) -> Result<Limit, String> {
     if v == "unlimited" {

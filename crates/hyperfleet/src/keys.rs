@@ -7,7 +7,7 @@ use hyperfleet_client::Client;
 use crate::cli::{ClientArgs, KeysCmd};
 use crate::output;
 
-pub async fn run(args: &ClientArgs, cmd: KeysCmd) -> anyhow::Result<()> {
+pub(crate) async fn run(args: &ClientArgs, cmd: KeysCmd) -> anyhow::Result<()> {
     // The local recovery needs no server (and no working key).
     if let KeysCmd::Create {
         name, admin: true, ..

@@ -142,7 +142,7 @@ async fn action(args: &ClientArgs, c: &Client, name: &str, a: ActionArgs) -> any
     }
 }
 
-pub async fn run(args: &ClientArgs, cmd: MachinesCmd) -> anyhow::Result<()> {
+pub(crate) async fn run(args: &ClientArgs, cmd: MachinesCmd) -> anyhow::Result<()> {
     let c = client(args)?;
     match cmd {
         MachinesCmd::Create(a) => {

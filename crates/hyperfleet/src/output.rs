@@ -11,7 +11,7 @@ use std::borrow::Cow;
 
 use serde::Serialize;
 
-pub fn json<T: Serialize>(v: &T) -> anyhow::Result<()> {
+pub(crate) fn json<T: Serialize>(v: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
@@ -40,7 +40,7 @@ fn escape<'a>(s: &'a str, keep: &[char]) -> Cow<'a, str> {
 
 /// `s` for a table cell or a line of text: every control character but the
 /// line break shown as an escape (`\u{1b}`).
-pub fn clean(s: &str) -> Cow<'_, str> {
+pub(crate) fn clean(s: &str) -> Cow<'_, str> {
     escape(s, &['\n'])
 }
 
@@ -49,12 +49,12 @@ pub fn clean(s: &str) -> Cow<'_, str> {
 /// UTF-8 become U+FFFD, and control characters other than line breaks,
 /// carriage returns and tabs are escaped.
 #[derive(Default)]
-pub struct TerminalText {
+pub(crate) struct TerminalText {
     carry: Vec<u8>,
 }
 
 impl TerminalText {
-    pub fn push(&mut self, chunk: &[u8]) -> String {
+    pub(crate) fn push(&mut self, chunk: &[u8]) -> String {
         self.carry.extend_from_slice(chunk);
         let mut out = String::new();
         let mut rest: &[u8] = &self.carry;
@@ -92,7 +92,7 @@ impl TerminalText {
 
 /// Prints rows as a table with a header, columns padded to fit; cells are
 /// [`clean`]ed.
-pub fn table(header: &[&str], rows: &[Vec<String>]) {
+pub(crate) fn table(header: &[&str], rows: &[Vec<String>]) {
     let rows: Vec<Vec<String>> = rows
         .iter()
         .map(|r| r.iter().map(|c| clean(c).into_owned()).collect())

@@ -7,7 +7,7 @@ use hyperfleet_client::Client;
 use crate::cli::{ClientArgs, Limit, QuotaCmd};
 use crate::output;
 
-pub async fn run(args: &ClientArgs, cmd: QuotaCmd) -> anyhow::Result<()> {
+pub(crate) async fn run(args: &ClientArgs, cmd: QuotaCmd) -> anyhow::Result<()> {
     let c = Client::new(&args.url, crate::serve::api_key(args)).context("bad server URL")?;
     let q = match cmd {
         QuotaCmd::Get { tenant } => c.quota(&tenant).await?,

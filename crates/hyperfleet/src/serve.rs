@@ -37,7 +37,7 @@ fn vmm_kind(c: VmmChoice) -> Option<VmmKind> {
     }
 }
 
-pub async fn serve(a: ServeArgs, global: &ClientArgs) -> anyhow::Result<()> {
+pub(crate) async fn serve(a: ServeArgs, global: &ClientArgs) -> anyhow::Result<()> {
     init_logging(a.log_format);
     let config = settings(&a, global)?;
     // The host's accounts must not overlap the range (doctor checks the
@@ -281,7 +281,7 @@ fn network_config(a: &ServeArgs) -> anyhow::Result<Option<NetConfig>> {
 
 /// Checks the host for the daemon `serve` would run with the same flags
 /// and environment.
-pub fn doctor(a: &ServeArgs, global: &ClientArgs) -> anyhow::Result<()> {
+pub(crate) fn doctor(a: &ServeArgs, global: &ClientArgs) -> anyhow::Result<()> {
     let config = settings(a, global).context("serve would refuse these settings")?;
     let checks = doctor::run(&config);
     if global.json {
@@ -311,7 +311,7 @@ pub fn doctor(a: &ServeArgs, global: &ClientArgs) -> anyhow::Result<()> {
 }
 
 /// The key to use: the flag/env, else the bootstrap key file if readable.
-pub fn api_key(args: &ClientArgs) -> Option<String> {
+pub(crate) fn api_key(args: &ClientArgs) -> Option<String> {
     if let Some(k) = &args.api_key {
         return Some(k.clone());
     }

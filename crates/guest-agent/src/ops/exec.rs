@@ -27,7 +27,7 @@ use crate::{debug, warn};
 /// this long (descendants holding them open), the rest is cut off.
 const DRAIN_IDLE: Duration = Duration::from_millis(1000);
 
-pub async fn exec(op: Op, req: ExecRequest, reaper: &Reaper) -> Result<Reply, RemoteError> {
+pub(super) async fn exec(op: Op, req: ExecRequest, reaper: &Reaper) -> Result<Reply, RemoteError> {
     let Op {
         io,
         mut inbound,

@@ -22,7 +22,7 @@ use crate::session::{Op, OpIn};
 /// Directory entries per `Entries` event.
 const LIST_BATCH: usize = 256;
 
-pub async fn run(op: &mut Op, req: Request) -> Result<Reply, RemoteError> {
+pub(super) async fn run(op: &mut Op, req: Request) -> Result<Reply, RemoteError> {
     match req {
         Request::WriteFile(r) => write_file(op, r).await,
         Request::ReadFile(r) => read_file(op, r).await,

@@ -12,7 +12,7 @@ use hyperfleet_agent_proto::{ErrorCode, PowerRequest, RemoteError, Reply, Reques
 
 use crate::session::{cancelled, Op, Services};
 
-pub async fn run(mut op: Op, req: Request, svc: &Services) -> Result<Reply, RemoteError> {
+pub(crate) async fn run(mut op: Op, req: Request, svc: &Services) -> Result<Reply, RemoteError> {
     match req {
         Request::Exec(r) => exec::exec(op, r, &svc.reaper).await,
         Request::Ping => Ok(Reply::Pong {

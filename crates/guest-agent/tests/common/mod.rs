@@ -14,25 +14,25 @@ use tokio::io::{AsyncRead, ReadBuf};
 use tokio::net::UnixStream;
 
 /// The agent under test: the debug build, or `HF_AGENT_BIN` (e.g. the static release binary).
-pub static AGENT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+pub(crate) static AGENT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     std::env::var("HF_AGENT_BIN")
         .unwrap_or_else(|_| env!("CARGO_BIN_EXE_hyperfleet-agent").to_string())
 });
 
 /// Log level for agents under test; `HF_TEST_LOG=debug` to see everything.
-pub fn log_level() -> String {
+pub(crate) fn log_level() -> String {
     std::env::var("HF_TEST_LOG").unwrap_or_else(|_| "error".into())
 }
 
 /// An agent listening on a unix socket in a temporary directory.
-pub struct Agent {
+pub(crate) struct Agent {
     pub child: Child,
     pub dir: tempfile::TempDir,
     pub sock: PathBuf,
 }
 
 impl Agent {
-    pub fn start() -> Agent {
+    pub(crate) fn start() -> Agent {
         let dir = tempfile::tempdir().expect("tempdir");
         let sock = dir.path().join("agent.sock");
         let child = Command::new(&*AGENT)
@@ -54,15 +54,15 @@ impl Agent {
         Agent { child, dir, sock }
     }
 
-    pub fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 
-    pub fn path(&self, name: &str) -> String {
+    pub(crate) fn path(&self, name: &str) -> String {
         self.dir.path().join(name).to_string_lossy().into_owned()
     }
 
-    pub async fn client(&self) -> AgentClient {
+    pub(crate) async fn client(&self) -> AgentClient {
         let s = UnixStream::connect(&self.sock).await.expect("connect");
         AgentClient::connect_with(s, fast_opts())
             .await
@@ -70,7 +70,7 @@ impl Agent {
     }
 
     /// Peak resident set size of the agent process, in KiB.
-    pub fn vm_hwm_kib(&self) -> u64 {
+    pub(crate) fn vm_hwm_kib(&self) -> u64 {
         status_field(self.pid(), "VmHWM:").expect("VmHWM")
     }
 }
@@ -82,7 +82,7 @@ impl Drop for Agent {
     }
 }
 
-pub fn fast_opts() -> ConnectOptions {
+pub(crate) fn fast_opts() -> ConnectOptions {
     ConnectOptions {
         handshake_timeout: Duration::from_secs(10),
         retry_interval: Duration::from_millis(200),
@@ -90,14 +90,14 @@ pub fn fast_opts() -> ConnectOptions {
     }
 }
 
-pub fn status_field(pid: u32, field: &str) -> Option<u64> {
+pub(crate) fn status_field(pid: u32, field: &str) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = s.lines().find(|l| l.starts_with(field))?;
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// Whether a process exists and is not a zombie.
-pub fn alive(pid: u32) -> bool {
+pub(crate) fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(s) => {
             // The state follows the parenthesised command name.
@@ -112,11 +112,11 @@ pub fn alive(pid: u32) -> bool {
 }
 
 /// Whether /proc/<pid> is entirely gone (reaped).
-pub fn gone(pid: u32) -> bool {
+pub(crate) fn gone(pid: u32) -> bool {
     !Path::new(&format!("/proc/{pid}")).exists()
 }
 
-pub async fn wait_until(what: &str, max: Duration, mut f: impl FnMut() -> bool) {
+pub(crate) async fn wait_until(what: &str, max: Duration, mut f: impl FnMut() -> bool) {
     let t0 = Instant::now();
     while !f() {
         assert!(t0.elapsed() < max, "timed out waiting until {what}");
@@ -125,14 +125,14 @@ pub async fn wait_until(what: &str, max: Duration, mut f: impl FnMut() -> bool) 
 }
 
 /// Deterministic pseudo-random bytes, hashed as they are produced.
-pub struct Gen {
+pub(crate) struct Gen {
     remaining: u64,
     state: u64,
     pub hasher: Sha256,
 }
 
 impl Gen {
-    pub fn new(len: u64, seed: u64) -> Gen {
+    pub(crate) fn new(len: u64, seed: u64) -> Gen {
         Gen {
             remaining: len,
             state: seed | 1,
@@ -140,7 +140,7 @@ impl Gen {
         }
     }
 
-    pub fn digest(self) -> [u8; 32] {
+    pub(crate) fn digest(self) -> [u8; 32] {
         self.hasher.finalize().into()
     }
 }

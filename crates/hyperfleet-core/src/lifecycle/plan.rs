@@ -11,7 +11,7 @@ use crate::vmm::process::Liveness;
 
 /// What the run observed about the recorded VMM process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum VmmSeen {
+pub(crate) enum VmmSeen {
     /// The record names no VMM process.
     None,
     /// The recorded process is alive and is ours.
@@ -22,7 +22,7 @@ pub enum VmmSeen {
 
 /// The next step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Step {
+pub(crate) enum Step {
     /// Nothing to do: wait for a request or for the VMM to change.
     Idle,
     /// Status matches the desired state; record that this generation converged.

@@ -98,7 +98,7 @@ pub(crate) enum Observation {
 impl Observation {
     /// Every observation, for the tests that walk the table.
     #[cfg(test)]
-    pub const ALL: [Observation; 14] = [
+    pub(crate) const ALL: [Observation; 14] = [
         Observation::VmmSpawned,
         Observation::AgentReady,
         Observation::AdoptedRunning,
@@ -129,7 +129,7 @@ pub(crate) enum Intent {
 
 impl Intent {
     /// The desired state the intent records.
-    pub fn desired(self) -> Desired {
+    pub(crate) fn desired(self) -> Desired {
         match self {
             Intent::Want(d) => d,
             Intent::Restart => Desired::Running,

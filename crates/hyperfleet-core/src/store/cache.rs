@@ -60,7 +60,7 @@ impl CachedMachine {
 /// with their JSON rendered: ~5 MB).
 pub const DEFAULT_CAPACITY: NonZeroUsize = NonZeroUsize::new(4096).expect("4096 is not zero");
 
-pub struct RecordCache {
+pub(super) struct RecordCache {
     entries: LruCache<String, Arc<CachedMachine>>,
     /// (tenant, name) → id, for the cached entries only.
     names: HashMap<(String, String), String>,
@@ -69,7 +69,7 @@ pub struct RecordCache {
 }
 
 impl RecordCache {
-    pub fn new(capacity: NonZeroUsize) -> Self {
+    pub(super) fn new(capacity: NonZeroUsize) -> Self {
         RecordCache {
             entries: LruCache::new(capacity.get()),
             names: HashMap::new(),
@@ -77,23 +77,27 @@ impl RecordCache {
         }
     }
 
-    pub fn seq(&self) -> u64 {
+    pub(super) fn seq(&self) -> u64 {
         self.seq
     }
 
     /// A cached machine by id, marked as recently used.
-    pub fn get(&mut self, id: &str) -> Option<Arc<CachedMachine>> {
+    pub(super) fn get(&mut self, id: &str) -> Option<Arc<CachedMachine>> {
         self.entries.get(id).cloned()
     }
 
     /// A cached machine by id without touching its recency (the writer's
     /// reads, which should not keep a machine hot).
-    pub fn peek(&self, id: &str) -> Option<&Arc<CachedMachine>> {
+    pub(super) fn peek(&self, id: &str) -> Option<&Arc<CachedMachine>> {
         self.entries.peek(id)
     }
 
     /// A cached machine of `tenant` by id or name.
-    pub fn find(&mut self, tenant: Option<&str>, id_or_name: &str) -> Option<Arc<CachedMachine>> {
+    pub(super) fn find(
+        &mut self,
+        tenant: Option<&str>,
+        id_or_name: &str,
+    ) -> Option<Arc<CachedMachine>> {
         if let Some(m) = self.get(id_or_name) {
             if tenant.is_none_or(|t| t == m.rec.tenant) {
                 return Some(m);
@@ -108,7 +112,7 @@ impl RecordCache {
 
     /// Caches what a reader loaded from SQLite when no publish happened
     /// since it took `seq` (see the module docs). Returns the entry to use.
-    pub fn fill(&mut self, seen_seq: u64, rec: MachineRecord) -> Arc<CachedMachine> {
+    pub(super) fn fill(&mut self, seen_seq: u64, rec: MachineRecord) -> Arc<CachedMachine> {
         if seen_seq != self.seq {
             return CachedMachine::new(rec);
         }
@@ -120,13 +124,13 @@ impl RecordCache {
     }
 
     /// Publishes a committed version of a machine.
-    pub fn put(&mut self, rec: MachineRecord) -> Arc<CachedMachine> {
+    pub(super) fn put(&mut self, rec: MachineRecord) -> Arc<CachedMachine> {
         self.remove(&rec.id);
         self.insert(CachedMachine::new(rec))
     }
 
     /// Publishes a machine's deletion.
-    pub fn remove(&mut self, id: &str) {
+    pub(super) fn remove(&mut self, id: &str) {
         if let Some(old) = self.entries.remove(id) {
             self.forget_name(&old);
         }
@@ -134,11 +138,11 @@ impl RecordCache {
 
     /// Marks the end of a publish: readers that started before it must not
     /// cache what they read.
-    pub fn published(&mut self) {
+    pub(super) fn published(&mut self) {
         self.seq += 1;
     }
 
-    pub fn len(&self) -> usize {
+    pub(super) fn len(&self) -> usize {
         self.entries.len()
     }
 
@@ -167,12 +171,12 @@ impl RecordCache {
 /// open, then moved by the deltas each commit publishes), so a list's
 /// `total` costs no count query.
 #[derive(Default)]
-pub struct Counts {
+pub(super) struct Counts {
     by_tenant: HashMap<String, HashMap<MachineStatus, usize>>,
 }
 
 impl Counts {
-    pub fn add(&mut self, tenant: &str, status: MachineStatus, delta: i64) {
+    pub(super) fn add(&mut self, tenant: &str, status: MachineStatus, delta: i64) {
         let per = self.by_tenant.entry(tenant.to_string()).or_default();
         let n = per.entry(status).or_default();
         *n = (*n as i64 + delta).max(0) as usize;
@@ -184,7 +188,7 @@ impl Counts {
         }
     }
 
-    pub fn tenant(&self, tenant: &str, status: Option<MachineStatus>) -> usize {
+    pub(super) fn tenant(&self, tenant: &str, status: Option<MachineStatus>) -> usize {
         let Some(per) = self.by_tenant.get(tenant) else {
             return 0;
         };
@@ -194,7 +198,7 @@ impl Counts {
         }
     }
 
-    pub fn all(&self) -> usize {
+    pub(super) fn all(&self) -> usize {
         self.by_tenant.values().flat_map(|p| p.values()).sum()
     }
 }

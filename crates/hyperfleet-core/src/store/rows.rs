@@ -8,7 +8,7 @@ use super::{
     Desired, EventRecord, KeyRecord, MachineRecord, MachineSpec, NetLease, StoreError, VmmIdentity,
 };
 
-pub const MACHINE_COLUMNS: &str = "id, tenant, name, spec, status, desired, generation, \
+pub(super) const MACHINE_COLUMNS: &str = "id, tenant, name, spec, status, desired, generation, \
     restart_seq, boot_restart_seq, stop_kill, failed_generation, error_message, vmm_pid, \
     vmm_start_time, vmm_boot_id, current_step, prepared, has_snapshot, operation_id, \
     created_at, updated_at, started_at, observed_generation, network, jail_uid";
@@ -48,7 +48,7 @@ fn vmm_from_row(r: &Row<'_>, first: usize) -> rusqlite::Result<Option<VmmIdentit
     })
 }
 
-pub fn machine_from_row(r: &Row<'_>) -> rusqlite::Result<MachineRecord> {
+pub(super) fn machine_from_row(r: &Row<'_>) -> rusqlite::Result<MachineRecord> {
     let spec: String = r.get(3)?;
     let spec: MachineSpec =
         serde_json::from_str(&spec).map_err(|e| bad(3, format!("machine spec: {e}")))?;
@@ -95,7 +95,7 @@ pub fn machine_from_row(r: &Row<'_>) -> rusqlite::Result<MachineRecord> {
 
 /// Records machine `id`'s network lease (written once, when it is taken;
 /// the hot status updates leave the column alone).
-pub fn set_machine_network(
+pub(super) fn set_machine_network(
     conn: &Connection,
     id: &str,
     lease: Option<&NetLease>,
@@ -112,7 +112,7 @@ pub fn set_machine_network(
 
 /// Records machine `id`'s uid (written once, when it is leased, like the
 /// network column).
-pub fn set_machine_uid(conn: &Connection, id: &str, uid: u32) -> Result<(), StoreError> {
+pub(super) fn set_machine_uid(conn: &Connection, id: &str, uid: u32) -> Result<(), StoreError> {
     conn.execute(
         "UPDATE machines SET jail_uid = ?2 WHERE id = ?1",
         params![id, i64::from(uid)],
@@ -185,7 +185,7 @@ fn bind_state(stmt: &mut Statement<'_>, m: &MachineRecord) -> rusqlite::Result<(
 }
 
 /// Updates an existing machine's mutable columns.
-pub fn update_machine(conn: &Connection, m: &MachineRecord) -> Result<(), StoreError> {
+pub(super) fn update_machine(conn: &Connection, m: &MachineRecord) -> Result<(), StoreError> {
     let n = conn
         .prepare_cached(UPDATE_MACHINE)
         .and_then(|mut stmt| {
@@ -200,7 +200,7 @@ pub fn update_machine(conn: &Connection, m: &MachineRecord) -> Result<(), StoreE
 }
 
 /// Inserts a new machine; a taken (tenant, name) is `NameTaken`.
-pub fn insert_machine(conn: &Connection, m: &MachineRecord) -> Result<(), StoreError> {
+pub(super) fn insert_machine(conn: &Connection, m: &MachineRecord) -> Result<(), StoreError> {
     // Serialising a struct of strings, numbers and maps cannot fail.
     let spec = serde_json::to_string(&m.spec).expect("machine spec serialises");
     conn.prepare_cached(INSERT_MACHINE)
@@ -230,7 +230,7 @@ pub fn insert_machine(conn: &Connection, m: &MachineRecord) -> Result<(), StoreE
 
 /// Which machines a scan reads.
 #[derive(Debug, Clone, Copy)]
-pub enum MachineFilter {
+pub(super) enum MachineFilter {
     All,
     /// Holding a network lease.
     Leased,
@@ -240,7 +240,7 @@ pub enum MachineFilter {
 
 /// Hands each machine `filter` selects to `f`, one row at a time: a scan
 /// of every machine never holds them all in memory.
-pub fn for_each_machine(
+pub(super) fn for_each_machine(
     conn: &Connection,
     filter: MachineFilter,
     mut f: impl FnMut(MachineRecord),
@@ -262,7 +262,7 @@ pub fn for_each_machine(
     Ok(())
 }
 
-pub fn load_machines(
+pub(super) fn load_machines(
     conn: &Connection,
     filter: MachineFilter,
 ) -> Result<Vec<MachineRecord>, StoreError> {
@@ -273,7 +273,10 @@ pub fn load_machines(
 
 /// Whether machine `id` exists (`None`: no such machine) and the VMM it
 /// records, without reading the rest of its record.
-pub fn machine_vmm(conn: &Connection, id: &str) -> Result<Option<Option<VmmIdentity>>, StoreError> {
+pub(super) fn machine_vmm(
+    conn: &Connection,
+    id: &str,
+) -> Result<Option<Option<VmmIdentity>>, StoreError> {
     query_one(
         conn,
         "SELECT vmm_pid, vmm_start_time, vmm_boot_id FROM machines WHERE id = ?1",
@@ -297,7 +300,10 @@ fn query_one<T>(
 }
 
 /// Machine `id`, if it exists.
-pub fn load_machine(conn: &Connection, id: &str) -> Result<Option<MachineRecord>, StoreError> {
+pub(super) fn load_machine(
+    conn: &Connection,
+    id: &str,
+) -> Result<Option<MachineRecord>, StoreError> {
     query_one(
         conn,
         &format!("SELECT {MACHINE_COLUMNS} FROM machines WHERE id = ?1"),
@@ -308,7 +314,7 @@ pub fn load_machine(conn: &Connection, id: &str) -> Result<Option<MachineRecord>
 }
 
 /// The machine `tenant` named `name`, if any.
-pub fn load_machine_named(
+pub(super) fn load_machine_named(
     conn: &Connection,
     tenant: &str,
     name: &str,
@@ -324,7 +330,7 @@ pub fn load_machine_named(
 
 /// The id of `tenant`'s machine named `name` (as this connection sees it:
 /// on the writer, including the open transaction's changes).
-pub fn name_owner(
+pub(super) fn name_owner(
     conn: &Connection,
     tenant: &str,
     name: &str,
@@ -339,7 +345,7 @@ pub fn name_owner(
 }
 
 /// Every tenant's machine named `name`.
-pub fn load_machines_named_in_all_tenants(
+pub(super) fn load_machines_named_in_all_tenants(
     conn: &Connection,
     name: &str,
 ) -> Result<Vec<MachineRecord>, StoreError> {
@@ -357,7 +363,7 @@ pub fn load_machines_named_in_all_tenants(
 
 /// Ids of one page of `tenant`'s machines in creation order (served by the
 /// covering indexes of migration 3).
-pub fn list_ids(
+pub(super) fn list_ids(
     conn: &Connection,
     tenant: &str,
     status: Option<MachineStatus>,
@@ -394,7 +400,7 @@ pub fn list_ids(
 /// The oldest machines whose only work is preparation nobody waits for
 /// (never started, nothing wanted, no VMM, no step under way), from the
 /// partial index of migration 5.
-pub fn unprepared_ids(conn: &Connection, limit: usize) -> Result<Vec<String>, StoreError> {
+pub(super) fn unprepared_ids(conn: &Connection, limit: usize) -> Result<Vec<String>, StoreError> {
     let mut stmt = conn
         .prepare_cached(
             "SELECT id FROM machines WHERE prepared = 0 AND status = 'pending' \
@@ -412,7 +418,9 @@ pub fn unprepared_ids(conn: &Connection, limit: usize) -> Result<Vec<String>, St
 }
 
 /// How many machines each tenant has in each status.
-pub fn status_counts(conn: &Connection) -> Result<Vec<(String, MachineStatus, i64)>, StoreError> {
+pub(super) fn status_counts(
+    conn: &Connection,
+) -> Result<Vec<(String, MachineStatus, i64)>, StoreError> {
     let mut stmt = conn
         .prepare("SELECT tenant, status, count(*) FROM machines GROUP BY tenant, status")
         .map_err(|e| StoreError::sql("counting machines", e))?;
@@ -435,7 +443,7 @@ fn scopes_to_text(scopes: &[Scope]) -> String {
         .join(",")
 }
 
-pub fn insert_key(conn: &Connection, k: &KeyRecord) -> Result<(), StoreError> {
+pub(super) fn insert_key(conn: &Connection, k: &KeyRecord) -> Result<(), StoreError> {
     conn.execute(
         "INSERT INTO api_keys (id, name, tenant, hash, prefix, scopes, created_at, expires_at, revoked_at) \
          VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9)",
@@ -455,7 +463,7 @@ pub fn insert_key(conn: &Connection, k: &KeyRecord) -> Result<(), StoreError> {
     Ok(())
 }
 
-pub fn load_keys(conn: &Connection) -> Result<Vec<KeyRecord>, StoreError> {
+pub(super) fn load_keys(conn: &Connection) -> Result<Vec<KeyRecord>, StoreError> {
     let mut stmt = conn
         .prepare(
             "SELECT id, name, tenant, hash, prefix, scopes, created_at, expires_at, revoked_at \
@@ -487,7 +495,7 @@ pub fn load_keys(conn: &Connection) -> Result<Vec<KeyRecord>, StoreError> {
         .map_err(|e| StoreError::sql("reading an API key row", e))
 }
 
-pub fn insert_event(conn: &Connection, ev: &EventRecord) -> Result<i64, StoreError> {
+pub(super) fn insert_event(conn: &Connection, ev: &EventRecord) -> Result<i64, StoreError> {
     let steps = if ev.steps.is_empty() {
         None
     } else {
@@ -514,7 +522,7 @@ pub fn insert_event(conn: &Connection, ev: &EventRecord) -> Result<i64, StoreErr
     Ok(conn.last_insert_rowid())
 }
 
-pub fn load_events(
+pub(super) fn load_events(
     conn: &Connection,
     machine_id: &str,
     after: i64,
@@ -555,7 +563,7 @@ pub fn load_events(
         .map_err(|e| StoreError::sql("reading an event row", e))
 }
 
-pub fn load_journal(
+pub(super) fn load_journal(
     conn: &Connection,
     machine_id: &str,
 ) -> Result<Vec<(String, String)>, StoreError> {

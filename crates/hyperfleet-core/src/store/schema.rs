@@ -167,7 +167,7 @@ const MIGRATIONS: &[&str] = &[
     "#,
 ];
 
-pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+pub(super) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     let current: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .map_err(|e| StoreError::sql("reading the schema version", e))?;

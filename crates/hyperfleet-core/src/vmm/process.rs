@@ -20,7 +20,7 @@ use crate::store::VmmIdentity;
 
 /// Whether the process a record points at is still that process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Liveness {
+pub(crate) enum Liveness {
     Alive,
     Gone,
     /// The host could not say (e.g. EMFILE opening `/proc`): neither alive
@@ -29,7 +29,7 @@ pub enum Liveness {
 }
 
 /// The host's boot id; identities from another boot are never alive.
-pub fn boot_id() -> io::Result<String> {
+pub(crate) fn boot_id() -> io::Result<String> {
     Ok(fs::read_to_string("/proc/sys/kernel/random/boot_id")?
         .trim()
         .to_string())
@@ -62,7 +62,7 @@ fn read_stat(pid: i32) -> io::Result<Stat> {
 }
 
 /// The identity of a live process.
-pub fn identity_of(pid: i32) -> io::Result<VmmIdentity> {
+pub(crate) fn identity_of(pid: i32) -> io::Result<VmmIdentity> {
     let stat = read_stat(pid)?;
     Ok(VmmIdentity {
         pid,
@@ -73,7 +73,7 @@ pub fn identity_of(pid: i32) -> io::Result<VmmIdentity> {
 
 /// Is the recorded process still alive (and not a zombie)? `Unknown` when
 /// the host could not be asked; [`probe_checked`] says why.
-pub fn probe(id: &VmmIdentity) -> Liveness {
+pub(crate) fn probe(id: &VmmIdentity) -> Liveness {
     probe_checked(id).unwrap_or(Liveness::Unknown)
 }
 
@@ -82,7 +82,7 @@ pub fn probe(id: &VmmIdentity) -> Liveness {
 /// no such pid, a different start time, a zombie. Any other failure to
 /// read (out of file descriptors, a malformed stat) is an error, never a
 /// guess: a live VMM taken for gone would be spawned a second time.
-pub fn probe_checked(id: &VmmIdentity) -> io::Result<Liveness> {
+pub(crate) fn probe_checked(id: &VmmIdentity) -> io::Result<Liveness> {
     if boot_id()? != id.boot_id {
         return Ok(Liveness::Gone);
     }
@@ -105,7 +105,7 @@ fn no_such_process(e: &io::Error) -> bool {
 /// and terminal, so that signals to the daemon (including SIGKILL of its
 /// group) never reach it. The daemon reaps it while it lives; after a daemon
 /// restart, init does.
-pub fn spawn_detached(mut cmd: Command, log: &Path) -> io::Result<VmmIdentity> {
+pub(crate) fn spawn_detached(mut cmd: Command, log: &Path) -> io::Result<VmmIdentity> {
     let out = fs::OpenOptions::new().create(true).append(true).open(log)?;
     let err = out.try_clone()?;
     cmd.stdin(Stdio::null()).stdout(out).stderr(err);
@@ -159,7 +159,7 @@ fn open_verified(id: &VmmIdentity) -> io::Result<Option<OwnedFd>> {
 }
 
 /// Sends `signal` to the process if it is still the recorded one.
-pub fn signal(id: &VmmIdentity, signal: i32) -> io::Result<()> {
+pub(crate) fn signal(id: &VmmIdentity, signal: i32) -> io::Result<()> {
     let Some(fd) = open_verified(id)? else {
         return Ok(());
     };
@@ -185,7 +185,7 @@ pub fn signal(id: &VmmIdentity, signal: i32) -> io::Result<()> {
 }
 
 /// Waits until the process is gone; `false` if it still lives at the deadline.
-pub async fn wait_gone(id: &VmmIdentity, timeout: Duration) -> io::Result<bool> {
+pub(crate) async fn wait_gone(id: &VmmIdentity, timeout: Duration) -> io::Result<bool> {
     let Some(fd) = open_verified(id)? else {
         return Ok(true);
     };
@@ -204,7 +204,7 @@ pub async fn wait_gone(id: &VmmIdentity, timeout: Duration) -> io::Result<bool> 
 }
 
 /// SIGKILL and wait for the process to be gone.
-pub async fn kill(id: &VmmIdentity) -> io::Result<()> {
+pub(crate) async fn kill(id: &VmmIdentity) -> io::Result<()> {
     signal(id, libc::SIGKILL)?;
     if wait_gone(id, Duration::from_secs(10)).await? {
         Ok(())
@@ -219,7 +219,7 @@ pub async fn kill(id: &VmmIdentity) -> io::Result<()> {
 /// Live processes whose command line contains `marker` (a machine's
 /// directory path), other than ourselves. Used to find a VMM that a crashed
 /// daemon spawned but never recorded, and by the orphan sweep.
-pub fn find_by_marker(marker: &str) -> Vec<VmmIdentity> {
+pub(crate) fn find_by_marker(marker: &str) -> Vec<VmmIdentity> {
     find_by_marker_checked(marker).unwrap_or_else(|e| {
         tracing::error!(error = %e, "cannot list processes; treating none as found");
         Vec::new()
@@ -231,7 +231,7 @@ pub fn find_by_marker(marker: &str) -> Vec<VmmIdentity> {
 /// decides from "none" (was a VMM spawned before the crash?) must not
 /// decide from a failure. Processes that end while being looked at are
 /// simply not found.
-pub fn find_by_marker_checked(marker: &str) -> io::Result<Vec<VmmIdentity>> {
+pub(crate) fn find_by_marker_checked(marker: &str) -> io::Result<Vec<VmmIdentity>> {
     let me = std::process::id() as i32;
     let mut out = Vec::new();
     for e in fs::read_dir("/proc")? {

@@ -13,10 +13,10 @@ use super::netns::NetNs;
 use super::{eventually, killed_by_sigkill, Daemon, Resp, Sandbox};
 
 /// Every crash point, in the order a machine's life reaches them.
-pub const POINTS: &[&str] = hyperfleet_core::failpoint::CRASH_POINTS;
+pub(crate) const POINTS: &[&str] = hyperfleet_core::failpoint::CRASH_POINTS;
 
 /// The scenario passes every point when the guest comes up.
-pub const FULL_SCENARIO: &[Step] = &[
+pub(crate) const FULL_SCENARIO: &[Step] = &[
     Step {
         req: "start",
         want: Want::Status("running"),
@@ -49,7 +49,7 @@ pub const FULL_SCENARIO: &[Step] = &[
 
 /// What one request of the scenario must lead to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Want {
+pub(crate) enum Want {
     /// Accepted (`wait=false`): whatever the status.
     Accepted,
     /// Answered 2xx with this status.
@@ -63,13 +63,13 @@ pub enum Want {
 /// One client request: a machine action (`start`, `stop?wait=false`, …),
 /// `delete`, or `wait:<status>` (GET /machines/{id}/wait).
 #[derive(Debug, Clone, Copy)]
-pub struct Step {
+pub(crate) struct Step {
     pub req: &'static str,
     pub want: Want,
 }
 
 /// A backend's crash scenario.
-pub struct Case<'a> {
+pub(crate) struct Case<'a> {
     pub name: &'a str,
     /// The crash points the scenario passes (each is armed in one round).
     pub points: &'a [&'a str],
@@ -118,7 +118,7 @@ impl Drop for Cleanup<'_> {
 }
 
 /// Sends one scenario request.
-pub fn act(d: &Daemon, id: &str, req: &str) -> Result<Resp, reqwest::Error> {
+pub(crate) fn act(d: &Daemon, id: &str, req: &str) -> Result<Resp, reqwest::Error> {
     if req == "delete" {
         return d.try_call_as(
             &d.key,
@@ -195,7 +195,7 @@ fn assert_single_vmm(case: &Case, sb: &Sandbox, id: &str, ctx: &str) {
 }
 
 /// Runs the scenario once per crash point.
-pub fn run(case: &Case) {
+pub(crate) fn run(case: &Case) {
     for point in case.points {
         let ctx = format!("{}: {point}", case.name);
         let sb = Sandbox::new();

@@ -5,8 +5,8 @@
 
 #![allow(dead_code)]
 
-pub mod crash;
-pub mod netns;
+pub(crate) mod crash;
+pub(crate) mod netns;
 
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -15,12 +15,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-pub fn bin() -> PathBuf {
+pub(crate) fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_hyperfleet"))
 }
 
 /// The stand-in VMM, built by `cargo test --workspace` next to our binary.
-pub fn testvmm() -> PathBuf {
+pub(crate) fn testvmm() -> PathBuf {
     let p = bin().with_file_name("hyperfleet-testvmm");
     assert!(
         p.is_file(),
@@ -31,7 +31,7 @@ pub fn testvmm() -> PathBuf {
 }
 
 /// Where the test command builds the guest assets (`HF_TEST_ASSETS` overrides).
-pub fn assets_dir() -> PathBuf {
+pub(crate) fn assets_dir() -> PathBuf {
     std::env::var_os("HF_TEST_ASSETS")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
@@ -41,7 +41,7 @@ pub fn assets_dir() -> PathBuf {
 
 /// `ok`, or else a loud `SKIPPED: MISSING: <what>` note outside CI and a
 /// panic in CI, where nothing the suite needs may be absent.
-pub fn present_or_skip(ok: bool, what: &str) -> bool {
+pub(crate) fn present_or_skip(ok: bool, what: &str) -> bool {
     if ok {
         return true;
     }
@@ -55,7 +55,7 @@ pub fn present_or_skip(ok: bool, what: &str) -> bool {
 
 /// The guest assets the QEMU tests boot (scripts/test.sh builds them), or
 /// `None` with a loud note when absent outside CI. In CI they must exist.
-pub fn guest_assets() -> Option<PathBuf> {
+pub(crate) fn guest_assets() -> Option<PathBuf> {
     let dir = assets_dir();
     let ok = dir.join("manifest.json").exists()
         && std::process::Command::new("qemu-system-x86_64")
@@ -70,17 +70,17 @@ pub fn guest_assets() -> Option<PathBuf> {
 }
 
 /// Live QEMU processes whose command line contains `marker`.
-pub fn qemu_pids(marker: &str) -> Vec<i32> {
+pub(crate) fn qemu_pids(marker: &str) -> Vec<i32> {
     pids_matching(marker, "qemu-system")
 }
 
 /// A data directory whose processes and files are removed on drop.
-pub struct Sandbox {
+pub(crate) struct Sandbox {
     pub dir: tempfile::TempDir,
 }
 
 impl Sandbox {
-    pub fn new() -> Sandbox {
+    pub(crate) fn new() -> Sandbox {
         Sandbox {
             dir: tempfile::Builder::new()
                 .prefix("hf-test-")
@@ -88,17 +88,17 @@ impl Sandbox {
                 .unwrap(),
         }
     }
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         self.dir.path()
     }
-    pub fn machines_dir(&self) -> PathBuf {
+    pub(crate) fn machines_dir(&self) -> PathBuf {
         self.path().join("machines")
     }
     /// Live stand-in VMM processes of this sandbox.
-    pub fn vmm_pids(&self) -> Vec<i32> {
+    pub(crate) fn vmm_pids(&self) -> Vec<i32> {
         pids_with(&format!("{}/", self.machines_dir().display()))
     }
-    pub fn vmm_pids_of(&self, machine_id: &str) -> Vec<i32> {
+    pub(crate) fn vmm_pids_of(&self, machine_id: &str) -> Vec<i32> {
         pids_with(&format!(
             "{}",
             self.machines_dir().join(machine_id).display()
@@ -119,12 +119,12 @@ impl Drop for Sandbox {
 }
 
 /// Live (non-zombie) stand-in VMMs whose command line contains `marker`.
-pub fn pids_with(marker: &str) -> Vec<i32> {
+pub(crate) fn pids_with(marker: &str) -> Vec<i32> {
     pids_matching(marker, "hyperfleet-testvmm")
 }
 
 /// Live (non-zombie) processes whose command line contains both strings.
-pub fn pids_matching(marker: &str, program: &str) -> Vec<i32> {
+pub(crate) fn pids_matching(marker: &str, program: &str) -> Vec<i32> {
     let me = std::process::id() as i32;
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
@@ -153,7 +153,7 @@ pub fn pids_matching(marker: &str, program: &str) -> Vec<i32> {
     out
 }
 
-pub struct Daemon {
+pub(crate) struct Daemon {
     pub child: Child,
     pub url: String,
     pub key: String,
@@ -162,23 +162,23 @@ pub struct Daemon {
     exited: Option<ExitStatus>,
 }
 
-pub struct Resp {
+pub(crate) struct Resp {
     pub status: u16,
     pub body: Value,
 }
 
 impl Resp {
-    pub fn code(&self) -> &str {
+    pub(crate) fn code(&self) -> &str {
         self.body["error"]["code"].as_str().unwrap_or("")
     }
 }
 
 impl Daemon {
-    pub fn start(sb: &Sandbox) -> Daemon {
+    pub(crate) fn start(sb: &Sandbox) -> Daemon {
         Self::start_with(sb, &[], &[])
     }
 
-    pub fn start_with(sb: &Sandbox, env: &[(&str, &str)], args: &[&str]) -> Daemon {
+    pub(crate) fn start_with(sb: &Sandbox, env: &[(&str, &str)], args: &[&str]) -> Daemon {
         let dir = sb.path().to_path_buf();
         let addr_file = dir.join("api.addr");
         let _ = std::fs::remove_file(&addr_file);
@@ -251,16 +251,16 @@ impl Daemon {
         }
     }
 
-    pub fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(self.data_dir.join("daemon.log")).unwrap_or_default()
     }
 
     /// A request with the bootstrap admin key.
-    pub fn call(&self, method: &str, path: &str, body: Option<Value>) -> Resp {
+    pub(crate) fn call(&self, method: &str, path: &str, body: Option<Value>) -> Resp {
         self.call_as(&self.key.clone(), method, path, body)
     }
 
-    pub fn try_call_as(
+    pub(crate) fn try_call_as(
         &self,
         key: &str,
         method: &str,
@@ -286,18 +286,18 @@ impl Daemon {
         Ok(Resp { status, body })
     }
 
-    pub fn call_as(&self, key: &str, method: &str, path: &str, body: Option<Value>) -> Resp {
+    pub(crate) fn call_as(&self, key: &str, method: &str, path: &str, body: Option<Value>) -> Resp {
         self.try_call_as(key, method, path, body)
             .unwrap_or_else(|e| panic!("{method} {path}: {e}\n--- daemon log ---\n{}", self.log()))
     }
 
     /// Raw request for contract tests (custom headers / bodies).
-    pub fn raw(&self) -> &reqwest::blocking::Client {
+    pub(crate) fn raw(&self) -> &reqwest::blocking::Client {
         &self.http
     }
 
     /// Streams `data` into a guest file; it must be created (201).
-    pub fn put_file(&self, machine: &str, path: &str, data: Vec<u8>) {
+    pub(crate) fn put_file(&self, machine: &str, path: &str, data: Vec<u8>) {
         let r = self
             .http
             .put(format!("{}/machines/{machine}/files?path={path}", self.url))
@@ -309,7 +309,7 @@ impl Daemon {
     }
 
     /// A guest file's bytes, streamed back.
-    pub fn get_file(&self, machine: &str, path: &str) -> Vec<u8> {
+    pub(crate) fn get_file(&self, machine: &str, path: &str) -> Vec<u8> {
         let r = self
             .http
             .get(format!(
@@ -323,14 +323,14 @@ impl Daemon {
         r.bytes().unwrap().to_vec()
     }
 
-    pub fn create(&self, body: Value) -> Value {
+    pub(crate) fn create(&self, body: Value) -> Value {
         let r = self.call("POST", "/api/v1/machines", Some(body));
         assert_eq!(r.status, 201, "create: {}", r.body);
         r.body
     }
 
     /// Waits for the daemon process to exit on its own.
-    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+    pub(crate) fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(s) = self.child.try_wait().unwrap() {
@@ -344,12 +344,12 @@ impl Daemon {
         }
     }
 
-    pub fn kill9(&mut self) {
+    pub(crate) fn kill9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 
-    pub fn terminate(&mut self) -> ExitStatus {
+    pub(crate) fn terminate(&mut self) -> ExitStatus {
         // SAFETY: kill(2) on our own child's pid.
         unsafe {
             libc::kill(self.child.id() as i32, libc::SIGTERM);
@@ -359,7 +359,7 @@ impl Daemon {
     }
 }
 
-pub fn killed_by_sigkill(s: &ExitStatus) -> bool {
+pub(crate) fn killed_by_sigkill(s: &ExitStatus) -> bool {
     s.signal() == Some(libc::SIGKILL)
 }
 
@@ -372,7 +372,7 @@ impl Drop for Daemon {
 }
 
 /// Polls `f` until it returns Some or the deadline passes.
-pub fn eventually<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+pub(crate) fn eventually<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(v) = f() {

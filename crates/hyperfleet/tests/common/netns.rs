@@ -14,7 +14,7 @@ use std::os::fd::AsRawFd;
 use std::process::Command;
 
 /// Runs `cmd` (argv) and panics with its output when it fails.
-pub fn sh(argv: &[&str]) -> String {
+pub(crate) fn sh(argv: &[&str]) -> String {
     let out = Command::new(argv[0])
         .args(&argv[1..])
         .output()
@@ -29,13 +29,13 @@ pub fn sh(argv: &[&str]) -> String {
 }
 
 /// A named network namespace (`ip netns add`), deleted on drop.
-pub struct NetNs {
+pub(crate) struct NetNs {
     pub name: String,
 }
 
 impl NetNs {
     /// Creates `hft<tag><random>` with its loopback up.
-    pub fn new(tag: &str) -> NetNs {
+    pub(crate) fn new(tag: &str) -> NetNs {
         assert!(
             // SAFETY: geteuid has no preconditions.
             unsafe { libc::geteuid() } == 0,
@@ -52,14 +52,14 @@ impl NetNs {
     }
 
     /// Runs argv inside the namespace.
-    pub fn exec(&self, argv: &[&str]) -> String {
+    pub(crate) fn exec(&self, argv: &[&str]) -> String {
         let mut full = vec!["ip", "netns", "exec", &self.name];
         full.extend_from_slice(argv);
         sh(&full)
     }
 
     /// Like `exec`, but returns success instead of panicking.
-    pub fn try_exec(&self, argv: &[&str]) -> bool {
+    pub(crate) fn try_exec(&self, argv: &[&str]) -> bool {
         Command::new("ip")
             .args(["netns", "exec", &self.name])
             .args(argv)
@@ -69,7 +69,7 @@ impl NetNs {
     }
 
     /// Hyperfleet's TAP devices in the namespace (`hf` + 8 hex digits), sorted.
-    pub fn hyperfleet_taps(&self) -> Vec<String> {
+    pub(crate) fn hyperfleet_taps(&self) -> Vec<String> {
         let mut v: Vec<String> = self
             .exec(&["ip", "-o", "link", "show"])
             .lines()
@@ -87,7 +87,7 @@ impl NetNs {
 
     /// The names of the machine namespaces a daemon inside this namespace
     /// has made (`hfns-<this namespace's inode in hex>-<TAP>`).
-    pub fn machine_namespaces(&self) -> Vec<String> {
+    pub(crate) fn machine_namespaces(&self) -> Vec<String> {
         let Ok(meta) = std::fs::metadata(format!("/run/netns/{}", self.name)) else {
             return Vec::new();
         };
@@ -106,13 +106,13 @@ impl NetNs {
 
     /// Moves the calling thread into the namespace. Everything the thread
     /// starts from now on (processes, threads, sockets) lives there.
-    pub fn enter(&self) {
+    pub(crate) fn enter(&self) {
         enter(&self.name)
     }
 }
 
 /// Moves the calling thread into the named network namespace.
-pub fn enter(name: &str) {
+pub(crate) fn enter(name: &str) {
     let f = std::fs::File::open(format!("/run/netns/{name}"))
         .unwrap_or_else(|e| panic!("opening netns {name}: {e}"));
     // SAFETY: `f` is an open namespace file for the duration of the call.

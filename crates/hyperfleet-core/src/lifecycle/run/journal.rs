@@ -44,7 +44,7 @@ impl InFlight {
     /// The effect is done: passes the after-effect crash point. Returns the
     /// step's timing, for a caller that records the outcome itself
     /// ([`Run::finish`] does it for everyone else).
-    pub fn effect_done(self, detail: Option<String>) -> StepTiming {
+    pub(super) fn effect_done(self, detail: Option<String>) -> StepTiming {
         failpoint::hit(self.def.after_effect);
         Journal::finished(self.def.name, self.t0, detail).timing()
     }
@@ -107,35 +107,35 @@ impl Journal {
     }
 
     /// A step's intent.
-    pub fn started(step: &'static str) -> Self {
+    pub(super) fn started(step: &'static str) -> Self {
         Journal::new(step, Phase::Started, None, None)
     }
 
     /// A step that began at `t0` and succeeded.
-    pub fn finished(step: &'static str, t0: Instant, detail: Option<String>) -> Self {
+    pub(super) fn finished(step: &'static str, t0: Instant, detail: Option<String>) -> Self {
         Journal::new(step, Phase::Done, Some(elapsed_ms(t0)), detail)
     }
 
     /// A decision recorded at once: nothing was timed.
-    pub fn done(step: &'static str, detail: &str) -> Self {
+    pub(super) fn done(step: &'static str, detail: &str) -> Self {
         Journal::new(step, Phase::Done, Some(0.0), Some(detail.to_string()))
     }
 
     /// A step that began at `t0` and did not succeed.
-    pub fn failed(step: &'static str, t0: Instant, detail: String) -> Self {
+    pub(super) fn failed(step: &'static str, t0: Instant, detail: String) -> Self {
         Journal::new(step, Phase::Failed, Some(elapsed_ms(t0)), Some(detail))
     }
 
     /// A step failed and the machine with it (its timing is already in
     /// the run's list: the step may not be a journaled one).
-    pub fn step_failed(detail: String) -> Self {
+    pub(super) fn step_failed(detail: String) -> Self {
         let mut j = Journal::new(steps::FAILED, Phase::Failed, None, Some(detail));
         j.timed = false;
         j
     }
 
     /// Gives the step an event of its own even though no status changes.
-    pub fn with_own_event(mut self) -> Self {
+    pub(super) fn with_own_event(mut self) -> Self {
         self.own_event = true;
         self
     }
@@ -181,7 +181,7 @@ impl Edit {
     /// Applies an observation through the transition table. A refused one
     /// leaves the status as it was and is reported once the write is done
     /// (see [`refused_observation`]).
-    pub fn observe(&mut self, obs: Observation) {
+    pub(super) fn observe(&mut self, obs: Observation) {
         match on_observation(self.rec.status, obs) {
             Some(s) => self.rec.status = s,
             None => self.refused = Some((self.rec.status, obs)),

@@ -12,6 +12,8 @@ mod guest;
 mod health;
 mod keys;
 mod machine;
+pub mod schema;
+mod whole;
 
 pub use error::{ErrorBody, ErrorCode, ErrorDetail};
 pub use events::{EventList, MachineEvent, StepTiming};

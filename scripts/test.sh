@@ -19,3 +19,5 @@ agent=$(bash scripts/build-agent.sh)
 HYPERFLEET_DATA_DIR="$PWD/target/hf-test-data" \
   target/debug/hyperfleet assets build --agent "$agent" 2>&1 | grep -v '^ *[][{}"]' | tail -n 3
 cargo test --workspace --features hyperfleet/failpoints "$@"
+# The API against its OpenAPI document: schema-driven fuzzing of a live (stub) daemon, bounded.
+bash scripts/fuzz-api.sh 90

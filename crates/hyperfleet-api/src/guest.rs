@@ -12,25 +12,37 @@ pub struct ExecRequest {
     /// argv; the first element is looked up in the guest's PATH. `cmd` is
     /// accepted as an alias.
     #[serde(alias = "cmd")]
+    #[schema(schema_with = crate::schema::command)]
     pub command: Vec<String>,
     /// Seconds before the process group is killed and `timed_out` reported
     /// (0.001–3600; default 60).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(exclusive_minimum = 0, maximum = 3600)]
     pub timeout: Option<f64>,
     /// Added to the machine's `env` for this command.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schema(schema_with = crate::schema::exec_env)]
     pub env: BTreeMap<String, String>,
+    /// Working directory in the guest (no NUL).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = "^[^\\x00]*$")]
     pub cwd: Option<String>,
     /// Standard input, base64; empty when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(schema_with = crate::schema::base64_or_null)]
     pub stdin: Option<String>,
     /// Keep at most this many bytes of each of stdout and stderr (default
     /// 1 MiB, at most the server's JSON cap, 16 MiB unless configured);
     /// `truncated` says when more was produced. The buffered answer also
     /// holds at most the JSON cap for both together once encoded; larger
-    /// output needs the streaming form.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// output needs the streaming form. The maximum shown is the default
+    /// JSON cap; a server configured otherwise enforces its own.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::whole::opt"
+    )]
+    #[schema(minimum = 0, maximum = 16777216)]
     pub max_output_bytes: Option<usize>,
 }
 
@@ -80,13 +92,19 @@ pub enum ExecStreamEvent {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FileWrite {
-    /// Absolute path in the guest; may also be given as `?path=`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub path: Option<String>,
+    /// Absolute path in the guest (at most 4096 characters, no NUL).
+    #[schema(schema_with = crate::schema::guest_path)]
+    pub path: String,
     /// File content, base64.
+    #[schema(schema_with = crate::schema::base64)]
     pub content: String,
-    /// Permission bits, e.g. 420 (0644).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Permission bits, e.g. 420 (0644); at most 4095 (0o7777).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::whole::opt"
+    )]
+    #[schema(maximum = 4095)]
     pub mode: Option<u32>,
     /// Create missing parent directories.
     #[serde(default)]

@@ -40,14 +40,23 @@ impl Scope {
 #[serde(deny_unknown_fields)]
 pub struct CreateKeyRequest {
     /// A label for people, 1–64 characters.
+    #[schema(min_length = 1, max_length = 64)]
     pub name: String,
     /// At least one scope.
+    #[schema(min_items = 1)]
     pub scopes: Vec<Scope>,
-    /// The tenant the key acts for; defaults to the creating key's tenant.
+    /// The tenant the key acts for (lowercase letters, digits, `-` and `_`,
+    /// 1–63 characters); defaults to the creating key's tenant.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(pattern = "^[a-z0-9_-]{1,63}$")]
     pub tenant: Option<String>,
     /// Lifetime in seconds (60 s to 10 years); no expiry when absent.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::whole::opt"
+    )]
+    #[schema(minimum = 60, maximum = 315360000)]
     pub expires_in_seconds: Option<u64>,
 }
 

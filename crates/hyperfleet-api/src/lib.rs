@@ -13,6 +13,8 @@ mod health;
 mod keys;
 mod machine;
 mod quota;
+pub mod schema;
+mod whole;
 
 pub use error::{ErrorBody, ErrorCode, ErrorDetail};
 pub use events::{EventList, MachineEvent, StepTiming};

@@ -184,30 +184,56 @@ pub struct CreateMachineRequest {
     /// DNS label (lowercase letters, digits, `-`; starts with a letter; at
     /// most 63 characters), unique per tenant. Generated when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(
+        max_length = 63,
+        pattern = "^(?!m[0-9a-hjkmnp-tv-z]{15}$)[a-z]([a-z0-9-]*[a-z0-9])?$"
+    )]
     pub name: Option<String>,
     /// 1–32; default 1.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::whole::opt"
+    )]
+    #[schema(minimum = 1, maximum = 32)]
     pub vcpu_count: Option<u32>,
     /// 128–65536 MiB; default 256.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::whole::opt"
+    )]
+    #[schema(minimum = 128, maximum = 65536)]
     pub mem_size_mib: Option<u32>,
     /// Guest ports reachable through the proxy, 1–65535, at most 32, no duplicates.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "crate::whole::vec"
+    )]
+    #[schema(schema_with = crate::schema::exposed_ports)]
     pub exposed_ports: Vec<u32>,
     /// The backend; defaults to the server's `--default-vmm`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vmm: Option<VmmKind>,
     /// Reserved: suspend after this many idle seconds (null = never).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::whole::opt"
+    )]
+    #[schema(maximum = 604800)]
     pub idle_timeout_seconds: Option<u64>,
     /// Reserved: how long the disk is kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub persistence: Option<Persistence>,
     /// Environment for commands run in the guest.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schema(schema_with = crate::schema::machine_env)]
     pub env: BTreeMap<String, String>,
     /// Free-form labels for the caller's own bookkeeping.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schema(schema_with = crate::schema::machine_metadata)]
     pub metadata: BTreeMap<String, String>,
     /// The machine's network; default `{"egress": true}`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -285,7 +311,8 @@ pub struct Machine {
     #[serde(default)]
     pub public: bool,
     /// Grants proxy access to this machine's exposed ports, as
-    /// `?hf_token=` or the `hf_token` cookie (see docs/networking.md).
+    /// `?hf_token=`, or the `hf_token` cookie on the host-name form only
+    /// (see docs/networking.md).
     /// Shown only to keys with the `exec` (or `admin`) scope, the scope the
     /// proxy asks of API keys; null for every other key.
     #[serde(default)]
@@ -320,4 +347,30 @@ pub struct MachineList {
     pub machines: Vec<Machine>,
     /// How many machines match the filter, ignoring limit and offset.
     pub total: u64,
+}
+
+#[cfg(test)]
+mod schema_tests {
+    use super::*;
+    use utoipa::PartialSchema;
+
+    /// The bounds in the OpenAPI schema are literals (the derive takes no
+    /// constants): they must be the ones the server enforces.
+    #[test]
+    fn the_schema_states_the_limits_the_server_enforces() {
+        let s = serde_json::to_value(CreateMachineRequest::schema()).unwrap();
+        let p = &s["properties"];
+        assert_eq!(p["vcpu_count"]["minimum"], LIMITS.vcpu_min);
+        assert_eq!(p["vcpu_count"]["maximum"], LIMITS.vcpu_max);
+        assert_eq!(p["mem_size_mib"]["minimum"], LIMITS.mem_min_mib);
+        assert_eq!(p["mem_size_mib"]["maximum"], LIMITS.mem_max_mib);
+        assert_eq!(p["name"]["maxLength"], LIMITS.name_max_len);
+        assert_eq!(
+            p["idle_timeout_seconds"]["maximum"],
+            LIMITS.idle_timeout_max_seconds
+        );
+        assert_eq!(p["exposed_ports"]["maxItems"], LIMITS.exposed_ports_max);
+        assert_eq!(p["env"]["maxProperties"], LIMITS.env_max);
+        assert_eq!(p["metadata"]["maxProperties"], LIMITS.metadata_max);
+    }
 }

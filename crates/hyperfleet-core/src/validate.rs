@@ -1,5 +1,8 @@
 //! Validation of a create request into a machine spec. Every bound is in
-//! `hyperfleet_api::LIMITS` and documented in docs/api.md.
+//! `hyperfleet_api::LIMITS`, documented in docs/api.md and stated in the
+//! OpenAPI schema. Lengths are counted in characters, as JSON Schema's
+//! `maxLength` counts them, so a request the schema allows is never refused
+//! for its length.
 
 use std::collections::BTreeSet;
 
@@ -114,11 +117,11 @@ pub fn validate_create(
                 ),
             ));
         }
-        if v.len() > LIMITS.env_value_max_len || v.contains('\0') {
+        if v.chars().count() > LIMITS.env_value_max_len || v.contains('\0') {
             return Err(bad(
                 "env",
                 format!(
-                    "the value of {k} must be at most {} bytes and contain no NUL",
+                    "the value of {k} must be at most {} characters and contain no NUL",
                     LIMITS.env_value_max_len
                 ),
             ));
@@ -131,7 +134,7 @@ pub fn validate_create(
         ));
     }
     for (k, v) in &req.metadata {
-        if k.is_empty() || k.len() > LIMITS.metadata_key_max_len {
+        if k.is_empty() || k.chars().count() > LIMITS.metadata_key_max_len {
             return Err(bad(
                 "metadata",
                 format!(
@@ -140,11 +143,11 @@ pub fn validate_create(
                 ),
             ));
         }
-        if v.len() > LIMITS.metadata_value_max_len {
+        if v.chars().count() > LIMITS.metadata_value_max_len {
             return Err(bad(
                 "metadata",
                 format!(
-                    "the value of '{k}' is longer than {} bytes",
+                    "the value of '{k}' is longer than {} characters",
                     LIMITS.metadata_value_max_len
                 ),
             ));
@@ -272,6 +275,12 @@ mod tests {
             }),
             "exposed_ports"
         );
+        // Lengths count characters, as the schema's maxLength does.
+        let wide = "\u{e9}".repeat(LIMITS.metadata_value_max_len);
+        let metadata = std::collections::BTreeMap::from([("k".to_string(), wide.clone())]);
+        ok(CreateMachineRequest { metadata, ..base() });
+        let metadata = std::collections::BTreeMap::from([("k".to_string(), format!("{wide}x"))]);
+        assert_eq!(err(CreateMachineRequest { metadata, ..base() }), "metadata");
         let mut env = std::collections::BTreeMap::new();
         env.insert("1BAD".to_string(), "x".to_string());
         assert_eq!(err(CreateMachineRequest { env, ..base() }), "env");

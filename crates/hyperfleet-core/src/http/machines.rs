@@ -109,15 +109,34 @@ pub async fn create(
     Ok(json_bytes(StatusCode::CREATED, Bytes::from(body)))
 }
 
+/// The largest integer a query takes where the server has no smaller bound:
+/// 2^53 − 1, the largest every JSON client holds exactly.
+pub const MAX_QUERY_INT: u64 = (1 << 53) - 1;
+
+/// `value` when at most [`MAX_QUERY_INT`], else a validation error naming `field`.
+fn at_most_max_int<T: Into<i128> + Copy>(field: &str, value: T) -> Result<T, ApiError> {
+    let v: i128 = value.into();
+    if (0..=i128::from(MAX_QUERY_INT)).contains(&v) {
+        Ok(value)
+    } else {
+        Err(ApiError::validation(format!(
+            "{field}: must be between 0 and {MAX_QUERY_INT}, got {v}"
+        )))
+    }
+}
+
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
     /// Only machines in this status.
+    #[param(value_type = Option<MachineStatus>)]
     status: Option<String>,
     /// 1–1000, default 100.
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<usize>,
     /// Skip this many machines (creation order).
-    offset: Option<usize>,
+    #[param(minimum = 0, maximum = 9007199254740991_u64)]
+    offset: Option<u64>,
 }
 
 #[utoipa::path(get, path = "/machines", tag = "machines", params(ListQuery),
@@ -129,7 +148,7 @@ pub async fn list(
 ) -> Result<Response, ApiError> {
     let p = caller.require(Scope::Read)?;
     let status = match q.status.as_deref() {
-        None | Some("") => None,
+        None => None,
         Some(s) => Some(
             s.parse::<MachineStatus>()
                 .map_err(|e| ApiError::validation(format!("status: {e}")))?,
@@ -141,7 +160,7 @@ pub async fn list(
             "limit: must be between 1 and 1000, got {limit}"
         )));
     }
-    let offset = q.offset.unwrap_or(0);
+    let offset = at_most_max_int("offset", q.offset.unwrap_or(0))? as usize;
     let (machines, total) = state.store.list(&p.tenant, status, limit, offset)?;
     // Splice the pre-rendered machine JSON instead of re-serialising (keys
     // that may not see secrets get each machine rendered redacted).
@@ -182,6 +201,7 @@ pub struct ActionQuery {
     /// Wait for the outcome (default true). `false` answers 202 at once.
     wait: Option<bool>,
     /// How long to wait, in seconds (default 60, at most 600).
+    #[param(minimum = 0, maximum = 600)]
     timeout: Option<u64>,
 }
 
@@ -193,6 +213,7 @@ pub struct DeleteQuery {
     /// Wait until the machine is gone (default true).
     wait: Option<bool>,
     /// How long to wait, in seconds (default 60, at most 600).
+    #[param(minimum = 0, maximum = 600)]
     timeout: Option<u64>,
 }
 
@@ -346,6 +367,7 @@ action_route!(
         (status = 204, description = "Deleted; everything it owned is released"),
         (status = 202, description = "Accepted (`wait=false`)", body = Machine),
         (status = 409, description = "Running without `force=true`", body = hyperfleet_api::ErrorBody),
+        (status = 504, description = "Deadline passed; the deletion continues", body = hyperfleet_api::ErrorBody),
     ),
     security(("bearer" = [])))]
 pub async fn delete(
@@ -376,8 +398,10 @@ pub async fn delete(
 #[serde(deny_unknown_fields)]
 pub struct WaitQuery {
     /// The status to wait for.
+    #[param(value_type = MachineStatus)]
     status: String,
     /// Seconds to wait (default 60, at most 600).
+    #[param(minimum = 0, maximum = 600)]
     timeout: Option<u64>,
 }
 
@@ -422,8 +446,10 @@ pub async fn wait(
 #[serde(deny_unknown_fields)]
 pub struct EventsQuery {
     /// Only events with an id greater than this.
+    #[param(minimum = 0, maximum = 9007199254740991_u64)]
     after: Option<i64>,
     /// At most this many (1–10000, default 1000).
+    #[param(minimum = 1, maximum = 10000)]
     limit: Option<usize>,
 }
 
@@ -452,7 +478,7 @@ pub async fn events(
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains("text/event-stream"));
-    let mut after = q.after.unwrap_or(0);
+    let mut after = at_most_max_int("after", q.after.unwrap_or(0))?;
     if !wants_sse {
         let events = state.store.events(&m.rec.id, after, limit).await?;
         let body = EventList {

@@ -1,8 +1,18 @@
 //! The OpenAPI document, generated from the handlers' annotations and the
 //! API types. `docs/openapi.json` is a checked-in copy; a test fails when
 //! they drift (regenerate with `hyperfleet openapi > docs/openapi.json`).
+//!
+//! Handlers document their own successes and the errors particular to
+//! them; [`CommonErrors`] adds the errors that follow from what a route is
+//! (authenticated, takes input, names a machine, writes the database, works
+//! in the guest), so every status the server can answer is documented
+//! without repeating it on every route. `scripts/fuzz-api.sh` checks the
+//! document against the live server.
 
+use utoipa::openapi::path::{Operation, ParameterIn};
+use utoipa::openapi::schema::{Schema, SchemaType, Type};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
 use super::{guest, health, keys, machines, quota};
@@ -21,6 +31,189 @@ impl Modify for BearerAuth {
                     .build(),
             ),
         );
+    }
+}
+
+/// What [`CommonErrors`] looks at in an operation.
+struct Route<'a> {
+    path: &'a str,
+    method: &'static str,
+    op: &'a Operation,
+}
+
+impl Route<'_> {
+    fn authenticated(&self) -> bool {
+        self.op.security.as_ref().is_some_and(|s| !s.is_empty())
+    }
+    fn tagged(&self, tag: &str) -> bool {
+        self.op
+            .tags
+            .as_ref()
+            .is_some_and(|t| t.iter().any(|x| x == tag))
+    }
+    fn takes_input(&self) -> bool {
+        self.op.parameters.as_ref().is_some_and(|p| !p.is_empty()) || self.op.request_body.is_some()
+    }
+    fn json_body(&self) -> bool {
+        self.op
+            .request_body
+            .as_ref()
+            .is_some_and(|b| b.content.contains_key("application/json"))
+    }
+    /// Guest routes that talk to the agent (the console log does not).
+    fn needs_agent(&self) -> bool {
+        self.tagged("guest") && !self.path.ends_with("/logs")
+    }
+}
+
+/// The shared error answers: their names under `components/responses` and
+/// their statuses.
+const SHARED: &[(&str, &str)] = &[
+    ("BadRequest", "400"),
+    ("Unauthorized", "401"),
+    ("Forbidden", "403"),
+    ("NotFound", "404"),
+    ("NotRunning", "409"),
+    ("PayloadTooLarge", "413"),
+    ("TooManyRequests", "429"),
+    ("InternalError", "500"),
+    ("AgentError", "502"),
+    ("Unavailable", "503"),
+    ("InsufficientStorage", "507"),
+];
+
+/// What a shared error answer says.
+fn description(status: &str) -> &'static str {
+    match status {
+        "400" => {
+            "The request is malformed (BAD_REQUEST) or a value is outside what the API accepts \
+             (VALIDATION_ERROR); the message names the field"
+        }
+        "401" => "Missing, malformed, unknown, expired or revoked API key (UNAUTHORIZED)",
+        "403" => "The API key lacks the scope this route needs (FORBIDDEN)",
+        "404" => "No such machine or key for this tenant (NOT_FOUND)",
+        "409" => "The machine is not running, or its backend has no guest agent (INVALID_STATE)",
+        "413" => "The request body is larger than 1 MiB (PAYLOAD_TOO_LARGE)",
+        "429" => {
+            "The tenant or the server already has as many guest requests in progress as allowed; \
+             retry when one has finished (TOO_MANY_REQUESTS)"
+        }
+        "500" => {
+            "A bug or an unexpected host failure; details are in the server log (INTERNAL_ERROR)"
+        }
+        "502" => "The guest agent cannot be reached or failed (AGENT_ERROR)",
+        "503" => {
+            "The server is shutting down, or the machine's VMM backend is unavailable (UNAVAILABLE)"
+        }
+        "507" => {
+            "The disk holding the database is full: nothing was changed; retry once space is \
+             freed (INSUFFICIENT_STORAGE)"
+        }
+        _ => "",
+    }
+}
+
+/// Whether the route can answer the shared error `status`: authenticated
+/// routes can refuse the key or its scope, fail inside, or find the server
+/// shutting down; routes with input can refuse it; routes naming a machine
+/// or key can find none; JSON bodies can be too large; guest routes share
+/// the request slots and (except the console log) need the agent; changes
+/// outside the guest write the database.
+fn applies(status: &str, r: &Route) -> bool {
+    match status {
+        "400" => r.takes_input(),
+        "401" | "403" | "500" | "503" => r.authenticated(),
+        "404" => r.path.contains('{'),
+        "409" | "502" => r.needs_agent(),
+        "413" => r.json_body(),
+        "429" => r.tagged("guest"),
+        "507" => r.authenticated() && r.method != "get" && !r.tagged("guest"),
+        _ => false,
+    }
+}
+
+/// Adds the shared error answers (see [`SHARED`]) to every operation they
+/// apply to ([`applies`]), unless the handler documents that status itself, and states
+/// query parameters without `null` (a query string cannot carry one).
+struct CommonErrors;
+
+impl Modify for CommonErrors {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        for (name, status) in SHARED {
+            let body = ContentBuilder::new()
+                .schema(Some(Ref::from_schema_name("ErrorBody")))
+                .build();
+            components.responses.insert(
+                name.to_string(),
+                RefOr::T(
+                    ResponseBuilder::new()
+                        .description(description(status))
+                        .content("application/json", body)
+                        .build(),
+                ),
+            );
+        }
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            let ops = [
+                ("get", &mut item.get),
+                ("put", &mut item.put),
+                ("post", &mut item.post),
+                ("delete", &mut item.delete),
+                ("patch", &mut item.patch),
+            ];
+            for (method, op) in ops {
+                let Some(op) = op.as_mut() else { continue };
+                let route = Route { path, method, op };
+                let add: Vec<&(&str, &str)> =
+                    SHARED.iter().filter(|(_, s)| applies(s, &route)).collect();
+                for (name, status) in add {
+                    op.responses
+                        .responses
+                        .entry(status.to_string())
+                        .or_insert_with(|| RefOr::Ref(Ref::from_response_name(*name)));
+                }
+                for p in op.parameters.iter_mut().flatten() {
+                    if p.parameter_in == ParameterIn::Query {
+                        if let Some(schema) = p.schema.as_mut() {
+                            drop_null(schema);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `T | null` as `T`.
+fn drop_null(schema: &mut RefOr<Schema>) {
+    match schema {
+        RefOr::T(Schema::Object(o)) => {
+            if let SchemaType::Array(types) = &o.schema_type {
+                let rest: Vec<Type> = types
+                    .iter()
+                    .filter(|t| **t != Type::Null)
+                    .cloned()
+                    .collect();
+                o.schema_type = match rest.as_slice() {
+                    [one] => SchemaType::Type(one.clone()),
+                    _ => SchemaType::Array(rest),
+                };
+            }
+        }
+        RefOr::T(Schema::OneOf(one_of)) => {
+            let is_null = |s: &RefOr<Schema>| matches!(s, RefOr::T(Schema::Object(o)) if o.schema_type == SchemaType::Type(Type::Null));
+            let rest: Vec<RefOr<Schema>> = one_of
+                .items
+                .iter()
+                .filter(|s| !is_null(s))
+                .cloned()
+                .collect();
+            if let [one] = rest.as_slice() {
+                *schema = one.clone();
+            }
+        }
+        _ => {}
     }
 }
 
@@ -55,7 +248,7 @@ impl Modify for BearerAuth {
         hyperfleet_api::DirEntry, hyperfleet_api::DirListing, hyperfleet_api::FileWritten,
         hyperfleet_api::Quota, hyperfleet_api::QuotaLimits, hyperfleet_api::QuotaUsage,
     )),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &CommonErrors),
     tags(
         (name = "machines", description = "Create, control and delete machines"),
         (name = "guest", description = "Commands, files and console inside running machines"),

@@ -55,6 +55,9 @@ fn prepare_exec(
         )));
     }
     check_env(&req.env)?;
+    if req.cwd.as_deref().is_some_and(|c| c.contains('\0')) {
+        return Err(ApiError::validation("cwd: no NUL bytes"));
+    }
     let cap = req.max_output_bytes.unwrap_or(DEFAULT_OUTPUT_CAP);
     let stdin = match &req.stdin {
         None => None,
@@ -103,11 +106,9 @@ fn with_machine_env(preq: &mut proto::ExecRequest, m: &CachedMachine) {
     params(("id" = String, Path, description = "Machine id or name"), ExecQuery),
     request_body = ExecRequest,
     responses(
-        (status = 200, body = ExecResult),
+        (status = 200, description = "The outcome (buffered), or NDJSON stream events (`?stream=true`)",
+            content((ExecResult = "application/json"), (ExecStreamEvent = "application/x-ndjson"))),
         (status = 400, description = "Invalid request, e.g. max_output_bytes over the JSON cap or a bad env name", body = hyperfleet_api::ErrorBody),
-        (status = 409, description = "Not running", body = hyperfleet_api::ErrorBody),
-        (status = 429, description = "Too many guest requests in progress", body = hyperfleet_api::ErrorBody),
-        (status = 502, description = "Agent unreachable (AGENT_ERROR)", body = hyperfleet_api::ErrorBody),
     ),
     security(("bearer" = [])))]
 pub async fn exec(
@@ -201,6 +202,23 @@ pub async fn exec(
     Ok(holding(resp, slot))
 }
 
+/// The headers of a WebSocket upgrade (RFC 6455), as the server checks
+/// them; clients' WebSocket libraries send them.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code)] // Only documents the headers; WebSocketUpgrade checks them.
+pub struct UpgradeHeaders {
+    #[param(rename = "Connection", pattern = "^[Uu]pgrade$")]
+    connection: String,
+    #[param(rename = "Upgrade", pattern = "^websocket$")]
+    upgrade: String,
+    #[param(rename = "Sec-WebSocket-Version", pattern = "^13$")]
+    sec_websocket_version: String,
+    /// 16 random bytes, base64.
+    #[param(rename = "Sec-WebSocket-Key", pattern = "^[A-Za-z0-9+/]{21}[AQgw]==$")]
+    sec_websocket_key: String,
+}
+
 #[utoipa::path(get, path = "/machines/{id}/exec/ws", tag = "guest",
     description = "Interactive exec over a WebSocket. The client's first message is an \
                    `ExecRequest` as JSON text; then binary messages are the command's stdin, \
@@ -208,9 +226,9 @@ pub async fn exec(
                    `{\"type\":\"cancel\"}` (kill) control it. The server sends one \
                    `ExecStreamEvent` per text message as output arrives, ending with `exit` or \
                    `error`, then closes. Closing the socket kills the command.",
-    params(("id" = String, Path, description = "Machine id or name")),
+    params(("id" = String, Path, description = "Machine id or name"), UpgradeHeaders),
     responses((status = 101, description = "Switching to the WebSocket protocol"),
-              (status = 409, description = "Not running", body = hyperfleet_api::ErrorBody)),
+              (status = 400, description = "Not a WebSocket upgrade request", body = hyperfleet_api::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn exec_ws(
     State(state): State<AppState>,

@@ -22,51 +22,97 @@ use super::super::AppState;
 use super::{agent_error, guest_of, holding, Guest, Slot, B64};
 use crate::util::error_chain as chain;
 use crate::util::rfc3339;
+use hyperfleet_api::schema::{GUEST_PATH_MAX_CHARS, MODE_MAX};
 
+/// An absolute guest path of at most [`GUEST_PATH_MAX_CHARS`] characters
+/// without NUL: what the schema's `guest_path` states.
 fn check_path(path: &str) -> Result<(), ApiError> {
-    if !path.starts_with('/') || path.len() > 4096 || path.contains('\0') {
-        return Err(ApiError::validation(
-            "path: must be an absolute guest path of at most 4096 bytes",
-        ));
+    if !path.starts_with('/') || path.chars().count() > GUEST_PATH_MAX_CHARS || path.contains('\0')
+    {
+        return Err(ApiError::validation(format!(
+            "path: must be an absolute guest path of at most {GUEST_PATH_MAX_CHARS} characters, \
+             without NUL"
+        )));
     }
     Ok(())
 }
 
+/// Permission bits: at most `0o7777`.
+fn check_mode(mode: Option<u32>) -> Result<(), ApiError> {
+    match mode {
+        Some(m) if m > MODE_MAX => Err(ApiError::validation(format!(
+            "mode: permission bits, at most {MODE_MAX} (0o7777), got {m}"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// `GET /machines/{id}/files`.
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
-pub struct FileQuery {
-    /// Absolute path in the guest.
-    path: Option<String>,
-    /// GET: answer with the raw bytes (also chosen by `Accept: application/octet-stream`).
+pub struct ReadQuery {
+    /// Absolute path in the guest (at most 4096 characters, no NUL).
+    #[param(max_length = 4096, pattern = r"^/[^\x00]*$")]
+    path: String,
+    /// Answer with the raw bytes (also chosen by `Accept: application/octet-stream`).
     raw: Option<bool>,
-    /// DELETE: remove directories with their content.
+}
+
+/// `DELETE /machines/{id}/files`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct RemoveQuery {
+    /// Absolute path in the guest; never the root however spelled (`/`, `//`,
+    /// `/./`), and no `..` components.
+    // The pattern is hyperfleet_api::schema::REMOVABLE_GUEST_PATH (a test checks).
+    #[param(
+        max_length = 4096,
+        pattern = r"^(?:/(?:[^/.\x00][^/\x00]*|\.[^/.\x00][^/\x00]*|\.\.[^/\x00]+|\.)?)*/(?:[^/.\x00][^/\x00]*|\.[^/.\x00][^/\x00]*|\.\.[^/\x00]+)(?:/(?:[^/.\x00][^/\x00]*|\.[^/.\x00][^/\x00]*|\.\.[^/\x00]+|\.)?)*$"
+    )]
+    path: String,
+    /// Remove directories with their content.
     recursive: Option<bool>,
-    /// PUT/mkdir: permission bits (decimal, e.g. 420 for 0644).
+}
+
+/// `GET /machines/{id}/files/stat` and `…/files/list`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct PathQuery {
+    /// Absolute path in the guest (at most 4096 characters, no NUL).
+    #[param(max_length = 4096, pattern = r"^/[^\x00]*$")]
+    path: String,
+}
+
+/// `PUT /machines/{id}/files` and `POST …/files/mkdir` (which always
+/// creates the missing parents and ignores `create_dirs`).
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct WriteQuery {
+    /// Absolute path in the guest (at most 4096 characters, no NUL).
+    #[param(max_length = 4096, pattern = r"^/[^\x00]*$")]
+    path: String,
+    /// Permission bits (decimal, e.g. 420 for 0644), at most 4095 (0o7777).
+    #[param(minimum = 0, maximum = 4095)]
     mode: Option<u32>,
     /// PUT: create missing parent directories.
     create_dirs: Option<bool>,
 }
 
-fn required_path(q: &FileQuery) -> Result<String, ApiError> {
-    let p = q
-        .path
-        .clone()
-        .ok_or_else(|| ApiError::validation("path: the query parameter is required"))?;
-    check_path(&p)?;
-    Ok(p)
-}
+/// The `POST` (JSON) form takes everything from its body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoQuery {}
 
-/// The `?path=` of a file request (validated first), the machine's agent
-/// and the request's slot.
+/// The checked `path`, the machine's agent and the request's slot.
 async fn file_target(
     state: &AppState,
     caller: &Caller,
     id: &str,
-    q: &FileQuery,
+    path: &str,
 ) -> Result<(String, AgentClient, Slot), ApiError> {
-    let path = required_path(q)?;
+    check_path(path)?;
     let g = guest_of(state, caller, id, Scope::Exec).await?;
-    Ok((path, g.agent, g.slot))
+    Ok((path.to_string(), g.agent, g.slot))
 }
 
 fn kind_name(k: proto::FileKind) -> &'static str {
@@ -81,22 +127,19 @@ fn kind_name(k: proto::FileKind) -> &'static str {
 #[utoipa::path(post, path = "/machines/{id}/files", tag = "guest",
     description = "Write a file from base64 content (the seeds' JSON form). For large files use \
                    the raw form: `PUT /machines/{id}/files?path=` with the bytes as the body.",
-    params(("id" = String, Path, description = "Machine id or name"), FileQuery),
+    params(("id" = String, Path, description = "Machine id or name")),
     request_body = FileWrite,
     responses((status = 201, body = FileWritten)), security(("bearer" = [])))]
 pub async fn write_json(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-    Query(q): Query<FileQuery>,
+    Query(NoQuery {}): Query<NoQuery>,
     Json(body): Json<FileWrite>,
 ) -> Result<Response, ApiError> {
-    let path = body
-        .path
-        .clone()
-        .or(q.path.clone())
-        .ok_or_else(|| ApiError::validation("path: give it in the body or as ?path="))?;
+    let path = body.path.clone();
     check_path(&path)?;
+    check_mode(body.mode)?;
     let data = B64
         .decode(&body.content)
         .map_err(|e| ApiError::validation(format!("content: not valid base64: {e}")))?;
@@ -117,17 +160,18 @@ pub async fn write_json(
 
 #[utoipa::path(put, path = "/machines/{id}/files", tag = "guest",
     description = "Upload the request body as the file at `path`, streamed (any size, bounded memory).",
-    params(("id" = String, Path, description = "Machine id or name"), FileQuery),
+    params(("id" = String, Path, description = "Machine id or name"), WriteQuery),
     request_body(content = Vec<u8>, content_type = "application/octet-stream"),
     responses((status = 201, body = FileWritten)), security(("bearer" = [])))]
 pub async fn write_raw(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-    Query(q): Query<FileQuery>,
+    Query(q): Query<WriteQuery>,
     req: Request,
 ) -> Result<Response, ApiError> {
-    let (path, agent, _slot) = file_target(&state, &caller, &id, &q).await?;
+    check_mode(q.mode)?;
+    let (path, agent, _slot) = file_target(&state, &caller, &id, &q.path).await?;
     let opts = WriteOptions {
         create_dirs: q.create_dirs.unwrap_or(false),
         mode: q.mode,
@@ -186,20 +230,22 @@ fn parse_range(h: &HeaderMap, size: u64) -> Result<Option<(u64, u64)>, ()> {
                    that grows past the cap while read, get 413); with `?raw=true` or `Accept: \
                    application/octet-stream`, the bytes streamed, any size, with `Range` support \
                    (206 / 416).",
-    params(("id" = String, Path, description = "Machine id or name"), FileQuery),
-    responses((status = 200, body = FileContent), (status = 206, description = "Partial content (raw)"),
-              (status = 404, body = hyperfleet_api::ErrorBody),
+    params(("id" = String, Path, description = "Machine id or name"), ReadQuery),
+    responses((status = 200, description = "The file: JSON with base64 content, or the raw bytes",
+                  content((FileContent = "application/json"), (Vec<u8> = "application/octet-stream"))),
+              (status = 206, description = "Partial content (raw, with `Range`)", body = Vec<u8>, content_type = "application/octet-stream"),
               (status = 413, description = "Larger than the JSON form returns; use ?raw=true", body = hyperfleet_api::ErrorBody),
-              (status = 429, description = "Too many guest requests in progress", body = hyperfleet_api::ErrorBody)),
+              (status = 416, description = "The `Range` is not satisfiable (raw)", body = hyperfleet_api::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn read(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-    Query(q): Query<FileQuery>,
+    Query(q): Query<ReadQuery>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let path = required_path(&q)?;
+    check_path(&q.path)?;
+    let path = q.path;
     let raw = q.raw.unwrap_or(false)
         || headers
             .get(header::ACCEPT)
@@ -325,16 +371,17 @@ fn read_error(e: std::io::Error) -> ApiError {
 }
 
 #[utoipa::path(delete, path = "/machines/{id}/files", tag = "guest",
-    params(("id" = String, Path, description = "Machine id or name"), FileQuery),
-    responses((status = 204, description = "Removed"), (status = 404, body = hyperfleet_api::ErrorBody)),
+    params(("id" = String, Path, description = "Machine id or name"), RemoveQuery),
+    responses((status = 204, description = "Removed")),
     security(("bearer" = [])))]
 pub async fn delete(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-    Query(q): Query<FileQuery>,
+    Query(q): Query<RemoveQuery>,
 ) -> Result<Response, ApiError> {
-    let path = removable_path(&required_path(&q)?)?;
+    check_path(&q.path)?;
+    let path = removable_path(&q.path)?;
     let Guest { agent, .. } = guest_of(&state, &caller, &id, Scope::Exec).await?;
     agent
         .remove(&path, q.recursive.unwrap_or(false))
@@ -369,16 +416,16 @@ fn removable_path(path: &str) -> Result<String, ApiError> {
 }
 
 #[utoipa::path(get, path = "/machines/{id}/files/stat", tag = "guest",
-    params(("id" = String, Path, description = "Machine id or name"), FileQuery),
-    responses((status = 200, body = FileStat), (status = 404, body = hyperfleet_api::ErrorBody)),
+    params(("id" = String, Path, description = "Machine id or name"), PathQuery),
+    responses((status = 200, body = FileStat)),
     security(("bearer" = [])))]
 pub async fn stat(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-    Query(q): Query<FileQuery>,
+    Query(q): Query<PathQuery>,
 ) -> Result<Response, ApiError> {
-    let (path, agent, _slot) = file_target(&state, &caller, &id, &q).await?;
+    let (path, agent, _slot) = file_target(&state, &caller, &id, &q.path).await?;
     let st = agent.stat(&path).await.map_err(agent_error)?;
     Ok(axum::Json(FileStat {
         path,
@@ -394,15 +441,15 @@ pub async fn stat(
 }
 
 #[utoipa::path(get, path = "/machines/{id}/files/list", tag = "guest",
-    params(("id" = String, Path, description = "Machine id or name"), FileQuery),
+    params(("id" = String, Path, description = "Machine id or name"), PathQuery),
     responses((status = 200, body = DirListing)), security(("bearer" = [])))]
 pub async fn list(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-    Query(q): Query<FileQuery>,
+    Query(q): Query<PathQuery>,
 ) -> Result<Response, ApiError> {
-    let (path, agent, _slot) = file_target(&state, &caller, &id, &q).await?;
+    let (path, agent, _slot) = file_target(&state, &caller, &id, &q.path).await?;
     let entries = agent.list(&path).await.map_err(agent_error)?;
     Ok(axum::Json(DirListing {
         path,
@@ -422,15 +469,16 @@ pub async fn list(
 
 #[utoipa::path(post, path = "/machines/{id}/files/mkdir", tag = "guest",
     description = "Create a directory and its missing parents.",
-    params(("id" = String, Path, description = "Machine id or name"), FileQuery),
+    params(("id" = String, Path, description = "Machine id or name"), WriteQuery),
     responses((status = 204, description = "Created (or already there)")), security(("bearer" = [])))]
 pub async fn mkdir(
     State(state): State<AppState>,
     caller: Caller,
     Path(id): Path<String>,
-    Query(q): Query<FileQuery>,
+    Query(q): Query<WriteQuery>,
 ) -> Result<Response, ApiError> {
-    let (path, agent, _slot) = file_target(&state, &caller, &id, &q).await?;
+    check_mode(q.mode)?;
+    let (path, agent, _slot) = file_target(&state, &caller, &id, &q.path).await?;
     agent
         .mkdir(&path, true, q.mode)
         .await
@@ -452,6 +500,25 @@ mod tests {
         assert_eq!(got.as_deref(), Some(&b"exactly te"[..]));
         let got = read_at_most(&b"eleven byte"[..], 10).await.unwrap();
         assert!(got.is_none());
+    }
+
+    #[test]
+    fn the_documented_path_patterns_are_the_shared_ones() {
+        use hyperfleet_api::schema::{GUEST_PATH, REMOVABLE_GUEST_PATH};
+        let pattern = |params: Vec<utoipa::openapi::path::Parameter>| {
+            let p = params.into_iter().find(|p| p.name == "path").unwrap();
+            assert!(p.required == utoipa::openapi::Required::True);
+            let v = serde_json::to_value(p.schema.unwrap()).unwrap();
+            assert_eq!(v["maxLength"], 4096);
+            v["pattern"].as_str().unwrap().to_string()
+        };
+        assert_eq!(pattern(ReadQuery::into_params(|| None)), GUEST_PATH);
+        assert_eq!(pattern(PathQuery::into_params(|| None)), GUEST_PATH);
+        assert_eq!(pattern(WriteQuery::into_params(|| None)), GUEST_PATH);
+        assert_eq!(
+            pattern(RemoveQuery::into_params(|| None)),
+            REMOVABLE_GUEST_PATH
+        );
     }
 
     #[test]

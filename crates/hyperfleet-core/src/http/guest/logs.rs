@@ -21,6 +21,7 @@ use super::holding;
 #[serde(deny_unknown_fields)]
 pub struct LogsQuery {
     /// Only the last N lines (default 200, at most 100000).
+    #[param(minimum = 0, maximum = 100000)]
     tail: Option<usize>,
     /// Keep the response open and stream new console output.
     follow: Option<bool>,

@@ -56,29 +56,9 @@ pub struct Config {
     pub admission: crate::lifecycle::capacity::AdmissionConfig,
 }
 
-/// How much the daemon buffers for one guest request and how many it serves
-/// at once, so that guests and clients cannot grow its memory at will.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct GuestLimits {
-    /// The most a JSON-form answer carries: the bytes of a file read as JSON,
-    /// and the encoded stdout plus stderr of a buffered exec. Larger output
-    /// goes through the streaming forms.
-    pub json_max_bytes: usize,
-    /// Guest requests one tenant may have in progress at once.
-    pub per_tenant: usize,
-    /// Guest requests in progress at once, all tenants together.
-    pub total: usize,
-}
-
-impl Default for GuestLimits {
-    fn default() -> Self {
-        GuestLimits {
-            json_max_bytes: 16 << 20,
-            per_tenant: 8,
-            total: 32,
-        }
-    }
-}
+/// Defined with the code that enforces it (http/guest), so that http does
+/// not depend back on the configuration.
+pub use crate::http::guest::GuestLimits;
 
 /// The reverse proxy's settings (`--proxy-listen`, `--proxy-domain`, …).
 #[derive(Debug, Clone)]

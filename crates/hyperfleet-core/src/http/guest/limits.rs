@@ -12,7 +12,30 @@ use hyperfleet_api::ErrorCode;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
 use super::super::error::ApiError;
-use crate::config::GuestLimits;
+
+/// How much the daemon buffers for one guest request and how many it serves
+/// at once, so that guests and clients cannot grow its memory at will.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuestLimits {
+    /// The most a JSON-form answer carries: the bytes of a file read as JSON,
+    /// and the encoded stdout plus stderr of a buffered exec. Larger output
+    /// goes through the streaming forms.
+    pub json_max_bytes: usize,
+    /// Guest requests one tenant may have in progress at once.
+    pub per_tenant: usize,
+    /// Guest requests in progress at once, all tenants together.
+    pub total: usize,
+}
+
+impl Default for GuestLimits {
+    fn default() -> Self {
+        GuestLimits {
+            json_max_bytes: 16 << 20,
+            per_tenant: 8,
+            total: 32,
+        }
+    }
+}
 
 /// Tenants with no request in flight are forgotten once the table holds this many.
 const FORGET_IDLE_AFTER: usize = 1024;

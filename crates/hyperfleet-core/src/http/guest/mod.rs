@@ -7,7 +7,7 @@
 //! whole file or output: uploads stream from the request body into the agent
 //! and downloads from the agent into the response, with the agent protocol's
 //! flow control in between. JSON forms buffer at most
-//! [`GuestLimits::json_max_bytes`](crate::config::GuestLimits) and refuse or
+//! [`GuestLimits::json_max_bytes`](limits::GuestLimits) and refuse or
 //! truncate beyond it, pointing at the streamed form. Every request holds a
 //! slot ([`limits`]) for as long as the daemon works on it, so the number of
 //! such buffers is bounded too.
@@ -22,7 +22,7 @@ pub use files::{
     __path_delete, __path_list, __path_mkdir, __path_read, __path_stat, __path_write_json,
     __path_write_raw, delete, list, mkdir, read, stat, write_json, write_raw,
 };
-pub use limits::{GuestSlots, Slot};
+pub use limits::{GuestLimits, GuestSlots, Slot};
 pub use logs::{__path_logs, logs};
 
 use std::sync::Arc;

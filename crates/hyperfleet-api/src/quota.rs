@@ -10,20 +10,20 @@ use utoipa::ToSchema;
 #[serde(deny_unknown_fields)]
 pub struct QuotaLimits {
     /// Machines the tenant may have, whatever their status.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::whole::opt")]
     #[schema(minimum = 0, maximum = 9223372036854775807_i64)]
     pub max_machines: Option<u64>,
     /// Sum of `vcpu_count` over the tenant's machines.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::whole::opt")]
     #[schema(minimum = 0, maximum = 9223372036854775807_i64)]
     pub max_vcpus: Option<u64>,
     /// Sum of `mem_size_mib` over the tenant's machines.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::whole::opt")]
     #[schema(minimum = 0, maximum = 9223372036854775807_i64)]
     pub max_memory_mib: Option<u64>,
     /// Sum of the machines' disk sizes (the size of the guest image each
     /// disk was made from, recorded at create time).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::whole::opt")]
     #[schema(minimum = 0, maximum = 9223372036854775807_i64)]
     pub max_disk_bytes: Option<u64>,
 }
@@ -55,4 +55,23 @@ pub struct Quota {
     /// defaults (`--default-quota-*`) apply.
     pub default: bool,
     pub usage: QuotaUsage,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::QuotaLimits;
+
+    /// JSON Schema counts `2.0` as an integer, so the server must too (the
+    /// schema fuzzer sends such values); fractions and negatives stay refused.
+    #[test]
+    fn limits_accept_whole_floats_only() {
+        let l: QuotaLimits =
+            serde_json::from_str(r#"{"max_vcpus": 1256336.0, "max_machines": null}"#)
+                .expect("a whole float is an integer");
+        assert_eq!(l.max_vcpus, Some(1_256_336));
+        assert_eq!(l.max_machines, None);
+        for bad in [r#"{"max_vcpus": 2.5}"#, r#"{"max_disk_bytes": -1}"#] {
+            serde_json::from_str::<QuotaLimits>(bad).expect_err(bad);
+        }
+    }
 }

@@ -176,19 +176,23 @@ fn random_workload_with_daemon_sigkills_keeps_every_promise() {
         .unwrap_or(12);
     eprintln!("chaos: seed {seed} ({rounds} rounds); replay with HF_CHAOS_SEED={seed}");
     let mut rng = Rng(seed);
-    let sb = Arc::new(Sandbox::new());
+    // Owned by this thread alone, so a failed assertion drops it while
+    // unwinding, and its Drop kills every VMM the run left (the sampler
+    // shares only the marker; holding the sandbox there would keep it alive).
+    let sb = Sandbox::new();
     let ledger = Arc::new(Mutex::new(Ledger::default()));
 
     // Never two VMMs for one machine, across every kill and restart.
     let stop = Arc::new(AtomicBool::new(false));
     let violation = Arc::new(Mutex::new(None::<String>));
     let sampler = {
-        let (sb, stop, violation) = (sb.clone(), stop.clone(), violation.clone());
+        let marker = format!("{}/", sb.machines_dir().display());
+        let (stop, violation) = (stop.clone(), violation.clone());
         std::thread::spawn(move || {
             let mut samples = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 let mut per_machine: BTreeMap<String, Vec<i32>> = BTreeMap::new();
-                for pid in sb.vmm_pids() {
+                for pid in common::pids_with(&marker) {
                     let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
                     let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
                     if let Some(id) = machine_of(&cmd) {
@@ -212,6 +216,8 @@ fn random_workload_with_daemon_sigkills_keeps_every_promise() {
             samples
         })
     };
+    // Ends the sampler on every way out of this test, a panic included.
+    let _stop_sampler = StopOnDrop(stop.clone());
 
     let mut d = Daemon::start(&sb);
     for round in 0..rounds {
@@ -374,6 +380,15 @@ fn is_zombie_or_gone(pid: i32) -> bool {
             .rsplit_once(')')
             .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
         Err(_) => true,
+    }
+}
+
+/// Sets its flag when dropped.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
     }
 }
 

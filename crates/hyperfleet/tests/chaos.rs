@@ -418,20 +418,7 @@ impl Client {
         path: &str,
         body: Option<Value>,
     ) -> Result<(u16, Value), reqwest::Error> {
-        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
-        let mut r = self
-            .http
-            .request(m, format!("{}{path}", self.url))
-            .bearer_auth(&self.key);
-        if let Some(b) = body {
-            r = r.json(&b);
-        }
-        let resp = r.send()?;
-        let status = resp.status().as_u16();
-        let text = resp.text()?;
-        Ok((
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        ))
+        common::request(&self.http, &self.url, &self.key, method, path, body)
+            .map(|r| (r.status, r.body))
     }
 }

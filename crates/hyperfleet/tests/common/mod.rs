@@ -267,23 +267,7 @@ impl Daemon {
         path: &str,
         body: Option<Value>,
     ) -> Result<Resp, reqwest::Error> {
-        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
-        let mut r = self.http.request(m, format!("{}{path}", self.url));
-        if !key.is_empty() {
-            r = r.bearer_auth(key);
-        }
-        if let Some(b) = body {
-            r = r.json(&b);
-        }
-        let resp = r.send()?;
-        let status = resp.status().as_u16();
-        let text = resp.text()?;
-        let body = if text.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&text).unwrap_or(Value::String(text))
-        };
-        Ok(Resp { status, body })
+        request(&self.http, &self.url, key, method, path, body)
     }
 
     pub(crate) fn call_as(&self, key: &str, method: &str, path: &str, body: Option<Value>) -> Resp {
@@ -369,6 +353,35 @@ impl Drop for Daemon {
             self.kill9();
         }
     }
+}
+
+/// One API request: `key` as the bearer (none when empty), `body` as JSON;
+/// the answer's body parsed as JSON when it is, else kept as a string.
+pub(crate) fn request(
+    http: &reqwest::blocking::Client,
+    url: &str,
+    key: &str,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> Result<Resp, reqwest::Error> {
+    let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+    let mut r = http.request(m, format!("{url}{path}"));
+    if !key.is_empty() {
+        r = r.bearer_auth(key);
+    }
+    if let Some(b) = body {
+        r = r.json(&b);
+    }
+    let resp = r.send()?;
+    let status = resp.status().as_u16();
+    let text = resp.text()?;
+    let body = if text.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&text).unwrap_or(Value::String(text))
+    };
+    Ok(Resp { status, body })
 }
 
 /// Polls `f` until it returns Some or the deadline passes.

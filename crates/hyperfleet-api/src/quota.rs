@@ -70,6 +70,10 @@ mod tests {
                 .expect("a whole float is an integer");
         assert_eq!(l.max_vcpus, Some(1_256_336));
         assert_eq!(l.max_machines, None);
+        // Large whole floats parse exactly (serde_json's float_roundtrip).
+        let l: QuotaLimits = serde_json::from_str(r#"{"max_memory_mib": 2251799813685247.0}"#)
+            .expect("a large whole float is an integer");
+        assert_eq!(l.max_memory_mib, Some(2_251_799_813_685_247));
         for bad in [r#"{"max_vcpus": 2.5}"#, r#"{"max_disk_bytes": -1}"#] {
             serde_json::from_str::<QuotaLimits>(bad).expect_err(bad);
         }

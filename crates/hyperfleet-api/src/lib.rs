@@ -14,6 +14,7 @@ mod keys;
 mod machine;
 mod quota;
 pub mod schema;
+mod snapshot;
 mod whole;
 
 pub use error::{ErrorBody, ErrorCode, ErrorDetail};
@@ -29,6 +30,10 @@ pub use machine::{
     Persistence, PersistenceType, VmmKind, LIMITS,
 };
 pub use quota::{Quota, QuotaLimits, QuotaUsage};
+pub use snapshot::{
+    CreateSnapshotRequest, ForkRequest, ForkResult, Snapshot, SnapshotList, SnapshotStatus,
+    FORK_MAX,
+};
 
 /// The prefix every API key starts with, so that leaked keys are easy to
 /// recognise by secret scanners and operators.

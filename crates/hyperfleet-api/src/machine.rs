@@ -243,6 +243,13 @@ pub struct CreateMachineRequest {
     /// access token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub public: Option<bool>,
+    /// Make the machine from this snapshot (id or name): its disk is a
+    /// copy-on-write layer over the snapshot's, and when the snapshot holds
+    /// memory its first start continues the snapshot's guest instead of
+    /// booting. `vcpu_count`, `mem_size_mib` and `vmm` default to the
+    /// snapshot's and must match it when given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_id: Option<String>,
 }
 
 /// `network` in `POST /machines`.
@@ -301,6 +308,9 @@ pub struct Machine {
     /// null for backends with no guest.
     #[serde(default)]
     pub image: Option<String>,
+    /// The snapshot the machine was made from (its disk's base), if any.
+    #[serde(default)]
+    pub snapshot_id: Option<String>,
     /// Increases with every accepted change of the desired state.
     pub generation: u64,
     /// Why the machine is `failed`; null otherwise.

@@ -31,6 +31,9 @@ pub struct Config {
     /// this range (`--qemu-run-as`, sharing the jailer's
     /// `--jailer-uid-base/--jailer-uid-count`); None: as the daemon's user.
     pub qemu_uids: Option<crate::vmm::uid::UidRange>,
+    /// Where QEMU machines' guest RAM files live (`--memory-dir`); None:
+    /// [`Config::memory_dir`]'s default.
+    pub memory_dir: Option<PathBuf>,
     /// `firecracker` (resolved through PATH, then /usr/local/bin).
     pub firecracker_binary: PathBuf,
     /// A kernel Firecracker boots instead of the asset set's.
@@ -111,6 +114,7 @@ impl Config {
             qemu_binary: PathBuf::from("qemu-system-x86_64"),
             qemu_accel: crate::vmm::host::AccelChoice::Auto,
             qemu_uids: None,
+            memory_dir: None,
             firecracker_binary: PathBuf::from("firecracker"),
             firecracker_kernel: None,
             firecracker_jailer: None,
@@ -138,6 +142,31 @@ impl Config {
 
     pub(crate) fn machines_dir(&self) -> PathBuf {
         self.data_dir.join("machines")
+    }
+
+    /// Where snapshots' files live, one directory per snapshot.
+    pub(crate) fn snapshots_dir(&self) -> PathBuf {
+        self.data_dir.join("snapshots")
+    }
+
+    /// Where running QEMU machines' guest RAM files live: the configured
+    /// directory, else one of this data directory's own on `/dev/shm`
+    /// (tmpfs: guest RAM must not be written back to a disk), else
+    /// `<data dir>/memory` on a host without `/dev/shm`.
+    pub fn memory_dir(&self) -> PathBuf {
+        if let Some(d) = &self.memory_dir {
+            return d.clone();
+        }
+        let shm = std::path::Path::new("/dev/shm");
+        if !shm.is_dir() {
+            return self.data_dir.join("memory");
+        }
+        // FNV-1a of the data directory: two daemons never share one.
+        let mut h: u32 = 0x811c_9dc5;
+        for b in self.data_dir.as_os_str().as_encoded_bytes() {
+            h = (h ^ u32::from(*b)).wrapping_mul(0x0100_0193);
+        }
+        shm.join(format!("hyperfleet-{h:08x}"))
     }
 
     pub(crate) fn stub_binary_path(&self) -> Option<PathBuf> {

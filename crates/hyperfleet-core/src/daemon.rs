@@ -83,7 +83,12 @@ fn lock_data_dir(dir: &Path) -> Result<DirLock, DaemonError> {
 
 fn prepare_dirs(config: &Config) -> Result<(), DaemonError> {
     use std::os::unix::fs::DirBuilderExt;
-    for dir in [config.data_dir.clone(), config.machines_dir()] {
+    for dir in [
+        config.data_dir.clone(),
+        config.machines_dir(),
+        config.snapshots_dir(),
+        config.memory_dir(),
+    ] {
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -190,6 +195,7 @@ pub fn backends(config: &Config) -> (HashMap<VmmKind, Arc<dyn Vmm>>, Result<VmmK
             assets_root: config.assets_root(),
             assets: config.assets_path(),
             run_as: config.qemu_uids,
+            memory_dir: config.memory_dir(),
         })),
     );
     // Always registered, so machines can ask for it; it is the default only
@@ -292,6 +298,13 @@ pub async fn serve(config: Config) -> Result<(), DaemonError> {
         );
     }
     let report = sweep::sweep(&store, &config.machines_dir(), backends.values()).await;
+    match crate::lifecycle::snapshots::sweep(&store, &config.snapshots_dir()).await {
+        Ok(n) if n > 0 => tracing::info!(removed = n, "snapshot sweep removed unused files"),
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, "the snapshot sweep failed; it runs again at the next start")
+        }
+    }
     tracing::info!(
         ?report,
         machines = store.machine_count(),
@@ -303,6 +316,7 @@ pub async fn serve(config: Config) -> Result<(), DaemonError> {
             store: store.clone(),
             backends,
             machines_dir: config.machines_dir(),
+            snapshots_dir: config.snapshots_dir(),
             boot_timeout: config.boot_timeout,
             stop_timeout: config.stop_timeout,
             net: net.clone(),

@@ -28,6 +28,9 @@ pub const CRASH_POINTS: &[&str] = &[
     "suspend.after_intent",
     "suspend.after_save",
     "suspend.after_effect",
+    "snapshot.after_intent",
+    "snapshot.after_copy",
+    "snapshot.after_effect",
     "release.after_intent",
     "release.after_effect",
 ];

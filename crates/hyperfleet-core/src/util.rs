@@ -48,9 +48,20 @@ pub(crate) fn random_id(prefix: &str, len: usize) -> String {
 /// few. Names may not have this shape, so `GET /machines/{id-or-name}` is
 /// never ambiguous.
 pub(crate) fn new_machine_id() -> String {
+    new_id('m')
+}
+
+/// Snapshot ids: like machine ids, with an `s`.
+pub(crate) fn new_snapshot_id() -> String {
+    new_id('s')
+}
+
+/// `kind` followed by 8 characters of creation time (so ids sort by age)
+/// and 7 random ones.
+fn new_id(kind: char) -> String {
     let ms = now_ms().max(0) as u64;
     let mut s = String::with_capacity(16);
-    s.push('m');
+    s.push(kind);
     for i in (0..8).rev() {
         s.push(ID_ALPHABET[((ms >> (i * 5)) & 31) as usize] as char);
     }
@@ -59,7 +70,12 @@ pub(crate) fn new_machine_id() -> String {
 }
 
 pub(crate) fn looks_like_machine_id(s: &str) -> bool {
-    s.len() == 16 && s.starts_with('m') && s[1..].bytes().all(|b| ID_ALPHABET.contains(&b))
+    looks_like_id(s, 'm')
+}
+
+/// Whether `s` has the shape of an id of `kind` (see [`new_id`]).
+pub(crate) fn looks_like_id(s: &str, kind: char) -> bool {
+    s.len() == 16 && s.starts_with(kind) && s[1..].bytes().all(|b| ID_ALPHABET.contains(&b))
 }
 
 /// Operation ids name one accepted request in events and logs.

@@ -52,6 +52,19 @@ pub fn validate_name(name: &str) -> Result<(), ValidationError> {
     Ok(())
 }
 
+/// Snapshot names follow machine names' rules, and must not look like a
+/// snapshot id.
+pub fn validate_snapshot_name(name: &str) -> Result<(), ValidationError> {
+    validate_name(name)?;
+    if crate::util::looks_like_id(name, 's') {
+        return Err(bad(
+            "name",
+            "must not have the shape of a snapshot id ('s' followed by 15 id characters)",
+        ));
+    }
+    Ok(())
+}
+
 fn env_key_ok(k: &str) -> bool {
     let mut bytes = k.bytes();
     matches!(bytes.next(), Some(b) if b.is_ascii_alphabetic() || b == b'_')
@@ -178,6 +191,8 @@ pub fn validate_create(
         egress: req.network.and_then(|n| n.egress).unwrap_or(true),
         public: req.public.unwrap_or(false),
         access_token: None,
+        // The id or name as asked; the supervisor resolves it to an id.
+        base_snapshot: req.snapshot_id,
     };
     Ok((req.name, spec))
 }

@@ -623,8 +623,10 @@ fn suspend_saves_memory_and_resume_continues_it() {
         .unwrap()
         .clone();
     assert!(
-        restored["steps"].to_string().contains("restoring memory")
-            || ev.body.to_string().contains("restoring memory")
+        restored["steps"]
+            .to_string()
+            .contains("restore of its suspend image")
+            || ev.body.to_string().contains("restore of its suspend image")
     );
     assert_eq!(
         d.call("DELETE", "/machines/sleepy?force=true", None).status,

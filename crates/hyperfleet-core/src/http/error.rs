@@ -62,6 +62,10 @@ impl From<StoreError> for ApiError {
             ),
             StoreError::NoSuchMachine(id) => ApiError::not_found(format!("machine '{id}'")),
             StoreError::NoSuchKey(id) => ApiError::not_found(format!("API key '{id}'")),
+            StoreError::SnapshotNameTaken(n) => ApiError::new(
+                ErrorCode::Conflict,
+                format!("a snapshot named '{n}' already exists"),
+            ),
             e @ StoreError::Full { .. } => ApiError::new(
                 ErrorCode::InsufficientStorage,
                 format!(
@@ -99,6 +103,14 @@ impl From<LifecycleError> for ApiError {
             e @ LifecycleError::InsufficientCapacity { .. } => {
                 ApiError::new(ErrorCode::InsufficientCapacity, e.to_string())
             }
+            LifecycleError::SnapshotNotFound(id) => ApiError::not_found(format!("snapshot '{id}'")),
+            e @ LifecycleError::SnapshotNameTaken(_) => {
+                ApiError::new(ErrorCode::Conflict, e.to_string())
+            }
+            e @ LifecycleError::SnapshotConflict(_) => {
+                ApiError::new(ErrorCode::InvalidState, e.to_string())
+            }
+            LifecycleError::SnapshotMismatch(m) => ApiError::validation(m),
             LifecycleError::Store(e) => e.into(),
         }
     }

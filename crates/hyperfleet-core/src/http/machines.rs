@@ -30,7 +30,7 @@ use crate::validate::validate_create;
 const DEFAULT_WAIT: Duration = Duration::from_secs(60);
 const MAX_WAIT_SECONDS: u64 = 600;
 
-fn json_bytes(status: StatusCode, body: Bytes) -> Response {
+pub(super) fn json_bytes(status: StatusCode, body: Bytes) -> Response {
     (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
@@ -38,7 +38,11 @@ fn json_bytes(status: StatusCode, body: Bytes) -> Response {
 /// machine's ports through the proxy and env values may be passwords, so
 /// only keys that may exec in the machine anyway (`exec`, `admin`) see them;
 /// everyone else gets them redacted (docs/api.md "Secrets in machines").
-fn machine_body(state: &AppState, p: &Principal, m: &CachedMachine) -> Result<Bytes, ApiError> {
+pub(super) fn machine_body(
+    state: &AppState,
+    p: &Principal,
+    m: &CachedMachine,
+) -> Result<Bytes, ApiError> {
     if p.has(Scope::Exec) {
         return Ok(m.json(state.urls.as_deref()).clone());
     }
@@ -49,7 +53,7 @@ fn machine_body(state: &AppState, p: &Principal, m: &CachedMachine) -> Result<By
         .map_err(|e| ApiError::internal("rendering the machine", e))
 }
 
-fn machine_response(
+pub(super) fn machine_response(
     state: &AppState,
     p: &Principal,
     status: StatusCode,
@@ -59,7 +63,7 @@ fn machine_response(
 }
 
 /// Ids and names are short ASCII; anything else cannot name a machine.
-fn check_ref(id: &str) -> Result<(), ApiError> {
+pub(super) fn check_ref(id: &str) -> Result<(), ApiError> {
     if id.is_empty() || id.len() > 63 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
     {
         return Err(ApiError::not_found(format!(
@@ -84,7 +88,8 @@ fn find(state: &AppState, caller: &Caller, id: &str) -> Result<Arc<CachedMachine
         (status = 201, description = "Created (status `pending`); durable when answered", body = Machine),
         (status = 400, description = "Malformed or invalid request", body = hyperfleet_api::ErrorBody),
         (status = 403, description = "The key lacks the write scope (FORBIDDEN), or the tenant's quota does not allow the machine (QUOTA_EXCEEDED)", body = hyperfleet_api::ErrorBody),
-        (status = 409, description = "Name already in use", body = hyperfleet_api::ErrorBody),
+        (status = 404, description = "`snapshot_id` names no snapshot", body = hyperfleet_api::ErrorBody),
+        (status = 409, description = "Name already in use (CONFLICT), or the snapshot is not ready (INVALID_STATE)", body = hyperfleet_api::ErrorBody),
         (status = 507, description = "The disk holding the database is full (INSUFFICIENT_STORAGE); nothing was stored", body = hyperfleet_api::ErrorBody),
     ),
     security(("bearer" = [])))]
@@ -94,10 +99,23 @@ pub async fn create(
     Json(req): Json<CreateMachineRequest>,
 ) -> Result<Response, ApiError> {
     let p = caller.require(Scope::Write)?;
+    let explicit = crate::lifecycle::snapshots::Explicit {
+        vcpu_count: req.vcpu_count,
+        mem_size_mib: req.mem_size_mib,
+        vmm: req.vmm,
+    };
     let (name, mut spec) = validate_create(req, state.default_vmm)?;
     // 160 random bits: the proxy's per-machine credential.
     spec.access_token = Some(crate::util::random_id("hft_", 32));
-    let m = state.sup.create(&p.tenant, name, spec).await?;
+    let m = match spec.base_snapshot.take() {
+        Some(snap) => {
+            state
+                .sup
+                .create_from_snapshot(&p.tenant, name, spec, &snap, explicit)
+                .await?
+        }
+        None => state.sup.create(&p.tenant, name, spec).await?,
+    };
     // Rendered without caching: a burst of creates should not keep a JSON
     // copy of every new machine in memory; the first GET caches it.
     let mut api = m.rec.to_api_with(state.urls.as_deref());
@@ -199,10 +217,10 @@ pub async fn get(
 #[serde(deny_unknown_fields)]
 pub struct ActionQuery {
     /// Wait for the outcome (default true). `false` answers 202 at once.
-    wait: Option<bool>,
+    pub(super) wait: Option<bool>,
     /// How long to wait, in seconds (default 60, at most 600).
     #[param(minimum = 0, maximum = 600)]
-    timeout: Option<u64>,
+    pub(super) timeout: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -217,7 +235,7 @@ pub struct DeleteQuery {
     timeout: Option<u64>,
 }
 
-fn wait_timeout(t: Option<u64>) -> Result<Duration, ApiError> {
+pub(super) fn wait_timeout(t: Option<u64>) -> Result<Duration, ApiError> {
     match t {
         None => Ok(DEFAULT_WAIT),
         Some(s) if s <= MAX_WAIT_SECONDS => Ok(Duration::from_secs(s)),
@@ -248,7 +266,7 @@ async fn act(
     outcome_response(&state, p, outcome, req, timeout)
 }
 
-fn outcome_response(
+pub(super) fn outcome_response(
     state: &AppState,
     p: &Principal,
     outcome: WaitOutcome,

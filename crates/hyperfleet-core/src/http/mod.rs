@@ -10,6 +10,7 @@ pub mod machines;
 pub mod openapi;
 pub mod quota;
 pub mod server;
+pub mod snapshots;
 
 use std::sync::Arc;
 
@@ -70,6 +71,13 @@ fn api_routes() -> Router<AppState> {
         .route("/machines/{id}/files/list", get(guest::list))
         .route("/machines/{id}/files/mkdir", post(guest::mkdir))
         .route("/machines/{id}/logs", get(guest::logs))
+        .route("/machines/{id}/snapshots", post(snapshots::create))
+        .route("/machines/{id}/fork", post(snapshots::fork))
+        .route("/snapshots", get(snapshots::list))
+        .route(
+            "/snapshots/{id}",
+            get(snapshots::get).delete(snapshots::delete),
+        )
         .route("/keys", get(keys::list).post(keys::create))
         .route("/keys/{id}", axum::routing::delete(keys::revoke))
         .route(

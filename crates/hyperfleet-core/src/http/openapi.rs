@@ -15,7 +15,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
-use super::{guest, health, keys, machines, quota};
+use super::{guest, health, keys, machines, quota, snapshots};
 
 struct BearerAuth;
 
@@ -232,6 +232,7 @@ fn drop_null(schema: &mut RefOr<Schema>) {
         machines::wait, machines::events,
         guest::exec, guest::exec_ws, guest::write_json, guest::write_raw, guest::read, guest::delete,
         guest::stat, guest::list, guest::mkdir, guest::logs,
+        snapshots::create, snapshots::list, snapshots::get, snapshots::delete, snapshots::fork,
         keys::create, keys::list, keys::revoke,
         quota::get, quota::put, quota::delete,
     ),
@@ -247,11 +248,15 @@ fn drop_null(schema: &mut RefOr<Schema>) {
         hyperfleet_api::FileWrite, hyperfleet_api::FileContent, hyperfleet_api::FileStat,
         hyperfleet_api::DirEntry, hyperfleet_api::DirListing, hyperfleet_api::FileWritten,
         hyperfleet_api::Quota, hyperfleet_api::QuotaLimits, hyperfleet_api::QuotaUsage,
+        hyperfleet_api::Snapshot, hyperfleet_api::SnapshotList, hyperfleet_api::SnapshotStatus,
+        hyperfleet_api::CreateSnapshotRequest, hyperfleet_api::ForkRequest,
+        hyperfleet_api::ForkResult,
     )),
     modifiers(&BearerAuth, &CommonErrors),
     tags(
         (name = "machines", description = "Create, control and delete machines"),
         (name = "guest", description = "Commands, files and console inside running machines"),
+        (name = "snapshots", description = "Snapshots of machines, machines made from them, and forks"),
         (name = "keys", description = "API keys (admin scope)"),
         (name = "quotas", description = "Tenant quotas: what a tenant's machines may hold"),
         (name = "health", description = "Liveness and readiness"),

@@ -6,6 +6,7 @@ pub mod capacity;
 pub mod guest_access;
 pub(crate) mod plan;
 pub mod run;
+pub mod snapshots;
 pub mod supervisor;
 pub mod sweep;
 pub mod table;

@@ -44,6 +44,14 @@ pub(crate) enum Step {
         kill: bool,
     },
     Suspend,
+    /// Take the snapshot `snapshot_job` names; `live`: from the running or
+    /// paused VMM (else from the suspend image and the disk, or the disk).
+    Snapshot {
+        live: bool,
+    },
+    /// The snapshot asked for can no longer be taken (the machine failed or
+    /// is being deleted): mark it failed.
+    AbandonSnapshot,
     /// The recorded VMM is gone; record what that means.
     ForgetVmm(Observation),
     /// Nothing runs and `stopped` was asked for.
@@ -116,6 +124,12 @@ pub(crate) fn next_step(rec: &MachineRecord, vmm: VmmSeen, verified: bool) -> St
     }
     let alive = vmm == VmmSeen::Alive;
 
+    if rec.snapshot_job.is_some() {
+        if let Some(step) = snapshot_step(rec, alive, verified) {
+            return step;
+        }
+    }
+
     if failure_current(rec) && rec.desired != Desired::Deleted {
         return if alive {
             Step::CleanupFailed
@@ -180,6 +194,26 @@ pub(crate) fn next_step(rec: &MachineRecord, vmm: VmmSeen, verified: bool) -> St
                 _ => converged_or_idle(rec),
             }
         }
+    }
+}
+
+/// A snapshot is taken when the machine is at rest in a state that has
+/// one: running or paused (checked against the VMM), suspended, or
+/// stopped; until then the machine goes on toward its desired state.
+fn snapshot_step(rec: &MachineRecord, alive: bool, verified: bool) -> Option<Step> {
+    use MachineStatus as S;
+    if failure_current(rec) || rec.desired == Desired::Deleted {
+        return Some(Step::AbandonSnapshot);
+    }
+    if rec.current_step.is_some()
+        && rec.current_step.as_deref() != Some(super::steps::TAKE_SNAPSHOT)
+    {
+        return None;
+    }
+    match (alive, rec.status) {
+        (true, S::Running | S::Paused) if verified => Some(Step::Snapshot { live: true }),
+        (false, S::Suspended | S::Stopped) => Some(Step::Snapshot { live: false }),
+        _ => None,
     }
 }
 

@@ -44,6 +44,16 @@ pub enum LifecycleError {
         machine: String,
         why: CapacityDenied,
     },
+    #[error("snapshot '{0}' not found")]
+    SnapshotNotFound(String),
+    #[error("a snapshot named '{0}' already exists")]
+    SnapshotNameTaken(String),
+    /// A snapshot cannot be taken, or used, as things are (the message
+    /// says why and what would work).
+    #[error("{0}")]
+    SnapshotConflict(String),
+    #[error("{0}")]
+    SnapshotMismatch(String),
     #[error(transparent)]
     Store(StoreError),
 }
@@ -52,6 +62,7 @@ impl From<StoreError> for LifecycleError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::NameTaken(n) => LifecycleError::NameTaken(n),
+            StoreError::SnapshotNameTaken(n) => LifecycleError::SnapshotNameTaken(n),
             StoreError::NoSuchMachine(id) => LifecycleError::NotFound(id),
             e => LifecycleError::Store(e),
         }
@@ -293,18 +304,41 @@ impl Supervisor {
         self: &Arc<Self>,
         tenant: &str,
         name: Option<String>,
+        spec: MachineSpec,
+    ) -> Result<Arc<CachedMachine>, LifecycleError> {
+        self.create_machine(tenant, name, spec, None).await
+    }
+
+    /// [`Self::create`], or with `from`, a machine resting on that
+    /// snapshot: its image, sizes and disk are the snapshot's, and when the
+    /// snapshot has memory its first start restores it.
+    pub(crate) async fn create_machine(
+        self: &Arc<Self>,
+        tenant: &str,
+        name: Option<String>,
         mut spec: MachineSpec,
+        from: Option<&crate::store::SnapshotRecord>,
     ) -> Result<Arc<CachedMachine>, LifecycleError> {
         let backend = self
             .ctx
             .backends
             .get(&spec.vmm)
             .ok_or(LifecycleError::BackendDisabled(spec.vmm))?;
-        // The machine records the exact guest image it will be made from.
-        spec.image = backend
-            .current_image()
-            .map_err(|why| LifecycleError::BackendUnavailable(spec.vmm, why))?;
-        spec.disk_bytes = backend.disk_bytes(spec.image.as_deref());
+        match from {
+            Some(s) => {
+                spec.image = s.data.image.clone();
+                spec.disk_bytes = s.data.disk_bytes;
+                spec.base_snapshot = Some(s.id.clone());
+            }
+            None => {
+                // The machine records the exact guest image it will be made from.
+                spec.image = backend
+                    .current_image()
+                    .map_err(|why| LifecycleError::BackendUnavailable(spec.vmm, why))?;
+                spec.disk_bytes = backend.disk_bytes(spec.image.as_deref());
+                spec.base_snapshot = None;
+            }
+        }
         let ask = Ask {
             vcpus: u64::from(spec.vcpu_count),
             memory_mib: u64::from(spec.mem_size_mib),
@@ -316,6 +350,9 @@ impl Supervisor {
         let name = name.unwrap_or_else(|| format!("vm-{}", &id[1..]));
         let mut rec = MachineRecord::new(id.clone(), tenant, name, spec, now);
         rec.operation_id = Some(new_operation_id());
+        // Its first start continues the snapshot's guest.
+        rec.has_snapshot = from.is_some_and(|s| s.data.memory);
+        let base = from.map(|s| s.id.clone());
         let mut ev = EventRecord::new(&id, "created");
         ev.to_status = Some(MachineStatus::Pending);
         ev.operation_id = rec.operation_id.clone();
@@ -325,19 +362,30 @@ impl Supervisor {
         self.ctx
             .store
             .write(move |ctx| {
+                // Checked here, where a delete of the snapshot is decided
+                // too: a machine never rests on a snapshot being removed.
+                if let Some(sid) = &base {
+                    let usable = ctx
+                        .snapshot(sid)?
+                        .is_some_and(|s| s.status == hyperfleet_api::SnapshotStatus::Ready);
+                    if !usable {
+                        return Ok(Err(LifecycleError::SnapshotConflict(format!(
+                            "snapshot {sid} is no longer ready (it was deleted meanwhile)"
+                        ))));
+                    }
+                }
                 let limits = ctx.quota(&rec.tenant)?.unwrap_or(default_quota);
                 if !limits.is_unlimited() {
                     let usage = ctx.tenant_usage(&rec.tenant)?;
                     if let Err(denied) = capacity::check_quota(&rec.tenant, &limits, &usage, ask) {
-                        return Ok(Err(denied));
+                        return Ok(Err(LifecycleError::QuotaExceeded(denied)));
                     }
                 }
                 ctx.put_machine(rec)?;
                 ctx.append_event(ev)?;
                 Ok(Ok(()))
             })
-            .await?
-            .map_err(LifecycleError::QuotaExceeded)?;
+            .await??;
         let entry = self
             .ctx
             .store

@@ -26,6 +26,7 @@ mod quota;
 mod records;
 mod rows;
 mod schema;
+mod snapshots;
 mod writer;
 
 use std::collections::HashMap;
@@ -43,6 +44,7 @@ pub use records::{
     steps, Desired, EventRecord, KeyRecord, MachineRecord, MachineSpec, NetLease, VmmIdentity,
 };
 pub use schema::schema_version;
+pub use snapshots::{SnapshotData, SnapshotKind, SnapshotRecord};
 pub use writer::WriteCtx;
 
 use cache::{Counts, RecordCache};
@@ -62,6 +64,8 @@ pub enum StoreError {
     Open { path: PathBuf, message: String },
     #[error("a machine named '{0}' already exists")]
     NameTaken(String),
+    #[error("a snapshot named '{0}' already exists")]
+    SnapshotNameTaken(String),
     #[error("no machine with id {0}")]
     NoSuchMachine(String),
     #[error("no API key with id {0}")]

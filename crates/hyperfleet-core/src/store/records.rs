@@ -40,6 +40,11 @@ pub struct MachineSpec {
     /// Grants proxy access to exposed ports (query parameter or cookie).
     #[serde(default)]
     pub access_token: Option<String>,
+    /// The snapshot the machine's disk is layered over (and whose memory its
+    /// first start restores, when the snapshot has memory). The snapshot's
+    /// files are kept while any machine names it here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_snapshot: Option<String>,
 }
 
 fn default_true() -> bool {
@@ -138,6 +143,10 @@ pub mod steps {
     pub const KILL: &str = "kill_vmm";
     pub const SAVE_STATE: &str = "save_memory";
     pub const DISCARD_SNAPSHOT: &str = "discard_snapshot";
+    /// Taking a snapshot (`POST /machines/{id}/snapshots`, fork, template).
+    pub const TAKE_SNAPSHOT: &str = "take_snapshot";
+    /// Giving a machine restored from another's memory its own identity.
+    pub const REFRESH_IDENTITY: &str = "refresh_identity";
     pub const RELEASE: &str = "release_resources";
     pub const FORGET: &str = "vmm_gone";
     /// Journaled when a step failed (the failed step is in the detail).
@@ -184,6 +193,9 @@ pub struct MachineRecord {
     /// leased (first jailed start); kept until the machine is deleted
     /// (`vmm::uid`).
     pub jail_uid: Option<u32>,
+    /// A snapshot (its id) the run is to take when the machine is next in
+    /// a state to take it (`snapshots` row in status `creating`).
+    pub snapshot_job: Option<String>,
 }
 
 impl MachineRecord {
@@ -213,6 +225,7 @@ impl MachineRecord {
             started_at: None,
             network: None,
             jail_uid: None,
+            snapshot_job: None,
         }
     }
 
@@ -244,6 +257,7 @@ impl MachineRecord {
             idle_timeout_seconds: self.spec.idle_timeout_seconds,
             persistence: self.spec.persistence.clone(),
             image: self.spec.image.clone(),
+            snapshot_id: self.spec.base_snapshot.clone(),
             generation: self.generation,
             error_message: self.error_message.clone(),
             network: MachineNetwork {

@@ -11,7 +11,7 @@ use super::{
 pub(super) const MACHINE_COLUMNS: &str = "id, tenant, name, spec, status, desired, generation, \
     restart_seq, boot_restart_seq, stop_kill, failed_generation, error_message, vmm_pid, \
     vmm_start_time, vmm_boot_id, current_step, prepared, has_snapshot, operation_id, \
-    created_at, updated_at, started_at, observed_generation, network, jail_uid";
+    created_at, updated_at, started_at, observed_generation, network, jail_uid, snapshot_job";
 
 fn bad(col: usize, msg: String) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(
@@ -26,11 +26,11 @@ fn bad(col: usize, msg: String) -> rusqlite::Error {
 const INSERT_MACHINE: &str = "INSERT INTO machines (id, tenant, name, spec, created_at, status, \
     desired, generation, restart_seq, boot_restart_seq, stop_kill, failed_generation, \
     error_message, vmm_pid, vmm_start_time, vmm_boot_id, current_step, prepared, has_snapshot, \
-    operation_id, updated_at, started_at, observed_generation) VALUES (:id, :tenant, :name, \
-    :spec, :created_at, :status, :desired, :generation, :restart_seq, :boot_restart_seq, \
-    :stop_kill, :failed_generation, :error_message, :vmm_pid, :vmm_start_time, :vmm_boot_id, \
-    :current_step, :prepared, :has_snapshot, :operation_id, :updated_at, :started_at, \
-    :observed_generation)";
+    operation_id, updated_at, started_at, observed_generation, snapshot_job) VALUES (:id, \
+    :tenant, :name, :spec, :created_at, :status, :desired, :generation, :restart_seq, \
+    :boot_restart_seq, :stop_kill, :failed_generation, :error_message, :vmm_pid, \
+    :vmm_start_time, :vmm_boot_id, :current_step, :prepared, :has_snapshot, :operation_id, \
+    :updated_at, :started_at, :observed_generation, :snapshot_job)";
 
 /// The VMM identity from its three nullable columns (`vmm_pid`,
 /// `vmm_start_time`, `vmm_boot_id`), starting at column `first`.
@@ -90,6 +90,7 @@ pub(super) fn machine_from_row(r: &Row<'_>) -> rusqlite::Result<MachineRecord> {
             .get::<_, Option<i64>>(24)?
             .map(|u| u32::try_from(u).map_err(|_| bad(24, format!("uid {u} out of range"))))
             .transpose()?,
+        snapshot_job: r.get(25)?,
     })
 }
 
@@ -141,7 +142,7 @@ const UPDATE_MACHINE: &str = "UPDATE machines SET status=:status, desired=:desir
     vmm_pid=:vmm_pid, vmm_start_time=:vmm_start_time, vmm_boot_id=:vmm_boot_id, \
     current_step=:current_step, prepared=:prepared, has_snapshot=:has_snapshot, \
     operation_id=:operation_id, updated_at=:updated_at, started_at=:started_at, \
-    observed_generation=:observed_generation WHERE id=:id";
+    observed_generation=:observed_generation, snapshot_job=:snapshot_job WHERE id=:id";
 
 /// Binds `(name, value)` pairs to a statement's named parameters.
 fn bind(stmt: &mut Statement<'_>, values: &[(&str, &dyn ToSql)]) -> rusqlite::Result<()> {
@@ -180,6 +181,7 @@ fn bind_state(stmt: &mut Statement<'_>, m: &MachineRecord) -> rusqlite::Result<(
             (":updated_at", &m.updated_at),
             (":started_at", &m.started_at),
             (":observed_generation", &(m.observed_generation as i64)),
+            (":snapshot_job", &m.snapshot_job),
         ],
     )
 }

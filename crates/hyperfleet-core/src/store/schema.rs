@@ -165,6 +165,31 @@ const MIGRATIONS: &[&str] = &[
            OR (desired IN ('running', 'paused')
                AND NOT (status = 'failed' AND failed_generation IS generation));
     "#,
+    // 7: snapshots (a machine's disk, and memory when it had any, kept as
+    // the base new machines are made from). `base_snapshot_id` is the
+    // snapshot under this one's disk; a snapshot's files stay while a
+    // machine (its spec's `base_snapshot`) or another snapshot rests on it.
+    // `snapshot_job` on a machine: the snapshot its run is to take.
+    r#"
+    CREATE TABLE snapshots (
+        id TEXT PRIMARY KEY,
+        tenant TEXT NOT NULL,
+        name TEXT,
+        machine_id TEXT NOT NULL,
+        status TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        base_snapshot_id TEXT,
+        data TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL
+    ) STRICT;
+    CREATE UNIQUE INDEX snapshots_tenant_name ON snapshots(tenant, name) WHERE name IS NOT NULL;
+    CREATE INDEX snapshots_tenant_order ON snapshots(tenant, created_at, id);
+    CREATE INDEX snapshots_base ON snapshots(base_snapshot_id) WHERE base_snapshot_id IS NOT NULL;
+    ALTER TABLE machines ADD COLUMN snapshot_job TEXT;
+    CREATE INDEX machines_base_snapshot ON machines(json_extract(spec, '$.base_snapshot'))
+        WHERE json_extract(spec, '$.base_snapshot') IS NOT NULL;
+    "#,
 ];
 
 pub(super) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {

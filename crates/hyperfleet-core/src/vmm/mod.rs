@@ -10,6 +10,7 @@
 pub(crate) mod agent_cache;
 pub mod firecracker;
 pub mod host;
+pub mod image;
 pub(crate) mod process;
 pub mod qemu;
 mod stop;
@@ -107,6 +108,40 @@ impl MachinePaths {
     pub(crate) fn snapshot_dir(&self) -> PathBuf {
         self.dir.join("snapshot")
     }
+    /// The suspend image's files.
+    pub(crate) fn suspend_image(&self) -> image::ImageDir {
+        image::ImageDir(self.snapshot_dir())
+    }
+}
+
+/// The snapshot a machine was made from: the image its first start
+/// restores (when it has memory) and the frozen disk layers under the
+/// machine's own overlay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseImage {
+    /// The snapshot's id.
+    pub id: String,
+    /// It is a template (a freshly booted guest kept for fast creates).
+    pub template: bool,
+    /// The snapshot's directory (`image::ImageDir` layout).
+    pub dir: PathBuf,
+    /// The disk layers under the machine's overlay, the snapshot's own
+    /// first, down to (not including) the asset set's rootfs.
+    pub layers: Vec<PathBuf>,
+    /// The snapshot holds memory.
+    pub memory: bool,
+}
+
+/// What [`Vmm::snapshot`] made.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SnapshotTaken {
+    /// The image holds the guest's memory.
+    pub memory: bool,
+    /// How long the vCPUs were stopped (a live VMM).
+    pub pause: Option<Duration>,
+    /// The snapshot's disk was rebased onto the guest image's rootfs (its
+    /// chain had grown too deep): it rests on no other snapshot.
+    pub flattened: bool,
 }
 
 /// Everything a backend needs to launch one machine.
@@ -127,6 +162,26 @@ pub struct LaunchSpec {
     /// `spawn` and kept for the machine's life (`uid`). None when the VMM
     /// runs as the daemon's user.
     pub uid: Option<u32>,
+    /// The snapshot the machine was made from, if any.
+    pub base: Option<BaseImage>,
+}
+
+impl LaunchSpec {
+    /// The memory image a restoring spawn reads: the machine's own suspend
+    /// image when it has one, else its base snapshot's memory (a machine
+    /// made from a snapshot, first start).
+    pub fn restore_image(&self) -> Option<(image::ImageDir, image::MemoryImage, bool)> {
+        if !self.restore {
+            return None;
+        }
+        let own = self.paths.suspend_image();
+        if let Some(kind) = own.memory() {
+            return Some((own, kind, true));
+        }
+        let base = self.base.as_ref().filter(|b| b.memory)?;
+        let img = image::ImageDir(base.dir.clone());
+        img.memory().map(|kind| (img, kind, false))
+    }
 }
 
 /// How a graceful stop ended.
@@ -238,6 +293,24 @@ pub trait Vmm: Send + Sync + 'static {
     /// next start or the delete to be cleaned up. Idempotent.
     async fn after_exit(&self, _launch: &LaunchSpec) -> Result<(), VmmError> {
         Ok(())
+    }
+
+    /// Takes a snapshot of the machine into `dest` (an empty directory the
+    /// caller made): its disk as it is, and its memory when `live` (the VMM
+    /// runs or is paused, and is left as it was: a running guest is stopped
+    /// only while its state is copied) or when it is suspended (the suspend
+    /// image is reused).
+    async fn snapshot(
+        &self,
+        launch: &LaunchSpec,
+        dest: &Path,
+        live: bool,
+    ) -> Result<SnapshotTaken, VmmError> {
+        let _ = (launch, dest, live);
+        Err(VmmError::Unsupported {
+            backend: self.kind(),
+            operation: "snapshots",
+        })
     }
 
     /// Removes everything `prepare` and the VMM created. Idempotent.

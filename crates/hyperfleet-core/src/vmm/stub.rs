@@ -18,7 +18,7 @@ use tokio::net::UnixStream;
 
 use super::process::{self, Liveness};
 use super::stop::{graceful_stop, StopRequest};
-use super::{LaunchSpec, MachinePaths, StopPath, Vmm, VmmError, VmmRunState};
+use super::{LaunchSpec, MachinePaths, SnapshotTaken, StopPath, Vmm, VmmError, VmmRunState};
 use crate::store::VmmIdentity;
 
 pub(crate) struct StubVmm {
@@ -139,8 +139,13 @@ impl Vmm for StubVmm {
         if meta.get("stub_ignore_poweroff").map(String::as_str) == Some("true") {
             cmd.arg("--ignore-poweroff");
         }
-        if launch.restore {
-            cmd.arg("--restore").arg(Self::state_file(&launch.paths));
+        if let Some((img, kind, _)) = launch.restore_image() {
+            cmd.arg("--restore").arg(img.state_for(kind));
+        } else if launch.restore {
+            return Err(VmmError::host(
+                "restoring memory",
+                std::io::Error::new(std::io::ErrorKind::NotFound, "the memory image is missing"),
+            ));
         }
         super::spawn_vmm(cmd, &launch.paths.console_log())
     }
@@ -220,6 +225,43 @@ impl Vmm for StubVmm {
         let state = Self::state_file(&launch.paths);
         command(&socket, &format!("SAVE {}", state.display())).await?;
         Ok(())
+    }
+
+    async fn snapshot(
+        &self,
+        launch: &LaunchSpec,
+        dest: &Path,
+        live: bool,
+    ) -> Result<SnapshotTaken, VmmError> {
+        let img = super::image::ImageDir(dest.to_path_buf());
+        let (memory, pause) = if live {
+            let socket = launch.paths.control_socket();
+            let running = command(&socket, "STATE").await? != "paused";
+            let t0 = std::time::Instant::now();
+            command(&socket, "PAUSE").await?;
+            let saved = command(&socket, &format!("SAVE {}", img.state().display())).await;
+            if running {
+                command(&socket, "RESUME").await?;
+            }
+            saved?;
+            (true, running.then(|| t0.elapsed()))
+        } else {
+            let own = launch.paths.suspend_image();
+            let memory = own.state().is_file();
+            if memory {
+                super::image::link_or_copy(&own.state(), &img.state())?;
+            }
+            (memory, None)
+        };
+        let (disk, dst) = (Self::disk(&launch.paths), img.disk());
+        tokio::task::spawn_blocking(move || super::image::copy_sparse(&disk, &dst, 0o444))
+            .await
+            .map_err(|e| VmmError::host("copying the disk", std::io::Error::other(e)))??;
+        Ok(SnapshotTaken {
+            memory,
+            pause,
+            flattened: false,
+        })
     }
 
     async fn release(&self, paths: &MachinePaths) -> Result<(), VmmError> {

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use hyperfleet_api::MachineStatus;
+use hyperfleet_api::{MachineStatus, SnapshotStatus};
 
 use super::host::{kill_everything_of, kill_vmm};
 use super::journal::{failure_timing, Journal, StepDef};
@@ -57,6 +57,13 @@ const SUSPEND: StepDef = StepDef {
     begins: Some(Observation::SuspendBegun),
 };
 
+const TAKE_SNAPSHOT: StepDef = StepDef {
+    name: steps::TAKE_SNAPSHOT,
+    after_intent: "snapshot.after_intent",
+    after_effect: "snapshot.after_effect",
+    begins: None,
+};
+
 const RELEASE: StepDef = StepDef {
     name: steps::RELEASE,
     after_intent: "release.after_intent",
@@ -95,6 +102,8 @@ impl Run {
             Step::Resume => self.pause_or_resume(rec, false).await,
             Step::Stop { kill } => self.stop(rec, kill, rx).await,
             Step::Suspend => self.suspend(rec).await,
+            Step::Snapshot { live } => self.take_snapshot(rec, live).await,
+            Step::AbandonSnapshot => self.abandon_snapshot(rec).await,
             Step::ForgetVmm(obs) => self.forget_vmm(rec, obs).await,
             Step::SettleStopped => self.settle_stopped(rec).await,
             Step::BeginDelete => {
@@ -217,11 +226,17 @@ impl Run {
         launch.network = self.ensure_network(rec, launch.uid).await?;
         let identity = backend.spawn(&launch).await?;
         self.verified = true;
-        let detail = format!(
-            "pid {}{}",
-            identity.pid,
-            if restore { ", restoring memory" } else { "" }
-        );
+        // Which path the start takes: the events say (docs/api.md "Events").
+        let path = match launch.restore_image() {
+            Some((_, _, true)) => "restore of its suspend image".to_string(),
+            Some(_) => match &launch.base {
+                Some(b) if b.template => format!("template {}", b.id),
+                Some(b) => format!("restore of snapshot {}", b.id),
+                None => "restore".to_string(),
+            },
+            None => "boot".to_string(),
+        };
+        let detail = format!("pid {}, {path}", identity.pid);
         self.finish(step, Some(detail), move |r| r.vmm = Some(identity))
             .await?;
         failpoint::hit("spawn.after_commit");
@@ -371,6 +386,124 @@ impl Run {
         Ok(())
     }
 
+    /// Takes the snapshot `snapshot_job` names into its directory and marks
+    /// it `ready` in the commit that ends the step. A snapshot that cannot
+    /// be taken fails on its own: the machine goes on as it was.
+    async fn take_snapshot(&mut self, rec: &MachineRecord, live: bool) -> Result<(), RunError> {
+        let Some(sid) = rec.snapshot_job.clone() else {
+            return Ok(());
+        };
+        let backend = self.backend(rec.spec.vmm)?;
+        let launch = self.launch(rec);
+        let step = self.begin(&TAKE_SNAPSHOT, |_| {}).await?;
+        let dest = crate::lifecycle::snapshots::dir(&self.ctx.snapshots_dir, &sid);
+        // Idempotent: what an interrupted attempt left goes first.
+        remove_dir_idempotent(&dest).await?;
+        let made = match tokio::fs::create_dir_all(&dest).await {
+            Ok(()) => backend.snapshot(&launch, &dest, live).await,
+            Err(e) => Err(crate::vmm::VmmError::host(
+                format!("creating {}", dest.display()),
+                e,
+            )),
+        };
+        failpoint::hit("snapshot.after_copy");
+        let size = crate::vmm::image::disk_usage(&dest);
+        let (detail, outcome) = match &made {
+            Ok(t) => (
+                format!(
+                    "snapshot {sid}: {}{}, {} MiB",
+                    if t.memory {
+                        "memory and disk"
+                    } else {
+                        "disk only"
+                    },
+                    t.pause
+                        .map(|p| format!(", vCPUs paused {:.1} ms", p.as_secs_f64() * 1e3))
+                        .unwrap_or_default(),
+                    size >> 20
+                ),
+                Ok(*t),
+            ),
+            Err(e) => {
+                tracing::warn!(machine = %rec.id, snapshot = %sid, error = %e, "taking a snapshot failed");
+                // A VMM left paused by a failed save is found by verifying.
+                self.verified = false;
+                let _ = remove_dir_idempotent(&dest).await;
+                (
+                    format!("snapshot {sid} failed: {e}"),
+                    Err(crate::util::error_chain(e)),
+                )
+            }
+        };
+        let base = rec.spec.base_snapshot.clone();
+        self.finish(step, Some(detail), move |r| {
+            r.snapshot_job = None;
+            r.also(move |ctx| {
+                let Some(mut s) = ctx.snapshot(&sid)? else {
+                    return Ok(());
+                };
+                s.updated_at = now_ms();
+                match outcome {
+                    Ok(t) => {
+                        s.status = SnapshotStatus::Ready;
+                        s.data.memory = t.memory;
+                        s.data.pause_ms = t.pause.map(|p| p.as_secs_f64() * 1e3);
+                        s.data.size_bytes = size;
+                        s.base = if t.flattened { None } else { base };
+                    }
+                    Err(message) => {
+                        s.status = SnapshotStatus::Failed;
+                        s.data.error_message = Some(message);
+                    }
+                }
+                ctx.put_snapshot(&s)
+            });
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// The snapshot asked for cannot be taken any more (the machine failed
+    /// or is being deleted).
+    async fn abandon_snapshot(&mut self, rec: &MachineRecord) -> Result<(), RunError> {
+        let Some(sid) = rec.snapshot_job.clone() else {
+            return Ok(());
+        };
+        let dest = crate::lifecycle::snapshots::dir(&self.ctx.snapshots_dir, &sid);
+        remove_dir_idempotent(&dest).await?;
+        let why = if rec.desired == Desired::Deleted {
+            "the machine is being deleted".to_string()
+        } else {
+            format!(
+                "the machine failed: {}",
+                rec.error_message.as_deref().unwrap_or("see its events")
+            )
+        };
+        self.persist(
+            Some(Journal::done(
+                steps::TAKE_SNAPSHOT,
+                &format!("abandoned: {why}"),
+            )),
+            move |r| {
+                r.snapshot_job = None;
+                if r.current_step.as_deref() == Some(steps::TAKE_SNAPSHOT) {
+                    r.current_step = None;
+                }
+                r.also(move |ctx| {
+                    let Some(mut s) = ctx.snapshot(&sid)? else {
+                        return Ok(());
+                    };
+                    s.status = SnapshotStatus::Failed;
+                    s.data.error_message = Some(format!("not taken: {why}"));
+                    s.updated_at = now_ms();
+                    ctx.put_snapshot(&s)
+                });
+            },
+        )
+        .await?;
+        Ok(())
+    }
+
     async fn forget_vmm(&mut self, rec: &MachineRecord, obs: Observation) -> Result<(), RunError> {
         let was = rec.status;
         tracing::warn!(machine = %rec.id, status = %was, "the VMM process is gone");
@@ -452,6 +585,14 @@ impl Run {
                 ctx.delete_machine(&id)
             })
             .await?;
+        if rec.spec.base_snapshot.is_some() {
+            // The machine may have been the last user of a deleted snapshot.
+            if let Err(e) =
+                crate::lifecycle::snapshots::collect(&self.ctx.store, &self.ctx.snapshots_dir).await
+            {
+                tracing::warn!(machine = %rec.id, error = %e, "could not remove unused snapshots");
+            }
+        }
         if let Some(net) = &self.ctx.net {
             // Again after the commit: a rebuild for another machine that
             // ran in between still saw this lease. Should this fail, the
@@ -521,6 +662,7 @@ mod tests {
             &GRACEFUL_STOP,
             &KILL,
             &SUSPEND,
+            &TAKE_SNAPSHOT,
             &RELEASE,
         ] {
             let at = |p: &str| CRASH_POINTS.iter().position(|c| *c == p);

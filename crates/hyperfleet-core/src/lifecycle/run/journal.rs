@@ -18,7 +18,7 @@ use hyperfleet_api::{MachineStatus, StepTiming};
 use super::Run;
 use crate::failpoint;
 use crate::lifecycle::table::{on_observation, Observation};
-use crate::store::{steps, EventRecord, MachineRecord, StoreError};
+use crate::store::{steps, EventRecord, MachineRecord, StoreError, WriteCtx};
 use crate::util::now_ms;
 
 /// A journaled step, declared once.
@@ -175,9 +175,22 @@ fn elapsed_ms(t0: Instant) -> f64 {
 pub(super) struct Edit {
     rec: MachineRecord,
     refused: Option<(MachineStatus, Observation)>,
+    also: Vec<AlsoWrite>,
 }
 
+/// A write of another row that must commit with the machine's (a
+/// snapshot's status, set by the step that took it).
+type AlsoWrite = Box<dyn FnOnce(&mut WriteCtx<'_>) -> Result<(), StoreError> + Send>;
+
 impl Edit {
+    /// Writes `f` in the same transaction as this edit.
+    pub(super) fn also(
+        &mut self,
+        f: impl FnOnce(&mut WriteCtx<'_>) -> Result<(), StoreError> + Send + 'static,
+    ) {
+        self.also.push(Box::new(f));
+    }
+
     /// Applies an observation through the transition table. A refused one
     /// leaves the status as it was and is reported once the write is done
     /// (see [`refused_observation`]).
@@ -298,9 +311,17 @@ impl Run {
                     .machine(&id)?
                     .ok_or_else(|| StoreError::NoSuchMachine(id.clone()))?;
                 let before = rec.status;
-                let mut edit = Edit { rec, refused: None };
+                let mut edit = Edit {
+                    rec,
+                    refused: None,
+                    also: Vec::new(),
+                };
                 f(&mut edit);
-                let Edit { mut rec, refused } = edit;
+                let Edit {
+                    mut rec,
+                    refused,
+                    also,
+                } = edit;
                 rec.updated_at = now_ms();
                 if let Some(j) = &journal {
                     ctx.journal(
@@ -329,6 +350,9 @@ impl Run {
                     ctx.append_event(ev)?;
                 }
                 ctx.put_machine(rec)?;
+                for write in also {
+                    write(ctx)?;
+                }
                 Ok((changed || own_event, refused))
             })
             .await;
@@ -398,7 +422,11 @@ mod tests {
     #[should_panic(expected = "BUG")]
     fn a_refused_observation_fails_loudly_in_tests() {
         let rec = crate::lifecycle::test_machine(MachineStatus::Pending, Desired::Stopped);
-        let mut edit = Edit { rec, refused: None };
+        let mut edit = Edit {
+            rec,
+            refused: None,
+            also: Vec::new(),
+        };
         // A pending machine has no VMM to have paused.
         edit.observe(Observation::PauseDone);
         assert_eq!(edit.status, MachineStatus::Pending);

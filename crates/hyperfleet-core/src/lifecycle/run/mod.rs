@@ -36,6 +36,8 @@ pub struct RunCtx {
     pub store: Store,
     pub backends: HashMap<VmmKind, Arc<dyn Vmm>>,
     pub machines_dir: std::path::PathBuf,
+    /// Snapshots' files, a directory per snapshot (`snapshots::dir`).
+    pub snapshots_dir: std::path::PathBuf,
     pub boot_timeout: Duration,
     pub stop_timeout: Duration,
     /// Host networking; None when the daemon runs with networking off.
@@ -67,6 +69,11 @@ impl RunCtx {
                 .zip(rec.network.as_ref())
                 .map(|(n, lease)| n.config.guest(lease)),
             uid: rec.jail_uid.filter(|_| jailed),
+            base: rec
+                .spec
+                .base_snapshot
+                .as_deref()
+                .and_then(|id| super::snapshots::base_image(self, id)),
         }
     }
 }

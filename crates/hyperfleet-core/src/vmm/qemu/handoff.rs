@@ -38,6 +38,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use super::QemuVmm;
+use crate::vmm::image::{self, MemoryImage};
 use crate::vmm::{remove_file_if_present, LaunchSpec, VmmError};
 
 /// QEMU's seccomp sandbox: its default deny list plus obsolete system
@@ -50,6 +51,24 @@ const SET_ROOTFS: u32 = 2;
 const SET_CONSOLE: u32 = 3;
 const SET_INCOMING: u32 = 4;
 const SET_KVM: u32 = 5;
+/// The disk layers between the overlay and the rootfs get sets from here.
+const SET_LAYERS: u32 = 10;
+
+/// Guest RAM, as QEMU is given it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum GivenMemory {
+    /// A file of the machine's own (on the memory dir's tmpfs), mapped
+    /// shared: saving the machine copies it instead of streaming RAM.
+    Shared(RawFd),
+    /// A frozen image's RAM, read-only, mapped copy-on-write: pages stay
+    /// shared with every other machine restored from it until written.
+    Based(RawFd),
+    /// Anonymous memory (restoring an image whose RAM is in the stream).
+    Anonymous,
+    /// QEMU's default RAM (restoring a suspend image of an earlier release,
+    /// whose stream names that RAM block).
+    Legacy,
+}
 
 /// The descriptor numbers QEMU is given, as the argv names them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,8 +76,11 @@ pub(super) struct Given {
     /// The overlay, opened read-write and read-only (QEMU picks the access
     /// mode it asks for from the set).
     pub disk: (RawFd, RawFd),
-    /// The overlay's backing file: the asset set's rootfs, read-only.
+    /// The frozen layers under the overlay (a snapshot's disks), top first.
+    pub layers: Vec<RawFd>,
+    /// The bottom of the chain: the asset set's rootfs, read-only.
     pub rootfs: RawFd,
+    pub memory: GivenMemory,
     pub kernel: RawFd,
     pub initrd: RawFd,
     /// The console log, append-only.
@@ -161,6 +183,10 @@ impl QemuVmm {
             keep(open(&disk, &rw, "the disk overlay")?),
             keep(open(&disk, &read_only(), "the disk overlay")?),
         );
+        let mut layers = Vec::new();
+        for layer in launch.base.iter().flat_map(|b| &b.layers) {
+            layers.push(keep(open(layer, &read_only(), "a snapshot's disk")?));
+        }
         let rootfs = keep(open(rootfs, &read_only(), "the guest's root filesystem")?);
         let kernel = keep(open_asset(kernel, "the guest kernel", other)?);
         let initrd = keep(open_asset(initrd, "the guest initramfs", other)?);
@@ -186,17 +212,40 @@ impl QemuVmm {
             "kvm" => Some(keep(open(Path::new("/dev/kvm"), &rw, "the KVM device")?)),
             _ => None,
         };
-        let incoming = match launch.restore {
-            true => Some(keep(open(
-                &Self::state_file(p),
+        let restore = launch.restore_image();
+        let incoming = match &restore {
+            Some((img, kind, _)) => Some(keep(open(
+                &img.state_for(*kind),
                 &read_only(),
-                "the suspend image",
+                "the memory image",
             )?)),
-            false => None,
+            None => None,
+        };
+        let memory = match &restore {
+            Some((_, MemoryImage::Legacy, _)) => GivenMemory::Legacy,
+            Some((_, MemoryImage::Stream, _)) => GivenMemory::Anonymous,
+            // A machine's own image: its RAM goes back into a file of its
+            // own, so that it stays fast to save.
+            Some((img, MemoryImage::Flat, true)) => {
+                let ram = self.ram_file(&launch.machine_id);
+                image::copy_sparse(&img.ram(), &ram, 0o600)?;
+                GivenMemory::Shared(keep(self.open_ram(&ram, launch)?))
+            }
+            // Another's image (a snapshot): mapped, never copied.
+            Some((img, MemoryImage::Flat, false)) => {
+                GivenMemory::Based(keep(open_asset(&img.ram(), "a snapshot's memory", other)?))
+            }
+            None => {
+                let ram = self.ram_file(&launch.machine_id);
+                remove_file_if_present(&ram)?;
+                GivenMemory::Shared(keep(self.open_ram(&ram, launch)?))
+            }
         };
         let given = Given {
             disk,
+            layers,
             rootfs,
+            memory,
             kernel,
             initrd,
             console,
@@ -213,6 +262,33 @@ impl QemuVmm {
 /// The parts of QEMU's argv that name what it was given: the fd sets, then
 /// per device the arguments using them. `disk` is the overlay's path (its
 /// set's label, which keeps the machine directory in the command line).
+impl QemuVmm {
+    /// Opens (creating) machine `launch`'s own RAM file, sized to its
+    /// memory and owned by the uid its QEMU runs as, which re-opens it
+    /// through `/proc/self/fd`.
+    fn open_ram(&self, ram: &Path, launch: &LaunchSpec) -> Result<OwnedFd, VmmError> {
+        let doing = || format!("making the guest RAM file {}", ram.display());
+        if let Some(dir) = ram.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| VmmError::host(doing(), e))?;
+        }
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(ram)
+            .map_err(|e| VmmError::host(doing(), e))?;
+        f.set_len(u64::from(launch.spec.mem_size_mib) << 20)
+            .map_err(|e| VmmError::host(doing(), e))?;
+        if let Some(uid) = launch.uid {
+            std::os::unix::fs::fchown(&f, Some(uid), Some(uid))
+                .map_err(|e| VmmError::host(doing(), e))?;
+        }
+        Ok(OwnedFd::from(f))
+    }
+}
+
 pub(super) struct GivenArgs {
     pub add_fds: Vec<String>,
     pub accel: String,
@@ -224,10 +300,12 @@ pub(super) struct GivenArgs {
     pub drive: String,
     pub netdev: Option<String>,
     pub incoming: Option<String>,
+    /// `-object` for guest RAM (None: QEMU's default RAM).
+    pub memory: Option<String>,
 }
 
 impl Given {
-    pub(super) fn args(&self, disk: &Path, console: &Path, accel: &str) -> GivenArgs {
+    pub(super) fn args(&self, disk: &Path, console: &Path, accel: &str, mem_mib: u32) -> GivenArgs {
         let set = |fd: RawFd, set: u32, label: &dyn std::fmt::Display| {
             format!("fd={fd},set={set},opaque={label}")
         };
@@ -243,9 +321,39 @@ impl Given {
             accel = format!("kvm,device=/dev/fdset/{SET_KVM}");
         }
         let incoming = self.incoming.map(|fd| {
-            add_fds.push(set(fd, SET_INCOMING, &"suspend image"));
-            format!("file:/dev/fdset/{SET_INCOMING}")
+            add_fds.push(set(fd, SET_INCOMING, &"memory image"));
+            // An image of this release is loaded once the migration
+            // capabilities are set (`QemuVmm::finish_restore`); a legacy
+            // one the way it was saved.
+            match self.memory {
+                GivenMemory::Legacy => incoming_uri(),
+                _ => "defer".to_string(),
+            }
         });
+        let mut backing = String::new();
+        for (i, fd) in self.layers.iter().enumerate() {
+            let n = SET_LAYERS + i as u32;
+            add_fds.push(set(*fd, n, &"layer"));
+            backing.push_str(&format!(
+                ",{0}driver=qcow2,{0}file.filename=/dev/fdset/{n}",
+                "backing.".repeat(i + 1)
+            ));
+        }
+        backing.push_str(&format!(
+            ",{0}driver=raw,{0}file.filename=/dev/fdset/{SET_ROOTFS}",
+            "backing.".repeat(self.layers.len() + 1)
+        ));
+        let memory = match self.memory {
+            GivenMemory::Shared(fd) => Some(format!(
+                "memory-backend-file,id=mem,size={mem_mib}M,mem-path=/proc/self/fd/{fd},share=on"
+            )),
+            GivenMemory::Based(fd) => Some(format!(
+                "memory-backend-file,id=mem,size={mem_mib}M,mem-path=/proc/self/fd/{fd},\
+                 share=off,readonly=on,rom=off"
+            )),
+            GivenMemory::Anonymous => Some(format!("memory-backend-ram,id=mem,size={mem_mib}M")),
+            GivenMemory::Legacy => None,
+        };
         GivenArgs {
             add_fds,
             accel,
@@ -257,11 +365,11 @@ impl Given {
             // The overlay records its backing file by path; QEMU gets it
             // as a descriptor instead.
             drive: format!(
-                "id=root,file=/dev/fdset/{SET_DISK},format=qcow2,if=none,discard=unmap,\
-                 backing.driver=raw,backing.file.filename=/dev/fdset/{SET_ROOTFS}"
+                "id=root,file=/dev/fdset/{SET_DISK},format=qcow2,if=none,discard=unmap{backing}"
             ),
             netdev: self.tap.map(|fd| format!("tap,id=net0,fd={fd}")),
             incoming,
+            memory,
         }
     }
 }
@@ -330,6 +438,11 @@ unsafe fn close_inherited_on_exec() -> io::Result<()> {
 
 /// The suspend image a running QEMU writes through a descriptor passed
 /// over QMP; created (or emptied) by the daemon, owned by it.
+/// Where an incoming migration is read from (the image's fd set).
+pub(super) fn incoming_uri() -> String {
+    format!("file:/dev/fdset/{SET_INCOMING}")
+}
+
 pub(super) fn create_state_file(path: &PathBuf) -> Result<File, VmmError> {
     OpenOptions::new()
         .write(true)
@@ -347,7 +460,9 @@ mod tests {
     fn given() -> Given {
         Given {
             disk: (10, 11),
+            layers: vec![],
             rootfs: 12,
+            memory: GivenMemory::Anonymous,
             kernel: 13,
             initrd: 14,
             console: 15,
@@ -363,7 +478,7 @@ mod tests {
     fn qemu_gets_descriptors_and_the_disk_set_keeps_the_machine_dir_in_its_argv() {
         let disk = Path::new("/data/machines/mABC/disk.qcow2");
         let con = Path::new("/data/machines/mABC/console.log");
-        let a = given().args(disk, con, "tcg");
+        let a = given().args(disk, con, "tcg", 256);
         assert_eq!(
             a.add_fds[..2],
             [
@@ -389,16 +504,51 @@ mod tests {
             tap: Some(20),
             kvm: Some(21),
             incoming: Some(22),
+            memory: GivenMemory::Legacy,
             ..given()
         };
-        let a = g.args(disk, con, "kvm");
+        let a = g.args(disk, con, "kvm", 256);
         assert_eq!(a.accel, "kvm,device=/dev/fdset/5");
         assert_eq!(a.netdev.as_deref(), Some("tap,id=net0,fd=20"));
         assert_eq!(a.incoming.as_deref(), Some("file:/dev/fdset/4"));
+        assert_eq!(a.memory, None);
         assert!(a.add_fds.contains(&"fd=21,set=5,opaque=kvm".to_string()));
         assert!(a
             .add_fds
-            .contains(&"fd=22,set=4,opaque=suspend image".to_string()));
+            .contains(&"fd=22,set=4,opaque=memory image".to_string()));
+    }
+
+    /// A machine made from a snapshot: its RAM maps the snapshot's, and its
+    /// disk chain runs through the snapshot's frozen layers to the rootfs.
+    #[test]
+    fn a_based_machine_maps_its_snapshot_and_chains_its_layers() {
+        let disk = Path::new("/data/machines/mABC/disk.qcow2");
+        let con = Path::new("/data/machines/mABC/console.log");
+        let g = Given {
+            layers: vec![30, 31],
+            incoming: Some(22),
+            memory: GivenMemory::Based(32),
+            ..given()
+        };
+        let a = g.args(disk, con, "tcg", 512);
+        assert_eq!(a.incoming.as_deref(), Some("defer"));
+        assert_eq!(
+            a.memory.as_deref(),
+            Some(
+                "memory-backend-file,id=mem,size=512M,mem-path=/proc/self/fd/32,share=off,\
+                 readonly=on,rom=off"
+            )
+        );
+        assert!(
+            a.drive.contains(
+                ",backing.driver=qcow2,backing.file.filename=/dev/fdset/10,\
+             backing.backing.driver=qcow2,backing.backing.file.filename=/dev/fdset/11,\
+             backing.backing.backing.driver=raw,backing.backing.backing.file.filename=/dev/fdset/2"
+            ),
+            "{}",
+            a.drive
+        );
+        assert!(a.add_fds.contains(&"fd=31,set=11,opaque=layer".to_string()));
     }
 
     /// The child inherits exactly what it is given: a descriptor the parent

@@ -5,7 +5,12 @@
 //! over the read-only rootfs of the machine's asset set), `vmm.sock` (QMP),
 //! `agent.sock` (virtio-serial channel to the guest agent), `console.log`
 //! (the serial console, appended; rotated by the daemon), `vmm.log` (QEMU's
-//! own messages) and `snapshot/mem.state` while suspended. The process runs
+//! own messages) and `snapshot/` (a memory image, `vmm::image`) while
+//! suspended. Guest RAM is a file too: the machine's own, under the memory
+//! directory (`--memory-dir`, tmpfs), mapped shared, so that saving the
+//! machine (suspend, snapshot, fork) writes only the device state and
+//! copies the file's data extents; a machine made from a snapshot maps the
+//! snapshot's RAM copy-on-write instead. The process runs
 //! detached and outlives the daemon; a restarted daemon reconnects to QMP and
 //! to the agent channel (the agent protocol resynchronises).
 //!
@@ -34,11 +39,13 @@ use tokio::net::UnixStream;
 
 use super::agent_cache::{AgentCache, AgentChannel, ReadyPoll};
 use super::host::{self, Accel, AccelChoice};
+use super::image::{self, ImageDir, MemoryImage};
 use super::process::{self, Liveness};
 use super::stop::{graceful_stop, StopRequest};
 use super::uid::UidRange;
 use super::{
-    asset_err, GuestImages, LaunchSpec, MachinePaths, StopPath, Vmm, VmmError, VmmRunState,
+    asset_err, remove_file_if_present, GuestImages, LaunchSpec, MachinePaths, SnapshotTaken,
+    StopPath, Vmm, VmmError, VmmRunState,
 };
 use crate::assets::AssetSet;
 use crate::store::VmmIdentity;
@@ -54,6 +61,8 @@ pub(crate) struct QemuConfig {
     /// Each machine's QEMU runs as a uid (= gid) of its machine's own from
     /// this range (`--qemu-run-as`); None: as the daemon's user.
     pub run_as: Option<UidRange>,
+    /// Where machines' own guest RAM files live (`--memory-dir`).
+    pub memory_dir: PathBuf,
 }
 
 pub struct QemuVmm {
@@ -65,6 +74,7 @@ pub struct QemuVmm {
     tsc_khz: Option<u64>,
     agents: AgentCache,
     run_as: Option<UidRange>,
+    memory_dir: PathBuf,
 }
 
 const QBOOT: &[&str] = &["/usr/share/qemu/qboot.rom", "/usr/share/seabios/qboot.rom"];
@@ -87,7 +97,13 @@ impl QemuVmm {
             tsc_khz: host::tsc_khz(),
             agents: AgentCache::default(),
             run_as: cfg.run_as,
+            memory_dir: cfg.memory_dir,
         }
+    }
+
+    /// Machine `id`'s own guest RAM file.
+    fn ram_file(&self, id: &str) -> PathBuf {
+        self.memory_dir.join(format!("{id}.ram"))
     }
 
     pub fn accel(&self) -> &'static str {
@@ -99,9 +115,6 @@ impl QemuVmm {
     }
     fn disk(paths: &MachinePaths) -> PathBuf {
         paths.dir.join("disk.qcow2")
-    }
-    fn state_file(paths: &MachinePaths) -> PathBuf {
-        paths.snapshot_dir().join("mem.state")
     }
 
     /// The kernel command line: the measured fast-boot set, then Hyperfleet's.
@@ -136,7 +149,12 @@ impl QemuVmm {
             .firmware
             .as_ref()
             .ok_or_else(|| VmmError::unavailable(VmmKind::Qemu, NO_QBOOT))?;
-        let g = given.args(&Self::disk(p), &p.console_log(), self.accel.0);
+        let g = given.args(
+            &Self::disk(p),
+            &p.console_log(),
+            self.accel.0,
+            launch.spec.mem_size_mib,
+        );
         let mut a: Vec<String> = Vec::new();
         for fd in g.add_fds {
             a.extend(["-add-fd".into(), fd]);
@@ -147,7 +165,10 @@ impl QemuVmm {
             "-sandbox".into(),
             SANDBOX.into(),
             "-machine".into(),
-            "microvm,acpi=on".into(),
+            match g.memory {
+                Some(_) => "microvm,acpi=on,memory-backend=mem".into(),
+                None => "microvm,acpi=on".into(),
+            },
             "-bios".into(),
             firmware.display().to_string(),
             "-accel".into(),
@@ -163,7 +184,7 @@ impl QemuVmm {
             "none".into(),
             "-no-reboot".into(),
             "-m".into(),
-            launch.spec.mem_size_mib.to_string(),
+            format!("{}M", launch.spec.mem_size_mib),
             "-smp".into(),
             launch.spec.vcpu_count.to_string(),
             "-kernel".into(),
@@ -199,6 +220,9 @@ impl QemuVmm {
                 "-device".into(),
                 format!("virtio-net-device,netdev=net0,mac={}", n.mac),
             ]);
+        }
+        if let Some(memory) = g.memory {
+            a.extend(["-object".into(), memory]);
         }
         if let Some(incoming) = g.incoming {
             a.extend(["-incoming".into(), incoming]);
@@ -264,6 +288,86 @@ impl QemuVmm {
         }
     }
 
+    /// Starts loading the memory image a VMM spawned with `-incoming defer`
+    /// was given, with the capabilities it was saved with. Idempotent: a
+    /// load already under way or done (a daemon that restarted mid-restore)
+    /// is left alone.
+    async fn start_incoming(sock: &std::path::Path, vmm: &VmmIdentity) -> Result<(), VmmError> {
+        let mut q = loop {
+            match qmp::Qmp::connect(sock).await {
+                Ok(q) => break q,
+                Err(e) if process::probe(vmm) == Liveness::Gone => return Err(e),
+                Err(_) => tokio::time::sleep(Duration::from_millis(2)).await,
+            }
+        };
+        let st = q.execute("query-migrate", None).await?;
+        if st.get("status").is_some_and(|s| s != "none") {
+            return Ok(());
+        }
+        let status = q.execute("query-status", None).await?;
+        if status["status"] != "inmigrate" {
+            return Ok(());
+        }
+        set_capabilities(&mut q, true).await?;
+        q.execute(
+            "migrate-incoming",
+            Some(json!({"uri": handoff::incoming_uri()})),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// What kind of image saving this VMM makes: flat when its RAM is a
+    /// file of its own, a stream when its RAM is private, legacy for a VMM
+    /// an earlier release spawned (default RAM block).
+    async fn memory_kind(q: &mut qmp::Qmp) -> MemoryImage {
+        let share = q
+            .execute(
+                "qom-get",
+                Some(json!({"path": "/objects/mem", "property": "share"})),
+            )
+            .await;
+        match share {
+            Ok(v) if v == json!(true) => MemoryImage::Flat,
+            Ok(_) => MemoryImage::Stream,
+            Err(_) => MemoryImage::Legacy,
+        }
+    }
+
+    /// Saves the stopped VM into image directory `img` as an image of
+    /// `kind` ([`Self::memory_kind`]): the device state, and for a flat
+    /// image a copy of the RAM file's data (otherwise RAM is in the state
+    /// stream).
+    async fn save_image(
+        &self,
+        q: &mut qmp::Qmp,
+        launch: &LaunchSpec,
+        img: &ImageDir,
+        kind: MemoryImage,
+    ) -> Result<(), VmmError> {
+        tokio::fs::create_dir_all(&img.0)
+            .await
+            .map_err(|e| VmmError::host(format!("creating {}", img.0.display()), e))?;
+        // QEMU cannot open the path (it runs as the machine's uid, outside
+        // the data directory): it writes through a descriptor we pass it.
+        let file = handoff::create_state_file(&img.state_for(kind))?;
+        let set = q.add_fd(&file, "memory image").await?;
+        let saved = Self::migrate(q, set).await;
+        // A failed save leaves the VM running on; the next one must not
+        // find this descriptor in a set.
+        let removed = q.execute("remove-fd", Some(json!({"fdset-id": set}))).await;
+        saved?;
+        removed?;
+        if kind == MemoryImage::Flat {
+            let ram = self.ram_file(&launch.machine_id);
+            let dst = img.ram();
+            tokio::task::spawn_blocking(move || image::copy_sparse(&ram, &dst, 0o444))
+                .await
+                .map_err(|e| VmmError::host("copying guest RAM", std::io::Error::other(e)))??;
+        }
+        Ok(())
+    }
+
     /// Waits for an incoming migration (restore) to finish, then continues
     /// the vCPUs. Idempotent: a running VM is left alone.
     async fn finish_restore(
@@ -273,6 +377,12 @@ impl QemuVmm {
         deadline: tokio::time::Instant,
     ) -> Result<(), VmmError> {
         let sock = launch.paths.control_socket();
+        let deferred = launch
+            .restore_image()
+            .is_some_and(|(_, kind, _)| kind != MemoryImage::Legacy);
+        if deferred {
+            Self::start_incoming(&sock, vmm).await?;
+        }
         loop {
             if process::probe(vmm) == Liveness::Gone {
                 return Err(VmmError::Exited {
@@ -302,6 +412,26 @@ impl QemuVmm {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
+}
+
+/// The migration settings every save and restore uses: RAM that is a file
+/// of its own is not streamed (`x-ignore-shared`; a restore must set it
+/// too, as the stream says which blocks it skipped), and no bandwidth cap
+/// (the default one makes a save take ~7x longer). A VMM of an earlier
+/// release saves without `x-ignore-shared` (`ignore_shared` false), as its
+/// restore expects.
+async fn set_capabilities(q: &mut qmp::Qmp, ignore_shared: bool) -> Result<(), VmmError> {
+    q.execute(
+        "migrate-set-capabilities",
+        Some(json!({"capabilities": [{"capability": "x-ignore-shared", "state": ignore_shared}]})),
+    )
+    .await?;
+    q.execute(
+        "migrate-set-parameters",
+        Some(json!({"max-bandwidth": 64u64 << 30})),
+    )
+    .await?;
+    Ok(())
 }
 
 #[async_trait]
@@ -369,10 +499,15 @@ impl Vmm for QemuVmm {
 
     async fn prepare(&self, launch: &LaunchSpec) -> Result<(), VmmError> {
         let rootfs = self.images.rootfs(launch)?;
-        // A copy-on-write overlay: the set's rootfs stays read-only.
+        // A copy-on-write overlay: the set's rootfs (or the snapshot's
+        // frozen disk) stays read-only.
+        let (format, backing) = match launch.base.as_ref().and_then(|b| b.layers.first()) {
+            Some(top) => ("qcow2", top.clone()),
+            None => ("raw", rootfs),
+        };
         let mut cmd = tokio::process::Command::new("qemu-img");
-        cmd.args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-            .arg(&rootfs);
+        cmd.args(["create", "-q", "-f", "qcow2", "-F", format, "-b"])
+            .arg(&backing);
         super::make_disk_once(
             &Self::disk(&launch.paths),
             cmd,
@@ -387,17 +522,17 @@ impl Vmm for QemuVmm {
         })?;
         let set = self.images.for_image(launch.spec.image.as_deref())?;
         let asset = asset_err(VmmKind::Qemu);
+        if launch.restore && launch.restore_image().is_none() {
+            return Err(VmmError::host(
+                "restoring memory",
+                std::io::Error::new(std::io::ErrorKind::NotFound, "the memory image is missing"),
+            ));
+        }
         let (kernel, initrd, rootfs) = (
             set.kernel().map_err(&asset)?,
             set.initramfs().map_err(&asset)?,
             set.rootfs().map_err(&asset)?,
         );
-        if launch.restore && !Self::state_file(&launch.paths).exists() {
-            return Err(VmmError::host(
-                "restoring memory",
-                std::io::Error::new(std::io::ErrorKind::NotFound, "the suspend image is missing"),
-            ));
-        }
         self.agents.forget(&launch.machine_id);
         let given = self.open_handoff(launch, &kernel, &initrd, &rootfs)?;
         let argv = self.argv(launch, &set, &given.given)?;
@@ -487,41 +622,138 @@ impl Vmm for QemuVmm {
     }
 
     async fn save_state(&self, launch: &LaunchSpec) -> Result<(), VmmError> {
-        let dir = launch.paths.snapshot_dir();
-        tokio::fs::create_dir_all(&dir)
-            .await
-            .map_err(|e| VmmError::host(format!("creating {}", dir.display()), e))?;
-        let state = Self::state_file(&launch.paths);
-        // QEMU cannot open the path (it runs as the machine's uid, outside
-        // the data directory): it writes through a descriptor we pass it.
-        let file = handoff::create_state_file(&state)?;
+        let img = launch.paths.suspend_image();
+        // A save that died half-way left a partial image: it is not one.
+        for f in [img.state(), img.ram(), img.legacy_state()] {
+            remove_file_if_present(&f)?;
+        }
         let mut q = qmp::Qmp::connect(&launch.paths.control_socket()).await?;
-        // The default bandwidth cap makes a save take ~7x longer.
-        q.execute(
-            "migrate-set-parameters",
-            Some(json!({"max-bandwidth": 64u64 << 30})),
-        )
-        .await?;
+        let kind = Self::memory_kind(&mut q).await;
+        set_capabilities(&mut q, kind != MemoryImage::Legacy).await?;
         q.execute("stop", None).await?;
-        let set = q.add_fd(&file, "suspend image").await?;
-        let saved = Self::migrate(&mut q, set).await;
-        // A failed save leaves the VM running on; the next one must not
-        // find this descriptor in a set.
-        let removed = q.execute("remove-fd", Some(json!({"fdset-id": set}))).await;
-        saved?;
-        removed?;
+        self.save_image(&mut q, launch, &img, kind).await?;
         // The image must be on disk before the VMM is killed.
-        let file = tokio::fs::File::from_std(file);
-        file.sync_all()
+        let dir = img.0.clone();
+        tokio::task::spawn_blocking(move || image::sync_dir(&dir))
             .await
-            .map_err(|e| VmmError::host("syncing the memory image", e))?;
+            .map_err(|e| VmmError::host("syncing the memory image", std::io::Error::other(e)))??;
         self.agents.forget(&launch.machine_id);
         Ok(())
+    }
+
+    async fn snapshot(
+        &self,
+        launch: &LaunchSpec,
+        dest: &std::path::Path,
+        live: bool,
+    ) -> Result<SnapshotTaken, VmmError> {
+        let img = ImageDir(dest.to_path_buf());
+        let disk = Self::disk(&launch.paths);
+        let copy_disk = {
+            let (disk, dst) = (disk.clone(), img.disk());
+            move || image::copy_sparse(&disk, &dst, 0o444).map(drop)
+        };
+        let blocking = |e: tokio::task::JoinError| {
+            VmmError::host("copying a snapshot's files", std::io::Error::other(e))
+        };
+        let taken = if live {
+            let mut q = qmp::Qmp::connect(&launch.paths.control_socket()).await?;
+            let kind = Self::memory_kind(&mut q).await;
+            set_capabilities(&mut q, kind != MemoryImage::Legacy).await?;
+            let running = q.execute("query-status", None).await?["running"] == json!(true);
+            let t0 = std::time::Instant::now();
+            q.execute("stop", None).await?;
+            // Stopping flushed the disk: the overlay is consistent with the
+            // memory saved beside it.
+            let saved = self.save_image(&mut q, launch, &img, kind).await;
+            let copied = match saved {
+                Ok(_) => tokio::task::spawn_blocking(copy_disk)
+                    .await
+                    .map_err(blocking)
+                    .and_then(|r| r),
+                Err(e) => Err(e),
+            };
+            if running {
+                q.execute("cont", None).await?;
+            }
+            copied?;
+            SnapshotTaken {
+                memory: true,
+                pause: running.then(|| t0.elapsed()),
+                flattened: false,
+            }
+        } else {
+            let own = launch.paths.suspend_image();
+            let memory = match own.memory() {
+                Some(MemoryImage::Legacy) => {
+                    image::link_or_copy(&own.legacy_state(), &img.legacy_state())?;
+                    true
+                }
+                Some(MemoryImage::Flat) => {
+                    image::link_or_copy(&own.state(), &img.state())?;
+                    image::link_or_copy(&own.ram(), &img.ram())?;
+                    true
+                }
+                Some(MemoryImage::Stream) => {
+                    image::link_or_copy(&own.state(), &img.state())?;
+                    true
+                }
+                None => false,
+            };
+            tokio::task::spawn_blocking(copy_disk)
+                .await
+                .map_err(blocking)??;
+            SnapshotTaken {
+                memory,
+                pause: None,
+                flattened: false,
+            }
+        };
+        let depth = 1 + launch.base.as_ref().map_or(0, |b| b.layers.len());
+        let taken = if depth >= crate::lifecycle::snapshots::MAX_LAYERS {
+            // Deep chains are read slowly: this snapshot's disk takes in
+            // every layer under it and rests on the rootfs alone.
+            let rootfs = self.images.rootfs(launch)?;
+            let out = tokio::process::Command::new("qemu-img")
+                .args(["rebase", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+                .arg(&rootfs)
+                .arg(img.disk())
+                .output()
+                .await
+                .map_err(|e| VmmError::host("running qemu-img rebase", e))?;
+            if !out.status.success() {
+                return Err(VmmError::host(
+                    "flattening the snapshot's disk with qemu-img rebase",
+                    std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_string()),
+                ));
+            }
+            SnapshotTaken {
+                flattened: true,
+                ..taken
+            }
+        } else {
+            taken
+        };
+        let dir = img.0.clone();
+        tokio::task::spawn_blocking(move || image::sync_dir(&dir))
+            .await
+            .map_err(blocking)??;
+        Ok(taken)
+    }
+
+    async fn after_exit(&self, launch: &LaunchSpec) -> Result<(), VmmError> {
+        // The RAM of a VMM that is gone is garbage (a suspend copied it).
+        remove_file_if_present(&self.ram_file(&launch.machine_id))
+    }
+
+    fn remove_orphan(&self, id: &str) -> Result<(), VmmError> {
+        remove_file_if_present(&self.ram_file(id))
     }
 
     async fn release(&self, paths: &MachinePaths) -> Result<(), VmmError> {
         if let Some(id) = paths.dir.file_name().and_then(|n| n.to_str()) {
             self.agents.forget(id);
+            remove_file_if_present(&self.ram_file(id))?;
         }
         super::remove_dir_idempotent(&paths.dir).await
     }

@@ -1,0 +1,261 @@
+//! Snapshots, machines made from them, forks and templates with real QEMU
+//! guests: memory and disk carry over (a process started before the
+//! snapshot goes on running in every copy), each copy takes an identity of
+//! its own (address, MAC, hostname, machine id, boot id, RNG, clock), the
+//! source keeps running, and a snapshot deleted while in use keeps its
+//! files until its last user goes. Runs the daemon with networking on in a
+//! network namespace of its own (common/netns.rs). Needs root, QEMU and the
+//! guest assets (scripts/test.sh provides them; in CI nothing is skipped).
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::netns::NetNs;
+use common::{guest_assets, Daemon, Sandbox};
+use serde_json::{json, Value};
+
+fn start_daemon(sb: &Sandbox, assets: &std::path::Path, extra: &[&str]) -> Daemon {
+    let assets = assets.display().to_string();
+    let mut args = vec![
+        "--assets-dir",
+        assets.as_str(),
+        "--default-vmm",
+        "qemu",
+        "--boot-timeout",
+        "180",
+    ];
+    args.extend_from_slice(extra);
+    Daemon::start_with(sb, &[], &args)
+}
+
+/// A namespace with a default route (nothing answers behind it): enough
+/// for the daemon's machine networking, and gone with the test.
+fn network_namespace() -> NetNs {
+    let ns = NetNs::new("s");
+    for cmd in [
+        "ip link add hfdummy type dummy",
+        "ip addr add 10.251.0.1/24 dev hfdummy",
+        "ip link set hfdummy up",
+        "ip route add default via 10.251.0.2",
+    ] {
+        ns.exec(&cmd.split(' ').collect::<Vec<_>>());
+    }
+    ns
+}
+
+fn sh(d: &Daemon, id: &str, script: &str) -> String {
+    let r = d.call(
+        "POST",
+        &format!("/machines/{id}/exec"),
+        Some(json!({"command": ["sh", "-c", script]})),
+    );
+    assert_eq!(r.status, 200, "{script}: {}", r.body);
+    assert_eq!(r.body["exit_code"], 0, "{script}: {}", r.body);
+    r.body["stdout"].as_str().unwrap().to_string()
+}
+
+fn start(d: &Daemon, name: &str) -> Value {
+    let r = d.call("POST", &format!("/machines/{name}/start?timeout=300"), None);
+    assert_eq!(r.body["status"], "running", "{}\n{}", r.body, d.log());
+    r.body
+}
+
+fn events(d: &Daemon, name: &str) -> String {
+    d.call("GET", &format!("/machines/{name}/events"), None)
+        .body
+        .to_string()
+}
+
+/// What a guest says about itself: the things that must differ per copy.
+fn identity(d: &Daemon, id: &str) -> Vec<String> {
+    let out = sh(
+        d,
+        id,
+        "ip -4 -o addr show eth0 | awk '{print $4}'; cat /sys/class/net/eth0/address; hostname; \
+         cat /etc/machine-id; cat /proc/sys/kernel/random/boot_id; \
+         head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo",
+    );
+    out.lines().map(str::to_string).collect()
+}
+
+fn guest_clock_skew(d: &Daemon, id: &str) -> f64 {
+    let guest: f64 = sh(d, id, "date +%s").trim().parse().unwrap();
+    let host = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    (guest - host).abs()
+}
+
+#[test]
+fn snapshots_and_forks_carry_memory_and_disk_and_give_each_copy_its_own_identity() {
+    let Some(assets) = guest_assets() else { return };
+    let ns = network_namespace();
+    ns.enter();
+    let sb = Sandbox::new();
+    let d = start_daemon(&sb, &assets, &["--network", "on", "--dns", "10.251.0.2"]);
+    let src = d.create(json!({"name": "src", "mem_size_mib": 256}));
+    let src_id = src["id"].as_str().unwrap().to_string();
+    start(&d, "src");
+
+    // A file on disk, and a process whose only copy of the marker is in
+    // memory (its environment).
+    let marker = format!("mk{}", std::process::id());
+    sh(&d, &src_id, &format!("echo {marker} > /root/on-disk"));
+    sh(
+        &d,
+        &src_id,
+        &format!("MARKER={marker} setsid sleep 100000 </dev/null >/dev/null 2>&1 &"),
+    );
+    let holder = format!("for p in $(pidof sleep); do tr '\\0' '\\n' < /proc/$p/environ; done");
+    assert!(sh(&d, &src_id, &holder).contains(&marker));
+
+    // A snapshot of the running machine: it keeps running.
+    let r = d.call(
+        "POST",
+        "/machines/src/snapshots?timeout=300",
+        Some(json!({"name": "snap1"})),
+    );
+    assert_eq!(r.status, 201, "{}\n{}", r.body, d.log());
+    assert_eq!(r.body["status"], "ready");
+    assert_eq!(r.body["memory"], true);
+    assert!(r.body["pause_ms"].as_f64().is_some(), "{}", r.body);
+    let snap_id = r.body["id"].as_str().unwrap().to_string();
+    let r = d.call("GET", "/machines/src", None);
+    assert_eq!(r.body["status"], "running");
+    assert!(events(&d, "src").contains("take_snapshot"));
+    // Names are unique per tenant.
+    let r = d.call(
+        "POST",
+        "/machines/src/snapshots",
+        Some(json!({"name": "snap1"})),
+    );
+    assert_eq!(r.status, 409, "{}", r.body);
+
+    // Two machines from it: both see the file and the process.
+    let mut copies = Vec::new();
+    for name in ["from-a", "from-b"] {
+        let m = d.create(json!({"name": name, "snapshot_id": "snap1"}));
+        assert_eq!(m["snapshot_id"], snap_id.as_str());
+        assert_eq!(m["mem_size_mib"], 256);
+        start(&d, name);
+        let id = m["id"].as_str().unwrap().to_string();
+        assert_eq!(sh(&d, &id, "cat /root/on-disk").trim(), marker);
+        assert!(
+            sh(&d, &id, &holder).contains(&marker),
+            "the process lives on"
+        );
+        let ev = events(&d, name);
+        assert!(
+            ev.contains(&format!("restore of snapshot {snap_id}")),
+            "{ev}"
+        );
+        copies.push(id);
+    }
+    // Sizes must match a snapshot with memory.
+    let r = d.call(
+        "POST",
+        "/machines",
+        Some(json!({"snapshot_id": "snap1", "mem_size_mib": 512})),
+    );
+    assert_eq!(r.status, 400, "{}", r.body);
+
+    // Fork: three running copies of the running source.
+    let r = d.call(
+        "POST",
+        "/machines/src/fork?timeout=300",
+        Some(json!({"count": 3})),
+    );
+    assert_eq!(r.status, 201, "{}\n{}", r.body, d.log());
+    let forks: Vec<String> = r.body["machines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            assert_eq!(m["status"], "running", "{m}");
+            m["id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(forks.len(), 3);
+    let pause = r.body["pause_ms"].as_f64().unwrap();
+    assert!(pause < 5000.0, "the source paused {pause} ms");
+    let r = d.call("GET", "/machines/src", None);
+    assert_eq!(r.body["status"], "running", "the source keeps running");
+    assert!(sh(&d, &src_id, &holder).contains(&marker));
+
+    let mut ids = vec![identity(&d, &src_id)];
+    for id in forks.iter().chain(&copies) {
+        assert!(
+            sh(&d, id, &holder).contains(&marker),
+            "{id}: the process lives on"
+        );
+        assert!(
+            guest_clock_skew(&d, id) <= 1.5,
+            "{id}: the clock follows the host"
+        );
+        ids.push(identity(&d, id));
+    }
+    // Each line (IP, MAC, hostname, machine id, boot id, random bytes)
+    // differs between every two machines.
+    for field in 0..6 {
+        let values: HashSet<&String> = ids.iter().map(|i| &i[field]).collect();
+        assert_eq!(values.len(), ids.len(), "field {field} repeats: {ids:?}");
+    }
+    // The copy's hostname is its own name, and its address its lease.
+    let fork0 = d.call("GET", &format!("/machines/{}", forks[0]), None).body;
+    assert_eq!(
+        ids[1][0].split('/').next().unwrap(),
+        fork0["network"]["ip"].as_str().unwrap()
+    );
+    assert_eq!(ids[1][2], fork0["name"].as_str().unwrap());
+
+    // Deleting a snapshot in use defers its files.
+    let snap_dir = sb.path().join("snapshots").join(&snap_id);
+    let r = d.call("DELETE", "/snapshots/snap1", None);
+    assert_eq!(r.status, 204, "{}", r.body);
+    let r = d.call("GET", &format!("/snapshots/{snap_id}"), None);
+    assert_eq!(r.body["status"], "deleting", "{}", r.body);
+    assert!(snap_dir.is_dir(), "kept while machines use it");
+    let r = d.call("GET", "/snapshots", None);
+    assert_eq!(r.body["snapshots"].as_array().unwrap().len(), 0);
+    // The copies still work.
+    assert_eq!(sh(&d, &copies[0], "echo ok"), "ok\n");
+    for id in copies.iter().chain(&forks) {
+        let r = d.call("DELETE", &format!("/machines/{id}?force=true"), None);
+        assert_eq!(r.status, 204, "{}", r.body);
+    }
+    assert!(!snap_dir.exists(), "gone with its last user");
+    let left: Vec<_> = std::fs::read_dir(sb.path().join("snapshots"))
+        .unwrap()
+        .collect();
+    assert!(left.is_empty(), "the fork's snapshot went too: {left:?}");
+
+    // A stopped machine's snapshot holds its disk only.
+    let r = d.call("POST", "/machines/src/stop?timeout=120", None);
+    assert_eq!(r.body["status"], "stopped", "{}", r.body);
+    let r = d.call("POST", "/machines/src/snapshots?timeout=120", None);
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.body["memory"], false);
+    let m = d.create(json!({"name": "cold", "snapshot_id": r.body["id"]}));
+    start(&d, "cold");
+    let id = m["id"].as_str().unwrap();
+    assert_eq!(sh(&d, id, "cat /root/on-disk").trim(), marker);
+    assert!(events(&d, "cold").contains(", boot"));
+    let r = d.call("DELETE", "/machines/cold?force=true", None);
+    assert_eq!(r.status, 204);
+    let r = d.call("DELETE", "/machines/src?force=true", None);
+    assert_eq!(r.status, 204);
+    let mem_files: Vec<_> = std::fs::read_dir(sb.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    drop(mem_files);
+    assert!(
+        common::qemu_pids(&sb.path().display().to_string()).is_empty(),
+        "no QEMU left"
+    );
+    let _ = Duration::ZERO;
+}

@@ -23,6 +23,8 @@ pub const MAX_ENTROPY: usize = 512;
 pub const DEFAULT_ENTROPY: usize = 64;
 /// Most DNS servers one request may set.
 pub const MAX_DNS: usize = 8;
+/// Earliest clock a request may set (2020-01-01T00:00:00Z): an earlier one is a host bug.
+pub const MIN_CLOCK_UNIX_NS: u64 = 1_577_836_800_000_000_000;
 
 /// Host → agent: what to renew. Every part is optional; the agent does the given parts in a
 /// fixed order (clock, entropy, sessions, MAC, address, route, DNS, hostname, machine id, boot
@@ -172,6 +174,13 @@ impl RefreshRequest {
 
     /// Checks every field; the message names the first bad one.
     pub fn validate(&self) -> Result<(), String> {
+        if let Some(ns) = self.clock_unix_ns {
+            if ns < MIN_CLOCK_UNIX_NS {
+                return Err(format!(
+                    "clock {ns} ns since the epoch is before 2020; the host clock is wrong"
+                ));
+            }
+        }
         if self.entropy.len() > MAX_ENTROPY {
             return Err(format!(
                 "{} entropy bytes given, at most {MAX_ENTROPY} allowed",
@@ -569,6 +578,9 @@ mod tests {
     fn validation() {
         full().validate().unwrap();
         RefreshRequest::default().validate().unwrap();
+        let mut r = full();
+        r.clock_unix_ns = Some(MIN_CLOCK_UNIX_NS - 1);
+        assert!(r.validate().unwrap_err().contains("before 2020"));
         let with = |f: &dyn Fn(&mut RefreshRequest)| {
             let mut r = full();
             f(&mut r);

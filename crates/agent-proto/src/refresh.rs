@@ -29,8 +29,8 @@ pub const MIN_CLOCK_UNIX_NS: u64 = 1_577_836_800_000_000_000;
 /// Host → agent: what to renew. Every part is optional; the agent does the given parts in a
 /// fixed order (clock, entropy, sessions, MAC, address, route, DNS, hostname, machine id, boot
 /// id), goes on after a failed part, and reports each part. Sending the same request twice
-/// is harmless.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// is harmless. `Debug` shows the entropy's length, never its bytes (requests get logged).
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RefreshRequest {
     /// The host's wall clock (nanoseconds since the Unix epoch), taken just before sending;
     /// the guest sets `CLOCK_REALTIME` to it.
@@ -56,6 +56,20 @@ pub struct RefreshRequest {
     /// New boot id (a lowercase UUID) shown at `/proc/sys/kernel/random/boot_id`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub boot_id: Option<String>,
+}
+
+impl fmt::Debug for RefreshRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RefreshRequest")
+            .field("clock_unix_ns", &self.clock_unix_ns)
+            .field("entropy", &format_args!("<{} bytes>", self.entropy.len()))
+            .field("drop_sessions", &self.drop_sessions)
+            .field("network", &self.network)
+            .field("hostname", &self.hostname)
+            .field("machine_id", &self.machine_id)
+            .field("boot_id", &self.boot_id)
+            .finish()
+    }
 }
 
 /// The new network configuration of one interface.
@@ -553,6 +567,10 @@ mod tests {
         let n: NetworkIdentity =
             serde_json::from_value(json!({"address":"10.1.1.1","prefix_len":30})).unwrap();
         assert_eq!(n, NetworkIdentity::new(Ipv4Addr::new(10, 1, 1, 1), 30));
+        // Logs never show the entropy.
+        let shown = format!("{:?}", Request::Refresh(full()));
+        assert!(shown.contains("entropy: <4 bytes>"), "{shown}");
+        assert!(!shown.contains("171"), "{shown}");
     }
 
     #[test]

@@ -21,7 +21,7 @@ use hyperfleet_agent_proto::{
 };
 
 use crate::session::Services;
-use crate::{info, warn};
+use crate::{debug, info, warn};
 
 /// The file bind-mounted over [`PROC_BOOT_ID`]; `/run` is a tmpfs, so it goes with the boot.
 pub(crate) const BOOT_ID_FILE: &str = "/run/hyperfleet/boot_id";
@@ -56,8 +56,12 @@ pub(super) async fn refresh(req: RefreshRequest, svc: &Services) -> Result<Reply
             Ok(d) => (None, d),
             Err(e) => (Some(e), String::new()),
         };
-        if let Some(e) = &error {
-            warn!("refresh: {step}: {e}");
+        match &error {
+            Some(e) => warn!("refresh: {step}: {e}"),
+            None => debug!(
+                "refresh: {step} done at {} ms: {detail}",
+                received.elapsed().as_millis()
+            ),
         }
         report.steps.push(RefreshStep {
             step,

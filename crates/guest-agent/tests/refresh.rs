@@ -30,6 +30,7 @@ ip link set eth0 address 52:54:00:00:00:01 up
 ip route add default via 10.9.0.1
 hostname old-host
 mount --bind "$HF_ETC" /etc
+if [ -n "$HF_ETC_RO" ]; then mount -o remount,bind,ro /etc; fi
 mount -t tmpfs hf-run /run
 exec "$HF_AGENT" --listen "unix:$HF_SOCK" --log-level "$HF_LOG_LEVEL"
 "#;
@@ -58,7 +59,8 @@ struct NsAgent {
 }
 
 impl NsAgent {
-    fn start() -> NsAgent {
+    /// With `etc_read_only`, `/etc` is a read-only mount, like a guest with `hf.rootro=1`.
+    fn start(etc_read_only: bool) -> NsAgent {
         let dir = tempfile::tempdir().unwrap();
         let etc = dir.path().join("etc");
         std::fs::create_dir(&etc).unwrap();
@@ -77,6 +79,7 @@ impl NsAgent {
             .env("HF_SOCK", &sock)
             .env("HF_AGENT", &*AGENT)
             .env("HF_LOG_LEVEL", log_level())
+            .env("HF_ETC_RO", if etc_read_only { "1" } else { "" })
             .stdin(Stdio::null())
             .spawn()
             .expect("spawn unshare");
@@ -147,7 +150,7 @@ async fn refresh_in_namespaces() {
         eprintln!("SKIPPED refresh_in_namespaces: {why}");
         return;
     }
-    let agent = NsAgent::start();
+    let agent = NsAgent::start(false);
     let c = agent.client().await;
     let before = c.agent_info().clone();
     assert_eq!(before.hostname, "old-host");
@@ -284,4 +287,46 @@ async fn refresh_in_namespaces() {
         .unwrap();
     assert_eq!(kinds(&r), [K::Address, K::Route]);
     assert_eq!(code(&r, K::Address), Some(ErrorCode::NotFound));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_with_a_read_only_etc() {
+    if let Err(why) = namespaces_usable() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "MISSING: {why}; CI must not skip"
+        );
+        eprintln!("SKIPPED refresh_with_a_read_only_etc: {why}");
+        return;
+    }
+    let agent = NsAgent::start(true);
+    let c = agent.client().await;
+    assert!(sh(&c, "touch /etc/x 2>&1 || true")
+        .await
+        .contains("Read-only"));
+    let id = hyperfleet_agent_proto::random_machine_id().unwrap();
+    let req = RefreshRequest::default()
+        .hostname("ro-1")
+        .machine_id(id.clone());
+    let r = c.refresh(req).await.unwrap();
+    assert!(r.is_ok(), "{r:#?}");
+    let detail = &r.step(K::Hostname).unwrap().detail;
+    assert!(detail.contains("read-only"), "{detail}");
+    assert_eq!(sh(&c, "uname -n").await, "ro-1\n");
+    // The id shows through a bind mount; the read-only file underneath is unchanged.
+    assert_eq!(sh(&c, "cat /etc/machine-id").await, format!("{id}\n"));
+    assert_eq!(
+        agent.etc("machine-id"),
+        "11111111111111111111111111111111\n"
+    );
+    // A second id goes through the same mount.
+    let id2 = hyperfleet_agent_proto::random_machine_id().unwrap();
+    let r = c
+        .refresh(RefreshRequest::default().machine_id(id2.clone()))
+        .await
+        .unwrap();
+    assert!(r.is_ok(), "{r:#?}");
+    assert_eq!(sh(&c, "cat /etc/machine-id").await, format!("{id2}\n"));
+    let mounts = sh(&c, "grep -c ' /etc/machine-id ' /proc/self/mountinfo").await;
+    assert_eq!(mounts.trim(), "1");
 }

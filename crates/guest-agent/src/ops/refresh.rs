@@ -4,7 +4,8 @@
 //! Parts run in a fixed order, each reported on its own, and a failed part does not stop the
 //! next: clock (`clock_settime`), entropy (`RNDADDENTROPY` credited, then `RNDRESEEDCRNG`, so
 //! two clones' `/dev/urandom` differ at once), running exec sessions (killed and reaped), the
-//! network ([`crate::net::renew`]), hostname, `/etc/machine-id`, and the boot id. The
+//! network ([`crate::net::renew`]), hostname, `/etc/machine-id` (on a read-only root, a file
+//! under `/run` bind-mounted over it, as systemd does), and the boot id. The
 //! kernel's `/proc/sys/kernel/random/boot_id` cannot be written, so the agent writes the new
 //! id to [`BOOT_ID_FILE`] and bind-mounts that file over it (once; later refreshes rewrite the
 //! same file in place, so the mount keeps showing it). Every part is idempotent; refreshes
@@ -25,6 +26,8 @@ use crate::{debug, info, warn};
 
 /// The file bind-mounted over [`PROC_BOOT_ID`]; `/run` is a tmpfs, so it goes with the boot.
 pub(crate) const BOOT_ID_FILE: &str = "/run/hyperfleet/boot_id";
+/// The file bind-mounted over [`MACHINE_ID`] when the root file system is read-only.
+const MACHINE_ID_FILE: &str = "/run/hyperfleet/machine-id";
 const PROC_BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
 const MACHINE_ID: &str = "/etc/machine-id";
 const HOSTNAME_FILE: &str = "/etc/hostname";
@@ -106,9 +109,7 @@ pub(super) async fn refresh(req: RefreshRequest, svc: &Services) -> Result<Reply
         push(&mut report, RefreshStepKind::Hostname, r);
     }
     if let Some(m) = &req.machine_id {
-        let r = write_id_file(Path::new(MACHINE_ID), m)
-            .map(|()| format!("{MACHINE_ID} is {m}"))
-            .map_err(|e| RemoteError::io(MACHINE_ID, &e));
+        let r = set_machine_id(m);
         push(&mut report, RefreshStepKind::MachineId, r);
     }
     if let Some(b) = &req.boot_id {
@@ -208,6 +209,9 @@ fn set_hostname(new: &str) -> Result<String, RemoteError> {
     if Path::new("/etc").is_dir() {
         match std::fs::write(HOSTNAME_FILE, format!("{new}\n")) {
             Ok(()) => done.push(format!("{HOSTNAME_FILE} written")),
+            Err(e) if read_only(&e) => done.push(format!(
+                "{HOSTNAME_FILE} left alone (read-only file system)"
+            )),
             Err(e) => {
                 first_err.get_or_insert(RemoteError::io(HOSTNAME_FILE, &e));
             }
@@ -218,6 +222,9 @@ fn set_hostname(new: &str) -> Result<String, RemoteError> {
             if let Some(updated) = rewrite_hosts(&text, &old, new) {
                 match std::fs::write(HOSTS_FILE, updated) {
                     Ok(()) => done.push(format!("{HOSTS_FILE} updated")),
+                    Err(e) if read_only(&e) => {
+                        done.push(format!("{HOSTS_FILE} left alone (read-only file system)"))
+                    }
                     Err(e) => {
                         first_err.get_or_insert(RemoteError::io(HOSTS_FILE, &e));
                     }
@@ -293,16 +300,49 @@ fn write_id_file(path: &Path, id: &str) -> io::Result<()> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o444))
 }
 
-/// Makes `/proc/sys/kernel/random/boot_id` read `id`.
+fn read_only(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::EROFS)
+}
+
+/// Writes `/etc/machine-id`; on a read-only root file system, shows a file under `/run` there
+/// instead (like systemd does), which later refreshes write through.
+fn set_machine_id(id: &str) -> Result<String, RemoteError> {
+    match write_id_file(Path::new(MACHINE_ID), id) {
+        Ok(()) => Ok(format!("{MACHINE_ID} is {id}")),
+        Err(e) if read_only(&e) && Path::new(MACHINE_ID).exists() => {
+            show_over(MACHINE_ID_FILE, MACHINE_ID, id, false)?;
+            Ok(format!(
+                "{MACHINE_ID} is {id} ({MACHINE_ID_FILE} bind-mounted over it: read-only file system)"
+            ))
+        }
+        Err(e) => Err(RemoteError::io(MACHINE_ID, &e)),
+    }
+}
+
+/// Makes `/proc/sys/kernel/random/boot_id`, which the kernel does not let anyone write, read
+/// `id`.
 fn set_boot_id(id: &str) -> Result<String, RemoteError> {
-    let file = Path::new(BOOT_ID_FILE);
+    if show_over(BOOT_ID_FILE, PROC_BOOT_ID, id, true)? {
+        Ok(format!(
+            "{BOOT_ID_FILE} bind-mounted on {PROC_BOOT_ID}, which reads {id}"
+        ))
+    } else {
+        Ok(format!("{PROC_BOOT_ID} reads {id}"))
+    }
+}
+
+/// Makes `target` read `id` and a newline: writes them to `src` (under `/run`) and, unless
+/// `target` already shows that file, bind-mounts `src` over `target` (read-only with
+/// `read_only`). Returns whether it mounted. `src` is rewritten in place, never replaced: a
+/// bind mount shows the inode it was made with, so a second call reuses the first mount.
+fn show_over(src: &str, target: &str, id: &str, read_only: bool) -> Result<bool, RemoteError> {
+    let file = Path::new(src);
     if let Some(dir) = file.parent() {
         std::fs::create_dir_all(dir)
             .map_err(|e| RemoteError::io(&dir.display().to_string(), &e))?;
     }
-    // Rewritten in place, never replaced: a bind mount shows the inode it was made with.
     let line = format!("{id}\n");
-    let f = std::fs::OpenOptions::new()
+    std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(false)
@@ -310,38 +350,30 @@ fn set_boot_id(id: &str) -> Result<String, RemoteError> {
         .and_then(|f| {
             f.write_all_at(line.as_bytes(), 0)?;
             f.set_len(line.len() as u64)?;
-            f.set_permissions(std::fs::Permissions::from_mode(0o444))?;
-            Ok(f)
+            f.set_permissions(std::fs::Permissions::from_mode(0o444))
         })
-        .map_err(|e| RemoteError::io(BOOT_ID_FILE, &e))?;
-    drop(f);
+        .map_err(|e| RemoteError::io(src, &e))?;
     let shows = || {
-        std::fs::read_to_string(PROC_BOOT_ID)
+        std::fs::read_to_string(target)
             .map(|s| s.trim() == id)
             .unwrap_or(false)
     };
     if shows() {
-        return Ok(format!("{PROC_BOOT_ID} reads {id}"));
+        return Ok(false);
     }
-    bind_mount(BOOT_ID_FILE, PROC_BOOT_ID).map_err(|e| {
-        RemoteError::io(
-            &format!("bind-mounting {BOOT_ID_FILE} on {PROC_BOOT_ID}"),
-            &e,
-        )
-    })?;
+    bind_mount(src, target, read_only)
+        .map_err(|e| RemoteError::io(&format!("bind-mounting {src} on {target}"), &e))?;
     if !shows() {
         return Err(RemoteError::new(
             ErrorCode::Io,
-            format!("{PROC_BOOT_ID} does not read the new boot id after the bind mount"),
+            format!("{target} does not read the new id after the bind mount"),
         ));
     }
-    Ok(format!(
-        "{BOOT_ID_FILE} bind-mounted on {PROC_BOOT_ID}, which reads {id}"
-    ))
+    Ok(true)
 }
 
-/// `mount --bind src target`, then (best effort) read-only like the file it covers.
-fn bind_mount(src: &str, target: &str) -> io::Result<()> {
+/// `mount --bind src target`, then with `read_only` (best effort) a read-only remount.
+fn bind_mount(src: &str, target: &str, read_only: bool) -> io::Result<()> {
     let c = |s: &str| {
         std::ffi::CString::new(s)
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))
@@ -360,6 +392,9 @@ fn bind_mount(src: &str, target: &str) -> io::Result<()> {
     };
     if rc != 0 {
         return Err(io::Error::last_os_error());
+    }
+    if !read_only {
+        return Ok(());
     }
     // SAFETY: as above; a remount names only the target.
     let rc = unsafe {

@@ -322,6 +322,25 @@ async fn switch_root_to_a_disk_in_a_qemu_guest() {
     }
     // The initramfs is gone from view: its marker file is not on the disk.
     assert!(c.stat("/.hf-initramfs").await.unwrap_err().is_not_found());
+    // A refresh on a disk root: files on the disk, the boot id mount, then a clean power-off.
+    let boot_id = hyperfleet_agent_proto::random_boot_id().unwrap();
+    let machine_id = hyperfleet_agent_proto::random_machine_id().unwrap();
+    let r = c
+        .refresh(
+            RefreshRequest::new_machine()
+                .unwrap()
+                .hostname("disk1")
+                .machine_id(machine_id.clone())
+                .boot_id(boot_id.clone()),
+        )
+        .await
+        .unwrap();
+    assert!(r.is_ok(), "{r:#?}");
+    assert_eq!(r.boot_id.as_deref(), Some(boot_id.as_str()));
+    assert_eq!(
+        guest_sh(&c, "cat /etc/machine-id /etc/hostname").await,
+        format!("{machine_id}\ndisk1\n")
+    );
     c.write_file(
         "/root/written",
         WriteOptions {
@@ -341,6 +360,17 @@ async fn switch_root_to_a_disk_in_a_qemu_guest() {
             o.status.success(),
             "e2fsck: {}",
             String::from_utf8_lossy(&o.stdout)
+        );
+    }
+    // The refreshed identity was written to the disk.
+    let cat = Command::new("debugfs")
+        .args(["-R", "cat /etc/machine-id"])
+        .arg(&disk)
+        .output();
+    if let Ok(o) = cat {
+        assert_eq!(
+            String::from_utf8_lossy(&o.stdout),
+            format!("{machine_id}\n")
         );
     }
 }

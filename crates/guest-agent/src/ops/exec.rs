@@ -69,9 +69,14 @@ impl ExecTable {
     }
 
     fn register(self: &Arc<Self>) -> ExecEntry {
-        let seq = self.next.fetch_add(1, Ordering::SeqCst);
         let (tx, rx) = watch::channel(false);
-        self.lock().insert(seq, tx);
+        // Numbered and listed under one lock, so `drop_all` never sees a number unlisted.
+        let seq = {
+            let mut live = self.lock();
+            let seq = self.next.fetch_add(1, Ordering::SeqCst);
+            live.insert(seq, tx);
+            seq
+        };
         ExecEntry {
             table: self.clone(),
             seq,
@@ -83,9 +88,9 @@ impl ExecTable {
     /// `max` until they have answered (their processes reaped). Returns how many were running
     /// and how many had not ended in time.
     pub(crate) async fn drop_all(&self, max: Duration) -> (usize, usize) {
-        let mark = self.next.load(Ordering::SeqCst);
         let victims: Vec<u64> = {
             let live = self.lock();
+            let mark = self.next.load(Ordering::SeqCst);
             let v: Vec<u64> = live.keys().copied().filter(|s| *s < mark).collect();
             for s in &v {
                 if let Some(tx) = live.get(s) {

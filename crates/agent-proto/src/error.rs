@@ -49,6 +49,12 @@ pub enum Error {
     Source(#[source] io::Error),
     #[error("the request is invalid: {0}")]
     InvalidRequest(String),
+    #[error("the agent speaks protocol version {negotiated}; {what} needs version {needed}")]
+    AgentTooOld {
+        what: &'static str,
+        needed: u32,
+        negotiated: u32,
+    },
     #[error("connecting to the hybrid vsock socket {path} failed")]
     VsockConnect {
         path: PathBuf,
@@ -65,6 +71,7 @@ impl Error {
         match self {
             Error::Remote(e) => Some(e.code),
             Error::Cancelled => Some(ErrorCode::Cancelled),
+            Error::AgentTooOld { .. } => Some(ErrorCode::Unsupported),
             _ => None,
         }
     }

@@ -5,6 +5,8 @@
 //!
 //! - [`frame`]: the byte layout of frames, the resync marker and the incremental decoder;
 //! - [`messages`]: the JSON schemas of control messages and the protocol version;
+//! - [`refresh`]: the messages of `refresh` (a new guest identity after a restore) and their
+//!   validation;
 //! - [`client`]: the async host-side client ([`AgentClient`]) that multiplexes many
 //!   operations over one connection with per-stream flow control;
 //! - [`writer`]: writing queued frames to a stream (both ends use it);
@@ -19,6 +21,7 @@ pub mod client;
 pub mod error;
 pub mod frame;
 pub mod messages;
+pub mod refresh;
 pub mod vsock;
 pub mod writer;
 
@@ -32,4 +35,5 @@ pub use frame::{
     MAX_PAYLOAD, SYNC,
 };
 pub use messages::*;
+pub use refresh::*;
 pub use vsock::hybrid_vsock_connect;

@@ -10,8 +10,10 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-/// Highest protocol version this crate speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+use crate::refresh::{RefreshReport, RefreshRequest};
+
+/// Highest protocol version this crate speaks (2 added `refresh`).
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Lowest protocol version this crate speaks.
 pub const MIN_PROTOCOL_VERSION: u32 = 1;
 
@@ -80,6 +82,8 @@ pub enum Request {
     Remove(RemoveRequest),
     Mkdir(MkdirRequest),
     Power(PowerRequest),
+    /// Since protocol version 2.
+    Refresh(RefreshRequest),
 }
 
 /// Run a process. `argv[0]` is looked up in `PATH` (the request's `PATH` if it sets one).
@@ -264,6 +268,7 @@ pub enum Reply {
     Removed,
     Created,
     Power,
+    Refreshed(RefreshReport),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

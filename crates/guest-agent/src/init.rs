@@ -296,11 +296,19 @@ fn finit_module(path: &Path) -> io::Result<()> {
 }
 
 pub(crate) fn set_hostname(name: &str) {
+    if let Err(e) = sethostname(name) {
+        warn!("sethostname({name}): {e}");
+    }
+}
+
+/// `sethostname(2)` (also used by a `refresh`).
+pub(crate) fn sethostname(name: &str) -> io::Result<()> {
     // SAFETY: sethostname reads exactly name.len() bytes from a valid slice.
     let rc = unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) };
     if rc != 0 {
-        warn!("sethostname({name}): {}", io::Error::last_os_error());
+        return Err(io::Error::last_os_error());
     }
+    Ok(())
 }
 
 /// Mounts `cfg.root` and makes it the root filesystem (like busybox `switch_root`, but the

@@ -230,6 +230,8 @@ async fn run(mode: Mode, cfg: Config, pid1: bool) -> i32 {
         reaper,
         power: power_tx.clone(),
         pid1,
+        execs: ops::exec::ExecTable::new(),
+        refresh_lock: tokio::sync::Mutex::new(()),
     });
     if pid1 {
         init::watch_power_button(power_tx.clone());

@@ -31,11 +31,14 @@ use crate::{debug, info, warn};
 /// (and would overflow the semaphore).
 const MAX_CREDIT: usize = 1 << 30;
 
-/// What sessions share: the process reaper and the power-request channel to `main`.
+/// What sessions share: the process reaper, the power-request channel to `main`, the running
+/// exec operations of every session, and the lock that runs refreshes one at a time.
 pub(crate) struct Services {
     pub reaper: Arc<Reaper>,
     pub power: mpsc::UnboundedSender<PowerAction>,
     pub pid1: bool,
+    pub execs: Arc<crate::ops::exec::ExecTable>,
+    pub refresh_lock: tokio::sync::Mutex<()>,
 }
 
 /// Why a session ended.

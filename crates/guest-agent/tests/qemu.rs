@@ -12,7 +12,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use hyperfleet_agent_proto::{AgentClient, ConnectOptions, ExecRequest, WriteOptions};
+use hyperfleet_agent_proto::{
+    AgentClient, ConnectOptions, ExecRequest, NetworkIdentity, RefreshRequest, WriteOptions,
+};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 use tokio::net::UnixStream;
@@ -320,6 +322,25 @@ async fn switch_root_to_a_disk_in_a_qemu_guest() {
     }
     // The initramfs is gone from view: its marker file is not on the disk.
     assert!(c.stat("/.hf-initramfs").await.unwrap_err().is_not_found());
+    // A refresh on a disk root: files on the disk, the boot id mount, then a clean power-off.
+    let boot_id = hyperfleet_agent_proto::random_boot_id().unwrap();
+    let machine_id = hyperfleet_agent_proto::random_machine_id().unwrap();
+    let r = c
+        .refresh(
+            RefreshRequest::new_machine()
+                .unwrap()
+                .hostname("disk1")
+                .machine_id(machine_id.clone())
+                .boot_id(boot_id.clone()),
+        )
+        .await
+        .unwrap();
+    assert!(r.is_ok(), "{r:#?}");
+    assert_eq!(r.boot_id.as_deref(), Some(boot_id.as_str()));
+    assert_eq!(
+        guest_sh(&c, "cat /etc/machine-id /etc/hostname").await,
+        format!("{machine_id}\ndisk1\n")
+    );
     c.write_file(
         "/root/written",
         WriteOptions {
@@ -341,4 +362,176 @@ async fn switch_root_to_a_disk_in_a_qemu_guest() {
             String::from_utf8_lossy(&o.stdout)
         );
     }
+    // The refreshed identity was written to the disk.
+    let cat = Command::new("debugfs")
+        .args(["-R", "cat /etc/machine-id"])
+        .arg(&disk)
+        .output();
+    if let Ok(o) = cat {
+        assert_eq!(
+            String::from_utf8_lossy(&o.stdout),
+            format!("{machine_id}\n")
+        );
+    }
+}
+
+async fn guest_sh(c: &AgentClient, script: &str) -> String {
+    let out = c
+        .exec_collect(ExecRequest::new(["sh", "-c", script]), 1 << 16)
+        .await
+        .unwrap();
+    assert_eq!(
+        out.exit_code,
+        Some(0),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn host_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// The guest's wall clock minus the host's, in milliseconds: the modification time of a file
+/// the guest writes now, against the middle of the host's round trip.
+async fn clock_offset_ms(c: &AgentClient) -> i64 {
+    let t0 = host_ms();
+    c.write_file("/tmp/clock-probe", WriteOptions::default(), &b"x"[..])
+        .await
+        .unwrap();
+    let t1 = host_ms();
+    let st = c.stat("/tmp/clock-probe").await.unwrap();
+    st.mtime_ms - (t0 + t1) / 2
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_in_a_qemu_guest() {
+    let (Some(guest), Some(_)) = (guest_dir(), qboot()) else {
+        eprintln!("SKIPPED refresh_in_a_qemu_guest: no qemu or test guest");
+        return;
+    };
+    let mut vm = boot(
+        &guest,
+        "hf.hostname=vm1 hf.ip=10.0.2.15/24 hf.gw=10.0.2.2 hf.dns=10.0.2.3",
+        &[],
+    );
+    let c = vm.connect(Duration::from_secs(60)).await;
+    assert!(
+        c.protocol_version() >= hyperfleet_agent_proto::REFRESH_PROTOCOL_VERSION,
+        "the agent in {} speaks protocol {}: rebuild the guest assets with the current agent \
+         (scripts/build-agent.sh, then `hyperfleet assets build --agent …`)",
+        guest.display(),
+        c.protocol_version()
+    );
+    let old_mac = guest_sh(&c, "cat /sys/class/net/eth0/address").await;
+    let old_boot_id = guest_sh(&c, "cat /proc/sys/kernel/random/boot_id").await;
+    assert_eq!(
+        old_boot_id.trim(),
+        c.agent_info().boot_id.as_deref().unwrap()
+    );
+    let ping = "ping -c 1 -W 3 10.0.2.2 >/dev/null 2>&1 && echo reachable || echo unreachable";
+    let reach_before = guest_sh(&c, ping).await;
+    let urandom = "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'";
+    let old_random = guest_sh(&c, urandom).await;
+    assert_eq!(old_random.len(), 64, "{old_random:?}");
+
+    // A clock far behind, as after a long time saved in a memory image.
+    guest_sh(&c, "date -u -s '2001-09-09 01:46:40' >/dev/null").await;
+    let behind = clock_offset_ms(&c).await;
+    assert!(behind < -1_000_000_000, "guest clock offset {behind} ms");
+    // A session running "before the snapshot".
+    let h = c.exec(ExecRequest::new(["sleep", "1000"])).await.unwrap();
+
+    let mac = "52:54:00:12:34:99";
+    let boot_id = hyperfleet_agent_proto::random_boot_id().unwrap();
+    let machine_id = hyperfleet_agent_proto::random_machine_id().unwrap();
+    let req = RefreshRequest::new_machine()
+        .unwrap()
+        .network(NetworkIdentity {
+            gateway: Some("10.0.2.2".parse().unwrap()),
+            mac: Some(mac.parse().unwrap()),
+            dns: vec!["10.0.2.4".parse().unwrap()],
+            ..NetworkIdentity::new("10.0.2.16".parse().unwrap(), 24)
+        })
+        .hostname("vm2")
+        .machine_id(machine_id.clone())
+        .boot_id(boot_id.clone());
+    let t0 = Instant::now();
+    let report = c.refresh(req.clone()).await.unwrap();
+    let took = t0.elapsed();
+    eprintln!(
+        "refresh took {took:?} (agent: {} ms): {report:#?}",
+        report.duration_ms
+    );
+    assert!(report.is_ok(), "{report:#?}");
+    assert_eq!(report.steps.len(), 10, "{report:#?}");
+    assert_eq!(report.sessions_dropped, 1);
+    assert!(report.clock_step_ns.unwrap() > 1_000_000_000_000_000_000 / 2);
+    assert!(matches!(
+        h.wait().await,
+        Err(hyperfleet_agent_proto::Error::Cancelled)
+    ));
+
+    let offset = clock_offset_ms(&c).await;
+    eprintln!("guest clock offset after refresh: {offset} ms");
+    assert!(offset.abs() < 1000, "guest clock off by {offset} ms");
+    let new_mac = guest_sh(&c, "cat /sys/class/net/eth0/address").await;
+    assert_eq!(new_mac.trim(), mac);
+    assert_ne!(new_mac, old_mac);
+    let net = guest_sh(&c, "ip addr show eth0; ip route; cat /etc/resolv.conf").await;
+    assert!(net.contains("inet 10.0.2.16/24"), "{net}");
+    assert!(!net.contains("10.0.2.15"), "{net}");
+    assert!(net.contains("default via 10.0.2.2"), "{net}");
+    assert!(net.contains("nameserver 10.0.2.4"), "{net}");
+    assert!(net.contains(&format!("link/ether {mac}")), "{net}");
+    assert_eq!(guest_sh(&c, "uname -n").await, "vm2\n");
+    assert_eq!(guest_sh(&c, "cat /etc/hostname").await, "vm2\n");
+    assert_eq!(
+        guest_sh(&c, "cat /etc/machine-id").await,
+        format!("{machine_id}\n")
+    );
+    let new_boot_id = guest_sh(&c, "cat /proc/sys/kernel/random/boot_id").await;
+    assert_eq!(new_boot_id, format!("{boot_id}\n"));
+    assert_ne!(new_boot_id, old_boot_id);
+    // Traffic flows with the new MAC and address (QEMU's user network answers its gateway).
+    let reach_after = guest_sh(&c, ping).await;
+    eprintln!("gateway before: {reach_before}, after: {reach_after}");
+    if reach_before == "reachable\n" {
+        assert_eq!(reach_after, "reachable\n");
+    }
+    let new_random = guest_sh(&c, urandom).await;
+    assert_eq!(new_random.len(), 64, "{new_random:?}");
+    assert_ne!(new_random, old_random);
+    // The kernel's own boot id file is covered, not written: writes fail.
+    let out = c
+        .exec_collect(
+            ExecRequest::new(["sh", "-c", "echo x > /proc/sys/kernel/random/boot_id"]),
+            1024,
+        )
+        .await
+        .unwrap();
+    assert_ne!(out.exit_code, Some(0));
+
+    // Twice is safe.
+    let again = c.refresh(req.stamp_clock()).await.unwrap();
+    eprintln!("second refresh: {} ms in the agent", again.duration_ms);
+    assert!(again.is_ok(), "{again:#?}");
+    assert_eq!(again.sessions_dropped, 0);
+    assert_eq!(again.boot_id.as_deref(), Some(boot_id.as_str()));
+    // The clock-only form, as after every resume.
+    let resume = c.refresh(RefreshRequest::resume().unwrap()).await.unwrap();
+    assert!(resume.is_ok(), "{resume:#?}");
+    assert_eq!(resume.steps.len(), 2);
+    assert!(resume.clock_step_ns.unwrap().abs() < 1_000_000_000);
+    // A new connection's hello shows the new identity.
+    drop(c);
+    let c = vm.connect(Duration::from_secs(20)).await;
+    assert_eq!(c.agent_info().hostname, "vm2");
+    assert_eq!(c.agent_info().boot_id.as_deref(), Some(boot_id.as_str()));
+    c.poweroff().await.unwrap();
+    wait_for_poweroff(&mut vm).await;
 }

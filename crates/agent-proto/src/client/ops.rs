@@ -1,5 +1,5 @@
-//! The operations of [`AgentClient`]: processes, files, directories and power, each one
-//! stream of the connection.
+//! The operations of [`AgentClient`]: processes, files, directories, power and identity
+//! refresh, each one stream of the connection.
 
 use std::time::{Duration, Instant};
 
@@ -11,6 +11,7 @@ use super::{early_end, unexpected, AgentClient, ByteRange, ExecEvent, Inbound};
 use crate::error::Error;
 use crate::frame::{Kind, CHUNK_SIZE};
 use crate::messages::*;
+use crate::refresh::{RefreshReport, RefreshRequest, REFRESH_PROTOCOL_VERSION};
 
 /// Result of [`AgentClient::exec_collect`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -306,6 +307,28 @@ impl AgentClient {
     /// Asks the guest to sync, unmount and reboot.
     pub async fn reboot(&self) -> Result<(), Error> {
         self.power(PowerAction::Reboot).await
+    }
+
+    /// Gives the guest a new identity or just a fresh clock and entropy (see
+    /// [`RefreshRequest`]: [`RefreshRequest::resume`] after a resume,
+    /// [`RefreshRequest::new_machine`] plus the identity after a restore into a new machine).
+    /// The report lists each part that was asked for with its error, if any: a failed part
+    /// does not stop the others, so check [`RefreshReport::is_ok`]. Fails up front with
+    /// [`Error::InvalidRequest`] for an invalid request and [`Error::AgentTooOld`] for an
+    /// agent that speaks protocol version 1.
+    pub async fn refresh(&self, req: RefreshRequest) -> Result<RefreshReport, Error> {
+        req.validate().map_err(Error::InvalidRequest)?;
+        if self.protocol_version() < REFRESH_PROTOCOL_VERSION {
+            return Err(Error::AgentTooOld {
+                what: "refresh",
+                needed: REFRESH_PROTOCOL_VERSION,
+                negotiated: self.protocol_version(),
+            });
+        }
+        match self.call(&Request::Refresh(req), |_| {}).await? {
+            Reply::Refreshed(r) => Ok(r),
+            other => Err(unexpected(&other)),
+        }
     }
 
     async fn power(&self, action: PowerAction) -> Result<(), Error> {

@@ -7,6 +7,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
 use super::*;
 use crate::frame::{FrameDecoder, CHUNK_SIZE};
+use crate::refresh::*;
 
 fn info() -> AgentInfo {
     AgentInfo {
@@ -211,4 +212,82 @@ async fn data_beyond_credit_closes_the_connection() {
     }
     reader2.abort();
     assert!(matches!(c.ping().await, Err(Error::Closed)));
+}
+
+#[tokio::test]
+async fn refresh_round_trip_and_old_agents() {
+    let (host, task) = fake_agent(Some(2)).await;
+    let c = AgentClient::connect(host).await.unwrap();
+    let (mut agent, mut dec, mut buf) = task.await.unwrap();
+    assert_eq!(c.protocol_version(), 2);
+    let req = RefreshRequest::new_machine()
+        .unwrap()
+        .network(NetworkIdentity {
+            gateway: Some(std::net::Ipv4Addr::new(10, 0, 2, 2)),
+            mac: Some("52:54:00:00:00:09".parse().unwrap()),
+            ..NetworkIdentity::new(std::net::Ipv4Addr::new(10, 0, 2, 9), 24)
+        })
+        .hostname("vm9")
+        .machine_id(crate::refresh::random_machine_id().unwrap())
+        .boot_id(crate::refresh::random_boot_id().unwrap());
+    let call = tokio::spawn({
+        let c = c.clone();
+        let req = req.clone();
+        async move { c.refresh(req).await }
+    });
+    let f = next_frame(&mut agent, &mut dec, &mut buf).await;
+    assert_eq!(f.kind, Kind::Request);
+    assert_eq!(
+        serde_json::from_slice::<Request>(&f.payload).unwrap(),
+        Request::Refresh(req)
+    );
+    let report = RefreshReport {
+        steps: vec![RefreshStep {
+            step: RefreshStepKind::Clock,
+            error: None,
+            detail: "clock moved by +0.001 s".into(),
+        }],
+        boot_id: Some("x".into()),
+        clock_step_ns: Some(1_000_000),
+        sessions_dropped: 2,
+        duration_ms: 3,
+    };
+    write(
+        &mut agent,
+        json(
+            Kind::Response,
+            f.stream,
+            &Response::Ok(Reply::Refreshed(report.clone())),
+        ),
+    )
+    .await;
+    assert_eq!(call.await.unwrap().unwrap(), report);
+
+    // Invalid requests never leave the host.
+    let e = c
+        .refresh(RefreshRequest::default().hostname("no spaces"))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::InvalidRequest(_)), "{e:?}");
+
+    // An agent of protocol version 1 is not asked.
+    let (host, task) = fake_agent(Some(1)).await;
+    let c = AgentClient::connect(host).await.unwrap();
+    let _agent = task.await.unwrap();
+    let e = c
+        .refresh(RefreshRequest::resume().unwrap())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::AgentTooOld {
+                needed: 2,
+                negotiated: 1,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert_eq!(e.remote_code(), Some(ErrorCode::Unsupported));
 }

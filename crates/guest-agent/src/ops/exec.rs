@@ -4,12 +4,17 @@
 //! host that stops reading makes the process block on a full pipe instead of making the agent
 //! buffer. Timeouts and cancellation kill the whole process group with SIGKILL, and the answer
 //! is only sent after the process has been reaped.
+//!
+//! Every running exec is also listed in the agent-wide [`ExecTable`], so a `refresh` with
+//! `drop_sessions` can end those of any session (a guest restored from a memory image still
+//! has the exec operations of the machine it was copied from).
 
+use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -18,6 +23,7 @@ use hyperfleet_agent_proto::{
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
+use tokio::sync::{watch, Notify};
 
 use crate::reaper::{decode_status, Reaper};
 use crate::session::{cancelled, Op, OpIn, OpIo};
@@ -27,12 +33,103 @@ use crate::{debug, warn};
 /// this long (descendants holding them open), the rest is cut off.
 const DRAIN_IDLE: Duration = Duration::from_millis(1000);
 
-pub(super) async fn exec(op: Op, req: ExecRequest, reaper: &Reaper) -> Result<Reply, RemoteError> {
+/// The exec operations running in the agent, across sessions, in start order.
+pub(crate) struct ExecTable {
+    next: AtomicU64,
+    live: Mutex<HashMap<u64, watch::Sender<bool>>>,
+    ended: Notify,
+}
+
+/// An exec's entry in the [`ExecTable`]; removed when dropped (the operation has answered).
+pub(crate) struct ExecEntry {
+    table: Arc<ExecTable>,
+    seq: u64,
+    dropped: watch::Receiver<bool>,
+}
+
+impl Drop for ExecEntry {
+    fn drop(&mut self) {
+        self.table.lock().remove(&self.seq);
+        self.table.ended.notify_waiters();
+    }
+}
+
+impl ExecTable {
+    pub(crate) fn new() -> Arc<ExecTable> {
+        Arc::new(ExecTable {
+            next: AtomicU64::new(0),
+            live: Mutex::new(HashMap::new()),
+            ended: Notify::new(),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<u64, watch::Sender<bool>>> {
+        // Every critical section is one map operation: a poisoned map is still consistent.
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn register(self: &Arc<Self>) -> ExecEntry {
+        let (tx, rx) = watch::channel(false);
+        // Numbered and listed under one lock, so `drop_all` never sees a number unlisted.
+        let seq = {
+            let mut live = self.lock();
+            let seq = self.next.fetch_add(1, Ordering::SeqCst);
+            live.insert(seq, tx);
+            seq
+        };
+        ExecEntry {
+            table: self.clone(),
+            seq,
+            dropped: rx,
+        }
+    }
+
+    /// Kills every exec registered so far, like a `Cancel` from its host, and waits up to
+    /// `max` until they have answered (their processes reaped). Returns how many were running
+    /// and how many had not ended in time.
+    pub(crate) async fn drop_all(&self, max: Duration) -> (usize, usize) {
+        let victims: Vec<u64> = {
+            let live = self.lock();
+            let mark = self.next.load(Ordering::SeqCst);
+            let v: Vec<u64> = live.keys().copied().filter(|s| *s < mark).collect();
+            for s in &v {
+                if let Some(tx) = live.get(s) {
+                    let _ = tx.send(true);
+                }
+            }
+            v
+        };
+        let deadline = tokio::time::Instant::now() + max;
+        loop {
+            let ended = self.ended.notified();
+            let left = {
+                let live = self.lock();
+                victims.iter().filter(|s| live.contains_key(s)).count()
+            };
+            if left == 0 {
+                return (victims.len(), 0);
+            }
+            if tokio::time::timeout_at(deadline, ended).await.is_err() {
+                return (victims.len(), left);
+            }
+        }
+    }
+}
+
+pub(super) async fn exec(
+    op: Op,
+    req: ExecRequest,
+    reaper: &Reaper,
+    table: &Arc<ExecTable>,
+) -> Result<Reply, RemoteError> {
     let Op {
         io,
         mut inbound,
         mut cancel,
     } = op;
+    // Registered before the spawn, so a refresh that starts later always sees this exec.
+    let entry = table.register();
+    let mut dropped = entry.dropped.clone();
     let Some(program) = req.argv.first().filter(|p| !p.is_empty()) else {
         return Err(RemoteError::new(
             ErrorCode::InvalidArgument,
@@ -120,7 +217,7 @@ pub(super) async fn exec(op: Op, req: ExecRequest, reaper: &Reaper) -> Result<Re
                 timed_out = true;
                 killed = true;
             }
-            _ = cancelled(&mut cancel), if !killed => {
+            _ = cancelled_or_dropped(&mut cancel, &mut dropped), if !killed => {
                 debug!("stream {}: pid {pid} cancelled", io.id);
                 if status.is_none() {
                     kill_group(pid);
@@ -141,7 +238,12 @@ pub(super) async fn exec(op: Op, req: ExecRequest, reaper: &Reaper) -> Result<Re
     }
     let duration_ms = started.elapsed().as_millis() as u64;
     if was_cancelled {
-        return Err(RemoteError::new(ErrorCode::Cancelled, "cancelled"));
+        let why = if *dropped.borrow() {
+            "cancelled: a refresh of the guest's identity dropped the sessions that were running"
+        } else {
+            "cancelled"
+        };
+        return Err(RemoteError::new(ErrorCode::Cancelled, why));
     }
     let (exit_code, signal) = decode_status(status.unwrap_or(0));
     Ok(Reply::Exec(ExecStatus {
@@ -151,6 +253,17 @@ pub(super) async fn exec(op: Op, req: ExecRequest, reaper: &Reaper) -> Result<Re
         output_cut,
         duration_ms,
     }))
+}
+
+/// Resolves when the host cancels the operation or a refresh drops it.
+async fn cancelled_or_dropped(
+    cancel: &mut watch::Receiver<bool>,
+    dropped: &mut watch::Receiver<bool>,
+) {
+    tokio::select! {
+        _ = cancelled(cancel) => {}
+        _ = cancelled(dropped) => {}
+    }
 }
 
 async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {

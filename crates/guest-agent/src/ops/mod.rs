@@ -1,10 +1,12 @@
 //! Operations the agent performs for the host, one per stream: dispatch by request type.
+//! `exec` runs processes, `files` the file operations, `refresh` renews the guest's identity.
 //!
 //! Each operation runs in its own task, gets an [`Op`] (output with flow control, input, a
 //! cancellation signal) and returns the final reply or a [`RemoteError`]; the session sends it.
 
-mod exec;
+pub(crate) mod exec;
 mod files;
+mod refresh;
 
 use std::time::Duration;
 
@@ -14,7 +16,10 @@ use crate::session::{cancelled, Op, Services};
 
 pub(crate) async fn run(mut op: Op, req: Request, svc: &Services) -> Result<Reply, RemoteError> {
     match req {
-        Request::Exec(r) => exec::exec(op, r, &svc.reaper).await,
+        Request::Exec(r) => exec::exec(op, r, &svc.reaper, &svc.execs).await,
+        // Not cancellable: its parts are short, and stopping between them would leave a guest
+        // with half a new identity. A cancelled stream's answer is dropped by the session.
+        Request::Refresh(r) => refresh::refresh(r, svc).await,
         Request::Ping => Ok(Reply::Pong {
             uptime_ms: crate::sysinfo::uptime_ms(),
         }),

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # test-python-sdk.sh — the Python SDK (sdk/python): installs it with pinned test tools into a
 # virtualenv (target/sdk-venv, from PyPI; reused while sdk/python/requirements-test.txt is
-# unchanged), type-checks it (mypy --strict), and runs its pytest suite against the real daemon
-# (target/debug/hyperfleet, with the stub backend for breadth and one QEMU guest for exec and
-# files; the tests start and end their own daemons on temporary data directories).
+# unchanged), checks its lints and format (ruff) and its types (mypy --strict), and runs its
+# pytest suite against the real daemon (target/debug/hyperfleet, with the stub backend for
+# breadth and one QEMU guest for exec and files; the tests start and end their own daemons on
+# temporary data directories).
 #
 #   bash scripts/test-python-sdk.sh [PYTEST ARGS...]
 #
@@ -38,6 +39,8 @@ PIP_DISABLE_PIP_VERSION_CHECK=1 "$VENV/bin/pip" install -q --no-deps --force-rei
   --no-build-isolation "$ROOT/sdk/python" </dev/null
 
 cd sdk/python
-"$VENV/bin/mypy" --strict src/hyperfleet examples
+"$VENV/bin/ruff" check --no-cache .
+"$VENV/bin/ruff" format --no-cache --check .
+"$VENV/bin/mypy" --strict --cache-dir "$ROOT/target/sdk-mypy-cache" src/hyperfleet examples
 HYPERFLEET_BIN=$ROOT/target/debug/hyperfleet PYTHONDONTWRITEBYTECODE=1 \
   "$VENV/bin/python" -m pytest -p no:cacheprovider -ra --timeout 600 tests "$@"

@@ -2,7 +2,8 @@
 commands (buffered and streamed), files, suspend/resume, and its history.
 
     pip install ./sdk/python
-    HYPERFLEET_URL=http://127.0.0.1:3000 HYPERFLEET_API_KEY=hf_... python sdk/python/examples/quickstart.py
+    export HYPERFLEET_URL=http://127.0.0.1:3000 HYPERFLEET_API_KEY=hf_...
+    python sdk/python/examples/quickstart.py
 """
 
 from hyperfleet import Hyperfleet

@@ -45,9 +45,7 @@ def missing(what: str) -> None:
 
 def qemu_present() -> bool:
     try:
-        out = subprocess.run(
-            ["qemu-system-x86_64", "--version"], capture_output=True, timeout=30
-        )
+        out = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return False
     return out.returncode == 0
@@ -60,8 +58,11 @@ def _pids_with(marker: str, programs: Sequence[str]) -> List[int]:
         if not entry.isdigit() or int(entry) == os.getpid():
             continue
         try:
-            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(
-                "utf-8", "replace"
+            cmd = (
+                Path(f"/proc/{entry}/cmdline")
+                .read_bytes()
+                .replace(b"\0", b" ")
+                .decode("utf-8", "replace")
             )
             stat = Path(f"/proc/{entry}/stat").read_text()
         except OSError:

@@ -27,10 +27,11 @@ def test_async_machines(daemon: Daemon) -> None:
         async with AsyncHyperfleet(daemon.url, daemon.key) as hf:
             label = unique("apage")
             made = [
-                await hf.machines.create(unique("a"), metadata={"batch": label})
-                for _ in range(5)
+                await hf.machines.create(unique("a"), metadata={"batch": label}) for _ in range(5)
             ]
-            listed = [m async for m in hf.machines.list(page_size=2) if m.metadata.get("batch") == label]
+            listed = [
+                m async for m in hf.machines.list(page_size=2) if m.metadata.get("batch") == label
+            ]
             assert [m.id for m in listed] == [m.id for m in made]
             page = await hf.machines.list_page(limit=2)
             assert len(page.machines) == 2 and page.total >= 5

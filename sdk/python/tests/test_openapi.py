@@ -200,7 +200,8 @@ def test_list_takes_the_list_filters(cls: type) -> None:
 
 
 @pytest.mark.parametrize(
-    "keys,quotas", [(hyperfleet.Keys, hyperfleet.Quotas), (hyperfleet.AsyncKeys, hyperfleet.AsyncQuotas)]
+    "keys,quotas",
+    [(hyperfleet.Keys, hyperfleet.Quotas), (hyperfleet.AsyncKeys, hyperfleet.AsyncQuotas)],
 )
 def test_keys_and_quotas_take_their_fields(keys: type, quotas: type) -> None:
     assert params_of(keys.create) == body_props("post", "/keys")
@@ -233,8 +234,10 @@ def test_routes_the_sdk_does_not_know_are_noticed() -> None:
         ("get", "/tenants/{tenant}/quota"),
         ("put", "/tenants/{tenant}/quota"),
         ("delete", "/tenants/{tenant}/quota"),
-    } | {("post", f"/machines/{{id}}/{v}") for v in
-         ("start", "stop", "restart", "pause", "resume", "kill", "suspend")}
+    } | {
+        ("post", f"/machines/{{id}}/{v}")
+        for v in ("start", "stop", "restart", "pause", "resume", "kill", "suspend")
+    }
     left_out = {
         # The JSON/base64 file write: the SDK uses the raw PUT for every size.
         ("post", "/machines/{id}/files"),
@@ -243,7 +246,10 @@ def test_routes_the_sdk_does_not_know_are_noticed() -> None:
         ("get", "/machines/{id}/exec/ws"),
     }
     documented = {
-        (m, p) for p, ops in DOC["paths"].items() for m in ops if m in ("get", "post", "put", "delete", "patch")
+        (m, p)
+        for p, ops in DOC["paths"].items()
+        for m in ops
+        if m in ("get", "post", "put", "delete", "patch")
     }
     assert documented - wrapped - left_out == set(), "routes the SDK does not wrap yet"
     assert (wrapped | left_out) - documented == set(), "the SDK wraps routes the API lacks"

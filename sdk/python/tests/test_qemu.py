@@ -17,7 +17,7 @@ from typing import Iterator
 import pytest
 
 import hyperfleet
-from hyperfleet import AsyncHyperfleet, ExecEvent, Hyperfleet
+from hyperfleet import AsyncHyperfleet, Hyperfleet
 
 from conftest import ASSETS, Daemon, missing, qemu_present, unique
 
@@ -39,9 +39,7 @@ def qemu_daemon() -> Iterator[Daemon]:
 
 
 def test_exec_and_files_in_a_real_guest(qemu_daemon: Daemon, tmp_path: Path) -> None:
-    with qemu_daemon.client() as hf, hf.machines.create(
-        unique("q"), start=True, timeout=300
-    ) as m:
+    with qemu_daemon.client() as hf, hf.machines.create(unique("q"), start=True, timeout=300) as m:
         assert m.vmm == "qemu" and m.status == "running" and m.image
 
         # Buffered exec.
@@ -55,6 +53,12 @@ def test_exec_and_files_in_a_real_guest(qemu_daemon: Daemon, tmp_path: Path) -> 
         assert cf.value.result is r
         assert m.exec(["cat"], stdin=b"from stdin").stdout == "from stdin"
         assert m.exec('echo "$FOO"; pwd', env={"FOO": "bar"}, cwd="/tmp").stdout == "bar\n/tmp\n"
+        r = m.exec("kill -9 $$")
+        assert (r.exit_code, r.signal) == (None, 9) and not r.ok
+        with pytest.raises(hyperfleet.NotFound, match="/no/such/program"):
+            m.exec(["/no/such/program"])
+        with pytest.raises(hyperfleet.NotFound):
+            list(m.exec_stream(["/no/such/program"]))
         r = m.exec(["sleep", "30"], timeout=0.5)
         assert r.timed_out and not r.ok
         r = m.exec("head -c 5000 /dev/zero", max_output_bytes=100)
@@ -64,7 +68,9 @@ def test_exec_and_files_in_a_real_guest(qemu_daemon: Daemon, tmp_path: Path) -> 
         t0 = time.monotonic()
         arrivals = []
         events = []
-        for ev in m.exec_stream("for i in 1 2 3; do echo tick $i; sleep 0.4; done; printf '\\000\\377' >&2"):
+        for ev in m.exec_stream(
+            "for i in 1 2 3; do echo tick $i; sleep 0.4; done; printf '\\000\\377' >&2"
+        ):
             arrivals.append(time.monotonic() - t0)
             events.append(ev)
         assert events[-1].type == "exit" and events[-1].exit_code == 0, events
@@ -89,7 +95,9 @@ def test_exec_and_files_in_a_real_guest(qemu_daemon: Daemon, tmp_path: Path) -> 
         assert f.upload(big, "/srv/data/big.bin").size == big.stat().st_size
         back = tmp_path / "back.bin"
         assert f.download("/srv/data/big.bin", back) == big.stat().st_size
-        assert hashlib.sha256(back.read_bytes()).digest() == hashlib.sha256(big.read_bytes()).digest()
+        assert (
+            hashlib.sha256(back.read_bytes()).digest() == hashlib.sha256(big.read_bytes()).digest()
+        )
         with open(big, "rb") as fh:
             fh.seek(1000)
             assert f.write("/srv/data/tail.bin", fh).size == big.stat().st_size - 1000

@@ -107,7 +107,8 @@ class AsyncHyperfleet:
     ) -> Any:
         """Send any request under ``/api/v1`` and return its JSON (``None`` when
         empty), for routes this SDK does not wrap yet."""
-        r = await self._send(Call(method.upper(), path, params=dict(params or {}), json=json))
+        call = Call(method.upper(), "/" + path.lstrip("/"), params=dict(params or {}), json=json)
+        r = await self._send(call)
         return r.json() if r.content else None
 
     async def close(self) -> None:
@@ -313,9 +314,7 @@ class AsyncMachine(MachineFields):
         """Stop gracefully; see :meth:`hyperfleet.Machine.stop`."""
         return await self._act("stop", wait, timeout)
 
-    async def restart(
-        self, *, wait: bool = True, timeout: Optional[float] = None
-    ) -> AsyncMachine:
+    async def restart(self, *, wait: bool = True, timeout: Optional[float] = None) -> AsyncMachine:
         """Stop and boot again; see :meth:`hyperfleet.Machine.restart`."""
         return await self._act("restart", wait, timeout)
 
@@ -327,9 +326,7 @@ class AsyncMachine(MachineFields):
         """Continue a paused or suspended machine; see :meth:`hyperfleet.Machine.resume`."""
         return await self._act("resume", wait, timeout)
 
-    async def suspend(
-        self, *, wait: bool = True, timeout: Optional[float] = None
-    ) -> AsyncMachine:
+    async def suspend(self, *, wait: bool = True, timeout: Optional[float] = None) -> AsyncMachine:
         """Save the memory to disk; see :meth:`hyperfleet.Machine.suspend`."""
         return await self._act("suspend", wait, timeout)
 
@@ -507,7 +504,8 @@ class AsyncMachineFiles:
         mode: Optional[int] = None,
         create_dirs: bool = False,
     ) -> FileWritten:
-        """Write (create or replace) the file at ``path``; see :meth:`hyperfleet.MachineFiles.write`."""
+        """Write (create or replace) the file at ``path``; see
+        :meth:`hyperfleet.MachineFiles.write`."""
         raw, f, size = _core.body_source(data)
         content: Any = raw if f is None else _achunks(f, size)
         call = _core.file_write_raw(self._id, path, content, size, mode, create_dirs)

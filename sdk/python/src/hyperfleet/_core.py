@@ -16,7 +16,19 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import (
+    IO,
+    Any,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+)
 from urllib.parse import quote
 
 import httpx
@@ -332,7 +344,6 @@ def file_write_raw(
         params={"path": path, "mode": mode, "create_dirs": True if create_dirs else None},
         content=content,
         headers={"Content-Type": "application/octet-stream", "Content-Length": str(size)},
-        read_timeout=None,
     )
 
 

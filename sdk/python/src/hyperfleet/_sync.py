@@ -43,16 +43,15 @@ from .models import (
     Health,
     MachineEvent,
     MachineFields,
+    MachinePage,
     MachineStatus,
     NetworkRequest,
-    MachinePage,
     Persistence,
     Quota,
     Scope,
     VmmKind,
     from_json,
 )
-
 
 
 class Hyperfleet:
@@ -117,7 +116,8 @@ class Hyperfleet:
         """Send any request under ``/api/v1`` and return its JSON (``None``
         when empty). The way to reach routes this SDK does not wrap yet; API
         errors raise like everywhere else."""
-        r = self._send(Call(method.upper(), path, params=dict(params or {}), json=json))
+        call = Call(method.upper(), "/" + path.lstrip("/"), params=dict(params or {}), json=json)
+        r = self._send(call)
         return r.json() if r.content else None
 
     def close(self) -> None:
@@ -357,9 +357,7 @@ class Machine(MachineFields):
             left = max(0.0, deadline - time.monotonic())
             chunk = min(math.ceil(left), int(_core.MAX_SERVER_WAIT))
             try:
-                return self._update(
-                    self._client._json(_core.wait_machine(self.id, status, chunk))
-                )
+                return self._update(self._client._json(_core.wait_machine(self.id, status, chunk)))
             except Timeout:
                 if time.monotonic() >= deadline - 0.5:
                     raise
@@ -393,7 +391,9 @@ class Machine(MachineFields):
 
     # --- history and console --------------------------------------------------------------------
 
-    def events(self, *, follow: bool = False, after: Optional[int] = None) -> Iterator[MachineEvent]:
+    def events(
+        self, *, follow: bool = False, after: Optional[int] = None
+    ) -> Iterator[MachineEvent]:
         """The machine's history (``created``, ``requested``, ``transition`` with
         step timings, ``steps``, ``deleted``).
 

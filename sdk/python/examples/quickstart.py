@@ -1,18 +1,19 @@
-"""Hyperfleet from Python: a machine that is deleted when the block ends,
-commands (buffered and streamed), files, suspend/resume, and its history.
+"""Hyperfleet from Python: a machine deleted when the block ends, commands
+(buffered and streamed), files, suspend/resume, and its history.
 
     pip install ./sdk/python
     export HYPERFLEET_URL=http://127.0.0.1:3000 HYPERFLEET_API_KEY=hf_...
     python sdk/python/examples/quickstart.py
+
+The code below this docstring is the repository README's "Use it from code"
+Python example, verbatim (tests/test_readme.py keeps the two equal).
 """
 
 from hyperfleet import Hyperfleet
 
 hf = Hyperfleet()  # HYPERFLEET_URL and HYPERFLEET_API_KEY, like the CLI
 
-with hf.machines.create(mem_size_mib=256, start=True, timeout=300) as m:
-    print(m.name, m.status)
-
+with hf.machines.create(mem_size_mib=256, start=True, timeout=300) as m:  # deleted at the end
     r = m.exec(["uname", "-a"])
     print(r.exit_code, r.stdout.strip())
 
@@ -27,8 +28,7 @@ with hf.machines.create(mem_size_mib=256, start=True, timeout=300) as m:
     m.resume()
     print(m.exec("cat /root/hello.txt").stdout, end="")
 
-    for ev in m.events():
+    for ev in m.events():  # every transition, with its step timings
         if ev.kind == "transition":
             steps = ", ".join(f"{s.step} {s.duration_ms:.0f} ms" for s in ev.steps)
             print(f"{ev.from_status} -> {ev.to_status}", steps)
-# here the machine is deleted

@@ -13,7 +13,7 @@ whose ``code`` and ``status`` are ``None``.
 from __future__ import annotations
 
 import json
-from typing import Dict, Optional, Type
+from typing import Any, Dict, Optional, Type
 
 __all__ = [
     "HyperfleetError",
@@ -43,6 +43,9 @@ __all__ = [
 ]
 
 
+_UNSET: Any = object()
+
+
 class HyperfleetError(Exception):
     """Base class of every error the SDK raises.
 
@@ -56,12 +59,12 @@ class HyperfleetError(Exception):
     #: The error code this class stands for (``None`` on the base class).
     CODE: Optional[str] = None
 
-    def __init__(
-        self, message: str, *, code: Optional[str] = None, status: Optional[int] = None
-    ) -> None:
+    def __init__(self, message: str, *, code: Any = _UNSET, status: Optional[int] = None) -> None:
         super().__init__(message)
         self.message = message
-        self.code = code if code is not None else self.CODE
+        # The class's code unless told otherwise (an answer without a code
+        # the SDK knows keeps what it carried, possibly None).
+        self.code: Optional[str] = self.CODE if code is _UNSET else code
         self.status = status
 
     def __str__(self) -> str:

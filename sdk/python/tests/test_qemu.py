@@ -59,6 +59,12 @@ def test_exec_and_files_in_a_real_guest(qemu_daemon: Daemon, tmp_path: Path) -> 
             m.exec(["/no/such/program"])
         with pytest.raises(hyperfleet.NotFound):
             list(m.exec_stream(["/no/such/program"]))
+        # Letting go of a streamed command kills it.
+        it = m.exec_stream("echo started; sleep 2; touch /tmp/not-killed")
+        assert next(it).data == b"started\n"
+        it.close()
+        time.sleep(3)
+        assert not m.files.exists("/tmp/not-killed")
         r = m.exec(["sleep", "30"], timeout=0.5)
         assert r.timed_out and not r.ok
         r = m.exec("head -c 5000 /dev/zero", max_output_bytes=100)
@@ -85,6 +91,12 @@ def test_exec_and_files_in_a_real_guest(qemu_daemon: Daemon, tmp_path: Path) -> 
         assert f.stat("/srv/data/sub").kind == "dir"
         assert f.write("/srv/data/a.bin", bytes(range(256))).size == 256
         assert f.read("/srv/data/a.bin") == bytes(range(256))
+        assert f.read("/srv/data/a.bin", offset=10, length=5) == bytes(range(10, 15))
+        assert f.read("/srv/data/a.bin", offset=250) == bytes(range(250, 256))
+        assert f.read("/srv/data/a.bin", offset=250, length=100) == bytes(range(250, 256))
+        with pytest.raises(hyperfleet.RangeNotSatisfiable) as rns:
+            f.read("/srv/data/a.bin", offset=256)
+        assert rns.value.status == 416
         f.write("/srv/data/b.txt", "text é\n", mode=0o600)
         assert f.read_text("/srv/data/b.txt") == "text é\n"
         st = f.stat("/srv/data/b.txt")
@@ -129,6 +141,7 @@ def test_exec_and_files_in_a_real_guest(qemu_daemon: Daemon, tmp_path: Path) -> 
                 assert b"".join(c.data for c in chunks if c.type == "stdout") == b"a\n"
                 await am.files.write("/tmp/async.txt", b"x" * 10)
                 assert await am.files.read("/tmp/async.txt") == b"x" * 10
+                assert await am.files.read("/tmp/async.txt", offset=8) == b"xx"
                 await am.files.upload(big, "/tmp/big.bin")
                 await am.files.download("/tmp/big.bin", tmp_path / "aback.bin")
                 assert (tmp_path / "aback.bin").read_bytes() == big.read_bytes()

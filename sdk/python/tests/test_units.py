@@ -81,6 +81,15 @@ def test_requests_are_encoded_as_the_api_reads_them() -> None:
     }
 
 
+def test_byte_ranges() -> None:
+    assert _core.byte_range(0, None) is None
+    assert _core.byte_range(5, None) == "bytes=5-"
+    assert _core.byte_range(5, 10) == "bytes=5-14"
+    for bad in ((-1, None), (0, 0)):
+        with pytest.raises(ValueError):
+            _core.byte_range(*bad)
+
+
 def test_errors_map_codes_and_statuses() -> None:
     body = json.dumps({"error": {"code": "INVALID_STATE", "message": "it is stopped"}}).encode()
     e = error_from_response(409, body)

@@ -482,17 +482,25 @@ class AsyncMachineFiles:
         self._client = client
         self._id = machine_id
 
-    async def read(self, path: str) -> bytes:
-        """The whole content of the file at ``path``."""
-        return b"".join([c async for c in self.iter_read(path)])
+    async def read(self, path: str, *, offset: int = 0, length: Optional[int] = None) -> bytes:
+        """The file's content, or a range of it; see :meth:`hyperfleet.MachineFiles.read`."""
+        return b"".join([c async for c in self.iter_read(path, offset=offset, length=length)])
 
     async def read_text(self, path: str, encoding: str = "utf-8") -> str:
         """The file at ``path`` decoded as text."""
         return (await self.read(path)).decode(encoding)
 
-    async def iter_read(self, path: str, *, chunk_size: int = CHUNK) -> AsyncIterator[bytes]:
-        """The file's bytes in chunks as they arrive."""
-        async with self._client._stream(_core.file_read_raw(self._id, path)) as r:
+    async def iter_read(
+        self,
+        path: str,
+        *,
+        offset: int = 0,
+        length: Optional[int] = None,
+        chunk_size: int = CHUNK,
+    ) -> AsyncIterator[bytes]:
+        """The file's bytes (or a range) in chunks as they arrive."""
+        call = _core.file_read_raw(self._id, path, _core.byte_range(offset, length))
+        async with self._client._stream(call) as r:
             async for chunk in r.aiter_bytes(chunk_size):
                 yield chunk
 

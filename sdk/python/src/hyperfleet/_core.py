@@ -325,6 +325,16 @@ def exec_line(line: str) -> Optional[ExecEvent]:
 # --- files --------------------------------------------------------------------------------------
 
 
+def byte_range(offset: int, length: Optional[int]) -> Optional[str]:
+    """The ``Range`` header for ``length`` bytes from ``offset`` (to the end
+    when ``length`` is ``None``); ``None`` for the whole file."""
+    if offset < 0 or (length is not None and length <= 0):
+        raise ValueError(f"offset must be >= 0 and length > 0, got {offset} and {length}")
+    if offset == 0 and length is None:
+        return None
+    return f"bytes={offset}-" + ("" if length is None else str(offset + length - 1))
+
+
 def file_read_raw(id: str, path: str, range: Optional[str] = None) -> Call:
     headers = {"Range": range} if range else {}
     return Call(

@@ -528,17 +528,28 @@ class MachineFiles:
         self._client = client
         self._id = machine_id
 
-    def read(self, path: str) -> bytes:
-        """The whole content of the file at ``path``."""
-        return b"".join(self.iter_read(path))
+    def read(self, path: str, *, offset: int = 0, length: Optional[int] = None) -> bytes:
+        """The content of the file at ``path``: all of it, or ``length`` bytes
+        (fewer at the end of the file) from ``offset``. An ``offset`` past the
+        end raises :class:`~hyperfleet.RangeNotSatisfiable`."""
+        return b"".join(self.iter_read(path, offset=offset, length=length))
 
     def read_text(self, path: str, encoding: str = "utf-8") -> str:
         """The file at ``path`` decoded as text."""
         return self.read(path).decode(encoding)
 
-    def iter_read(self, path: str, *, chunk_size: int = CHUNK) -> Iterator[bytes]:
-        """The file's bytes in chunks as they arrive (for files too large to hold)."""
-        with self._client._stream(_core.file_read_raw(self._id, path)) as r:
+    def iter_read(
+        self,
+        path: str,
+        *,
+        offset: int = 0,
+        length: Optional[int] = None,
+        chunk_size: int = CHUNK,
+    ) -> Iterator[bytes]:
+        """The file's bytes (or a range, as :meth:`read`) in chunks as they
+        arrive, for files too large to hold."""
+        call = _core.file_read_raw(self._id, path, _core.byte_range(offset, length))
+        with self._client._stream(call) as r:
             yield from r.iter_bytes(chunk_size)
 
     def write(

@@ -27,21 +27,22 @@ export class Quotas {
   }
 
   /** The limits in force for a tenant, and what its machines hold. */
-  get(tenant: string): Promise<Quota> {
-    return this.#t.json("GET /tenants/{tenant}/quota", "Quota", { path: { tenant } });
+  get(tenant: string, o: { signal?: AbortSignal } = {}): Promise<Quota> {
+    return this.#t.json("GET /tenants/{tenant}/quota", "Quota", { path: { tenant }, signal: o.signal });
   }
 
   /** Replaces a tenant's limits (one left out is unlimited); operator admins only. */
-  set(tenant: string, limits: QuotaLimits): Promise<Quota> {
+  set(tenant: string, limits: QuotaLimits, o: { signal?: AbortSignal } = {}): Promise<Quota> {
     return this.#t.json("PUT /tenants/{tenant}/quota", "Quota", {
       path: { tenant },
       json: { schema: "QuotaLimits", value: limits },
+      signal: o.signal,
     });
   }
 
   /** Drops a tenant's own quota: the server's defaults apply again. */
-  reset(tenant: string): Promise<Quota> {
-    return this.#t.json("DELETE /tenants/{tenant}/quota", "Quota", { path: { tenant } });
+  reset(tenant: string, o: { signal?: AbortSignal } = {}): Promise<Quota> {
+    return this.#t.json("DELETE /tenants/{tenant}/quota", "Quota", { path: { tenant }, signal: o.signal });
   }
 }
 
@@ -67,7 +68,7 @@ export class Hyperfleet {
   }
 
   /** The daemon's health (no key needed). */
-  health(): Promise<Health> {
-    return this.#t.json("GET /health", "Health");
+  health(o: { signal?: AbortSignal } = {}): Promise<Health> {
+    return this.#t.json("GET /health", "Health", { signal: o.signal });
   }
 }

@@ -12,7 +12,7 @@ import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 
 import { AgentError, BadRequestError, Hyperfleet, NotFoundError, ValidationError } from "hyperfleet";
-import { ASSETS, Daemon, presentOrSkip } from "./daemon.mjs";
+import { ASSETS, Daemon, missing } from "./daemon.mjs";
 
 const sha = (b) => createHash("sha256").update(b).digest("hex");
 
@@ -21,16 +21,15 @@ function qemuPresent() {
   return r.status === 0 && existsSync(join(ASSETS, "manifest.json"));
 }
 
-describe("a real guest", () => {
+const absent = missing(qemuPresent(), `qemu-system-x86_64 and guest assets in ${ASSETS} (scripts/test.sh installs and builds them)`);
+
+describe("a real guest", { skip: absent ?? false }, () => {
   let d;
   let hf;
   let m;
   let scratch;
 
-  before(async (t) => {
-    if (!presentOrSkip(t, qemuPresent(), `qemu-system-x86_64 and guest assets in ${ASSETS} (scripts/test.sh installs and builds them)`)) {
-      return;
-    }
+  before(async () => {
     d = await Daemon.start(["--default-vmm", "qemu", "--assets-dir", ASSETS, "--boot-timeout", "120"]);
     hf = new Hyperfleet({ url: d.url, apiKey: d.key });
     m = await hf.machines.create({ name: "real", memSizeMib: 256, env: { FROM_MACHINE: "yes" } }, { start: true, timeout: 300 });
@@ -43,16 +42,7 @@ describe("a real guest", () => {
     if (scratch) rmSync(scratch, { recursive: true, force: true });
   });
 
-  const skip = (t) => {
-    if (!m) {
-      t.skip("no guest (see the MISSING note)");
-      return true;
-    }
-    return false;
-  };
-
-  test("exec: output, exit code, stdin, env, cwd, timeout", async (t) => {
-    if (skip(t)) return;
+  test("exec: output, exit code, stdin, env, cwd, timeout", async () => {
     assert.equal(m.status, "running");
     assert.equal(m.vmm, "qemu");
     const u = await m.exec(["uname", "-n"]);
@@ -77,8 +67,7 @@ describe("a real guest", () => {
     await assert.rejects(m.exec([]), ValidationError);
   });
 
-  test("execStream: chunks as they come, the exit, early exit kills", async (t) => {
-    if (skip(t)) return;
+  test("execStream: chunks as they come, the exit, early exit kills", async () => {
     const s = await m.execStream(["sh", "-c", "for i in 1 2 3; do echo out $i; sleep 0.2; done; echo bad >&2; exit 5"]);
     const seen = [];
     const at = [];
@@ -116,8 +105,7 @@ describe("a real guest", () => {
     assert.equal(alive, false, "the streamed command was killed when the client left");
   });
 
-  test("files: write/read, ranges, stat/list/mkdir/remove/exists", async (t) => {
-    if (skip(t)) return;
+  test("files: write/read, ranges, stat/list/mkdir/remove/exists", async () => {
     const w = await m.files.write("/root/dir/a.txt", "hello\n", { createDirs: true, mode: 0o600 });
     assert.deepEqual(w, { path: "/root/dir/a.txt", size: 6 });
     assert.equal(await m.files.readText("/root/dir/a.txt"), "hello\n");
@@ -148,8 +136,7 @@ describe("a real guest", () => {
     assert.equal(await m.files.exists("/root/dir"), false);
   });
 
-  test("upload and download stream large files", async (t) => {
-    if (skip(t)) return;
+  test("upload and download stream large files", async () => {
     const data = randomBytes(24 * 1024 * 1024);
     const local = join(scratch, "big.bin");
     writeFileSync(local, data);
@@ -168,8 +155,7 @@ describe("a real guest", () => {
     await m.files.remove("/root/big.bin");
   });
 
-  test("the console log: its tail, and followed as the guest writes", async (t) => {
-    if (skip(t)) return;
+  test("the console log: its tail, and followed as the guest writes", async () => {
     const lines = [];
     for await (const l of m.logs({ tail: 10000 })) lines.push(l);
     assert.ok(lines.some((l) => /hyperfleet-agent.*starting/.test(l)), lines.slice(0, 20).join("\n"));
@@ -194,8 +180,7 @@ describe("a real guest", () => {
     assert.ok(found, "the followed log showed the line the guest wrote");
   });
 
-  test("examples/quickstart.mjs runs as written", async (t) => {
-    if (skip(t)) return;
+  test("examples/quickstart.mjs runs as written", async () => {
     const r = spawnSync(process.execPath, [new URL("../examples/quickstart.mjs", import.meta.url).pathname], {
       env: { ...process.env, HYPERFLEET_URL: d.url, HYPERFLEET_API_KEY: d.key },
       encoding: "utf8",

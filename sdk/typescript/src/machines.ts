@@ -185,8 +185,11 @@ export class Machine {
 
   #set(data: MachineData): this {
     for (const k of this.#fields) delete (this as Record<string, unknown>)[k];
-    Object.assign(this, data);
-    this.#fields = Object.keys(data);
+    // A field a newer daemon adds never hides a method (or `files`); the
+    // fields the spec has are checked against them when this compiles.
+    const fields = Object.keys(data).filter((k) => !(k in Machine.prototype) && k !== "files");
+    for (const k of fields) (this as Record<string, unknown>)[k] = (data as unknown as Record<string, unknown>)[k];
+    this.#fields = fields;
     return this;
   }
 

@@ -31,11 +31,13 @@ export async function* lines(body: ReadableStream<Uint8Array>, what: string): As
   let pending = "";
   for await (const chunk of chunks(body, what)) {
     pending += decoder.decode(chunk, { stream: true });
+    let start = 0;
     let nl: number;
-    while ((nl = pending.indexOf("\n")) >= 0) {
-      yield pending.slice(0, nl);
-      pending = pending.slice(nl + 1);
+    while ((nl = pending.indexOf("\n", start)) >= 0) {
+      yield pending.slice(start, nl);
+      start = nl + 1;
     }
+    pending = pending.slice(start);
   }
   pending += decoder.decode();
   if (pending) yield pending;

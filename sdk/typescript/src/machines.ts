@@ -133,6 +133,14 @@ function fromBase64(data: string): Uint8Array {
   return new Uint8Array(b.buffer, b.byteOffset, b.byteLength);
 }
 
+/** Whether `e` is `fetch` (undici) giving up on a body that stayed silent. */
+function idleTimeout(e: unknown): boolean {
+  for (let c: unknown = e, depth = 0; c && depth < 5; c = (c as { cause?: unknown }).cause, depth++) {
+    if ((c as { code?: unknown }).code === "UND_ERR_BODY_TIMEOUT") return true;
+  }
+  return false;
+}
+
 function argv(command: Command): string[] {
   return typeof command === "string" ? ["sh", "-c", command] : [...command];
 }
@@ -342,15 +350,29 @@ export class Machine {
     return new ExecStream(resp, abort);
   }
 
-  /** The console (serial) log, line by line; `follow` keeps yielding new lines. */
+  /**
+   * The console (serial) log, line by line; `follow` keeps yielding new
+   * lines until the machine is deleted (or the caller stops). A followed log
+   * that stays silent past `fetch`'s body timeout (300 s) is picked up
+   * again from its end; a line written in that instant can be missed.
+   */
   async *logs(o: LogsOptions = {}): AsyncGenerator<string> {
-    const resp = await this.#t.send("GET /machines/{id}/logs", {
-      path: this.#path(),
-      query: { follow: o.follow, tail: o.tail },
-      signal: o.signal,
-    });
-    if (!resp.body) return;
-    yield* lines(resp.body, "the console log");
+    let tail = o.tail;
+    for (;;) {
+      const resp = await this.#t.send("GET /machines/{id}/logs", {
+        path: this.#path(),
+        query: { follow: o.follow, tail },
+        signal: o.signal,
+      });
+      if (!resp.body) return;
+      try {
+        yield* lines(resp.body, "the console log");
+        return;
+      } catch (e) {
+        if (!o.follow || !idleTimeout(e)) throw e;
+        tail = 0;
+      }
+    }
   }
 
   /**

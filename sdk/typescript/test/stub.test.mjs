@@ -222,6 +222,50 @@ describe("machines", () => {
     await m.dispose();
   });
 
+  test("a followed log that fetch gave up on for silence is picked up again", async () => {
+    const urls = [];
+    let cut = false;
+    // A fetch whose first followed answer breaks off after its first chunk
+    // as undici's body timeout does.
+    const flaky = async (url, init) => {
+      urls.push(String(url));
+      const resp = await fetch(url, init);
+      if (cut || !String(url).includes("follow=true")) return resp;
+      cut = true;
+      const reader = resp.body.getReader();
+      const body = new ReadableStream({
+        async pull(c) {
+          const r = await reader.read();
+          if (!r.done) c.enqueue(r.value);
+          await reader.cancel();
+          const timeout = Object.assign(new Error("Body Timeout Error"), { code: "UND_ERR_BODY_TIMEOUT" });
+          c.error(new TypeError("terminated", { cause: timeout }));
+        },
+      });
+      return new Response(body, { status: resp.status, headers: resp.headers });
+    };
+    const client = new Hyperfleet({ url: d.url, apiKey: d.key, fetch: flaky });
+    const m = await client.machines.create({ name: "relog" }, { start: true });
+    const abort = new AbortController();
+    const got = [];
+    const reading = (async () => {
+      for await (const l of m.logs({ follow: true, signal: abort.signal })) {
+        got.push(l);
+        if (got.length === 2) return;
+      }
+    })();
+    // The second request (tail=0) sees what the restarted stand-in prints.
+    while (urls.filter((u) => u.includes("follow=true")).length < 2) await new Promise((r) => setTimeout(r, 20));
+    await m.restart();
+    await reading;
+    const follows = urls.filter((u) => u.includes("follow=true"));
+    assert.equal(follows.length, 2);
+    assert.match(follows[1], /tail=0/);
+    assert.ok(got.every((l) => l.includes("testvmm")), got.join("\n"));
+    abort.abort();
+    await m.dispose();
+  });
+
   test("machines.with and dispose delete the machine", async () => {
     let id;
     const r = await hf.machines.with({ name: "scoped" }, async (m) => {

@@ -13,7 +13,17 @@ export interface HyperfleetOptions {
   fetch?: typeof fetch;
   /** Headers added to every request. */
   headers?: Record<string, string>;
+  /**
+   * The longest one request waits on the server, in seconds (default 240:
+   * Node's `fetch` gives up on headers that take 300 s). Longer waits
+   * (`wait`, actions with a larger `timeout`) are made in rounds; lower it
+   * behind a proxy that drops quiet requests sooner.
+   */
+  waitRound?: number;
 }
+
+/** The default of {@link HyperfleetOptions.waitRound}. */
+export const DEFAULT_WAIT_ROUND = 240;
 
 export const DEFAULT_URL = "http://127.0.0.1:3000";
 
@@ -60,7 +70,9 @@ export class Hyperfleet {
     const apiKey = options.apiKey ?? env["HYPERFLEET_API_KEY"];
     const f = options.fetch ?? globalThis.fetch;
     if (typeof f !== "function") throw new TypeError("no fetch: Node.js >= 20 is required");
-    this.#t = new Transport(url, apiKey || undefined, f, options.headers ?? {});
+    const round = options.waitRound ?? DEFAULT_WAIT_ROUND;
+    if (!(round >= 1)) throw new RangeError("waitRound: at least 1 second");
+    this.#t = new Transport(url, apiKey || undefined, f, options.headers ?? {}, round);
     this.url = this.#t.url;
     this.machines = new Machines(this.#t);
     this.keys = new Keys(this.#t);

@@ -32,11 +32,15 @@ export class Transport {
   readonly #fetch: typeof fetch;
   readonly #headers: Record<string, string>;
 
-  constructor(url: string, apiKey: string | undefined, fetchImpl: typeof fetch, headers: Record<string, string>) {
+  /** The longest (seconds) one request waits on the server; longer waits are made in rounds. */
+  readonly waitRound: number;
+
+  constructor(url: string, apiKey: string | undefined, fetchImpl: typeof fetch, headers: Record<string, string>, waitRound: number) {
     this.url = url.replace(/\/+$/, "");
     this.apiKey = apiKey;
     this.#fetch = fetchImpl;
     this.#headers = headers;
+    this.waitRound = waitRound;
   }
 
   /** The full URL of a route with its parameters filled in. */

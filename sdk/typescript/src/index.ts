@@ -10,7 +10,7 @@
  * console.log(r.exitCode, r.stdout);
  * ```
  */
-export { Hyperfleet, Quotas, DEFAULT_URL, type HyperfleetOptions } from "./client.js";
+export { Hyperfleet, Quotas, DEFAULT_URL, DEFAULT_WAIT_ROUND, type HyperfleetOptions } from "./client.js";
 export {
   Machine,
   Machines,

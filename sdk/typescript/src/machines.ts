@@ -33,13 +33,6 @@ import type { Body, Transport } from "./http.js";
 import { lines, sse } from "./streams.js";
 import { fromWire } from "./wire.js";
 
-/**
- * The longest a single request waits on the server. Node's `fetch` gives up
- * on an answer whose headers take more than 300 s; longer waits are done in
- * rounds of this many seconds.
- */
-const ROUND_SECONDS = 240;
-
 /** Options of the lifecycle actions (`start`, `stop`, …). */
 export interface ActionOptions {
   /** Wait until the machine has converged on the request (default true). */
@@ -220,7 +213,7 @@ export class Machine {
   async #action(op: keyof typeof TARGET | "restart", o: ActionOptions = {}): Promise<this> {
     const started = Date.now();
     const wait = o.wait ?? true;
-    const timeout = o.timeout === undefined ? undefined : Math.min(o.timeout, ROUND_SECONDS);
+    const timeout = o.timeout === undefined ? undefined : Math.min(o.timeout, this.#t.waitRound);
     try {
       const data = await this.#t.json(`POST /machines/{id}/${op}`, "Machine", {
         path: this.#path(),
@@ -273,7 +266,7 @@ export class Machine {
   async delete(o: DeleteOptions = {}): Promise<void> {
     await this.#t.empty("DELETE /machines/{id}", {
       path: this.#path(),
-      query: { force: o.force, wait: o.wait, timeout: o.timeout === undefined ? undefined : Math.min(o.timeout, ROUND_SECONDS) },
+      query: { force: o.force, wait: o.wait, timeout: o.timeout === undefined ? undefined : Math.min(o.timeout, this.#t.waitRound) },
       signal: o.signal,
     });
   }
@@ -304,7 +297,7 @@ export class Machine {
     const deadline = Date.now() + (o.timeout ?? 60) * 1000;
     for (;;) {
       const left = Math.max(0, (deadline - Date.now()) / 1000);
-      const round = Math.min(left, ROUND_SECONDS);
+      const round = Math.min(left, this.#t.waitRound);
       try {
         const data = await this.#t.json("GET /machines/{id}/wait", "Machine", {
           path: this.#path(),

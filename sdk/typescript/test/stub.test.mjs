@@ -156,6 +156,21 @@ describe("machines", () => {
     await m.dispose();
   });
 
+  test("waits longer than one round go on in rounds", async () => {
+    const short = new Hyperfleet({ url: d.url, apiKey: d.key, waitRound: 1 });
+    const m = await short.machines.create({ name: "rounds", metadata: { stub_boot_ms: "2500" } });
+    const t0 = Date.now();
+    await m.start({ timeout: 30 }); // the server answers TIMEOUT after 1 s; the SDK waits on
+    assert.equal(m.status, "running");
+    assert.ok(Date.now() - t0 >= 2000);
+    await m.stop();
+    await m.start({ wait: false });
+    assert.equal((await m.wait("running", { timeout: 30 })).status, "running");
+    // A restart is not continued: its outcome cannot be told from the state before it.
+    await assert.rejects(m.restart({ timeout: 30 }), TimeoutError);
+    await m.dispose();
+  });
+
   test("list iterates every page; page and pages", async () => {
     const made = [];
     for (let i = 0; i < 5; i++) made.push(await hf.machines.create({ name: `page-${i}`, metadata: { batch: "pages" } }));

@@ -206,8 +206,8 @@ export class Machine {
   }
 
   /** Reads the machine again. */
-  async refresh(signal?: AbortSignal): Promise<this> {
-    return this.#set(await this.#t.json("GET /machines/{id}", "Machine", { path: this.#path(), signal }));
+  async refresh(o: { signal?: AbortSignal } = {}): Promise<this> {
+    return this.#set(await this.#t.json("GET /machines/{id}", "Machine", { path: this.#path(), signal: o.signal }));
   }
 
   async #action(op: keyof typeof TARGET | "restart", o: ActionOptions = {}): Promise<this> {

@@ -1,0 +1,86 @@
+/** The client: `new Hyperfleet({url?, apiKey?})`. */
+import type { Health, Quota, QuotaLimits } from "./generated/openapi.js";
+import { Transport } from "./http.js";
+import { Keys } from "./keys.js";
+import { Machines } from "./machines.js";
+
+export interface HyperfleetOptions {
+  /** The daemon, e.g. `http://127.0.0.1:3000`; default `HYPERFLEET_URL`, else that. */
+  url?: string;
+  /** An API key (`hf_…`); default `HYPERFLEET_API_KEY`. */
+  apiKey?: string;
+  /** The `fetch` to use (default the global one), e.g. one with another dispatcher. */
+  fetch?: typeof fetch;
+  /** Headers added to every request. */
+  headers?: Record<string, string>;
+  /**
+   * The longest one request waits on the server, in seconds (default 240:
+   * Node's `fetch` gives up on headers that take 300 s). Longer waits
+   * (`wait`, actions with a larger `timeout`) are made in rounds; lower it
+   * behind a proxy that drops quiet requests sooner.
+   */
+  waitRound?: number;
+}
+
+/** The default of {@link HyperfleetOptions.waitRound}. */
+export const DEFAULT_WAIT_ROUND = 240;
+
+export const DEFAULT_URL = "http://127.0.0.1:3000";
+
+/** The tenant quotas (`hf.quotas`; docs/api.md "Quotas"). */
+export class Quotas {
+  readonly #t: Transport;
+
+  /** @internal */
+  constructor(transport: Transport) {
+    this.#t = transport;
+  }
+
+  /** The limits in force for a tenant, and what its machines hold. */
+  get(tenant: string, o: { signal?: AbortSignal } = {}): Promise<Quota> {
+    return this.#t.json("GET /tenants/{tenant}/quota", "Quota", { path: { tenant }, signal: o.signal });
+  }
+
+  /** Replaces a tenant's limits (one left out is unlimited); operator admins only. */
+  set(tenant: string, limits: QuotaLimits, o: { signal?: AbortSignal } = {}): Promise<Quota> {
+    return this.#t.json("PUT /tenants/{tenant}/quota", "Quota", {
+      path: { tenant },
+      json: { schema: "QuotaLimits", value: limits },
+      signal: o.signal,
+    });
+  }
+
+  /** Drops a tenant's own quota: the server's defaults apply again. */
+  reset(tenant: string, o: { signal?: AbortSignal } = {}): Promise<Quota> {
+    return this.#t.json("DELETE /tenants/{tenant}/quota", "Quota", { path: { tenant }, signal: o.signal });
+  }
+}
+
+export class Hyperfleet {
+  /** The daemon's URL (without `/api/v1`). */
+  readonly url: string;
+  readonly machines: Machines;
+  readonly keys: Keys;
+  readonly quotas: Quotas;
+  readonly #t: Transport;
+
+  constructor(options: HyperfleetOptions = {}) {
+    const env = typeof process !== "undefined" ? process.env : {};
+    const url = options.url ?? env["HYPERFLEET_URL"] ?? DEFAULT_URL;
+    const apiKey = options.apiKey ?? env["HYPERFLEET_API_KEY"];
+    const f = options.fetch ?? globalThis.fetch;
+    if (typeof f !== "function") throw new TypeError("no fetch: Node.js >= 20 is required");
+    const round = options.waitRound ?? DEFAULT_WAIT_ROUND;
+    if (!(round >= 1)) throw new RangeError("waitRound: at least 1 second");
+    this.#t = new Transport(url, apiKey || undefined, f, options.headers ?? {}, round);
+    this.url = this.#t.url;
+    this.machines = new Machines(this.#t);
+    this.keys = new Keys(this.#t);
+    this.quotas = new Quotas(this.#t);
+  }
+
+  /** The daemon's health (no key needed). */
+  health(o: { signal?: AbortSignal } = {}): Promise<Health> {
+    return this.#t.json("GET /health", "Health", { signal: o.signal });
+  }
+}

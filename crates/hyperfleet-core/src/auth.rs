@@ -198,6 +198,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_key_is_read_from_the_bearer_subprotocol_only() {
+        let key = |v: &[&'static str]| ws_protocol_key(v.iter().copied());
+        assert_eq!(
+            key(&["hyperfleet.exec.v1, hyperfleet.bearer.hf_abc"]),
+            Some("hf_abc")
+        );
+        assert_eq!(
+            key(&["hyperfleet.exec.v1", "hyperfleet.bearer.hf_x ,other"]),
+            Some("hf_x")
+        );
+        assert_eq!(key(&["hyperfleet.exec.v1"]), None);
+        assert_eq!(key(&["hyperfleet.bearer."]), None);
+        assert_eq!(key(&["chat, xhyperfleet.bearer.hf_abc"]), None);
+        assert_eq!(key(&[]), None);
+    }
+
+    #[test]
     fn keys_are_long_prefixed_and_hashed() {
         let (secret, rec) = new_key("t", "default", vec![Scope::Read], None);
         assert!(secret.starts_with("hf_"));

@@ -128,8 +128,8 @@ export function machineView(main, ref) {
   }
 
   function eventRow(e) {
-    const status = e.to_status
-      ? `${e.from_status ?? '—'} → ${e.to_status}`
+    const status = e.kind === 'transition' ? `${e.from_status ?? '—'} → ${e.to_status}`
+      : e.kind === 'created' ? (e.to_status ?? '')
       : '';
     const total = e.steps?.reduce((a, s) => a + s.duration_ms, 0) ?? 0;
     const steps = (e.steps ?? []).map((s) => h('div', { class: `step ${s.outcome === 'ok' ? '' : 'failed'}` },

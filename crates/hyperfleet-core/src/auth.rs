@@ -87,6 +87,25 @@ impl Refusal {
     }
 }
 
+/// The WebSocket subprotocol the exec WebSocket answers with when a browser
+/// authenticated through [`WS_BEARER_PREFIX`] (browsers cannot set headers
+/// on a WebSocket; docs/security.md "The exec WebSocket from a browser").
+pub const WS_PROTOCOL: &str = "hyperfleet.exec.v1";
+/// A `Sec-WebSocket-Protocol` entry `hyperfleet.bearer.<key>` carries the
+/// API key on a WebSocket upgrade that has no `Authorization` header. The
+/// server never echoes it (it answers [`WS_PROTOCOL`]).
+pub const WS_BEARER_PREFIX: &str = "hyperfleet.bearer.";
+
+/// The API key offered as a `hyperfleet.bearer.<key>` subprotocol in the
+/// `Sec-WebSocket-Protocol` header values, if any (the first one).
+pub fn ws_protocol_key<'a>(values: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    values
+        .flat_map(|v| v.split(','))
+        .map(|p| p.trim_matches([' ', '\t']))
+        .find_map(|p| p.strip_prefix(WS_BEARER_PREFIX))
+        .filter(|k| !k.is_empty())
+}
+
 /// The token of a `Bearer` credential: the scheme in any letter case,
 /// then one or more spaces or tabs (RFC 9110 §11.4 allows either), then the
 /// token. The API and the proxy read keys with this one function, so a
@@ -177,6 +196,23 @@ fn write_secret_file(path: &Path, content: &str) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_is_read_from_the_bearer_subprotocol_only() {
+        let key = |v: &[&'static str]| ws_protocol_key(v.iter().copied());
+        assert_eq!(
+            key(&["hyperfleet.exec.v1, hyperfleet.bearer.hf_abc"]),
+            Some("hf_abc")
+        );
+        assert_eq!(
+            key(&["hyperfleet.exec.v1", "hyperfleet.bearer.hf_x ,other"]),
+            Some("hf_x")
+        );
+        assert_eq!(key(&["hyperfleet.exec.v1"]), None);
+        assert_eq!(key(&["hyperfleet.bearer."]), None);
+        assert_eq!(key(&["chat, xhyperfleet.bearer.hf_abc"]), None);
+        assert_eq!(key(&[]), None);
+    }
 
     #[test]
     fn keys_are_long_prefixed_and_hashed() {

@@ -167,6 +167,20 @@ impl FromRequestParts<AppState> for Caller {
             .headers
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok());
+        // A browser's WebSocket cannot send Authorization: it may offer the
+        // key as a subprotocol instead, on upgrade requests only.
+        let from_protocol = match header {
+            None if is_websocket_upgrade(&parts.headers) => auth::ws_protocol_key(
+                parts
+                    .headers
+                    .get_all(axum::http::header::SEC_WEBSOCKET_PROTOCOL)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok()),
+            )
+            .map(|key| format!("Bearer {key}")),
+            _ => None,
+        };
+        let header = header.or(from_protocol.as_deref());
         match auth::authenticate(&state.store, header) {
             Ok(p) => Ok(Caller(p)),
             Err(refusal) => {
@@ -175,4 +189,12 @@ impl FromRequestParts<AppState> for Caller {
             }
         }
     }
+}
+
+/// Whether the request asks to become a WebSocket (`Upgrade: websocket`).
+fn is_websocket_upgrade(headers: &axum::http::HeaderMap) -> bool {
+    headers
+        .get(axum::http::header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
 }

@@ -554,7 +554,7 @@ pub async fn events(
         .into_response())
 }
 
-fn sse_event(e: &crate::store::EventRecord) -> Event {
+pub(super) fn sse_event(e: &crate::store::EventRecord) -> Event {
     // Plain data; serialising cannot fail.
     let data = serde_json::to_string(&e.to_api()).expect("event JSON serialises");
     Event::default()

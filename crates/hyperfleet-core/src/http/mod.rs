@@ -2,6 +2,7 @@
 //! hand over to the lifecycle supervisor; no lifecycle work happens here.
 
 pub mod error;
+pub mod events;
 pub mod extract;
 pub mod guest;
 pub mod health;
@@ -11,6 +12,7 @@ pub mod openapi;
 pub mod quota;
 pub mod server;
 pub mod snapshots;
+pub mod ui;
 
 use std::sync::Arc;
 
@@ -58,6 +60,7 @@ fn api_routes() -> Router<AppState> {
         .route("/machines/{id}/suspend", post(machines::suspend))
         .route("/machines/{id}/wait", get(machines::wait))
         .route("/machines/{id}/events", get(machines::events))
+        .route("/events", get(events::tenant_events))
         .route("/machines/{id}/exec", post(guest::exec))
         .route("/machines/{id}/exec/ws", get(guest::exec_ws))
         .route(
@@ -90,6 +93,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .nest("/api/v1", api_routes())
         .merge(api_routes())
+        .merge(ui::routes())
         .fallback(not_found)
         .layer(axum::middleware::map_response(envelope_bare_errors))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

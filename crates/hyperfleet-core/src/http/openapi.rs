@@ -15,7 +15,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
-use super::{guest, health, keys, machines, quota, snapshots};
+use super::{events, guest, health, keys, machines, quota, snapshots};
 
 struct BearerAuth;
 
@@ -229,7 +229,7 @@ fn drop_null(schema: &mut RefOr<Schema>) {
         machines::create, machines::list, machines::get, machines::delete,
         machines::start, machines::stop, machines::restart, machines::pause,
         machines::resume, machines::kill, machines::suspend,
-        machines::wait, machines::events,
+        machines::wait, machines::events, events::tenant_events,
         guest::exec, guest::exec_ws, guest::write_json, guest::write_raw, guest::read, guest::delete,
         guest::stat, guest::list, guest::mkdir, guest::logs,
         snapshots::create, snapshots::list, snapshots::get, snapshots::delete, snapshots::fork,

@@ -13,7 +13,8 @@ use std::net::IpAddr;
 
 use axum::http::header::{
     HeaderName, HeaderValue, AUTHORIZATION, CONNECTION, CONTENT_SECURITY_POLICY, COOKIE, HOST,
-    PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, SET_COOKIE, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
+    PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, SEC_WEBSOCKET_PROTOCOL, SET_COOKIE, TE, TRAILER,
+    TRANSFER_ENCODING, UPGRADE,
 };
 use axum::http::HeaderMap;
 
@@ -238,6 +239,48 @@ fn carries_key(v: &HeaderValue) -> bool {
 /// client may send several — and keeps the application's own.
 fn strip_hyperfleet_keys(headers: &mut HeaderMap) {
     retain_values(headers, AUTHORIZATION, |v| !carries_key(v));
+    strip_key_subprotocols(headers);
+}
+
+/// Removes the `hyperfleet.bearer.<key>` entries (the API's browser form of
+/// a key on a WebSocket, docs/security.md) from every
+/// `Sec-WebSocket-Protocol` value, keeping the application's own
+/// subprotocols in order; drops a value left empty. The proxy does not take
+/// a key in that form, but a client that sends one anyway must not hand it
+/// to the guest.
+fn strip_key_subprotocols(headers: &mut HeaderMap) {
+    let is_key = |p: &str| {
+        p.trim_matches([' ', '\t'])
+            .get(..crate::auth::WS_BEARER_PREFIX.len())
+            .is_some_and(|s| s.eq_ignore_ascii_case(crate::auth::WS_BEARER_PREFIX))
+    };
+    let values: Vec<HeaderValue> = headers
+        .get_all(SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .cloned()
+        .collect();
+    if !values
+        .iter()
+        .any(|v| String::from_utf8_lossy(v.as_bytes()).split(',').any(is_key))
+    {
+        return;
+    }
+    headers.remove(SEC_WEBSOCKET_PROTOCOL);
+    for v in values {
+        let text = String::from_utf8_lossy(v.as_bytes()).into_owned();
+        let kept: Vec<&str> = text
+            .split(',')
+            .filter(|p| !is_key(p))
+            .map(|p| p.trim_matches([' ', '\t']))
+            .filter(|p| !p.is_empty())
+            .collect();
+        if kept.is_empty() {
+            continue;
+        }
+        if let Ok(v) = HeaderValue::from_str(&kept.join(", ")) {
+            headers.append(SEC_WEBSOCKET_PROTOCOL, v);
+        }
+    }
 }
 
 /// Whether one `name=value` pair of a `Cookie` header is the token cookie,
@@ -387,6 +430,23 @@ mod tests {
         assert_eq!(auth, [&b"Bearer app-token"[..]]);
         let cookies: Vec<&[u8]> = h.get_all("cookie").iter().map(|v| v.as_bytes()).collect();
         assert_eq!(cookies, [&b"a=1; b=2"[..], &b"c=\xff"[..]]);
+
+        // The API's browser form of a key on a WebSocket never reaches the
+        // guest; the application's own subprotocols stay, in order.
+        let mut h = map(&[
+            (
+                "sec-websocket-protocol",
+                "chat, hyperfleet.bearer.hf_secret, v2",
+            ),
+            ("sec-websocket-protocol", "HyperFleet.Bearer.hf_secret"),
+        ]);
+        prepare_request(&mut h, true, &fwd);
+        let protos: Vec<&str> = h
+            .get_all("sec-websocket-protocol")
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect();
+        assert_eq!(protos, ["chat, v2"]);
 
         // The application's own credentials pass untouched.
         let mut h = map(&[

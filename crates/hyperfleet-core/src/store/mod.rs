@@ -482,6 +482,35 @@ impl Store {
             .map_err(|_| StoreError::Closed)?
     }
 
+    /// The history of every machine `tenant` holds, in order, after event
+    /// id `after` (the tenant-wide `GET /events`).
+    pub async fn tenant_events(
+        &self,
+        tenant: &str,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<EventRecord>, StoreError> {
+        let tenant = tenant.to_string();
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || {
+            store.read(|c| rows::load_tenant_events(c, &tenant, after, limit))
+        })
+        .await
+        .map_err(|_| StoreError::Closed)?
+    }
+
+    /// The ids of every machine `tenant` holds (to tell its live events
+    /// from other tenants').
+    pub async fn machine_ids(&self, tenant: &str) -> Result<Vec<String>, StoreError> {
+        let tenant = tenant.to_string();
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || {
+            store.read(|c| rows::list_ids(c, &tenant, None, usize::MAX, 0))
+        })
+        .await
+        .map_err(|_| StoreError::Closed)?
+    }
+
     /// The steps journaled for a machine, oldest first (for tests and `doctor`).
     pub async fn journal(&self, machine_id: &str) -> Result<Vec<(String, String)>, StoreError> {
         let id = machine_id.to_string();

@@ -530,14 +530,47 @@ pub(super) fn load_events(
     after: i64,
     limit: usize,
 ) -> Result<Vec<EventRecord>, StoreError> {
+    query_events(
+        conn,
+        "SELECT id, machine_id, at, kind, from_status, to_status, operation_id, message, steps \
+         FROM events WHERE machine_id = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
+        machine_id,
+        after,
+        limit,
+    )
+}
+
+/// The events of every machine `tenant` holds now, in order, after `after`
+/// (a deleted machine's events go with it).
+pub(super) fn load_tenant_events(
+    conn: &Connection,
+    tenant: &str,
+    after: i64,
+    limit: usize,
+) -> Result<Vec<EventRecord>, StoreError> {
+    query_events(
+        conn,
+        "SELECT id, machine_id, at, kind, from_status, to_status, operation_id, message, steps \
+         FROM events WHERE machine_id IN (SELECT id FROM machines WHERE tenant = ?1) \
+         AND id > ?2 ORDER BY id LIMIT ?3",
+        tenant,
+        after,
+        limit,
+    )
+}
+
+fn query_events(
+    conn: &Connection,
+    sql: &str,
+    key: &str,
+    after: i64,
+    limit: usize,
+) -> Result<Vec<EventRecord>, StoreError> {
     let mut stmt = conn
-        .prepare_cached(
-            "SELECT id, machine_id, at, kind, from_status, to_status, operation_id, message, steps \
-             FROM events WHERE machine_id = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
-        )
+        .prepare_cached(sql)
         .map_err(|e| StoreError::sql("loading events", e))?;
     let rows = stmt
-        .query_map(params![machine_id, after, limit as i64], |r| {
+        .query_map(params![key, after, limit as i64], |r| {
             let parse_status = |i: usize| -> rusqlite::Result<Option<MachineStatus>> {
                 let s: Option<String> = r.get(i)?;
                 s.map(|s| s.parse().map_err(|e: String| bad(i, e)))

@@ -225,7 +225,11 @@ pub struct UpgradeHeaders {
                    and the text messages `{\"type\":\"eof\"}` (close stdin) and \
                    `{\"type\":\"cancel\"}` (kill) control it. The server sends one \
                    `ExecStreamEvent` per text message as output arrives, ending with `exit` or \
-                   `error`, then closes. Closing the socket kills the command.",
+                   `error`, then closes. Closing the socket kills the command. Browsers, which \
+                   cannot set the `Authorization` header on a WebSocket, may instead offer the \
+                   subprotocols `hyperfleet.exec.v1, hyperfleet.bearer.<key>` in \
+                   `Sec-WebSocket-Protocol`; the server then answers with `hyperfleet.exec.v1` \
+                   (docs/security.md \"The exec WebSocket from a browser\").",
     params(("id" = String, Path, description = "Machine id or name"), UpgradeHeaders),
     responses((status = 101, description = "Switching to the WebSocket protocol"),
               (status = 400, description = "Not a WebSocket upgrade request", body = hyperfleet_api::ErrorBody)),
@@ -237,7 +241,11 @@ pub async fn exec_ws(
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
     let g = guest_of(&state, &caller, &id, Scope::Exec).await?;
-    Ok(ws.on_upgrade(move |socket| exec_session(socket, g.agent, g.machine, g.slot)))
+    // A browser that authenticated with the subprotocol pair needs one of
+    // its offered protocols echoed back; other clients offer none.
+    Ok(ws
+        .protocols([crate::auth::WS_PROTOCOL])
+        .on_upgrade(move |socket| exec_session(socket, g.agent, g.machine, g.slot)))
 }
 
 fn ws_event(ev: &ExecStreamEvent) -> Message {

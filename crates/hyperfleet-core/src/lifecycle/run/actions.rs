@@ -264,6 +264,13 @@ impl Run {
             return Ok(());
         };
         result?;
+        // A guest restored from memory takes up the present: a new machine
+        // (snapshot, fork, template) its own identity, a resumed one the
+        // host's clock and fresh entropy; before it counts as running.
+        if let Some((_, _, own)) = launch.restore_image() {
+            self.refresh_guest(rec, &launch, backend.as_ref(), !own)
+                .await?;
+        }
         failpoint::hit("ready.after_effect");
         self.verified = true;
         let restored = rec.has_snapshot;
@@ -285,6 +292,101 @@ impl Run {
                 tracing::warn!(machine = %rec.id, error = %e, "could not remove a consumed suspend image");
             }
         }
+        Ok(())
+    }
+
+    /// Sends the guest agent a refresh after a restore: for a machine
+    /// restored from another's memory (`new_machine`) its address, MAC,
+    /// hostname, machine id and boot id, with the clock, entropy and stale
+    /// exec sessions dropped, failing the start when any part fails; after
+    /// a resume of its own image only the clock and entropy (a failure is
+    /// logged: an old agent may not know the request).
+    async fn refresh_guest(
+        &mut self,
+        rec: &MachineRecord,
+        launch: &crate::vmm::LaunchSpec,
+        backend: &dyn crate::vmm::Vmm,
+        new_machine: bool,
+    ) -> Result<(), RunError> {
+        use hyperfleet_agent_proto::{
+            random_boot_id, random_machine_id, MacAddr, NetworkIdentity, RefreshRequest,
+        };
+        let t0 = Instant::now();
+        let doing = if new_machine {
+            "giving the restored guest an identity of its own"
+        } else {
+            "setting the resumed guest's clock"
+        };
+        let err = |detail: String| crate::vmm::VmmError::Control {
+            doing: doing.to_string(),
+            detail,
+        };
+        let agent = match backend.agent(launch).await {
+            Ok(a) => a,
+            Err(crate::vmm::VmmError::Unsupported { .. }) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        let host = |e: std::io::Error| err(format!("reading the host's randomness: {e}"));
+        let req = if new_machine {
+            let mut req = RefreshRequest::new_machine()
+                .map_err(host)?
+                .hostname(rec.name.clone())
+                .machine_id(random_machine_id().map_err(host)?)
+                .boot_id(random_boot_id().map_err(host)?);
+            if let Some(n) = &launch.network {
+                let mut id = NetworkIdentity::new(n.ip, n.prefix_len);
+                id.gateway = Some(n.gateway);
+                id.mac = Some(
+                    n.mac
+                        .parse::<MacAddr>()
+                        .map_err(|e| err(format!("the lease's MAC {}: {e}", n.mac)))?,
+                );
+                id.dns = n.dns.clone();
+                req = req.network(id);
+            }
+            req.stamp_clock()
+        } else {
+            RefreshRequest::resume().map_err(host)?
+        };
+        let outcome = agent.refresh(req).await;
+        let report = match outcome {
+            Ok(r) => r,
+            Err(e) if !new_machine => {
+                tracing::warn!(machine = %rec.id, error = %e, "could not set a resumed guest's clock");
+                return Ok(());
+            }
+            Err(e) => return Err(err(e.to_string()).into()),
+        };
+        let failed: Vec<String> = report
+            .failures()
+            .map(|f| {
+                format!(
+                    "{}: {}",
+                    f.step.as_str(),
+                    f.error.as_ref().map(|e| e.message.as_str()).unwrap_or("")
+                )
+            })
+            .collect();
+        if !failed.is_empty() {
+            if new_machine {
+                return Err(err(failed.join("; ")).into());
+            }
+            tracing::warn!(machine = %rec.id, failures = %failed.join("; "), "a resumed guest's refresh failed in part");
+        }
+        let detail = if new_machine {
+            format!(
+                "hostname {}, new machine id and boot id{}, clock and RNG reseeded",
+                rec.name,
+                launch
+                    .network
+                    .as_ref()
+                    .map(|n| format!(", address {}/{} mac {}", n.ip, n.prefix_len, n.mac))
+                    .unwrap_or_default()
+            )
+        } else {
+            "clock set from the host, RNG reseeded".to_string()
+        };
+        self.step_done(steps::REFRESH_IDENTITY, t0, detail);
         Ok(())
     }
 

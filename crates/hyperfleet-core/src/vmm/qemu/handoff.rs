@@ -364,8 +364,16 @@ impl Given {
             agent: format!("socket,id=agent,fd={},server=on,wait=off", self.agent),
             // The overlay records its backing file by path; QEMU gets it
             // as a descriptor instead.
+            // No image locking: QEMU's OFD locks protect files against
+            // other processes opening them by name, which no one does here
+            // (every file is handed over as a descriptor, the daemon's own
+            // copies read frozen or stopped images); and a VM continued
+            // after a save re-activates its disk through the *other*
+            // descriptor of the set, whose lock would conflict with the
+            // first one's.
             drive: format!(
-                "id=root,file=/dev/fdset/{SET_DISK},format=qcow2,if=none,discard=unmap{backing}"
+                "id=root,file=/dev/fdset/{SET_DISK},file.locking=off,format=qcow2,if=none,\
+                 discard=unmap{backing}"
             ),
             netdev: self.tap.map(|fd| format!("tap,id=net0,fd={fd}")),
             incoming,

@@ -1124,7 +1124,18 @@ fn sigkill_at_every_step_boundary_converges_with_firecracker_guests() {
         return;
     };
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    crash_firecracker("firecracker", crash::POINTS, crash::FULL_SCENARIO, &args);
+    // Snapshots are QEMU's (and the stub's) for now.
+    let points: Vec<&str> = crash::POINTS
+        .iter()
+        .copied()
+        .filter(|p| !crash::is_snapshot_point(p))
+        .collect();
+    let scenario: Vec<Step> = crash::FULL_SCENARIO
+        .iter()
+        .copied()
+        .filter(|s| s.want != crash::Want::Snapshot)
+        .collect();
+    crash_firecracker("firecracker", &points, &scenario, &args);
 }
 
 #[test]

@@ -22,6 +22,10 @@ pub(crate) const FULL_SCENARIO: &[Step] = &[
         want: Want::Status("running"),
     },
     Step {
+        req: "snapshots",
+        want: Want::Snapshot,
+    },
+    Step {
         req: "pause",
         want: Want::Status("paused"),
     },
@@ -58,6 +62,16 @@ pub(crate) enum Want {
     Failed,
     /// Deleted (a retried delete may find nothing: 404).
     Gone,
+    /// A snapshot taken (`201`, ready); or, for a request retried after
+    /// the crash while the recovered run still finishes the first one,
+    /// `409` saying so.
+    Snapshot,
+}
+
+/// Whether crash point `p` is passed by taking a snapshot (backends
+/// without snapshots leave those out).
+pub(crate) fn is_snapshot_point(p: &str) -> bool {
+    p.starts_with("snapshot.")
 }
 
 /// One client request: a machine action (`start`, `stop?wait=false`, …),
@@ -148,6 +162,17 @@ pub(crate) fn act(d: &Daemon, id: &str, req: &str) -> Result<Resp, reqwest::Erro
 /// not.
 fn check(d: &Daemon, id: &str, ctx: &str, step: &Step, r: &Resp) {
     match step.want {
+        Want::Snapshot => {
+            let retried = r.status == 409 && r.body.to_string().contains("already taking");
+            assert!(
+                (r.status == 201 && r.body["status"] == "ready") || retried,
+                "{ctx}: {} answered {} {}\n{}",
+                step.req,
+                r.status,
+                r.body,
+                d.log()
+            );
+        }
         Want::Accepted | Want::Gone | Want::Status(_) => {
             assert!(
                 r.status < 300,
@@ -178,7 +203,7 @@ fn check(d: &Daemon, id: &str, ctx: &str, step: &Step, r: &Resp) {
 /// How many VMMs a machine may have after a step reached its outcome.
 fn vmms_after(want: Want) -> Option<usize> {
     match want {
-        Want::Status("running" | "paused") => Some(1),
+        Want::Status("running" | "paused") | Want::Snapshot => Some(1),
         Want::Status("stopped" | "suspended") | Want::Failed | Want::Gone => Some(0),
         // Mid-start (`starting` is recorded just before the spawn): the
         // process may or may not exist yet.
@@ -316,6 +341,23 @@ pub(crate) fn run(case: &Case) {
         );
         let dirs: Vec<_> = std::fs::read_dir(sb.machines_dir()).unwrap().collect();
         assert!(dirs.is_empty(), "{ctx}: machine directories left: {dirs:?}");
+        // Every snapshot asked for was taken (none stuck or failed), and
+        // deleting them leaves no file.
+        let snaps = d.call("GET", "/snapshots", None).body;
+        for s in snaps["snapshots"].as_array().into_iter().flatten() {
+            assert_eq!(s["status"], "ready", "{ctx}: {s}");
+            let r = d.call(
+                "DELETE",
+                &format!("/snapshots/{}", s["id"].as_str().unwrap()),
+                None,
+            );
+            assert_eq!(r.status, 204, "{ctx}: {}", r.body);
+        }
+        let snapshot_files = sb.path().join("snapshots");
+        if snapshot_files.exists() {
+            let left: Vec<_> = std::fs::read_dir(&snapshot_files).unwrap().collect();
+            assert!(left.is_empty(), "{ctx}: snapshot files left: {left:?}");
+        }
         let left = (case.leftovers)(&id);
         assert!(left.is_empty(), "{ctx}: left behind: {left:?}");
         let log = d.log();

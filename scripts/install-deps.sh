@@ -24,7 +24,8 @@ JAILER_SHA256=86622337f91df329cca72bb21cd1324fb8b6fa47931601d65ee4b2c72ef2cae5
 
 # Installed from the default suite (bookworm). qemu-system-x86 is handled separately (backports).
 PKGS=(gcc libc6-dev procps curl busybox-static e2fsprogs lz4 cpio kmod zstd xz-utils nftables
-      wrk iproute2 binutils unzip ca-certificates python3 file)
+      wrk iproute2 binutils unzip ca-certificates python3 python3-venv file
+      chromium chromium-driver python3-selenium)
 QEMU_PKGS=(qemu-system-x86 qemu-utils)
 
 log() { printf '[install-deps] %s\n' "$*"; }

@@ -19,5 +19,12 @@ agent=$(bash scripts/build-agent.sh)
 HYPERFLEET_DATA_DIR="$PWD/target/hf-test-data" \
   target/debug/hyperfleet assets build --agent "$agent" 2>&1 | grep -v '^ *[][{}"]' | tail -n 3
 cargo test --workspace --features hyperfleet/failpoints "$@"
+# The SDKs against the daemon just built (stub backend for breadth, one real
+# QEMU guest each): Python in a pinned venv, TypeScript on a pinned Node.js.
+bash scripts/test-python-sdk.sh
+bash scripts/test-ts-sdk.sh
+# The web console in headless Chromium against a real daemon and QEMU guest
+# (screenshots in target/ui-test/).
+bash scripts/test-ui.sh
 # The API against its OpenAPI document: schema-driven fuzzing of a live (stub) daemon, bounded.
 bash scripts/fuzz-api.sh 90

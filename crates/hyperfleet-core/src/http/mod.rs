@@ -7,6 +7,7 @@ pub mod guest;
 pub mod health;
 pub mod keys;
 pub mod machines;
+pub mod metrics;
 pub mod openapi;
 pub mod quota;
 pub mod server;
@@ -43,6 +44,7 @@ fn api_routes() -> Router<AppState> {
     Router::new()
         .route("/health", get(health::health))
         .route("/openapi.json", get(openapi_json))
+        .route("/metrics", get(metrics::metrics))
         .route("/machines", get(machines::list).post(machines::create))
         .route(
             "/machines/{id}",
@@ -85,6 +87,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .layer(axum::middleware::map_response(envelope_bare_errors))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(crate::metrics::track_api))
         .with_state(state)
 }
 

@@ -57,9 +57,16 @@ fn machine_actions_show_a_spinner_on_a_terminal_only() {
     // Piped: the table on stdout, nothing at all on stderr.
     let out = cli(&d, &["machines", "start", "piped"]).output().unwrap();
     assert!(out.status.success(), "{out:?}");
-    assert!(out.stderr.is_empty(), "stderr: {:?}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.stderr.is_empty(),
+        "stderr: {:?}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8(out.stdout).unwrap();
-    assert!(stdout.contains("running") && !stdout.contains('\x1b'), "{stdout}");
+    assert!(
+        stdout.contains("running") && !stdout.contains('\x1b'),
+        "{stdout}"
+    );
 
     if !have_script() {
         return;

@@ -18,14 +18,14 @@
 //! clients send.
 
 use std::collections::HashSet;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::{LazyLock, RwLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use axum::extract::{MatchedPath, Request};
-use axum::http::{Method, StatusCode};
-use axum::middleware::Next;
+use axum::extract::MatchedPath;
+use axum::http::{Method, Request, StatusCode};
 use axum::response::Response;
 use hyperfleet_api::{MachineStatus, VmmKind};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -35,6 +35,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tower::{Layer, Service};
 
 use crate::store::{read_lock, write_lock, EventRecord, Store, StoreError};
 
@@ -314,31 +315,93 @@ pub(crate) fn proxy_request(status: StatusCode) {
         .inc();
 }
 
-/// The API middleware: counts each request by method, route template and
+/// The API layer: counts each request by method, route template and
 /// status, and times it until its response head. Installed once on the
-/// router.
-pub async fn track_api(req: Request, next: Next) -> Response {
-    let t0 = Instant::now();
-    let m = &*METRICS;
-    let route = match req.extensions().get::<MatchedPath>() {
-        // One label for `/api/v1/x` and `/x`: the same route.
-        Some(p) => m.route(p.as_str().strip_prefix("/api/v1").unwrap_or(p.as_str())),
-        None => "unmatched",
-    };
-    let method = method_label(req.method());
-    let resp = next.run(req).await;
-    let status = resp.status().as_u16();
-    m.http_requests
-        .get_or_create(&RequestLabels {
+/// router (`Router::layer`, so it runs after routing and sees the matched
+/// route). A plain tower layer rather than `middleware::from_fn`, which
+/// boxes the inner service and the future of every request.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TrackApi;
+
+impl<S> Layer<S> for TrackApi {
+    type Service = TrackedApi<S>;
+    fn layer(&self, inner: S) -> TrackedApi<S> {
+        TrackedApi { inner }
+    }
+}
+
+/// A route's service under [`TrackApi`].
+#[derive(Clone, Debug)]
+pub struct TrackedApi<S> {
+    inner: S,
+}
+
+impl<S, B> Service<Request<B>> for TrackedApi<S>
+where
+    S: Service<Request<B>, Response = Response>,
+{
+    type Response = Response;
+    type Error = S::Error;
+    type Future = Tracked<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let t0 = Instant::now();
+        let route = match req.extensions().get::<MatchedPath>() {
+            // One label for `/api/v1/x` and `/x`: the same route.
+            Some(p) => METRICS.route(p.as_str().strip_prefix("/api/v1").unwrap_or(p.as_str())),
+            None => "unmatched",
+        };
+        let method = method_label(req.method());
+        Tracked {
+            inner: self.inner.call(req),
+            t0,
             method,
             route,
-            status,
-        })
-        .inc();
-    m.http_duration
-        .get_or_create(&RouteLabels { method, route })
-        .observe(t0.elapsed().as_secs_f64());
-    resp
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response future of a tracked request: records it once the
+    /// response head is ready.
+    pub struct Tracked<F> {
+        #[pin]
+        inner: F,
+        t0: Instant,
+        method: &'static str,
+        route: &'static str,
+    }
+}
+
+impl<F, E> Future for Tracked<F>
+where
+    F: Future<Output = Result<Response, E>>,
+{
+    type Output = Result<Response, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let out = std::task::ready!(this.inner.poll(cx));
+        if let Ok(resp) = &out {
+            let (method, route) = (*this.method, *this.route);
+            let m = &*METRICS;
+            m.http_requests
+                .get_or_create(&RequestLabels {
+                    method,
+                    route,
+                    status: resp.status().as_u16(),
+                })
+                .inc();
+            m.http_duration
+                .get_or_create(&RouteLabels { method, route })
+                .observe(this.t0.elapsed().as_secs_f64());
+        }
+        Poll::Ready(out)
+    }
 }
 
 fn method_label(m: &Method) -> &'static str {

@@ -87,7 +87,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .layer(axum::middleware::map_response(envelope_bare_errors))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(axum::middleware::from_fn(crate::metrics::track_api))
+        .layer(crate::metrics::TrackApi)
         .with_state(state)
 }
 

@@ -22,8 +22,9 @@ use crate::output;
 const TICK: Duration = Duration::from_millis(100);
 /// Lines of a step's log kept for [`Progress::fail`].
 const TAIL: usize = 30;
-/// A wait of unknown length.
-const SPINNER: &str = "{spinner} {msg} {elapsed:.dim}";
+/// A wait of unknown length: what it waits for (the prefix), the time
+/// elapsed, and the latest line of its log cut to the terminal's width.
+const SPINNER: &str = "{spinner} {prefix} {elapsed:.dim} {wide_msg:.dim}";
 /// A transfer of known size.
 const BYTES_BAR: &str = "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}";
 /// A transfer of unknown size.
@@ -74,7 +75,7 @@ impl Progress {
         Progress::new(json, || {
             ProgressBar::new_spinner()
                 .with_style(style(SPINNER))
-                .with_message(msg)
+                .with_prefix(msg)
         })
     }
 
@@ -119,9 +120,9 @@ impl Progress {
         }
     }
 
-    /// A line of the work's log: shown as the spinner's message on a
-    /// terminal (the last [`TAIL`] kept for [`Progress::fail`]), printed to
-    /// stderr otherwise.
+    /// A line of the work's log: shown after the spinner on a terminal,
+    /// cut to its width (the last [`TAIL`] kept for [`Progress::fail`]),
+    /// printed to stderr otherwise.
     pub(crate) fn line(&self, line: &str) {
         let Some(b) = &self.bar else {
             eprintln!("{line}");

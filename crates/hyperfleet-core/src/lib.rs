@@ -12,6 +12,7 @@
 //! - [`validate`]: a create request checked into a machine spec.
 //! - [`assets`]: guest asset sets (kernel, initramfs, root filesystem), versioned and checksummed.
 //! - [`logs`]: console logs: tail, follow, rotation.
+//! - [`metrics`]: the Prometheus registry and what records into it (`GET /metrics`).
 //! - [`doctor`]: host checks.
 //! - [`failpoint`]: crash points at every step boundary (the `failpoints` feature).
 //! - [`util`]: small shared helpers (time, identifiers, error chains, idempotent removal).
@@ -25,6 +26,7 @@ pub mod failpoint;
 pub mod http;
 pub mod lifecycle;
 pub mod logs;
+pub mod metrics;
 pub mod net;
 pub mod proxy;
 pub mod store;

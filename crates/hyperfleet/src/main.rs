@@ -7,6 +7,7 @@ mod cli;
 mod keys;
 mod machines;
 mod output;
+mod progress;
 mod quota;
 mod serve;
 

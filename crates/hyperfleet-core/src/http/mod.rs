@@ -8,6 +8,7 @@ pub mod guest;
 pub mod health;
 pub mod keys;
 pub mod machines;
+pub mod metrics;
 pub mod openapi;
 pub mod quota;
 pub mod server;
@@ -46,6 +47,7 @@ fn api_routes() -> Router<AppState> {
     Router::new()
         .route("/health", get(health::health))
         .route("/openapi.json", get(openapi_json))
+        .route("/metrics", get(metrics::metrics))
         .route("/machines", get(machines::list).post(machines::create))
         .route(
             "/machines/{id}",
@@ -105,6 +107,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .layer(axum::middleware::map_response(envelope_bare_errors))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(crate::metrics::TrackApi)
         .with_state(state)
 }
 

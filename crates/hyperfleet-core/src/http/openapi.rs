@@ -15,7 +15,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
-use super::{events, guest, health, keys, machines, quota, snapshots};
+use super::{events, guest, health, keys, machines, metrics, quota, snapshots};
 
 struct BearerAuth;
 
@@ -225,7 +225,7 @@ fn drop_null(schema: &mut RefOr<Schema>) {
                        Errors are {\"error\":{\"code\",\"message\"}}.",
     ),
     paths(
-        health::health,
+        health::health, metrics::metrics,
         machines::create, machines::list, machines::get, machines::delete,
         machines::start, machines::stop, machines::restart, machines::pause,
         machines::resume, machines::kill, machines::suspend,
@@ -261,6 +261,7 @@ fn drop_null(schema: &mut RefOr<Schema>) {
         (name = "keys", description = "API keys (admin scope)"),
         (name = "quotas", description = "Tenant quotas: what a tenant's machines may hold"),
         (name = "health", description = "Liveness and readiness"),
+        (name = "metrics", description = "Prometheus metrics of the whole host (operator keys)"),
     )
 )]
 pub struct ApiDoc;

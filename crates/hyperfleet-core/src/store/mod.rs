@@ -35,7 +35,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use hyperfleet_api::MachineStatus;
+use hyperfleet_api::{MachineStatus, VmmKind};
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
@@ -421,6 +421,17 @@ impl Store {
     /// preparation (see `lifecycle::run::background_only`).
     pub fn unprepared_ids(&self, limit: usize) -> Result<Vec<String>, StoreError> {
         self.read(|c| rows::unprepared_ids(c, limit))
+    }
+
+    /// Machines per observed status, over every tenant (from the counts
+    /// memory keeps; no query).
+    pub fn status_counts(&self) -> Vec<(MachineStatus, usize)> {
+        lock(&self.shared.hot).counts.by_status()
+    }
+
+    /// Machines with a VMM recorded, per backend (one indexed query).
+    pub fn vmm_counts(&self) -> Result<Vec<(VmmKind, usize)>, StoreError> {
+        self.read(rows::vmm_counts)
     }
 
     pub fn machine_count(&self) -> usize {

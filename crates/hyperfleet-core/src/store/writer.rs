@@ -399,11 +399,13 @@ fn run(mut conn: Connection, mut rx: mpsc::Receiver<Job>, shared: Arc<Shared>) {
 }
 
 fn run_batch(conn: &mut Connection, batch: Vec<Job>, shared: &Shared) {
+    let (t0, jobs) = (std::time::Instant::now(), batch.len());
     let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
         Ok(tx) => tx,
         Err(e) => {
             let err = StoreError::sql("starting a write transaction", e);
             tracing::error!(error = %err, "store write failed");
+            crate::metrics::store_commit(jobs, t0.elapsed(), false);
             for job in batch {
                 fail_unrun(job, &err);
             }
@@ -445,6 +447,7 @@ fn run_batch(conn: &mut Connection, batch: Vec<Job>, shared: &Shared) {
     let commit = tx
         .commit()
         .map_err(|e| StoreError::sql("committing a write transaction", e));
+    crate::metrics::store_commit(jobs, t0.elapsed(), commit.is_ok());
     if let Err(e) = &commit {
         tracing::error!(error = %e, "store commit failed; the batch is lost");
     } else {
@@ -506,6 +509,7 @@ fn publish(changes: Changes, shared: &Shared) {
         }
     }
     for ev in changes.events {
+        crate::metrics::event_committed(&ev);
         // No subscribers is fine: nobody is streaming events right now.
         let _ = shared.events.send(Arc::new(ev));
     }

@@ -9,6 +9,7 @@ mod machines;
 mod output;
 mod quota;
 mod serve;
+mod snapshots;
 
 use clap::Parser;
 
@@ -53,6 +54,8 @@ fn main() -> std::process::ExitCode {
                 Ok(())
             }
             cli::Command::Machines(cmd) => machines::run(&args.client, cmd).await,
+            cli::Command::Snapshots(cmd) => snapshots::run(&args.client, cmd).await,
+            cli::Command::Templates(cmd) => snapshots::templates(&args.client, cmd).await,
             cli::Command::Keys(cmd) => keys::run(&args.client, cmd).await,
             cli::Command::Quota(cmd) => quota::run(&args.client, cmd).await,
             cli::Command::Assets(cmd) => assets::run(&args.client, cmd),

@@ -30,6 +30,8 @@ type Own<T> = Exclude<keyof T, "signal">;
 expectType<Equal<Own<ExecOptions>, Exclude<keyof api.ExecRequest, "command">>>();
 expectType<Equal<Own<ActionOptions>, Query<"POST /machines/{id}/start">>>();
 expectType<Equal<Own<ActionOptions>, Query<"POST /machines/{id}/suspend">>>();
+expectType<Equal<Own<ActionOptions>, Query<"POST /machines/{id}/snapshots">>>();
+expectType<Equal<Own<ActionOptions>, Query<"POST /machines/{id}/fork">>>();
 expectType<Equal<Own<DeleteOptions>, Query<"DELETE /machines/{id}">>>();
 expectType<Equal<Own<WriteOptions>, Exclude<Query<"PUT /machines/{id}/files">, "path">>>();
 expectType<Equal<Own<LogsOptions>, Query<"GET /machines/{id}/logs">>>();

@@ -31,8 +31,8 @@ pub use machine::{
 };
 pub use quota::{Quota, QuotaLimits, QuotaUsage};
 pub use snapshot::{
-    CreateSnapshotRequest, ForkRequest, ForkResult, Snapshot, SnapshotList, SnapshotStatus,
-    FORK_MAX,
+    CreateSnapshotRequest, CreateTemplateRequest, ForkRequest, ForkResult, Snapshot, SnapshotList,
+    SnapshotStatus, FORK_MAX,
 };
 
 /// The prefix every API key starts with, so that leaked keys are easy to

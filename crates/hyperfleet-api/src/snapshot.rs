@@ -132,3 +132,30 @@ pub struct ForkResult {
     /// How long the source's vCPUs were stopped.
     pub pause_ms: Option<f64>,
 }
+
+/// `POST /templates`: warm the template of a machine size (a snapshot of a
+/// freshly booted, idle guest that creates of that size restore instead of
+/// booting).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTemplateRequest {
+    /// 1–32; default 1.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::whole::opt"
+    )]
+    #[schema(minimum = 1, maximum = 32)]
+    pub vcpu_count: Option<u32>,
+    /// 128–65536 MiB; default 256.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::whole::opt"
+    )]
+    #[schema(minimum = 128, maximum = 65536)]
+    pub mem_size_mib: Option<u32>,
+    /// The backend; defaults to the server's `--default-vmm`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vmm: Option<VmmKind>,
+}

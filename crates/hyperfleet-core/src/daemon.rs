@@ -324,6 +324,14 @@ pub async fn serve(config: Config) -> Result<(), DaemonError> {
         config.admission,
     );
     let runs = sup.start_all()?;
+    {
+        let sup = sup.clone();
+        tokio::spawn(async move {
+            if let Err(e) = sup.sweep_templates().await {
+                tracing::warn!(error = %e, "could not sweep template builders");
+            }
+        });
+    }
     tracing::info!(
         runs,
         "machine runs started for the machines with work to do"

@@ -110,7 +110,7 @@ fn snapshots_and_forks_carry_memory_and_disk_and_give_each_copy_its_own_identity
         &src_id,
         &format!("MARKER={marker} setsid sleep 100000 </dev/null >/dev/null 2>&1 &"),
     );
-    let holder = format!("for p in $(pidof sleep); do tr '\\0' '\\n' < /proc/$p/environ; done");
+    let holder = "for p in $(pidof sleep); do tr '\\0' '\\n' < /proc/$p/environ; done".to_string();
     assert!(sh(&d, &src_id, &holder).contains(&marker));
 
     // A snapshot of the running machine: it keeps running.
@@ -259,4 +259,62 @@ fn snapshots_and_forks_carry_memory_and_disk_and_give_each_copy_its_own_identity
         common::qemu_pids(&sb.path().display().to_string()).is_empty(),
         "no QEMU left"
     );
+}
+
+#[test]
+fn a_machine_created_after_a_template_was_warmed_starts_from_it() {
+    let Some(assets) = guest_assets() else { return };
+    let sb = Sandbox::new();
+    let d = start_daemon(&sb, &assets, &[]);
+    let r = d.call(
+        "POST",
+        "/templates?timeout=300",
+        Some(json!({"vcpu_count": 1, "mem_size_mib": 256})),
+    );
+    assert_eq!(r.status, 201, "{}\n{}", r.body, d.log());
+    let template = r.body["id"].as_str().unwrap().to_string();
+    assert_eq!(r.body["memory"], true);
+    // Warming again answers the same template.
+    let r = d.call("POST", "/templates", Some(json!({"mem_size_mib": 256})));
+    assert_eq!(r.body["id"], template.as_str());
+    let r = d.call("GET", "/templates", None);
+    assert_eq!(
+        r.body["snapshots"][0]["id"],
+        template.as_str(),
+        "{}",
+        r.body
+    );
+    // The builder machine is gone and was never the tenant's.
+    let r = d.call("GET", "/machines", None);
+    assert_eq!(r.body["total"], 0, "{}", r.body);
+
+    let m = d.create(json!({"name": "fast", "mem_size_mib": 256}));
+    assert_eq!(m["snapshot_id"], template.as_str());
+    let id = m["id"].as_str().unwrap().to_string();
+    start(&d, "fast");
+    let ev = events(&d, "fast");
+    assert!(ev.contains(&format!("template {template}")), "{ev}");
+    assert!(ev.contains("refresh_identity"), "{ev}");
+    assert_eq!(sh(&d, &id, "hostname").trim(), "fast");
+    // Another size has no template: it boots.
+    d.create(json!({"name": "cold", "mem_size_mib": 320}));
+    start(&d, "cold");
+    assert!(events(&d, "cold").contains(", boot"));
+
+    // A restart boots from the disk (the template is only the first start).
+    let r = d.call("POST", "/machines/fast/restart?timeout=300", None);
+    assert_eq!(r.body["status"], "running", "{}", r.body);
+    for name in ["fast", "cold"] {
+        let r = d.call("DELETE", &format!("/machines/{name}?force=true"), None);
+        assert_eq!(r.status, 204);
+    }
+    let r = d.call("DELETE", &format!("/templates/{template}"), None);
+    assert_eq!(r.status, 204, "{}", r.body);
+    let snapshots_dir = sb.path().join("snapshots");
+    common::eventually(
+        "the template's files to go",
+        Duration::from_secs(10),
+        || (std::fs::read_dir(&snapshots_dir).unwrap().count() == 0).then_some(()),
+    );
+    assert!(common::qemu_pids(&sb.path().display().to_string()).is_empty());
 }

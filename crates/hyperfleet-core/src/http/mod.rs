@@ -78,6 +78,14 @@ fn api_routes() -> Router<AppState> {
         .route("/machines/{id}/fork", post(snapshots::fork))
         .route("/snapshots", get(snapshots::list))
         .route(
+            "/templates",
+            get(snapshots::list_templates).post(snapshots::warm_template),
+        )
+        .route(
+            "/templates/{id}",
+            axum::routing::delete(snapshots::delete_template),
+        )
+        .route(
             "/snapshots/{id}",
             get(snapshots::get).delete(snapshots::delete),
         )

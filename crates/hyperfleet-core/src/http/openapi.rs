@@ -233,6 +233,7 @@ fn drop_null(schema: &mut RefOr<Schema>) {
         guest::exec, guest::exec_ws, guest::write_json, guest::write_raw, guest::read, guest::delete,
         guest::stat, guest::list, guest::mkdir, guest::logs,
         snapshots::create, snapshots::list, snapshots::get, snapshots::delete, snapshots::fork,
+        snapshots::warm_template, snapshots::list_templates, snapshots::delete_template,
         keys::create, keys::list, keys::revoke,
         quota::get, quota::put, quota::delete,
     ),
@@ -250,7 +251,7 @@ fn drop_null(schema: &mut RefOr<Schema>) {
         hyperfleet_api::Quota, hyperfleet_api::QuotaLimits, hyperfleet_api::QuotaUsage,
         hyperfleet_api::Snapshot, hyperfleet_api::SnapshotList, hyperfleet_api::SnapshotStatus,
         hyperfleet_api::CreateSnapshotRequest, hyperfleet_api::ForkRequest,
-        hyperfleet_api::ForkResult,
+        hyperfleet_api::ForkResult, hyperfleet_api::CreateTemplateRequest,
     )),
     modifiers(&BearerAuth, &CommonErrors),
     tags(

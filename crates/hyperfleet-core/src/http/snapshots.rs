@@ -6,8 +6,8 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use hyperfleet_api::{
-    CreateSnapshotRequest, ErrorCode, ForkRequest, ForkResult, Scope, Snapshot, SnapshotList,
-    SnapshotStatus, FORK_MAX,
+    CreateSnapshotRequest, CreateTemplateRequest, ErrorCode, ForkRequest, ForkResult, Scope,
+    Snapshot, SnapshotList, SnapshotStatus, FORK_MAX,
 };
 
 use super::error::ApiError;
@@ -265,4 +265,85 @@ fn fork_names(req: &ForkRequest) -> Result<Vec<Option<String>>, ApiError> {
         }
         None => Ok(vec![None; count as usize]),
     }
+}
+
+#[utoipa::path(post, path = "/templates", tag = "snapshots",
+    description = "Warm the template of a machine size: a builder machine boots, is \
+                   snapshotted idle, and goes. Machines created afterwards with the same \
+                   backend, guest image, vCPUs and memory are made from it: their first start \
+                   restores that guest (with an identity of their own) instead of booting. \
+                   Answers the existing template when one is ready. Admin scope.",
+    params(ActionQuery),
+    request_body = CreateTemplateRequest,
+    responses(
+        (status = 201, description = "Ready", body = Snapshot),
+        (status = 403, description = "Not an admin key", body = hyperfleet_api::ErrorBody),
+        (status = 409, description = "The template's guest did not come up or its snapshot failed", body = hyperfleet_api::ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn warm_template(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(q): Query<ActionQuery>,
+    body: bytes::Bytes,
+) -> Result<Response, ApiError> {
+    caller.require(Scope::Admin)?;
+    let req: CreateTemplateRequest = optional_body(&body)?;
+    let sizes = hyperfleet_api::CreateMachineRequest {
+        vcpu_count: req.vcpu_count,
+        mem_size_mib: req.mem_size_mib,
+        vmm: req.vmm,
+        ..Default::default()
+    };
+    let (_, spec) = crate::validate::validate_create(sizes, state.default_vmm)?;
+    // A warm takes a boot: at least the boot timeout is given to it.
+    let timeout = wait_timeout(q.timeout.or(Some(300)))?;
+    let t = state.sup.warm_template(spec, timeout).await?;
+    Ok((StatusCode::CREATED, axum::Json(t.to_api(0))).into_response())
+}
+
+#[utoipa::path(get, path = "/templates", tag = "snapshots",
+    description = "The warmed templates (a template is shown as a snapshot named by its key: \
+                   backend/image/vCPUs/memory).",
+    responses((status = 200, body = SnapshotList)),
+    security(("bearer" = [])))]
+pub async fn list_templates(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Response, ApiError> {
+    caller.require(Scope::Read)?;
+    let mut snapshots = Vec::new();
+    for t in state.store.all_snapshots()? {
+        if t.kind == SnapshotKind::Template && t.status != SnapshotStatus::Deleting {
+            let used = state
+                .store
+                .snapshot(&t.tenant, &t.id)?
+                .map(|(_, n)| n)
+                .unwrap_or(0);
+            let mut api = t.to_api(used);
+            api.name = t.data.template_key.clone();
+            snapshots.push(api);
+        }
+    }
+    Ok(axum::Json(SnapshotList { snapshots }).into_response())
+}
+
+#[utoipa::path(delete, path = "/templates/{id}", tag = "snapshots",
+    description = "Delete a template; machines made from it go on (its files stay until the \
+                   last of them goes). Admin scope.",
+    params(("id" = String, Path, description = "Template (snapshot) id")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 404, body = hyperfleet_api::ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn delete_template(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    caller.require(Scope::Admin)?;
+    check_snapshot_ref(&id)?;
+    state.sup.delete_template(&id).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }

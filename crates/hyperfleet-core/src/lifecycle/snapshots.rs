@@ -175,6 +175,18 @@ impl Supervisor {
         name: Option<String>,
         kind: SnapshotKind,
     ) -> Result<SnapshotRecord, LifecycleError> {
+        self.take_snapshot_keyed(tenant, machine, name, kind, None)
+            .await
+    }
+
+    async fn take_snapshot_keyed(
+        self: &Arc<Self>,
+        tenant: &str,
+        machine: &str,
+        name: Option<String>,
+        kind: SnapshotKind,
+        template_key: Option<String>,
+    ) -> Result<SnapshotRecord, LifecycleError> {
         let store = &self.ctx().store;
         let current = store
             .get(Some(tenant), machine)?
@@ -210,7 +222,7 @@ impl Supervisor {
                         disk_bytes: rec.spec.disk_bytes,
                         pause_ms: None,
                         error_message: None,
-                        template_key: None,
+                        template_key,
                     },
                     created_at: now,
                     updated_at: now,
@@ -487,5 +499,160 @@ fn can_snapshot(rec: &MachineRecord) -> Result<(), String> {
              taken of running, paused, suspended or stopped machines",
             rec.desired.as_str()
         )),
+    }
+}
+
+/// The tenant template builder machines belong to: not a name a key can
+/// have (tenants are `[a-z0-9_-]`), so no user sees or touches them.
+pub const TEMPLATE_TENANT: &str = "hyperfleet:templates";
+
+/// What a template serves: machines of this backend, guest image and size.
+pub fn template_key(
+    vmm: hyperfleet_api::VmmKind,
+    image: Option<&str>,
+    vcpus: u32,
+    mem_mib: u32,
+) -> String {
+    format!("{vmm}/{}/{vcpus}cpu/{mem_mib}mib", image.unwrap_or("none"))
+}
+
+impl Supervisor {
+    /// The ready template for machines of `spec`'s backend, image and
+    /// size, if one was warmed.
+    pub(crate) fn template_for(&self, spec: &MachineSpec) -> Option<SnapshotRecord> {
+        let key = template_key(
+            spec.vmm,
+            spec.image.as_deref(),
+            spec.vcpu_count,
+            spec.mem_size_mib,
+        );
+        match self.ctx().store.template(&key) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot look for a template; booting cold");
+                None
+            }
+        }
+    }
+
+    /// Makes the template for machines of `spec`'s size (a builder machine
+    /// boots, is snapshotted and goes), replacing an older one of the same
+    /// key; returns the one that exists when it is ready already.
+    pub async fn warm_template(
+        self: &Arc<Self>,
+        mut spec: MachineSpec,
+        timeout: Duration,
+    ) -> Result<SnapshotRecord, LifecycleError> {
+        let backend = self
+            .ctx()
+            .backends
+            .get(&spec.vmm)
+            .ok_or(LifecycleError::BackendDisabled(spec.vmm))?
+            .clone();
+        spec.image = backend
+            .current_image()
+            .map_err(|why| LifecycleError::BackendUnavailable(spec.vmm, why))?;
+        let key = template_key(
+            spec.vmm,
+            spec.image.as_deref(),
+            spec.vcpu_count,
+            spec.mem_size_mib,
+        );
+        if let Some(t) = self.template_for(&spec) {
+            return Ok(t);
+        }
+        let builder = self
+            .create_machine(TEMPLATE_TENANT, None, spec, None)
+            .await?;
+        let id = builder.rec.id.clone();
+        let result = self.build_template(&id, key.clone(), timeout).await;
+        // The builder goes whatever happened; its snapshot has files of its own.
+        if let Err(e) = self
+            .request(TEMPLATE_TENANT, &id, super::table::Request::ForceDelete)
+            .await
+        {
+            tracing::warn!(machine = %id, error = %e, "could not delete a template builder");
+        }
+        let t = result?;
+        // Older templates of the key (an earlier warm) go when unused.
+        for old in self.ctx().store.all_snapshots()? {
+            if old.kind == SnapshotKind::Template
+                && old.id != t.id
+                && old.data.template_key.as_deref() == Some(key.as_str())
+                && old.status == SnapshotStatus::Ready
+            {
+                let _ = self.delete_snapshot(TEMPLATE_TENANT, &old.id).await;
+            }
+        }
+        tracing::info!(template = %t.id, key = %key, "template ready");
+        Ok(t)
+    }
+
+    async fn build_template(
+        self: &Arc<Self>,
+        id: &str,
+        key: String,
+        timeout: Duration,
+    ) -> Result<SnapshotRecord, LifecycleError> {
+        let (_, generation) = self
+            .request(TEMPLATE_TENANT, id, super::table::Request::Start)
+            .await?;
+        match self.wait_generation(id, generation, timeout).await {
+            super::WaitOutcome::Reached(_) => {}
+            other => {
+                return Err(LifecycleError::SnapshotConflict(format!(
+                    "the template's guest did not come up: {other:?}"
+                )))
+            }
+        }
+        let snap = self
+            .take_snapshot_keyed(TEMPLATE_TENANT, id, None, SnapshotKind::Template, Some(key))
+            .await?;
+        match self.wait_snapshot(id, &snap.id, timeout).await? {
+            SnapshotWait::Done(s) if s.status == SnapshotStatus::Ready => Ok(s),
+            SnapshotWait::Done(s) => Err(LifecycleError::SnapshotConflict(format!(
+                "the template's snapshot failed: {}",
+                s.data.error_message.unwrap_or_default()
+            ))),
+            SnapshotWait::TimedOut(s) => Err(LifecycleError::SnapshotConflict(format!(
+                "the template's snapshot {} was not taken within {timeout:?}",
+                s.id
+            ))),
+        }
+    }
+
+    /// Deletes template `id` (its files go when no machine rests on it).
+    pub async fn delete_template(self: &Arc<Self>, id: &str) -> Result<(), LifecycleError> {
+        let is_template = self
+            .ctx()
+            .store
+            .snapshot_by_id(id)?
+            .is_some_and(|s| s.kind == SnapshotKind::Template);
+        if !is_template {
+            return Err(LifecycleError::SnapshotNotFound(id.to_string()));
+        }
+        self.delete_snapshot(TEMPLATE_TENANT, id).await
+    }
+
+    /// Startup: template builders a crash interrupted are deleted, and
+    /// templates that never became ready go with them.
+    pub async fn sweep_templates(self: &Arc<Self>) -> Result<(), LifecycleError> {
+        let mut builders = Vec::new();
+        self.ctx().store.for_each_machine(|m| {
+            if m.tenant == TEMPLATE_TENANT {
+                builders.push(m.id);
+            }
+        })?;
+        for id in builders {
+            tracing::info!(machine = %id, "deleting a template builder left by a restart");
+            self.request(TEMPLATE_TENANT, &id, super::table::Request::ForceDelete)
+                .await?;
+        }
+        for t in self.ctx().store.all_snapshots()? {
+            if t.kind == SnapshotKind::Template && t.status == SnapshotStatus::Failed {
+                self.delete_snapshot(TEMPLATE_TENANT, &t.id).await?;
+            }
+        }
+        Ok(())
     }
 }

@@ -304,8 +304,17 @@ impl Supervisor {
         self: &Arc<Self>,
         tenant: &str,
         name: Option<String>,
-        spec: MachineSpec,
+        mut spec: MachineSpec,
     ) -> Result<Arc<CachedMachine>, LifecycleError> {
+        // A warmed template of the machine's size: its first start restores
+        // that freshly booted guest instead of booting (docs/api.md
+        // "Templates").
+        if let Some(backend) = self.ctx.backends.get(&spec.vmm) {
+            spec.image = backend.current_image().ok().flatten();
+            if let Some(t) = self.template_for(&spec) {
+                return self.create_machine(tenant, name, spec, Some(&t)).await;
+            }
+        }
         self.create_machine(tenant, name, spec, None).await
     }
 
@@ -375,7 +384,9 @@ impl Supervisor {
                     }
                 }
                 let limits = ctx.quota(&rec.tenant)?.unwrap_or(default_quota);
-                if !limits.is_unlimited() {
+                // Template builders are the server's, not a tenant's.
+                let builder = rec.tenant == super::snapshots::TEMPLATE_TENANT;
+                if !limits.is_unlimited() && !builder {
                     let usage = ctx.tenant_usage(&rec.tenant)?;
                     if let Err(denied) = capacity::check_quota(&rec.tenant, &limits, &usage, ask) {
                         return Ok(Err(LifecycleError::QuotaExceeded(denied)));

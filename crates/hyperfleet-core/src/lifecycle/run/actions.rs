@@ -234,6 +234,8 @@ impl Run {
                 Some(b) => format!("restore of snapshot {}", b.id),
                 None => "restore".to_string(),
             },
+            // A backend with an image format of its own (Firecracker).
+            None if launch.restore => "restore of its suspend image".to_string(),
             None => "boot".to_string(),
         };
         let detail = format!("pid {}, {path}", identity.pid);

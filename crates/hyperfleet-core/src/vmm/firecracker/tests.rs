@@ -234,6 +234,7 @@ fn launch(dir: &Path, restore: bool) -> LaunchSpec {
         restore,
         network: None,
         uid: Some(JAIL_UID),
+        base: None,
     }
 }
 

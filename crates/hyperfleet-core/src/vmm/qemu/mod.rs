@@ -328,7 +328,7 @@ impl QemuVmm {
             )
             .await;
         match share {
-            Ok(v) if v == json!(true) => MemoryImage::Flat,
+            Ok(serde_json::Value::Bool(true)) => MemoryImage::Flat,
             Ok(_) => MemoryImage::Stream,
             Err(_) => MemoryImage::Legacy,
         }

@@ -6,10 +6,10 @@ use std::time::Duration;
 
 use futures_util::{Stream, StreamExt};
 use hyperfleet_api::{
-    CreateKeyRequest, CreateMachineRequest, CreateSnapshotRequest, CreatedKey, ErrorBody,
-    ErrorCode, EventList, ExecRequest, ExecResult, ExecStreamEvent, FileWritten, ForkRequest,
-    ForkResult, Health, KeyList, Machine, MachineEvent, MachineList, MachineStatus, Quota,
-    QuotaLimits, Snapshot, SnapshotList, VmmKind,
+    CreateKeyRequest, CreateMachineRequest, CreateSnapshotRequest, CreateTemplateRequest,
+    CreatedKey, ErrorBody, ErrorCode, EventList, ExecRequest, ExecResult, ExecStreamEvent,
+    FileWritten, ForkRequest, ForkResult, Health, KeyList, Machine, MachineEvent, MachineList,
+    MachineStatus, Quota, QuotaLimits, Snapshot, SnapshotList,
 };
 use reqwest::{Method, RequestBuilder, StatusCode};
 use serde::de::DeserializeOwned;
@@ -593,29 +593,18 @@ impl Client {
 
     /// Makes (or finds) the template for a machine shape ahead of need
     /// (`POST /templates`, admin scope); fields left out take the server's
-    /// defaults. A template is shown as a snapshot named by its key.
+    /// defaults. A template is shown as a snapshot named by its key; the
+    /// existing one is answered when it is ready.
     pub async fn warm_template(
         &self,
-        vcpu_count: Option<u32>,
-        mem_size_mib: Option<u32>,
-        vmm: Option<VmmKind>,
+        req: &CreateTemplateRequest,
         wait: bool,
         timeout_secs: Option<u64>,
     ) -> Result<Snapshot, ClientError> {
-        let mut body = serde_json::Map::new();
-        if let Some(v) = vcpu_count {
-            body.insert("vcpu_count".into(), v.into());
-        }
-        if let Some(m) = mem_size_mib {
-            body.insert("mem_size_mib".into(), m.into());
-        }
-        if let Some(v) = vmm {
-            body.insert("vmm".into(), v.to_string().into());
-        }
         let r = self
             .req(Method::POST, "/templates")
             .query(&wait_query(wait, timeout_secs))
-            .json(&body)
+            .json(req)
             .timeout(Duration::from_secs(timeout_secs.unwrap_or(60) + 30));
         self.json(r).await
     }

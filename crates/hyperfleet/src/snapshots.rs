@@ -1,7 +1,9 @@
 //! `hyperfleet snapshots …`, `hyperfleet templates …` and `machines fork`:
 //! memory images through the API, as tables or `--json`.
 
-use hyperfleet_api::{CreateSnapshotRequest, ForkRequest, Snapshot, SnapshotStatus};
+use hyperfleet_api::{
+    CreateSnapshotRequest, CreateTemplateRequest, ForkRequest, Snapshot, SnapshotStatus,
+};
 use hyperfleet_client::Client;
 
 use crate::cli::{ClientArgs, SnapshotsCmd, TemplatesCmd};
@@ -150,7 +152,12 @@ pub(crate) async fn templates(args: &ClientArgs, cmd: TemplatesCmd) -> anyhow::R
                 None => None,
                 Some(v) => Some(v.parse().map_err(anyhow::Error::msg)?),
             };
-            let s = c.warm_template(vcpus, mem, vmm, !no_wait, timeout).await?;
+            let req = CreateTemplateRequest {
+                vcpu_count: vcpus,
+                mem_size_mib: mem,
+                vmm,
+            };
+            let s = c.warm_template(&req, !no_wait, timeout).await?;
             note_unfinished(args, "template", &s);
             print_snapshot(args, &s)
         }

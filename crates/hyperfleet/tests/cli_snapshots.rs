@@ -2,6 +2,8 @@
 //! (the `hyperfleet` binary with `--url` and `--api-key`) against the real
 //! daemon with the stub backend: tables for people, the API's JSON with
 //! `--json`, and the server's errors as a failing exit with its message.
+//! (The stub backend makes templates too: its builder machine is a stand-in
+//! process, snapshotted like any other.)
 
 mod common;
 
@@ -216,19 +218,46 @@ fn cli_machines_fork_makes_running_copies() {
 }
 
 #[test]
-fn cli_templates_need_a_guest_and_say_so() {
-    // The stub backend has no guest to make a template of: the CLI passes
-    // the server's refusal on, and the list is empty.
+fn cli_templates_warm_list_and_delete() {
     let sb = Sandbox::new();
     let d = Daemon::start(&sb);
-    let err = cli_fails(&d, &["templates", "warm", "--vcpus", "1", "--mem", "256"]);
-    assert!(err.starts_with("error:"), "{err}");
+    // Warm: a table with the template's key as its name, ready.
+    let (out, _) = cli(&d, &["templates", "warm", "--vcpus", "1", "--mem", "256"]);
+    assert!(out.contains("ready") && out.contains("256"), "{out}");
+    let t = cli_json(&d, &["templates", "warm", "--mem", "256", "--vmm", "stub"]);
+    let id = t["id"].as_str().unwrap().to_string();
+    assert_eq!(t["status"], "ready");
+    assert_eq!(t["memory"], true);
+    // Warming the same size again answers the same template.
+    let again = cli_json(&d, &["templates", "warm", "--vcpus", "1", "--mem", "256"]);
+    assert_eq!(again["id"], id.as_str());
+
+    let list = cli_json(&d, &["templates", "list"]);
+    assert_eq!(list["snapshots"].as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(list["snapshots"][0]["id"], id.as_str());
+    // Listed, a template's name is its key (backend/image/vCPUs/memory).
+    let key = list["snapshots"][0]["name"].as_str().unwrap_or_default();
+    assert!(key.contains("stub") && key.contains("256"), "{list}");
+    let (out, _) = cli(&d, &["templates", "list"]);
+    assert!(out.starts_with("ID") && out.contains(&id), "{out}");
+    // Templates are not the tenant's snapshots.
+    let snaps = cli_json(&d, &["snapshots", "list"]);
+    assert_eq!(snaps["snapshots"], serde_json::json!([]));
+
+    // A machine of that size is made from it.
+    let m = cli_json(&d, &["machines", "create", "--mem", "256", "--start"]);
+    assert_eq!(m["snapshot_id"], id.as_str(), "{m}");
+    assert_eq!(m["status"], "running", "{m}");
+
+    let (out, _) = cli(&d, &["templates", "delete", &id]);
+    assert!(out.contains(&format!("deleted {id}")), "{out}");
     let list = cli_json(&d, &["templates", "list"]);
     assert_eq!(list["snapshots"], serde_json::json!([]));
-    let (out, _) = cli(&d, &["templates", "list"]);
-    assert!(out.starts_with("ID"), "{out}");
+
     let err = cli_fails(&d, &["templates", "delete", "nope"]);
     assert!(err.starts_with("error:"), "{err}");
     let err = cli_fails(&d, &["templates", "warm", "--vmm", "nonsense"]);
     assert!(err.contains("nonsense"), "{err}");
+    let err = cli_fails(&d, &["templates", "warm", "--mem", "1"]);
+    assert!(err.contains("mem_size_mib"), "{err}");
 }

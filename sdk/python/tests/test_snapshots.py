@@ -1,6 +1,6 @@
-"""Snapshots, machines made from them and forks against the stub daemon, with
-the sync and the asyncio client; templates only as far as the stub goes (it
-has no guest to make one of: warming is refused, the list is empty)."""
+"""Snapshots, machines made from them, forks and templates against the stub
+daemon (its builder machine for a template is a stand-in process), with the
+sync and the asyncio client."""
 
 from __future__ import annotations
 
@@ -92,12 +92,25 @@ def test_fork_makes_running_copies(client: Hyperfleet) -> None:
             src.fork()
 
 
-def test_templates_need_a_guest(client: Hyperfleet) -> None:
-    with pytest.raises(hyperfleet.HyperfleetError):
-        client.templates.warm(vcpu_count=1, mem_size_mib=256, vmm="stub")
-    assert client.templates.list() == []
+def test_templates_warm_list_use_and_delete(client: Hyperfleet) -> None:
+    t = client.templates.warm(vcpu_count=1, mem_size_mib=384, vmm="stub")
+    assert isinstance(t, hyperfleet.Snapshot)
+    assert (t.status, t.memory, t.mem_size_mib, t.vmm) == ("ready", True, 384, "stub")
+    assert client.templates.warm(mem_size_mib=384).id == t.id, "warming again answers it"
+    listed = {x.id: x for x in client.templates.list()}
+    assert t.id in listed
+    key = listed[t.id].name or ""
+    assert "stub" in key and "384" in key, "listed, a template is named by its key"
+    assert t.id not in {x.id for x in client.snapshots.list()}
+    # A machine of that size is made from it.
+    with client.machines.create(unique("fast"), mem_size_mib=384, start=True) as m:
+        assert m.snapshot_id == t.id and m.status == "running"
+    client.templates.delete(t)
+    assert t.id not in {x.id for x in client.templates.list()}
     with pytest.raises(hyperfleet.NotFound):
         client.templates.delete("no-such-template")
+    with pytest.raises(hyperfleet.ValidationError):
+        client.templates.warm(mem_size_mib=1)
 
 
 def test_async_snapshots_and_fork(daemon: Daemon) -> None:
@@ -118,6 +131,9 @@ def test_async_snapshots_and_fork(daemon: Daemon) -> None:
                 await hf.snapshots.delete(s)
                 with pytest.raises(hyperfleet.NotFound):
                     await hf.snapshots.get(s.id)
-                assert await hf.templates.list() == []
+                t = await hf.templates.warm(mem_size_mib=448)
+                assert t.status == "ready"
+                assert t.id in {x.id for x in await hf.templates.list()}
+                await hf.templates.delete(t.id)
 
     asyncio.run(asyncio.wait_for(main(), 120))

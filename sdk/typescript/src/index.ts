@@ -35,13 +35,14 @@ export {
   type WriteOptions,
 } from "./machines.js";
 export { Keys } from "./keys.js";
-export { Snapshots, type Ref } from "./snapshots.js";
+export { Snapshots, Templates, type Ref } from "./snapshots.js";
 export * from "./errors.js";
 export type {
   ApiKey,
   CreateKeyRequest,
   CreateMachineRequest,
   CreateSnapshotRequest,
+  CreateTemplateRequest,
   CreatedKey,
   DirEntry,
   ExecResult,

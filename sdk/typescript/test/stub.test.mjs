@@ -428,4 +428,27 @@ describe("snapshots and fork", () => {
       await src.dispose();
     }
   });
+
+  test("templates: warm, list by key, a machine made from one, delete", async () => {
+    const t = await hf.templates.warm({ vcpuCount: 1, memSizeMib: 384, vmm: "stub" });
+    assert.equal(t.status, "ready");
+    assert.equal(t.memory, true);
+    assert.equal(t.memSizeMib, 384);
+    assert.equal((await hf.templates.warm({ memSizeMib: 384 })).id, t.id, "warming again answers it");
+    const listed = (await hf.templates.list()).find((x) => x.id === t.id);
+    assert.ok(listed, "listed");
+    assert.match(listed.name, /stub.*384/, "listed, a template is named by its key");
+    assert.ok(!(await hf.snapshots.list()).some((x) => x.id === t.id));
+    const m = await hf.machines.create({ name: "from-template", memSizeMib: 384 }, { start: true });
+    try {
+      assert.equal(m.snapshotId, t.id);
+      assert.equal(m.status, "running");
+    } finally {
+      await m.dispose();
+    }
+    await hf.templates.delete(t);
+    assert.ok(!(await hf.templates.list()).some((x) => x.id === t.id));
+    await rejects(hf.templates.delete("no-such-template"), NotFoundError, "NOT_FOUND", 404);
+    await rejects(hf.templates.warm({ memSizeMib: 1 }), ValidationError, "VALIDATION_ERROR", 400);
+  });
 });

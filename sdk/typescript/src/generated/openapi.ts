@@ -85,6 +85,19 @@ export interface CreateSnapshotRequest {
   name?: string | null;
 }
 
+/**
+ * `POST /templates`: warm the template of a machine size (a snapshot of a
+ * freshly booted, idle guest that creates of that size restore instead of
+ * booting).
+ */
+export interface CreateTemplateRequest {
+  /** 128–65536 MiB; default 256. */
+  memSizeMib?: number | null;
+  /** 1–32; default 1. */
+  vcpuCount?: number | null;
+  vmm?: null | VmmKind;
+}
+
 /** The answer to a key creation: the only time the secret is shown. */
 export interface CreatedKey extends ApiKey {
   /** The secret, `hf_…`. Store it now: the server keeps only its hash. */
@@ -735,6 +748,24 @@ export interface Routes {
     response: Snapshot;
   };
   "DELETE /snapshots/{id}": {
+    path: { id: string };
+    query: {};
+    body: never;
+    response: void;
+  };
+  "GET /templates": {
+    path: {};
+    query: {};
+    body: never;
+    response: SnapshotList;
+  };
+  "POST /templates": {
+    path: {};
+    query: { wait?: boolean; timeout?: number };
+    body: CreateTemplateRequest;
+    response: Snapshot;
+  };
+  "DELETE /templates/{id}": {
     path: { id: string };
     query: {};
     body: never;

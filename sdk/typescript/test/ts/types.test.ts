@@ -32,6 +32,7 @@ expectType<Equal<Own<ActionOptions>, Query<"POST /machines/{id}/start">>>();
 expectType<Equal<Own<ActionOptions>, Query<"POST /machines/{id}/suspend">>>();
 expectType<Equal<Own<ActionOptions>, Query<"POST /machines/{id}/snapshots">>>();
 expectType<Equal<Own<ActionOptions>, Query<"POST /machines/{id}/fork">>>();
+expectType<Equal<Own<ActionOptions>, Query<"POST /templates">>>();
 expectType<Equal<Own<DeleteOptions>, Query<"DELETE /machines/{id}">>>();
 expectType<Equal<Own<WriteOptions>, Exclude<Query<"PUT /machines/{id}/files">, "path">>>();
 expectType<Equal<Own<LogsOptions>, Query<"GET /machines/{id}/logs">>>();

@@ -154,19 +154,10 @@ impl Config {
     /// (tmpfs: guest RAM must not be written back to a disk), else
     /// `<data dir>/memory` on a host without `/dev/shm`.
     pub fn memory_dir(&self) -> PathBuf {
-        if let Some(d) = &self.memory_dir {
-            return d.clone();
+        match &self.memory_dir {
+            Some(d) => d.clone(),
+            None => default_memory_dir(&self.data_dir),
         }
-        let shm = std::path::Path::new("/dev/shm");
-        if !shm.is_dir() {
-            return self.data_dir.join("memory");
-        }
-        // FNV-1a of the data directory: two daemons never share one.
-        let mut h: u32 = 0x811c_9dc5;
-        for b in self.data_dir.as_os_str().as_encoded_bytes() {
-            h = (h ^ u32::from(*b)).wrapping_mul(0x0100_0193);
-        }
-        shm.join(format!("hyperfleet-{h:08x}"))
     }
 
     pub(crate) fn stub_binary_path(&self) -> Option<PathBuf> {
@@ -176,4 +167,20 @@ impl Config {
         let exe = std::env::current_exe().ok()?;
         Some(exe.parent()?.join("hyperfleet-testvmm"))
     }
+}
+
+/// The default `--memory-dir` of data directory `data_dir`: a directory of
+/// its own on `/dev/shm` (tmpfs: guest RAM must not be written back to a
+/// disk), else `<data dir>/memory` on a host without `/dev/shm`.
+pub fn default_memory_dir(data_dir: &std::path::Path) -> PathBuf {
+    let shm = std::path::Path::new("/dev/shm");
+    if !shm.is_dir() {
+        return data_dir.join("memory");
+    }
+    // FNV-1a of the data directory: two daemons never share one.
+    let mut h: u32 = 0x811c_9dc5;
+    for b in data_dir.as_os_str().as_encoded_bytes() {
+        h = (h ^ u32::from(*b)).wrapping_mul(0x0100_0193);
+    }
+    shm.join(format!("hyperfleet-{h:08x}"))
 }

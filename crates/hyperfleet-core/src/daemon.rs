@@ -298,6 +298,7 @@ pub async fn serve(config: Config) -> Result<(), DaemonError> {
         );
     }
     let report = sweep::sweep(&store, &config.machines_dir(), backends.values()).await;
+    sweep_ram_files(&store, &config.memory_dir());
     match crate::lifecycle::snapshots::sweep(&store, &config.snapshots_dir()).await {
         Ok(n) if n > 0 => tracing::info!(removed = n, "snapshot sweep removed unused files"),
         Ok(_) => {}
@@ -465,6 +466,33 @@ mod tests {
             assert!(!why.is_empty());
             if map[&VmmKind::Qemu].availability().is_ok() {
                 assert_eq!(default, Ok(VmmKind::Qemu));
+            }
+        }
+    }
+}
+
+/// Guest RAM files of machines with no VMM recorded (deleted, or whose VMM
+/// died while the daemon was down and was never cleaned up after) are
+/// garbage: a live VMM's RAM file is the only one that matters, and the
+/// run re-adopts those.
+fn sweep_ram_files(store: &Store, dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(id) = name.strip_suffix(".ram") else {
+            continue;
+        };
+        let live = matches!(store.machine_vmm(id), Ok(Some(Some(_))));
+        if !live {
+            match std::fs::remove_file(e.path()) {
+                Ok(()) => {
+                    tracing::info!(file = %e.path().display(), "removed the RAM file of a machine with no VMM")
+                }
+                Err(err) => {
+                    tracing::warn!(file = %e.path().display(), error = %err, "cannot remove a stale RAM file")
+                }
             }
         }
     }

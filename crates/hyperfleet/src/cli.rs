@@ -258,6 +258,11 @@ pub(crate) struct ServeArgs {
     /// Guest asset set for new machines (default: <data-dir>/assets/current).
     #[arg(long, env = "HYPERFLEET_ASSETS_DIR")]
     pub assets_dir: Option<PathBuf>,
+    /// Where running QEMU machines' guest RAM files live, one per machine
+    /// (default: /dev/shm/hyperfleet-<hash of the data dir>; keep it on
+    /// tmpfs: a disk would get every guest memory write written back).
+    #[arg(long, env = "HYPERFLEET_MEMORY_DIR")]
+    pub memory_dir: Option<PathBuf>,
     /// Machine networking (a lease, a TAP device and nftables rules per
     /// machine; needs root). `auto` turns it on when running as root.
     #[arg(long, env = "HYPERFLEET_NETWORK", value_enum, default_value = "auto")]

@@ -106,6 +106,7 @@ fn settings(a: &ServeArgs, global: &ClientArgs) -> anyhow::Result<Config> {
         .clone()
         .map(|k| std::path::absolute(&k).unwrap_or(k));
     config.assets_dir = a.assets_dir.clone();
+    config.memory_dir = a.memory_dir.clone();
     config.qemu_accel = match a.qemu_accel {
         AccelArg::Auto => AccelChoice::Auto,
         AccelArg::Kvm => AccelChoice::Kvm,

@@ -192,6 +192,18 @@ impl Supervisor {
             .get(Some(tenant), machine)?
             .ok_or_else(|| LifecycleError::NotFound(machine.to_string()))?;
         let id = current.rec.id.clone();
+        let vmm = current.rec.spec.vmm;
+        if !self
+            .ctx()
+            .backends
+            .get(&vmm)
+            .is_some_and(|b| b.supports_snapshots())
+        {
+            return Err(LifecycleError::SnapshotConflict(format!(
+                "the {vmm} backend does not take snapshots yet (QEMU machines do); machine {id} \
+                 is a {vmm} machine"
+            )));
+        }
         let sid = new_snapshot_id();
         let tenant = tenant.to_string();
         let (wid, wsid) = (id.clone(), sid.clone());

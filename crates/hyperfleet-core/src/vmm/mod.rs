@@ -295,6 +295,12 @@ pub trait Vmm: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Whether [`Vmm::snapshot`] is implemented (asked before a snapshot
+    /// or fork is accepted).
+    fn supports_snapshots(&self) -> bool {
+        false
+    }
+
     /// Takes a snapshot of the machine into `dest` (an empty directory the
     /// caller made): its disk as it is, and its memory when `live` (the VMM
     /// runs or is paused, and is left as it was: a running guest is stopped

@@ -227,6 +227,10 @@ impl Vmm for StubVmm {
         Ok(())
     }
 
+    fn supports_snapshots(&self) -> bool {
+        true
+    }
+
     async fn snapshot(
         &self,
         launch: &LaunchSpec,

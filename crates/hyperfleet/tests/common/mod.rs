@@ -115,6 +115,9 @@ impl Drop for Sandbox {
                 libc::kill(pid, libc::SIGKILL);
             }
         }
+        // The daemon's guest RAM files live outside the data directory
+        // (tmpfs); they go with the sandbox too.
+        let _ = std::fs::remove_dir_all(hyperfleet_core::config::default_memory_dir(self.path()));
     }
 }
 

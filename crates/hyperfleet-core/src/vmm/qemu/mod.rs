@@ -641,6 +641,10 @@ impl Vmm for QemuVmm {
         Ok(())
     }
 
+    fn supports_snapshots(&self) -> bool {
+        true
+    }
+
     async fn snapshot(
         &self,
         launch: &LaunchSpec,

@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use futures_util::{Stream, StreamExt};
 use hyperfleet_api::{
-    CreateKeyRequest, CreateMachineRequest, CreatedKey, ErrorBody, ErrorCode, EventList,
-    ExecRequest, ExecResult, ExecStreamEvent, FileWritten, Health, KeyList, Machine, MachineEvent,
-    MachineList, MachineStatus, Quota, QuotaLimits,
+    CreateKeyRequest, CreateMachineRequest, CreateSnapshotRequest, CreateTemplateRequest,
+    CreatedKey, ErrorBody, ErrorCode, EventList, ExecRequest, ExecResult, ExecStreamEvent,
+    FileWritten, ForkRequest, ForkResult, Health, KeyList, Machine, MachineEvent, MachineList,
+    MachineStatus, Quota, QuotaLimits, Snapshot, SnapshotList,
 };
 use reqwest::{Method, RequestBuilder, StatusCode};
 use serde::de::DeserializeOwned;
@@ -535,6 +536,89 @@ impl Client {
             .map(drop)
     }
 
+    /// Takes a snapshot of a machine (`POST /machines/{id}/snapshots`). With
+    /// `wait` false, or when the deadline passes first, the snapshot comes
+    /// back still `creating`.
+    pub async fn create_snapshot(
+        &self,
+        machine: &str,
+        req: &CreateSnapshotRequest,
+        wait: bool,
+        timeout_secs: Option<u64>,
+    ) -> Result<Snapshot, ClientError> {
+        let r = self
+            .req(
+                Method::POST,
+                &format!("/machines/{}/snapshots", enc(machine)),
+            )
+            .query(&wait_query(wait, timeout_secs))
+            .json(req)
+            .timeout(Duration::from_secs(timeout_secs.unwrap_or(60) + 30));
+        self.json(r).await
+    }
+
+    pub async fn list_snapshots(&self) -> Result<SnapshotList, ClientError> {
+        self.json(self.req(Method::GET, "/snapshots")).await
+    }
+
+    /// One snapshot, by id or name.
+    pub async fn get_snapshot(&self, id: &str) -> Result<Snapshot, ClientError> {
+        self.json(self.req(Method::GET, &format!("/snapshots/{}", enc(id))))
+            .await
+    }
+
+    /// Deletes a snapshot; while machines made from it exist its files stay
+    /// (it shows `deleting`).
+    pub async fn delete_snapshot(&self, id: &str) -> Result<(), ClientError> {
+        self.send(self.req(Method::DELETE, &format!("/snapshots/{}", enc(id))))
+            .await
+            .map(drop)
+    }
+
+    /// Makes running copies of a running machine (`POST /machines/{id}/fork`).
+    pub async fn fork_machine(
+        &self,
+        machine: &str,
+        req: &ForkRequest,
+        wait: bool,
+        timeout_secs: Option<u64>,
+    ) -> Result<ForkResult, ClientError> {
+        let r = self
+            .req(Method::POST, &format!("/machines/{}/fork", enc(machine)))
+            .query(&wait_query(wait, timeout_secs))
+            .json(req)
+            .timeout(Duration::from_secs(timeout_secs.unwrap_or(60) + 30));
+        self.json(r).await
+    }
+
+    /// Makes (or finds) the template for a machine shape ahead of need
+    /// (`POST /templates`, admin scope); fields left out take the server's
+    /// defaults. A template is shown as a snapshot named by its key; the
+    /// existing one is answered when it is ready.
+    pub async fn warm_template(
+        &self,
+        req: &CreateTemplateRequest,
+        wait: bool,
+        timeout_secs: Option<u64>,
+    ) -> Result<Snapshot, ClientError> {
+        let r = self
+            .req(Method::POST, "/templates")
+            .query(&wait_query(wait, timeout_secs))
+            .json(req)
+            .timeout(Duration::from_secs(timeout_secs.unwrap_or(60) + 30));
+        self.json(r).await
+    }
+
+    pub async fn list_templates(&self) -> Result<SnapshotList, ClientError> {
+        self.json(self.req(Method::GET, "/templates")).await
+    }
+
+    pub async fn delete_template(&self, id: &str) -> Result<(), ClientError> {
+        self.send(self.req(Method::DELETE, &format!("/templates/{}", enc(id))))
+            .await
+            .map(drop)
+    }
+
     /// A tenant's quota in force and what its machines hold.
     pub async fn quota(&self, tenant: &str) -> Result<Quota, ClientError> {
         self.json(self.req(Method::GET, &quota_path(tenant))).await
@@ -600,6 +684,15 @@ fn lines(
             }
         },
     )
+}
+
+/// `?wait=…&timeout=…` of the routes that may wait for an outcome.
+fn wait_query(wait: bool, timeout_secs: Option<u64>) -> Vec<(&'static str, String)> {
+    let mut q = vec![("wait", wait.to_string())];
+    if let Some(t) = timeout_secs {
+        q.push(("timeout", t.to_string()));
+    }
+    q
 }
 
 /// Percent-encodes a path segment (ids and names are plain, but a user may

@@ -14,7 +14,7 @@ use crate::cli::{ActionArgs, ClientArgs, MachinesCmd};
 use crate::output;
 use crate::progress::Progress;
 
-fn client(args: &ClientArgs) -> anyhow::Result<Client> {
+pub(crate) fn client(args: &ClientArgs) -> anyhow::Result<Client> {
     Client::new(&args.url, crate::serve::api_key(args)).context("bad server URL")
 }
 
@@ -56,12 +56,37 @@ fn print_machine(args: &ClientArgs, m: &Machine) -> anyhow::Result<()> {
     if let Some(s) = &m.started_at {
         rows.push(vec!["started".into(), s.clone()]);
     }
+    if let Some(s) = &m.snapshot_id {
+        rows.push(vec!["snapshot".into(), s.clone()]);
+    }
     if let Some(e) = &m.error_message {
         rows.push(vec!["error".into(), e.clone()]);
     }
     rows.extend(network_rows(m));
     output::table(&["FIELD", "VALUE"], &rows);
     Ok(())
+}
+
+/// Machines as a table, one a row.
+pub(crate) fn print_machine_table(machines: &[Machine]) {
+    let rows: Vec<Vec<String>> = machines
+        .iter()
+        .map(|m| {
+            vec![
+                m.id.clone(),
+                m.name.clone(),
+                m.status.to_string(),
+                m.vmm.to_string(),
+                m.vcpu_count.to_string(),
+                m.mem_size_mib.to_string(),
+                m.created_at.clone(),
+            ]
+        })
+        .collect();
+    output::table(
+        &["ID", "NAME", "STATUS", "VMM", "VCPUS", "MEM_MIB", "CREATED"],
+        &rows,
+    );
 }
 
 /// The guest's address, and how to reach its exposed ports: one URL each,
@@ -182,6 +207,7 @@ pub(crate) async fn run(args: &ClientArgs, cmd: MachinesCmd) -> anyhow::Result<(
                 network: a.no_egress.then_some(NetworkRequest {
                     egress: Some(false),
                 }),
+                snapshot_id: a.snapshot,
                 ..Default::default()
             };
             let mut m = c.create_machine(&req).await?;
@@ -208,25 +234,7 @@ pub(crate) async fn run(args: &ClientArgs, cmd: MachinesCmd) -> anyhow::Result<(
             if args.json {
                 return output::json(&list);
             }
-            let rows: Vec<Vec<String>> = list
-                .machines
-                .iter()
-                .map(|m| {
-                    vec![
-                        m.id.clone(),
-                        m.name.clone(),
-                        m.status.to_string(),
-                        m.vmm.to_string(),
-                        m.vcpu_count.to_string(),
-                        m.mem_size_mib.to_string(),
-                        m.created_at.clone(),
-                    ]
-                })
-                .collect();
-            output::table(
-                &["ID", "NAME", "STATUS", "VMM", "VCPUS", "MEM_MIB", "CREATED"],
-                &rows,
-            );
+            print_machine_table(&list.machines);
             if list.total as usize > list.machines.len() {
                 eprintln!("({} of {} shown)", list.machines.len(), list.total);
             }
@@ -285,6 +293,13 @@ pub(crate) async fn run(args: &ClientArgs, cmd: MachinesCmd) -> anyhow::Result<(
             stream,
             command,
         } => exec(args, &c, id, timeout, env, cwd, stdin, stream, command).await,
+        MachinesCmd::Fork {
+            id,
+            count,
+            names,
+            no_wait,
+            timeout,
+        } => crate::snapshots::fork(args, &c, &id, count, names, !no_wait, timeout).await,
         MachinesCmd::Cp { src, dst } => cp(args, &c, &src, &dst).await,
         MachinesCmd::Logs { id, follow, tail } => {
             use std::io::IsTerminal;

@@ -10,6 +10,7 @@ mod output;
 mod progress;
 mod quota;
 mod serve;
+mod snapshots;
 
 use clap::Parser;
 
@@ -54,6 +55,8 @@ fn main() -> std::process::ExitCode {
                 Ok(())
             }
             cli::Command::Machines(cmd) => machines::run(&args.client, cmd).await,
+            cli::Command::Snapshots(cmd) => snapshots::run(&args.client, cmd).await,
+            cli::Command::Templates(cmd) => snapshots::templates(&args.client, cmd).await,
             cli::Command::Keys(cmd) => keys::run(&args.client, cmd).await,
             cli::Command::Quota(cmd) => quota::run(&args.client, cmd).await,
             cli::Command::Assets(cmd) => assets::run(&args.client, cmd),

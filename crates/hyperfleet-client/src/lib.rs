@@ -598,14 +598,17 @@ impl Client {
     pub async fn warm_template(
         &self,
         req: &CreateTemplateRequest,
-        wait: bool,
         timeout_secs: Option<u64>,
     ) -> Result<Snapshot, ClientError> {
+        // Always waits: the template exists once its guest booted.
+        let q: Vec<(&str, String)> = timeout_secs
+            .map(|t| vec![("timeout", t.to_string())])
+            .unwrap_or_default();
         let r = self
             .req(Method::POST, "/templates")
-            .query(&wait_query(wait, timeout_secs))
+            .query(&q)
             .json(req)
-            .timeout(Duration::from_secs(timeout_secs.unwrap_or(60) + 30));
+            .timeout(Duration::from_secs(timeout_secs.unwrap_or(300) + 30));
         self.json(r).await
     }
 

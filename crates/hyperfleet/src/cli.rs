@@ -506,16 +506,15 @@ pub(crate) enum TemplatesCmd {
         mem: Option<u32>,
         #[arg(long)]
         vmm: Option<String>,
-        /// Answer at once, with the template still `creating`.
-        #[arg(long)]
-        no_wait: bool,
-        /// Seconds to wait (server default 60, at most 600).
+        /// Seconds to wait for the template's guest to boot and be
+        /// snapshotted (server default 300, at most 600).
         #[arg(long)]
         timeout: Option<u64>,
     },
     /// List templates.
     List,
-    /// Delete a template (by id); the next fast create makes it again.
+    /// Delete a template (by id); creates of its size boot again until the
+    /// next warm.
     Delete { id: String },
 }
 

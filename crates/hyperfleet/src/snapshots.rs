@@ -145,7 +145,6 @@ pub(crate) async fn templates(args: &ClientArgs, cmd: TemplatesCmd) -> anyhow::R
             vcpus,
             mem,
             vmm,
-            no_wait,
             timeout,
         } => {
             let vmm = match vmm.as_deref() {
@@ -157,8 +156,7 @@ pub(crate) async fn templates(args: &ClientArgs, cmd: TemplatesCmd) -> anyhow::R
                 mem_size_mib: mem,
                 vmm,
             };
-            let s = c.warm_template(&req, !no_wait, timeout).await?;
-            note_unfinished(args, "template", &s);
+            let s = c.warm_template(&req, timeout).await?;
             print_snapshot(args, &s)
         }
         TemplatesCmd::List => {

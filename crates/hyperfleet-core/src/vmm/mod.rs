@@ -305,14 +305,17 @@ pub trait Vmm: Send + Sync + 'static {
     /// caller made): its disk as it is, and its memory when `live` (the VMM
     /// runs or is paused, and is left as it was: a running guest is stopped
     /// only while its state is copied) or when it is suspended (the suspend
-    /// image is reused).
+    /// image is reused). `durable_memory`: the memory image must survive a
+    /// host crash (a fork's need not: its copies boot from their disks after
+    /// one), so it is synced too; the disk always is.
     async fn snapshot(
         &self,
         launch: &LaunchSpec,
         dest: &Path,
         live: bool,
+        durable_memory: bool,
     ) -> Result<SnapshotTaken, VmmError> {
-        let _ = (launch, dest, live);
+        let _ = (launch, dest, live, durable_memory);
         Err(VmmError::Unsupported {
             backend: self.kind(),
             operation: "snapshots",

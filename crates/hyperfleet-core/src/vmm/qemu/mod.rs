@@ -639,7 +639,7 @@ impl Vmm for QemuVmm {
         self.save_image(&mut q, launch, &img, kind).await?;
         // The image must be on disk before the VMM is killed.
         let dir = img.0.clone();
-        tokio::task::spawn_blocking(move || image::sync_dir(&dir))
+        tokio::task::spawn_blocking(move || image::sync_dir(&dir, None))
             .await
             .map_err(|e| VmmError::host("syncing the memory image", std::io::Error::other(e)))??;
         self.agents.forget(&launch.machine_id);
@@ -655,6 +655,7 @@ impl Vmm for QemuVmm {
         launch: &LaunchSpec,
         dest: &std::path::Path,
         live: bool,
+        durable_memory: bool,
     ) -> Result<SnapshotTaken, VmmError> {
         let img = ImageDir(dest.to_path_buf());
         let disk = Self::disk(&launch.paths);
@@ -744,7 +745,8 @@ impl Vmm for QemuVmm {
             taken
         };
         let dir = img.0.clone();
-        tokio::task::spawn_blocking(move || image::sync_dir(&dir))
+        let only = (!durable_memory).then(|| vec![img.disk()]);
+        tokio::task::spawn_blocking(move || image::sync_dir(&dir, only.as_deref()))
             .await
             .map_err(blocking)??;
         Ok(taken)

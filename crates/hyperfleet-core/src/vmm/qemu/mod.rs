@@ -381,11 +381,10 @@ impl QemuVmm {
         deadline: tokio::time::Instant,
     ) -> Result<(), VmmError> {
         let sock = launch.paths.control_socket();
-        match launch.restore_image().map(|(_, kind, _)| kind) {
-            Some(kind @ (MemoryImage::Flat | MemoryImage::Stream)) => {
-                Self::start_incoming(&sock, vmm, kind == MemoryImage::Flat).await?;
-            }
-            _ => {}
+        if let Some(kind @ (MemoryImage::Flat | MemoryImage::Stream)) =
+            launch.restore_image().map(|(_, kind, _)| kind)
+        {
+            Self::start_incoming(&sock, vmm, kind == MemoryImage::Flat).await?;
         }
         loop {
             if process::probe(vmm) == Liveness::Gone {

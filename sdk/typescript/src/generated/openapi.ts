@@ -735,6 +735,12 @@ export interface Routes {
     body: never;
     response: Machine;
   };
+  "GET /metrics": {
+    path: {};
+    query: {};
+    body: never;
+    response: void;
+  };
   "GET /snapshots": {
     path: {};
     query: {};

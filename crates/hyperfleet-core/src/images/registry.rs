@@ -1,0 +1,293 @@
+//! Pulls from a registry with the `oci-client` crate (the OCI distribution
+//! API: token and basic auth, image indexes resolved to linux/amd64, the
+//! manifest's digest checked against the reference's or the registry's
+//! `Docker-Content-Digest`). Blobs are streamed through our own code so each
+//! is size-bounded by its descriptor and the limits, hashed as it arrives,
+//! and renamed into the blob store only once its digest matched.
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{StreamExt, TryStreamExt};
+use oci_client::client::{linux_amd64_resolver, ClientConfig, ClientProtocol};
+use oci_client::manifest::OciDescriptor;
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+use sha2::{Digest, Sha256};
+
+use super::{
+    build, digest_hex, io_err, verify, BuiltImage, ImageError, ImageStore, LayerInfo, Progress,
+    PullEvent,
+};
+
+/// Credentials for a registry.
+#[derive(Debug, Clone, Default)]
+pub enum Auth {
+    #[default]
+    Anonymous,
+    Basic {
+        username: String,
+        password: String,
+    },
+    /// A bearer token used as is.
+    Token(String),
+}
+
+/// What to pull.
+#[derive(Debug, Clone)]
+pub struct PullRequest {
+    /// `registry[:port]/repository[:tag|@digest]`.
+    pub reference: String,
+    /// Plain HTTP (a registry on a private network or loopback).
+    pub insecure: bool,
+    pub auth: Auth,
+}
+
+/// Parses a reference the way `docker pull` does (Docker Hub by default).
+pub fn parse_reference(r: &str) -> Result<Reference, ImageError> {
+    r.parse::<Reference>()
+        .map_err(|e| ImageError::BadReference {
+            reference: r.to_string(),
+            message: e.to_string(),
+        })
+}
+
+fn registry_err(
+    doing: &str,
+) -> impl Fn(oci_client::errors::OciDistributionError) -> ImageError + '_ {
+    move |e| ImageError::Registry {
+        doing: doing.to_string(),
+        message: e.to_string(),
+    }
+}
+
+/// Pulls `req` and builds its filesystem (or finds it built).
+pub async fn pull(
+    store: Arc<ImageStore>,
+    req: &PullRequest,
+    progress: Progress,
+) -> Result<BuiltImage, ImageError> {
+    let reference = parse_reference(&req.reference)?;
+    let client = Client::new(ClientConfig {
+        protocol: if req.insecure {
+            ClientProtocol::Http
+        } else {
+            ClientProtocol::Https
+        },
+        platform_resolver: Some(Box::new(linux_amd64_resolver)),
+        connect_timeout: Some(Duration::from_secs(30)),
+        read_timeout: Some(Duration::from_secs(120)),
+        ..Default::default()
+    });
+    let auth = match &req.auth {
+        Auth::Anonymous => RegistryAuth::Anonymous,
+        Auth::Basic { username, password } => {
+            RegistryAuth::Basic(username.clone(), password.clone())
+        }
+        Auth::Token(t) => RegistryAuth::Bearer(t.clone()),
+    };
+    let (manifest, manifest_digest) = client
+        .pull_image_manifest(&reference, &auth)
+        .await
+        .map_err(registry_err("reading the manifest"))?;
+    let limits = store.limits();
+    if manifest.layers.len() > limits.max_layers {
+        return Err(ImageError::TooLarge(format!(
+            "{} layers (at most {})",
+            manifest.layers.len(),
+            limits.max_layers
+        )));
+    }
+    let total: u64 = manifest.layers.iter().map(|l| l.size.max(0) as u64).sum();
+    if total > limits.max_download_bytes {
+        return Err(ImageError::TooLarge(format!(
+            "{total} bytes of layers (at most {})",
+            limits.max_download_bytes
+        )));
+    }
+    let config_raw =
+        fetch_small(&client, &reference, &manifest.config, limits.max_json_bytes).await?;
+    let digest = manifest.config.digest.clone();
+    progress(PullEvent::Resolved {
+        digest: digest.clone(),
+        manifest_digest: Some(manifest_digest),
+        layers: manifest
+            .layers
+            .iter()
+            .map(|l| LayerInfo {
+                digest: l.digest.clone(),
+                size: l.size.max(0) as u64,
+            })
+            .collect(),
+    });
+    if let Some(b) = store.get(&digest) {
+        progress(PullEvent::Reused { digest });
+        return Ok(b);
+    }
+    let lock = store.lock_for(&digest);
+    let _held = lock.lock().await;
+    if let Some(b) = store.get(&digest) {
+        progress(PullEvent::Reused { digest });
+        return Ok(b);
+    }
+    let fetches = manifest.layers.iter().enumerate().map(|(i, desc)| {
+        let (store, client, reference, progress) =
+            (store.clone(), &client, &reference, progress.clone());
+        async move { fetch_layer(&store, client, reference, desc, i, &progress).await }
+    });
+    let files: Vec<std::fs::File> = futures_util::stream::iter(fetches)
+        .buffered(3)
+        .try_collect()
+        .await?;
+    let layers: Vec<(String, std::fs::File)> = manifest
+        .layers
+        .iter()
+        .map(|l| l.digest.clone())
+        .zip(files)
+        .collect();
+    let blobs: Vec<_> = layers
+        .iter()
+        .filter_map(|(d, _)| store.blob_path(d).ok())
+        .collect();
+    let st = store.clone();
+    let built =
+        tokio::task::spawn_blocking(move || build::build(&st, &config_raw, layers, &progress))
+            .await
+            .map_err(|e| ImageError::Build(format!("the build task failed: {e}")))??;
+    // The filesystem holds the content now; the blobs only took room.
+    for b in blobs {
+        let _ = std::fs::remove_file(b);
+    }
+    Ok(built)
+}
+
+/// A small blob (the config) read into memory, bounded and verified.
+async fn fetch_small(
+    client: &Client,
+    reference: &Reference,
+    desc: &OciDescriptor,
+    limit: u64,
+) -> Result<Vec<u8>, ImageError> {
+    digest_hex(&desc.digest)?;
+    if desc.size < 0 || desc.size as u64 > limit {
+        return Err(ImageError::TooLarge(format!(
+            "the config blob is {} bytes (at most {limit})",
+            desc.size
+        )));
+    }
+    let mut stream = client
+        .pull_blob_stream(reference, desc)
+        .await
+        .map_err(registry_err("fetching the image config"))?;
+    let mut out = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ImageError::Registry {
+            doing: "fetching the image config".into(),
+            message: e.to_string(),
+        })?;
+        out.extend_from_slice(&chunk);
+        if out.len() as u64 > desc.size as u64 {
+            return Err(ImageError::Digest {
+                digest: desc.digest.clone(),
+                message: format!(
+                    "the registry sent more than the {} bytes declared",
+                    desc.size
+                ),
+            });
+        }
+    }
+    verify(&out, &desc.digest)?;
+    Ok(out)
+}
+
+/// One layer blob into the blob store (unless it is there), verified;
+/// returns it opened, so a concurrent removal cannot take it away.
+async fn fetch_layer(
+    store: &ImageStore,
+    client: &Client,
+    reference: &Reference,
+    desc: &OciDescriptor,
+    layer: usize,
+    progress: &Progress,
+) -> Result<std::fs::File, ImageError> {
+    let path = store.blob_path(&desc.digest)?;
+    let open = |p: &std::path::Path| {
+        std::fs::File::open(p).map_err(io_err(format!("opening blob {}", desc.digest)))
+    };
+    if path.exists() {
+        progress(PullEvent::LayerDone {
+            layer,
+            cached: true,
+        });
+        return open(&path);
+    }
+    let lock = store.lock_for(&desc.digest);
+    let _held = lock.lock().await;
+    if path.exists() {
+        progress(PullEvent::LayerDone {
+            layer,
+            cached: true,
+        });
+        return open(&path);
+    }
+    let total = desc.size.max(0) as u64;
+    if total > store.limits().max_download_bytes {
+        return Err(ImageError::TooLarge(format!(
+            "layer {} is {total} bytes (at most {})",
+            desc.digest,
+            store.limits().max_download_bytes
+        )));
+    }
+    let work = store.work_dir("blob")?;
+    let tmp = work.0.join("data");
+    let mut file = std::fs::File::create(&tmp).map_err(io_err("creating a blob download"))?;
+    let mut stream = client
+        .pull_blob_stream(reference, desc)
+        .await
+        .map_err(registry_err("fetching a layer"))?;
+    let mut hash = Sha256::new();
+    let (mut done, mut reported) = (0u64, 0u64);
+    let step = (total / 20).max(1 << 20);
+    progress(PullEvent::LayerProgress {
+        layer,
+        done: 0,
+        total,
+    });
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ImageError::Registry {
+            doing: format!("fetching layer {}", desc.digest),
+            message: e.to_string(),
+        })?;
+        done += chunk.len() as u64;
+        if done > total {
+            return Err(ImageError::Digest {
+                digest: desc.digest.clone(),
+                message: format!("the registry sent more than the {total} bytes declared"),
+            });
+        }
+        hash.update(&chunk);
+        file.write_all(&chunk)
+            .map_err(io_err("writing a blob download"))?;
+        if done - reported >= step {
+            reported = done;
+            progress(PullEvent::LayerProgress { layer, done, total });
+        }
+    }
+    let got = format!("sha256:{}", hex::encode(hash.finalize()));
+    if done != total || got != desc.digest {
+        return Err(ImageError::Digest {
+            digest: desc.digest.clone(),
+            message: format!("received {done} of {total} bytes with digest {got}"),
+        });
+    }
+    file.sync_all().map_err(io_err("syncing a blob"))?;
+    drop(file);
+    std::fs::rename(&tmp, &path).map_err(io_err("storing a blob"))?;
+    progress(PullEvent::LayerProgress { layer, done, total });
+    progress(PullEvent::LayerDone {
+        layer,
+        cached: false,
+    });
+    open(&path)
+}

@@ -178,6 +178,7 @@ pub fn validate_create(
         egress: req.network.and_then(|n| n.egress).unwrap_or(true),
         public: req.public.unwrap_or(false),
         access_token: None,
+        oci: None,
     };
     Ok((req.name, spec))
 }

@@ -162,6 +162,7 @@ pub(crate) async fn run(args: &ClientArgs, cmd: MachinesCmd) -> anyhow::Result<(
                 network: a.no_egress.then_some(NetworkRequest {
                     egress: Some(false),
                 }),
+                image: a.image,
                 ..Default::default()
             };
             let mut m = c.create_machine(&req).await?;

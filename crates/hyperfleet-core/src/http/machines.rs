@@ -94,7 +94,13 @@ pub async fn create(
     Json(req): Json<CreateMachineRequest>,
 ) -> Result<Response, ApiError> {
     let p = caller.require(Scope::Write)?;
+    let mut req = req;
+    let image = req.image.take();
     let (name, mut spec) = validate_create(req, state.default_vmm)?;
+    if let Some(image) = image {
+        spec.oci =
+            Some(crate::images::service::machine_image(&state.images, &p.tenant, &image).await?);
+    }
     // 160 random bits: the proxy's per-machine credential.
     spec.access_token = Some(crate::util::random_id("hft_", 32));
     let m = state.sup.create(&p.tenant, name, spec).await?;

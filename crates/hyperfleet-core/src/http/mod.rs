@@ -5,6 +5,7 @@ pub mod error;
 pub mod extract;
 pub mod guest;
 pub mod health;
+pub mod images;
 pub mod keys;
 pub mod machines;
 pub mod openapi;
@@ -37,6 +38,8 @@ pub struct AppState {
     pub urls: Option<Arc<crate::urls::UrlTemplate>>,
     /// Bounds on guest requests (exec, files, logs).
     pub guest: Arc<guest::GuestSlots>,
+    /// OCI images (records, pulls, imports).
+    pub images: Arc<crate::images::service::ImageService>,
 }
 
 fn api_routes() -> Router<AppState> {
@@ -72,6 +75,14 @@ fn api_routes() -> Router<AppState> {
         .route("/machines/{id}/logs", get(guest::logs))
         .route("/keys", get(keys::list).post(keys::create))
         .route("/keys/{id}", axum::routing::delete(keys::revoke))
+        .route("/images", get(images::list).post(images::pull))
+        .route(
+            "/images/import",
+            // The archive streams through; no whole-body limit.
+            post(images::import).layer(DefaultBodyLimit::disable()),
+        )
+        .route("/images/{id}", get(images::get).delete(images::delete))
+        .route("/images/{id}/events", get(images::events))
         .route(
             "/tenants/{tenant}/quota",
             get(quota::get).put(quota::put).delete(quota::delete),

@@ -15,7 +15,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
-use super::{guest, health, keys, machines, quota};
+use super::{guest, health, images, keys, machines, quota};
 
 struct BearerAuth;
 
@@ -234,6 +234,7 @@ fn drop_null(schema: &mut RefOr<Schema>) {
         guest::stat, guest::list, guest::mkdir, guest::logs,
         keys::create, keys::list, keys::revoke,
         quota::get, quota::put, quota::delete,
+        images::pull, images::import, images::list, images::get, images::delete, images::events,
     ),
     components(schemas(
         hyperfleet_api::Machine, hyperfleet_api::MachineList, hyperfleet_api::MachineStatus,
@@ -247,6 +248,9 @@ fn drop_null(schema: &mut RefOr<Schema>) {
         hyperfleet_api::FileWrite, hyperfleet_api::FileContent, hyperfleet_api::FileStat,
         hyperfleet_api::DirEntry, hyperfleet_api::DirListing, hyperfleet_api::FileWritten,
         hyperfleet_api::Quota, hyperfleet_api::QuotaLimits, hyperfleet_api::QuotaUsage,
+        hyperfleet_api::Image, hyperfleet_api::ImageList, hyperfleet_api::ImageStatus,
+        hyperfleet_api::ImageLayer, hyperfleet_api::ImageRunConfig, hyperfleet_api::ImageEvent,
+        hyperfleet_api::ImageEventList, hyperfleet_api::PullImageRequest, hyperfleet_api::RegistryAuth,
     )),
     modifiers(&BearerAuth, &CommonErrors),
     tags(
@@ -254,6 +258,7 @@ fn drop_null(schema: &mut RefOr<Schema>) {
         (name = "guest", description = "Commands, files and console inside running machines"),
         (name = "keys", description = "API keys (admin scope)"),
         (name = "quotas", description = "Tenant quotas: what a tenant's machines may hold"),
+        (name = "images", description = "OCI images: pull, import, and machines made from them"),
         (name = "health", description = "Liveness and readiness"),
     )
 )]

@@ -26,6 +26,7 @@
 pub mod archive;
 pub mod build;
 pub mod registry;
+pub mod service;
 pub mod unpack;
 
 use std::collections::HashMap;
@@ -144,6 +145,44 @@ pub struct RunConfig {
     pub env: Vec<String>,
     pub workdir: Option<String>,
     pub user: Option<String>,
+}
+
+/// What a machine made from an OCI image records in its spec: which
+/// image, and the size of its disk (for quotas).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineImage {
+    pub image_id: String,
+    #[serde(default)]
+    pub reference: Option<String>,
+    /// The config digest: the built filesystem's key.
+    pub digest: String,
+    pub disk_bytes: u64,
+}
+
+impl MachineImage {
+    pub fn to_api(&self) -> hyperfleet_api::MachineOciImage {
+        hyperfleet_api::MachineOciImage {
+            id: self.image_id.clone(),
+            reference: self.reference.clone(),
+            digest: self.digest.clone(),
+        }
+    }
+}
+
+/// The filesystem a machine made from image `digest` boots over, under
+/// `<data_dir>/images` (`images_root`).
+pub fn machine_rootfs(images_root: &Path, digest: &str) -> Result<PathBuf, ImageError> {
+    let p = images_root
+        .join("fs")
+        .join(digest_hex(digest)?)
+        .join("rootfs.ext4");
+    if !p.exists() {
+        return Err(ImageError::Invalid(format!(
+            "the filesystem of image {digest} is missing from {}",
+            images_root.display()
+        )));
+    }
+    Ok(p)
 }
 
 /// A built image on disk.

@@ -131,15 +131,36 @@ pub async fn pull(
         progress(PullEvent::Reused { digest });
         return Ok(b);
     }
-    let fetches = manifest.layers.iter().enumerate().map(|(i, desc)| {
+    // Boxed and collected first: a lazily mapped iterator of borrowing
+    // futures trips the compiler's higher-ranked lifetime inference in
+    // `tokio::spawn`.
+    type Fetch<'a> = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<std::fs::File, ImageError>> + Send + 'a>,
+    >;
+    let mut fetches: Vec<Fetch<'_>> = Vec::new();
+    for (i, desc) in manifest.layers.iter().enumerate() {
         let (store, client, reference, progress) =
             (store.clone(), &client, &reference, progress.clone());
-        async move { fetch_layer(&store, client, reference, desc, i, &progress).await }
-    });
-    let files: Vec<std::fs::File> = futures_util::stream::iter(fetches)
+        fetches.push(Box::pin(async move {
+            fetch_layer(&store, client, reference, desc, i, &progress).await
+        }));
+    }
+    let fetched: Result<Vec<std::fs::File>, ImageError> = futures_util::stream::iter(fetches)
         .buffered(3)
         .try_collect()
-        .await?;
+        .await;
+    let files = match fetched {
+        Ok(f) => f,
+        Err(e) => {
+            // A failed pull keeps nothing: the layers it verified go too.
+            for l in &manifest.layers {
+                if let Ok(p) = store.blob_path(&l.digest) {
+                    let _ = std::fs::remove_file(p);
+                }
+            }
+            return Err(e);
+        }
+    };
     let layers: Vec<(String, std::fs::File)> = manifest
         .layers
         .iter()
@@ -154,12 +175,32 @@ pub async fn pull(
     let built =
         tokio::task::spawn_blocking(move || build::build(&st, &config_raw, layers, &progress))
             .await
-            .map_err(|e| ImageError::Build(format!("the build task failed: {e}")))??;
-    // The filesystem holds the content now; the blobs only took room.
+            .unwrap_or_else(|e| Err(ImageError::Build(format!("the build task failed: {e}"))));
+    // Built: the filesystem holds the content now and the blobs only take
+    // room; failed: nothing of the pull is kept.
     for b in blobs {
         let _ = std::fs::remove_file(b);
     }
-    Ok(built)
+    built
+}
+
+/// An error of a blob stream: oci-client's own digest check (it verifies
+/// the stream against the descriptor as it ends) is a verification
+/// failure like ours.
+fn stream_err(e: std::io::Error, digest: &str) -> ImageError {
+    let is_digest = e
+        .get_ref()
+        .is_some_and(|i| i.is::<oci_client::errors::DigestError>());
+    if is_digest {
+        return ImageError::Digest {
+            digest: digest.to_string(),
+            message: e.to_string(),
+        };
+    }
+    ImageError::Registry {
+        doing: format!("fetching blob {digest}"),
+        message: e.to_string(),
+    }
 }
 
 /// A small blob (the config) read into memory, bounded and verified.
@@ -182,10 +223,7 @@ async fn fetch_small(
         .map_err(registry_err("fetching the image config"))?;
     let mut out = Vec::new();
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| ImageError::Registry {
-            doing: "fetching the image config".into(),
-            message: e.to_string(),
-        })?;
+        let chunk = chunk.map_err(|e| stream_err(e, &desc.digest))?;
         out.extend_from_slice(&chunk);
         if out.len() as u64 > desc.size as u64 {
             return Err(ImageError::Digest {
@@ -255,10 +293,7 @@ async fn fetch_layer(
         total,
     });
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| ImageError::Registry {
-            doing: format!("fetching layer {}", desc.digest),
-            message: e.to_string(),
-        })?;
+        let chunk = chunk.map_err(|e| stream_err(e, &desc.digest))?;
         done += chunk.len() as u64;
         if done > total {
             return Err(ImageError::Digest {
@@ -284,6 +319,9 @@ async fn fetch_layer(
     file.sync_all().map_err(io_err("syncing a blob"))?;
     drop(file);
     std::fs::rename(&tmp, &path).map_err(io_err("storing a blob"))?;
+    // Crash tests: a daemon killed with a verified blob stored and the
+    // pull unfinished (`HYPERFLEET_CRASH_AT=images.after_layer`).
+    fail::fail_point!("images.after_layer");
     progress(PullEvent::LayerProgress { layer, done, total });
     progress(PullEvent::LayerDone {
         layer,

@@ -304,7 +304,10 @@ impl Supervisor {
         spec.image = backend
             .current_image()
             .map_err(|why| LifecycleError::BackendUnavailable(spec.vmm, why))?;
-        spec.disk_bytes = backend.disk_bytes(spec.image.as_deref());
+        spec.disk_bytes = match &spec.oci {
+            Some(oci) => Some(oci.disk_bytes),
+            None => backend.disk_bytes(spec.image.as_deref()),
+        };
         let ask = Ask {
             vcpus: u64::from(spec.vcpu_count),
             memory_mib: u64::from(spec.mem_size_mib),

@@ -165,6 +165,11 @@ const MIGRATIONS: &[&str] = &[
            OR (desired IN ('running', 'paused')
                AND NOT (status = 'failed' AND failed_generation IS generation));
     "#,
+    // 7: reserved for snapshots (the lead's branch); this placeholder keeps
+    // images at 8 until that migration takes its place.
+    "",
+    // 8: OCI image records and their events (`store::images`).
+    super::images::MIGRATION,
 ];
 
 pub(super) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {

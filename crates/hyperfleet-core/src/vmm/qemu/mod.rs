@@ -390,7 +390,7 @@ impl Vmm for QemuVmm {
         let (kernel, initrd, rootfs) = (
             set.kernel().map_err(&asset)?,
             set.initramfs().map_err(&asset)?,
-            set.rootfs().map_err(&asset)?,
+            self.images.rootfs(launch)?,
         );
         if launch.restore && !Self::state_file(&launch.paths).exists() {
             return Err(VmmError::host(

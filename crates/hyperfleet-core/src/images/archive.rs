@@ -83,7 +83,7 @@ pub fn import(
             cached: false,
         });
     }
-    build::build(&store, &config_raw, files, progress)
+    build::build(&store, &config_raw, files.into_iter().map(Ok), progress)
 }
 
 fn clean(raw: &[u8]) -> Result<PathBuf, ImageError> {

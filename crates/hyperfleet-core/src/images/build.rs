@@ -33,12 +33,14 @@ const MOUNT_POINTS: &[(&str, u32)] = &[
 /// Builds (once) the filesystem of the image whose config is `config_raw`
 /// from its layer blobs, in order; each blob's digest was verified when it
 /// was stored, and each layer's uncompressed digest is verified here
-/// against the config's `diff_ids`. Blocking: run it off the async
-/// runtime.
+/// against the config's `diff_ids`. `layers` may block until the next
+/// layer is downloaded (a pull unpacks layer *i* while later ones still
+/// arrive); an `Err` from it ends the build. Blocking: run it off the
+/// async runtime.
 pub(crate) fn build(
     store: &ImageStore,
     config_raw: &[u8],
-    layers: Vec<(String, std::fs::File)>,
+    layers: impl Iterator<Item = Result<(String, std::fs::File), ImageError>>,
     progress: &Progress,
 ) -> Result<BuiltImage, ImageError> {
     let digest = sha256_digest(config_raw);
@@ -46,13 +48,6 @@ pub(crate) fn build(
         return Ok(b);
     }
     let diffs = diff_ids(config_raw)?;
-    if diffs.len() != layers.len() {
-        return Err(ImageError::Invalid(format!(
-            "the config names {} layers, the manifest {}",
-            diffs.len(),
-            layers.len()
-        )));
-    }
     let started = Instant::now();
     let work = store.work_dir("build")?;
     let root = work.0.join("root");
@@ -61,7 +56,14 @@ pub(crate) fn build(
         .map_err(io_err("setting the unpack root's mode"))?;
     let mut u =
         Unpacker::new(&root, store.limits.unpack).map_err(io_err("opening the unpack root"))?;
-    for (i, ((ldigest, file), diff)) in layers.into_iter().zip(&diffs).enumerate() {
+    let mut layers = layers;
+    for (i, diff) in diffs.iter().enumerate() {
+        let (ldigest, file) = layers.next().ok_or_else(|| {
+            ImageError::Invalid(format!(
+                "the config names {} layers, the manifest fewer",
+                diffs.len()
+            ))
+        })??;
         progress(PullEvent::Unpacking { layer: i });
         u.apply(BufReader::new(file), Some(diff))
             .map_err(|source| ImageError::Unpack {
@@ -69,6 +71,12 @@ pub(crate) fn build(
                 digest: ldigest,
                 source,
             })?;
+    }
+    if layers.next().is_some() {
+        return Err(ImageError::Invalid(format!(
+            "the manifest names more layers than the config's {}",
+            diffs.len()
+        )));
     }
     for (d, mode) in MOUNT_POINTS {
         let p = root.join(d);

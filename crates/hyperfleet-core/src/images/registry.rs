@@ -9,7 +9,7 @@ use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::{StreamExt, TryStreamExt};
+use futures_util::StreamExt;
 use oci_client::client::{linux_amd64_resolver, ClientConfig, ClientProtocol};
 use oci_client::manifest::OciDescriptor;
 use oci_client::secrets::RegistryAuth;
@@ -145,43 +145,52 @@ pub async fn pull(
             fetch_layer(&store, client, reference, desc, i, &progress).await
         }));
     }
-    let fetched: Result<Vec<std::fs::File>, ImageError> = futures_util::stream::iter(fetches)
-        .buffered(3)
-        .try_collect()
-        .await;
-    let files = match fetched {
-        Ok(f) => f,
-        Err(e) => {
-            // A failed pull keeps nothing: the layers it verified go too.
-            for l in &manifest.layers {
-                if let Ok(p) = store.blob_path(&l.digest) {
-                    let _ = std::fs::remove_file(p);
+    if manifest.layers.len() != super::diff_ids(&config_raw)?.len() {
+        return Err(ImageError::Invalid(
+            "the manifest and the config name different numbers of layers".into(),
+        ));
+    }
+    // Downloads (three at a time) feed the builder in layer order, so layer
+    // i is unpacked while later ones still arrive; every blob is verified
+    // before it is handed over.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let st = store.clone();
+    let builder = tokio::task::spawn_blocking(move || {
+        build::build(&st, &config_raw, rx.into_iter(), &progress)
+    });
+    let mut fetched = futures_util::stream::iter(fetches).buffered(3);
+    let mut failed = None;
+    let mut next = manifest.layers.iter();
+    while let Some(r) = fetched.next().await {
+        let digest = next.next().map(|l| l.digest.clone()).unwrap_or_default();
+        match r {
+            Ok(f) => {
+                if tx.send(Ok((digest, f))).is_err() {
+                    break; // The builder failed; it says why.
                 }
             }
-            return Err(e);
+            Err(e) => {
+                failed = Some(e);
+                break;
+            }
         }
-    };
-    let layers: Vec<(String, std::fs::File)> = manifest
-        .layers
-        .iter()
-        .map(|l| l.digest.clone())
-        .zip(files)
-        .collect();
-    let blobs: Vec<_> = layers
-        .iter()
-        .filter_map(|(d, _)| store.blob_path(d).ok())
-        .collect();
-    let st = store.clone();
-    let built =
-        tokio::task::spawn_blocking(move || build::build(&st, &config_raw, layers, &progress))
-            .await
-            .unwrap_or_else(|e| Err(ImageError::Build(format!("the build task failed: {e}"))));
+    }
+    drop(fetched);
+    drop(tx);
+    let built = builder
+        .await
+        .unwrap_or_else(|e| Err(ImageError::Build(format!("the build task failed: {e}"))));
     // Built: the filesystem holds the content now and the blobs only take
     // room; failed: nothing of the pull is kept.
-    for b in blobs {
-        let _ = std::fs::remove_file(b);
+    for l in &manifest.layers {
+        if let Ok(p) = store.blob_path(&l.digest) {
+            let _ = std::fs::remove_file(p);
+        }
     }
-    built
+    match failed {
+        Some(e) => Err(e),
+        None => built,
+    }
 }
 
 /// An error of a blob stream: oci-client's own digest check (it verifies

@@ -395,3 +395,48 @@ fn a_real_guest_boots_an_image_with_whiteouts_applied() {
     let r = d.call("POST", "/machines/img/stop?timeout=120", None);
     assert_eq!(r.body["status"], "stopped", "{}", r.body);
 }
+
+#[test]
+fn oci_layout_and_docker_save_archives_import_as_one_image() {
+    if !oci::tools_present() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let archive = image_archive(dir.path(), &Config::default());
+    let save = dir.path().join("save.tar");
+    let out = std::process::Command::new("skopeo")
+        .args(["copy", "--quiet"])
+        .arg(format!("oci-archive:{}", archive.display()))
+        .arg(format!("docker-archive:{}:test/img:1", save.display()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sb = Sandbox::new();
+    let d = Daemon::start(&sb);
+    let import = |p: &Path| -> Value {
+        let resp = d
+            .raw()
+            .post(format!("{}/images/import", d.url))
+            .bearer_auth(&d.key)
+            .body(std::fs::File::open(p).unwrap())
+            .send()
+            .unwrap();
+        assert_eq!(resp.status(), 201);
+        resp.json().unwrap()
+    };
+    let a = import(&archive);
+    assert_eq!(a["status"], "ready", "{a}");
+    assert_eq!(a["source"], "import");
+    let b = import(&save);
+    assert_eq!(b["status"], "ready", "{b}");
+    assert!(b["manifest_digest"].is_null(), "{b}");
+    // The same content: the same config digest, one filesystem.
+    assert_eq!(a["digest"], b["digest"]);
+    assert!(kinds(&d, b["id"].as_str().unwrap()).contains(&"reused".to_string()));
+    assert_eq!(entries(&sb.path().join("images/fs")).len(), 1);
+    no_leftovers(&sb);
+}

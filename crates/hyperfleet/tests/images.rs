@@ -440,3 +440,54 @@ fn oci_layout_and_docker_save_archives_import_as_one_image() {
     assert_eq!(entries(&sb.path().join("images/fs")).len(), 1);
     no_leftovers(&sb);
 }
+
+#[test]
+fn a_real_guest_boots_a_scratch_image_without_a_shell() {
+    if !oci::tools_present() {
+        return;
+    }
+    let Some(assets) = guest_assets() else { return };
+    let sb = Sandbox::new();
+    let assets = assets.display().to_string();
+    let d = Daemon::start_with(
+        &sb,
+        &[],
+        &[
+            "--assets-dir",
+            &assets,
+            "--default-vmm",
+            "qemu",
+            "--boot-timeout",
+            "180",
+        ],
+    );
+    // One file, no directories, no shell, no /etc: `FROM scratch`.
+    let busybox = std::fs::read("/bin/busybox").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("scratch.tar");
+    oci::oci_archive(
+        &archive,
+        &[oci::layer(&[oci::Entry::File("busybox", busybox, 0o755)])],
+        &Config::default(),
+    );
+    let resp = d
+        .raw()
+        .post(format!("{}/images/import", d.url))
+        .bearer_auth(&d.key)
+        .body(std::fs::read(&archive).unwrap())
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let img: Value = resp.json().unwrap();
+    let m = d.create(json!({"name": "scratch", "image": img["id"]}));
+    let r = d.call("POST", "/machines/scratch/start?timeout=300", None);
+    assert_eq!(r.body["status"], "running", "{}\n{}", r.body, d.log());
+    let r = d.call(
+        "POST",
+        &format!("/machines/{}/exec", m["id"].as_str().unwrap()),
+        Some(json!({"command": ["/busybox", "echo", "no shell needed"]})),
+    );
+    assert_eq!(r.body["stdout"], "no shell needed\n", "{}", r.body);
+    let r = d.call("POST", "/machines/scratch/stop?timeout=120", None);
+    assert_eq!(r.body["status"], "stopped", "{}", r.body);
+}

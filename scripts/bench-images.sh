@@ -38,11 +38,11 @@ umoci new --image "$W/oci:bench" >/dev/null
 umoci unpack --image "$W/oci:bench" "$W/bundle" >/dev/null
 mkdir -p "$W/bundle/rootfs/bin" "$W/bundle/rootfs/usr/lib/x86_64-linux-gnu" "$W/bundle/rootfs/usr/lib/gcc/x86_64-linux-gnu"
 cp -a /bin/busybox "$W/bundle/rootfs/bin/"
-umoci repack --image "$W/oci:bench" "$W/bundle" >/dev/null
+umoci repack --refresh-bundle --image "$W/oci:bench" "$W/bundle" >/dev/null
 cp -a /usr/lib/python3.11 "$W/bundle/rootfs/usr/lib/"
-umoci repack --image "$W/oci:bench" "$W/bundle" >/dev/null
+umoci repack --refresh-bundle --image "$W/oci:bench" "$W/bundle" >/dev/null
 cp -a /usr/lib/gcc/x86_64-linux-gnu/12 "$W/bundle/rootfs/usr/lib/gcc/x86_64-linux-gnu/"
-umoci repack --image "$W/oci:bench" "$W/bundle" >/dev/null
+umoci repack --refresh-bundle --image "$W/oci:bench" "$W/bundle" >/dev/null
 umoci config --image "$W/oci:bench" --config.cmd /bin/busybox --config.cmd sh >/dev/null
 TREE_MB=$(du -sm "$W/bundle/rootfs" | cut -f1)
 
@@ -74,6 +74,21 @@ for _ in $(seq "$RUNS"); do
 done
 FLOOR=$(printf '%s\n' "${floor[@]}" | median)
 
+# --- an unpack floor: GNU tar extracting the same layer blobs in order ----------------------
+LAYERS=$(curl -sf -H 'accept: application/vnd.oci.image.manifest.v1+json' \
+    "http://127.0.0.1:$PORT/v2/bench/manifests/1" |
+    python3 -c 'import json,sys; print(" ".join(l["digest"][7:] for l in json.load(sys.stdin)["layers"]))')
+untar=()
+for _ in $(seq "$RUNS"); do
+    rm -rf "$W/untar"; mkdir "$W/untar"; sync
+    t0=$(ms)
+    for h in $LAYERS; do tar xzf "$W/floor/$h" -C "$W/untar"; done
+    t1=$(ms)
+    untar+=($((t1 - t0)))
+done
+UNTAR=$(printf '%s\n' "${untar[@]}" | median)
+rm -rf "$W/untar"
+
 # --- the daemon ----------------------------------------------------------------------------
 DATA=$W/data
 mkdir -p "$DATA"
@@ -103,16 +118,22 @@ for i in $(seq "$RUNS"); do
     # The last run's image stays for the create benchmark.
     [ "$i" -lt "$RUNS" ] && call -X DELETE "$API/images/$id"
 done
+if [ -n "${VERBOSE:-}" ]; then
+    call "$API/images/$id/events" | python3 -c 'import json,sys
+for e in json.load(sys.stdin)["events"]: print(e["at"], e["kind"], json.dumps(e["detail"])[:100])' >&2
+fi
 OURS=$(printf '%s\n' "${ours[@]}" | median)
 BUILD=$(printf '%s\n' "${builds[@]}" | median)
 FS_MB=$(du -sm "$DATA"/images/fs/*/rootfs.ext4 | cut -f1)
 
 # --- ext4 vs erofs on the same tree ----------------------------------------------------------
 sync
-t0=$(ms); mkfs.ext4 -q -F -t ext4 -m 0 -E root_owner=0:0 -d "$W/bundle/rootfs" "$W/t.ext4" "$(( (TREE_MB * 5 / 4 + 256) ))M"; t1=$(ms)
+t0=$(ms); mkfs.ext4 -q -F -t ext4 -m 0 -E root_owner=0:0 -d "$W/bundle/rootfs" "$W/t.ext4" "$(( (TREE_MB * 5 / 4 + 256) ))M" >/dev/null 2>&1; t1=$(ms)
 EXT4=$((t1 - t0))
-t0=$(ms); mkfs.erofs -q "$W/t.erofs" "$W/bundle/rootfs" >/dev/null 2>&1; t1=$(ms)
+t0=$(ms); mkfs.erofs "$W/t.erofs" "$W/bundle/rootfs" >/dev/null 2>&1 || echo "mkfs.erofs failed" >&2; t1=$(ms)
 EROFS=$((t1 - t0))
+t0=$(ms); mkfs.erofs -zlz4 "$W/t.erofs.lz4" "$W/bundle/rootfs" >/dev/null 2>&1 || echo "mkfs.erofs -zlz4 failed" >&2; t1=$(ms)
+EROFS_LZ4=$((t1 - t0))
 
 # --- create with the ready image vs without --------------------------------------------------
 plain=() withimg=()
@@ -132,8 +153,9 @@ image: ${TREE_MB} MB unpacked, ${BLOB_MB} MB of blobs in the registry (3 gzip la
 | skopeo copy docker:// → dir: (floor) | $FLOOR |
 | hyperfleet pull + unpack + ext4 (POST /images → ready) | $OURS (${RATIO}× floor) |
 | of which unpack + mkfs.ext4 (the \`built\` event) | $BUILD |
+| GNU tar xzf of the same layer blobs, in order (an unpack floor) | $UNTAR |
 | mkfs.ext4 -d of the tree alone | $EXT4 |
-| mkfs.erofs of the tree alone | $EROFS |
+| mkfs.erofs of the tree alone (uncompressed / lz4) | $EROFS / $EROFS_LZ4 |
 | create without an image (median of $CREATES) | $PLAIN |
 | create with the ready image (median of $CREATES) | $WITH (+$((WITH - PLAIN)) ms) |
 image events after the creates: used=$(echo "$USED" | cut -d' ' -f1), unpacking=$(echo "$USED" | cut -d' ' -f2) (unpacking counts the pull's layers only)

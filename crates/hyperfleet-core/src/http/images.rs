@@ -28,7 +28,7 @@ impl From<ImageServiceError> for ApiError {
         match e {
             ImageServiceError::NotFound(id) => ApiError::not_found(format!("image '{id}'")),
             ImageServiceError::Invalid(m) => ApiError::validation(m),
-            e @ ImageServiceError::InUse { .. } => {
+            e @ (ImageServiceError::InUse { .. } | ImageServiceError::Pulling(_)) => {
                 ApiError::new(ErrorCode::Conflict, e.to_string())
             }
             e @ ImageServiceError::Failed { .. } => {
@@ -139,7 +139,7 @@ pub async fn get(
     params(("id" = String, Path, description = "Image id")),
     responses((status = 204, description = "Deleted; the filesystem goes with the image's last record"),
         (status = 404, description = "No such image for this tenant", body = hyperfleet_api::ErrorBody),
-        (status = 409, description = "Machines made from this image exist", body = hyperfleet_api::ErrorBody)),
+        (status = 409, description = "Machines made from this image exist, or it is still being pulled", body = hyperfleet_api::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn delete(
     State(state): State<AppState>,

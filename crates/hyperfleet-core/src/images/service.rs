@@ -28,6 +28,8 @@ pub enum ImageServiceError {
     Invalid(String),
     #[error("image {id} is used by {machines} machine(s); delete them first")]
     InUse { id: String, machines: u64 },
+    #[error("image {0} is still being pulled; delete it once it is ready or failed")]
+    Pulling(String),
     #[error("image {id} failed: {reason}")]
     Failed { id: String, reason: String },
     #[error(transparent)]
@@ -352,6 +354,10 @@ impl ImageService {
             .db
             .image(tenant, id)?
             .ok_or_else(|| ImageServiceError::NotFound(id.to_string()))?;
+        // Its pull would build a filesystem no record holds.
+        if row.status == ImageStatus::Pulling {
+            return Err(ImageServiceError::Pulling(id.to_string()));
+        }
         let (iid, digest) = (row.id.clone(), row.digest.clone());
         let removable = self
             .db

@@ -11,6 +11,7 @@ use hyperfleet_api::{
     FileWritten, ForkRequest, ForkResult, Health, KeyList, Machine, MachineEvent, MachineList,
     MachineStatus, Quota, QuotaLimits, Snapshot, SnapshotList,
 };
+use hyperfleet_api::{Image, ImageEventList, ImageList, PullImageRequest};
 use reqwest::{Method, RequestBuilder, StatusCode};
 use serde::de::DeserializeOwned;
 
@@ -640,6 +641,41 @@ impl Client {
     /// Removes a tenant's own quota: the server's defaults apply again.
     pub async fn reset_quota(&self, tenant: &str) -> Result<Quota, ClientError> {
         self.json(self.req(Method::DELETE, &quota_path(tenant)))
+            .await
+    }
+
+    /// Starts pulling an image (202: `pulling`).
+    pub async fn pull_image(&self, req: &PullImageRequest) -> Result<Image, ClientError> {
+        self.json(self.req(Method::POST, "/images").json(req)).await
+    }
+
+    /// Imports an image archive (OCI layout tar or `docker save`), streamed.
+    pub async fn import_image(&self, body: reqwest::Body) -> Result<Image, ClientError> {
+        let r = self
+            .req(Method::POST, "/images/import")
+            .header(reqwest::header::CONTENT_TYPE, "application/x-tar")
+            .body(body);
+        self.json(r).await
+    }
+
+    pub async fn list_images(&self) -> Result<ImageList, ClientError> {
+        self.json(self.req(Method::GET, "/images")).await
+    }
+
+    pub async fn get_image(&self, id: &str) -> Result<Image, ClientError> {
+        self.json(self.req(Method::GET, &format!("/images/{}", enc(id))))
+            .await
+    }
+
+    pub async fn delete_image(&self, id: &str) -> Result<(), ClientError> {
+        self.send(self.req(Method::DELETE, &format!("/images/{}", enc(id))))
+            .await
+            .map(drop)
+    }
+
+    /// An image's stored events.
+    pub async fn image_events(&self, id: &str) -> Result<ImageEventList, ClientError> {
+        self.json(self.req(Method::GET, &format!("/images/{}/events", enc(id))))
             .await
     }
 }

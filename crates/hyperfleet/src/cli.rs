@@ -78,6 +78,9 @@ pub(crate) enum Command {
     /// Show and set tenant quotas (setting needs an operator admin key).
     #[command(subcommand)]
     Quota(QuotaCmd),
+    /// Pull, import, list and delete OCI images.
+    #[command(subcommand)]
+    Images(ImagesCmd),
     /// Build and inspect the guest assets (kernel, initramfs, root filesystem).
     #[command(subcommand)]
     Assets(AssetsCmd),
@@ -554,6 +557,40 @@ pub(crate) struct CreateArgs {
     /// Start it right away and wait for `running`.
     #[arg(long)]
     pub start: bool,
+    /// An OCI image (id `img_…` or reference) as the root filesystem;
+    /// pulled first when absent.
+    #[arg(long)]
+    pub image: Option<String>,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum ImagesCmd {
+    /// Pull an image from a registry and wait until it is ready.
+    Pull {
+        /// `registry[:port]/repository[:tag|@sha256:…]`.
+        reference: String,
+        /// Plain HTTP to the registry.
+        #[arg(long)]
+        insecure: bool,
+        /// Basic auth user; the password is read from HYPERFLEET_REGISTRY_PASSWORD.
+        #[arg(long)]
+        username: Option<String>,
+        /// Return at once (status `pulling`).
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Import an OCI image layout tar or a `docker save` archive.
+    Import {
+        file: PathBuf,
+    },
+    List,
+    Get {
+        id: String,
+    },
+    /// Delete an image (refused while machines made from it exist).
+    Delete {
+        id: String,
+    },
 }
 
 #[derive(Args)]

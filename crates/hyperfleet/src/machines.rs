@@ -208,6 +208,7 @@ pub(crate) async fn run(args: &ClientArgs, cmd: MachinesCmd) -> anyhow::Result<(
                     egress: Some(false),
                 }),
                 snapshot_id: a.snapshot,
+                image: a.image,
                 ..Default::default()
             };
             let mut m = c.create_machine(&req).await?;

@@ -4,6 +4,7 @@
 
 mod assets;
 mod cli;
+mod images;
 mod keys;
 mod machines;
 mod output;
@@ -59,6 +60,7 @@ fn main() -> std::process::ExitCode {
             cli::Command::Templates(cmd) => snapshots::templates(&args.client, cmd).await,
             cli::Command::Keys(cmd) => keys::run(&args.client, cmd).await,
             cli::Command::Quota(cmd) => quota::run(&args.client, cmd).await,
+            cli::Command::Images(cmd) => images::run(&args.client, cmd).await,
             cli::Command::Assets(cmd) => assets::run(&args.client, cmd),
         }
     });

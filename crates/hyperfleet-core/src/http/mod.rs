@@ -6,6 +6,7 @@ pub mod events;
 pub mod extract;
 pub mod guest;
 pub mod health;
+pub mod images;
 pub mod keys;
 pub mod machines;
 pub mod metrics;
@@ -41,6 +42,8 @@ pub struct AppState {
     pub urls: Option<Arc<crate::urls::UrlTemplate>>,
     /// Bounds on guest requests (exec, files, logs).
     pub guest: Arc<guest::GuestSlots>,
+    /// OCI images (records, pulls, imports).
+    pub images: Arc<crate::images::service::ImageService>,
 }
 
 fn api_routes() -> Router<AppState> {
@@ -93,6 +96,14 @@ fn api_routes() -> Router<AppState> {
         )
         .route("/keys", get(keys::list).post(keys::create))
         .route("/keys/{id}", axum::routing::delete(keys::revoke))
+        .route("/images", get(images::list).post(images::pull))
+        .route(
+            "/images/import",
+            // The archive streams through; no whole-body limit.
+            post(images::import).layer(DefaultBodyLimit::disable()),
+        )
+        .route("/images/{id}", get(images::get).delete(images::delete))
+        .route("/images/{id}/events", get(images::events))
         .route(
             "/tenants/{tenant}/quota",
             get(quota::get).put(quota::put).delete(quota::delete),

@@ -22,6 +22,7 @@
 //!   primary-key lookup on a pooled read-only connection.
 
 mod cache;
+mod images;
 mod quota;
 mod records;
 mod rows;
@@ -40,6 +41,7 @@ use rusqlite::{Connection, OpenFlags};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 pub use cache::{CachedMachine, DEFAULT_CAPACITY as DEFAULT_CACHED_MACHINES};
+pub use images::{ImageEventRow, ImageRow};
 pub use records::{
     steps, Desired, EventRecord, KeyRecord, MachineRecord, MachineSpec, NetLease, VmmIdentity,
 };

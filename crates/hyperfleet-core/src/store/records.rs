@@ -45,6 +45,10 @@ pub struct MachineSpec {
     /// files are kept while any machine names it here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_snapshot: Option<String>,
+    /// The OCI image the machine's disk is made from (None: the asset
+    /// set's rootfs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oci: Option<crate::images::MachineImage>,
 }
 
 fn default_true() -> bool {
@@ -282,6 +286,7 @@ impl MachineRecord {
             created_at: rfc3339(self.created_at),
             updated_at: rfc3339(self.updated_at),
             started_at: self.started_at.map(rfc3339),
+            oci_image: self.spec.oci.as_ref().map(|o| o.to_api()),
         }
     }
 }

@@ -399,9 +399,16 @@ impl GuestImages {
         std::fs::metadata(rootfs).ok().map(|m| m.len())
     }
 
-    /// The root filesystem of the set the machine boots, which its disk is
-    /// made from.
+    /// The base of a machine's disk: the filesystem of its OCI image, or
+    /// the root filesystem of the asset set it boots. (The kernel and
+    /// initramfs — with the agent — are the asset set's either way.)
     pub(crate) fn rootfs(&self, launch: &LaunchSpec) -> Result<PathBuf, VmmError> {
+        if let Some(oci) = &launch.spec.oci {
+            // Images live beside the asset sets: `<data_dir>/images`.
+            let images = self.root.parent().unwrap_or(&self.root).join("images");
+            return crate::images::machine_rootfs(&images, &oci.digest)
+                .map_err(|e| VmmError::unavailable(self.backend, e.to_string()));
+        }
         self.for_image(launch.spec.image.as_deref())?
             .rootfs()
             .map_err(asset_err(self.backend))

@@ -535,7 +535,7 @@ impl Vmm for QemuVmm {
         let (kernel, initrd, rootfs) = (
             set.kernel().map_err(&asset)?,
             set.initramfs().map_err(&asset)?,
-            set.rootfs().map_err(&asset)?,
+            self.images.rootfs(launch)?,
         );
         self.agents.forget(&launch.machine_id);
         let given = self.open_handoff(launch, &kernel, &initrd, &rootfs)?;

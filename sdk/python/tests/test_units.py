@@ -71,6 +71,7 @@ def test_requests_are_encoded_as_the_api_reads_them() -> None:
         idle_timeout_seconds=None,
         persistence=hyperfleet.Persistence(type="sticky"),
         snapshot_id="snap-1",
+        image=None,
         extra_body={"image": "x"},
     )
     assert create.json == {

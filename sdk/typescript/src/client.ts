@@ -1,6 +1,7 @@
 /** The client: `new Hyperfleet({url?, apiKey?})`. */
 import type { Health, Quota, QuotaLimits } from "./generated/openapi.js";
 import { Transport } from "./http.js";
+import { Images } from "./images.js";
 import { Keys } from "./keys.js";
 import { Machines } from "./machines.js";
 import { Snapshots, Templates } from "./snapshots.js";
@@ -67,6 +68,8 @@ export class Hyperfleet {
   readonly snapshots: Snapshots;
   /** Templates: per machine size, a booted guest's snapshot that creates start from. */
   readonly templates: Templates;
+  /** OCI images: pull, import, list, get, delete; machines are made from them (`create({ image })`). */
+  readonly images: Images;
   readonly #t: Transport;
 
   constructor(options: HyperfleetOptions = {}) {
@@ -84,6 +87,7 @@ export class Hyperfleet {
     this.quotas = new Quotas(this.#t);
     this.snapshots = new Snapshots(this.#t);
     this.templates = new Templates(this.#t);
+    this.images = new Images(this.#t);
   }
 
   /** The daemon's health (no key needed). */

@@ -35,6 +35,7 @@ export {
   type WriteOptions,
 } from "./machines.js";
 export { Keys } from "./keys.js";
+export { Image, Images, ImageFailedError, type ArchiveData, type ImageEventsOptions, type WaitReadyOptions } from "./images.js";
 export { Snapshots, Templates, type Ref } from "./snapshots.js";
 export * from "./errors.js";
 export type {
@@ -50,10 +51,18 @@ export type {
   FileWritten,
   ForkRequest,
   Health,
+  Image as ImageData,
+  ImageEvent,
+  ImageLayer,
+  ImageRunConfig,
+  ImageStatus,
   Machine as MachineData,
   MachineEvent,
   MachineNetwork,
+  MachineOciImage,
   MachineStatus,
+  PullImageRequest,
+  RegistryAuth,
   Quota,
   QuotaLimits,
   Scope,
@@ -62,6 +71,6 @@ export type {
   StepTiming,
   VmmKind,
 } from "./generated/openapi.js";
-export { API_VERSION, MACHINE_STATUSES, SCOPES, SNAPSHOT_STATUSES, VMM_KINDS } from "./generated/openapi.js";
+export { API_VERSION, IMAGE_STATUSES, MACHINE_STATUSES, SCOPES, SNAPSHOT_STATUSES, VMM_KINDS } from "./generated/openapi.js";
 /** Every type of docs/openapi.json, generated (camelCase field names). */
 export type * as api from "./generated/openapi.js";

@@ -8,6 +8,7 @@ chunks on the event loop's thread (plain file reads and writes).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json as _json
@@ -35,8 +36,8 @@ from typing import (
 import httpx
 
 from . import _core
-from ._core import CHUNK, Call, Command, FileData, PathLike
-from .errors import HyperfleetError, NotFound, Timeout
+from ._core import CHUNK, ArchiveSource, Call, Command, FileData, PathLike
+from .errors import HyperfleetError, ImageFailed, NotFound, Timeout
 from .models import (
     ApiKey,
     CreatedKey,
@@ -47,6 +48,8 @@ from .models import (
     FileWritten,
     ForkResult,
     Health,
+    ImageEvent,
+    ImageFields,
     MachineEvent,
     MachineFields,
     MachinePage,
@@ -92,6 +95,8 @@ class AsyncHyperfleet:
         self.snapshots = AsyncSnapshots(self)
         #: Templates: snapshots of a freshly booted guest that fast creates restore.
         self.templates = AsyncTemplates(self)
+        #: OCI images: pull, import, get, list, delete (machines are made from them).
+        self.images = AsyncImages(self)
 
     @property
     def url(self) -> str:
@@ -206,6 +211,7 @@ class AsyncMachines:
         idle_timeout_seconds: Optional[int] = None,
         persistence: Union[Persistence, Mapping[str, Any], None] = None,
         snapshot_id: Union[str, Snapshot, None] = None,
+        image: Union[str, ImageFields, None] = None,
         extra_body: Optional[Mapping[str, Any]] = None,
         start: bool = False,
         timeout: Optional[float] = None,
@@ -229,6 +235,7 @@ class AsyncMachines:
             idle_timeout_seconds=idle_timeout_seconds,
             persistence=persistence,
             snapshot_id=snapshot_id.id if isinstance(snapshot_id, Snapshot) else snapshot_id,
+            image=image.id if isinstance(image, ImageFields) else image,
             extra_body=extra_body,
         )
 
@@ -705,6 +712,131 @@ class AsyncTemplates:
         of its shape makes it again."""
         tid = template.id if isinstance(template, Snapshot) else template
         await self._client._json(_core.delete_template(tid))
+
+
+class AsyncImages:
+    """``client.images``: OCI images; see :class:`hyperfleet.Images`."""
+
+    def __init__(self, client: AsyncHyperfleet) -> None:
+        self._client = client
+
+    async def pull(
+        self,
+        ref: str,
+        *,
+        insecure: bool = False,
+        auth: Optional[Mapping[str, str]] = None,
+    ) -> AsyncImage:
+        """Start pulling ``ref``; see :meth:`hyperfleet.Images.pull`."""
+        body = await self._client._json(_core.pull_image(ref, insecure, auth))
+        return AsyncImage._wrap(self._client, body)
+
+    async def import_archive(
+        self, archive: ArchiveSource, *, timeout: Optional[float] = None
+    ) -> AsyncImage:
+        """Import an OCI layout tar or ``docker save`` archive, streamed; see
+        :meth:`hyperfleet.Images.import_archive`."""
+        if isinstance(archive, (str, os.PathLike)):
+            with open(archive, "rb") as fh:
+                return await self.import_archive(fh, timeout=timeout)
+        raw, f, size = _core.body_source(archive)
+        content: Any = raw if f is None else _achunks(f, size)
+        call = _core.import_image(content, size, timeout)
+        return AsyncImage._wrap(self._client, await self._client._json(call))
+
+    async def list(self) -> List[AsyncImage]:
+        """The tenant's images, oldest first."""
+        body = await self._client._json(_core.list_images())
+        return [AsyncImage._wrap(self._client, x) for x in body["images"]]
+
+    async def get(self, id: str) -> AsyncImage:
+        """The image with this id (``NotFound`` when the tenant has none)."""
+        return AsyncImage._wrap(self._client, await self._client._json(_core.get_image(id)))
+
+    async def delete(self, image: Union[str, ImageFields]) -> None:
+        """Delete an image (id or image); see :meth:`hyperfleet.Images.delete`."""
+        iid = image.id if isinstance(image, ImageFields) else image
+        await self._client._json(_core.delete_image(iid))
+
+    def events(
+        self, id: str, *, follow: bool = False, after: Optional[int] = None
+    ) -> AsyncIterator[ImageEvent]:
+        """The image's pull or import steps; see :meth:`hyperfleet.Image.events`."""
+        return _image_events(self._client, id, follow, after)
+
+
+class AsyncImage(ImageFields):
+    """An OCI image record with its operations as coroutines; see :class:`hyperfleet.Image`."""
+
+    _client: AsyncHyperfleet
+
+    @classmethod
+    def _wrap(cls, client: AsyncHyperfleet, data: Mapping[str, Any]) -> AsyncImage:
+        fresh = from_json(ImageFields, data)
+        i = cls(**{f.name: getattr(fresh, f.name) for f in dataclasses.fields(ImageFields)})
+        i._client = client
+        return i
+
+    def _update(self, data: Mapping[str, Any]) -> AsyncImage:
+        fresh = from_json(ImageFields, data)
+        for f in dataclasses.fields(ImageFields):
+            setattr(self, f.name, getattr(fresh, f.name))
+        return self
+
+    async def refresh(self) -> AsyncImage:
+        """Read the image's fields again."""
+        return self._update(await self._client._json(_core.get_image(self.id)))
+
+    async def wait_ready(self, timeout: float = 600.0, *, poll_interval: float = 0.5) -> AsyncImage:
+        """Poll until ``ready`` (returns ``self``) or ``failed`` (raises
+        :class:`~hyperfleet.ImageFailed`); see :meth:`hyperfleet.Image.wait_ready`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.status == "ready":
+                return self
+            if self.status == "failed":
+                raise ImageFailed(f"image {self.id} ({self.ref}) failed: {self.error}", self)
+            if time.monotonic() >= deadline:
+                raise Timeout(f"image {self.id} is still {self.status} after {timeout} s")
+            await asyncio.sleep(min(poll_interval, max(0.0, deadline - time.monotonic())))
+            await self.refresh()
+
+    async def delete(self) -> None:
+        """Delete the image; see :meth:`hyperfleet.Images.delete`."""
+        await self._client._json(_core.delete_image(self.id))
+
+    def events(
+        self, *, follow: bool = False, after: Optional[int] = None
+    ) -> AsyncIterator[ImageEvent]:
+        """The image's pull or import steps; see :meth:`hyperfleet.Image.events`."""
+        return _image_events(self._client, self.id, follow, after)
+
+
+async def _image_events(
+    client: AsyncHyperfleet, id: str, follow: bool, after: Optional[int]
+) -> AsyncIterator[ImageEvent]:
+    if not follow:
+        body = await client._json(_core.image_events(id, after))
+        for e in body["events"]:
+            yield from_json(ImageEvent, e)
+        return
+    cursor = after
+    while True:
+        lagged = False
+        async with client._stream(_core.image_events_sse(id, cursor)) as r:
+            dec = _core.SseDecoder()
+            async for line in r.aiter_lines():
+                sse = dec.feed(line)
+                if sse is None:
+                    continue
+                if sse.event == "lagged":
+                    lagged = True
+                    break
+                ev = from_json(ImageEvent, _json.loads(sse.data))
+                cursor = ev.id
+                yield ev
+        if not lagged:
+            return
 
 
 class AsyncKeys:

@@ -49,6 +49,9 @@ DEFAULT_TIMEOUT = 60.0
 SLACK = 30.0
 #: The server's longest deadline for actions and ``wait``.
 MAX_SERVER_WAIT = 600.0
+#: Client-side read deadline of requests that last as long as an image pull or
+#: import (an import, a machine create from an image reference), in seconds.
+IMAGE_WAIT = 3600.0
 
 Command = Union[str, Sequence[str]]
 
@@ -180,6 +183,7 @@ def create_machine(
     idle_timeout_seconds: Optional[int],
     persistence: Union[Persistence, Mapping[str, Any], None],
     snapshot_id: Optional[str],
+    image: Optional[str],
     extra_body: Optional[Mapping[str, Any]],
 ) -> Call:
     body: Dict[str, Any] = {
@@ -195,10 +199,16 @@ def create_machine(
         "idle_timeout_seconds": idle_timeout_seconds,
         "persistence": to_json(persistence),
         "snapshot_id": snapshot_id,
+        "image": image,
     }
     body = {k: v for k, v in body.items() if v is not None}
     body.update(extra_body or {})
-    return Call("POST", "/machines", json=body)
+    # A create from an image reference the tenant has no ready image of
+    # answers only when the server has pulled it.
+    call = Call("POST", "/machines", json=body)
+    if image is not None:
+        call.read_timeout = IMAGE_WAIT
+    return call
 
 
 def get_machine(id: str) -> Call:
@@ -486,6 +496,61 @@ def list_templates() -> Call:
 
 def delete_template(id: str) -> Call:
     return Call("DELETE", f"/templates/{seg(id)}")
+
+
+# --- OCI images ---------------------------------------------------------------------------------
+
+
+def pull_image(ref: str, insecure: bool, auth: Optional[Mapping[str, str]]) -> Call:
+    body: Dict[str, Any] = {"ref": ref}
+    if insecure:
+        body["insecure"] = True
+    if auth is not None:
+        body["auth"] = dict(auth)
+    return Call("POST", "/images", json=body)
+
+
+def import_image(content: Any, size: int, timeout: Optional[float]) -> Call:
+    return Call(
+        "POST",
+        "/images/import",
+        content=content,
+        headers={"Content-Type": "application/x-tar", "Content-Length": str(size)},
+        read_timeout=IMAGE_WAIT if timeout is None else timeout,
+    )
+
+
+def list_images() -> Call:
+    return Call("GET", "/images")
+
+
+def get_image(id: str) -> Call:
+    return Call("GET", f"/images/{seg(id)}")
+
+
+def delete_image(id: str) -> Call:
+    return Call("DELETE", f"/images/{seg(id)}")
+
+
+def image_events(id: str, after: Optional[int]) -> Call:
+    return Call("GET", f"/images/{seg(id)}/events", params={"after": after})
+
+
+def image_events_sse(id: str, after: Optional[int]) -> Call:
+    return Call(
+        "GET",
+        f"/images/{seg(id)}/events",
+        params={"after": after},
+        headers={"Accept": "text/event-stream"},
+        read_timeout=None,
+    )
+
+
+#: What ``images.import_archive`` takes: a local path, a binary file object or bytes.
+ArchiveSource = Union[str, "os.PathLike[str]", IO[bytes], bytes]
+
+#: Image statuses a pull or import ends in.
+IMAGE_DONE = ("ready", "failed")
 
 
 # --- keys, quotas, health -----------------------------------------------------------------------

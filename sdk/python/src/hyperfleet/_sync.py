@@ -30,8 +30,8 @@ from typing import (
 import httpx
 
 from . import _core
-from ._core import CHUNK, Call, Command, FileData, PathLike
-from .errors import HyperfleetError, NotFound, Timeout
+from ._core import CHUNK, ArchiveSource, Call, Command, FileData, PathLike
+from .errors import HyperfleetError, ImageFailed, NotFound, Timeout
 from .models import (
     ApiKey,
     CreatedKey,
@@ -42,6 +42,8 @@ from .models import (
     FileWritten,
     ForkResult,
     Health,
+    ImageEvent,
+    ImageFields,
     MachineEvent,
     MachineFields,
     MachinePage,
@@ -99,6 +101,8 @@ class Hyperfleet:
         self.snapshots = Snapshots(self)
         #: Templates: snapshots of a freshly booted guest that fast creates restore.
         self.templates = Templates(self)
+        #: OCI images: pull, import, get, list, delete (machines are made from them).
+        self.images = Images(self)
 
     @property
     def url(self) -> str:
@@ -190,6 +194,7 @@ class Machines:
         idle_timeout_seconds: Optional[int] = None,
         persistence: Union[Persistence, Mapping[str, Any], None] = None,
         snapshot_id: Union[str, Snapshot, None] = None,
+        image: Union[str, ImageFields, None] = None,
         extra_body: Optional[Mapping[str, Any]] = None,
         start: bool = False,
         timeout: Optional[float] = None,
@@ -213,6 +218,11 @@ class Machines:
                 its disk builds on the snapshot's and, when the snapshot holds
                 memory, its first start continues the snapshot's guest instead
                 of booting. Shape and ``vmm`` default to the snapshot's.
+            image: an OCI image as the root filesystem: an :class:`Image`, an
+                image id (``img_...``), or a reference (``docker.io/library/alpine:3``),
+                which uses the tenant's newest ready image of it or else pulls
+                it first (the create then lasts as long as the pull). Not
+                with ``snapshot_id``.
             extra_body: fields sent as they are, for API fields newer than this SDK.
             start: also start it and wait until it is ``running``. If the start
                 fails, the machine is deleted and the error raised.
@@ -235,6 +245,7 @@ class Machines:
             idle_timeout_seconds=idle_timeout_seconds,
             persistence=persistence,
             snapshot_id=snapshot_id.id if isinstance(snapshot_id, Snapshot) else snapshot_id,
+            image=image.id if isinstance(image, ImageFields) else image,
             extra_body=extra_body,
         )
         m = Machine._wrap(self._client, self._client._json(call))
@@ -755,6 +766,153 @@ class Templates:
         of its shape makes it again."""
         tid = template.id if isinstance(template, Snapshot) else template
         self._client._json(_core.delete_template(tid))
+
+
+class Images:
+    """``client.images``: OCI images, the root filesystems of machines made
+    with ``machines.create(image=...)``."""
+
+    def __init__(self, client: Hyperfleet) -> None:
+        self._client = client
+
+    def pull(
+        self,
+        ref: str,
+        *,
+        insecure: bool = False,
+        auth: Optional[Mapping[str, str]] = None,
+    ) -> Image:
+        """Start pulling ``ref`` from its registry (``POST /images``); the image
+        comes back ``pulling``: :meth:`Image.wait_ready` waits for the outcome.
+
+        Args:
+            ref: ``registry[:port]/repository[:tag]`` or ``...@sha256:<hex>``;
+                without a registry, Docker Hub.
+            insecure: plain HTTP to the registry (loopback registries always are).
+            auth: ``{"username": ..., "password": ...}`` or ``{"token": ...}``,
+                used for this pull only and never stored.
+        """
+        return Image._wrap(self._client, self._client._json(_core.pull_image(ref, insecure, auth)))
+
+    def import_archive(self, archive: ArchiveSource, *, timeout: Optional[float] = None) -> Image:
+        """Import an OCI image layout tar (``skopeo copy ... oci-archive:``) or a
+        ``docker save`` archive, streamed from a local path or a binary file
+        object (from its current position), or given as bytes. Returns the ``ready`` image; an
+        archive that is not a valid image raises
+        :class:`~hyperfleet.ValidationError` (the failed record stays, with its
+        ``error``).
+
+        Args:
+            timeout: the client's read deadline in seconds (default an hour).
+        """
+        if isinstance(archive, (str, os.PathLike)):
+            with open(archive, "rb") as fh:
+                return self.import_archive(fh, timeout=timeout)
+        raw, f, size = _core.body_source(archive)
+        content = raw if f is None else _core.file_chunks(f, size)
+        call = _core.import_image(content, size, timeout)
+        return Image._wrap(self._client, self._client._json(call))
+
+    def list(self) -> List[Image]:
+        """The tenant's images, oldest first."""
+        body = self._client._json(_core.list_images())
+        return [Image._wrap(self._client, x) for x in body["images"]]
+
+    def get(self, id: str) -> Image:
+        """The image with this id (``NotFound`` when the tenant has none)."""
+        return Image._wrap(self._client, self._client._json(_core.get_image(id)))
+
+    def delete(self, image: Union[str, ImageFields]) -> None:
+        """Delete an image (id or :class:`Image`). :class:`~hyperfleet.Conflict`
+        while machines made from it exist or while it is still pulling."""
+        iid = image.id if isinstance(image, ImageFields) else image
+        self._client._json(_core.delete_image(iid))
+
+    def events(
+        self, id: str, *, follow: bool = False, after: Optional[int] = None
+    ) -> Iterator[ImageEvent]:
+        """The image's pull or import steps; see :meth:`Image.events`."""
+        return _image_events(self._client, id, follow, after)
+
+
+class Image(ImageFields):
+    """An OCI image record with its operations; its fields are those of the
+    last answer about it (:meth:`refresh` reads them again)."""
+
+    _client: Hyperfleet
+
+    @classmethod
+    def _wrap(cls, client: Hyperfleet, data: Mapping[str, Any]) -> Image:
+        fresh = from_json(ImageFields, data)
+        i = cls(**{f.name: getattr(fresh, f.name) for f in dataclasses.fields(ImageFields)})
+        i._client = client
+        return i
+
+    def _update(self, data: Mapping[str, Any]) -> Image:
+        fresh = from_json(ImageFields, data)
+        for f in dataclasses.fields(ImageFields):
+            setattr(self, f.name, getattr(fresh, f.name))
+        return self
+
+    def refresh(self) -> Image:
+        """Read the image's fields again."""
+        return self._update(self._client._json(_core.get_image(self.id)))
+
+    def wait_ready(self, timeout: float = 600.0, *, poll_interval: float = 0.5) -> Image:
+        """Poll the image until it is ``ready`` (returns ``self``) or ``failed``
+        (raises :class:`~hyperfleet.ImageFailed` with its ``error``); after
+        ``timeout`` seconds raises :class:`~hyperfleet.Timeout` (the pull goes on)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.status == "ready":
+                return self
+            if self.status == "failed":
+                raise ImageFailed(f"image {self.id} ({self.ref}) failed: {self.error}", self)
+            if time.monotonic() >= deadline:
+                raise Timeout(f"image {self.id} is still {self.status} after {timeout} s")
+            time.sleep(min(poll_interval, max(0.0, deadline - time.monotonic())))
+            self.refresh()
+
+    def delete(self) -> None:
+        """Delete the image; see :meth:`Images.delete`."""
+        self._client._json(_core.delete_image(self.id))
+
+    def events(self, *, follow: bool = False, after: Optional[int] = None) -> Iterator[ImageEvent]:
+        """The image's pull or import steps (``pulling``, ``resolved``,
+        ``layer_done``, ``building``, ``built``, ``ready``, ``failed``, ...).
+
+        Args:
+            follow: the stored events then live ones (with ``layer_progress``
+                download progress) until the image is ready, failed or deleted.
+            after: only events with a greater id.
+        """
+        return _image_events(self._client, self.id, follow, after)
+
+
+def _image_events(
+    client: Hyperfleet, id: str, follow: bool, after: Optional[int]
+) -> Iterator[ImageEvent]:
+    if not follow:
+        body = client._json(_core.image_events(id, after))
+        yield from (from_json(ImageEvent, e) for e in body["events"])
+        return
+    cursor = after
+    while True:
+        lagged = False
+        with client._stream(_core.image_events_sse(id, cursor)) as r:
+            dec = _core.SseDecoder()
+            for line in r.iter_lines():
+                sse = dec.feed(line)
+                if sse is None:
+                    continue
+                if sse.event == "lagged":
+                    lagged = True
+                    break
+                ev = from_json(ImageEvent, _json.loads(sse.data))
+                cursor = ev.id
+                yield ev
+        if not lagged:
+            return
 
 
 class Keys:

@@ -19,6 +19,7 @@ __all__ = [
     "HyperfleetError",
     "TransportError",
     "CommandFailed",
+    "ImageFailed",
     "Unauthorized",
     "Forbidden",
     "QuotaExceeded",
@@ -94,6 +95,18 @@ class CommandFailed(HyperfleetError):
     def __init__(self, message: str, result: object) -> None:
         super().__init__(message)
         self.result = result
+
+
+class ImageFailed(HyperfleetError):
+    """Raised by ``Image.wait_ready`` when the pull or import ended ``failed``.
+
+    Attributes:
+        image: the failed image (its ``error`` says why).
+    """
+
+    def __init__(self, message: str, image: object) -> None:
+        super().__init__(message)
+        self.image = image
 
 
 class Unauthorized(HyperfleetError):

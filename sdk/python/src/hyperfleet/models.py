@@ -58,6 +58,12 @@ __all__ = [
     "SnapshotStatus",
     "Snapshot",
     "ForkResult",
+    "ImageStatus",
+    "MachineOciImage",
+    "ImageLayer",
+    "ImageRunConfig",
+    "ImageFields",
+    "ImageEvent",
     "from_json",
 ]
 
@@ -80,6 +86,8 @@ VmmKind = Literal["qemu", "firecracker", "stub"]
 Scope = Literal["read", "write", "exec", "admin"]
 #: Where a snapshot is in its life (``SnapshotStatus``).
 SnapshotStatus = Literal["creating", "ready", "failed", "deleting"]
+#: Where an OCI image record is in its life (``ImageStatus``).
+ImageStatus = Literal["pulling", "ready", "failed"]
 #: How long a machine's disk is kept (``PersistenceType``; reserved).
 PersistenceType = Literal["sticky", "persistent", "ephemeral"]
 
@@ -113,6 +121,16 @@ class Persistence:
 
 
 @dataclass
+class MachineOciImage:
+    """``oci_image`` of a machine: the image record its root filesystem was
+    made from, its config digest, and the reference (``None`` for an import)."""
+
+    id: str
+    digest: str
+    ref: Optional[str] = None
+
+
+@dataclass
 class MachineFields:
     """The fields of a machine as the API shows it (schema ``Machine``).
 
@@ -138,6 +156,7 @@ class MachineFields:
     metadata: Dict[str, str] = field(default_factory=dict)
     urls: Dict[str, str] = field(default_factory=dict)
     image: Optional[str] = None
+    oci_image: Optional[MachineOciImage] = None
     snapshot_id: Optional[str] = None
     idle_timeout_seconds: Optional[int] = None
     persistence: Optional[Persistence] = None
@@ -422,6 +441,66 @@ class ForkResult(Generic[M]):
 
     def __getitem__(self, i: int) -> M:
         return self.machines[i]
+
+
+@dataclass
+class ImageLayer:
+    """One layer of an image: its digest, compressed size and how many bytes
+    of it are downloaded (``size`` once done)."""
+
+    digest: str
+    size: int
+    done: int
+
+
+@dataclass
+class ImageRunConfig:
+    """What a machine made from the image runs, from the image config."""
+
+    entrypoint: List[str]
+    cmd: List[str]
+    env: List[str]
+    user: Optional[str] = None
+    workdir: Optional[str] = None
+
+
+@dataclass
+class ImageFields:
+    """The fields of an OCI image record as the API shows it (schema ``Image``).
+
+    :class:`hyperfleet.Image` and :class:`hyperfleet.AsyncImage` add the
+    operations. ``digest`` (the config digest) is the image's identity; records
+    with the same digest share one filesystem on the host. ``ref`` is ``None``
+    for an import; ``error`` says why a ``failed`` image failed.
+    """
+
+    id: str
+    source: str
+    status: ImageStatus
+    layers: List[ImageLayer]
+    created_at: str
+    updated_at: str
+    ref: Optional[str] = None
+    digest: Optional[str] = None
+    manifest_digest: Optional[str] = None
+    size_bytes: Optional[int] = None
+    config: Optional[ImageRunConfig] = None
+    error: Optional[str] = None
+
+
+@dataclass
+class ImageEvent:
+    """One step of a pull or import: ``pulling``, ``resolved``, ``reused``,
+    ``layer_progress`` (live only), ``layer_done``, ``unpacking``,
+    ``building``, ``built``, ``ready``, ``failed``, ``used``, ``deleted``;
+    ``detail`` holds the kind's fields."""
+
+    id: int
+    image_id: str
+    at: str
+    kind: str
+    detail: Dict[str, Any] = field(default_factory=dict)
+    message: Optional[str] = None
 
 
 T = TypeVar("T")

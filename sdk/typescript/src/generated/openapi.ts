@@ -46,6 +46,13 @@ export interface CreateMachineRequest {
   exposedPorts?: Array<number>;
   /** Reserved: suspend after this many idle seconds (null = never). */
   idleTimeoutSeconds?: number | null;
+  /**
+   * An OCI image as the machine's root filesystem: an image id of the
+   * tenant (`img_…`, see `/images`) or a reference, pulled first when the
+   * tenant has no ready image of that reference (the create then takes
+   * as long as the pull). Absent: the built-in guest image.
+   */
+  image?: string | null;
   /** 128–65536 MiB; default 256. */
   memSizeMib?: number | null;
   /** Free-form labels for the caller's own bookkeeping. */
@@ -267,6 +274,87 @@ export interface Health {
   version: string;
 }
 
+/**
+ * An image record of a tenant. Records of the same image (same `digest`)
+ * share one filesystem on the host.
+ */
+export interface Image {
+  config?: null | ImageRunConfig;
+  createdAt: string;
+  /**
+   * The image config's digest (`sha256:…`): the image's identity, known
+   * once the manifest is read.
+   */
+  digest?: string | null;
+  /** Why the pull or import failed. */
+  error?: string | null;
+  /** `img_` and 16 characters. */
+  id: string;
+  layers: Array<ImageLayer>;
+  /** The manifest's digest, when the image came with one. */
+  manifestDigest?: string | null;
+  /** The reference pulled; null for an import. */
+  ref?: string | null;
+  /** Size of the image's filesystem file on the host. */
+  sizeBytes?: number | null;
+  /** `registry` or `import`. */
+  source: string;
+  status: ImageStatus;
+  updatedAt: string;
+}
+
+/**
+ * One step of a pull or import. Kinds: `pulling`, `resolved`, `reused`
+ * (the filesystem existed: no image work), `layer_progress`, `layer_done`,
+ * `unpacking`, `building`, `built`, `ready`, `failed`, `deleted`.
+ */
+export interface ImageEvent {
+  at: string;
+  /** The event's fields (layer index, bytes, digests…). */
+  detail: Record<string, unknown>;
+  /**
+   * Increasing; `layer_progress` events are live only (not stored) and
+   * carry the id of the last stored event.
+   */
+  id: number;
+  imageId: string;
+  kind: string;
+  message?: string | null;
+}
+
+/** `GET /images/{id}/events`. */
+export interface ImageEventList {
+  events: Array<ImageEvent>;
+}
+
+/** One layer of an image and how much of it is downloaded. */
+export interface ImageLayer {
+  digest: string;
+  /** Bytes downloaded (equal to `size` once done). */
+  done: number;
+  /** Compressed size, as the manifest says. */
+  size: number;
+}
+
+/** `GET /images`. */
+export interface ImageList {
+  images: Array<Image>;
+}
+
+/** What a machine made from the image runs, from the image config. */
+export interface ImageRunConfig {
+  cmd: Array<string>;
+  entrypoint: Array<string>;
+  env: Array<string>;
+  user?: string | null;
+  workdir?: string | null;
+}
+
+/** Where an image record is in its life. */
+export type ImageStatus = "pulling" | "ready" | "failed";
+/** Every {@link ImageStatus}, in the spec's order. */
+export const IMAGE_STATUSES = ["pulling","ready","failed"] as const satisfies readonly ImageStatus[];
+
 export interface KeyList {
   keys: Array<ApiKey>;
 }
@@ -306,6 +394,7 @@ export interface Machine {
   metadata?: Record<string, string>;
   name: string;
   network?: MachineNetwork;
+  ociImage?: null | MachineOciImage;
   persistence?: null | Persistence;
   /** Exposed ports are reachable through the proxy without credentials. */
   public?: boolean;
@@ -372,6 +461,16 @@ export interface MachineNetwork {
   tap?: string | null;
 }
 
+/** `oci_image` of a machine. */
+export interface MachineOciImage {
+  /** The image's config digest. */
+  digest: string;
+  /** The image record (`/images/{id}`). */
+  id: string;
+  /** The reference it was pulled as; null for an import. */
+  ref?: string | null;
+}
+
 /**
  * The observed status of a machine. What the API reports is what the
  * machine run observed on the host, never what was merely requested.
@@ -398,6 +497,18 @@ export interface Persistence {
 export type PersistenceType = "sticky" | "persistent" | "ephemeral";
 /** Every {@link PersistenceType}, in the spec's order. */
 export const PERSISTENCE_TYPES = ["sticky","persistent","ephemeral"] as const satisfies readonly PersistenceType[];
+
+/** `POST /images`. */
+export interface PullImageRequest {
+  auth?: null | RegistryAuth;
+  /** Plain HTTP to the registry (one on loopback or a private network). */
+  insecure?: boolean;
+  /**
+   * `registry[:port]/repository[:tag]` or `…@sha256:<hex>`; without a
+   * registry, Docker Hub.
+   */
+  ref: string;
+}
 
 /** `GET`/`PUT /tenants/{tenant}/quota`. */
 export interface Quota {
@@ -440,6 +551,17 @@ export interface QuotaUsage {
   memoryMib: number;
   vcpus: number;
 }
+
+/**
+ * Credentials for the registry: basic (`username` + `password`) or a
+ * bearer `token`. Never stored.
+ */
+export type RegistryAuth = {
+  password: string;
+  username: string;
+} | {
+  token: string;
+};
 
 /** What a key may do. `admin` implies every other scope. */
 export type Scope = "read" | "write" | "exec" | "admin";
@@ -531,11 +653,22 @@ export const SHAPES: Readonly<Record<string, Readonly<Record<string, string>>>> 
     "backends": "BackendHealth",
     "store": "StoreHealth"
   },
+  "Image": {
+    "config": "ImageRunConfig",
+    "layers": "ImageLayer"
+  },
+  "ImageEventList": {
+    "events": "ImageEvent"
+  },
+  "ImageList": {
+    "images": "Image"
+  },
   "KeyList": {
     "keys": "ApiKey"
   },
   "Machine": {
     "network": "MachineNetwork",
+    "oci_image": "MachineOciImage",
     "persistence": "Persistence"
   },
   "MachineEvent": {
@@ -543,6 +676,9 @@ export const SHAPES: Readonly<Record<string, Readonly<Record<string, string>>>> 
   },
   "MachineList": {
     "machines": "Machine"
+  },
+  "PullImageRequest": {
+    "auth": "RegistryAuth"
   },
   "Quota": {
     "limits": "QuotaLimits",
@@ -566,6 +702,42 @@ export interface Routes {
     query: {};
     body: never;
     response: Health;
+  };
+  "GET /images": {
+    path: {};
+    query: {};
+    body: never;
+    response: ImageList;
+  };
+  "POST /images": {
+    path: {};
+    query: {};
+    body: PullImageRequest;
+    response: Image;
+  };
+  "POST /images/import": {
+    path: {};
+    query: {};
+    body: never;
+    response: Image;
+  };
+  "GET /images/{id}": {
+    path: { id: string };
+    query: {};
+    body: never;
+    response: Image;
+  };
+  "DELETE /images/{id}": {
+    path: { id: string };
+    query: {};
+    body: never;
+    response: void;
+  };
+  "GET /images/{id}/events": {
+    path: { id: string };
+    query: { after?: number };
+    body: never;
+    response: ImageEventList;
   };
   "GET /keys": {
     path: {};

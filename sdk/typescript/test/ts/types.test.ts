@@ -11,6 +11,7 @@ import {
   type ActionOptions,
   type DeleteOptions,
   type ExecOptions,
+  type ImageEventsOptions,
   type LogsOptions,
   type PageOptions,
   type WriteOptions,
@@ -37,8 +38,10 @@ expectType<Equal<Own<DeleteOptions>, Query<"DELETE /machines/{id}">>>();
 expectType<Equal<Own<WriteOptions>, Exclude<Query<"PUT /machines/{id}/files">, "path">>>();
 expectType<Equal<Own<LogsOptions>, Query<"GET /machines/{id}/logs">>>();
 expectType<Equal<Own<PageOptions>, Query<"GET /machines">>>();
+expectType<Equal<Exclude<Own<ImageEventsOptions>, "follow">, Query<"GET /images/{id}/events">>>();
 // The request bodies the SDK takes are the spec's, camelCased.
 expectType<Equal<keyof api.CreateMachineRequest, keyof CamelKeys<Routes["POST /machines"]["body"]>>>();
+expectType<Equal<keyof api.PullImageRequest, keyof CamelKeys<Routes["POST /images"]["body"]>>>();
 
 let d: Daemon;
 before(async () => {

@@ -315,6 +315,11 @@ pub struct Machine {
     pub generation: u64,
     /// Why the machine is `failed`; null otherwise.
     pub error_message: Option<String>,
+    /// Why the machine is `stopped` although nobody asked it to stop:
+    /// `"guest powered off"` when its guest powered itself off (a finite
+    /// workload ended). Null otherwise, and once the machine starts again.
+    #[serde(default)]
+    pub exit_reason: Option<String>,
     #[serde(default)]
     pub network: MachineNetwork,
     /// Exposed ports are reachable through the proxy without credentials.

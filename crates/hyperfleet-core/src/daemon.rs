@@ -444,33 +444,6 @@ async fn shutdown_signal() {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn firecracker_is_registered_but_auto_picks_it_only_with_hardware_kvm() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut config = Config::new(dir.path().to_path_buf());
-        // Point the asset set at the test assets when present, so QEMU can be
-        // the default; otherwise nothing real is available, which is fine too.
-        if let Some(a) = std::env::var_os("HF_TEST_ASSETS") {
-            config.assets_dir = Some(PathBuf::from(a));
-        }
-        let (map, default) = backends(&config);
-        assert!(map.contains_key(&VmmKind::Firecracker));
-        let hardware = crate::vmm::host::detect_accel().0 == crate::vmm::host::Accel::HardwareKvm;
-        if !hardware {
-            assert_ne!(default, Ok(VmmKind::Firecracker));
-            let why = map[&VmmKind::Firecracker].availability().unwrap_err();
-            assert!(!why.is_empty());
-            if map[&VmmKind::Qemu].availability().is_ok() {
-                assert_eq!(default, Ok(VmmKind::Qemu));
-            }
-        }
-    }
-}
-
 /// Guest RAM files of machines with no VMM recorded (deleted, or whose VMM
 /// died while the daemon was down and was never cleaned up after) are
 /// garbage: a live VMM's RAM file is the only one that matters, and the
@@ -493,6 +466,33 @@ fn sweep_ram_files(store: &Store, dir: &std::path::Path) {
                 Err(err) => {
                     tracing::warn!(file = %e.path().display(), error = %err, "cannot remove a stale RAM file")
                 }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn firecracker_is_registered_but_auto_picks_it_only_with_hardware_kvm() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::new(dir.path().to_path_buf());
+        // Point the asset set at the test assets when present, so QEMU can be
+        // the default; otherwise nothing real is available, which is fine too.
+        if let Some(a) = std::env::var_os("HF_TEST_ASSETS") {
+            config.assets_dir = Some(PathBuf::from(a));
+        }
+        let (map, default) = backends(&config);
+        assert!(map.contains_key(&VmmKind::Firecracker));
+        let hardware = crate::vmm::host::detect_accel().0 == crate::vmm::host::Accel::HardwareKvm;
+        if !hardware {
+            assert_ne!(default, Ok(VmmKind::Firecracker));
+            let why = map[&VmmKind::Firecracker].availability().unwrap_err();
+            assert!(!why.is_empty());
+            if map[&VmmKind::Qemu].availability().is_ok() {
+                assert_eq!(default, Ok(VmmKind::Qemu));
             }
         }
     }

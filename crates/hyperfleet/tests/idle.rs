@@ -1,14 +1,17 @@
-//! Waiting for exit, idle timeouts and wake on request (issue 12), with the
-//! stub backend: a guest that powers itself off ends `stopped` with its
-//! reason, a crash still ends `failed`.
+//! Waiting for exit, idle timeouts and wake on request (issue 12). With
+//! the stub backend: a guest that powers itself off ends `stopped` with its
+//! reason, a crash still ends `failed`; a machine with a 2 s idle timeout
+//! suspends about 2 s after its last activity and not while calls keep
+//! coming, a guest call wakes it, and a daemon restart keeps the timer.
+//! With a real QEMU guest: `poweroff -f` ends `stopped`.
 
 mod common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use common::{Daemon, Sandbox};
+use common::{eventually, Daemon, Sandbox};
 use serde_json::json;
 
 /// Sends one command to the stand-in VMM of machine `id` (its protocol:
@@ -110,4 +113,135 @@ fn a_real_guest_that_powers_off_ends_stopped() {
     assert_eq!(r.status, 200, "{}\n{}", r.body, d.log());
     assert_eq!(r.body["exit_reason"], "guest powered off", "{}", r.body);
     assert!(common::qemu_pids(&sb.machines_dir().join(&id).display().to_string()).is_empty());
+}
+
+fn status(d: &Daemon, m: &str) -> String {
+    d.call("GET", &format!("/machines/{m}"), None).body["status"]
+        .as_str()
+        .unwrap_or("")
+        .to_string()
+}
+
+fn events(d: &Daemon, m: &str) -> String {
+    d.call("GET", &format!("/machines/{m}/events"), None)
+        .body
+        .to_string()
+}
+
+/// Waits for `m` to be `want`, returning how long that took.
+fn until_status(d: &Daemon, m: &str, want: &str, within: Duration) -> Duration {
+    let t0 = Instant::now();
+    eventually(&format!("{m} to be {want}"), within, || {
+        (status(d, m) == want).then_some(())
+    });
+    t0.elapsed()
+}
+
+#[test]
+fn an_idle_machine_suspends_after_its_timeout_and_a_guest_call_wakes_it() {
+    let sb = Sandbox::new();
+    let d = Daemon::start(&sb);
+    d.create(json!({"name": "lazy", "idle_timeout_seconds": 2}));
+    d.create(json!({"name": "never", "idle_timeout_seconds": 0}));
+    let r = d.call("POST", "/machines/never/start", None);
+    assert_eq!(r.body["status"], "running", "{}", r.body);
+    assert!(r.body["idle_deadline"].is_null(), "0 is never: {}", r.body);
+    let r = d.call("POST", "/machines/lazy/start", None);
+    assert_eq!(r.body["status"], "running", "{}", r.body);
+    assert_eq!(r.body["idle_timeout_seconds"], 2);
+    assert!(r.body["last_active_at"].is_string(), "{}", r.body);
+    assert!(r.body["idle_deadline"].is_string(), "{}", r.body);
+
+    // Nothing uses it: suspended about 2 s after the start (the last
+    // activity), within the timer's half-second tick and the suspend.
+    let took = until_status(&d, "lazy", "suspended", Duration::from_secs(10));
+    assert!(
+        took >= Duration::from_millis(1000) && took <= Duration::from_millis(3500),
+        "suspended after {took:?}"
+    );
+    let ev = events(&d, "lazy");
+    assert!(ev.contains("suspend requested (idle: no activity"), "{ev}");
+    let r = d.call("GET", "/machines/lazy", None);
+    assert!(r.body["idle_deadline"].is_null(), "{}", r.body);
+    assert!(r.body["last_active_at"].is_string(), "{}", r.body);
+
+    // A guest call wakes it (the stub has no agent, so the call itself is
+    // refused after the wake; the wake is what is tested).
+    let t0 = Instant::now();
+    let r = d.call(
+        "POST",
+        "/machines/lazy/exec",
+        Some(json!({"command": ["true"]})),
+    );
+    assert_ne!(r.status, 503, "{}", r.body);
+    assert_eq!(status(&d, "lazy"), "running", "woken by the exec");
+    eprintln!("wake through exec took {:?}", t0.elapsed());
+    let ev = events(&d, "lazy");
+    assert!(ev.contains("resume requested (wake: a guest call"), "{ev}");
+
+    // Calls every half second keep it up for well past its timeout.
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(5) {
+        d.call(
+            "POST",
+            "/machines/lazy/exec",
+            Some(json!({"command": ["true"]})),
+        );
+        assert_eq!(status(&d, "lazy"), "running", "suspended while in use");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // Then it goes again.
+    until_status(&d, "lazy", "suspended", Duration::from_secs(6));
+    // Concurrent calls share one wake.
+    let handles: Vec<_> = (0..4)
+        .map(|_| {
+            let (url, key) = (d.url.clone(), d.key.clone());
+            std::thread::spawn(move || {
+                reqwest::blocking::Client::new()
+                    .post(format!("{url}/machines/lazy/exec"))
+                    .bearer_auth(key)
+                    .json(&json!({"command": ["true"]}))
+                    .send()
+                    .unwrap()
+                    .status()
+                    .as_u16()
+            })
+        })
+        .collect();
+    for h in handles {
+        assert_ne!(h.join().unwrap(), 503);
+    }
+    assert_eq!(status(&d, "lazy"), "running");
+    let ev = events(&d, "lazy");
+    assert_eq!(
+        ev.matches("resume requested (wake").count(),
+        2,
+        "one wake per suspension: {ev}"
+    );
+    // The machine that never idles is still up.
+    assert_eq!(status(&d, "never"), "running");
+}
+
+#[test]
+fn the_server_default_applies_and_a_restart_keeps_the_timer() {
+    let sb = Sandbox::new();
+    let mut d = Daemon::start_with(&sb, &[], &["--default-idle-timeout", "3"]);
+    d.create(json!({"name": "dflt"}));
+    let r = d.call("POST", "/machines/dflt/start", None);
+    assert_eq!(r.body["status"], "running", "{}", r.body);
+    assert!(r.body["idle_timeout_seconds"].is_null());
+    assert!(r.body["idle_deadline"].is_string(), "{}", r.body);
+    std::thread::sleep(Duration::from_millis(1500));
+    // The daemon dies; its successor adopts the VMM, and the restart counts
+    // as activity: the machine is suspended about 3 s after it.
+    d.kill9();
+    let d = Daemon::start_with(&sb, &[], &["--default-idle-timeout", "3"]);
+    let t0 = Instant::now();
+    assert_eq!(status(&d, "dflt"), "running");
+    until_status(&d, "dflt", "suspended", Duration::from_secs(10));
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_millis(2000) && took <= Duration::from_millis(5000),
+        "suspended {took:?} after the restart"
+    );
 }

@@ -295,6 +295,9 @@ impl MachineRecord {
             created_at: rfc3339(self.created_at),
             updated_at: rfc3339(self.updated_at),
             started_at: self.started_at.map(rfc3339),
+            // Activity is the supervisor's (in memory): the API fills these in.
+            last_active_at: None,
+            idle_deadline: None,
         }
     }
 }

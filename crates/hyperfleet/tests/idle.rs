@@ -245,3 +245,61 @@ fn the_server_default_applies_and_a_restart_keeps_the_timer() {
         "suspended {took:?} after the restart"
     );
 }
+
+/// A request to the proxy (`proxy.addr`) for port 8080 of machine `id`.
+fn via_proxy(d: &Daemon, sb: &Sandbox, id: &str) -> (u16, Option<String>, serde_json::Value) {
+    let proxy = std::fs::read_to_string(sb.path().join("proxy.addr")).unwrap();
+    let resp = reqwest::blocking::Client::new()
+        .get(format!("http://{}/", proxy.trim()))
+        .header("host", format!("8080-{id}.localhost"))
+        .bearer_auth(&d.key)
+        .send()
+        .unwrap();
+    let status = resp.status().as_u16();
+    let retry = resp
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_string());
+    (
+        status,
+        retry,
+        resp.json().unwrap_or(serde_json::Value::Null),
+    )
+}
+
+/// The proxy's wake with the stub (which has no guest port to answer: the
+/// woken machine's request then ends at "no network address"; a real
+/// guest's answer is tested in network.rs): a request wakes a suspended
+/// machine, and a wake that fails answers 503 with `Retry-After`.
+#[test]
+fn a_proxy_request_wakes_a_suspended_machine_and_a_failed_wake_is_a_503() {
+    let sb = Sandbox::new();
+    let d = Daemon::start(&sb);
+    let m = d.create(json!({"name": "web", "exposed_ports": [8080], "idle_timeout_seconds": 2}));
+    let id = m["id"].as_str().unwrap().to_string();
+    d.call("POST", "/machines/web/start", None);
+    until_status(&d, "web", "suspended", Duration::from_secs(10));
+    let (code, _, body) = via_proxy(&d, &sb, &id);
+    assert_eq!(status(&d, "web"), "running", "woken: {code} {body}");
+    assert!(
+        body.to_string().contains("no network address"),
+        "{code} {body}"
+    );
+    assert!(events(&d, "web").contains("resume requested (wake: proxy request)"));
+
+    // Suspended again, its memory image lost: the wake fails.
+    until_status(&d, "web", "suspended", Duration::from_secs(10));
+    let state = sb.machines_dir().join(&id).join("snapshot").join("state");
+    std::fs::remove_file(&state).unwrap();
+    let (code, retry, body) = via_proxy(&d, &sb, &id);
+    assert_eq!(code, 503, "{body}");
+    assert_eq!(retry.as_deref(), Some("5"));
+    assert_eq!(body["error"]["code"], "UNAVAILABLE", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("did not wake"),
+        "{body}"
+    );
+}

@@ -498,3 +498,66 @@ printf 'Content-Type: text/plain\r\nSet-Cookie: own=1; Path=/\r\nSet-Cookie: x=1
     assert_eq!(r.status, 204);
     assert_eq!(world.host.hyperfleet_taps(), Vec::<String>::new());
 }
+
+/// Idle timeout and wake with a real guest (issue 12, docs/api.md "Idle
+/// machines"): the guest's own traffic keeps it up, nothing suspends it,
+/// and a request through the proxy to the suspended machine waits for the
+/// wake and gets the guest's answer.
+#[test]
+fn an_idle_guest_is_suspended_and_a_proxied_request_wakes_it_and_is_answered() {
+    let Some(assets) = guest_assets() else { return };
+    let world = World::new();
+    world.host.enter();
+    let sb = Sandbox::new();
+    let d = start_daemon(&sb, &assets);
+    let proxy_port = port_of(&sb.path().join("proxy.addr"));
+    let m = d.create(json!({"name": "nap", "exposed_ports": [8080], "idle_timeout_seconds": 3}));
+    let id = m["id"].as_str().unwrap().to_string();
+    let r = d.call("POST", "/machines/nap/start?timeout=300", None);
+    assert_eq!(r.body["status"], "running", "{}\n{}", r.body, d.log());
+    let status = || d.call("GET", "/machines/nap", None).body["status"].clone();
+    // The guest talks to the internet for a while: its TAP's traffic is
+    // activity, so it stays up well past its timeout.
+    exec_ok(
+        &d,
+        &id,
+        &format!(
+            "mkdir -p /srv && echo awake > /srv/index.html && httpd -p 8080 -h /srv && \
+             (i=0; while [ $i -lt 16 ]; do printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {INET_IP} {INET_PORT} >/dev/null; sleep 0.5; i=$((i+1)); done) >/dev/null 2>&1 &"
+        ),
+    );
+    let t0 = std::time::Instant::now();
+    while t0.elapsed() < Duration::from_secs(6) {
+        assert_eq!(status(), "running", "suspended while the guest talks");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // Then it goes quiet and is suspended.
+    eventually("the idle guest suspended", Duration::from_secs(60), || {
+        (status() == "suspended").then_some(())
+    });
+    // A request through the proxy waits for the wake and is answered.
+    let t0 = std::time::Instant::now();
+    let r = d
+        .raw()
+        .get(format!("http://127.0.0.1:{proxy_port}/"))
+        .header("Host", format!("8080-{id}.localhost"))
+        .bearer_auth(&d.key)
+        .send()
+        .unwrap();
+    let took = t0.elapsed();
+    let code = r.status().as_u16();
+    assert_eq!(
+        (code, r.text().unwrap().trim()),
+        (200, "awake"),
+        "{}",
+        d.log()
+    );
+    eprintln!("wake through the proxy: first answer after {took:?}");
+    assert_eq!(status(), "running");
+    let ev = d.call("GET", "/machines/nap/events", None).body.to_string();
+    assert!(ev.contains("suspend requested (idle"), "{ev}");
+    assert!(
+        ev.contains("resume requested (wake: proxy request)"),
+        "{ev}"
+    );
+}

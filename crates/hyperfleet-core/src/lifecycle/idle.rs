@@ -89,16 +89,25 @@ pub enum WakeError {
     Failed { machine: String, why: String },
 }
 
-/// The guest's network traffic so far, as its TAP counts it.
-fn tap_bytes(tap: &str) -> Option<u64> {
-    let read = |which: &str| -> Option<u64> {
-        std::fs::read_to_string(format!("/sys/class/net/{tap}/statistics/{which}"))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
+/// Every network device's rx + tx bytes so far, by name, in the daemon's
+/// own network namespace (where the TAPs are). `/proc/self/net/dev`, not
+/// `/sys/class/net`: sysfs shows the namespace it was mounted in, which
+/// need not be the daemon's.
+fn device_bytes() -> HashMap<String, u64> {
+    let Ok(text) = std::fs::read_to_string("/proc/self/net/dev") else {
+        return HashMap::new();
     };
-    Some(read("rx_bytes")? + read("tx_bytes")?)
+    text.lines()
+        .filter_map(|l| {
+            let (name, rest) = l.split_once(':')?;
+            let f: Vec<u64> = rest
+                .split_whitespace()
+                .map(|v| v.parse().unwrap_or(0))
+                .collect();
+            // rx: bytes packets errs drop fifo frame compressed multicast; tx: bytes …
+            Some((name.trim().to_string(), f.first()? + f.get(8)?))
+        })
+        .collect()
 }
 
 impl Supervisor {
@@ -151,8 +160,13 @@ impl Supervisor {
             ticks = ticks.wrapping_add(1);
             // Every machine with a VMM has a run: the runs are the candidates.
             let ids = self.run_ids();
+            let devices = if self.ctx().net.is_some() && !ids.is_empty() {
+                device_bytes()
+            } else {
+                HashMap::new()
+            };
             for id in &ids {
-                self.idle_check(id);
+                self.idle_check(id, &devices);
             }
             if ticks % PRUNE_EVERY == 0 {
                 let store = &self.ctx().store;
@@ -163,7 +177,7 @@ impl Supervisor {
         }
     }
 
-    fn idle_check(self: &Arc<Self>, id: &str) {
+    fn idle_check(self: &Arc<Self>, id: &str, devices: &HashMap<String, u64>) {
         let Ok(Some(m)) = self.ctx().store.get_by_id(id) else {
             return;
         };
@@ -172,8 +186,8 @@ impl Supervisor {
         let tap = rec
             .network
             .as_ref()
-            .filter(|_| self.ctx().net.is_some() && rec.status == MachineStatus::Running)
-            .and_then(|lease| tap_bytes(&lease.tap));
+            .filter(|_| rec.status == MachineStatus::Running)
+            .and_then(|lease| devices.get(&lease.tap).copied());
         {
             let mut seen = lock(&self.idle.seen);
             let e = seen.entry(id.to_string()).or_insert(Seen {

@@ -77,7 +77,8 @@ fn a_guest_that_powers_off_ends_stopped_with_its_reason_and_a_crash_ends_failed(
     );
 }
 
-/// A real QEMU guest running `poweroff -f` ends `stopped` with its reason.
+/// A real QEMU guest is not idle while a command runs in it, and running
+/// `poweroff -f` ends `stopped` with its reason.
 #[test]
 fn a_real_guest_that_powers_off_ends_stopped() {
     let Some(assets) = common::guest_assets() else {
@@ -97,10 +98,30 @@ fn a_real_guest_that_powers_off_ends_stopped() {
             "120",
         ],
     );
-    let m = d.create(json!({"name": "job", "mem_size_mib": 256}));
+    let m = d.create(json!({"name": "job", "mem_size_mib": 256, "idle_timeout_seconds": 2}));
     let id = m["id"].as_str().unwrap().to_string();
     let r = d.call("POST", "/machines/job/start?timeout=300", None);
     assert_eq!(r.body["status"], "running", "{}\n{}", r.body, d.log());
+    // A command in progress is activity for as long as it runs.
+    let r = d.call(
+        "POST",
+        "/machines/job/exec",
+        Some(json!({"command": ["sleep", "4"]})),
+    );
+    assert_eq!(
+        (r.status, &r.body["exit_code"]),
+        (200, &json!(0)),
+        "{}",
+        r.body
+    );
+    let r = d.call("GET", "/machines/job", None);
+    assert_eq!(
+        r.body["status"], "running",
+        "not suspended mid-exec: {}",
+        r.body
+    );
+    let ev = d.call("GET", "/machines/job/events", None).body.to_string();
+    assert!(!ev.contains("idle:"), "{ev}");
     // In the background, so that the exec answers before the guest goes.
     let r = d.call(
         "POST",

@@ -94,9 +94,14 @@ pub enum WakeError {
 /// `/sys/class/net`: sysfs shows the namespace it was mounted in, which
 /// need not be the daemon's.
 fn device_bytes() -> HashMap<String, u64> {
-    let Ok(text) = std::fs::read_to_string("/proc/self/net/dev") else {
-        return HashMap::new();
-    };
+    match std::fs::read_to_string("/proc/self/net/dev") {
+        Ok(text) => parse_net_dev(&text),
+        Err(_) => HashMap::new(),
+    }
+}
+
+/// `/proc/net/dev`'s table: device name → rx + tx bytes.
+fn parse_net_dev(text: &str) -> HashMap<String, u64> {
     text.lines()
         .filter_map(|l| {
             let (name, rest) = l.split_once(':')?;
@@ -110,7 +115,32 @@ fn device_bytes() -> HashMap<String, u64> {
         .collect()
 }
 
+/// Touches a machine every second until dropped: a request in progress
+/// is activity for as long as it lasts.
+pub struct KeepActive(tokio::task::JoinHandle<()>);
+
+impl Drop for KeepActive {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// How often a request in progress counts as activity.
+const KEEP_ACTIVE_EVERY: Duration = Duration::from_secs(1);
+
 impl Supervisor {
+    /// Machine `id` counts as active until the returned guard is dropped.
+    pub fn keep_active(self: &Arc<Self>, id: &str) -> KeepActive {
+        let me = Arc::clone(self);
+        let id = id.to_string();
+        KeepActive(tokio::spawn(async move {
+            loop {
+                me.touch(&id);
+                tokio::time::sleep(KEEP_ACTIVE_EVERY).await;
+            }
+        }))
+    }
+
     /// Records activity of machine `id` now (a guest call, a proxied
     /// request): it postpones the machine's idle deadline.
     pub fn touch(&self, id: &str) {
@@ -120,6 +150,10 @@ impl Supervisor {
     /// The idle timeout that applies to `rec`: its own, else the server's.
     /// `Some(0)` from the request means never, as null does.
     pub(crate) fn idle_timeout(&self, rec: &MachineRecord) -> Option<Duration> {
+        // Template builders are the server's own, snapshotted as they come up.
+        if rec.tenant == super::snapshots::TEMPLATE_TENANT {
+            return None;
+        }
         match rec.spec.idle_timeout_seconds {
             Some(0) => None,
             Some(s) => Some(Duration::from_secs(s)),
@@ -367,5 +401,23 @@ impl crate::proxy::Waker for SupervisorWaker {
                 ))
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn net_dev_counts_rx_and_tx_bytes_per_device() {
+        let text = "Inter-|   Receive                                                |  Transmit
+ face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed
+    lo:    1000      10    0    0    0     0          0         0     1000      10    0    0    0     0       0          0
+hf-tap1: 42 1 0 0 0 0 0 0 58 2 0 0 0 0 0 0
+";
+        let d = parse_net_dev(text);
+        assert_eq!(d.get("lo"), Some(&2000));
+        assert_eq!(d.get("hf-tap1"), Some(&100));
+        assert_eq!(d.len(), 2, "{d:?}");
     }
 }

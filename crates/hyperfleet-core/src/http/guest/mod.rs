@@ -99,7 +99,8 @@ async fn guest_of(
             ),
         ));
     }
-    let slot = state.guest.acquire(&p.tenant)?;
+    let mut slot = state.guest.acquire(&p.tenant)?;
+    slot.keep_active(state.sup.keep_active(&m.rec.id));
     let agent = state.sup.agent(&m.rec).await.map_err(|e| match e {
         GuestAccessError::BackendDisabled(_) => {
             ApiError::new(ErrorCode::Unavailable, e.to_string())

@@ -561,3 +561,82 @@ fn an_idle_guest_is_suspended_and_a_proxied_request_wakes_it_and_is_answered() {
         "{ev}"
     );
 }
+
+/// Wake latency through the proxy (scripts/bench-idle.sh runs it; ignored in
+/// the suite): the time to the first byte of a request to a suspended
+/// machine, p50 and p99 over `HF_BENCH_N` wakes (default 20), beside the
+/// floor measured in the same run: the same machine resumed through the API
+/// and then asked the same request.
+#[test]
+#[ignore = "a benchmark: scripts/bench-idle.sh"]
+fn bench_wake_latency_through_the_proxy() {
+    let Some(assets) = guest_assets() else { return };
+    let n: usize = std::env::var("HF_BENCH_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let world = World::new();
+    world.host.enter();
+    let sb = Sandbox::new();
+    let d = start_daemon(&sb, &assets);
+    let proxy_port = port_of(&sb.path().join("proxy.addr"));
+    let m = d.create(json!({"name": "bench", "exposed_ports": [8080], "idle_timeout_seconds": 0}));
+    let id = m["id"].as_str().unwrap().to_string();
+    let r = d.call("POST", "/machines/bench/start?timeout=300", None);
+    assert_eq!(r.body["status"], "running", "{}\n{}", r.body, d.log());
+    exec_ok(
+        &d,
+        &id,
+        "mkdir -p /srv && echo awake > /srv/index.html && httpd -p 8080 -h /srv",
+    );
+    let get = || {
+        let t0 = std::time::Instant::now();
+        let r = d
+            .raw()
+            .get(format!("http://127.0.0.1:{proxy_port}/"))
+            .header("Host", format!("8080-{id}.localhost"))
+            .bearer_auth(&d.key)
+            .send()
+            .unwrap();
+        let took = t0.elapsed();
+        let code = r.status().as_u16();
+        (code == 200)
+            .then_some(took)
+            .ok_or_else(|| format!("{code} after {took:?}: {}", r.text().unwrap_or_default()))
+    };
+    eventually("httpd via the proxy", Duration::from_secs(20), || {
+        get().ok()
+    });
+    let answered = || eventually("an answer", Duration::from_secs(30), || get().ok());
+    let get = || get().unwrap_or_else(|e| panic!("{e}\n{}", d.log()));
+    let suspend = || {
+        let r = d.call("POST", "/machines/bench/suspend?timeout=300", None);
+        assert_eq!(r.body["status"], "suspended", "{}", r.body);
+    };
+    let (mut wake, mut floor) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        suspend();
+        wake.push(get());
+        eprintln!("wake {i}: {:?}", wake[i]);
+        suspend();
+        let t0 = std::time::Instant::now();
+        let r = d.call("POST", "/machines/bench/resume?timeout=300", None);
+        assert_eq!(r.body["status"], "running", "{}", r.body);
+        // The restored guest's port may take a moment (docs/benchmarks.md).
+        answered();
+        floor.push(t0.elapsed());
+    }
+    let pct = |v: &mut Vec<Duration>, p: f64| {
+        v.sort();
+        let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+        v[i].as_secs_f64() * 1e3
+    };
+    let (w50, w99) = (pct(&mut wake, 0.5), pct(&mut wake, 0.99));
+    let (f50, f99) = (pct(&mut floor, 0.5), pct(&mut floor, 0.99));
+    println!(
+        "wake through the proxy ({n} wakes): p50 {w50:.0} ms, p99 {w99:.0} ms; \
+         floor (API resume, then the same request): p50 {f50:.0} ms, p99 {f99:.0} ms; \
+         p50 ratio {:.2}",
+        w50 / f50
+    );
+}

@@ -177,7 +177,12 @@ impl Proxy {
                     e.retry_after = Some(WAKE_RETRY_AFTER_SECONDS);
                     return Err(e);
                 }
-                self.plan(&req)?
+                let plan = self.plan(&req)?;
+                // A guest restored from memory may take a moment before its
+                // port answers again (its network comes back with a new
+                // TAP): the held request waits for it rather than failing.
+                wait_for_port(plan.target).await;
+                plan
             }
             other => other?,
         };
@@ -476,6 +481,27 @@ fn pick_port(rec: &MachineRecord, asked: Option<u16>) -> Result<u16, ProxyError>
                 ),
             )),
         },
+    }
+}
+
+/// How long a request that woke its machine waits for the guest's port.
+const WAKE_PORT_WAIT: Duration = Duration::from_secs(20);
+
+/// Waits until `target` accepts a TCP connection, or [`WAKE_PORT_WAIT`]
+/// passes (the forward then fails as it would have).
+async fn wait_for_port(target: SocketAddr) {
+    let deadline = tokio::time::Instant::now() + WAKE_PORT_WAIT;
+    let t0 = std::time::Instant::now();
+    while tokio::time::Instant::now() < deadline {
+        let attempt = tokio::time::timeout(
+            Duration::from_millis(500),
+            tokio::net::TcpStream::connect(target),
+        );
+        if let Ok(Ok(_)) = attempt.await {
+            tracing::debug!(%target, waited = ?t0.elapsed(), "proxy: woken guest's port answers");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

@@ -501,8 +501,9 @@ printf 'Content-Type: text/plain\r\nSet-Cookie: own=1; Path=/\r\nSet-Cookie: x=1
 
 /// Idle timeout and wake with a real guest (issue 12, docs/api.md "Idle
 /// machines"): the guest's own traffic keeps it up, nothing suspends it,
-/// and a request through the proxy to the suspended machine waits for the
-/// wake and gets the guest's answer.
+/// a request through the proxy to the suspended machine waits for the wake
+/// and gets the guest's answer, and a quiet WebSocket held open through
+/// the proxy keeps it up until it closes.
 #[test]
 fn an_idle_guest_is_suspended_and_a_proxied_request_wakes_it_and_is_answered() {
     let Some(assets) = guest_assets() else { return };
@@ -511,7 +512,8 @@ fn an_idle_guest_is_suspended_and_a_proxied_request_wakes_it_and_is_answered() {
     let sb = Sandbox::new();
     let d = start_daemon(&sb, &assets);
     let proxy_port = port_of(&sb.path().join("proxy.addr"));
-    let m = d.create(json!({"name": "nap", "exposed_ports": [8080], "idle_timeout_seconds": 3}));
+    let m =
+        d.create(json!({"name": "nap", "exposed_ports": [8080, 9000], "idle_timeout_seconds": 3}));
     let id = m["id"].as_str().unwrap().to_string();
     let r = d.call("POST", "/machines/nap/start?timeout=300", None);
     assert_eq!(r.body["status"], "running", "{}\n{}", r.body, d.log());
@@ -559,6 +561,54 @@ fn an_idle_guest_is_suspended_and_a_proxied_request_wakes_it_and_is_answered() {
     assert!(
         ev.contains("resume requested (wake: proxy request)"),
         "{ev}"
+    );
+
+    // A quiet WebSocket held open through the proxy keeps it up; once it
+    // closes, the machine idles again.
+    put_executable(
+        &d,
+        &id,
+        "/bin/testkit",
+        std::fs::read(guest_testkit()).unwrap(),
+    );
+    exec_ok(
+        &d,
+        &id,
+        "setsid /bin/testkit ws-echo 9000 >/dev/null 2>&1 &",
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (key, wid) = (d.key.clone(), id.clone());
+    let ws = rt.block_on(async move {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut req = format!("ws://9000-{wid}.localhost:{proxy_port}/")
+            .into_client_request()
+            .unwrap();
+        req.headers_mut()
+            .insert("Authorization", format!("Bearer {key}").parse().unwrap());
+        for _ in 0..40 {
+            let stream = tokio::net::TcpStream::connect(("127.0.0.1", proxy_port))
+                .await
+                .unwrap();
+            if let Ok((ws, _)) = tokio_tungstenite::client_async(req.clone(), stream).await {
+                return ws;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        panic!("no WebSocket through the proxy");
+    });
+    let t0 = std::time::Instant::now();
+    while t0.elapsed() < Duration::from_secs(7) {
+        assert_eq!(status(), "running", "suspended with a WebSocket open");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    drop(ws);
+    eventually(
+        "suspended after the WebSocket closed",
+        Duration::from_secs(60),
+        || (status() == "suspended").then_some(()),
     );
 }
 

@@ -3,7 +3,8 @@
 //! reason, a crash still ends `failed`; a machine with a 2 s idle timeout
 //! suspends about 2 s after its last activity and not while calls keep
 //! coming, a guest call wakes it, and a daemon restart keeps the timer.
-//! With a real QEMU guest: `poweroff -f` ends `stopped`.
+//! A daemon killed mid-wake finishes the wake after its restart. With a
+//! real QEMU guest: not idle mid-exec, and `poweroff -f` ends `stopped`.
 
 mod common;
 
@@ -323,4 +324,38 @@ fn a_proxy_request_wakes_a_suspended_machine_and_a_failed_wake_is_a_503() {
             .contains("did not wake"),
         "{body}"
     );
+}
+
+/// The daemon dies (SIGKILL at a crash point) while a wake is in flight:
+/// the wake's resume was recorded first, so the restarted daemon finishes
+/// it and the machine ends running. Needs the `failpoints` build.
+#[test]
+fn a_daemon_killed_mid_wake_finishes_the_wake_after_its_restart() {
+    if !cfg!(feature = "failpoints") {
+        panic!("MISSING: this test needs `--features failpoints` (the README's test command passes it)");
+    }
+    let sb = Sandbox::new();
+    let mut d = Daemon::start(&sb);
+    d.create(json!({"name": "sleeper"}));
+    d.call("POST", "/machines/sleeper/start", None);
+    let r = d.call("POST", "/machines/sleeper/suspend", None);
+    assert_eq!(r.body["status"], "suspended", "{}", r.body);
+    d.terminate();
+    // The next daemon dies right after the wake's restore is spawned.
+    let mut d = Daemon::start_with(&sb, &[("HYPERFLEET_CRASH_AT", "spawn.after_commit")], &[]);
+    let r = d.try_call_as(
+        &d.key.clone(),
+        "POST",
+        "/machines/sleeper/exec",
+        Some(json!({"command": ["true"]})),
+    );
+    assert!(r.is_err(), "the daemon died mid-wake");
+    let exit = d
+        .wait_exit(Duration::from_secs(10))
+        .expect("the daemon died");
+    assert!(common::killed_by_sigkill(&exit), "{exit:?}");
+    let d = Daemon::start(&sb);
+    until_status(&d, "sleeper", "running", Duration::from_secs(10));
+    let ev = events(&d, "sleeper");
+    assert!(ev.contains("resume requested (wake: a guest call"), "{ev}");
 }

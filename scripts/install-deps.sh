@@ -147,5 +147,7 @@ else
   log "installed $BIN_DIR/firecracker and $BIN_DIR/jailer"
 fi
 "$BIN_DIR/firecracker" --version 2>/dev/null | head -n1 | sed 's/^/[install-deps] /' || true
+# The OCI image tests' registry and image tools (docs/images.md).
+bash "$(dirname "$0")/install-oci-deps.sh"
 command -v cargo >/dev/null 2>&1 || die "cargo not found: install the Rust toolchain (rustup) first"
 log "done ($(cargo --version))"

@@ -10,6 +10,7 @@ mod error;
 mod events;
 mod guest;
 mod health;
+mod image;
 mod keys;
 mod machine;
 mod quota;
@@ -24,10 +25,14 @@ pub use guest::{
     FileWrite, FileWritten,
 };
 pub use health::{BackendHealth, Health, StoreHealth};
+pub use image::{
+    Image, ImageEvent, ImageEventList, ImageLayer, ImageList, ImageRunConfig, ImageStatus,
+    PullImageRequest, RegistryAuth,
+};
 pub use keys::{ApiKey, CreateKeyRequest, CreatedKey, KeyList, Scope};
 pub use machine::{
-    CreateMachineRequest, Machine, MachineList, MachineNetwork, MachineStatus, NetworkRequest,
-    Persistence, PersistenceType, VmmKind, LIMITS,
+    CreateMachineRequest, Machine, MachineList, MachineNetwork, MachineOciImage, MachineStatus,
+    NetworkRequest, Persistence, PersistenceType, VmmKind, LIMITS,
 };
 pub use quota::{Quota, QuotaLimits, QuotaUsage};
 pub use snapshot::{

@@ -252,6 +252,13 @@ pub struct CreateMachineRequest {
     /// snapshot's and must match it when given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot_id: Option<String>,
+    /// An OCI image as the machine's root filesystem: an image id of the
+    /// tenant (`img_…`, see `/images`) or a reference, pulled first when the
+    /// tenant has no ready image of that reference (the create then takes
+    /// as long as the pull). Absent: the built-in guest image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(min_length = 1, max_length = 512)]
+    pub image: Option<String>,
 }
 
 /// `network` in `POST /machines`.
@@ -352,6 +359,22 @@ pub struct Machine {
     /// meanwhile: while it is `running` with an idle timeout; null otherwise.
     #[serde(default)]
     pub idle_deadline: Option<String>,
+    /// The OCI image the machine's root filesystem was made from; null for
+    /// the built-in guest image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oci_image: Option<MachineOciImage>,
+}
+
+/// `oci_image` of a machine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct MachineOciImage {
+    /// The image record (`/images/{id}`).
+    pub id: String,
+    /// The reference it was pulled as; null for an import.
+    #[serde(rename = "ref")]
+    pub reference: Option<String>,
+    /// The image's config digest.
+    pub digest: String,
 }
 
 /// What each `env` value reads as to a key that may not see secrets.

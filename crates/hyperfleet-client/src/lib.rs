@@ -6,10 +6,12 @@ use std::time::Duration;
 
 use futures_util::{Stream, StreamExt};
 use hyperfleet_api::{
-    CreateKeyRequest, CreateMachineRequest, CreatedKey, ErrorBody, ErrorCode, EventList,
-    ExecRequest, ExecResult, ExecStreamEvent, FileWritten, Health, KeyList, Machine, MachineEvent,
-    MachineList, MachineStatus, Quota, QuotaLimits,
+    CreateKeyRequest, CreateMachineRequest, CreateSnapshotRequest, CreateTemplateRequest,
+    CreatedKey, ErrorBody, ErrorCode, EventList, ExecRequest, ExecResult, ExecStreamEvent,
+    FileWritten, ForkRequest, ForkResult, Health, KeyList, Machine, MachineEvent, MachineList,
+    MachineStatus, Quota, QuotaLimits, Snapshot, SnapshotList,
 };
+use hyperfleet_api::{Image, ImageEventList, ImageList, PullImageRequest};
 use reqwest::{Method, RequestBuilder, StatusCode};
 use serde::de::DeserializeOwned;
 
@@ -535,6 +537,92 @@ impl Client {
             .map(drop)
     }
 
+    /// Takes a snapshot of a machine (`POST /machines/{id}/snapshots`). With
+    /// `wait` false, or when the deadline passes first, the snapshot comes
+    /// back still `creating`.
+    pub async fn create_snapshot(
+        &self,
+        machine: &str,
+        req: &CreateSnapshotRequest,
+        wait: bool,
+        timeout_secs: Option<u64>,
+    ) -> Result<Snapshot, ClientError> {
+        let r = self
+            .req(
+                Method::POST,
+                &format!("/machines/{}/snapshots", enc(machine)),
+            )
+            .query(&wait_query(wait, timeout_secs))
+            .json(req)
+            .timeout(Duration::from_secs(timeout_secs.unwrap_or(60) + 30));
+        self.json(r).await
+    }
+
+    pub async fn list_snapshots(&self) -> Result<SnapshotList, ClientError> {
+        self.json(self.req(Method::GET, "/snapshots")).await
+    }
+
+    /// One snapshot, by id or name.
+    pub async fn get_snapshot(&self, id: &str) -> Result<Snapshot, ClientError> {
+        self.json(self.req(Method::GET, &format!("/snapshots/{}", enc(id))))
+            .await
+    }
+
+    /// Deletes a snapshot; while machines made from it exist its files stay
+    /// (it shows `deleting`).
+    pub async fn delete_snapshot(&self, id: &str) -> Result<(), ClientError> {
+        self.send(self.req(Method::DELETE, &format!("/snapshots/{}", enc(id))))
+            .await
+            .map(drop)
+    }
+
+    /// Makes running copies of a running machine (`POST /machines/{id}/fork`).
+    pub async fn fork_machine(
+        &self,
+        machine: &str,
+        req: &ForkRequest,
+        wait: bool,
+        timeout_secs: Option<u64>,
+    ) -> Result<ForkResult, ClientError> {
+        let r = self
+            .req(Method::POST, &format!("/machines/{}/fork", enc(machine)))
+            .query(&wait_query(wait, timeout_secs))
+            .json(req)
+            .timeout(Duration::from_secs(timeout_secs.unwrap_or(60) + 30));
+        self.json(r).await
+    }
+
+    /// Makes (or finds) the template for a machine shape ahead of need
+    /// (`POST /templates`, admin scope); fields left out take the server's
+    /// defaults. A template is shown as a snapshot named by its key; the
+    /// existing one is answered when it is ready.
+    pub async fn warm_template(
+        &self,
+        req: &CreateTemplateRequest,
+        timeout_secs: Option<u64>,
+    ) -> Result<Snapshot, ClientError> {
+        // Always waits: the template exists once its guest booted.
+        let q: Vec<(&str, String)> = timeout_secs
+            .map(|t| vec![("timeout", t.to_string())])
+            .unwrap_or_default();
+        let r = self
+            .req(Method::POST, "/templates")
+            .query(&q)
+            .json(req)
+            .timeout(Duration::from_secs(timeout_secs.unwrap_or(300) + 30));
+        self.json(r).await
+    }
+
+    pub async fn list_templates(&self) -> Result<SnapshotList, ClientError> {
+        self.json(self.req(Method::GET, "/templates")).await
+    }
+
+    pub async fn delete_template(&self, id: &str) -> Result<(), ClientError> {
+        self.send(self.req(Method::DELETE, &format!("/templates/{}", enc(id))))
+            .await
+            .map(drop)
+    }
+
     /// A tenant's quota in force and what its machines hold.
     pub async fn quota(&self, tenant: &str) -> Result<Quota, ClientError> {
         self.json(self.req(Method::GET, &quota_path(tenant))).await
@@ -553,6 +641,41 @@ impl Client {
     /// Removes a tenant's own quota: the server's defaults apply again.
     pub async fn reset_quota(&self, tenant: &str) -> Result<Quota, ClientError> {
         self.json(self.req(Method::DELETE, &quota_path(tenant)))
+            .await
+    }
+
+    /// Starts pulling an image (202: `pulling`).
+    pub async fn pull_image(&self, req: &PullImageRequest) -> Result<Image, ClientError> {
+        self.json(self.req(Method::POST, "/images").json(req)).await
+    }
+
+    /// Imports an image archive (OCI layout tar or `docker save`), streamed.
+    pub async fn import_image(&self, body: reqwest::Body) -> Result<Image, ClientError> {
+        let r = self
+            .req(Method::POST, "/images/import")
+            .header(reqwest::header::CONTENT_TYPE, "application/x-tar")
+            .body(body);
+        self.json(r).await
+    }
+
+    pub async fn list_images(&self) -> Result<ImageList, ClientError> {
+        self.json(self.req(Method::GET, "/images")).await
+    }
+
+    pub async fn get_image(&self, id: &str) -> Result<Image, ClientError> {
+        self.json(self.req(Method::GET, &format!("/images/{}", enc(id))))
+            .await
+    }
+
+    pub async fn delete_image(&self, id: &str) -> Result<(), ClientError> {
+        self.send(self.req(Method::DELETE, &format!("/images/{}", enc(id))))
+            .await
+            .map(drop)
+    }
+
+    /// An image's stored events.
+    pub async fn image_events(&self, id: &str) -> Result<ImageEventList, ClientError> {
+        self.json(self.req(Method::GET, &format!("/images/{}/events", enc(id))))
             .await
     }
 }
@@ -600,6 +723,15 @@ fn lines(
             }
         },
     )
+}
+
+/// `?wait=…&timeout=…` of the routes that may wait for an outcome.
+fn wait_query(wait: bool, timeout_secs: Option<u64>) -> Vec<(&'static str, String)> {
+    let mut q = vec![("wait", wait.to_string())];
+    if let Some(t) = timeout_secs {
+        q.push(("timeout", t.to_string()));
+    }
+    q
 }
 
 /// Percent-encodes a path segment (ids and names are plain, but a user may

@@ -52,6 +52,8 @@ pub enum DaemonError {
     NoDefaultBackend(VmmKind, String),
     #[error("the HTTP server failed: {0}")]
     Serve(#[source] std::io::Error),
+    #[error("cannot open the image store: {0}")]
+    Images(#[from] crate::images::service::ImageServiceError),
     #[error("machine networking is on but {0} (run as root, or pass --network off)")]
     Network(#[source] crate::net::NetError),
 }
@@ -311,6 +313,13 @@ pub async fn serve(config: Config) -> Result<(), DaemonError> {
         machines = store.machine_count(),
         "startup sweep done"
     );
+    // OCI images: removes what a crash left of pulls and imports.
+    let images = crate::images::service::ImageService::open(
+        &config.data_dir,
+        store.clone(),
+        crate::images::ImageLimits::default(),
+    )
+    .await?;
 
     // Who used which machine when: the proxy and guest calls write it, the
     // idle timer reads it.
@@ -373,6 +382,7 @@ pub async fn serve(config: Config) -> Result<(), DaemonError> {
         default_vmm,
         urls,
         guest: Arc::new(crate::http::guest::GuestSlots::new(config.guest)),
+        images,
     });
     let mut limits = config.api;
     limits.max_connections = connection_cap(config.api.max_connections, fd_limit);

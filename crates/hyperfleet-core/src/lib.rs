@@ -10,8 +10,10 @@
 //! - [`http`]: the REST API (handlers validate and hand over).
 //! - [`auth`]: API keys and scopes.
 //! - [`validate`]: a create request checked into a machine spec.
+//! - [`images`]: OCI images: registry pulls, imports, layer unpacking, one filesystem per image.
 //! - [`assets`]: guest asset sets (kernel, initramfs, root filesystem), versioned and checksummed.
 //! - [`logs`]: console logs: tail, follow, rotation.
+//! - [`metrics`]: the Prometheus registry and what records into it (`GET /metrics`).
 //! - [`doctor`]: host checks.
 //! - [`failpoint`]: crash points at every step boundary (the `failpoints` feature).
 //! - [`util`]: small shared helpers (time, identifiers, error chains, idempotent removal).
@@ -23,8 +25,10 @@ pub mod daemon;
 pub mod doctor;
 pub mod failpoint;
 pub mod http;
+pub mod images;
 pub mod lifecycle;
 pub mod logs;
+pub mod metrics;
 pub mod net;
 pub mod proxy;
 pub mod store;

@@ -193,6 +193,7 @@ pub fn validate_create(
         access_token: None,
         // The id or name as asked; the supervisor resolves it to an id.
         base_snapshot: req.snapshot_id,
+        oci: None,
     };
     Ok((req.name, spec))
 }

@@ -4,6 +4,7 @@ use anyhow::{bail, Context};
 use hyperfleet_core::assets::{self, AssetSet};
 
 use crate::cli::{AssetsCmd, ClientArgs};
+use crate::progress::Progress;
 
 pub(crate) fn run(args: &ClientArgs, cmd: AssetsCmd) -> anyhow::Result<()> {
     let root = assets::assets_root(&args.data_dir);
@@ -28,7 +29,16 @@ pub(crate) fn run(args: &ClientArgs, cmd: AssetsCmd) -> anyhow::Result<()> {
                 );
             }
             let t0 = std::time::Instant::now();
-            let set = assets::build(&args.data_dir, Some(&agent), |line| eprintln!("{line}"))?;
+            let progress = Progress::spinner(args.json, "building the guest assets");
+            let set = match assets::build(&args.data_dir, Some(&agent), |line| progress.line(line))
+            {
+                Ok(set) => set,
+                Err(e) => {
+                    progress.fail();
+                    return Err(e.into());
+                }
+            };
+            drop(progress);
             if args.json {
                 println!(
                     "{}",

@@ -64,12 +64,23 @@ pub(crate) enum Command {
     /// Create, inspect and control machines.
     #[command(subcommand)]
     Machines(MachinesCmd),
+    /// Take, list and delete snapshots (machines are created from them with
+    /// `machines create --snapshot`).
+    #[command(subcommand)]
+    Snapshots(SnapshotsCmd),
+    /// Templates: snapshots of a freshly booted guest per machine shape, which
+    /// fast creates restore instead of booting (warming needs an admin key).
+    #[command(subcommand)]
+    Templates(TemplatesCmd),
     /// Manage API keys (admin scope).
     #[command(subcommand)]
     Keys(KeysCmd),
     /// Show and set tenant quotas (setting needs an operator admin key).
     #[command(subcommand)]
     Quota(QuotaCmd),
+    /// Pull, import, list and delete OCI images.
+    #[command(subcommand)]
+    Images(ImagesCmd),
     /// Build and inspect the guest assets (kernel, initramfs, root filesystem).
     #[command(subcommand)]
     Assets(AssetsCmd),
@@ -449,6 +460,73 @@ pub(crate) enum MachinesCmd {
         #[arg(long, short)]
         follow: bool,
     },
+    /// Make running copies of a running machine (it keeps running).
+    Fork {
+        id: String,
+        /// How many copies, 1–16 (default 1, or the number of --name).
+        #[arg(long)]
+        count: Option<u32>,
+        /// A name for each copy (repeatable; as many as --count).
+        #[arg(long = "name", value_name = "NAME")]
+        names: Vec<String>,
+        /// Answer once the copies exist, before they run.
+        #[arg(long)]
+        no_wait: bool,
+        /// Seconds to wait (server default 60, at most 600).
+        #[arg(long)]
+        timeout: Option<u64>,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum SnapshotsCmd {
+    /// Take a snapshot of a machine (running, paused, suspended or stopped;
+    /// a running one keeps running).
+    Create {
+        /// The machine (id or name).
+        machine: String,
+        /// A name for the snapshot, unique among yours.
+        #[arg(long)]
+        name: Option<String>,
+        /// Answer at once, with the snapshot still `creating`.
+        #[arg(long)]
+        no_wait: bool,
+        /// Seconds to wait (server default 60, at most 600).
+        #[arg(long)]
+        timeout: Option<u64>,
+    },
+    /// List snapshots.
+    List,
+    /// Show one snapshot (id or name).
+    Get { id: String },
+    /// Delete a snapshot; machines made from it go on (its files stay until
+    /// the last of them is deleted).
+    Delete { id: String },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum TemplatesCmd {
+    /// Make the template for a machine shape now instead of on first need
+    /// (boots a guest; admin scope). Shapes not given take the server's
+    /// defaults.
+    Warm {
+        #[arg(long)]
+        vcpus: Option<u32>,
+        /// Memory in MiB.
+        #[arg(long)]
+        mem: Option<u32>,
+        #[arg(long)]
+        vmm: Option<String>,
+        /// Seconds to wait for the template's guest to boot and be
+        /// snapshotted (server default 300, at most 600).
+        #[arg(long)]
+        timeout: Option<u64>,
+    },
+    /// List templates.
+    List,
+    /// Delete a template (by id); creates of its size boot again until the
+    /// next warm.
+    Delete { id: String },
 }
 
 #[derive(Args)]
@@ -479,9 +557,48 @@ pub(crate) struct CreateArgs {
     /// KEY=VALUE (repeatable).
     #[arg(long = "metadata")]
     pub metadata: Vec<String>,
+    /// Make it from this snapshot (id or name): its disk builds on the
+    /// snapshot's, and a snapshot with memory continues its guest on start.
+    /// Shape and VMM default to the snapshot's.
+    #[arg(long)]
+    pub snapshot: Option<String>,
     /// Start it right away and wait for `running`.
     #[arg(long)]
     pub start: bool,
+    /// An OCI image (id `img_…` or reference) as the root filesystem;
+    /// pulled first when absent.
+    #[arg(long)]
+    pub image: Option<String>,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum ImagesCmd {
+    /// Pull an image from a registry and wait until it is ready.
+    Pull {
+        /// `registry[:port]/repository[:tag|@sha256:…]`.
+        reference: String,
+        /// Plain HTTP to the registry.
+        #[arg(long)]
+        insecure: bool,
+        /// Basic auth user; the password is read from HYPERFLEET_REGISTRY_PASSWORD.
+        #[arg(long)]
+        username: Option<String>,
+        /// Return at once (status `pulling`).
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Import an OCI image layout tar or a `docker save` archive.
+    Import {
+        file: PathBuf,
+    },
+    List,
+    Get {
+        id: String,
+    },
+    /// Delete an image (refused while machines made from it exist).
+    Delete {
+        id: String,
+    },
 }
 
 #[derive(Args)]

@@ -12,8 +12,9 @@ use hyperfleet_client::{ActionResult, Client};
 
 use crate::cli::{ActionArgs, ClientArgs, MachinesCmd};
 use crate::output;
+use crate::progress::Progress;
 
-fn client(args: &ClientArgs) -> anyhow::Result<Client> {
+pub(crate) fn client(args: &ClientArgs) -> anyhow::Result<Client> {
     Client::new(&args.url, crate::serve::api_key(args)).context("bad server URL")
 }
 
@@ -55,12 +56,37 @@ fn print_machine(args: &ClientArgs, m: &Machine) -> anyhow::Result<()> {
     if let Some(s) = &m.started_at {
         rows.push(vec!["started".into(), s.clone()]);
     }
+    if let Some(s) = &m.snapshot_id {
+        rows.push(vec!["snapshot".into(), s.clone()]);
+    }
     if let Some(e) = &m.error_message {
         rows.push(vec!["error".into(), e.clone()]);
     }
     rows.extend(network_rows(m));
     output::table(&["FIELD", "VALUE"], &rows);
     Ok(())
+}
+
+/// Machines as a table, one a row.
+pub(crate) fn print_machine_table(machines: &[Machine]) {
+    let rows: Vec<Vec<String>> = machines
+        .iter()
+        .map(|m| {
+            vec![
+                m.id.clone(),
+                m.name.clone(),
+                m.status.to_string(),
+                m.vmm.to_string(),
+                m.vcpu_count.to_string(),
+                m.mem_size_mib.to_string(),
+                m.created_at.clone(),
+            ]
+        })
+        .collect();
+    output::table(
+        &["ID", "NAME", "STATUS", "VMM", "VCPUS", "MEM_MIB", "CREATED"],
+        &rows,
+    );
 }
 
 /// The guest's address, and how to reach its exposed ports: one URL each,
@@ -129,8 +155,27 @@ fn print_event(e: &MachineEvent) {
     }
 }
 
+/// What the spinner says while `action` of machine `id` is under way.
+fn doing(action: &str, id: &str) -> String {
+    let verb = match action {
+        "start" => "starting",
+        "stop" => "stopping",
+        "restart" => "restarting",
+        "pause" => "pausing",
+        "resume" => "resuming",
+        "kill" => "killing",
+        "suspend" => "suspending",
+        "delete" => "deleting",
+        other => other,
+    };
+    format!("{verb} {}", output::clean(id))
+}
+
 async fn action(args: &ClientArgs, c: &Client, name: &str, a: ActionArgs) -> anyhow::Result<()> {
-    match c.action(&a.id, name, !a.no_wait, a.timeout).await? {
+    let progress = (!a.no_wait).then(|| Progress::spinner(args.json, doing(name, &a.id)));
+    let result = c.action(&a.id, name, !a.no_wait, a.timeout).await;
+    drop(progress);
+    match result? {
         ActionResult::Done(m) => print_machine(args, &m),
         ActionResult::Accepted(m) => {
             if !args.json {
@@ -162,11 +207,16 @@ pub(crate) async fn run(args: &ClientArgs, cmd: MachinesCmd) -> anyhow::Result<(
                 network: a.no_egress.then_some(NetworkRequest {
                     egress: Some(false),
                 }),
+                snapshot_id: a.snapshot,
+                image: a.image,
                 ..Default::default()
             };
             let mut m = c.create_machine(&req).await?;
             if a.start {
-                if let ActionResult::Done(started) = c.action(&m.id, "start", true, None).await? {
+                let progress = Progress::spinner(args.json, doing("start", &m.name));
+                let started = c.action(&m.id, "start", true, None).await;
+                drop(progress);
+                if let ActionResult::Done(started) = started? {
                     m = started;
                 }
             }
@@ -185,25 +235,7 @@ pub(crate) async fn run(args: &ClientArgs, cmd: MachinesCmd) -> anyhow::Result<(
             if args.json {
                 return output::json(&list);
             }
-            let rows: Vec<Vec<String>> = list
-                .machines
-                .iter()
-                .map(|m| {
-                    vec![
-                        m.id.clone(),
-                        m.name.clone(),
-                        m.status.to_string(),
-                        m.vmm.to_string(),
-                        m.vcpu_count.to_string(),
-                        m.mem_size_mib.to_string(),
-                        m.created_at.clone(),
-                    ]
-                })
-                .collect();
-            output::table(
-                &["ID", "NAME", "STATUS", "VMM", "VCPUS", "MEM_MIB", "CREATED"],
-                &rows,
-            );
+            print_machine_table(&list.machines);
             if list.total as usize > list.machines.len() {
                 eprintln!("({} of {} shown)", list.machines.len(), list.total);
             }
@@ -222,7 +254,10 @@ pub(crate) async fn run(args: &ClientArgs, cmd: MachinesCmd) -> anyhow::Result<(
             force,
             no_wait,
             timeout,
-        } => match c.delete_machine(&id, force, !no_wait, timeout).await? {
+        } => match {
+            let _progress = (!no_wait).then(|| Progress::spinner(args.json, doing("delete", &id)));
+            c.delete_machine(&id, force, !no_wait, timeout).await
+        }? {
             ActionResult::Deleted => {
                 if !args.json {
                     println!("deleted {id}");
@@ -242,7 +277,13 @@ pub(crate) async fn run(args: &ClientArgs, cmd: MachinesCmd) -> anyhow::Result<(
             timeout,
         } => {
             let status: MachineStatus = status.parse().map_err(anyhow::Error::msg)?;
-            print_machine(args, &c.wait(&id, status, timeout).await?)
+            let progress = Progress::spinner(
+                args.json,
+                format!("waiting for {} to be {status}", output::clean(&id)),
+            );
+            let m = c.wait(&id, status, timeout).await;
+            drop(progress);
+            print_machine(args, &m?)
         }
         MachinesCmd::Exec {
             id,
@@ -253,7 +294,14 @@ pub(crate) async fn run(args: &ClientArgs, cmd: MachinesCmd) -> anyhow::Result<(
             stream,
             command,
         } => exec(args, &c, id, timeout, env, cwd, stdin, stream, command).await,
-        MachinesCmd::Cp { src, dst } => cp(&c, &src, &dst).await,
+        MachinesCmd::Fork {
+            id,
+            count,
+            names,
+            no_wait,
+            timeout,
+        } => crate::snapshots::fork(args, &c, &id, count, names, !no_wait, timeout).await,
+        MachinesCmd::Cp { src, dst } => cp(args, &c, &src, &dst).await,
         MachinesCmd::Logs { id, follow, tail } => {
             use std::io::IsTerminal;
             use std::io::Write;
@@ -420,7 +468,7 @@ fn remote(s: &str) -> Option<(&str, &str)> {
     (path.starts_with('/') && !id.is_empty() && !id.contains('/')).then_some((id, path))
 }
 
-async fn cp(c: &Client, src: &str, dst: &str) -> anyhow::Result<()> {
+async fn cp(args: &ClientArgs, c: &Client, src: &str, dst: &str) -> anyhow::Result<()> {
     use tokio::io::AsyncWriteExt;
     let t0 = std::time::Instant::now();
     let bytes = match (remote(src), remote(dst)) {
@@ -429,11 +477,19 @@ async fn cp(c: &Client, src: &str, dst: &str) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("opening {src}"))?;
             let len = f.metadata().await?.len();
-            let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(f));
+            let progress = Progress::bytes(args.json, Some(len), format!("{src} → {id}"));
+            let sent = progress.counter();
+            let body = tokio_util::io::ReaderStream::new(f).inspect(move |chunk| {
+                if let Ok(c) = chunk {
+                    sent(c.len() as u64);
+                }
+            });
+            let body = reqwest::Body::wrap_stream(body);
             c.upload(id, path, len, body, true).await?.size
         }
         (Some((id, path)), None) => {
-            let (_, mut s) = c.download(id, path).await?;
+            let (len, mut s) = c.download(id, path).await?;
+            let progress = Progress::bytes(args.json, len, format!("{id}:{path} → {dst}"));
             let tmp = format!("{dst}.hf-partial");
             let mut f = tokio::fs::File::create(&tmp)
                 .await
@@ -442,6 +498,7 @@ async fn cp(c: &Client, src: &str, dst: &str) -> anyhow::Result<()> {
             while let Some(chunk) = s.next().await {
                 let chunk = chunk?;
                 n += chunk.len() as u64;
+                progress.inc(chunk.len() as u64);
                 f.write_all(&chunk).await?;
             }
             f.sync_all().await?;

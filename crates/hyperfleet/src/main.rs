@@ -4,11 +4,14 @@
 
 mod assets;
 mod cli;
+mod images;
 mod keys;
 mod machines;
 mod output;
+mod progress;
 mod quota;
 mod serve;
+mod snapshots;
 
 use clap::Parser;
 
@@ -53,8 +56,11 @@ fn main() -> std::process::ExitCode {
                 Ok(())
             }
             cli::Command::Machines(cmd) => machines::run(&args.client, cmd).await,
+            cli::Command::Snapshots(cmd) => snapshots::run(&args.client, cmd).await,
+            cli::Command::Templates(cmd) => snapshots::templates(&args.client, cmd).await,
             cli::Command::Keys(cmd) => keys::run(&args.client, cmd).await,
             cli::Command::Quota(cmd) => quota::run(&args.client, cmd).await,
+            cli::Command::Images(cmd) => images::run(&args.client, cmd).await,
             cli::Command::Assets(cmd) => assets::run(&args.client, cmd),
         }
     });

@@ -19,9 +19,14 @@ use crate::cli::{AccelArg, ClientArgs, LogFormat, RunAsArg, ServeArgs, Toggle, V
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("HYPERFLEET_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // A log that cannot be written (its disk is full) must not take the
+    // daemon down: by default the fmt layer reports a failed write with
+    // `eprintln!`, which panics when stderr itself fails — killing whichever
+    // thread logged (the store's writer, on a full disk).
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .log_internal_errors(false);
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),

@@ -301,6 +301,41 @@ fn a_machine_created_after_a_template_was_warmed_starts_from_it() {
     start(&d, "cold");
     assert!(events(&d, "cold").contains(", boot"));
 
+    // A machine made from a template maps its RAM privately: its first
+    // suspend streams RAM, its resume loads it into a file of its own, and
+    // from then on it saves the fast way (a flat image). Memory survives
+    // both.
+    sh(&d, &id, "echo kept > /run/mem-marker");
+    for round in 0..2 {
+        let r = d.call("POST", "/machines/fast/suspend?timeout=300", None);
+        assert_eq!(
+            r.body["status"],
+            "suspended",
+            "{round}: {}\n{}",
+            r.body,
+            d.log()
+        );
+        let img = sb.path().join("machines").join(&id).join("snapshot");
+        assert_eq!(
+            img.join("ram").exists(),
+            round == 1,
+            "round {round}: a stream image first, a flat one after"
+        );
+        let r = d.call("POST", "/machines/fast/resume?timeout=300", None);
+        assert_eq!(
+            r.body["status"],
+            "running",
+            "{round}: {}\n{}",
+            r.body,
+            d.log()
+        );
+        assert_eq!(sh(&d, &id, "cat /run/mem-marker"), "kept\n");
+        assert!(
+            guest_clock_skew(&d, &id) <= 1.5,
+            "the clock is set after a resume"
+        );
+    }
+
     // A restart boots from the disk (the template is only the first start).
     let r = d.call("POST", "/machines/fast/restart?timeout=300", None);
     assert_eq!(r.body["status"], "running", "{}", r.body);

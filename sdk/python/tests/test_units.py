@@ -70,10 +70,12 @@ def test_requests_are_encoded_as_the_api_reads_them() -> None:
         network=hyperfleet.NetworkRequest(egress=False),
         idle_timeout_seconds=None,
         persistence=hyperfleet.Persistence(type="sticky"),
+        snapshot_id="snap-1",
         extra_body={"image": "x"},
     )
     assert create.json == {
         "vcpu_count": 2,
+        "snapshot_id": "snap-1",
         "exposed_ports": [80],
         "network": {"egress": False},
         "persistence": {"type": "sticky"},

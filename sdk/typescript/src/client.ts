@@ -3,6 +3,7 @@ import type { Health, Quota, QuotaLimits } from "./generated/openapi.js";
 import { Transport } from "./http.js";
 import { Keys } from "./keys.js";
 import { Machines } from "./machines.js";
+import { Snapshots, Templates } from "./snapshots.js";
 
 export interface HyperfleetOptions {
   /** The daemon, e.g. `http://127.0.0.1:3000`; default `HYPERFLEET_URL`, else that. */
@@ -62,6 +63,10 @@ export class Hyperfleet {
   readonly machines: Machines;
   readonly keys: Keys;
   readonly quotas: Quotas;
+  /** Snapshots of machines; `Machine.snapshot` takes one. */
+  readonly snapshots: Snapshots;
+  /** Templates: per machine size, a booted guest's snapshot that creates start from. */
+  readonly templates: Templates;
   readonly #t: Transport;
 
   constructor(options: HyperfleetOptions = {}) {
@@ -77,6 +82,8 @@ export class Hyperfleet {
     this.machines = new Machines(this.#t);
     this.keys = new Keys(this.#t);
     this.quotas = new Quotas(this.#t);
+    this.snapshots = new Snapshots(this.#t);
+    this.templates = new Templates(this.#t);
   }
 
   /** The daemon's health (no key needed). */

@@ -24,6 +24,7 @@ export {
   type ExecChunk,
   type ExecExit,
   type ExecOptions,
+  type Fork,
   type FileData,
   type ListOptions,
   type LogsOptions,
@@ -34,16 +35,20 @@ export {
   type WriteOptions,
 } from "./machines.js";
 export { Keys } from "./keys.js";
+export { Snapshots, Templates, type Ref } from "./snapshots.js";
 export * from "./errors.js";
 export type {
   ApiKey,
   CreateKeyRequest,
   CreateMachineRequest,
+  CreateSnapshotRequest,
+  CreateTemplateRequest,
   CreatedKey,
   DirEntry,
   ExecResult,
   FileStat,
   FileWritten,
+  ForkRequest,
   Health,
   Machine as MachineData,
   MachineEvent,
@@ -52,9 +57,11 @@ export type {
   Quota,
   QuotaLimits,
   Scope,
+  Snapshot,
+  SnapshotStatus,
   StepTiming,
   VmmKind,
 } from "./generated/openapi.js";
-export { API_VERSION, MACHINE_STATUSES, SCOPES, VMM_KINDS } from "./generated/openapi.js";
+export { API_VERSION, MACHINE_STATUSES, SCOPES, SNAPSHOT_STATUSES, VMM_KINDS } from "./generated/openapi.js";
 /** Every type of docs/openapi.json, generated (camelCase field names). */
 export type * as api from "./generated/openapi.js";

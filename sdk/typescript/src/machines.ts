@@ -3,11 +3,9 @@
  * {@link Machine} handle with its lifecycle actions, waiting, commands,
  * files, console logs and events.
  *
- * Snapshots, fork and images are not routes of the API yet. When they land
- * in docs/openapi.json, `npm run generate` adds their routes to `Routes` and
- * their types to src/generated/openapi.ts; they become methods here (on
- * `Machine` for snapshot/fork, a collection beside `machines` for images)
- * built the same way as the actions below, on `Transport.json`.
+ * `Machine.snapshot` and `Machine.fork` make memory images of a machine
+ * (snapshots themselves are `hf.snapshots`, src/snapshots.ts), built the same
+ * way as the actions below, on `Transport.json`.
  */
 import { createReadStream, createWriteStream } from "node:fs";
 import { stat as fsStat } from "node:fs/promises";
@@ -17,17 +15,21 @@ import { pipeline } from "node:stream/promises";
 import { ConnectionError, InvalidStateError, NotFoundError, TimeoutError, errorFor } from "./errors.js";
 import type {
   CreateMachineRequest,
+  CreateSnapshotRequest,
   DirEntry,
   ExecRequest,
   ExecResult,
   ExecStreamEvent,
   FileStat,
+  ForkRequest,
+  ForkResult,
   FileWritten,
   Machine as MachineData,
   MachineEvent,
   MachineList,
   MachineStatus,
   EventList,
+  Snapshot,
 } from "./generated/openapi.js";
 import type { Body, Transport } from "./http.js";
 import { lines, sse } from "./streams.js";
@@ -40,6 +42,12 @@ export interface ActionOptions {
   /** Seconds to wait (the server's default is 60). */
   timeout?: number;
   signal?: AbortSignal;
+}
+
+/** What {@link Machine.fork} made: the copies, and how they were made. */
+export interface Fork extends Omit<ForkResult, "machines"> {
+  /** The copies, running (unless `wait: false`), in the order of `names`. */
+  machines: Machine[];
 }
 
 export interface DeleteOptions extends ActionOptions {
@@ -409,6 +417,37 @@ export class Machine {
       }
       if (!lagged) return;
     }
+  }
+
+  /**
+   * Takes a snapshot of the machine (running, paused, suspended or stopped;
+   * a running machine keeps running, its pause is in `pauseMs`). Machines
+   * are made from it with `hf.machines.create({ snapshotId })`. With
+   * `wait: false` (or past the `timeout`) it comes back still `creating`.
+   */
+  async snapshot(req: CreateSnapshotRequest = {}, o: ActionOptions = {}): Promise<Snapshot> {
+    return this.#t.json("POST /machines/{id}/snapshots", "Snapshot", {
+      path: this.#path(),
+      query: { wait: o.wait, timeout: o.timeout === undefined ? undefined : Math.min(o.timeout, this.#t.waitRound) },
+      json: { schema: "CreateSnapshotRequest", value: req },
+      signal: o.signal,
+    });
+  }
+
+  /**
+   * Makes running copies of this running machine (`count` 1–16, or one per
+   * name in `names`); the machine keeps running. Each copy takes its own
+   * address, hostname, machine id, boot id and RNG seed before it counts as
+   * running.
+   */
+  async fork(req: ForkRequest = {}, o: ActionOptions = {}): Promise<Fork> {
+    const r = await this.#t.json<"POST /machines/{id}/fork", ForkResult>("POST /machines/{id}/fork", "ForkResult", {
+      path: this.#path(),
+      query: { wait: o.wait, timeout: o.timeout === undefined ? undefined : Math.min(o.timeout, this.#t.waitRound) },
+      json: { schema: "ForkRequest", value: req },
+      signal: o.signal,
+    });
+    return { ...r, machines: r.machines.map((m) => new Machine(this.#t, m)) };
   }
 
   /**

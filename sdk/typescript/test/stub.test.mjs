@@ -351,3 +351,104 @@ describe("keys and quotas", () => {
     await hf.keys.delete(k.id);
   });
 });
+
+describe("snapshots and fork", () => {
+  test("snapshot, get, list, machines from it, deferred delete", async () => {
+    const src = await hf.machines.create({ name: "snap-src" }, { start: true });
+    try {
+      const s = await src.snapshot({ name: "snap-one" });
+      assert.equal(s.name, "snap-one");
+      assert.equal(s.status, "ready");
+      assert.equal(s.memory, true);
+      assert.equal(s.machineId, src.id);
+      assert.equal(s.vmm, "stub");
+      assert.equal(s.usedBy, 0);
+      assert.equal(typeof s.sizeBytes, "number");
+      assert.equal((await src.refresh()).status, "running", "the source keeps running");
+      await rejects(src.snapshot({ name: "snap-one" }), ConflictError, "CONFLICT", 409);
+      assert.equal((await hf.snapshots.get("snap-one")).id, s.id);
+      assert.equal((await hf.snapshots.get(s.id)).name, "snap-one");
+      assert.ok((await hf.snapshots.list()).some((x) => x.id === s.id));
+
+      // Not waiting: it comes back at once and becomes ready on its own.
+      const s2 = await hf.snapshots.create(src, { name: "snap-two" }, { wait: false });
+      assert.ok(["creating", "ready"].includes(s2.status), s2.status);
+      const deadline = Date.now() + 30_000;
+      while ((await hf.snapshots.get(s2.id)).status !== "ready") {
+        assert.ok(Date.now() < deadline, "the snapshot never became ready");
+        await new Promise((r) => setTimeout(r, 100));
+      }
+      await hf.snapshots.delete(s2);
+      await rejects(hf.snapshots.get(s2.id), NotFoundError, "NOT_FOUND", 404);
+
+      const child = await hf.machines.create({ name: "snap-child", snapshotId: s.id }, { start: true });
+      try {
+        assert.equal(child.snapshotId, s.id);
+        assert.equal(child.status, "running");
+        assert.equal((await hf.snapshots.get(s.id)).usedBy, 1);
+        // In use: deleting is accepted and deferred; the child goes on.
+        await hf.snapshots.delete("snap-one");
+        assert.ok(!(await hf.snapshots.list()).some((x) => x.id === s.id));
+        assert.equal((await child.refresh()).status, "running");
+      } finally {
+        await child.dispose();
+      }
+      await rejects(hf.machines.create({ snapshotId: "no-such-snapshot" }), NotFoundError, "NOT_FOUND", 404);
+      await src.stop();
+      const diskOnly = await src.snapshot();
+      assert.equal(diskOnly.memory, false);
+      assert.equal(diskOnly.name, null);
+      await hf.snapshots.delete(diskOnly.id);
+    } finally {
+      await src.dispose();
+    }
+  });
+
+  test("fork makes running copies; the source keeps running", async () => {
+    const src = await hf.machines.create({ name: "fork-src" }, { start: true });
+    try {
+      const r = await src.fork({ names: ["fork-a", "fork-b"] });
+      assert.deepEqual(r.machines.map((m) => m.name), ["fork-a", "fork-b"]);
+      assert.ok(r.snapshotId.length > 0);
+      for (const m of r.machines) {
+        assert.ok(m instanceof Machine);
+        assert.equal(m.status, "running");
+        assert.equal(m.snapshotId, r.snapshotId);
+        await m.dispose();
+      }
+      assert.equal((await src.refresh()).status, "running");
+      const one = await src.fork();
+      assert.equal(one.machines.length, 1);
+      await one.machines[0].dispose();
+      await rejects(src.fork({ count: 17 }), ValidationError, "VALIDATION_ERROR", 400);
+      await rejects(src.fork({ count: 2, names: ["only-one"] }), ValidationError, "VALIDATION_ERROR", 400);
+      await src.stop();
+      await rejects(src.fork(), InvalidStateError, "INVALID_STATE", 409);
+    } finally {
+      await src.dispose();
+    }
+  });
+
+  test("templates: warm, list by key, a machine made from one, delete", async () => {
+    const t = await hf.templates.warm({ vcpuCount: 1, memSizeMib: 384, vmm: "stub" });
+    assert.equal(t.status, "ready");
+    assert.equal(t.memory, true);
+    assert.equal(t.memSizeMib, 384);
+    assert.equal((await hf.templates.warm({ memSizeMib: 384 })).id, t.id, "warming again answers it");
+    const listed = (await hf.templates.list()).find((x) => x.id === t.id);
+    assert.ok(listed, "listed");
+    assert.match(listed.name, /stub.*384/, "listed, a template is named by its key");
+    assert.ok(!(await hf.snapshots.list()).some((x) => x.id === t.id));
+    const m = await hf.machines.create({ name: "from-template", memSizeMib: 384 }, { start: true });
+    try {
+      assert.equal(m.snapshotId, t.id);
+      assert.equal(m.status, "running");
+    } finally {
+      await m.dispose();
+    }
+    await hf.templates.delete(t);
+    assert.ok(!(await hf.templates.list()).some((x) => x.id === t.id));
+    await rejects(hf.templates.delete("no-such-template"), NotFoundError, "NOT_FOUND", 404);
+    await rejects(hf.templates.warm({ memSizeMib: 1 }), ValidationError, "VALIDATION_ERROR", 400);
+  });
+});

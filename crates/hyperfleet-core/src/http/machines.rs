@@ -120,7 +120,19 @@ pub async fn create(
         mem_size_mib: req.mem_size_mib,
         vmm: req.vmm,
     };
+    let mut req = req;
+    let image = req.image.take();
+    if image.is_some() && req.snapshot_id.is_some() {
+        return Err(ApiError::validation(
+            "image: a machine is made from an image or from a snapshot (which has its image), \
+             not both",
+        ));
+    }
     let (name, mut spec) = validate_create(req, state.default_vmm)?;
+    if let Some(image) = image {
+        spec.oci =
+            Some(crate::images::service::machine_image(&state.images, &p.tenant, &image).await?);
+    }
     // 160 random bits: the proxy's per-machine credential.
     spec.access_token = Some(crate::util::random_id("hft_", 32));
     let m = match spec.base_snapshot.take() {

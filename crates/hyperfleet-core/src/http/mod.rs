@@ -6,8 +6,10 @@ pub mod events;
 pub mod extract;
 pub mod guest;
 pub mod health;
+pub mod images;
 pub mod keys;
 pub mod machines;
+pub mod metrics;
 pub mod openapi;
 pub mod quota;
 pub mod server;
@@ -40,12 +42,15 @@ pub struct AppState {
     pub urls: Option<Arc<crate::urls::UrlTemplate>>,
     /// Bounds on guest requests (exec, files, logs).
     pub guest: Arc<guest::GuestSlots>,
+    /// OCI images (records, pulls, imports).
+    pub images: Arc<crate::images::service::ImageService>,
 }
 
 fn api_routes() -> Router<AppState> {
     Router::new()
         .route("/health", get(health::health))
         .route("/openapi.json", get(openapi_json))
+        .route("/metrics", get(metrics::metrics))
         .route("/machines", get(machines::list).post(machines::create))
         .route(
             "/machines/{id}",
@@ -91,6 +96,14 @@ fn api_routes() -> Router<AppState> {
         )
         .route("/keys", get(keys::list).post(keys::create))
         .route("/keys/{id}", axum::routing::delete(keys::revoke))
+        .route("/images", get(images::list).post(images::pull))
+        .route(
+            "/images/import",
+            // The archive streams through; no whole-body limit.
+            post(images::import).layer(DefaultBodyLimit::disable()),
+        )
+        .route("/images/{id}", get(images::get).delete(images::delete))
+        .route("/images/{id}/events", get(images::events))
         .route(
             "/tenants/{tenant}/quota",
             get(quota::get).put(quota::put).delete(quota::delete),
@@ -105,6 +118,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .layer(axum::middleware::map_response(envelope_bare_errors))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(crate::metrics::TrackApi)
         .with_state(state)
 }
 

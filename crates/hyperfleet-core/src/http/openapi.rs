@@ -15,7 +15,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
-use super::{events, guest, health, keys, machines, quota, snapshots};
+use super::{events, guest, health, images, keys, machines, metrics, quota, snapshots};
 
 struct BearerAuth;
 
@@ -225,7 +225,7 @@ fn drop_null(schema: &mut RefOr<Schema>) {
                        Errors are {\"error\":{\"code\",\"message\"}}.",
     ),
     paths(
-        health::health,
+        health::health, metrics::metrics,
         machines::create, machines::list, machines::get, machines::delete,
         machines::start, machines::stop, machines::restart, machines::pause,
         machines::resume, machines::kill, machines::suspend,
@@ -236,6 +236,7 @@ fn drop_null(schema: &mut RefOr<Schema>) {
         snapshots::warm_template, snapshots::list_templates, snapshots::delete_template,
         keys::create, keys::list, keys::revoke,
         quota::get, quota::put, quota::delete,
+        images::pull, images::import, images::list, images::get, images::delete, images::events,
     ),
     components(schemas(
         hyperfleet_api::Machine, hyperfleet_api::MachineList, hyperfleet_api::MachineStatus,
@@ -252,6 +253,9 @@ fn drop_null(schema: &mut RefOr<Schema>) {
         hyperfleet_api::Snapshot, hyperfleet_api::SnapshotList, hyperfleet_api::SnapshotStatus,
         hyperfleet_api::CreateSnapshotRequest, hyperfleet_api::ForkRequest,
         hyperfleet_api::ForkResult, hyperfleet_api::CreateTemplateRequest,
+        hyperfleet_api::Image, hyperfleet_api::ImageList, hyperfleet_api::ImageStatus,
+        hyperfleet_api::ImageLayer, hyperfleet_api::ImageRunConfig, hyperfleet_api::ImageEvent,
+        hyperfleet_api::ImageEventList, hyperfleet_api::PullImageRequest, hyperfleet_api::RegistryAuth,
     )),
     modifiers(&BearerAuth, &CommonErrors),
     tags(
@@ -260,7 +264,9 @@ fn drop_null(schema: &mut RefOr<Schema>) {
         (name = "snapshots", description = "Snapshots of machines, machines made from them, and forks"),
         (name = "keys", description = "API keys (admin scope)"),
         (name = "quotas", description = "Tenant quotas: what a tenant's machines may hold"),
+        (name = "images", description = "OCI images: pull, import, and machines made from them"),
         (name = "health", description = "Liveness and readiness"),
+        (name = "metrics", description = "Prometheus metrics of the whole host (operator keys)"),
     )
 )]
 pub struct ApiDoc;

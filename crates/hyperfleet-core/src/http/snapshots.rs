@@ -273,7 +273,7 @@ fn fork_names(req: &ForkRequest) -> Result<Vec<Option<String>>, ApiError> {
                    backend, guest image, vCPUs and memory are made from it: their first start \
                    restores that guest (with an identity of their own) instead of booting. \
                    Answers the existing template when one is ready. Admin scope.",
-    params(ActionQuery),
+    params(TemplateQuery),
     request_body = CreateTemplateRequest,
     responses(
         (status = 201, description = "Ready", body = Snapshot),
@@ -284,10 +284,16 @@ fn fork_names(req: &ForkRequest) -> Result<Vec<Option<String>>, ApiError> {
 pub async fn warm_template(
     State(state): State<AppState>,
     caller: Caller,
-    Query(q): Query<ActionQuery>,
+    Query(q): Query<TemplateQuery>,
     body: bytes::Bytes,
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Admin)?;
+    if q.wait == Some(false) {
+        return Err(ApiError::validation(
+            "wait: POST /templates always waits (the template exists once its guest booted and \
+             was snapshotted); leave wait out",
+        ));
+    }
     let req: CreateTemplateRequest = optional_body(&body)?;
     let sizes = hyperfleet_api::CreateMachineRequest {
         vcpu_count: req.vcpu_count,
@@ -299,7 +305,22 @@ pub async fn warm_template(
     // A warm takes a boot: at least the boot timeout is given to it.
     let timeout = wait_timeout(q.timeout.or(Some(300)))?;
     let t = state.sup.warm_template(spec, timeout).await?;
-    Ok((StatusCode::CREATED, axum::Json(t.to_api(0))).into_response())
+    let mut api = t.to_api(0);
+    api.name = t.data.template_key.clone();
+    Ok((StatusCode::CREATED, axum::Json(api)).into_response())
+}
+
+/// `POST /templates` always waits: the template exists only once its
+/// builder booted and was snapshotted.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct TemplateQuery {
+    /// Must be true or left out: a template exists only once built, so the
+    /// request always waits (`false` is refused).
+    wait: Option<bool>,
+    /// How long to wait, in seconds (default 300, at most 600).
+    #[param(minimum = 0, maximum = 600)]
+    timeout: Option<u64>,
 }
 
 #[utoipa::path(get, path = "/templates", tag = "snapshots",

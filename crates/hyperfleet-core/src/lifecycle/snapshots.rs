@@ -235,6 +235,7 @@ impl Supervisor {
                         pause_ms: None,
                         error_message: None,
                         template_key,
+                        oci: rec.spec.oci.clone(),
                     },
                     created_at: now,
                     updated_at: now,

@@ -331,7 +331,13 @@ impl Supervisor {
         // A warmed template of the machine's size: its first start restores
         // that freshly booted guest instead of booting (docs/api.md
         // "Templates").
-        if let Some(backend) = self.ctx.backends.get(&spec.vmm) {
+        // (Templates are of the built-in guest image, not of OCI images.)
+        if let Some(backend) = self
+            .ctx
+            .backends
+            .get(&spec.vmm)
+            .filter(|_| spec.oci.is_none())
+        {
             spec.image = backend.current_image().ok().flatten();
             if let Some(t) = self.template_for(&spec) {
                 return self.create_machine(tenant, name, spec, Some(&t)).await;
@@ -360,13 +366,17 @@ impl Supervisor {
                 spec.image = s.data.image.clone();
                 spec.disk_bytes = s.data.disk_bytes;
                 spec.base_snapshot = Some(s.id.clone());
+                spec.oci = s.data.oci.clone();
             }
             None => {
                 // The machine records the exact guest image it will be made from.
                 spec.image = backend
                     .current_image()
                     .map_err(|why| LifecycleError::BackendUnavailable(spec.vmm, why))?;
-                spec.disk_bytes = backend.disk_bytes(spec.image.as_deref());
+                spec.disk_bytes = match &spec.oci {
+                    Some(oci) => Some(oci.disk_bytes),
+                    None => backend.disk_bytes(spec.image.as_deref()),
+                };
                 spec.base_snapshot = None;
             }
         }

@@ -145,10 +145,12 @@ impl Proxy {
         req: Request<Incoming>,
         peer: SocketAddr,
     ) -> Response<ProxyBody> {
-        match self.forward(req, peer.ip()).await {
+        let resp = match self.forward(req, peer.ip()).await {
             Ok(resp) => resp,
             Err(e) => e.into_response(),
-        }
+        };
+        crate::metrics::proxy_request(resp.status());
+        resp
     }
 
     async fn forward(

@@ -105,7 +105,10 @@ async fn serve_connection(
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
-        .serve_connection(TokioIo::new(stream), service)
+        .serve_connection(
+            TokioIo::new(crate::metrics::CountedIo::new(stream)),
+            service,
+        )
         .with_upgrades();
     tokio::pin!(conn);
     let result = tokio::select! {

@@ -198,6 +198,17 @@ impl Counts {
         }
     }
 
+    pub(super) fn by_status(&self) -> Vec<(MachineStatus, usize)> {
+        let mut out: Vec<(MachineStatus, usize)> = Vec::new();
+        for (status, n) in self.by_tenant.values().flat_map(|p| p.iter()) {
+            match out.iter_mut().find(|(s, _)| s == status) {
+                Some((_, total)) => *total += n,
+                None => out.push((*status, *n)),
+            }
+        }
+        out
+    }
+
     pub(super) fn all(&self) -> usize {
         self.by_tenant.values().flat_map(|p| p.values()).sum()
     }

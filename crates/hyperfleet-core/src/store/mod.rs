@@ -22,6 +22,7 @@
 //!   primary-key lookup on a pooled read-only connection.
 
 mod cache;
+mod images;
 mod quota;
 mod records;
 mod rows;
@@ -35,11 +36,12 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use hyperfleet_api::MachineStatus;
+use hyperfleet_api::{MachineStatus, VmmKind};
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 pub use cache::{CachedMachine, DEFAULT_CAPACITY as DEFAULT_CACHED_MACHINES};
+pub use images::{ImageEventRow, ImageRow};
 pub use records::{
     steps, Desired, EventRecord, KeyRecord, MachineRecord, MachineSpec, NetLease, VmmIdentity,
 };
@@ -421,6 +423,17 @@ impl Store {
     /// preparation (see `lifecycle::run::background_only`).
     pub fn unprepared_ids(&self, limit: usize) -> Result<Vec<String>, StoreError> {
         self.read(|c| rows::unprepared_ids(c, limit))
+    }
+
+    /// Machines per observed status, over every tenant (from the counts
+    /// memory keeps; no query).
+    pub fn status_counts(&self) -> Vec<(MachineStatus, usize)> {
+        lock(&self.shared.hot).counts.by_status()
+    }
+
+    /// Machines with a VMM recorded, per backend (one indexed query).
+    pub fn vmm_counts(&self) -> Result<Vec<(VmmKind, usize)>, StoreError> {
+        self.read(rows::vmm_counts)
     }
 
     pub fn machine_count(&self) -> usize {

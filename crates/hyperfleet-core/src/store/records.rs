@@ -45,6 +45,10 @@ pub struct MachineSpec {
     /// files are kept while any machine names it here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_snapshot: Option<String>,
+    /// The OCI image the machine's disk is made from (None: the asset
+    /// set's rootfs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oci: Option<crate::images::MachineImage>,
 }
 
 fn default_true() -> bool {
@@ -298,6 +302,7 @@ impl MachineRecord {
             // Activity is the supervisor's (in memory): the API fills these in.
             last_active_at: None,
             idle_deadline: None,
+            oci_image: self.spec.oci.as_ref().map(|o| o.to_api()),
         }
     }
 }

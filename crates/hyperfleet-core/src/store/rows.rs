@@ -1,7 +1,7 @@
 //! Mapping between SQLite rows and records. All SQL of the store is here or
 //! in the writer context, next to the schema it must match.
 
-use hyperfleet_api::{MachineStatus, Scope, StepTiming};
+use hyperfleet_api::{MachineStatus, Scope, StepTiming, VmmKind};
 use rusqlite::{params, Connection, OptionalExtension, Row, Statement, ToSql};
 
 use super::{
@@ -286,6 +286,30 @@ pub(super) fn machine_vmm(
         |r| vmm_from_row(r, 0),
         &format!("reading the VMM of machine {id}"),
     )
+}
+
+/// How many machines record a VMM, per backend (`GET /metrics`). The
+/// condition implies `machines_holding_memory`'s, so SQLite reads that
+/// partial index (machines that run or are about to), not every machine.
+pub(super) fn vmm_counts(conn: &Connection) -> Result<Vec<(VmmKind, usize)>, StoreError> {
+    let what = "counting the machines with a VMM";
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT json_extract(spec, '$.vmm'), count(*) FROM machines \
+             WHERE vmm_pid IS NOT NULL GROUP BY 1",
+        )
+        .map_err(|e| StoreError::sql(what, e))?;
+    let rows = stmt
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+        .map_err(|e| StoreError::sql(what, e))?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (kind, n) = row.map_err(|e| StoreError::sql(what, e))?;
+        if let Ok(kind) = kind.parse::<VmmKind>() {
+            out.push((kind, usize::try_from(n).unwrap_or(0)));
+        }
+    }
+    Ok(out)
 }
 
 /// At most one row of `sql` (prepared once per connection), mapped.

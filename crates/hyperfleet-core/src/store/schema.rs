@@ -190,6 +190,8 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX machines_base_snapshot ON machines(json_extract(spec, '$.base_snapshot'))
         WHERE json_extract(spec, '$.base_snapshot') IS NOT NULL;
     "#,
+    // 8: OCI image records and their events (`store::images`).
+    super::images::MIGRATION,
 ];
 
 pub(super) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {

@@ -60,6 +60,10 @@ pub struct SnapshotData {
     /// Templates: the key they serve (`lifecycle::templates`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template_key: Option<String>,
+    /// The OCI image at the bottom of its disk chain, when the machine was
+    /// made from one (machines made from the snapshot rest on it too).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oci: Option<crate::images::MachineImage>,
 }
 
 /// One snapshot's row.

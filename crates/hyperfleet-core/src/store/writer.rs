@@ -39,21 +39,31 @@ type Reply = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
 
 /// Where a machine's record keeps one kind of lease.
 type Kept<T> = fn(&mut MachineRecord) -> &mut Option<T>;
-pub(super) type Job = Box<dyn FnOnce(&mut WriteCtx<'_>) -> (bool, Reply) + Send>;
+/// A write closure with its answer. Called with `None` when it cannot run
+/// (its transaction or savepoint could not be opened): it then answers its
+/// caller with the error the reply is given, instead of leaving the caller
+/// to read a dropped channel as "the store is shut down".
+pub(super) type Job = Box<dyn FnOnce(Option<&mut WriteCtx<'_>>) -> (bool, Reply) + Send>;
 
 pub(super) fn job<T, F>(f: F, tx: oneshot::Sender<Result<T, StoreError>>) -> Job
 where
     T: Send + 'static,
     F: FnOnce(&mut WriteCtx<'_>) -> Result<T, StoreError> + Send + 'static,
 {
-    Box::new(move |ctx| match f(ctx) {
-        Ok(v) => (
+    Box::new(move |ctx| match ctx.map(f) {
+        None => (
+            false,
+            Box::new(move |why: Result<(), StoreError>| {
+                let _ = tx.send(Err(why.err().unwrap_or(StoreError::Closed)));
+            }),
+        ),
+        Some(Ok(v)) => (
             true,
             Box::new(move |commit: Result<(), StoreError>| {
                 let _ = tx.send(commit.map(|()| v));
             }),
         ),
-        Err(e) => (
+        Some(Err(e)) => (
             false,
             Box::new(move |_| {
                 let _ = tx.send(Err(e));
@@ -399,11 +409,13 @@ fn run(mut conn: Connection, mut rx: mpsc::Receiver<Job>, shared: Arc<Shared>) {
 }
 
 fn run_batch(conn: &mut Connection, batch: Vec<Job>, shared: &Shared) {
+    let (t0, jobs) = (std::time::Instant::now(), batch.len());
     let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
         Ok(tx) => tx,
         Err(e) => {
             let err = StoreError::sql("starting a write transaction", e);
             tracing::error!(error = %err, "store write failed");
+            crate::metrics::store_commit(jobs, t0.elapsed(), false);
             for job in batch {
                 fail_unrun(job, &err);
             }
@@ -417,8 +429,11 @@ fn run_batch(conn: &mut Connection, batch: Vec<Job>, shared: &Shared) {
             .prepare_cached("SAVEPOINT job")
             .and_then(|mut s| s.execute([]))
         {
+            // The job cannot run: it answers with why (a full disk is 507,
+            // not "shut down").
             let err = StoreError::sql("opening a savepoint", e);
-            replies.push((false, Box::new(move |_| drop(err))));
+            let (_, reply) = job(None);
+            reply(Err(err));
             continue;
         }
         let mut ctx = WriteCtx {
@@ -427,7 +442,7 @@ fn run_batch(conn: &mut Connection, batch: Vec<Job>, shared: &Shared) {
             mine: Changes::default(),
             shared,
         };
-        let (ok, reply) = job(&mut ctx);
+        let (ok, reply) = job(Some(&mut ctx));
         let mine = ctx.mine;
         let end: &[&str] = if ok {
             changes.absorb(mine);
@@ -445,6 +460,7 @@ fn run_batch(conn: &mut Connection, batch: Vec<Job>, shared: &Shared) {
     let commit = tx
         .commit()
         .map_err(|e| StoreError::sql("committing a write transaction", e));
+    crate::metrics::store_commit(jobs, t0.elapsed(), commit.is_ok());
     if let Err(e) = &commit {
         tracing::error!(error = %e, "store commit failed; the batch is lost");
     } else {
@@ -455,11 +471,10 @@ fn run_batch(conn: &mut Connection, batch: Vec<Job>, shared: &Shared) {
     }
 }
 
-/// A job that never ran still owes its caller an answer.
-fn fail_unrun(job: Job, _err: &StoreError) {
-    // The job's reply is only reachable by running it; dropping it closes
-    // its oneshot, which the caller sees as `StoreError::Closed`.
-    drop(job);
+/// A job that never ran still owes its caller an answer: the error.
+fn fail_unrun(job: Job, err: &StoreError) {
+    let (_, reply) = job(None);
+    reply(Err(err.clone()));
 }
 
 fn publish(changes: Changes, shared: &Shared) {
@@ -506,6 +521,7 @@ fn publish(changes: Changes, shared: &Shared) {
         }
     }
     for ev in changes.events {
+        crate::metrics::event_committed(&ev);
         // No subscribers is fine: nobody is streaming events right now.
         let _ = shared.events.send(Arc::new(ev));
     }

@@ -176,11 +176,15 @@ pub fn link_or_copy(src: &Path, dst: &Path) -> Result<(), VmmError> {
     copy_sparse(src, dst, 0o600).map(drop)
 }
 
-/// Flushes the files of `dir` and the directory itself to disk.
-pub fn sync_dir(dir: &Path) -> Result<(), VmmError> {
+/// Flushes the files of `dir` (or only those in `only`) and the directory
+/// itself to disk.
+pub fn sync_dir(dir: &Path, only: Option<&[PathBuf]>) -> Result<(), VmmError> {
     let doing = format!("syncing {}", dir.display());
     for entry in std::fs::read_dir(dir).map_err(host(doing.clone()))? {
         let entry = entry.map_err(host(doing.clone()))?;
+        if only.is_some_and(|o| !o.contains(&entry.path())) {
+            continue;
+        }
         if entry.file_type().map_err(host(doing.clone()))?.is_file() {
             File::open(entry.path())
                 .and_then(|f| f.sync_all())

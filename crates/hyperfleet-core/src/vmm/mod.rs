@@ -305,14 +305,17 @@ pub trait Vmm: Send + Sync + 'static {
     /// caller made): its disk as it is, and its memory when `live` (the VMM
     /// runs or is paused, and is left as it was: a running guest is stopped
     /// only while its state is copied) or when it is suspended (the suspend
-    /// image is reused).
+    /// image is reused). `durable_memory`: the memory image must survive a
+    /// host crash (a fork's need not: its copies boot from their disks after
+    /// one), so it is synced too; the disk always is.
     async fn snapshot(
         &self,
         launch: &LaunchSpec,
         dest: &Path,
         live: bool,
+        durable_memory: bool,
     ) -> Result<SnapshotTaken, VmmError> {
-        let _ = (launch, dest, live);
+        let _ = (launch, dest, live, durable_memory);
         Err(VmmError::Unsupported {
             backend: self.kind(),
             operation: "snapshots",
@@ -437,9 +440,16 @@ impl GuestImages {
         std::fs::metadata(rootfs).ok().map(|m| m.len())
     }
 
-    /// The root filesystem of the set the machine boots, which its disk is
-    /// made from.
+    /// The base of a machine's disk: the filesystem of its OCI image, or
+    /// the root filesystem of the asset set it boots. (The kernel and
+    /// initramfs — with the agent — are the asset set's either way.)
     pub(crate) fn rootfs(&self, launch: &LaunchSpec) -> Result<PathBuf, VmmError> {
+        if let Some(oci) = &launch.spec.oci {
+            // Images live beside the asset sets: `<data_dir>/images`.
+            let images = self.root.parent().unwrap_or(&self.root).join("images");
+            return crate::images::machine_rootfs(&images, &oci.digest)
+                .map_err(|e| VmmError::unavailable(self.backend, e.to_string()));
+        }
         self.for_image(launch.spec.image.as_deref())?
             .rootfs()
             .map_err(asset_err(self.backend))

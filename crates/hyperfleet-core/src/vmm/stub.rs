@@ -236,6 +236,7 @@ impl Vmm for StubVmm {
         launch: &LaunchSpec,
         dest: &Path,
         live: bool,
+        _durable_memory: bool,
     ) -> Result<SnapshotTaken, VmmError> {
         let img = super::image::ImageDir(dest.to_path_buf());
         let (memory, pause) = if live {

@@ -7,6 +7,7 @@
 
 pub(crate) mod crash;
 pub(crate) mod netns;
+pub(crate) mod oci;
 
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};

@@ -179,6 +179,7 @@ def create_machine(
     network: Union[NetworkRequest, Mapping[str, Any], None],
     idle_timeout_seconds: Optional[int],
     persistence: Union[Persistence, Mapping[str, Any], None],
+    snapshot_id: Optional[str],
     extra_body: Optional[Mapping[str, Any]],
 ) -> Call:
     body: Dict[str, Any] = {
@@ -193,6 +194,7 @@ def create_machine(
         "network": to_json(network),
         "idle_timeout_seconds": idle_timeout_seconds,
         "persistence": to_json(persistence),
+        "snapshot_id": snapshot_id,
     }
     body = {k: v for k, v in body.items() if v is not None}
     body.update(extra_body or {})
@@ -415,6 +417,75 @@ def file_chunks(f: IO[bytes], size: int) -> Iterator[bytes]:
             raise HyperfleetError(f"the file shrank while it was sent ({left} bytes short)")
         left -= len(b)
         yield b
+
+
+# --- snapshots, fork, templates -----------------------------------------------------------------
+
+
+def _waiting(wait: bool, timeout: Optional[float]) -> Dict[str, Any]:
+    """The ``wait``/``timeout`` query and client deadline of a route that may
+    wait for its outcome on the server."""
+    return {
+        "params": {"wait": None if wait else False, "timeout": _secs(timeout)},
+        "read_timeout": _server_wait(timeout) if wait else _DEFAULT,
+    }
+
+
+def create_snapshot(id: str, name: Optional[str], wait: bool, timeout: Optional[float]) -> Call:
+    body = {} if name is None else {"name": name}
+    return Call("POST", f"/machines/{seg(id)}/snapshots", json=body, **_waiting(wait, timeout))
+
+
+def list_snapshots() -> Call:
+    return Call("GET", "/snapshots")
+
+
+def get_snapshot(id: str) -> Call:
+    return Call("GET", f"/snapshots/{seg(id)}")
+
+
+def delete_snapshot(id: str) -> Call:
+    return Call("DELETE", f"/snapshots/{seg(id)}")
+
+
+def fork(
+    id: str,
+    count: Optional[int],
+    names: Optional[Iterable[str]],
+    wait: bool,
+    timeout: Optional[float],
+) -> Call:
+    body: Dict[str, Any] = {}
+    if count is not None:
+        body["count"] = count
+    if names is not None:
+        if isinstance(names, str):
+            raise TypeError("names: give a list of names, not one string")
+        body["names"] = list(names)
+    return Call("POST", f"/machines/{seg(id)}/fork", json=body, **_waiting(wait, timeout))
+
+
+def warm_template(
+    vcpu_count: Optional[int],
+    mem_size_mib: Optional[int],
+    vmm: Optional[str],
+    wait: bool,
+    timeout: Optional[float],
+) -> Call:
+    body = {
+        k: v
+        for k, v in {"vcpu_count": vcpu_count, "mem_size_mib": mem_size_mib, "vmm": vmm}.items()
+        if v is not None
+    }
+    return Call("POST", "/templates", json=body, **_waiting(wait, timeout))
+
+
+def list_templates() -> Call:
+    return Call("GET", "/templates")
+
+
+def delete_template(id: str) -> Call:
+    return Call("DELETE", f"/templates/{seg(id)}")
 
 
 # --- keys, quotas, health -----------------------------------------------------------------------

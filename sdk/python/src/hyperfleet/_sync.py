@@ -40,6 +40,7 @@ from .models import (
     ExecResult,
     FileStat,
     FileWritten,
+    ForkResult,
     Health,
     MachineEvent,
     MachineFields,
@@ -49,6 +50,7 @@ from .models import (
     Persistence,
     Quota,
     Scope,
+    Snapshot,
     VmmKind,
     from_json,
 )
@@ -93,6 +95,10 @@ class Hyperfleet:
         self.keys = Keys(self)
         #: Tenant quotas.
         self.quotas = Quotas(self)
+        #: Snapshots: create (of a machine), get, list, delete.
+        self.snapshots = Snapshots(self)
+        #: Templates: snapshots of a freshly booted guest that fast creates restore.
+        self.templates = Templates(self)
 
     @property
     def url(self) -> str:
@@ -183,6 +189,7 @@ class Machines:
         network: Union[NetworkRequest, Mapping[str, Any], None] = None,
         idle_timeout_seconds: Optional[int] = None,
         persistence: Union[Persistence, Mapping[str, Any], None] = None,
+        snapshot_id: Union[str, Snapshot, None] = None,
         extra_body: Optional[Mapping[str, Any]] = None,
         start: bool = False,
         timeout: Optional[float] = None,
@@ -202,6 +209,10 @@ class Machines:
                 cuts the guest off from the internet.
             idle_timeout_seconds: reserved by the API.
             persistence: reserved by the API.
+            snapshot_id: make it from this snapshot (id, name or :class:`Snapshot`):
+                its disk builds on the snapshot's and, when the snapshot holds
+                memory, its first start continues the snapshot's guest instead
+                of booting. Shape and ``vmm`` default to the snapshot's.
             extra_body: fields sent as they are, for API fields newer than this SDK.
             start: also start it and wait until it is ``running``. If the start
                 fails, the machine is deleted and the error raised.
@@ -223,6 +234,7 @@ class Machines:
             network=network,
             idle_timeout_seconds=idle_timeout_seconds,
             persistence=persistence,
+            snapshot_id=snapshot_id.id if isinstance(snapshot_id, Snapshot) else snapshot_id,
             extra_body=extra_body,
         )
         m = Machine._wrap(self._client, self._client._json(call))
@@ -515,9 +527,53 @@ class Machine(MachineFields):
         """Files in the guest: read, write, upload, download, list, stat, mkdir, remove."""
         return MachineFiles(self._client, self.id)
 
-    # Extension point: snapshots, fork and images attach here as methods
-    # (`snapshot()`, `fork()`) once their routes exist, each a `_core` builder
-    # and one line per client.
+    # --- snapshots and fork -----------------------------------------------------------------------
+
+    def snapshot(
+        self, name: Optional[str] = None, *, wait: bool = True, timeout: Optional[float] = None
+    ) -> Snapshot:
+        """Take a snapshot of the machine (running, paused, suspended or
+        stopped; a running machine keeps running, its pause is in
+        ``pause_ms``). Machines are made from it with
+        ``machines.create(snapshot_id=...)``.
+
+        Args:
+            name: a DNS label unique among the tenant's snapshots.
+            wait: ``False`` returns at once with the snapshot still ``creating``.
+            timeout: the server's deadline in seconds (default 60, at most 600);
+                past it the snapshot comes back still ``creating``.
+        """
+        call = _core.create_snapshot(self.id, name, wait, timeout)
+        return from_json(Snapshot, self._client._json(call))
+
+    def fork(
+        self,
+        count: Optional[int] = None,
+        *,
+        names: Optional[Sequence[str]] = None,
+        wait: bool = True,
+        timeout: Optional[float] = None,
+    ) -> ForkResult[Machine]:
+        """Make running copies of this running machine (it keeps running).
+        Each copy gets its own address, hostname, machine id, boot id and RNG
+        seed before it counts as running.
+
+        Args:
+            count: how many copies, 1-16 (default 1, or ``len(names)``).
+            names: a name for each copy.
+            wait: ``False`` returns once the copies exist, before they run.
+            timeout: the server's deadline in seconds (default 60, at most 600).
+
+        Returns:
+            The copies (iterate it, or ``.machines``), ``snapshot_id`` and the
+            source's ``pause_ms``.
+        """
+        body = self._client._json(_core.fork(self.id, count, names, wait, timeout))
+        return ForkResult(
+            machines=[Machine._wrap(self._client, m) for m in body["machines"]],
+            snapshot_id=body["snapshot_id"],
+            pause_ms=body.get("pause_ms"),
+        )
 
 
 class MachineFiles:
@@ -625,6 +681,80 @@ class MachineFiles:
     def remove(self, path: str, *, recursive: bool = False) -> None:
         """Remove a file, or a directory (non-empty ones need ``recursive``)."""
         self._client._json(_core.file_remove(self._id, path, recursive))
+
+
+class Snapshots:
+    """``client.snapshots``: snapshots of machines (``machine.snapshot()``
+    takes one too)."""
+
+    def __init__(self, client: Hyperfleet) -> None:
+        self._client = client
+
+    def create(
+        self,
+        machine: Union[str, MachineFields],
+        *,
+        name: Optional[str] = None,
+        wait: bool = True,
+        timeout: Optional[float] = None,
+    ) -> Snapshot:
+        """Take a snapshot of ``machine`` (id, name or machine); see
+        :meth:`Machine.snapshot`."""
+        mid = machine.id if isinstance(machine, MachineFields) else machine
+        return from_json(
+            Snapshot, self._client._json(_core.create_snapshot(mid, name, wait, timeout))
+        )
+
+    def list(self) -> List[Snapshot]:
+        """The tenant's snapshots (those being deleted are not listed)."""
+        body = self._client._json(_core.list_snapshots())
+        return [from_json(Snapshot, x) for x in body["snapshots"]]
+
+    def get(self, id: str) -> Snapshot:
+        """The snapshot with this id or name (``NotFound`` when there is none)."""
+        return from_json(Snapshot, self._client._json(_core.get_snapshot(id)))
+
+    def delete(self, snapshot: Union[str, Snapshot]) -> None:
+        """Delete a snapshot (id, name or :class:`Snapshot`). Machines made
+        from it go on: its files stay until the last of them is deleted."""
+        sid = snapshot.id if isinstance(snapshot, Snapshot) else snapshot
+        self._client._json(_core.delete_snapshot(sid))
+
+
+class Templates:
+    """``client.templates``: per machine shape, a snapshot of a freshly booted
+    idle guest that creating (and first starting) a machine of that shape
+    restores instead of booting. Shown as :class:`Snapshot` s whose ``name``
+    is the template's key. Warming and deleting need an ``admin`` key."""
+
+    def __init__(self, client: Hyperfleet) -> None:
+        self._client = client
+
+    def warm(
+        self,
+        *,
+        vcpu_count: Optional[int] = None,
+        mem_size_mib: Optional[int] = None,
+        vmm: Optional[VmmKind] = None,
+        wait: bool = True,
+        timeout: Optional[float] = None,
+    ) -> Snapshot:
+        """Make the template of this shape now (boots a guest) instead of on
+        first need; returns it (the existing one when it is there already).
+        Fields left out take the server's defaults."""
+        call = _core.warm_template(vcpu_count, mem_size_mib, vmm, wait, timeout)
+        return from_json(Snapshot, self._client._json(call))
+
+    def list(self) -> List[Snapshot]:
+        """The templates there are."""
+        body = self._client._json(_core.list_templates())
+        return [from_json(Snapshot, x) for x in body["snapshots"]]
+
+    def delete(self, template: Union[str, Snapshot]) -> None:
+        """Delete a template (id or :class:`Snapshot`); the next fast create
+        of its shape makes it again."""
+        tid = template.id if isinstance(template, Snapshot) else template
+        self._client._json(_core.delete_template(tid))
 
 
 class Keys:

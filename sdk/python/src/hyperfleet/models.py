@@ -14,7 +14,19 @@ import base64
 import dataclasses
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, Generic, List, Literal, Mapping, Optional, Type, TypeVar, Union
+from typing import (
+    Any,
+    Dict,
+    Generic,
+    Iterator,
+    List,
+    Literal,
+    Mapping,
+    Optional,
+    Type,
+    TypeVar,
+    Union,
+)
 
 from .errors import CommandFailed
 
@@ -43,6 +55,9 @@ __all__ = [
     "BackendHealth",
     "Health",
     "MachinePage",
+    "SnapshotStatus",
+    "Snapshot",
+    "ForkResult",
     "from_json",
 ]
 
@@ -63,6 +78,8 @@ MachineStatus = Literal[
 VmmKind = Literal["qemu", "firecracker", "stub"]
 #: What an API key may do (``Scope``); ``admin`` implies every other scope.
 Scope = Literal["read", "write", "exec", "admin"]
+#: Where a snapshot is in its life (``SnapshotStatus``).
+SnapshotStatus = Literal["creating", "ready", "failed", "deleting"]
 #: How long a machine's disk is kept (``PersistenceType``; reserved).
 PersistenceType = Literal["sticky", "persistent", "ephemeral"]
 
@@ -121,6 +138,7 @@ class MachineFields:
     metadata: Dict[str, str] = field(default_factory=dict)
     urls: Dict[str, str] = field(default_factory=dict)
     image: Optional[str] = None
+    snapshot_id: Optional[str] = None
     idle_timeout_seconds: Optional[int] = None
     persistence: Optional[Persistence] = None
     error_message: Optional[str] = None
@@ -361,6 +379,49 @@ class MachinePage(Generic[M]):
 
     machines: List[M]
     total: int
+
+
+@dataclass
+class Snapshot:
+    """A snapshot: a machine's disk, and its memory when ``memory`` is true
+    (taken of a running, paused or suspended machine), kept for new machines
+    to start from (``machines.create(snapshot_id=...)``). A template is shown
+    as a snapshot whose ``name`` is its key."""
+
+    id: str
+    machine_id: str
+    status: SnapshotStatus
+    memory: bool
+    size_bytes: int
+    vcpu_count: int
+    mem_size_mib: int
+    vmm: VmmKind
+    used_by: int
+    created_at: str
+    name: Optional[str] = None
+    image: Optional[str] = None
+    pause_ms: Optional[float] = None
+    error_message: Optional[str] = None
+
+
+@dataclass
+class ForkResult(Generic[M]):
+    """What ``machine.fork()`` made: the copies (in the order of the names
+    given), the snapshot they were made from and how long the source was
+    paused. Iterating it (and ``len``) goes over the copies."""
+
+    machines: List[M]
+    snapshot_id: str
+    pause_ms: Optional[float] = None
+
+    def __iter__(self) -> Iterator[M]:
+        return iter(self.machines)
+
+    def __len__(self) -> int:
+        return len(self.machines)
+
+    def __getitem__(self, i: int) -> M:
+        return self.machines[i]
 
 
 T = TypeVar("T")

@@ -63,6 +63,36 @@ export interface CreateMachineRequest {
    * access token.
    */
   public?: boolean | null;
+  /**
+   * Make the machine from this snapshot (id or name): its disk is a
+   * copy-on-write layer over the snapshot's, and when the snapshot holds
+   * memory its first start continues the snapshot's guest instead of
+   * booting. `vcpu_count`, `mem_size_mib` and `vmm` default to the
+   * snapshot's and must match it when given.
+   */
+  snapshotId?: string | null;
+  /** 1–32; default 1. */
+  vcpuCount?: number | null;
+  vmm?: null | VmmKind;
+}
+
+/** `POST /machines/{id}/snapshots` */
+export interface CreateSnapshotRequest {
+  /**
+   * A DNS label unique among the tenant's snapshots (same rules as
+   * machine names).
+   */
+  name?: string | null;
+}
+
+/**
+ * `POST /templates`: warm the template of a machine size (a snapshot of a
+ * freshly booted, idle guest that creates of that size restore instead of
+ * booting).
+ */
+export interface CreateTemplateRequest {
+  /** 128–65536 MiB; default 256. */
+  memSizeMib?: number | null;
   /** 1–32; default 1. */
   vcpuCount?: number | null;
   vmm?: null | VmmKind;
@@ -203,6 +233,27 @@ export interface FileWritten {
   size: number;
 }
 
+/** `POST /machines/{id}/fork` */
+export interface ForkRequest {
+  /** How many copies, 1–16; default 1 (or the number of `names`). */
+  count?: number | null;
+  /** Names of the copies (machine name rules), as many as `count`. */
+  names?: Array<string> | null;
+}
+
+/** `POST /machines/{id}/fork` */
+export interface ForkResult {
+  /** The new machines, in the order of `names`. */
+  machines: Array<Machine>;
+  /** How long the source's vCPUs were stopped. */
+  pauseMs?: number | null;
+  /**
+   * The snapshot the copies were made from (deleted at once; its files
+   * go with the last copy).
+   */
+  snapshotId: string;
+}
+
 export interface Health {
   backends: Array<BackendHealth>;
   defaultVmm: VmmKind;
@@ -258,6 +309,8 @@ export interface Machine {
   persistence?: null | Persistence;
   /** Exposed ports are reachable through the proxy without credentials. */
   public?: boolean;
+  /** The snapshot the machine was made from (its disk's base), if any. */
+  snapshotId?: string | null;
   /** When the guest last became `running`. */
   startedAt?: string | null;
   /** What is true on the host now. */
@@ -393,6 +446,50 @@ export type Scope = "read" | "write" | "exec" | "admin";
 /** Every {@link Scope}, in the spec's order. */
 export const SCOPES = ["read","write","exec","admin"] as const satisfies readonly Scope[];
 
+/** A snapshot as the API shows it. */
+export interface Snapshot {
+  createdAt: string;
+  /** Why it is `failed`. */
+  errorMessage?: string | null;
+  id: string;
+  /** The guest image (asset set id) under its disk. */
+  image?: string | null;
+  /** The machine it was taken of (which may since have been deleted). */
+  machineId: string;
+  memSizeMib: number;
+  /**
+   * Whether it holds the guest's memory (taken of a running, paused or
+   * suspended machine): machines created from it then continue the
+   * guest's processes instead of booting. A stopped machine's snapshot
+   * holds its disk only.
+   */
+  memory: boolean;
+  /** Unique per tenant when set. */
+  name?: string | null;
+  /**
+   * How long the machine's vCPUs were stopped to take it (memory
+   * snapshots of a running machine); null otherwise.
+   */
+  pauseMs?: number | null;
+  /** Bytes its files take on the host's disk. */
+  sizeBytes: number;
+  status: SnapshotStatus;
+  /** Machines created from it that still exist. */
+  usedBy: number;
+  vcpuCount: number;
+  vmm: VmmKind;
+}
+
+/** `GET /snapshots` */
+export interface SnapshotList {
+  snapshots: Array<Snapshot>;
+}
+
+/** Where a snapshot is in its life. */
+export type SnapshotStatus = "creating" | "ready" | "failed" | "deleting";
+/** Every {@link SnapshotStatus}, in the spec's order. */
+export const SNAPSHOT_STATUSES = ["creating","ready","failed","deleting"] as const satisfies readonly SnapshotStatus[];
+
 export interface StepTiming {
   detail?: string | null;
   durationMs: number;
@@ -427,6 +524,9 @@ export const SHAPES: Readonly<Record<string, Readonly<Record<string, string>>>> 
   "EventList": {
     "events": "MachineEvent"
   },
+  "ForkResult": {
+    "machines": "Machine"
+  },
   "Health": {
     "backends": "BackendHealth",
     "store": "StoreHealth"
@@ -447,11 +547,20 @@ export const SHAPES: Readonly<Record<string, Readonly<Record<string, string>>>> 
   "Quota": {
     "limits": "QuotaLimits",
     "usage": "QuotaUsage"
+  },
+  "SnapshotList": {
+    "snapshots": "Snapshot"
   }
 };
 
 /** Every route of the API: `"METHOD /path"` -> its path and query parameters (wire names). */
 export interface Routes {
+  "GET /events": {
+    path: {};
+    query: { after?: number; limit?: number };
+    body: never;
+    response: EventList;
+  };
   "GET /health": {
     path: {};
     query: {};
@@ -560,6 +669,12 @@ export interface Routes {
     body: never;
     response: FileStat;
   };
+  "POST /machines/{id}/fork": {
+    path: { id: string };
+    query: { wait?: boolean; timeout?: number };
+    body: ForkRequest;
+    response: ForkResult;
+  };
   "POST /machines/{id}/kill": {
     path: { id: string };
     query: { wait?: boolean; timeout?: number };
@@ -590,6 +705,12 @@ export interface Routes {
     body: never;
     response: Machine;
   };
+  "POST /machines/{id}/snapshots": {
+    path: { id: string };
+    query: { wait?: boolean; timeout?: number };
+    body: CreateSnapshotRequest;
+    response: Snapshot;
+  };
   "POST /machines/{id}/start": {
     path: { id: string };
     query: { wait?: boolean; timeout?: number };
@@ -613,6 +734,48 @@ export interface Routes {
     query: { status: MachineStatus; timeout?: number };
     body: never;
     response: Machine;
+  };
+  "GET /metrics": {
+    path: {};
+    query: {};
+    body: never;
+    response: void;
+  };
+  "GET /snapshots": {
+    path: {};
+    query: {};
+    body: never;
+    response: SnapshotList;
+  };
+  "GET /snapshots/{id}": {
+    path: { id: string };
+    query: {};
+    body: never;
+    response: Snapshot;
+  };
+  "DELETE /snapshots/{id}": {
+    path: { id: string };
+    query: {};
+    body: never;
+    response: void;
+  };
+  "GET /templates": {
+    path: {};
+    query: {};
+    body: never;
+    response: SnapshotList;
+  };
+  "POST /templates": {
+    path: {};
+    query: { wait?: boolean; timeout?: number };
+    body: CreateTemplateRequest;
+    response: Snapshot;
+  };
+  "DELETE /templates/{id}": {
+    path: { id: string };
+    query: {};
+    body: never;
+    response: void;
   };
   "GET /tenants/{tenant}/quota": {
     path: { tenant: string };

@@ -506,7 +506,14 @@ impl Run {
         // Idempotent: what an interrupted attempt left goes first.
         remove_dir_idempotent(&dest).await?;
         let made = match tokio::fs::create_dir_all(&dest).await {
-            Ok(()) => backend.snapshot(&launch, &dest, live).await,
+            Ok(()) => {
+                // A fork's memory image serves its copies' first start only.
+                let durable = !matches!(
+                    self.ctx.store.snapshot_by_id(&sid),
+                    Ok(Some(s)) if s.kind == crate::store::SnapshotKind::Fork
+                );
+                backend.snapshot(&launch, &dest, live, durable).await
+            }
             Err(e) => Err(crate::vmm::VmmError::host(
                 format!("creating {}", dest.display()),
                 e,

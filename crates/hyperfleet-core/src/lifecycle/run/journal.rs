@@ -140,7 +140,14 @@ impl Journal {
         self
     }
 
+    /// The step's timing for an event; also observed in the step metrics
+    /// (each journal row's timing is made once).
     fn timing(&self) -> StepTiming {
+        crate::metrics::step_done(
+            self.step,
+            self.phase.outcome(),
+            self.duration_ms.unwrap_or(0.0),
+        );
         timing(
             self.step,
             self.duration_ms.unwrap_or(0.0),

@@ -58,13 +58,13 @@ const SET_LAYERS: u32 = 10;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum GivenMemory {
     /// A file of the machine's own (on the memory dir's tmpfs), mapped
-    /// shared: saving the machine copies it instead of streaming RAM.
+    /// shared: saving the machine copies it instead of streaming RAM. A
+    /// stream image is loaded into it too, so a machine is back on the fast
+    /// path after one suspend.
     Shared(RawFd),
     /// A frozen image's RAM, read-only, mapped copy-on-write: pages stay
     /// shared with every other machine restored from it until written.
     Based(RawFd),
-    /// Anonymous memory (restoring an image whose RAM is in the stream).
-    Anonymous,
     /// QEMU's default RAM (restoring a suspend image of an earlier release,
     /// whose stream names that RAM block).
     Legacy,
@@ -223,7 +223,13 @@ impl QemuVmm {
         };
         let memory = match &restore {
             Some((_, MemoryImage::Legacy, _)) => GivenMemory::Legacy,
-            Some((_, MemoryImage::Stream, _)) => GivenMemory::Anonymous,
+            // RAM inside the stream: loaded into a file of the machine's
+            // own, which makes its next save fast.
+            Some((_, MemoryImage::Stream, _)) => {
+                let ram = self.ram_file(&launch.machine_id);
+                remove_file_if_present(&ram)?;
+                GivenMemory::Shared(keep(self.open_ram(&ram, launch)?))
+            }
             // A machine's own image: its RAM goes back into a file of its
             // own, so that it stays fast to save.
             Some((img, MemoryImage::Flat, true)) => {
@@ -351,7 +357,6 @@ impl Given {
                 "memory-backend-file,id=mem,size={mem_mib}M,mem-path=/proc/self/fd/{fd},\
                  share=off,readonly=on,rom=off"
             )),
-            GivenMemory::Anonymous => Some(format!("memory-backend-ram,id=mem,size={mem_mib}M")),
             GivenMemory::Legacy => None,
         };
         GivenArgs {
@@ -470,7 +475,7 @@ mod tests {
             disk: (10, 11),
             layers: vec![],
             rootfs: 12,
-            memory: GivenMemory::Anonymous,
+            memory: GivenMemory::Legacy,
             kernel: 13,
             initrd: 14,
             console: 15,

@@ -292,7 +292,11 @@ impl QemuVmm {
     /// was given, with the capabilities it was saved with. Idempotent: a
     /// load already under way or done (a daemon that restarted mid-restore)
     /// is left alone.
-    async fn start_incoming(sock: &std::path::Path, vmm: &VmmIdentity) -> Result<(), VmmError> {
+    async fn start_incoming(
+        sock: &std::path::Path,
+        vmm: &VmmIdentity,
+        flat: bool,
+    ) -> Result<(), VmmError> {
         let mut q = loop {
             match qmp::Qmp::connect(sock).await {
                 Ok(q) => break q,
@@ -308,7 +312,7 @@ impl QemuVmm {
         if status["status"] != "inmigrate" {
             return Ok(());
         }
-        set_capabilities(&mut q, true).await?;
+        set_capabilities(&mut q, flat).await?;
         q.execute(
             "migrate-incoming",
             Some(json!({"uri": handoff::incoming_uri()})),
@@ -377,11 +381,10 @@ impl QemuVmm {
         deadline: tokio::time::Instant,
     ) -> Result<(), VmmError> {
         let sock = launch.paths.control_socket();
-        let deferred = launch
-            .restore_image()
-            .is_some_and(|(_, kind, _)| kind != MemoryImage::Legacy);
-        if deferred {
-            Self::start_incoming(&sock, vmm).await?;
+        if let Some(kind @ (MemoryImage::Flat | MemoryImage::Stream)) =
+            launch.restore_image().map(|(_, kind, _)| kind)
+        {
+            Self::start_incoming(&sock, vmm, kind == MemoryImage::Flat).await?;
         }
         loop {
             if process::probe(vmm) == Liveness::Gone {
@@ -417,9 +420,10 @@ impl QemuVmm {
 /// The migration settings every save and restore uses: RAM that is a file
 /// of its own is not streamed (`x-ignore-shared`; a restore must set it
 /// too, as the stream says which blocks it skipped), and no bandwidth cap
-/// (the default one makes a save take ~7x longer). A VMM of an earlier
-/// release saves without `x-ignore-shared` (`ignore_shared` false), as its
-/// restore expects.
+/// (the default one makes a save take ~7x longer). `ignore_shared` only
+/// for flat images: a stream image (RAM private, or a VMM of an earlier
+/// release) carries all RAM and no block addresses, so that it can be
+/// loaded into a file the restored VMM maps shared, or as it was saved.
 async fn set_capabilities(q: &mut qmp::Qmp, ignore_shared: bool) -> Result<(), VmmError> {
     q.execute(
         "migrate-set-capabilities",
@@ -531,7 +535,7 @@ impl Vmm for QemuVmm {
         let (kernel, initrd, rootfs) = (
             set.kernel().map_err(&asset)?,
             set.initramfs().map_err(&asset)?,
-            set.rootfs().map_err(&asset)?,
+            self.images.rootfs(launch)?,
         );
         self.agents.forget(&launch.machine_id);
         let given = self.open_handoff(launch, &kernel, &initrd, &rootfs)?;
@@ -629,12 +633,12 @@ impl Vmm for QemuVmm {
         }
         let mut q = qmp::Qmp::connect(&launch.paths.control_socket()).await?;
         let kind = Self::memory_kind(&mut q).await;
-        set_capabilities(&mut q, kind != MemoryImage::Legacy).await?;
+        set_capabilities(&mut q, kind == MemoryImage::Flat).await?;
         q.execute("stop", None).await?;
         self.save_image(&mut q, launch, &img, kind).await?;
         // The image must be on disk before the VMM is killed.
         let dir = img.0.clone();
-        tokio::task::spawn_blocking(move || image::sync_dir(&dir))
+        tokio::task::spawn_blocking(move || image::sync_dir(&dir, None))
             .await
             .map_err(|e| VmmError::host("syncing the memory image", std::io::Error::other(e)))??;
         self.agents.forget(&launch.machine_id);
@@ -650,6 +654,7 @@ impl Vmm for QemuVmm {
         launch: &LaunchSpec,
         dest: &std::path::Path,
         live: bool,
+        durable_memory: bool,
     ) -> Result<SnapshotTaken, VmmError> {
         let img = ImageDir(dest.to_path_buf());
         let disk = Self::disk(&launch.paths);
@@ -663,7 +668,7 @@ impl Vmm for QemuVmm {
         let taken = if live {
             let mut q = qmp::Qmp::connect(&launch.paths.control_socket()).await?;
             let kind = Self::memory_kind(&mut q).await;
-            set_capabilities(&mut q, kind != MemoryImage::Legacy).await?;
+            set_capabilities(&mut q, kind == MemoryImage::Flat).await?;
             let running = q.execute("query-status", None).await?["running"] == json!(true);
             let t0 = std::time::Instant::now();
             q.execute("stop", None).await?;
@@ -739,7 +744,8 @@ impl Vmm for QemuVmm {
             taken
         };
         let dir = img.0.clone();
-        tokio::task::spawn_blocking(move || image::sync_dir(&dir))
+        let only = (!durable_memory).then(|| vec![img.disk()]);
+        tokio::task::spawn_blocking(move || image::sync_dir(&dir, only.as_deref()))
             .await
             .map_err(blocking)??;
         Ok(taken)

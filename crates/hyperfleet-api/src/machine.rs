@@ -216,7 +216,8 @@ pub struct CreateMachineRequest {
     /// The backend; defaults to the server's `--default-vmm`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vmm: Option<VmmKind>,
-    /// Reserved: suspend after this many idle seconds (null = never).
+    /// Suspend the machine after this many seconds without activity; 0:
+    /// never; null or absent: the server's `--default-idle-timeout`.
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",
@@ -224,7 +225,8 @@ pub struct CreateMachineRequest {
     )]
     #[schema(maximum = 604800)]
     pub idle_timeout_seconds: Option<u64>,
-    /// Reserved: how long the disk is kept.
+    /// Reserved: how long the disk is kept (the persistence policies are
+    /// not implemented yet).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub persistence: Option<Persistence>,
     /// Environment for commands run in the guest.
@@ -322,6 +324,11 @@ pub struct Machine {
     pub generation: u64,
     /// Why the machine is `failed`; null otherwise.
     pub error_message: Option<String>,
+    /// Why the machine is `stopped` although nobody asked it to stop:
+    /// `"guest powered off"` when its guest powered itself off (a finite
+    /// workload ended). Null otherwise, and once the machine starts again.
+    #[serde(default)]
+    pub exit_reason: Option<String>,
     #[serde(default)]
     pub network: MachineNetwork,
     /// Exposed ports are reachable through the proxy without credentials.
@@ -341,6 +348,17 @@ pub struct Machine {
     pub updated_at: String,
     /// When the guest last became `running`.
     pub started_at: Option<String>,
+    /// When the machine was last used (a proxied request or open
+    /// connection, a guest call, the guest's own network traffic, a
+    /// request that changed its desired state; a daemon restart counts
+    /// too). Null unless the machine is running, paused, suspending or
+    /// suspended.
+    #[serde(default)]
+    pub last_active_at: Option<String>,
+    /// When the machine will be suspended for idleness if nothing uses it
+    /// meanwhile: while it is `running` with an idle timeout; null otherwise.
+    #[serde(default)]
+    pub idle_deadline: Option<String>,
     /// The OCI image the machine's root filesystem was made from; null for
     /// the built-in guest image.
     #[serde(default, skip_serializing_if = "Option::is_none")]

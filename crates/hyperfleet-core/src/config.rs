@@ -57,6 +57,8 @@ pub struct Config {
     /// Default tenant quotas and the host's memory budget
     /// (`--default-quota-*`, `--memory-overcommit`, `--memory-reserve-mib`).
     pub admission: crate::lifecycle::capacity::AdmissionConfig,
+    /// `--default-idle-timeout`, `--wake-timeout`.
+    pub idle: crate::lifecycle::idle::IdleConfig,
 }
 
 /// Defined with the code that enforces it (http/guest), so that http does
@@ -123,6 +125,7 @@ impl Config {
             proxy: None,
             guest: GuestLimits::default(),
             admission: Default::default(),
+            idle: Default::default(),
         }
     }
 

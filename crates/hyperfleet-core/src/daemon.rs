@@ -321,6 +321,9 @@ pub async fn serve(config: Config) -> Result<(), DaemonError> {
     )
     .await?;
 
+    // Who used which machine when: the proxy and guest calls write it, the
+    // idle timer reads it.
+    let activity = crate::proxy::activity::Activity::default();
     let sup = Supervisor::with_admission(
         RunCtx {
             store: store.clone(),
@@ -330,6 +333,8 @@ pub async fn serve(config: Config) -> Result<(), DaemonError> {
             boot_timeout: config.boot_timeout,
             stop_timeout: config.stop_timeout,
             net: net.clone(),
+            idle: config.idle,
+            activity: activity.clone(),
         },
         config.admission,
     );
@@ -357,7 +362,8 @@ pub async fn serve(config: Config) -> Result<(), DaemonError> {
 
     // The proxy listens before the API does: whoever finds the API up
     // (api.addr) finds the proxy ready too.
-    let proxy = start_proxy(&config, &store).await?;
+    let waker = Arc::new(crate::lifecycle::idle::SupervisorWaker(sup.clone()));
+    let proxy = start_proxy(&config, &store, activity, waker).await?;
     let urls = match (&config.proxy, &proxy) {
         (Some(pc), Some(server)) => Some(Arc::new(pc.url_template(server.local_addr().port()))),
         _ => None,
@@ -422,7 +428,12 @@ async fn bind(addr: std::net::SocketAddr) -> Result<tokio::net::TcpListener, Dae
 
 /// Binds and starts the reverse proxy when it is on, and records its
 /// address in `<data_dir>/proxy.addr` ("ip:port\n", like `api.addr`).
-async fn start_proxy(config: &Config, store: &Store) -> Result<Option<ProxyServer>, DaemonError> {
+async fn start_proxy(
+    config: &Config,
+    store: &Store,
+    activity: crate::proxy::activity::Activity,
+    waker: Arc<dyn crate::proxy::Waker>,
+) -> Result<Option<ProxyServer>, DaemonError> {
     let addr_file = config.data_dir.join("proxy.addr");
     let Some(pc) = &config.proxy else {
         // A stale file would point scripts at a proxy that is not there.
@@ -430,7 +441,13 @@ async fn start_proxy(config: &Config, store: &Store) -> Result<Option<ProxyServe
         return Ok(None);
     };
     let listener = bind(pc.listen).await?;
-    let proxy = Proxy::new(store.clone(), pc, config.disable_auth);
+    let proxy = Proxy::with_lifecycle(
+        store.clone(),
+        pc,
+        config.disable_auth,
+        activity,
+        Some(waker),
+    );
     let server = ProxyServer::spawn(listener, proxy).map_err(DaemonError::Serve)?;
     let addr = server.local_addr();
     let _ = std::fs::write(&addr_file, format!("{addr}\n"));

@@ -320,6 +320,14 @@ pub(crate) struct ServeArgs {
     /// Memory (MiB) kept for the host itself, not promised to guests.
     #[arg(long, env = "HYPERFLEET_MEMORY_RESERVE_MIB", default_value_t = hyperfleet_core::lifecycle::capacity::DEFAULT_MEMORY_RESERVE_MIB)]
     pub memory_reserve_mib: u64,
+    /// Seconds without activity after which a running machine created
+    /// without `idle_timeout_seconds` is suspended (0 = never).
+    #[arg(long, env = "HYPERFLEET_DEFAULT_IDLE_TIMEOUT", default_value_t = 300)]
+    pub default_idle_timeout: u64,
+    /// Seconds a request (proxy, exec, files, logs follow) waits for a
+    /// suspended machine to wake before it is answered 503.
+    #[arg(long, env = "HYPERFLEET_WAKE_TIMEOUT", default_value_t = 30)]
+    pub wake_timeout: u64,
     /// Port of the reverse proxy to exposed guest ports (0 = any free port)
     /// [env: HYPERFLEET_PROXY_PORT, else PROXY_PORT] [default: 4000].
     #[arg(long)]

@@ -102,6 +102,11 @@ fn settings(a: &ServeArgs, global: &ClientArgs) -> anyhow::Result<Config> {
         memory_overcommit: a.memory_overcommit,
         memory_reserve_mib: a.memory_reserve_mib,
     };
+    config.idle = hyperfleet_core::lifecycle::idle::IdleConfig {
+        default_timeout: (a.default_idle_timeout > 0)
+            .then(|| Duration::from_secs(a.default_idle_timeout)),
+        wake_timeout: Duration::from_secs(a.wake_timeout.max(1)),
+    };
     config.qemu_binary = a.qemu_binary.clone();
     config.firecracker_binary = a.firecracker_binary.clone();
     // Absolute: Firecracker resolves it from its own working directory,

@@ -11,7 +11,10 @@
 //! `PING` → `PONG` once booted (else `BOOTING`); `STATE` → `running|paused`;
 //! `PAUSE`, `RESUME` → `OK`; `UPTIME` → milliseconds the "guest" has run,
 //! including time before a restore; `SAVE <path>` → writes the uptime, `OK`;
-//! `POWEROFF` → `OK`, then exits 0 (unless `--ignore-poweroff`).
+//! `POWEROFF` → `OK`, then exits 0 (unless `--ignore-poweroff`);
+//! `GUEST_POWEROFF` → `OK`, then writes the kernel's "reboot: Power down" to
+//! its output (the machine's console log) and exits 0, as a guest that
+//! powers itself off does.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -133,6 +136,11 @@ fn handle(stream: UnixStream, guest: Arc<Mutex<Guest>>) {
                 },
                 "POWEROFF" => {
                     exit_after = !g.ignore_poweroff;
+                    "OK".to_string()
+                }
+                "GUEST_POWEROFF" => {
+                    exit_after = true;
+                    println!("reboot: Power down");
                     "OK".to_string()
                 }
                 other => format!("ERR unknown command '{other}'"),

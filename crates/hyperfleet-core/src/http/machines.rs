@@ -43,11 +43,27 @@ pub(super) fn machine_body(
     p: &Principal,
     m: &CachedMachine,
 ) -> Result<Bytes, ApiError> {
-    if p.has(Scope::Exec) {
+    // Activity changes without a new record: a machine where it matters is
+    // rendered fresh, any other from its cached JSON.
+    let live = matches!(
+        m.rec.status,
+        MachineStatus::Running
+            | MachineStatus::Paused
+            | MachineStatus::Suspending
+            | MachineStatus::Suspended
+    );
+    if p.has(Scope::Exec) && !live {
         return Ok(m.json(state.urls.as_deref()).clone());
     }
     let mut api = m.rec.to_api_with(state.urls.as_deref());
-    api.redact_secrets();
+    if live {
+        let (last, deadline) = state.sup.idle_view(&m.rec);
+        api.last_active_at = Some(crate::util::rfc3339(last));
+        api.idle_deadline = deadline.map(crate::util::rfc3339);
+    }
+    if !p.has(Scope::Exec) {
+        api.redact_secrets();
+    }
     serde_json::to_vec(&api)
         .map(Bytes::from)
         .map_err(|e| ApiError::internal("rendering the machine", e))

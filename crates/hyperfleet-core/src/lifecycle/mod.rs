@@ -4,6 +4,7 @@
 
 pub mod capacity;
 pub mod guest_access;
+pub mod idle;
 pub(crate) mod plan;
 pub mod run;
 pub mod snapshots;

@@ -99,6 +99,20 @@ pub struct Supervisor {
     /// What the host's memory allows; `None` when it is unknown (no
     /// capacity check).
     memory: Option<MemoryBudget>,
+    /// Idle timers and wakes in flight (`super::idle`).
+    pub(crate) idle: super::idle::IdleState,
+    /// When this supervisor (the daemon) started: the earliest activity.
+    pub(crate) started_ms: i64,
+}
+
+/// Why a request is made by the server itself rather than a client: shown
+/// in its event. With `idle_generation`, the request is the idle timer's
+/// and is dropped unless the machine is still running, at rest, at that
+/// generation (a request that came meanwhile wins).
+#[derive(Debug, Clone)]
+pub(crate) struct Why {
+    pub reason: String,
+    pub idle_generation: Option<u64>,
 }
 
 /// Background runs at once: enough to keep the disk busy, few enough that
@@ -143,6 +157,8 @@ impl Supervisor {
             background_wake: tokio::sync::Notify::new(),
             default_quota: admission.default_quota,
             memory,
+            idle: Default::default(),
+            started_ms: now_ms(),
         })
     }
 
@@ -175,6 +191,7 @@ impl Supervisor {
         }
         let me = Arc::clone(self);
         tokio::spawn(async move { me.admission_loop().await });
+        tokio::spawn(Arc::clone(self).idle_loop());
         Ok(busy.len())
     }
 
@@ -297,6 +314,11 @@ impl Supervisor {
 
     pub fn run_count(&self) -> usize {
         lock(&self.runs).len()
+    }
+
+    /// The machines that have a run now.
+    pub(crate) fn run_ids(&self) -> Vec<String> {
+        lock(&self.runs).keys().cloned().collect()
     }
 
     /// Records a new machine (`pending`) durably and starts its run.
@@ -433,6 +455,17 @@ impl Supervisor {
         id_or_name: &str,
         req: Request,
     ) -> Result<(Arc<CachedMachine>, Generation), LifecycleError> {
+        self.request_as(tenant, id_or_name, req, None).await
+    }
+
+    /// [`Self::request`], made by the server itself for the reason `why`.
+    pub(crate) async fn request_as(
+        self: &Arc<Self>,
+        tenant: &str,
+        id_or_name: &str,
+        req: Request,
+        why: Option<Why>,
+    ) -> Result<(Arc<CachedMachine>, Generation), LifecycleError> {
         let current = self
             .ctx
             .store
@@ -448,14 +481,22 @@ impl Supervisor {
                 let mut rec = ctx
                     .machine(&wid)?
                     .ok_or_else(|| StoreError::NoSuchMachine(wid.clone()))?;
+                let unchanged = Generation {
+                    number: rec.generation,
+                    desired: rec.desired,
+                };
+                if let Some(g) = why.as_ref().and_then(|w| w.idle_generation) {
+                    let at_rest = rec.generation == g
+                        && rec.status == MachineStatus::Running
+                        && rec.desired == Desired::Running
+                        && rec.current_step.is_none();
+                    if !at_rest {
+                        return Ok(Ok(unchanged));
+                    }
+                }
                 let intent = match table::decide(&rec, req) {
                     Admission::Deny(denied) => return Ok(Err(Refused::State(denied))),
-                    Admission::Unchanged => {
-                        return Ok(Ok(Generation {
-                            number: rec.generation,
-                            desired: rec.desired,
-                        }))
-                    }
+                    Admission::Unchanged => return Ok(Ok(unchanged)),
                     Admission::Apply(intent) => intent,
                 };
                 let held = capacity::holds_memory(&rec);
@@ -480,8 +521,9 @@ impl Supervisor {
                 let mut ev = EventRecord::new(&wid, "requested");
                 ev.from_status = Some(rec.status);
                 ev.operation_id = Some(op);
+                let by = why.map(|w| format!(" ({})", w.reason)).unwrap_or_default();
                 ev.message = Some(format!(
-                    "{req} requested; desired state is now {}",
+                    "{req} requested{by}; desired state is now {}",
                     intent.desired().as_str()
                 ));
                 ctx.put_machine(rec)?;

@@ -84,8 +84,12 @@ pub(crate) enum Observation {
     StopBegun,
     /// The VMM is gone after a stop we asked for.
     VmmExited,
-    /// The VMM vanished without being asked to (crash, guest poweroff, OOM kill).
+    /// The VMM vanished without being asked to (crash, OOM kill, killed
+    /// from outside).
     VmmLost,
+    /// The VMM exited without being asked to because its guest powered
+    /// itself off (the console's last line is the kernel's "Power down").
+    GuestPoweredOff,
     SuspendBegun,
     SuspendDone,
     /// A step failed; the machine holds no process afterwards.
@@ -98,7 +102,7 @@ pub(crate) enum Observation {
 impl Observation {
     /// Every observation, for the tests that walk the table.
     #[cfg(test)]
-    pub(crate) const ALL: [Observation; 14] = [
+    pub(crate) const ALL: [Observation; 15] = [
         Observation::VmmSpawned,
         Observation::AgentReady,
         Observation::AdoptedRunning,
@@ -108,6 +112,7 @@ impl Observation {
         Observation::StopBegun,
         Observation::VmmExited,
         Observation::VmmLost,
+        Observation::GuestPoweredOff,
         Observation::SuspendBegun,
         Observation::SuspendDone,
         Observation::StepFailed,
@@ -340,6 +345,14 @@ pub(crate) fn on_observation(status: MachineStatus, obs: Observation) -> Option<
         (Failed, O::VmmLost) => Some(Failed),
         (Pending | Stopped | Suspended, O::VmmLost) => None,
 
+        // Only a guest whose vCPUs run can power itself off.
+        (Running | Stopping, O::GuestPoweredOff) => Some(Stopped),
+        (Deleting, O::GuestPoweredOff) => Some(Deleting),
+        (
+            Pending | Starting | Paused | Stopped | Suspending | Suspended | Failed,
+            O::GuestPoweredOff,
+        ) => None,
+
         (Running | Paused, O::SuspendBegun) => Some(Suspending),
         (_, O::SuspendBegun) => None,
         (Suspending, O::SuspendDone) => Some(Suspended),
@@ -446,16 +459,16 @@ mod tests {
     /// p pending, s starting, R running, P paused, x stopping, S stopped,
     /// u suspending, U suspended, F failed, D deleting.
     const OBSERVED: [(MachineStatus, &str); 10] = [
-        (Pending, "s..........FSD"),
-        (Starting, "sRRP..x.F..FSD"),
-        (Running, "..RPP.x.Fu.F.."),
-        (Paused, "..RP.Rx.Fu.F.."),
-        (Stopping, "..RP..xSS..F.."),
-        (Stopped, "s..........FSD"),
-        (Suspending, "..RP..x.F.UF.."),
-        (Suspended, "s..........FSD"),
-        (Failed, "s.RP..xFF..FSD"),
-        (Deleting, "......DDD..D.D"),
+        (Pending, "s...........FSD"),
+        (Starting, "sRRP..x.F...FSD"),
+        (Running, "..RPP.x.FSu.F.."),
+        (Paused, "..RP.Rx.F.u.F.."),
+        (Stopping, "..RP..xSSS..F.."),
+        (Stopped, "s...........FSD"),
+        (Suspending, "..RP..x.F..UF.."),
+        (Suspended, "s...........FSD"),
+        (Failed, "s.RP..xFF...FSD"),
+        (Deleting, "......DDDD..D.D"),
     ];
 
     fn letter(s: Option<MachineStatus>) -> char {

@@ -17,6 +17,10 @@ use crate::store::StoreError;
 pub(crate) struct ProxyError {
     pub code: ErrorCode,
     pub message: String,
+    /// `Retry-After` seconds (a failed wake).
+    pub retry_after: Option<u64>,
+    /// The request can go on once this machine, suspended, is woken.
+    pub wake: Option<std::sync::Arc<crate::store::CachedMachine>>,
 }
 
 impl ProxyError {
@@ -24,6 +28,8 @@ impl ProxyError {
         ProxyError {
             code,
             message: message.into(),
+            retry_after: None,
+            wake: None,
         }
     }
 
@@ -55,6 +61,10 @@ impl ProxyError {
         *resp.status_mut() = status;
         resp.headers_mut()
             .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, HeaderValue::from(secs));
+        }
         resp
     }
 }

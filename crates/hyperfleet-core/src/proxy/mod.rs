@@ -60,7 +60,8 @@ pub(crate) type ProxyBody = Either<Incoming, Full<Bytes>>;
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// An upgraded (WebSocket) connection counts as activity this often while
 /// it stays open, even when quiet: someone holds it.
-const UPGRADED_TOUCH_EVERY: Duration = Duration::from_secs(10);
+/// (Often enough for the shortest idle timeout that makes sense, 2 s.)
+const UPGRADED_TOUCH_EVERY: Duration = Duration::from_secs(1);
 
 /// The proxy's shared state; one per daemon.
 pub struct Proxy {
@@ -76,10 +77,38 @@ pub struct Proxy {
     auth_disabled: bool,
     connect_timeout: Duration,
     activity: Activity,
+    /// Resumes a suspended machine for a request (None: such requests are
+    /// refused as before).
+    waker: Option<Arc<dyn Waker>>,
 }
+
+/// Wakes a suspended machine for a proxied request: the lifecycle's
+/// `Supervisor::wake`, behind a trait so the proxy needs no supervisor.
+pub trait Waker: Send + Sync {
+    /// The machine once running, or why it could not be woken.
+    fn wake(
+        &self,
+        machine: Arc<CachedMachine>,
+    ) -> futures_util::future::BoxFuture<'static, Result<Arc<CachedMachine>, String>>;
+}
+
+/// How long a client is told to wait before retrying after a failed wake.
+const WAKE_RETRY_AFTER_SECONDS: u64 = 5;
 
 impl Proxy {
     pub fn new(store: Store, config: &ProxyConfig, auth_disabled: bool) -> Arc<Proxy> {
+        Proxy::with_lifecycle(store, config, auth_disabled, Activity::default(), None)
+    }
+
+    /// A proxy that records activity in `activity` (shared with the idle
+    /// timer) and wakes suspended machines with `waker`.
+    pub fn with_lifecycle(
+        store: Store,
+        config: &ProxyConfig,
+        auth_disabled: bool,
+        activity: Activity,
+        waker: Option<Arc<dyn Waker>>,
+    ) -> Arc<Proxy> {
         let mut connector = HttpConnector::new();
         // Small request/response exchanges dominate; Nagle would add a
         // delayed-ACK round to each.
@@ -100,7 +129,8 @@ impl Proxy {
             public_port: config.public_port,
             auth_disabled,
             connect_timeout: config.connect_timeout,
-            activity: Activity::default(),
+            activity,
+            waker,
         })
     }
 
@@ -134,7 +164,30 @@ impl Proxy {
                 "the Hyperfleet proxy does not tunnel CONNECT requests",
             ));
         }
-        let mut plan = self.plan(&req)?;
+        let mut plan = match self.plan(&req) {
+            // A suspended machine is woken and the request goes on.
+            Err(ProxyError {
+                wake: Some(m),
+                message,
+                ..
+            }) => {
+                let Some(waker) = &self.waker else {
+                    return Err(ProxyError::new(ErrorCode::InvalidState, message));
+                };
+                if let Err(why) = waker.wake(m).await {
+                    let mut e = ProxyError::new(ErrorCode::Unavailable, why);
+                    e.retry_after = Some(WAKE_RETRY_AFTER_SECONDS);
+                    return Err(e);
+                }
+                let plan = self.plan(&req)?;
+                // A guest restored from memory may take a moment before its
+                // port answers again (its network comes back with a new
+                // TAP): the held request waits for it rather than failing.
+                wait_for_port(plan.target).await;
+                plan
+            }
+            other => other?,
+        };
         let id = &plan.machine.rec.id;
         self.activity.touch(id);
 
@@ -226,13 +279,22 @@ impl Proxy {
         let rec = &machine.rec;
         let port = pick_port(rec, route.port)?;
         if rec.status != MachineStatus::Running {
-            return Err(ProxyError::new(
+            let mut e = ProxyError::new(
                 ErrorCode::InvalidState,
                 format!(
                     "machine '{}' is {}, not running: its ports are reachable only while it runs",
                     rec.id, rec.status
                 ),
-            ));
+            );
+            if self.waker.is_some()
+                && matches!(
+                    rec.status,
+                    MachineStatus::Suspended | MachineStatus::Suspending
+                )
+            {
+                e.wake = Some(machine.clone());
+            }
+            return Err(e);
         }
         let Some(lease) = &rec.network else {
             return Err(ProxyError::new(
@@ -421,6 +483,27 @@ fn pick_port(rec: &MachineRecord, asked: Option<u16>) -> Result<u16, ProxyError>
                 ),
             )),
         },
+    }
+}
+
+/// How long a request that woke its machine waits for the guest's port.
+const WAKE_PORT_WAIT: Duration = Duration::from_secs(20);
+
+/// Waits until `target` accepts a TCP connection, or [`WAKE_PORT_WAIT`]
+/// passes (the forward then fails as it would have).
+async fn wait_for_port(target: SocketAddr) {
+    let deadline = tokio::time::Instant::now() + WAKE_PORT_WAIT;
+    let t0 = std::time::Instant::now();
+    while tokio::time::Instant::now() < deadline {
+        let attempt = tokio::time::timeout(
+            Duration::from_millis(500),
+            tokio::net::TcpStream::connect(target),
+        );
+        if let Ok(Ok(_)) = attempt.await {
+            tracing::debug!(%target, waited = ?t0.elapsed(), "proxy: woken guest's port answers");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

@@ -179,6 +179,10 @@ pub struct MachineRecord {
     pub stop_kill: bool,
     /// The generation at which the run gave up; it retries only after a new request.
     pub failed_generation: Option<u64>,
+    /// Why the machine failed; for a `stopped` machine, why it exited
+    /// without being asked (`exit_reason` in the API: "guest powered
+    /// off"). One column serves both, as a machine is never both; cleared
+    /// by the next start.
     pub error_message: Option<String>,
     pub vmm: Option<VmmIdentity>,
     /// The step journaled as started and not yet finished (crash recovery).
@@ -263,7 +267,16 @@ impl MachineRecord {
             image: self.spec.image.clone(),
             snapshot_id: self.spec.base_snapshot.clone(),
             generation: self.generation,
-            error_message: self.error_message.clone(),
+            // One column holds both (see the field): a stopped machine's
+            // message is why it exited, any other's why it failed.
+            error_message: self
+                .error_message
+                .clone()
+                .filter(|_| self.status != MachineStatus::Stopped),
+            exit_reason: self
+                .error_message
+                .clone()
+                .filter(|_| self.status == MachineStatus::Stopped),
             network: MachineNetwork {
                 egress: self.spec.egress,
                 ip: self.network.as_ref().map(|n| n.ip.to_string()),
@@ -286,6 +299,9 @@ impl MachineRecord {
             created_at: rfc3339(self.created_at),
             updated_at: rfc3339(self.updated_at),
             started_at: self.started_at.map(rfc3339),
+            // Activity is the supervisor's (in memory): the API fills these in.
+            last_active_at: None,
+            idle_deadline: None,
             oci_image: self.spec.oci.as_ref().map(|o| o.to_api()),
         }
     }

@@ -336,6 +336,47 @@ pub trait Vmm: Send + Sync + 'static {
     }
 }
 
+/// What a guest's kernel writes to the console as its last words when it
+/// powers off (`kernel_power_off`: `pr_emerg("reboot: Power down")`).
+pub(crate) const POWER_DOWN_LINE: &str = "reboot: Power down";
+
+/// Whether the guest whose console is logged at `console` powered itself
+/// off: the console's last non-empty line is the kernel's "Power down",
+/// written after `since_ms` (when the guest last became running; an older
+/// line is a previous boot's). The console is the witness that outlives a
+/// daemon restart: the VMM is not the daemon's child then, and its exit
+/// status is lost. A VMM that is killed or crashes leaves no such line.
+pub(crate) fn guest_powered_off(console: &Path, since_ms: Option<i64>) -> bool {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(console) else {
+        return false;
+    };
+    let Ok(meta) = f.metadata() else {
+        return false;
+    };
+    if let Some(since) = since_ms {
+        let written_ms = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_millis() as i64);
+        if written_ms < since {
+            return false;
+        }
+    }
+    const TAIL: u64 = 4096;
+    let start = meta.len().saturating_sub(TAIL);
+    let mut tail = Vec::new();
+    if f.seek(SeekFrom::Start(start)).is_err() || f.read_to_end(&mut tail).is_err() {
+        return false;
+    }
+    String::from_utf8_lossy(&tail)
+        .lines()
+        .map(|l| l.trim_matches(|c: char| c.is_whitespace() || c == '\0'))
+        .rfind(|l| !l.is_empty())
+        .is_some_and(|l| l.ends_with(POWER_DOWN_LINE))
+}
+
 /// Spawns a VMM process detached (see [`process::spawn_detached`]), its
 /// output appended to `log`.
 pub(crate) fn spawn_vmm(cmd: std::process::Command, log: &Path) -> Result<VmmIdentity, VmmError> {
@@ -459,4 +500,27 @@ pub(crate) async fn remove_dir_idempotent(dir: &Path) -> Result<(), VmmError> {
             e,
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_fresh_last_power_down_line_says_the_guest_powered_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let con = dir.path().join("console.log");
+        assert!(!guest_powered_off(&con, None), "no console");
+        std::fs::write(&con, "boot\r\n[   1.0] reboot: Power down\r\n").unwrap();
+        assert!(guest_powered_off(&con, None));
+        assert!(guest_powered_off(&con, Some(0)));
+        // Written before the guest last became running: a previous boot's.
+        let later = crate::util::now_ms() + 60_000;
+        assert!(!guest_powered_off(&con, Some(later)));
+        // Followed by more output: not the guest's last words.
+        std::fs::write(&con, "reboot: Power down\nLinux booting again\n").unwrap();
+        assert!(!guest_powered_off(&con, None));
+        std::fs::write(&con, "Kernel panic - not syncing\n").unwrap();
+        assert!(!guest_powered_off(&con, None));
+    }
 }

@@ -214,6 +214,9 @@ impl Daemon {
             // it on.
             ("--network", "off"),
             ("--proxy-port", "0"),
+            // Most tests leave machines alone for longer than they would
+            // stay up idle; the idle tests set their own.
+            ("--default-idle-timeout", "0"),
         ] {
             if !args.contains(&flag) {
                 cmd.args([flag, value]);

@@ -51,6 +51,16 @@ pub struct GuestSlots {
 pub struct Slot {
     _tenant: OwnedSemaphorePermit,
     _total: OwnedSemaphorePermit,
+    /// Keeps the machine from idling while the request lasts.
+    _active: Option<crate::lifecycle::idle::KeepActive>,
+}
+
+impl Slot {
+    /// Counts the request as activity of its machine for as long as the
+    /// slot is held (an open exec session, a long stream).
+    pub fn keep_active(&mut self, keep: crate::lifecycle::idle::KeepActive) {
+        self._active = Some(keep);
+    }
 }
 
 impl GuestSlots {
@@ -105,6 +115,7 @@ impl GuestSlots {
         Ok(Slot {
             _tenant: tenant_permit,
             _total: total_permit,
+            _active: None,
         })
     }
 }

@@ -60,9 +60,18 @@ pub async fn logs(
         let resp = ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response();
         return Ok(holding(resp, slot));
     }
+    // Following is activity, for as long as it lasts; a suspended machine
+    // is woken for it.
+    let m = state
+        .sup
+        .wake(m, "logs follow")
+        .await
+        .map_err(super::wake_error)?;
     let store = state.store.clone();
+    let sup = state.sup.clone();
     let mid = m.rec.id.clone();
     let follow = crate::logs::follow(file, offset, move || {
+        sup.touch(&mid);
         // A read error is not a deletion: keep following.
         store.get_by_id(&mid).map_or(true, |m| m.is_some())
     })

@@ -84,6 +84,12 @@ async fn guest_of(
         .store
         .get(Some(&p.tenant), id)?
         .ok_or_else(|| ApiError::not_found(format!("machine '{id}'")))?;
+    // A call into the guest is activity; a suspended machine is woken for it.
+    let m = state
+        .sup
+        .wake(m, "a guest call (exec or files)")
+        .await
+        .map_err(wake_error)?;
     if m.rec.status != MachineStatus::Running {
         return Err(ApiError::new(
             ErrorCode::InvalidState,
@@ -93,7 +99,8 @@ async fn guest_of(
             ),
         ));
     }
-    let slot = state.guest.acquire(&p.tenant)?;
+    let mut slot = state.guest.acquire(&p.tenant)?;
+    slot.keep_active(state.sup.keep_active(&m.rec.id));
     let agent = state.sup.agent(&m.rec).await.map_err(|e| match e {
         GuestAccessError::BackendDisabled(_) => {
             ApiError::new(ErrorCode::Unavailable, e.to_string())
@@ -108,6 +115,14 @@ async fn guest_of(
         agent,
         slot,
     })
+}
+
+/// A wake that failed: 503 with the reason (the machine may come up later).
+pub(super) fn wake_error(e: crate::lifecycle::idle::WakeError) -> ApiError {
+    match e {
+        crate::lifecycle::idle::WakeError::Lifecycle(e) => e.into(),
+        e => ApiError::new(ErrorCode::Unavailable, e.to_string()),
+    }
 }
 
 /// `resp` with `slot` held until its body has been sent (or dropped): a

@@ -71,6 +71,9 @@ const RELEASE: StepDef = StepDef {
     begins: None,
 };
 
+/// The `exit_reason` of a machine whose guest powered itself off.
+pub(crate) const GUEST_POWERED_OFF: &str = "guest powered off";
+
 /// How often, and how far apart, adoption looks again for a VMM spawned
 /// before a crash when the first look finds none (about half a second).
 const ORPHAN_RESCANS: usize = 10;
@@ -217,9 +220,8 @@ impl Run {
             .begin(&SPAWN, |r| {
                 r.boot_restart_seq = r.restart_seq;
                 r.stop_kill = false;
-                if r.status == MachineStatus::Failed {
-                    r.error_message = None;
-                }
+                // A failure's message, or the reason a guest last exited.
+                r.error_message = None;
             })
             .await?;
         launch.uid = self.ensure_uid(rec, backend.as_ref()).await?;
@@ -617,26 +619,45 @@ impl Run {
 
     async fn forget_vmm(&mut self, rec: &MachineRecord, obs: Observation) -> Result<(), RunError> {
         let was = rec.status;
-        tracing::warn!(machine = %rec.id, status = %was, "the VMM process is gone");
+        // A running guest that powered itself off ends `stopped`, with the
+        // reason; anything else unasked-for is a failure.
+        let powered_off = obs == Observation::VmmLost && was == MachineStatus::Running && {
+            let console = match self.backend(rec.spec.vmm) {
+                Ok(b) => b.console_log(&self.ctx.paths(&rec.id)),
+                Err(_) => self.ctx.paths(&rec.id).console_log(),
+            };
+            crate::vmm::guest_powered_off(&console, rec.started_at)
+        };
+        let (obs, detail) = if powered_off {
+            tracing::info!(machine = %rec.id, "the guest powered itself off");
+            (Observation::GuestPoweredOff, GUEST_POWERED_OFF.to_string())
+        } else {
+            tracing::warn!(machine = %rec.id, status = %was, "the VMM process is gone");
+            (obs, format!("VMM gone while {was}"))
+        };
         self.vmm_gone(rec).await;
-        self.persist(
-            Some(Journal::done(
-                steps::FORGET,
-                &format!("VMM gone while {was}"),
-            )),
-            move |r| {
-                r.vmm = None;
-                r.current_step = None;
-                r.observe(obs);
-                if r.status == MachineStatus::Failed && was != MachineStatus::Failed {
-                    r.error_message = Some(format!(
-                        "the VMM process exited without being asked to while the machine was {was} \
-                         (guest poweroff, crash, or killed from outside); see the console log"
-                    ));
-                    r.failed_generation = Some(r.generation);
+        self.persist(Some(Journal::done(steps::FORGET, &detail)), move |r| {
+            r.vmm = None;
+            r.current_step = None;
+            r.observe(obs);
+            if powered_off && r.status == MachineStatus::Stopped {
+                // Nobody asked for it, but stopped is now what is
+                // wanted: the run must not boot the guest again.
+                if !matches!(r.desired, Desired::Stopped | Desired::Deleted) {
+                    r.desired = Desired::Stopped;
+                    r.generation += 1;
+                    r.observed_generation = r.generation;
                 }
-            },
-        )
+                r.error_message = Some(GUEST_POWERED_OFF.to_string());
+            }
+            if r.status == MachineStatus::Failed && was != MachineStatus::Failed {
+                r.error_message = Some(format!(
+                    "the VMM process exited without being asked to while the machine was {was} \
+                         (crash, or killed from outside); see the console log"
+                ));
+                r.failed_generation = Some(r.generation);
+            }
+        })
         .await?;
         Ok(())
     }

@@ -42,6 +42,10 @@ pub struct RunCtx {
     pub stop_timeout: Duration,
     /// Host networking; None when the daemon runs with networking off.
     pub net: Option<Arc<crate::net::Network>>,
+    /// Idle timeout and wake settings (`lifecycle::idle`).
+    pub idle: crate::lifecycle::idle::IdleConfig,
+    /// When each machine was last used, shared with the proxy.
+    pub activity: crate::proxy::activity::Activity,
 }
 
 impl RunCtx {

@@ -161,6 +161,12 @@ class MachineFields:
     idle_timeout_seconds: Optional[int] = None
     persistence: Optional[Persistence] = None
     error_message: Optional[str] = None
+    #: Why a stopped machine stopped by itself ("guest powered off").
+    exit_reason: Optional[str] = None
+    #: When the machine was last used (requests, guest calls, its traffic).
+    last_active_at: Optional[str] = None
+    #: When an idle machine will be suspended, if it stays idle.
+    idle_deadline: Optional[str] = None
     started_at: Optional[str] = None
     access_token: Optional[str] = field(default=None, repr=False)
 

@@ -44,7 +44,10 @@ export interface CreateMachineRequest {
   env?: Record<string, string>;
   /** Guest ports reachable through the proxy, 1–65535, no duplicates. */
   exposedPorts?: Array<number>;
-  /** Reserved: suspend after this many idle seconds (null = never). */
+  /**
+   * Suspend the machine after this many seconds without activity; 0:
+   * never; null or absent: the server's `--default-idle-timeout`.
+   */
   idleTimeoutSeconds?: number | null;
   /**
    * An OCI image as the machine's root filesystem: an image id of the
@@ -380,16 +383,35 @@ export interface Machine {
   env?: Record<string, string>;
   /** Why the machine is `failed`; null otherwise. */
   errorMessage?: string | null;
+  /**
+   * Why the machine is `stopped` although nobody asked it to stop:
+   * `"guest powered off"` when its guest powered itself off (a finite
+   * workload ended). Null otherwise, and once the machine starts again.
+   */
+  exitReason?: string | null;
   exposedPorts: Array<number>;
   /** Increases with every accepted change of the desired state. */
   generation: number;
   id: string;
+  /**
+   * When the machine will be suspended for idleness if nothing uses it
+   * meanwhile: while it is `running` with an idle timeout; null otherwise.
+   */
+  idleDeadline?: string | null;
   idleTimeoutSeconds?: number | null;
   /**
    * The guest image (asset set id) the machine's disk was made from;
    * null for backends with no guest.
    */
   image?: string | null;
+  /**
+   * When the machine was last used (a proxied request or open
+   * connection, a guest call, the guest's own network traffic, a
+   * request that changed its desired state; a daemon restart counts
+   * too). Null unless the machine is running, paused, suspending or
+   * suspended.
+   */
+  lastActiveAt?: string | null;
   memSizeMib: number;
   metadata?: Record<string, string>;
   name: string;

@@ -19,6 +19,7 @@ pub struct PullImageRequest {
     /// `registry[:port]/repository[:tag]` or `…@sha256:<hex>`; without a
     /// registry, Docker Hub.
     #[serde(rename = "ref")]
+    #[schema(min_length = 1, max_length = 512)]
     pub reference: String,
     /// Plain HTTP to the registry (one on loopback or a private network).
     #[serde(default)]
@@ -122,8 +123,8 @@ pub struct ImageEvent {
     pub at: String,
     pub kind: String,
     pub message: Option<String>,
-    /// The event's fields (layer index, bytes, digests…).
-    #[schema(value_type = Object)]
+    /// The event's fields (layer index, bytes, digests…), or null.
+    #[schema(value_type = Option<Object>)]
     pub detail: Option<serde_json::Value>,
 }
 

@@ -102,6 +102,27 @@ pub fn exposed_ports() -> Schema {
         .into()
 }
 
+/// `names` of a fork: 1–16 machine names (the rules of `POST /machines`).
+pub fn fork_names() -> Schema {
+    ArrayBuilder::new()
+        .items(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .min_length(Some(1))
+                .max_length(Some(63))
+                .pattern(Some(
+                    "^(?!m[0-9a-hjkmnp-tv-z]{15}$)[a-z]([a-z0-9-]*[a-z0-9])?$",
+                )),
+        )
+        .min_items(Some(1))
+        .max_items(Some(16))
+        .unique_items(true)
+        .description(Some(
+            "Names of the copies (machine name rules), as many as `count`.",
+        ))
+        .into()
+}
+
 /// `env` of one command: any name a process environment can hold.
 pub fn exec_env() -> Schema {
     string_map(

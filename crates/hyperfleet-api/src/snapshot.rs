@@ -114,7 +114,7 @@ pub struct ForkRequest {
     pub count: Option<u32>,
     /// Names of the copies (machine name rules), as many as `count`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(max_items = 16)]
+    #[schema(schema_with = crate::schema::fork_names)]
     pub names: Option<Vec<String>>,
 }
 

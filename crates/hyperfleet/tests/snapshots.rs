@@ -161,7 +161,7 @@ fn snapshots_and_forks_carry_memory_and_disk_and_give_each_copy_its_own_identity
         "/machines",
         Some(json!({"snapshot_id": "snap1", "mem_size_mib": 512})),
     );
-    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.status, 409, "{}", r.body);
 
     // Fork: three running copies of the running source.
     let r = d.call(

@@ -110,7 +110,8 @@ impl From<LifecycleError> for ApiError {
             e @ LifecycleError::SnapshotConflict(_) => {
                 ApiError::new(ErrorCode::InvalidState, e.to_string())
             }
-            LifecycleError::SnapshotMismatch(m) => ApiError::validation(m),
+            // Sizes the snapshot's memory cannot have: they conflict with it.
+            LifecycleError::SnapshotMismatch(m) => ApiError::new(ErrorCode::Conflict, m),
             LifecycleError::Store(e) => e.into(),
         }
     }

@@ -172,7 +172,12 @@ pub async fn events(
     Query(q): Query<ImageEventsQuery>,
 ) -> Result<Response, ApiError> {
     let p = caller.require(Scope::Read)?;
-    let after = q.after.unwrap_or(0).max(0);
+    let after = q.after.unwrap_or(0);
+    if after < 0 {
+        return Err(ApiError::validation(format!(
+            "after: must be at least 0, got {after}"
+        )));
+    }
     let wants_sse = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())

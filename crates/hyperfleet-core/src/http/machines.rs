@@ -123,15 +123,28 @@ pub async fn create(
     let mut req = req;
     let image = req.image.take();
     if image.is_some() && req.snapshot_id.is_some() {
-        return Err(ApiError::validation(
-            "image: a machine is made from an image or from a snapshot (which has its image), \
-             not both",
+        return Err(ApiError::new(
+            ErrorCode::Conflict,
+            "image and snapshot_id conflict: a machine is made from an image or from a snapshot \
+             (which has its image), not both",
         ));
     }
     let (name, mut spec) = validate_create(req, state.default_vmm)?;
     if let Some(image) = image {
-        spec.oci =
-            Some(crate::images::service::machine_image(&state.images, &p.tenant, &image).await?);
+        use crate::images::service::ImageServiceError as E;
+        let found = crate::images::service::machine_image(&state.images, &p.tenant, &image)
+            .await
+            .map_err(|e| match e {
+                // No image by that name can be had (not a reference, the
+                // registry does not have it or cannot be reached): the
+                // machine's image is not found; the message says why.
+                e @ (E::Failed { .. }
+                | E::Image(crate::images::ImageError::BadReference { .. })) => {
+                    ApiError::not_found(format!("image '{image}' ({e})"))
+                }
+                e => e.into(),
+            })?;
+        spec.oci = Some(found);
     }
     // 160 random bits: the proxy's per-machine credential.
     spec.access_token = Some(crate::util::random_id("hft_", 32));

@@ -236,10 +236,14 @@ pub async fn fork(
 fn fork_names(req: &ForkRequest) -> Result<Vec<Option<String>>, ApiError> {
     let count = match (req.count, &req.names) {
         (Some(c), Some(n)) if c as usize != n.len() => {
-            return Err(ApiError::validation(format!(
-                "names: {} names for count {c}; give as many names as copies",
-                n.len()
-            )))
+            return Err(ApiError::new(
+                ErrorCode::Conflict,
+                format!(
+                    "count and names conflict: {} names for count {c}; give as many names as \
+                     copies (or leave count out)",
+                    n.len()
+                ),
+            ))
         }
         (Some(c), _) => c,
         (None, Some(n)) => n.len() as u32,
@@ -289,9 +293,10 @@ pub async fn warm_template(
 ) -> Result<Response, ApiError> {
     caller.require(Scope::Admin)?;
     if q.wait == Some(false) {
-        return Err(ApiError::validation(
-            "wait: POST /templates always waits (the template exists once its guest booted and \
-             was snapshotted); leave wait out",
+        return Err(ApiError::new(
+            ErrorCode::Conflict,
+            "wait=false conflicts with how templates are made: POST /templates always waits (the \
+             template exists once its guest booted and was snapshotted); leave wait out",
         ));
     }
     let req: CreateTemplateRequest = optional_body(&body)?;

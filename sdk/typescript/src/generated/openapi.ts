@@ -248,7 +248,7 @@ export interface ForkRequest {
   /** How many copies, 1–16; default 1 (or the number of `names`). */
   count?: number | null;
   /** Names of the copies (machine name rules), as many as `count`. */
-  names?: Array<string> | null;
+  names?: Array<string>;
 }
 
 /** `POST /machines/{id}/fork` */
@@ -313,8 +313,8 @@ export interface Image {
  */
 export interface ImageEvent {
   at: string;
-  /** The event's fields (layer index, bytes, digests…). */
-  detail: Record<string, unknown>;
+  /** The event's fields (layer index, bytes, digests…), or null. */
+  detail?: Record<string, unknown> | null;
   /**
    * Increasing; `layer_progress` events are live only (not stored) and
    * carry the id of the last stored event.

@@ -334,13 +334,15 @@ fn machines_are_made_from_images_and_keep_them() {
             .status,
         204
     );
-    // An unknown reference fails the create with the pull's reason.
+    // An unknown reference fails the create with the pull's reason: the
+    // machine's image is not found.
     let bad = d.call(
         "POST",
         "/machines",
         Some(json!({"image": reg.reference("nope:1")})),
     );
-    assert_eq!(bad.status, 400, "{}", bad.body);
+    assert_eq!(bad.status, 404, "{}", bad.body);
+    assert_eq!(bad.code(), "NOT_FOUND", "{}", bad.body);
 }
 
 #[test]

@@ -83,7 +83,7 @@ def test_fork_makes_running_copies(client: Hyperfleet) -> None:
             assert one[0].status == "running"
         with pytest.raises(hyperfleet.ValidationError):
             src.fork(17)
-        with pytest.raises(hyperfleet.ValidationError):
+        with pytest.raises(hyperfleet.Conflict):
             src.fork(2, names=["only-one"])
         with pytest.raises(TypeError):
             src.fork(names="one-string")

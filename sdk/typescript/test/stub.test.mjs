@@ -421,7 +421,7 @@ describe("snapshots and fork", () => {
       assert.equal(one.machines.length, 1);
       await one.machines[0].dispose();
       await rejects(src.fork({ count: 17 }), ValidationError, "VALIDATION_ERROR", 400);
-      await rejects(src.fork({ count: 2, names: ["only-one"] }), ValidationError, "VALIDATION_ERROR", 400);
+      await rejects(src.fork({ count: 2, names: ["only-one"] }), ConflictError, "CONFLICT", 409);
       await src.stop();
       await rejects(src.fork(), InvalidStateError, "INVALID_STATE", 409);
     } finally {

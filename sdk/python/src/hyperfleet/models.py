@@ -505,7 +505,7 @@ class ImageEvent:
     image_id: str
     at: str
     kind: str
-    detail: Dict[str, Any] = field(default_factory=dict)
+    detail: Optional[Dict[str, Any]] = None
     message: Optional[str] = None
 
 

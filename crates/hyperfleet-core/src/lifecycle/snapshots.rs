@@ -422,21 +422,9 @@ impl Supervisor {
         let snap = self
             .take_snapshot(tenant, &src.rec.id, None, SnapshotKind::Fork)
             .await?;
-        let snap = match self.wait_snapshot(&src.rec.id, &snap.id, timeout).await? {
-            SnapshotWait::Done(s) if s.status == SnapshotStatus::Ready => s,
-            SnapshotWait::Done(s) => {
-                return Err(LifecycleError::SnapshotConflict(format!(
-                    "the fork's snapshot failed: {}",
-                    s.data.error_message.unwrap_or_default()
-                )))
-            }
-            SnapshotWait::TimedOut(s) => {
-                return Err(LifecycleError::SnapshotConflict(format!(
-                    "the fork's snapshot {} was not taken within {timeout:?}",
-                    s.id
-                )))
-            }
-        };
+        let snap = self
+            .wait_ready(&src.rec.id, &snap.id, timeout, "fork")
+            .await?;
         let mut spec = src.rec.spec.clone();
         spec.access_token = None;
         let mut made = Vec::new();
@@ -621,14 +609,27 @@ impl Supervisor {
         let snap = self
             .take_snapshot_keyed(TEMPLATE_TENANT, id, None, SnapshotKind::Template, Some(key))
             .await?;
-        match self.wait_snapshot(id, &snap.id, timeout).await? {
+        self.wait_ready(id, &snap.id, timeout, "template").await
+    }
+
+    /// Waits for snapshot `sid` of machine `machine_id`, made for `what`
+    /// (a fork, a template), to be ready; its failure or the deadline is an
+    /// error naming it.
+    async fn wait_ready(
+        &self,
+        machine_id: &str,
+        sid: &str,
+        timeout: Duration,
+        what: &str,
+    ) -> Result<SnapshotRecord, LifecycleError> {
+        match self.wait_snapshot(machine_id, sid, timeout).await? {
             SnapshotWait::Done(s) if s.status == SnapshotStatus::Ready => Ok(s),
             SnapshotWait::Done(s) => Err(LifecycleError::SnapshotConflict(format!(
-                "the template's snapshot failed: {}",
+                "the {what}'s snapshot failed: {}",
                 s.data.error_message.unwrap_or_default()
             ))),
             SnapshotWait::TimedOut(s) => Err(LifecycleError::SnapshotConflict(format!(
-                "the template's snapshot {} was not taken within {timeout:?}",
+                "the {what}'s snapshot {} was not taken within {timeout:?}",
                 s.id
             ))),
         }

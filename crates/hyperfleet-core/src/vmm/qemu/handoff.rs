@@ -225,7 +225,8 @@ impl QemuVmm {
             Some((_, MemoryImage::Legacy, _)) => GivenMemory::Legacy,
             // RAM inside the stream: loaded into a file of the machine's
             // own, which makes its next save fast.
-            Some((_, MemoryImage::Stream, _)) => {
+            // A boot too starts from an empty one.
+            Some((_, MemoryImage::Stream, _)) | None => {
                 let ram = self.ram_file(&launch.machine_id);
                 remove_file_if_present(&ram)?;
                 GivenMemory::Shared(keep(self.open_ram(&ram, launch)?))
@@ -240,11 +241,6 @@ impl QemuVmm {
             // Another's image (a snapshot): mapped, never copied.
             Some((img, MemoryImage::Flat, false)) => {
                 GivenMemory::Based(keep(open_asset(&img.ram(), "a snapshot's memory", other)?))
-            }
-            None => {
-                let ram = self.ram_file(&launch.machine_id);
-                remove_file_if_present(&ram)?;
-                GivenMemory::Shared(keep(self.open_ram(&ram, launch)?))
             }
         };
         let given = Given {

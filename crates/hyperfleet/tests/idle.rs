@@ -4,7 +4,8 @@
 //! suspends about 2 s after its last activity and not while calls keep
 //! coming, a guest call wakes it, and a daemon restart keeps the timer.
 //! A daemon killed mid-wake finishes the wake after its restart. With a
-//! real QEMU guest: not idle mid-exec, and `poweroff -f` ends `stopped`.
+//! real QEMU guest: not idle mid-exec, `poweroff -f` ends `stopped`, and a
+//! wake mid-suspend cancels the save and keeps the same VMM.
 
 mod common;
 
@@ -86,19 +87,7 @@ fn a_real_guest_that_powers_off_ends_stopped() {
         return;
     };
     let sb = Sandbox::new();
-    let assets = assets.display().to_string();
-    let d = Daemon::start_with(
-        &sb,
-        &[],
-        &[
-            "--assets-dir",
-            &assets,
-            "--default-vmm",
-            "qemu",
-            "--boot-timeout",
-            "120",
-        ],
-    );
+    let d = Daemon::start_qemu(&sb, &assets, &[]);
     let m = d.create(json!({"name": "job", "mem_size_mib": 256, "idle_timeout_seconds": 2}));
     let id = m["id"].as_str().unwrap().to_string();
     let r = d.call("POST", "/machines/job/start?timeout=300", None);
@@ -135,6 +124,88 @@ fn a_real_guest_that_powers_off_ends_stopped() {
     assert_eq!(r.status, 200, "{}\n{}", r.body, d.log());
     assert_eq!(r.body["exit_reason"], "guest powered off", "{}", r.body);
     assert!(common::qemu_pids(&sb.machines_dir().join(&id).display().to_string()).is_empty());
+}
+
+/// A wake that arrives while a real QEMU machine is `suspending` cancels
+/// the save (QEMU `migrate_cancel`, or the RAM copy stopped between
+/// chunks) and the same VMM goes on: the exec is answered, the QEMU process
+/// is the one from before, the guest's memory is as it was and no memory
+/// image is left behind.
+#[test]
+fn a_wake_mid_suspend_cancels_the_save_and_the_same_vmm_goes_on() {
+    let Some(assets) = common::guest_assets() else {
+        return;
+    };
+    let sb = Sandbox::new();
+    let d = Daemon::start_qemu(&sb, &assets, &[]);
+    let m = d.create(json!({"name": "busy", "mem_size_mib": 1024}));
+    let id = m["id"].as_str().unwrap().to_string();
+    let r = d.call("POST", "/machines/busy/start?timeout=300", None);
+    assert_eq!(r.body["status"], "running", "{}\n{}", r.body, d.log());
+    // 700 MiB of touched guest memory: the save takes long enough (the RAM
+    // copy and its fsync) for a wake to land in it.
+    let r = d.call(
+        "POST",
+        "/machines/busy/exec",
+        Some(json!({"command": ["sh", "-c",
+            "mkdir -p /mnt/fill && mount -t tmpfs -o size=800m fill /mnt/fill && \
+             dd if=/dev/zero of=/mnt/fill/x bs=1M count=700 2>/dev/null && \
+             echo marker > /mnt/fill/marker && cat /proc/sys/kernel/random/boot_id"]})),
+    );
+    assert_eq!(r.body["exit_code"], 0, "{}", r.body);
+    let boot_id = r.body["stdout"].as_str().unwrap().trim().to_string();
+    let marker = sb.machines_dir().join(&id).display().to_string();
+    let before = common::qemu_pids(&marker);
+    assert_eq!(before.len(), 1, "{before:?}");
+
+    let r = d.call("POST", "/machines/busy/suspend?wait=false", None);
+    assert_eq!(r.status, 202, "{}", r.body);
+    eventually("the save to begin", Duration::from_secs(5), || {
+        (status(&d, "busy") == "suspending").then_some(())
+    });
+    let t0 = Instant::now();
+    let r = d.call(
+        "POST",
+        "/machines/busy/exec",
+        Some(json!({"command": ["sh", "-c",
+            "cat /mnt/fill/marker /proc/sys/kernel/random/boot_id"]})),
+    );
+    eprintln!("exec mid-suspend answered after {:?}", t0.elapsed());
+    assert_eq!(r.status, 200, "{}\n{}", r.body, d.log());
+    assert_eq!(
+        r.body["stdout"].as_str().unwrap(),
+        format!("marker\n{boot_id}\n"),
+        "the guest's memory is as it was"
+    );
+    assert_eq!(status(&d, "busy"), "running");
+    assert_eq!(common::qemu_pids(&marker), before, "the same QEMU goes on");
+    let ev = events(&d, "busy");
+    assert!(ev.contains("resume requested (wake: a guest call"), "{ev}");
+    assert!(ev.contains("the VMM continues"), "{ev}");
+    assert!(!ev.contains("restore of"), "no restore: {ev}");
+    eprintln!(
+        "cancelled {}",
+        if ev.contains("save cancelled half-way") {
+            "half-way"
+        } else {
+            "as the save ended"
+        }
+    );
+    let image = sb.machines_dir().join(&id).join("snapshot");
+    let left: Vec<_> = std::fs::read_dir(&image)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "no memory image is kept: {left:?}");
+    // And a later suspend still works (nothing of the cancelled save is in
+    // the way), restoring on the next exec.
+    let r = d.call("POST", "/machines/busy/suspend?timeout=120", None);
+    assert_eq!(r.body["status"], "suspended", "{}\n{}", r.body, d.log());
+    let r = d.call(
+        "POST",
+        "/machines/busy/exec",
+        Some(json!({"command": ["cat", "/mnt/fill/marker"]})),
+    );
+    assert_eq!(r.body["stdout"], "marker\n", "{}", r.body);
 }
 
 fn status(d: &Daemon, m: &str) -> String {

@@ -92,6 +92,9 @@ pub(crate) enum Observation {
     GuestPoweredOff,
     SuspendBegun,
     SuspendDone,
+    /// A wake arrived mid-save: the save was abandoned and the same VMM
+    /// continues.
+    SuspendCancelled,
     /// A step failed; the machine holds no process afterwards.
     StepFailed,
     /// Nothing runs and `stopped` was asked for (from pending/failed/suspended).
@@ -102,7 +105,7 @@ pub(crate) enum Observation {
 impl Observation {
     /// Every observation, for the tests that walk the table.
     #[cfg(test)]
-    pub(crate) const ALL: [Observation; 15] = [
+    pub(crate) const ALL: [Observation; 16] = [
         Observation::VmmSpawned,
         Observation::AgentReady,
         Observation::AdoptedRunning,
@@ -115,6 +118,7 @@ impl Observation {
         Observation::GuestPoweredOff,
         Observation::SuspendBegun,
         Observation::SuspendDone,
+        Observation::SuspendCancelled,
         Observation::StepFailed,
         Observation::SettledStopped,
         Observation::DeleteBegun,
@@ -357,6 +361,8 @@ pub(crate) fn on_observation(status: MachineStatus, obs: Observation) -> Option<
         (_, O::SuspendBegun) => None,
         (Suspending, O::SuspendDone) => Some(Suspended),
         (_, O::SuspendDone) => None,
+        (Suspending, O::SuspendCancelled) => Some(Running),
+        (_, O::SuspendCancelled) => None,
 
         (Deleting, O::StepFailed) => Some(Deleting),
         (_, O::StepFailed) => Some(Failed),
@@ -459,16 +465,16 @@ mod tests {
     /// p pending, s starting, R running, P paused, x stopping, S stopped,
     /// u suspending, U suspended, F failed, D deleting.
     const OBSERVED: [(MachineStatus, &str); 10] = [
-        (Pending, "s...........FSD"),
-        (Starting, "sRRP..x.F...FSD"),
-        (Running, "..RPP.x.FSu.F.."),
-        (Paused, "..RP.Rx.F.u.F.."),
-        (Stopping, "..RP..xSSS..F.."),
-        (Stopped, "s...........FSD"),
-        (Suspending, "..RP..x.F..UF.."),
-        (Suspended, "s...........FSD"),
-        (Failed, "s.RP..xFF...FSD"),
-        (Deleting, "......DDDD..D.D"),
+        (Pending, "s............FSD"),
+        (Starting, "sRRP..x.F....FSD"),
+        (Running, "..RPP.x.FSu..F.."),
+        (Paused, "..RP.Rx.F.u..F.."),
+        (Stopping, "..RP..xSSS...F.."),
+        (Stopped, "s............FSD"),
+        (Suspending, "..RP..x.F..URF.."),
+        (Suspended, "s............FSD"),
+        (Failed, "s.RP..xFF....FSD"),
+        (Deleting, "......DDDD...D.D"),
     ];
 
     fn letter(s: Option<MachineStatus>) -> char {

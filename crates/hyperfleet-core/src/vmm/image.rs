@@ -19,6 +19,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::VmmError;
 
@@ -84,6 +85,22 @@ fn host(what: String) -> impl FnOnce(io::Error) -> VmmError {
 /// a guest's RAM file costs what the guest touched, not its size. `dst`
 /// gets mode `mode`.
 pub fn copy_sparse(src: &Path, dst: &Path, mode: u32) -> Result<u64, VmmError> {
+    let never = AtomicBool::new(false);
+    copy_sparse_until(src, dst, mode, &never).map(|c| c.unwrap_or(0))
+}
+
+/// The most [`copy_sparse_until`] copies between two looks at its stop flag.
+const COPY_CHUNK: usize = 16 << 20;
+
+/// [`copy_sparse`] that gives up when `stop` is set (looked at every
+/// [`COPY_CHUNK`] bytes): `None` then, and `dst` is left partial for the
+/// caller to remove.
+pub fn copy_sparse_until(
+    src: &Path,
+    dst: &Path,
+    mode: u32,
+    stop: &AtomicBool,
+) -> Result<Option<u64>, VmmError> {
     use std::os::unix::fs::OpenOptionsExt;
     let doing = || format!("copying {} to {}", src.display(), dst.display());
     let from = File::open(src).map_err(host(doing()))?;
@@ -119,7 +136,10 @@ pub fn copy_sparse(src: &Path, dst: &Path, mode: u32) -> Result<u64, VmmError> {
         }
         let (mut off_in, mut off_out) = (data, data);
         while off_in < hole {
-            let want = (hole - off_in) as usize;
+            if stop.load(Ordering::Relaxed) {
+                return Ok(None);
+            }
+            let want = ((hole - off_in) as usize).min(COPY_CHUNK);
             let n = if in_kernel {
                 // SAFETY: both descriptors are open files we own; the
                 // offsets point to locals that outlive the call.
@@ -153,7 +173,7 @@ pub fn copy_sparse(src: &Path, dst: &Path, mode: u32) -> Result<u64, VmmError> {
         }
         pos = hole;
     }
-    Ok(copied)
+    Ok(Some(copied))
 }
 
 /// Copies `len` bytes at `off` from `from` to the same offset of `to`

@@ -23,6 +23,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use hyperfleet_agent_proto::AgentClient;
 use hyperfleet_api::VmmKind;
+use tokio_util::sync::CancellationToken;
 
 use crate::store::{MachineSpec, VmmIdentity};
 
@@ -184,6 +185,15 @@ impl LaunchSpec {
     }
 }
 
+/// How a save of the guest's memory ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Saved {
+    /// The image is complete; the VMM is paused.
+    Complete,
+    /// Cancelled half-way: no image, the VMM runs on as before the save.
+    Cancelled,
+}
+
 /// How a graceful stop ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopPath {
@@ -285,7 +295,17 @@ pub trait Vmm: Send + Sync + 'static {
     /// Saves the guest's memory and device state under the snapshot dir so a
     /// later `spawn` with `restore` continues where it left off. The VMM is
     /// left paused; the run kills it afterwards.
-    async fn save_state(&self, launch: &LaunchSpec) -> Result<(), VmmError>;
+    ///
+    /// `cancel` fires when a wake arrives mid-save. A backend that can stop
+    /// its save half-way (QEMU: `migrate_cancel`) removes what it wrote,
+    /// continues the vCPUs and answers [`Saved::Cancelled`]; one that
+    /// cannot finishes the save and answers [`Saved::Complete`], and the run
+    /// then continues the same VMM itself.
+    async fn save_state(
+        &self,
+        launch: &LaunchSpec,
+        cancel: &CancellationToken,
+    ) -> Result<Saved, VmmError>;
 
     /// The machine's VMM is gone (stopped, suspended, killed, crashed or
     /// killed from outside): remove what it left on the host besides the

@@ -15,10 +15,11 @@ use async_trait::async_trait;
 use hyperfleet_api::VmmKind;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
+use tokio_util::sync::CancellationToken;
 
 use super::process::{self, Liveness};
 use super::stop::{graceful_stop, StopRequest};
-use super::{LaunchSpec, MachinePaths, SnapshotTaken, StopPath, Vmm, VmmError, VmmRunState};
+use super::{LaunchSpec, MachinePaths, Saved, SnapshotTaken, StopPath, Vmm, VmmError, VmmRunState};
 use crate::store::VmmIdentity;
 
 pub(crate) struct StubVmm {
@@ -215,7 +216,11 @@ impl Vmm for StubVmm {
         graceful_stop(vmm, timeout, "the VMM", requests).await
     }
 
-    async fn save_state(&self, launch: &LaunchSpec) -> Result<(), VmmError> {
+    async fn save_state(
+        &self,
+        launch: &LaunchSpec,
+        _cancel: &CancellationToken,
+    ) -> Result<Saved, VmmError> {
         let dir = launch.paths.snapshot_dir();
         tokio::fs::create_dir_all(&dir)
             .await
@@ -224,7 +229,7 @@ impl Vmm for StubVmm {
         command(&socket, "PAUSE").await?;
         let state = Self::state_file(&launch.paths);
         command(&socket, &format!("SAVE {}", state.display())).await?;
-        Ok(())
+        Ok(Saved::Complete)
     }
 
     fn supports_snapshots(&self) -> bool {

@@ -182,6 +182,22 @@ impl Daemon {
         Self::start_with(sb, &[], &[])
     }
 
+    /// A daemon whose machines are real QEMU guests from `assets` (boot
+    /// timeout 120 s, for TCG on a loaded host), with `extra` flags.
+    pub(crate) fn start_qemu(sb: &Sandbox, assets: &std::path::Path, extra: &[&str]) -> Daemon {
+        let assets = assets.display().to_string();
+        let mut args = vec![
+            "--assets-dir",
+            &assets,
+            "--default-vmm",
+            "qemu",
+            "--boot-timeout",
+            "120",
+        ];
+        args.extend_from_slice(extra);
+        Self::start_with(sb, &[], &args)
+    }
+
     pub(crate) fn start_with(sb: &Sandbox, env: &[(&str, &str)], args: &[&str]) -> Daemon {
         let dir = sb.path().to_path_buf();
         let addr_file = dir.join("api.addr");

@@ -8,14 +8,15 @@ use hyperfleet_api::{MachineStatus, SnapshotStatus};
 
 use super::host::{kill_everything_of, kill_vmm};
 use super::journal::{failure_timing, Journal, StepDef};
-use super::{until, Run, RunError, Rx};
+use super::{until, wants_running, Run, RunError, Rx};
 use crate::failpoint;
 use crate::lifecycle::plan::Step;
 use crate::lifecycle::table::{Desired, Observation};
 use crate::store::{steps, EventRecord, MachineRecord, StoreError};
 use crate::util::now_ms;
 use crate::vmm::process;
-use crate::vmm::{remove_dir_idempotent, StopPath};
+use crate::vmm::{remove_dir_idempotent, Saved, StopPath};
+use tokio_util::sync::CancellationToken;
 
 const SPAWN: StepDef = StepDef {
     name: steps::SPAWN,
@@ -104,7 +105,7 @@ impl Run {
             Step::Pause => self.pause_or_resume(rec, true).await,
             Step::Resume => self.pause_or_resume(rec, false).await,
             Step::Stop { kill } => self.stop(rec, kill, rx).await,
-            Step::Suspend => self.suspend(rec).await,
+            Step::Suspend => self.suspend(rec, rx).await,
             Step::Snapshot { live } => self.take_snapshot(rec, live).await,
             Step::AbandonSnapshot => self.abandon_snapshot(rec).await,
             Step::ForgetVmm(obs) => self.forget_vmm(rec, obs).await,
@@ -470,14 +471,48 @@ impl Run {
         Ok(())
     }
 
-    async fn suspend(&mut self, rec: &MachineRecord) -> Result<(), RunError> {
+    async fn suspend(&mut self, rec: &MachineRecord, rx: &mut Rx) -> Result<(), RunError> {
         let Some(vmm) = rec.vmm.clone() else {
             return Ok(());
         };
         let backend = self.backend(rec.spec.vmm)?;
         let launch = self.launch(rec);
         let step = self.begin(&SUSPEND, |_| {}).await?;
-        backend.save_state(&launch).await?;
+        // A wake (a resume request) arriving mid-save cancels it: the same
+        // VMM goes on, which is quicker than finishing the save and
+        // restoring it.
+        let cancel = CancellationToken::new();
+        let saved = {
+            let save = backend.save_state(&launch, &cancel);
+            tokio::pin!(save);
+            tokio::select! {
+                r = &mut save => r,
+                () = until(rx, |r| r.desired == Desired::Running) => {
+                    if wants_running(rx) {
+                        cancel.cancel();
+                    }
+                    save.await
+                }
+            }
+        }?;
+        // A wake that came as the save ended keeps the VMM all the same.
+        if saved == Saved::Cancelled || wants_running(rx) {
+            if saved == Saved::Complete {
+                backend.resume(&launch).await?;
+            }
+            remove_dir_idempotent(&launch.paths.snapshot_dir()).await?;
+            let detail = match saved {
+                Saved::Cancelled => "save cancelled half-way by a wake; the VMM continues",
+                Saved::Complete => {
+                    "a wake arrived as the save ended; the image is discarded and the VMM continues"
+                }
+            };
+            self.finish(step, Some(detail.to_string()), |r| {
+                r.observe(Observation::SuspendCancelled);
+            })
+            .await?;
+            return Ok(());
+        }
         failpoint::hit("suspend.after_save");
         // The image is complete: record it before the VMM goes, so a crash
         // from here on still ends in `suspended`, not `failed`.

@@ -286,6 +286,13 @@ impl Run {
 }
 
 /// Resolves when the record satisfies `pred` (or is deleted).
+/// Whether the machine's record now asks for it to run.
+fn wants_running(rx: &Rx) -> bool {
+    rx.borrow()
+        .as_ref()
+        .is_some_and(|m| m.rec.desired == super::table::Desired::Running)
+}
+
 async fn until(rx: &mut Rx, pred: impl Fn(&MachineRecord) -> bool) {
     loop {
         {

@@ -69,11 +69,12 @@ use async_trait::async_trait;
 use hyperfleet_agent_proto::{hybrid_vsock_connect, AgentClient};
 use hyperfleet_api::VmmKind;
 use serde_json::json;
+use tokio_util::sync::CancellationToken;
 
 use super::agent_cache::{AgentCache, AgentChannel, ReadyPoll};
 use super::host::{self, Accel};
 use super::stop::{graceful_stop, StopRequest};
-use super::{GuestImages, LaunchSpec, MachinePaths, StopPath, Vmm, VmmError, VmmRunState};
+use super::{GuestImages, LaunchSpec, MachinePaths, Saved, StopPath, Vmm, VmmError, VmmRunState};
 use crate::assets::AssetSet;
 use crate::store::VmmIdentity;
 use jailer::{Cgroups, JailerConfig};
@@ -481,8 +482,14 @@ impl Vmm for FirecrackerVmm {
         Ok(path)
     }
 
-    async fn save_state(&self, launch: &LaunchSpec) -> Result<(), VmmError> {
-        self.save_snapshot(launch).await
+    /// A Firecracker snapshot is one API call: it cannot be cancelled
+    /// half-way (the run resumes the VMM after it instead).
+    async fn save_state(
+        &self,
+        launch: &LaunchSpec,
+        _cancel: &CancellationToken,
+    ) -> Result<Saved, VmmError> {
+        self.save_snapshot(launch).await.map(|()| Saved::Complete)
     }
 
     async fn after_exit(&self, launch: &LaunchSpec) -> Result<(), VmmError> {

@@ -393,7 +393,7 @@ async fn flow(fc: &FirecrackerVmm, assets: &Path, netns: Option<&TestNetNs>) {
 
     // A full snapshot leaves the VM paused with both files on disk (jailed:
     // linked out of the chroot).
-    fc.save_state(&l).await.unwrap();
+    fc.save_state(&l, &Default::default()).await.unwrap();
     assert_eq!(get(&l, "/").await["state"], "Paused");
     assert!(FirecrackerVmm::state_file(&l.paths).exists());
     let mem = std::fs::metadata(FirecrackerVmm::mem_file(&l.paths)).unwrap();
@@ -480,7 +480,7 @@ async fn diff_then_merge(
 ) -> VmmIdentity {
     let p = &l.paths;
     let (mem, diff) = (FirecrackerVmm::mem_file(p), FirecrackerVmm::layer_file(p));
-    fc.save_state(l).await.unwrap();
+    fc.save_state(l, &Default::default()).await.unwrap();
     assert_eq!(get(l, "/").await["state"], "Paused");
     assert!(FirecrackerVmm::state_file(p).exists());
     assert!(
@@ -891,7 +891,7 @@ async fn measure_full_and_diff_snapshots() {
             let vmm = started(&fc, l, &mut reaper).await;
             tokio::time::sleep(Duration::from_secs(2)).await;
             let t = std::time::Instant::now();
-            fc.save_state(l).await.unwrap();
+            fc.save_state(l, &Default::default()).await.unwrap();
             let took = t.elapsed();
             fc.shutdown(l, &vmm, Duration::from_millis(200))
                 .await

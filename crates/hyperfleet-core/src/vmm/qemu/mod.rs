@@ -29,6 +29,8 @@ pub use handoff::SANDBOX;
 
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -36,6 +38,7 @@ use hyperfleet_agent_proto::AgentClient;
 use hyperfleet_api::VmmKind;
 use serde_json::json;
 use tokio::net::UnixStream;
+use tokio_util::sync::CancellationToken;
 
 use super::agent_cache::{AgentCache, AgentChannel, ReadyPoll};
 use super::host::{self, Accel, AccelChoice};
@@ -44,7 +47,7 @@ use super::process::{self, Liveness};
 use super::stop::{graceful_stop, StopRequest};
 use super::uid::UidRange;
 use super::{
-    asset_err, remove_file_if_present, GuestImages, LaunchSpec, MachinePaths, SnapshotTaken,
+    asset_err, remove_file_if_present, GuestImages, LaunchSpec, MachinePaths, Saved, SnapshotTaken,
     StopPath, Vmm, VmmError, VmmRunState,
 };
 use crate::assets::AssetSet;
@@ -256,17 +259,30 @@ impl QemuVmm {
 
     /// Writes the paused VM's state into fd set `set` and waits until it
     /// is all there.
-    async fn migrate(q: &mut qmp::Qmp, set: u64) -> Result<(), VmmError> {
+    async fn migrate(
+        q: &mut qmp::Qmp,
+        set: u64,
+        cancel: Option<&CancellationToken>,
+    ) -> Result<Saved, VmmError> {
         q.execute(
             "migrate",
             Some(json!({"uri": format!("file:/dev/fdset/{set}")})),
         )
         .await?;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        let mut cancelling = false;
         loop {
+            if !cancelling && cancel.is_some_and(CancellationToken::is_cancelled) {
+                // Answered at once; the migration thread stops soon after
+                // and the status below says `cancelled` (or `completed`,
+                // when it finished first).
+                q.execute("migrate_cancel", None).await?;
+                cancelling = true;
+            }
             let st = q.execute("query-migrate", None).await?;
             match st["status"].as_str().unwrap_or("") {
-                "completed" => return Ok(()),
+                "completed" => return Ok(Saved::Complete),
+                "cancelled" if cancelling => return Ok(Saved::Cancelled),
                 "failed" | "cancelled" => {
                     return Err(VmmError::Control {
                         doing: "saving memory".into(),
@@ -348,7 +364,8 @@ impl QemuVmm {
         launch: &LaunchSpec,
         img: &ImageDir,
         kind: MemoryImage,
-    ) -> Result<(), VmmError> {
+        cancel: Option<&CancellationToken>,
+    ) -> Result<Saved, VmmError> {
         tokio::fs::create_dir_all(&img.0)
             .await
             .map_err(|e| VmmError::host(format!("creating {}", img.0.display()), e))?;
@@ -356,20 +373,42 @@ impl QemuVmm {
         // the data directory): it writes through a descriptor we pass it.
         let file = handoff::create_state_file(&img.state_for(kind))?;
         let set = q.add_fd(&file, "memory image").await?;
-        let saved = Self::migrate(q, set).await;
+        let saved = Self::migrate(q, set, cancel).await;
         // A failed save leaves the VM running on; the next one must not
         // find this descriptor in a set.
         let removed = q.execute("remove-fd", Some(json!({"fdset-id": set}))).await;
-        saved?;
+        if saved? == Saved::Cancelled {
+            return Ok(Saved::Cancelled);
+        }
         removed?;
         if kind == MemoryImage::Flat {
             let ram = self.ram_file(&launch.machine_id);
             let dst = img.ram();
-            tokio::task::spawn_blocking(move || image::copy_sparse(&ram, &dst, 0o444))
-                .await
+            // The copy is most of a save's time: a wake stops it between
+            // chunks.
+            let stop = Arc::new(AtomicBool::new(false));
+            let copy = tokio::task::spawn_blocking({
+                let stop = Arc::clone(&stop);
+                move || image::copy_sparse_until(&ram, &dst, 0o444, &stop)
+            });
+            let watcher = cancel.cloned().map(|c| {
+                let stop = Arc::clone(&stop);
+                tokio::spawn(async move {
+                    c.cancelled().await;
+                    stop.store(true, Ordering::Relaxed);
+                })
+            });
+            let copied = copy.await;
+            if let Some(w) = watcher {
+                w.abort();
+            }
+            let copied = copied
                 .map_err(|e| VmmError::host("copying guest RAM", std::io::Error::other(e)))??;
+            if copied.is_none() {
+                return Ok(Saved::Cancelled);
+            }
         }
-        Ok(())
+        Ok(Saved::Complete)
     }
 
     /// Waits for an incoming migration (restore) to finish, then continues
@@ -625,24 +664,41 @@ impl Vmm for QemuVmm {
         Ok(path)
     }
 
-    async fn save_state(&self, launch: &LaunchSpec) -> Result<(), VmmError> {
+    async fn save_state(
+        &self,
+        launch: &LaunchSpec,
+        cancel: &CancellationToken,
+    ) -> Result<Saved, VmmError> {
         let img = launch.paths.suspend_image();
         // A save that died half-way left a partial image: it is not one.
-        for f in [img.state(), img.ram(), img.legacy_state()] {
-            remove_file_if_present(&f)?;
-        }
+        let partial = || -> Result<(), VmmError> {
+            for f in [img.state(), img.ram(), img.legacy_state()] {
+                remove_file_if_present(&f)?;
+            }
+            Ok(())
+        };
+        partial()?;
         let mut q = qmp::Qmp::connect(&launch.paths.control_socket()).await?;
         let kind = Self::memory_kind(&mut q).await;
         set_capabilities(&mut q, kind == MemoryImage::Flat).await?;
         q.execute("stop", None).await?;
-        self.save_image(&mut q, launch, &img, kind).await?;
+        if self
+            .save_image(&mut q, launch, &img, kind, Some(cancel))
+            .await?
+            == Saved::Cancelled
+        {
+            // The same VM goes on: nothing of the save is kept.
+            partial()?;
+            q.execute("cont", None).await?;
+            return Ok(Saved::Cancelled);
+        }
         // The image must be on disk before the VMM is killed.
         let dir = img.0.clone();
         tokio::task::spawn_blocking(move || image::sync_dir(&dir, None))
             .await
             .map_err(|e| VmmError::host("syncing the memory image", std::io::Error::other(e)))??;
         self.agents.forget(&launch.machine_id);
-        Ok(())
+        Ok(Saved::Complete)
     }
 
     fn supports_snapshots(&self) -> bool {
@@ -674,7 +730,7 @@ impl Vmm for QemuVmm {
             q.execute("stop", None).await?;
             // Stopping flushed the disk: the overlay is consistent with the
             // memory saved beside it.
-            let saved = self.save_image(&mut q, launch, &img, kind).await;
+            let saved = self.save_image(&mut q, launch, &img, kind, None).await;
             let copied = match saved {
                 Ok(_) => tokio::task::spawn_blocking(copy_disk)
                     .await

@@ -4,23 +4,21 @@
 //! filter differs: by tenant instead of by machine.
 
 use std::collections::HashSet;
-use std::convert::Infallible;
-use std::time::Duration;
+use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::{header, HeaderMap};
-use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
-use futures_util::stream::{self, Stream};
 use hyperfleet_api::{EventList, Scope};
 use serde::Deserialize;
-use tokio::sync::broadcast::error::RecvError;
 use utoipa::IntoParams;
 
 use super::error::ApiError;
 use super::extract::{Caller, Query};
 use super::machines::{sse_event, MAX_QUERY_INT};
+use super::sse::{self, Next};
 use super::AppState;
+use crate::store::EventRecord;
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
@@ -66,11 +64,7 @@ pub async fn tenant_events(
         }
         a => a,
     };
-    let wants_sse = headers
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.contains("text/event-stream"));
-    if !wants_sse {
+    if !sse::wanted(&headers) {
         let events = state
             .store
             .tenant_events(&tenant, after.unwrap_or(0), limit)
@@ -80,18 +74,14 @@ pub async fn tenant_events(
         };
         return Ok(axum::Json(body).into_response());
     }
-    let last_event_id = headers
-        .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<i64>().ok());
-    let resume = match (after, last_event_id) {
+    let resume = match (after, sse::last_event_id(&headers)) {
         (Some(a), Some(l)) => Some(a.max(l)),
         (a, l) => a.or(l),
     };
     // Subscribe before reading the tenant's machines and history, so
     // nothing falls in between (duplicates are skipped by id).
     let live = state.store.subscribe_events();
-    let known: HashSet<String> = state
+    let mut known: HashSet<String> = state
         .store
         .machine_ids(&tenant)
         .await?
@@ -101,57 +91,32 @@ pub async fn tenant_events(
         Some(after) => state.store.tenant_events(&tenant, after, 10000).await?,
         None => Vec::new(),
     };
-    let last_seen = history.last().map(|e| e.id).or(resume).unwrap_or(0);
-    let history = stream::iter(history.into_iter().map(|e| Ok(sse_event(&e))));
+    let mut last = history.last().map(|e| e.id).or(resume).unwrap_or(0);
     let store = state.store.clone();
-    let live = stream::unfold(
-        (live, last_seen, false, known),
-        move |(mut rx, last, done, mut known)| {
-            let store = store.clone();
-            let tenant = tenant.clone();
-            async move {
-                if done {
-                    return None;
-                }
-                loop {
-                    match rx.recv().await {
-                        Ok(e) if e.id > last => {
-                            // A machine of the tenant's: one it held when the
-                            // stream opened, or one created since.
-                            let ours = known.contains(&e.machine_id)
-                                || (e.kind == "created"
-                                    && matches!(
-                                        store.get(Some(&tenant), &e.machine_id),
-                                        Ok(Some(_))
-                                    ));
-                            if !ours {
-                                continue;
-                            }
-                            if e.kind == "deleted" {
-                                known.remove(&e.machine_id);
-                            } else {
-                                known.insert(e.machine_id.clone());
-                            }
-                            return Some((Ok(sse_event(&e)), (rx, e.id, false, known)));
-                        }
-                        Ok(_) => continue,
-                        Err(RecvError::Lagged(_)) => {
-                            // The client fell behind; end the stream so it
-                            // reconnects and reads the current state.
-                            let ev = Event::default()
-                                .event("lagged")
-                                .data("reconnect with Last-Event-ID");
-                            return Some((Ok(ev), (rx, last, true, known)));
-                        }
-                        Err(RecvError::Closed) => return None,
-                    }
-                }
+    Ok(sse::respond(
+        history.iter().map(sse_event).collect(),
+        false,
+        live,
+        "reconnect with Last-Event-ID",
+        move |e: Arc<EventRecord>| {
+            if e.id <= last {
+                return Next::Skip;
             }
+            // A machine of the tenant's: one it held when the stream
+            // opened, or one created since.
+            let ours = known.contains(&e.machine_id)
+                || (e.kind == "created"
+                    && matches!(store.get(Some(&tenant), &e.machine_id), Ok(Some(_))));
+            if !ours {
+                return Next::Skip;
+            }
+            last = e.id;
+            if e.kind == "deleted" {
+                known.remove(&e.machine_id);
+            } else {
+                known.insert(e.machine_id.clone());
+            }
+            Next::Send(sse_event(&e))
         },
-    );
-    let s: std::pin::Pin<Box<dyn Stream<Item = Result<Event, Infallible>> + Send>> =
-        Box::pin(futures_util::StreamExt::chain(history, live));
-    Ok(Sse::new(s)
-        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
-        .into_response())
+    ))
 }

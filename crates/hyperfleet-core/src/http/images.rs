@@ -2,24 +2,23 @@
 //! get, delete, and the events (JSON or SSE). Tenant-scoped: `read` sees,
 //! `write` changes.
 
-use std::convert::Infallible;
-use std::time::Duration;
+use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
-use axum::http::{header, HeaderMap, StatusCode};
-use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
-use futures_util::{stream, Stream, TryStreamExt};
+use futures_util::TryStreamExt;
 use hyperfleet_api::{
     ErrorCode, Image, ImageEventList, ImageList, ImageStatus, PullImageRequest, Scope,
 };
 use serde::Deserialize;
-use tokio::sync::broadcast::error::RecvError;
 use utoipa::IntoParams;
 
 use super::error::ApiError;
 use super::extract::{Caller, Json};
+use super::sse::{self, Next};
 use super::AppState;
 use crate::images::service::ImageServiceError;
 
@@ -178,66 +177,43 @@ pub async fn events(
             "after: must be at least 0, got {after}"
         )));
     }
-    let wants_sse = headers
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.contains("text/event-stream"));
     // Subscribe before reading history so nothing falls in between.
     let live = state.images.subscribe();
     let row = find(&state, &p.tenant, &id)?;
     let history = state.store.image_events(&row.id, after, 10000)?;
-    if !wants_sse {
+    if !sse::wanted(&headers) {
         let events = history.iter().map(|e| e.to_api()).collect();
         return Ok(axum::Json(ImageEventList { events }).into_response());
     }
-    let done = row.status != ImageStatus::Pulling;
-    let last = history.last().map(|e| e.id).unwrap_or(after);
-    let sse = |e: &hyperfleet_api::ImageEvent| {
-        let data = serde_json::to_string(e).unwrap_or_default();
-        Event::default().event(e.kind.clone()).data(data)
-    };
-    let history = stream::iter(
-        history
-            .into_iter()
-            .map(move |e| Ok::<_, Infallible>(sse(&e.to_api())))
-            .collect::<Vec<_>>(),
-    );
+    let ended = row.status != ImageStatus::Pulling;
+    let mut last = history.last().map(|e| e.id).unwrap_or(after);
     let image_id = row.id.clone();
-    let live = stream::unfold((live, last, done), move |(mut rx, last, done)| {
-        let image_id = image_id.clone();
-        async move {
-            if done {
-                return None;
+    Ok(sse::respond(
+        history.iter().map(|e| image_sse(&e.to_api())).collect(),
+        ended,
+        live,
+        "reconnect with ?after=<last id>",
+        move |e: Arc<hyperfleet_api::ImageEvent>| {
+            // Progress events are not stored (no id of their own to skip by).
+            let progress = e.kind == "layer_progress";
+            if e.image_id != image_id || !(progress || e.id > last) {
+                return Next::Skip;
             }
-            loop {
-                match rx.recv().await {
-                    Ok(e)
-                        if e.image_id == image_id
-                            && (e.id > last || e.kind == "layer_progress") =>
-                    {
-                        let end = matches!(e.kind.as_str(), "ready" | "failed" | "deleted");
-                        let last = if e.kind == "layer_progress" {
-                            last
-                        } else {
-                            e.id
-                        };
-                        return Some((Ok(sse(&e)), (rx, last, end)));
-                    }
-                    Ok(_) => continue,
-                    Err(RecvError::Lagged(_)) => {
-                        let ev = Event::default()
-                            .event("lagged")
-                            .data("reconnect with ?after=<last id>");
-                        return Some((Ok(ev), (rx, last, true)));
-                    }
-                    Err(RecvError::Closed) => return None,
-                }
+            if !progress {
+                last = e.id;
             }
-        }
-    });
-    let s: std::pin::Pin<Box<dyn Stream<Item = Result<Event, Infallible>> + Send>> =
-        Box::pin(futures_util::StreamExt::chain(history, live));
-    Ok(Sse::new(s)
-        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
-        .into_response())
+            if matches!(e.kind.as_str(), "ready" | "failed" | "deleted") {
+                Next::End(image_sse(&e))
+            } else {
+                Next::Send(image_sse(&e))
+            }
+        },
+    ))
+}
+
+/// One image event as SSE (no id: progress events are not stored).
+fn image_sse(e: &hyperfleet_api::ImageEvent) -> Event {
+    // Plain data; serialising cannot fail.
+    let data = serde_json::to_string(e).unwrap_or_default();
+    Event::default().event(e.kind.clone()).data(data)
 }

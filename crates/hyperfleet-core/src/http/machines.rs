@@ -1,25 +1,23 @@
 //! Machine routes. Handlers validate, hand the change to the supervisor and
 //! optionally wait for the outcome; they never do lifecycle work.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
-use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
 use bytes::{BufMut, Bytes, BytesMut};
-use futures_util::stream::{self, Stream};
 use hyperfleet_api::{
     CreateMachineRequest, ErrorCode, EventList, Machine, MachineList, MachineStatus, Scope,
 };
 use serde::Deserialize;
-use tokio::sync::broadcast::error::RecvError;
 use utoipa::IntoParams;
 
 use super::error::ApiError;
 use super::extract::{Caller, Json, Query};
+use super::sse::{self, Next};
 use super::AppState;
 use crate::auth::Principal;
 use crate::lifecycle::table::Request;
@@ -533,66 +531,40 @@ pub async fn events(
             "limit: must be between 1 and 10000, got {limit}"
         )));
     }
-    let wants_sse = headers
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.contains("text/event-stream"));
     let mut after = at_most_max_int("after", q.after.unwrap_or(0))?;
-    if !wants_sse {
+    if !sse::wanted(&headers) {
         let events = state.store.events(&m.rec.id, after, limit).await?;
         let body = EventList {
             events: events.iter().map(|e| e.to_api()).collect(),
         };
         return Ok(axum::Json(body).into_response());
     }
-    if let Some(last) = headers
-        .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<i64>().ok())
-    {
+    if let Some(last) = sse::last_event_id(&headers) {
         after = after.max(last);
     }
     // Subscribe before reading history so nothing falls in between.
     let live = state.store.subscribe_events();
     let history = state.store.events(&m.rec.id, after, 10000).await?;
-    let last_seen = history.last().map(|e| e.id).unwrap_or(after);
+    let mut last = history.last().map(|e| e.id).unwrap_or(after);
+    let ended = history.iter().any(|e| e.kind == "deleted");
     let machine_id = m.rec.id.clone();
-    let history_done = history.iter().any(|e| e.kind == "deleted");
-    let history = stream::iter(history.into_iter().map(|e| Ok(sse_event(&e))));
-    let live = stream::unfold(
-        (live, last_seen, history_done),
-        move |(mut rx, last, done)| {
-            let machine_id = machine_id.clone();
-            async move {
-                if done {
-                    return None;
-                }
-                loop {
-                    match rx.recv().await {
-                        Ok(e) if e.machine_id == machine_id && e.id > last => {
-                            let end = e.kind == "deleted";
-                            return Some((Ok(sse_event(&e)), (rx, e.id, end)));
-                        }
-                        Ok(_) => continue,
-                        Err(RecvError::Lagged(_)) => {
-                            // The client fell behind; end the stream so it
-                            // reconnects with Last-Event-ID and reads history.
-                            let ev = Event::default()
-                                .event("lagged")
-                                .data("reconnect with Last-Event-ID");
-                            return Some((Ok(ev), (rx, last, true)));
-                        }
-                        Err(RecvError::Closed) => return None,
-                    }
-                }
+    Ok(sse::respond(
+        history.iter().map(sse_event).collect(),
+        ended,
+        live,
+        "reconnect with Last-Event-ID",
+        move |e: std::sync::Arc<crate::store::EventRecord>| {
+            if e.machine_id != machine_id || e.id <= last {
+                return Next::Skip;
+            }
+            last = e.id;
+            if e.kind == "deleted" {
+                Next::End(sse_event(&e))
+            } else {
+                Next::Send(sse_event(&e))
             }
         },
-    );
-    let s: std::pin::Pin<Box<dyn Stream<Item = Result<Event, Infallible>> + Send>> =
-        Box::pin(futures_util::StreamExt::chain(history, live));
-    Ok(Sse::new(s)
-        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
-        .into_response())
+    ))
 }
 
 pub(super) fn sse_event(e: &crate::store::EventRecord) -> Event {

@@ -14,6 +14,7 @@ pub mod openapi;
 pub mod quota;
 pub mod server;
 pub mod snapshots;
+mod sse;
 pub mod ui;
 
 use std::sync::Arc;

@@ -10,14 +10,14 @@
 # Usage: scripts/bench-api.sh [seconds per run, default 10]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib/end-daemon.sh
 DUR=${1:-10}
 command -v wrk >/dev/null || { echo "bench: wrk missing; run: sudo bash scripts/install-deps.sh --bench" >&2; exit 1; }
 cargo build --release -q -p hyperfleet -p hyperfleet-testvmm
 BIN=target/release/hyperfleet
 DATA=$(mktemp -d /tmp/hf-bench-XXXXXX)
 cleanup() {
-  [ -n "${PID:-}" ] && kill "$PID" 2>/dev/null && wait "$PID" 2>/dev/null || true
-  pkill -9 -f "hyperfleet-testvmm --machine-dir $DATA" 2>/dev/null || true
+  [ -n "${PID:-}" ] && end_daemon "$DATA" "$PID" "${URL:-}" "${KEY:-}"
   rm -rf "$DATA"
 }
 trap cleanup EXIT

@@ -6,14 +6,14 @@
 # Usage: scripts/bench-guest.sh [runs, default 5]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib/end-daemon.sh
 RUNS=${1:-5}
 ASSETS=${ASSETS:-$PWD/target/hf-test-data/assets/current}
 [ -f "$ASSETS/manifest.json" ] || { echo "bench: no guest assets at $ASSETS (run scripts/test.sh or scripts/setup.sh)" >&2; exit 1; }
 cargo build --release -q -p hyperfleet -p hyperfleet-bench
 DATA=$(mktemp -d /tmp/hf-bench-XXXXXX)
 cleanup() {
-  [ -n "${PID:-}" ] && kill "$PID" 2>/dev/null && wait "$PID" 2>/dev/null || true
-  pkill -9 -f "qemu-system.*$DATA" 2>/dev/null || true
+  [ -n "${PID:-}" ] && end_daemon "$DATA" "$PID" "${URL:-}" "${KEY:-}"
   rm -rf "$DATA"
 }
 trap cleanup EXIT
@@ -21,4 +21,6 @@ target/release/hyperfleet serve --data-dir "$DATA" --port 0 --assets-dir "$ASSET
   --default-vmm qemu --boot-timeout 300 --network off --proxy-port 0 >"$DATA/daemon.log" 2>&1 &
 PID=$!
 for _ in $(seq 100); do [ -s "$DATA/api.addr" ] && break; sleep 0.05; done
-target/release/hyperfleet-bench guest "http://$(cat "$DATA/api.addr")" "$(cat "$DATA/admin.key")" "$PID" "$RUNS"
+URL="http://$(cat "$DATA/api.addr")"
+KEY=$(cat "$DATA/admin.key")
+target/release/hyperfleet-bench guest "$URL" "$KEY" "$PID" "$RUNS"

@@ -8,6 +8,7 @@
 # Usage: sudo scripts/bench-proxy.sh [seconds per run, default 10] [connections, default 16]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib/end-daemon.sh
 SECS=${1:-10}
 CONNS=${2:-16}
 ASSETS=${ASSETS:-$PWD/target/hf-test-data/assets/current}
@@ -18,8 +19,7 @@ cargo build --release -q -p hyperfleet
 NS=hfbench$$
 DATA=$(mktemp -d /tmp/hf-bench-proxy-XXXXXX)
 cleanup() {
-  [ -n "${PID:-}" ] && kill "$PID" 2>/dev/null && wait "$PID" 2>/dev/null || true
-  pkill -9 -f "qemu-system.*$DATA" 2>/dev/null || true
+  [ -n "${PID:-}" ] && END_DAEMON_CURL="ip netns exec $NS curl" end_daemon "$DATA" "$PID" "${API:-}" "${KEY:-}"
   ip netns del "$NS" 2>/dev/null || true
   rm -rf "$DATA"
 }

@@ -31,7 +31,7 @@ end_daemon() {
   for p in /proc/[0-9]*; do
     p=${p#/proc/}
     [ "$p" = "$$" ] && continue
-    tr '\0' ' ' <"/proc/$p/cmdline" 2>/dev/null | grep -qF -- "$data" && left+=("$p")
+    { tr '\0' ' ' <"/proc/$p/cmdline"; } 2>/dev/null | grep -qF -- "$data" && left+=("$p")
   done
   if [ ${#left[@]} -gt 0 ]; then
     echo "end_daemon: killing ${#left[@]} process(es) of $data the daemon left: ${left[*]}" >&2

@@ -27,7 +27,9 @@ trap cleanup EXIT
 ip netns add "$NS"
 in_ns() { ip netns exec "$NS" "$@"; }
 in_ns ip link set lo up
-in_ns target/release/hyperfleet serve --data-dir "$DATA" --port 0 --proxy-port 0 \
+# Not through in_ns: `ip netns exec` execs the daemon, so $! is its pid
+# (a function would put a subshell between).
+ip netns exec "$NS" target/release/hyperfleet serve --data-dir "$DATA" --port 0 --proxy-port 0 \
   --assets-dir "$ASSETS" --default-vmm qemu --boot-timeout 300 --network on \
   >"$DATA/daemon.log" 2>&1 &
 PID=$!

@@ -15,7 +15,7 @@ end_daemon() {
   local data=$1 pid=$2 url=${3:-} key=${4:-} curl=${END_DAEMON_CURL:-curl}
   if [ -n "$url" ] && [ -n "$key" ] && kill -0 "$pid" 2>/dev/null; then
     local ids
-    ids=$($curl -sf -m 10 -H "Authorization: Bearer $key" "$url/machines?limit=10000" |
+    ids=$($curl -sf -m 10 -H "Authorization: Bearer $key" "$url/machines?limit=1000" |
       grep -o '"id":"m[0-9a-z]*"' | cut -d'"' -f4 || true)
     for id in $ids; do
       $curl -sf -m 60 -o /dev/null -X DELETE -H "Authorization: Bearer $key" \
@@ -34,7 +34,10 @@ end_daemon() {
     { tr '\0' ' ' <"/proc/$p/cmdline"; } 2>/dev/null | grep -qF -- "$data" && left+=("$p")
   done
   if [ ${#left[@]} -gt 0 ]; then
-    echo "end_daemon: killing ${#left[@]} process(es) of $data the daemon left: ${left[*]}" >&2
+    echo "end_daemon: killing ${#left[@]} process(es) of $data the daemon left:" >&2
+    for p in "${left[@]}"; do
+      echo "  $p: $({ tr '\0' ' ' <"/proc/$p/cmdline"; } 2>/dev/null | cut -c1-160)" >&2
+    done
     kill -9 "${left[@]}" 2>/dev/null || true
   fi
 }

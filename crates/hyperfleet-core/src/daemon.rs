@@ -363,7 +363,7 @@ pub async fn serve(config: Config) -> Result<(), DaemonError> {
     // The proxy listens before the API does: whoever finds the API up
     // (api.addr) finds the proxy ready too.
     let waker = Arc::new(crate::lifecycle::idle::SupervisorWaker(sup.clone()));
-    let proxy = start_proxy(&config, &store, activity, waker).await?;
+    let proxy = start_proxy(&config, &store, activity, waker, fd_limit).await?;
     let urls = match (&config.proxy, &proxy) {
         (Some(pc), Some(server)) => Some(Arc::new(pc.url_template(server.local_addr().port()))),
         _ => None,
@@ -433,6 +433,7 @@ async fn start_proxy(
     store: &Store,
     activity: crate::proxy::activity::Activity,
     waker: Arc<dyn crate::proxy::Waker>,
+    fd_limit: u64,
 ) -> Result<Option<ProxyServer>, DaemonError> {
     let addr_file = config.data_dir.join("proxy.addr");
     let Some(pc) = &config.proxy else {
@@ -448,10 +449,12 @@ async fn start_proxy(
         activity,
         Some(waker),
     );
-    let server = ProxyServer::spawn(listener, proxy).map_err(DaemonError::Serve)?;
+    let max_connections = crate::proxy::server::connection_cap(fd_limit);
+    let server =
+        ProxyServer::spawn(listener, proxy, max_connections).map_err(DaemonError::Serve)?;
     let addr = server.local_addr();
     let _ = std::fs::write(&addr_file, format!("{addr}\n"));
-    tracing::info!(%addr, domain = %pc.domain, "proxy listening");
+    tracing::info!(%addr, domain = %pc.domain, max_connections, "proxy listening");
     Ok(Some(server))
 }
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 use super::activity::Activity;
@@ -21,6 +21,16 @@ use super::Proxy;
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often activity entries of deleted machines are dropped.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// At most one warning about the connection cap per this long.
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// The most client connections the proxy serves at once for a process
+/// allowed `fd_limit` open files: half of them, as each proxied connection
+/// also holds one to the guest (the API keeps a quarter, the rest is the
+/// machines' and the store's), and at least 16.
+pub fn connection_cap(fd_limit: u64) -> usize {
+    usize::try_from(fd_limit / 4).unwrap_or(usize::MAX).max(16)
+}
 
 /// The running proxy.
 pub struct ProxyServer {
@@ -31,11 +41,24 @@ pub struct ProxyServer {
 }
 
 impl ProxyServer {
-    /// Serves `proxy` on `listener` until [`ProxyServer::shutdown`].
-    pub(crate) fn spawn(listener: TcpListener, proxy: Arc<Proxy>) -> std::io::Result<ProxyServer> {
+    /// Serves `proxy` on `listener` until [`ProxyServer::shutdown`], at
+    /// most `max_connections` client connections at a time: past that, new
+    /// clients wait in the listen backlog until one closes (a flood of
+    /// silent connections lasts at most the header timeout each), so the
+    /// proxy cannot take the descriptors the machines need.
+    pub(crate) fn spawn(
+        listener: TcpListener,
+        proxy: Arc<Proxy>,
+        max_connections: usize,
+    ) -> std::io::Result<ProxyServer> {
         let addr = listener.local_addr()?;
         let (stop, stopped) = watch::channel(false);
-        let accept = tokio::spawn(accept_loop(listener, proxy.clone(), stopped));
+        let accept = tokio::spawn(accept_loop(
+            listener,
+            proxy.clone(),
+            max_connections.max(1),
+            stopped,
+        ));
         Ok(ProxyServer {
             addr,
             proxy,
@@ -65,9 +88,38 @@ impl ProxyServer {
     }
 }
 
-async fn accept_loop(listener: TcpListener, proxy: Arc<Proxy>, mut stopped: watch::Receiver<bool>) {
+async fn accept_loop(
+    listener: TcpListener,
+    proxy: Arc<Proxy>,
+    max_connections: usize,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let slots = Arc::new(Semaphore::new(max_connections));
     let mut prune = tokio::time::interval(PRUNE_EVERY);
+    let mut warned: Option<tokio::time::Instant> = None;
     loop {
+        // A slot first: at the cap, nothing more is accepted until a
+        // connection ends.
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                if warned.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
+                    warned = Some(tokio::time::Instant::now());
+                    tracing::warn!(
+                        max_connections,
+                        "proxy: at the connection cap; new clients wait until a connection closes"
+                    );
+                }
+                tokio::select! {
+                    _ = stopped.changed() => break,
+                    slot = slots.clone().acquire_owned() => match slot {
+                        Ok(slot) => slot,
+                        // Never closed while this loop holds it.
+                        Err(_) => break,
+                    },
+                }
+            }
+        };
         tokio::select! {
             _ = stopped.changed() => break,
             _ = prune.tick() => {
@@ -77,7 +129,7 @@ async fn accept_loop(listener: TcpListener, proxy: Arc<Proxy>, mut stopped: watc
             }
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    tokio::spawn(serve_connection(stream, peer, proxy.clone(), stopped.clone()));
+                    tokio::spawn(serve_connection(stream, peer, proxy.clone(), slot, stopped.clone()));
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead
@@ -94,6 +146,10 @@ async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
     proxy: Arc<Proxy>,
+    // Held while hyper serves the connection. An upgraded (WebSocket)
+    // connection's tunnel runs on after hyper hands it over and no longer
+    // counts: it is authorised and tied to one machine's port.
+    _slot: OwnedSemaphorePermit,
     mut stopped: watch::Receiver<bool>,
 ) {
     // Responses are written whole or streamed; Nagle would only delay them.

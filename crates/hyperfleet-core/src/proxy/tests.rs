@@ -155,14 +155,22 @@ async fn env() -> Env {
 }
 
 async fn env_with(auth_disabled: bool) -> Env {
+    env_capped(auth_disabled, 1024).await
+}
+
+async fn env_capped(auth_disabled: bool, max_connections: usize) -> Env {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("hyperfleet.db")).unwrap();
     let mut config = ProxyConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)));
     config.domain = DOMAIN.into();
     config.connect_timeout = CONNECT_TIMEOUT;
     let listener = TcpListener::bind(config.listen).await.unwrap();
-    let proxy =
-        ProxyServer::spawn(listener, Proxy::new(store.clone(), &config, auth_disabled)).unwrap();
+    let proxy = ProxyServer::spawn(
+        listener,
+        Proxy::new(store.clone(), &config, auth_disabled),
+        max_connections,
+    )
+    .unwrap();
     let (addr, guest) = spawn_guest().await;
     Env {
         _dir: dir,
@@ -402,6 +410,35 @@ async fn path_routing_strips_the_prefix_and_the_port_parameter() {
         (a.status, a.code()),
         (StatusCode::BAD_REQUEST, "VALIDATION_ERROR")
     );
+}
+
+/// At the connection cap a new client waits (in the listen backlog) and is
+/// served once a connection closes; nothing is refused.
+#[tokio::test]
+async fn at_the_connection_cap_a_new_client_waits_for_a_slot() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let e = env_capped(false, 2).await;
+    let addr = e.proxy.local_addr();
+    let silent_a = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let _silent_b = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let ask = || async move {
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET / HTTP/1.1\r\nHost: elsewhere\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        c.read_to_end(&mut answer).await.unwrap();
+        String::from_utf8_lossy(&answer).into_owned()
+    };
+    let third = tokio::spawn(ask());
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!third.is_finished(), "served past the cap of 2");
+    drop(silent_a);
+    let answer = tokio::time::timeout(std::time::Duration::from_secs(5), third)
+        .await
+        .expect("served once a slot freed")
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
 }
 
 #[tokio::test]

@@ -14,6 +14,7 @@ pub mod openapi;
 pub mod quota;
 pub mod server;
 pub mod snapshots;
+pub mod storage;
 pub mod ui;
 
 use std::sync::Arc;
@@ -51,10 +52,13 @@ fn api_routes() -> Router<AppState> {
         .route("/health", get(health::health))
         .route("/openapi.json", get(openapi_json))
         .route("/metrics", get(metrics::metrics))
+        .route("/storage", get(storage::storage))
         .route("/machines", get(machines::list).post(machines::create))
         .route(
             "/machines/{id}",
-            get(machines::get).delete(machines::delete),
+            get(machines::get)
+                .patch(machines::update)
+                .delete(machines::delete),
         )
         .route("/machines/{id}/start", post(machines::start))
         .route("/machines/{id}/stop", post(machines::stop))

@@ -212,7 +212,7 @@ pub(crate) async fn run(args: &ClientArgs, cmd: MachinesCmd) -> anyhow::Result<(
                 None => None,
                 Some(v) => Some(v.parse().map_err(anyhow::Error::msg)?),
             };
-            let req = CreateMachineRequest {
+            let mut req = CreateMachineRequest {
                 name: a.name,
                 vcpu_count: a.vcpus,
                 mem_size_mib: a.mem,
@@ -226,10 +226,10 @@ pub(crate) async fn run(args: &ClientArgs, cmd: MachinesCmd) -> anyhow::Result<(
                 }),
                 snapshot_id: a.snapshot,
                 image: a.image,
-                idle_timeout_seconds: a.idle_timeout,
-                persistence: a.persistence,
                 ..Default::default()
             };
+            req.idle_timeout_seconds = a.idle_timeout;
+            req.persistence = a.persistence;
             let mut m = c.create_machine(&req).await?;
             if a.start {
                 let progress = Progress::spinner(args.json, doing("start", &m.name));

@@ -375,10 +375,10 @@ mod tests {
         assert_eq!(parse_size("10gib"), Ok(10 << 30));
         assert_eq!(parse_size("1.5K"), Ok(1536));
         assert_eq!(parse_size("2T"), Ok(2 << 40));
-        assert!(parse_size("ten").is_err());
-        assert!(parse_size("5X").is_err());
-        assert!(parse_size("").is_err());
-        assert!(parse_size("99999999999T").is_err());
+        parse_size("ten").unwrap_err();
+        parse_size("5X").unwrap_err();
+        parse_size("").unwrap_err();
+        parse_size("99999999999T").unwrap_err();
     }
 
     #[test]

@@ -11,11 +11,9 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use common::{eventually, killed_by_sigkill, Daemon, Sandbox};
+use common::{eventually, killed_by_sigkill, testvmm_command, Daemon, Sandbox};
 use serde_json::{json, Value};
 
 const MIB: u64 = 1 << 20;
@@ -56,16 +54,6 @@ fn storage(d: &Daemon) -> Value {
     let r = d.call("GET", "/storage", None);
     assert_eq!(r.status, 200, "{}", r.body);
     r.body
-}
-
-/// Sends one command to the stand-in VMM of machine `id` (crates/testvmm).
-fn testvmm_command(sb: &Sandbox, id: &str, line: &str) -> String {
-    let sock = sb.machines_dir().join(id).join("vmm.sock");
-    let mut s = UnixStream::connect(&sock).unwrap();
-    writeln!(s, "{line}").unwrap();
-    let mut answer = String::new();
-    BufReader::new(s).read_line(&mut answer).unwrap();
-    answer.trim().to_string()
 }
 
 #[test]

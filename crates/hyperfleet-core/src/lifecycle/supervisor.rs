@@ -478,6 +478,18 @@ impl Supervisor {
         Ok(entry)
     }
 
+    /// The id of tenant `tenant`'s machine `id_or_name`.
+    fn machine_id(&self, tenant: &str, id_or_name: &str) -> Result<String, LifecycleError> {
+        Ok(self
+            .ctx
+            .store
+            .get(Some(tenant), id_or_name)?
+            .ok_or_else(|| LifecycleError::NotFound(id_or_name.to_string()))?
+            .rec
+            .id
+            .clone())
+    }
+
     /// Applies a request through the transition table and records the new
     /// desired state. Returns the machine after the change and the
     /// generation a waiter should wait for (the current one when nothing
@@ -499,12 +511,7 @@ impl Supervisor {
         req: Request,
         why: Option<Why>,
     ) -> Result<(Arc<CachedMachine>, Generation), LifecycleError> {
-        let current = self
-            .ctx
-            .store
-            .get(Some(tenant), id_or_name)?
-            .ok_or_else(|| LifecycleError::NotFound(id_or_name.to_string()))?;
-        let id = current.rec.id.clone();
+        let id = self.machine_id(tenant, id_or_name)?;
         // A suspend (or snapshot) stores more: refused when the budget is
         // used up and nothing can be evicted. The idle timer's is not
         // refused (nobody would be told): it suspends as it can.
@@ -639,12 +646,7 @@ impl Supervisor {
         upd: hyperfleet_api::UpdateMachineRequest,
     ) -> Result<Arc<CachedMachine>, LifecycleError> {
         use hyperfleet_api::{Persistence, PersistenceType};
-        let current = self
-            .ctx
-            .store
-            .get(Some(tenant), id_or_name)?
-            .ok_or_else(|| LifecycleError::NotFound(id_or_name.to_string()))?;
-        let id = current.rec.id.clone();
+        let id = self.machine_id(tenant, id_or_name)?;
         let wid = id.clone();
         self.ctx
             .store

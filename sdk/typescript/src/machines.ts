@@ -30,6 +30,7 @@ import type {
   MachineStatus,
   EventList,
   Snapshot,
+  UpdateMachineRequest,
 } from "./generated/openapi.js";
 import type { Body, Transport } from "./http.js";
 import { lines, sse } from "./streams.js";
@@ -216,6 +217,22 @@ export class Machine {
   /** Reads the machine again. */
   async refresh(o: { signal?: AbortSignal } = {}): Promise<this> {
     return this.#set(await this.#t.json("GET /machines/{id}", "Machine", { path: this.#path(), signal: o.signal }));
+  }
+
+  /**
+   * Changes the machine's idle timeout, persistence or metadata
+   * (`PATCH /machines/{id}`); fields left out stay as they are,
+   * `idleTimeoutSeconds: null` is the server's default, `metadata` replaces
+   * the whole map. The idle deadline starts over.
+   */
+  async update(changes: UpdateMachineRequest, o: { signal?: AbortSignal } = {}): Promise<this> {
+    return this.#set(
+      await this.#t.json("PATCH /machines/{id}", "Machine", {
+        path: this.#path(),
+        json: { schema: "UpdateMachineRequest", value: changes },
+        signal: o.signal,
+      }),
+    );
   }
 
   async #action(op: keyof typeof TARGET | "restart", o: ActionOptions = {}): Promise<this> {
@@ -732,6 +749,16 @@ export class Machines {
   /** A machine by id or name. */
   async get(idOrName: string, o: { signal?: AbortSignal } = {}): Promise<Machine> {
     return new Machine(this.#t, await this.#t.json("GET /machines/{id}", "Machine", { path: { id: idOrName }, signal: o.signal }));
+  }
+
+  /** Changes a machine's idle timeout, persistence or metadata (see `Machine.update`). */
+  async update(idOrName: string, changes: UpdateMachineRequest, o: { signal?: AbortSignal } = {}): Promise<Machine> {
+    const data = await this.#t.json("PATCH /machines/{id}", "Machine", {
+      path: { id: idOrName },
+      json: { schema: "UpdateMachineRequest", value: changes },
+      signal: o.signal,
+    });
+    return new Machine(this.#t, data);
   }
 
   /** One page of machines in creation order. */

@@ -252,6 +252,10 @@ fn the_evictor_takes_memory_images_first_then_machines_lowest_priority_least_rec
     assert!(s["used_bytes"].as_u64().unwrap() <= 9 * MIB / 2, "{s}");
     assert_eq!(status(&d, "low-old"), None);
     assert_eq!(status(&d, "high").as_deref(), Some("stopped"));
+    // Stopped: its cached JSON gets the measurement too, without the image.
+    let high = d.call("GET", "/machines/high", None).body;
+    let held = high["stored_bytes"].as_u64().unwrap();
+    assert!((MIB..2 * MIB).contains(&held), "{high}");
     assert_eq!(status(&d, "keep").as_deref(), Some("suspended"));
     assert_eq!(status(&d, "busy").as_deref(), Some("running"));
     let ev = d.call("GET", "/machines/high/events", None).body;

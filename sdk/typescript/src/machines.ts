@@ -240,12 +240,14 @@ export class Machine {
     const wait = o.wait ?? true;
     const timeout = o.timeout === undefined ? undefined : Math.min(o.timeout, this.#t.waitRound);
     try {
-      const data = await this.#t.json(`POST /machines/{id}/${op}`, "Machine", {
+      const resp = await this.#t.send(`POST /machines/{id}/${op}`, {
         path: this.#path(),
         query: { wait, timeout },
         signal: o.signal,
       });
-      return this.#set(data);
+      // A stop or kill of an ephemeral machine deleted it: nothing to read.
+      if (resp.status === 204) return this;
+      return this.#set(fromWire<MachineData>("Machine", await resp.json()));
     } catch (e) {
       // A wait longer than one round: the request was recorded and goes on;
       // wait for its outcome in further rounds. (A restart cannot be told

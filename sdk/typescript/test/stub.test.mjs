@@ -145,6 +145,8 @@ describe("machines", () => {
       await rejects(m.update({ persistence: { type: "sticky", priority: 11 } }), ValidationError, "VALIDATION_ERROR", 400);
       await m.update({ persistence: { type: "ephemeral" } });
       await rejects(m.suspend(), InvalidStateError, "INVALID_STATE", 409);
+      await m.stop(); // deletes it (204)
+      await rejects(m.refresh(), NotFoundError, "NOT_FOUND", 404);
     } finally {
       await m.dispose();
     }

@@ -217,7 +217,11 @@ impl Storage {
             }
         }
         let snapshots = subdirs_usage(&self.snapshots_dir);
-        let images = tree_usage(&self.images_dir, 6);
+        // Verified blobs and one filesystem per image digest (`images`);
+        // `tmp/` (pulls under way, possibly whole unpacked trees) is not
+        // walked.
+        let images = disk_usage(&self.images_dir.join("blobs/sha256"))
+            + subdirs_usage(&self.images_dir.join("fs"));
         *lock(&self.measured) = Measured {
             machines,
             snapshots,
@@ -299,23 +303,6 @@ fn subdirs_usage(dir: &Path) -> u64 {
         .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
         .map(|e| disk_usage(&e.path()))
         .sum()
-}
-
-/// Every file under `dir`, `depth` levels down at most (symlinks not
-/// followed).
-fn tree_usage(dir: &Path, depth: u32) -> u64 {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    let mut sum = disk_usage(dir);
-    if depth > 0 {
-        for e in entries.flatten() {
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                sum += tree_usage(&e.path(), depth - 1);
-            }
-        }
-    }
-    sum
 }
 
 /// The bytes an unprivileged user may still write on `dir`'s filesystem.

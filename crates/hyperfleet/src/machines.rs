@@ -200,7 +200,16 @@ async fn action(args: &ClientArgs, c: &Client, name: &str, a: ActionArgs) -> any
             }
             print_machine(args, &m)
         }
-        ActionResult::Deleted => Ok(()),
+        // A stop or kill of an ephemeral machine deletes it.
+        ActionResult::Deleted => {
+            if !args.json {
+                eprintln!(
+                    "{} deleted (ephemeral: deleted when it stops)",
+                    output::clean(&a.id)
+                );
+            }
+            Ok(())
+        }
     }
 }
 

@@ -366,3 +366,82 @@ fn a_daemon_killed_in_the_middle_of_an_eviction_converges_after_restart() {
         (s["used_bytes"].as_u64().unwrap() <= 1536 << 10 && s["machines"] == 1).then_some(())
     });
 }
+
+/// The CLI (and with it the Rust client): `machines create --persistence
+/// --idle-timeout`, `machines update`, and a stop that deletes.
+#[test]
+fn the_cli_creates_and_updates_policies_and_timeouts() {
+    let sb = Sandbox::new();
+    let d = Daemon::start(&sb);
+    let cli = |args: &[&str]| -> std::process::Output {
+        std::process::Command::new(common::bin())
+            .args(["--url", &d.url, "--api-key", &d.key])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let json = |args: &[&str]| -> Value {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let out = cli(&all);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let m = json(&[
+        "machines",
+        "create",
+        "--name",
+        "c1",
+        "--persistence",
+        "sticky:7",
+        "--idle-timeout",
+        "0",
+    ]);
+    assert_eq!(m["persistence"], json!({"type": "sticky", "priority": 7}));
+    assert_eq!(m["idle_timeout_seconds"], 0);
+    let m = json(&[
+        "machines",
+        "update",
+        "c1",
+        "--idle-timeout",
+        "120",
+        "--persistence",
+        "persistent",
+        "--metadata",
+        "team=a",
+    ]);
+    assert_eq!(m["idle_timeout_seconds"], 120);
+    assert_eq!(m["persistence"]["type"], "persistent");
+    assert_eq!(m["metadata"], json!({"team": "a"}));
+    let m = json(&[
+        "machines",
+        "update",
+        "c1",
+        "--idle-timeout",
+        "default",
+        "--clear-metadata",
+    ]);
+    assert!(m["idle_timeout_seconds"].is_null(), "{m}");
+    assert_eq!(m["metadata"], json!({}));
+    let out = cli(&["machines", "update", "c1", "--persistence", "sticky:11"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("priority"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Ephemeral: its stop deletes it, and the CLI says nothing is left.
+    json(&["machines", "update", "c1", "--persistence", "ephemeral"]);
+    assert!(cli(&["machines", "start", "c1"]).status.success());
+    let out = cli(&["machines", "stop", "c1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(status(&d, "c1"), None);
+}

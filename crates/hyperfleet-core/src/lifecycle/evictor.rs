@@ -27,7 +27,7 @@ use std::time::Duration;
 use hyperfleet_api::{MachineStatus, PersistenceType};
 
 use super::plan::failure_current;
-use super::storage::{Eviction, FULL_SCAN_EVERY};
+use super::storage::{Eviction, FULL_SCAN_EVERY, SCAN_EVERY};
 use super::supervisor::{Guard, LifecycleError, Supervisor, WaitOutcome, Why};
 use super::table::{Desired, Request};
 use crate::store::MachineRecord;
@@ -111,6 +111,17 @@ pub(crate) fn plan(cands: &[Candidate], used: u64, budget: u64) -> Vec<(String, 
     out
 }
 
+/// What a measurement covers.
+#[derive(Debug, Clone, Copy)]
+enum Scan {
+    /// What runs marked.
+    Marked,
+    /// What runs marked, machines with a VMM, snapshots and images.
+    Running,
+    /// Everything.
+    All,
+}
+
 /// How long the evictor waits for one eviction to be carried out.
 const EVICTION_TIMEOUT: Duration = Duration::from_secs(60);
 /// Marked machines are measured this long after the first mark, so a
@@ -185,40 +196,59 @@ impl Supervisor {
     }
 
     /// Measures and evicts, forever: after every change a run marked, and
-    /// every [`FULL_SCAN_EVERY`].
+    /// every [`SCAN_EVERY`] (everything every [`FULL_SCAN_EVERY`]).
     pub(crate) async fn evictor_loop(self: Arc<Self>) {
         // Measured at start (`Storage::open`): a daemon restarted over a
         // smaller budget evicts at once.
         if let Err(e) = self.evict().await {
             tracing::warn!(error = %e, "the evictor could not look at the machines; it tries again later");
         }
-        let mut last_full = tokio::time::Instant::now();
+        let mut last_scan = tokio::time::Instant::now();
+        let mut last_full = last_scan;
         loop {
             let storage = &self.ctx().storage;
             tokio::select! {
                 _ = storage.changed.notified() => {
                     tokio::time::sleep(SETTLE).await;
                 }
-                _ = tokio::time::sleep_until(last_full + FULL_SCAN_EVERY) => {}
+                _ = tokio::time::sleep_until(last_scan + SCAN_EVERY) => {}
             }
-            let full = last_full.elapsed() >= FULL_SCAN_EVERY;
-            if full {
+            let scan = if last_full.elapsed() >= FULL_SCAN_EVERY {
                 last_full = tokio::time::Instant::now();
-            }
-            self.measure(full).await;
+                last_scan = last_full;
+                Scan::All
+            } else if last_scan.elapsed() >= SCAN_EVERY {
+                last_scan = tokio::time::Instant::now();
+                Scan::Running
+            } else {
+                Scan::Marked
+            };
+            self.measure(scan).await;
             if let Err(e) = self.evict().await {
                 tracing::warn!(error = %e, "the evictor could not look at the machines; it tries again later");
             }
         }
     }
 
-    async fn measure(self: &Arc<Self>, full: bool) {
+    async fn measure(self: &Arc<Self>, scan: Scan) {
         let me = Arc::clone(self);
         let _ = tokio::task::spawn_blocking(move || {
-            if full {
-                me.ctx().storage.measure_all();
-            } else {
-                me.ctx().storage.measure_marked();
+            let storage = &me.ctx().storage;
+            match scan {
+                Scan::All => storage.measure_all(),
+                Scan::Running => {
+                    storage.measure_marked();
+                    match me.ctx().store.machines_with_vmm() {
+                        Ok(live) => {
+                            let ids: Vec<String> = live.into_iter().map(|r| r.id).collect();
+                            storage.measure_some(&ids);
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot list the running machines to measure them")
+                        }
+                    }
+                }
+                Scan::Marked => storage.measure_marked(),
             }
         })
         .await;

@@ -5,10 +5,13 @@
 //! — in allocated blocks, not apparent sizes.
 //!
 //! Measuring walks directories, so it never happens on an API request:
-//! the evictor's loop (`lifecycle::evictor`) measures everything every
-//! [`FULL_SCAN_EVERY`] and the machines a run marked changed (after it
-//! prepared a disk, saved memory or took a snapshot, or released a
-//! machine) as soon as they are marked; requests read the cache.
+//! the evictor's loop (`lifecycle::evictor`) measures the machines a run
+//! marked changed (after it prepared a disk, saved memory or took a
+//! snapshot, or released a machine) as soon as they are marked, the
+//! machines with a VMM (whose guests write to their disks without telling
+//! anyone), snapshots and images every [`SCAN_EVERY`], and everything at
+//! start and every [`FULL_SCAN_EVERY`]; requests read the cache, whose
+//! sums are kept as it changes (reading them costs nothing per machine).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
@@ -20,9 +23,12 @@ use crate::store::lock;
 use crate::util::now_ms;
 use crate::vmm::image::disk_usage;
 
-/// How often everything is measured again (running guests write to their
-/// disks without telling anyone).
-pub const FULL_SCAN_EVERY: Duration = Duration::from_secs(30);
+/// How often running machines, snapshots and images are measured again.
+pub const SCAN_EVERY: Duration = Duration::from_secs(30);
+
+/// How often every machine is measured again (what changed behind the
+/// runs' backs: files removed by hand).
+pub const FULL_SCAN_EVERY: Duration = Duration::from_secs(600);
 
 /// The default budget's share of the filesystem's free space at start.
 pub const DEFAULT_BUDGET_SHARE: f64 = 0.8;
@@ -77,9 +83,29 @@ pub struct Eviction {
 #[derive(Default)]
 struct Measured {
     machines: HashMap<String, MachineBytes>,
+    /// The sums of `machines`, kept as it changes.
+    disk: u64,
+    memory: u64,
     snapshots: u64,
     images: u64,
     at: Option<i64>,
+}
+
+impl Measured {
+    fn set(&mut self, id: &str, bytes: Option<MachineBytes>) {
+        let old = match bytes {
+            Some(b) => self.machines.insert(id.to_string(), b),
+            None => self.machines.remove(id),
+        };
+        if let Some(o) = old {
+            self.disk -= o.disk;
+            self.memory -= o.memory;
+        }
+        if let Some(b) = bytes {
+            self.disk += b.disk;
+            self.memory += b.memory;
+        }
+    }
 }
 
 /// How the budget was set.
@@ -184,17 +210,13 @@ impl Storage {
 
     pub fn totals(&self) -> Totals {
         let m = lock(&self.measured);
-        let mut t = Totals {
+        Totals {
+            machines: m.disk,
+            memory_images: m.memory,
             snapshots: m.snapshots,
             images: m.images,
             machine_count: m.machines.len() as u64,
-            ..Totals::default()
-        };
-        for b in m.machines.values() {
-            t.machines += b.disk;
-            t.memory_images += b.memory;
         }
-        t
     }
 
     pub fn measured_at(&self) -> Option<i64> {
@@ -216,18 +238,40 @@ impl Storage {
                 machines.insert(name, measure_machine(&e.path()));
             }
         }
-        let snapshots = subdirs_usage(&self.snapshots_dir);
-        // Verified blobs and one filesystem per image digest (`images`);
-        // `tmp/` (pulls under way, possibly whole unpacked trees) is not
-        // walked.
-        let images = disk_usage(&self.images_dir.join("blobs/sha256"))
-            + subdirs_usage(&self.images_dir.join("fs"));
-        *lock(&self.measured) = Measured {
-            machines,
+        let (snapshots, images) = self.others();
+        let mut m = Measured {
             snapshots,
             images,
             at: Some(now_ms()),
+            ..Measured::default()
         };
+        for (id, b) in machines {
+            m.set(&id, Some(b));
+        }
+        *lock(&self.measured) = m;
+    }
+
+    /// Snapshots and images: verified blobs and one filesystem per image
+    /// digest (`images`); `tmp/` (pulls under way, possibly whole unpacked
+    /// trees) is not walked.
+    fn others(&self) -> (u64, u64) {
+        let snapshots = subdirs_usage(&self.snapshots_dir);
+        let images = disk_usage(&self.images_dir.join("blobs/sha256"))
+            + subdirs_usage(&self.images_dir.join("fs"));
+        (snapshots, images)
+    }
+
+    /// Measures machines `ids` (those with a VMM), snapshots and images
+    /// again (blocking).
+    pub fn measure_some(&self, ids: &[String]) {
+        for id in ids {
+            self.measure_one(id);
+        }
+        let (snapshots, images) = self.others();
+        let mut m = lock(&self.measured);
+        m.snapshots = snapshots;
+        m.images = images;
+        m.at = Some(now_ms());
     }
 
     /// Measures what was marked since the last measurement (blocking).
@@ -247,15 +291,7 @@ impl Storage {
     pub fn measure_one(&self, id: &str) {
         let dir = self.machines_dir.join(id);
         let bytes = dir.is_dir().then(|| measure_machine(&dir));
-        let mut m = lock(&self.measured);
-        match bytes {
-            Some(b) => {
-                m.machines.insert(id.to_string(), b);
-            }
-            None => {
-                m.machines.remove(id);
-            }
-        }
+        lock(&self.measured).set(id, bytes);
     }
 
     /// Whether anything was marked since the last measurement.

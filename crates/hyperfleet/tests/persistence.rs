@@ -93,6 +93,23 @@ fn ephemeral_machines_go_when_they_idle_stop_or_power_off_and_never_suspend() {
     assert_eq!(act(&d, "killed", "kill").status, 204);
     assert_eq!(status(&d, "killed"), None);
 
+    // A kill escalates the stop that deletes it, as any graceful stop.
+    d.create(json!({"name": "stubborn", "persistence": eph,
+                    "metadata": {"stub_ignore_poweroff": "true"}}));
+    act(&d, "stubborn", "start");
+    let r = d.call("POST", "/machines/stubborn/stop?wait=false", None);
+    assert_eq!(r.status, 202, "{}", r.body);
+    assert_eq!(r.body["desired_status"], "deleting", "{}", r.body);
+    let t0 = std::time::Instant::now();
+    let r = act(&d, "stubborn", "kill");
+    assert_eq!(r.status, 204, "{}", r.body);
+    assert!(
+        t0.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert_eq!(status(&d, "stubborn"), None);
+
     // A guest that powers itself off: gone, nothing left behind.
     let m = d.create(json!({"name": "job", "persistence": eph}));
     let id = m["id"].as_str().unwrap().to_string();

@@ -544,7 +544,15 @@ impl Supervisor {
                 if ephemeral && req == Request::Suspend {
                     return Ok(Err(Refused::Ephemeral(rec.name.clone())));
                 }
+                // An ephemeral machine's stop is a delete; a kill still
+                // escalates it, as it escalates any graceful stop.
+                let escalate = ephemeral
+                    && req == Request::Kill
+                    && rec.desired == Desired::Deleted
+                    && !rec.stop_kill
+                    && table::on_request(rec.status, req).is_some();
                 let intent = match table::decide(&rec, req) {
+                    _ if escalate => table::Intent::Kill,
                     Admission::Deny(denied) => return Ok(Err(Refused::State(denied))),
                     Admission::Unchanged => return Ok(Ok(unchanged)),
                     Admission::Apply(intent) => intent,

@@ -264,17 +264,8 @@ class AsyncMachines:
         persistence: Union[Persistence, Mapping[str, Any], None] = None,
         metadata: Optional[Mapping[str, str]] = None,
     ) -> AsyncMachine:
-        """Change the machine's idle timeout, persistence or metadata
-        (``PATCH /machines/{id}``); what is left out stays as it is.
-
-        Args:
-            idle_timeout_seconds: seconds without activity before it is
-                suspended (deleted, when ephemeral); ``0`` never; ``None`` the
-                server's default. The idle deadline starts over.
-            persistence: ``Persistence("sticky", priority=3)`` or
-                ``{"type": "persistent"}``.
-            metadata: replaces the metadata as a whole (``{}`` empties it).
-        """
+        """Change the idle timeout, persistence or metadata of the machine
+        with this id or name: see :meth:`AsyncMachine.update`."""
         call = _core.update_machine(id, idle_timeout_seconds, persistence, metadata)
         return AsyncMachine._wrap(self._client, await self._client._json(call))
 

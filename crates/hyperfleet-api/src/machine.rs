@@ -566,5 +566,27 @@ mod schema_tests {
         assert_eq!(p["exposed_ports"]["maxItems"], LIMITS.exposed_ports_max);
         assert_eq!(p["env"]["maxProperties"], LIMITS.env_max);
         assert_eq!(p["metadata"]["maxProperties"], LIMITS.metadata_max);
+        let s = serde_json::to_value(Persistence::schema()).unwrap();
+        assert_eq!(
+            s["properties"]["priority"]["maximum"],
+            Persistence::MAX_PRIORITY
+        );
+    }
+
+    #[test]
+    fn persistence_reads_the_cli_form_and_fills_its_defaults() {
+        let p: Persistence = "sticky:3".parse().unwrap();
+        assert_eq!((p.kind, p.priority), (PersistenceType::Sticky, Some(3)));
+        assert_eq!(p.to_string(), "sticky:3");
+        let p: Persistence = "ephemeral".parse().unwrap();
+        assert_eq!((p.kind, p.priority), (PersistenceType::Ephemeral, None));
+        "sticky:11".parse::<Persistence>().unwrap_err();
+        "forever".parse::<Persistence>().unwrap_err();
+        let d = Persistence::effective(None);
+        assert_eq!((d.kind, d.priority), (PersistenceType::Sticky, Some(5)));
+        // null priority in JSON: the default.
+        let p: Persistence =
+            serde_json::from_str(r#"{"type":"persistent","priority":null}"#).unwrap();
+        assert_eq!(Persistence::effective(Some(&p)).priority, Some(5));
     }
 }

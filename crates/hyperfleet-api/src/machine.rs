@@ -455,8 +455,9 @@ pub struct Machine {
     /// suspended.
     #[serde(default)]
     pub last_active_at: Option<String>,
-    /// When the machine will be suspended for idleness if nothing uses it
-    /// meanwhile: while it is `running` with an idle timeout; null otherwise.
+    /// When the machine will be suspended (an ephemeral one: deleted) for
+    /// idleness if nothing uses it meanwhile: while it is `running` with an
+    /// idle timeout; null otherwise.
     #[serde(default)]
     pub idle_deadline: Option<String>,
     /// The OCI image the machine's root filesystem was made from; null for

@@ -394,8 +394,9 @@ export interface Machine {
   generation: number;
   id: string;
   /**
-   * When the machine will be suspended for idleness if nothing uses it
-   * meanwhile: while it is `running` with an idle timeout; null otherwise.
+   * When the machine will be suspended (an ephemeral one: deleted) for
+   * idleness if nothing uses it meanwhile: while it is `running` with an
+   * idle timeout; null otherwise.
    */
   idleDeadline?: string | null;
   idleTimeoutSeconds?: number | null;

@@ -48,8 +48,11 @@ pub enum ErrorCode {
     TooManyRequests,
     /// The server cannot serve the request right now, e.g. shutting down (503).
     Unavailable,
-    /// The host's disk is full: the change could not be stored. Nothing
-    /// was changed; retry once space is freed (507).
+    /// The host's disk is full: the change could not be stored; or the
+    /// storage budget is used up and nothing left can be evicted (only
+    /// persistent machines, running ones, snapshots): a create, suspend or
+    /// snapshot that needs more space is refused. Nothing was changed;
+    /// retry once space is freed (507).
     InsufficientStorage,
     /// A bug or an unexpected host failure; details are in the server log (500).
     InternalError,

@@ -16,6 +16,7 @@ mod machine;
 mod quota;
 pub mod schema;
 mod snapshot;
+mod storage;
 mod whole;
 
 pub use error::{ErrorBody, ErrorCode, ErrorDetail};
@@ -32,13 +33,14 @@ pub use image::{
 pub use keys::{ApiKey, CreateKeyRequest, CreatedKey, KeyList, Scope};
 pub use machine::{
     CreateMachineRequest, Machine, MachineList, MachineNetwork, MachineOciImage, MachineStatus,
-    NetworkRequest, Persistence, PersistenceType, VmmKind, LIMITS,
+    NetworkRequest, Persistence, PersistenceType, UpdateMachineRequest, VmmKind, LIMITS,
 };
 pub use quota::{Quota, QuotaLimits, QuotaUsage};
 pub use snapshot::{
     CreateSnapshotRequest, CreateTemplateRequest, ForkRequest, ForkResult, Snapshot, SnapshotList,
     SnapshotStatus, FORK_MAX,
 };
+pub use storage::{Storage, StorageEviction};
 
 /// The prefix every API key starts with, so that leaked keys are easy to
 /// recognise by secret scanners and operators.

@@ -128,20 +128,119 @@ impl FromStr for VmmKind {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+/// What happens to a machine's storage (docs/api.md "Persistence").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum PersistenceType {
+    /// Kept while the storage budget allows: when the data dir is over
+    /// `--storage-budget`, the evictor reclaims sticky machines that are not
+    /// running (memory image first, then the machine), lowest `priority`
+    /// first, then least recently active.
     Sticky,
+    /// Never evicted; when nothing else can be reclaimed, creates and
+    /// suspends are refused (507) instead.
     Persistent,
+    /// Deleted when it stops (asked to, or its guest powers off) or reaches
+    /// its idle timeout; never suspended.
     Ephemeral,
 }
 
-/// Reserved for the persistence issue: how long a machine's disk is kept.
+impl PersistenceType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PersistenceType::Sticky => "sticky",
+            PersistenceType::Persistent => "persistent",
+            PersistenceType::Ephemeral => "ephemeral",
+        }
+    }
+}
+
+impl fmt::Display for PersistenceType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for PersistenceType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "sticky" => Ok(PersistenceType::Sticky),
+            "persistent" => Ok(PersistenceType::Persistent),
+            "ephemeral" => Ok(PersistenceType::Ephemeral),
+            _ => Err(format!(
+                "unknown persistence '{s}'; expected one of sticky, persistent, ephemeral"
+            )),
+        }
+    }
+}
+
+/// How long a machine's storage is kept (docs/api.md "Persistence").
+/// Default `{"type": "sticky", "priority": 5}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Persistence {
     #[serde(rename = "type")]
     pub kind: PersistenceType,
+    /// 0–10, default 5: among sticky machines the evictor reclaims lower
+    /// priorities first. Kept, but without effect, for the other types.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::whole::opt"
+    )]
+    #[schema(minimum = 0, maximum = 10)]
+    pub priority: Option<u8>,
+}
+
+impl Persistence {
+    /// The priority of a sticky machine created without one.
+    pub const DEFAULT_PRIORITY: u8 = 5;
+    /// The highest priority.
+    pub const MAX_PRIORITY: u8 = 10;
+
+    /// The policy a machine created with `p` has: `p`, else sticky; the
+    /// priority filled in.
+    pub fn effective(p: Option<&Persistence>) -> Persistence {
+        Persistence {
+            kind: p.map_or(PersistenceType::Sticky, |p| p.kind),
+            priority: Some(
+                p.and_then(|p| p.priority)
+                    .unwrap_or(Persistence::DEFAULT_PRIORITY),
+            ),
+        }
+    }
+}
+
+impl fmt::Display for Persistence {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.priority {
+            Some(p) => write!(f, "{}:{p}", self.kind),
+            None => write!(f, "{}", self.kind),
+        }
+    }
+}
+
+/// `sticky`, `sticky:3`, `persistent`: the CLI's form.
+impl FromStr for Persistence {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (kind, priority) = match s.split_once(':') {
+            Some((k, p)) => {
+                let p: u8 = p
+                    .parse()
+                    .ok()
+                    .filter(|p| *p <= Persistence::MAX_PRIORITY)
+                    .ok_or_else(|| format!("priority '{p}' is not a whole number from 0 to 10"))?;
+                (k, Some(p))
+            }
+            None => (s, None),
+        };
+        Ok(Persistence {
+            kind: kind.parse()?,
+            priority,
+        })
+    }
 }
 
 /// Bounds the API enforces on a machine spec. Documented in docs/api.md.
@@ -225,8 +324,8 @@ pub struct CreateMachineRequest {
     )]
     #[schema(maximum = 604800)]
     pub idle_timeout_seconds: Option<u64>,
-    /// Reserved: how long the disk is kept (the persistence policies are
-    /// not implemented yet).
+    /// How long the machine's storage is kept; default sticky, priority 5
+    /// (docs/api.md "Persistence").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub persistence: Option<Persistence>,
     /// Environment for commands run in the guest.
@@ -312,6 +411,7 @@ pub struct Machine {
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,
     pub idle_timeout_seconds: Option<u64>,
+    /// The machine's persistence policy, its defaults filled in.
     pub persistence: Option<Persistence>,
     /// The guest image (asset set id) the machine's disk was made from;
     /// null for backends with no guest.
@@ -355,14 +455,58 @@ pub struct Machine {
     /// suspended.
     #[serde(default)]
     pub last_active_at: Option<String>,
-    /// When the machine will be suspended for idleness if nothing uses it
-    /// meanwhile: while it is `running` with an idle timeout; null otherwise.
+    /// When the machine will be suspended (an ephemeral one: deleted) for
+    /// idleness if nothing uses it meanwhile: while it is `running` with an
+    /// idle timeout; null otherwise.
     #[serde(default)]
     pub idle_deadline: Option<String>,
     /// The OCI image the machine's root filesystem was made from; null for
     /// the built-in guest image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oci_image: Option<MachineOciImage>,
+    /// Bytes the machine holds on the data directory's disk (its disk
+    /// overlay and files, plus its memory image while suspended; allocated
+    /// blocks, not apparent sizes), as last measured by the storage
+    /// accounting (at most about 30 s old); absent until measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stored_bytes: Option<u64>,
+}
+
+/// A map that, when present, is one: `null` is refused (absent means
+/// unchanged; `{}` empties it).
+fn present_map<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<BTreeMap<String, String>>, D::Error> {
+    BTreeMap::deserialize(d).map(Some)
+}
+
+/// `PATCH /machines/{id}`: the settings a machine may change after create.
+/// Absent fields stay as they are. Unknown fields are rejected.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateMachineRequest {
+    /// Seconds without activity before the machine is suspended (or, when
+    /// ephemeral, deleted); 0: never; null: the server's
+    /// `--default-idle-timeout`. The idle deadline starts over from the
+    /// update.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::whole::opt_nullable"
+    )]
+    #[schema(value_type = Option<u64>, maximum = 604800, nullable)]
+    pub idle_timeout_seconds: Option<Option<u64>>,
+    /// The new persistence policy (a priority left out is 5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub persistence: Option<Persistence>,
+    /// Replaces the machine's metadata as a whole (`{}` removes it all).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present_map"
+    )]
+    #[schema(schema_with = crate::schema::machine_metadata)]
+    pub metadata: Option<BTreeMap<String, String>>,
 }
 
 /// `oci_image` of a machine.
@@ -423,5 +567,27 @@ mod schema_tests {
         assert_eq!(p["exposed_ports"]["maxItems"], LIMITS.exposed_ports_max);
         assert_eq!(p["env"]["maxProperties"], LIMITS.env_max);
         assert_eq!(p["metadata"]["maxProperties"], LIMITS.metadata_max);
+        let s = serde_json::to_value(Persistence::schema()).unwrap();
+        assert_eq!(
+            s["properties"]["priority"]["maximum"],
+            Persistence::MAX_PRIORITY
+        );
+    }
+
+    #[test]
+    fn persistence_reads_the_cli_form_and_fills_its_defaults() {
+        let p: Persistence = "sticky:3".parse().unwrap();
+        assert_eq!((p.kind, p.priority), (PersistenceType::Sticky, Some(3)));
+        assert_eq!(p.to_string(), "sticky:3");
+        let p: Persistence = "ephemeral".parse().unwrap();
+        assert_eq!((p.kind, p.priority), (PersistenceType::Ephemeral, None));
+        "sticky:11".parse::<Persistence>().unwrap_err();
+        "forever".parse::<Persistence>().unwrap_err();
+        let d = Persistence::effective(None);
+        assert_eq!((d.kind, d.priority), (PersistenceType::Sticky, Some(5)));
+        // null priority in JSON: the default.
+        let p: Persistence =
+            serde_json::from_str(r#"{"type":"persistent","priority":null}"#).unwrap();
+        assert_eq!(Persistence::effective(Some(&p)).priority, Some(5));
     }
 }

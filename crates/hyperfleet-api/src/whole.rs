@@ -58,6 +58,17 @@ where
     Option::<Whole>::deserialize(d)?.map(narrow).transpose()
 }
 
+/// An optional integer field where null means something of its own
+/// (`Some(None)`), apart from an absent field (`None`, with
+/// `#[serde(default)]`).
+pub(crate) fn opt_nullable<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: TryFrom<u64>,
+{
+    opt(d).map(Some)
+}
+
 /// A list of integers.
 pub(crate) fn vec<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
 where

@@ -212,6 +212,25 @@ impl Client {
             .await
     }
 
+    /// `PATCH /machines/{id}`: changes the idle timeout, persistence or
+    /// metadata (fields left `None` stay as they are).
+    pub async fn update_machine(
+        &self,
+        id: &str,
+        req: &hyperfleet_api::UpdateMachineRequest,
+    ) -> Result<Machine, ClientError> {
+        self.json(
+            self.req(Method::PATCH, &format!("/machines/{}", enc(id)))
+                .json(req),
+        )
+        .await
+    }
+
+    /// `GET /storage` (operator keys): the storage budget and its use.
+    pub async fn storage(&self) -> Result<hyperfleet_api::Storage, ClientError> {
+        self.json(self.req(Method::GET, "/storage")).await
+    }
+
     /// `action` is one of start, stop, restart, pause, resume, kill, suspend.
     pub async fn action(
         &self,
@@ -229,6 +248,10 @@ impl Client {
             .query(&q)
             .timeout(Duration::from_secs(timeout_secs.unwrap_or(60) + 30));
         let resp = self.send(r).await?;
+        // A stop of an ephemeral machine deletes it.
+        if resp.status() == StatusCode::NO_CONTENT {
+            return Ok(ActionResult::Deleted);
+        }
         let accepted = resp.status() == StatusCode::ACCEPTED;
         let m: Machine = resp.json().await.map_err(|e| ClientError::Connect {
             url: self.base.clone(),

@@ -59,6 +59,9 @@ pub struct Config {
     pub admission: crate::lifecycle::capacity::AdmissionConfig,
     /// `--default-idle-timeout`, `--wake-timeout`.
     pub idle: crate::lifecycle::idle::IdleConfig,
+    /// `--storage-budget` in bytes; None: what the data directory holds at
+    /// start plus 80 % of its filesystem's free space then.
+    pub storage_budget: Option<u64>,
 }
 
 /// Defined with the code that enforces it (http/guest), so that http does
@@ -126,6 +129,7 @@ impl Config {
             guest: GuestLimits::default(),
             admission: Default::default(),
             idle: Default::default(),
+            storage_budget: None,
         }
     }
 

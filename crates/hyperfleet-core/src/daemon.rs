@@ -324,6 +324,14 @@ pub async fn serve(config: Config) -> Result<(), DaemonError> {
     // Who used which machine when: the proxy and guest calls write it, the
     // idle timer reads it.
     let activity = crate::proxy::activity::Activity::default();
+    // Measured once here (a directory walk), then by the evictor.
+    let storage = {
+        let (dir, budget) = (config.data_dir.clone(), config.storage_budget);
+        tokio::task::spawn_blocking(move || crate::lifecycle::storage::Storage::open(&dir, budget))
+            .await
+            .map(Arc::new)
+            .map_err(|e| DaemonError::Serve(std::io::Error::other(e)))?
+    };
     let sup = Supervisor::with_admission(
         RunCtx {
             store: store.clone(),
@@ -335,6 +343,7 @@ pub async fn serve(config: Config) -> Result<(), DaemonError> {
             net: net.clone(),
             idle: config.idle,
             activity: activity.clone(),
+            storage,
         },
         config.admission,
     );

@@ -6,7 +6,9 @@
 
 use std::collections::BTreeSet;
 
-use hyperfleet_api::{CreateMachineRequest, VmmKind, LIMITS};
+use std::collections::BTreeMap;
+
+use hyperfleet_api::{CreateMachineRequest, Persistence, UpdateMachineRequest, VmmKind, LIMITS};
 
 use crate::store::MachineSpec;
 use crate::util::looks_like_machine_id;
@@ -24,6 +26,72 @@ fn bad(field: impl Into<String>, message: impl Into<String>) -> ValidationError 
         field: field.into(),
         message: message.into(),
     }
+}
+
+fn validate_metadata(metadata: &BTreeMap<String, String>) -> Result<(), ValidationError> {
+    if metadata.len() > LIMITS.metadata_max {
+        return Err(bad(
+            "metadata",
+            format!("at most {} entries", LIMITS.metadata_max),
+        ));
+    }
+    for (k, v) in metadata {
+        if k.is_empty() || k.chars().count() > LIMITS.metadata_key_max_len {
+            return Err(bad(
+                "metadata",
+                format!(
+                    "keys must be 1 to {} characters",
+                    LIMITS.metadata_key_max_len
+                ),
+            ));
+        }
+        if v.chars().count() > LIMITS.metadata_value_max_len {
+            return Err(bad(
+                "metadata",
+                format!(
+                    "the value of '{k}' is longer than {} characters",
+                    LIMITS.metadata_value_max_len
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn validate_idle_timeout(t: Option<u64>) -> Result<(), ValidationError> {
+    if t.is_some_and(|t| t > LIMITS.idle_timeout_max_seconds) {
+        return Err(bad(
+            "idle_timeout_seconds",
+            format!(
+                "must be at most {} (7 days) or null",
+                LIMITS.idle_timeout_max_seconds
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn validate_persistence(p: Option<&Persistence>) -> Result<(), ValidationError> {
+    if p.and_then(|p| p.priority)
+        .is_some_and(|v| v > Persistence::MAX_PRIORITY)
+    {
+        return Err(bad(
+            "persistence.priority",
+            format!("must be 0 to {}", Persistence::MAX_PRIORITY),
+        ));
+    }
+    Ok(())
+}
+
+/// `PATCH /machines/{id}`: every field present is checked as create checks it.
+pub fn validate_update(req: &UpdateMachineRequest) -> Result<(), ValidationError> {
+    if let Some(m) = &req.metadata {
+        validate_metadata(m)?;
+    }
+    if let Some(t) = req.idle_timeout_seconds {
+        validate_idle_timeout(t)?;
+    }
+    validate_persistence(req.persistence.as_ref())
 }
 
 /// Names are DNS labels so they can appear in proxy host names.
@@ -140,43 +208,9 @@ pub fn validate_create(
             ));
         }
     }
-    if req.metadata.len() > LIMITS.metadata_max {
-        return Err(bad(
-            "metadata",
-            format!("at most {} entries", LIMITS.metadata_max),
-        ));
-    }
-    for (k, v) in &req.metadata {
-        if k.is_empty() || k.chars().count() > LIMITS.metadata_key_max_len {
-            return Err(bad(
-                "metadata",
-                format!(
-                    "keys must be 1 to {} characters",
-                    LIMITS.metadata_key_max_len
-                ),
-            ));
-        }
-        if v.chars().count() > LIMITS.metadata_value_max_len {
-            return Err(bad(
-                "metadata",
-                format!(
-                    "the value of '{k}' is longer than {} characters",
-                    LIMITS.metadata_value_max_len
-                ),
-            ));
-        }
-    }
-    if let Some(t) = req.idle_timeout_seconds {
-        if t > LIMITS.idle_timeout_max_seconds {
-            return Err(bad(
-                "idle_timeout_seconds",
-                format!(
-                    "must be at most {} (7 days) or null",
-                    LIMITS.idle_timeout_max_seconds
-                ),
-            ));
-        }
-    }
+    validate_metadata(&req.metadata)?;
+    validate_idle_timeout(req.idle_timeout_seconds)?;
+    validate_persistence(req.persistence.as_ref())?;
     let spec = MachineSpec {
         vmm: req.vmm.unwrap_or(default_vmm),
         vcpu_count,
@@ -185,7 +219,8 @@ pub fn validate_create(
         env: req.env,
         metadata: req.metadata,
         idle_timeout_seconds: req.idle_timeout_seconds,
-        persistence: req.persistence,
+        // The policy with its defaults filled in: what the machine shows.
+        persistence: Some(Persistence::effective(req.persistence.as_ref())),
         image: None,
         disk_bytes: None,
         egress: req.network.and_then(|n| n.egress).unwrap_or(true),

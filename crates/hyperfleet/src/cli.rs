@@ -328,6 +328,13 @@ pub(crate) struct ServeArgs {
     /// suspended machine to wake before it is answered 503.
     #[arg(long, env = "HYPERFLEET_WAKE_TIMEOUT", default_value_t = 30)]
     pub wake_timeout: u64,
+    /// Bytes the machines' disks, memory images and snapshots may hold
+    /// under the data directory (suffixes K, M, G, T: `10G`); over it, the
+    /// evictor reclaims sticky machines that are not running. Default:
+    /// what the data directory holds at start plus 80 % of its
+    /// filesystem's free space then.
+    #[arg(long, env = "HYPERFLEET_STORAGE_BUDGET", value_parser = hyperfleet_core::lifecycle::storage::parse_size)]
+    pub storage_budget: Option<u64>,
     /// Port of the reverse proxy to exposed guest ports (0 = any free port)
     /// [env: HYPERFLEET_PROXY_PORT, else PROXY_PORT] [default: 4000].
     #[arg(long)]
@@ -399,6 +406,8 @@ pub(crate) enum MachinesCmd {
     Kill(ActionArgs),
     /// Save memory to disk and stop the VMM.
     Suspend(ActionArgs),
+    /// Change a machine's idle timeout, persistence or metadata.
+    Update(UpdateArgs),
     /// Delete a machine and release everything it owns.
     Delete {
         id: String,
@@ -530,6 +539,41 @@ pub(crate) enum TemplatesCmd {
 }
 
 #[derive(Args)]
+pub(crate) struct UpdateArgs {
+    pub id: String,
+    /// Seconds without activity before it is suspended (deleted, when
+    /// ephemeral); 0 never; `default` the server's --default-idle-timeout.
+    #[arg(long, value_parser = parse_idle_timeout)]
+    pub idle_timeout: Option<IdleTimeoutArg>,
+    /// sticky[:PRIORITY 0-10], persistent or ephemeral.
+    #[arg(long, value_parser = parse_persistence)]
+    pub persistence: Option<hyperfleet_api::Persistence>,
+    /// KEY=VALUE (repeatable): replaces the machine's metadata.
+    #[arg(long = "metadata")]
+    pub metadata: Vec<String>,
+    /// Remove all metadata.
+    #[arg(long, conflicts_with = "metadata")]
+    pub clear_metadata: bool,
+}
+
+/// `--idle-timeout`: seconds, or the server's default.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct IdleTimeoutArg(pub Option<u64>);
+
+fn parse_idle_timeout(s: &str) -> Result<IdleTimeoutArg, String> {
+    if s == "default" {
+        return Ok(IdleTimeoutArg(None));
+    }
+    s.parse::<u64>()
+        .map(|v| IdleTimeoutArg(Some(v)))
+        .map_err(|_| format!("'{s}' is neither a number of seconds nor 'default'"))
+}
+
+fn parse_persistence(s: &str) -> Result<hyperfleet_api::Persistence, String> {
+    s.parse()
+}
+
+#[derive(Args)]
 pub(crate) struct CreateArgs {
     #[arg(long)]
     pub name: Option<String>,
@@ -569,6 +613,13 @@ pub(crate) struct CreateArgs {
     /// pulled first when absent.
     #[arg(long)]
     pub image: Option<String>,
+    /// Seconds without activity before it is suspended (0 never; default:
+    /// the server's --default-idle-timeout).
+    #[arg(long)]
+    pub idle_timeout: Option<u64>,
+    /// sticky[:PRIORITY 0-10] (default sticky:5), persistent or ephemeral.
+    #[arg(long, value_parser = parse_persistence)]
+    pub persistence: Option<hyperfleet_api::Persistence>,
 }
 
 #[derive(Subcommand)]

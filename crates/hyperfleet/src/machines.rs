@@ -62,6 +62,23 @@ fn print_machine(args: &ClientArgs, m: &Machine) -> anyhow::Result<()> {
     if let Some(e) = &m.error_message {
         rows.push(vec!["error".into(), e.clone()]);
     }
+    if let Some(p) = &m.persistence {
+        rows.push(vec!["persistence".into(), p.to_string()]);
+    }
+    rows.push(vec![
+        "idle timeout".into(),
+        match m.idle_timeout_seconds {
+            None => "server default".into(),
+            Some(0) => "never".into(),
+            Some(t) => format!("{t} s"),
+        },
+    ]);
+    if let Some(d) = &m.idle_deadline {
+        rows.push(vec!["idle deadline".into(), d.clone()]);
+    }
+    if let Some(b) = m.stored_bytes {
+        rows.push(vec!["stored".into(), format!("{} MiB", b >> 20)]);
+    }
     rows.extend(network_rows(m));
     output::table(&["FIELD", "VALUE"], &rows);
     Ok(())
@@ -183,7 +200,16 @@ async fn action(args: &ClientArgs, c: &Client, name: &str, a: ActionArgs) -> any
             }
             print_machine(args, &m)
         }
-        ActionResult::Deleted => Ok(()),
+        // A stop or kill of an ephemeral machine deletes it.
+        ActionResult::Deleted => {
+            if !args.json {
+                eprintln!(
+                    "{} deleted (ephemeral: deleted when it stops)",
+                    output::clean(&a.id)
+                );
+            }
+            Ok(())
+        }
     }
 }
 
@@ -195,7 +221,7 @@ pub(crate) async fn run(args: &ClientArgs, cmd: MachinesCmd) -> anyhow::Result<(
                 None => None,
                 Some(v) => Some(v.parse().map_err(anyhow::Error::msg)?),
             };
-            let req = CreateMachineRequest {
+            let mut req = CreateMachineRequest {
                 name: a.name,
                 vcpu_count: a.vcpus,
                 mem_size_mib: a.mem,
@@ -211,6 +237,8 @@ pub(crate) async fn run(args: &ClientArgs, cmd: MachinesCmd) -> anyhow::Result<(
                 image: a.image,
                 ..Default::default()
             };
+            req.idle_timeout_seconds = a.idle_timeout;
+            req.persistence = a.persistence;
             let mut m = c.create_machine(&req).await?;
             if a.start {
                 let progress = Progress::spinner(args.json, doing("start", &m.name));
@@ -249,6 +277,21 @@ pub(crate) async fn run(args: &ClientArgs, cmd: MachinesCmd) -> anyhow::Result<(
         MachinesCmd::Resume(a) => action(args, &c, "resume", a).await,
         MachinesCmd::Kill(a) => action(args, &c, "kill", a).await,
         MachinesCmd::Suspend(a) => action(args, &c, "suspend", a).await,
+        MachinesCmd::Update(a) => {
+            let metadata = if a.clear_metadata {
+                Some(Default::default())
+            } else if a.metadata.is_empty() {
+                None
+            } else {
+                Some(pairs(&a.metadata, "--metadata")?)
+            };
+            let req = hyperfleet_api::UpdateMachineRequest {
+                idle_timeout_seconds: a.idle_timeout.map(|t| t.0),
+                persistence: a.persistence,
+                metadata,
+            };
+            print_machine(args, &c.update_machine(&a.id, &req).await?)
+        }
         MachinesCmd::Delete {
             id,
             force,

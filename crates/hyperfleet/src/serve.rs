@@ -107,6 +107,7 @@ fn settings(a: &ServeArgs, global: &ClientArgs) -> anyhow::Result<Config> {
             .then(|| Duration::from_secs(a.default_idle_timeout)),
         wake_timeout: Duration::from_secs(a.wake_timeout.max(1)),
     };
+    config.storage_budget = a.storage_budget;
     config.qemu_binary = a.qemu_binary.clone();
     config.firecracker_binary = a.firecracker_binary.clone();
     // Absolute: Firecracker resolves it from its own working directory,

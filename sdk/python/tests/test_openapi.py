@@ -195,6 +195,19 @@ def test_machine_methods_send_what_their_routes_take(cls: type) -> None:
     )
 
 
+@pytest.mark.parametrize(
+    "machines,machine",
+    [
+        (hyperfleet.Machines, hyperfleet.Machine),
+        (hyperfleet.AsyncMachines, hyperfleet.AsyncMachine),
+    ],
+)
+def test_update_takes_every_update_field(machines: type, machine: type) -> None:
+    fields = body_props("patch", "/machines/{id}")
+    assert params_of(machines.update, drop={"id"}) == fields
+    assert params_of(machine.update) == fields
+
+
 @pytest.mark.parametrize("cls", [hyperfleet.MachineFiles, hyperfleet.AsyncMachineFiles])
 def test_file_methods_send_what_their_routes_take(cls: type) -> None:
     assert params_of(cls.write, drop={"data"}) == query_params("put", "/machines/{id}/files")
@@ -267,6 +280,7 @@ def test_routes_the_sdk_does_not_know_are_noticed() -> None:
         ("get", "/machines"),
         ("post", "/machines"),
         ("get", "/machines/{id}"),
+        ("patch", "/machines/{id}"),
         ("delete", "/machines/{id}"),
         ("get", "/machines/{id}/events"),
         ("post", "/machines/{id}/exec"),
@@ -307,6 +321,9 @@ def test_routes_the_sdk_does_not_know_are_noticed() -> None:
         ("get", "/machines/{id}/exec/ws"),
         # Prometheus text for scrapers (being added by the metrics work).
         ("get", "/metrics"),
+        # The operator's storage figures (host-wide, like /metrics): the CLI
+        # and GET /storage serve operators, not SDK users.
+        ("get", "/storage"),
         # The tenant-wide event feed (the web console's live list);
         # machine.events() covers one machine.
         ("get", "/events"),

@@ -104,6 +104,34 @@ def test_every_action_moves_the_machine(client: Hyperfleet) -> None:
             pass
 
 
+def test_update_changes_idle_timeout_persistence_and_metadata(client: Hyperfleet) -> None:
+    with client.machines.create(
+        unique("upd"), idle_timeout_seconds=0, metadata={"a": "1"}, start=True
+    ) as m:
+        assert m.persistence == hyperfleet.Persistence("sticky", priority=5)
+        assert m.idle_deadline is None
+        m.update(
+            idle_timeout_seconds=600,
+            persistence=hyperfleet.Persistence("sticky", priority=2),
+            metadata={"b": "2"},
+        )
+        assert m.idle_timeout_seconds == 600 and m.metadata == {"b": "2"}
+        assert m.persistence is not None and m.persistence.priority == 2
+        assert m.idle_deadline is not None, "re-armed"
+        # Left out: unchanged; None: the server's default.
+        again = client.machines.update(m.name, idle_timeout_seconds=None)
+        assert again.idle_timeout_seconds is None and again.metadata == {"b": "2"}
+        with pytest.raises(hyperfleet.ValidationError):
+            m.update(persistence={"type": "sticky", "priority": 11})
+        # An ephemeral machine is never suspended; its stop deletes it.
+        m.update(persistence={"type": "ephemeral"})
+        with pytest.raises(hyperfleet.InvalidState):
+            m.suspend()
+        m.stop()
+        with pytest.raises(hyperfleet.NotFound):
+            m.refresh()
+
+
 def test_wait_and_requests_that_do_not_wait(client: Hyperfleet) -> None:
     with client.machines.create(unique("wait")) as m:
         m.start(wait=False)

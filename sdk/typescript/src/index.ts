@@ -70,6 +70,9 @@ export type {
   SnapshotStatus,
   StepTiming,
   VmmKind,
+  Persistence,
+  PersistenceType,
+  UpdateMachineRequest,
 } from "./generated/openapi.js";
 export { API_VERSION, IMAGE_STATUSES, MACHINE_STATUSES, SCOPES, SNAPSHOT_STATUSES, VMM_KINDS } from "./generated/openapi.js";
 /** Every type of docs/openapi.json, generated (camelCase field names). */

@@ -30,6 +30,7 @@ import type {
   MachineStatus,
   EventList,
   Snapshot,
+  UpdateMachineRequest,
 } from "./generated/openapi.js";
 import type { Body, Transport } from "./http.js";
 import { lines, sse } from "./streams.js";
@@ -218,17 +219,35 @@ export class Machine {
     return this.#set(await this.#t.json("GET /machines/{id}", "Machine", { path: this.#path(), signal: o.signal }));
   }
 
+  /**
+   * Changes the machine's idle timeout, persistence or metadata
+   * (`PATCH /machines/{id}`); fields left out stay as they are,
+   * `idleTimeoutSeconds: null` is the server's default, `metadata` replaces
+   * the whole map. The idle deadline starts over.
+   */
+  async update(changes: UpdateMachineRequest, o: { signal?: AbortSignal } = {}): Promise<this> {
+    return this.#set(
+      await this.#t.json("PATCH /machines/{id}", "Machine", {
+        path: this.#path(),
+        json: { schema: "UpdateMachineRequest", value: changes },
+        signal: o.signal,
+      }),
+    );
+  }
+
   async #action(op: keyof typeof TARGET | "restart", o: ActionOptions = {}): Promise<this> {
     const started = Date.now();
     const wait = o.wait ?? true;
     const timeout = o.timeout === undefined ? undefined : Math.min(o.timeout, this.#t.waitRound);
     try {
-      const data = await this.#t.json(`POST /machines/{id}/${op}`, "Machine", {
+      const resp = await this.#t.send(`POST /machines/{id}/${op}`, {
         path: this.#path(),
         query: { wait, timeout },
         signal: o.signal,
       });
-      return this.#set(data);
+      // A stop or kill of an ephemeral machine deleted it: nothing to read.
+      if (resp.status === 204) return this;
+      return this.#set(fromWire<MachineData>("Machine", await resp.json()));
     } catch (e) {
       // A wait longer than one round: the request was recorded and goes on;
       // wait for its outcome in further rounds. (A restart cannot be told
@@ -732,6 +751,16 @@ export class Machines {
   /** A machine by id or name. */
   async get(idOrName: string, o: { signal?: AbortSignal } = {}): Promise<Machine> {
     return new Machine(this.#t, await this.#t.json("GET /machines/{id}", "Machine", { path: { id: idOrName }, signal: o.signal }));
+  }
+
+  /** Changes a machine's idle timeout, persistence or metadata (see `Machine.update`). */
+  async update(idOrName: string, changes: UpdateMachineRequest, o: { signal?: AbortSignal } = {}): Promise<Machine> {
+    const data = await this.#t.json("PATCH /machines/{id}", "Machine", {
+      path: { id: idOrName },
+      json: { schema: "UpdateMachineRequest", value: changes },
+      signal: o.signal,
+    });
+    return new Machine(this.#t, data);
   }
 
   /** One page of machines in creation order. */

@@ -129,6 +129,29 @@ describe("machines", () => {
     await m.delete();
   });
 
+  test("update changes the idle timeout, persistence and metadata", async () => {
+    const m = await hf.machines.create({ name: "ts-upd", idleTimeoutSeconds: 0, metadata: { a: "1" } }, { start: true });
+    try {
+      assert.deepEqual(m.persistence, { type: "sticky", priority: 5 });
+      assert.equal(m.idleDeadline, null);
+      await m.update({ idleTimeoutSeconds: 600, persistence: { type: "sticky", priority: 2 }, metadata: { b: "2" } });
+      assert.equal(m.idleTimeoutSeconds, 600);
+      assert.deepEqual(m.metadata, { b: "2" });
+      assert.equal(m.persistence.priority, 2);
+      assert.ok(m.idleDeadline, "re-armed");
+      const again = await hf.machines.update("ts-upd", { idleTimeoutSeconds: null });
+      assert.equal(again.idleTimeoutSeconds, null);
+      assert.deepEqual(again.metadata, { b: "2" }, "left out: unchanged");
+      await rejects(m.update({ persistence: { type: "sticky", priority: 11 } }), ValidationError, "VALIDATION_ERROR", 400);
+      await m.update({ persistence: { type: "ephemeral" } });
+      await rejects(m.suspend(), InvalidStateError, "INVALID_STATE", 409);
+      await m.stop(); // deletes it (204)
+      await rejects(m.refresh(), NotFoundError, "NOT_FOUND", 404);
+    } finally {
+      await m.dispose();
+    }
+  });
+
   test("errors carry the API's code and status", async () => {
     await rejects(hf.machines.get("nope"), NotFoundError, "NOT_FOUND", 404);
     await rejects(hf.machines.create({ memSizeMib: 1 }), ValidationError, "VALIDATION_ERROR", 400);

@@ -112,6 +112,10 @@ impl From<LifecycleError> for ApiError {
             }
             // Sizes the snapshot's memory cannot have: they conflict with it.
             LifecycleError::SnapshotMismatch(m) => ApiError::new(ErrorCode::Conflict, m),
+            LifecycleError::Ephemeral(m) => ApiError::new(ErrorCode::InvalidState, m),
+            LifecycleError::InsufficientStorage(m) => {
+                ApiError::new(ErrorCode::InsufficientStorage, m)
+            }
             LifecycleError::Store(e) => e.into(),
         }
     }

@@ -50,10 +50,21 @@ pub(super) fn machine_body(
             | MachineStatus::Suspending
             | MachineStatus::Suspended
     );
+    let stored = state
+        .sup
+        .ctx()
+        .storage
+        .machine(&m.rec.id)
+        .map(|b| b.total());
     if p.has(Scope::Exec) && !live {
-        return Ok(m.json(state.urls.as_deref()).clone());
+        let cached = m.json(state.urls.as_deref());
+        return Ok(match stored {
+            Some(n) => with_stored_bytes(cached, n),
+            None => cached.clone(),
+        });
     }
     let mut api = m.rec.to_api_with(state.urls.as_deref());
+    api.stored_bytes = stored;
     if live {
         let (last, deadline) = state.sup.idle_view(&m.rec);
         api.last_active_at = Some(crate::util::rfc3339(last));
@@ -65,6 +76,23 @@ pub(super) fn machine_body(
     serde_json::to_vec(&api)
         .map(Bytes::from)
         .map_err(|e| ApiError::internal("rendering the machine", e))
+}
+
+/// The cached machine JSON with `stored_bytes` added: the cache holds the
+/// record's rendering, and the measurement changes without a new record.
+/// The field is last in `Machine` and absent from the cached form, so it
+/// goes before the closing brace.
+fn with_stored_bytes(json: &Bytes, n: u64) -> Bytes {
+    let mut out = BytesMut::with_capacity(json.len() + 32);
+    match json.strip_suffix(b"}") {
+        Some(head) => {
+            out.put_slice(head);
+            out.put_slice(format!(",\"stored_bytes\":{n}}}").as_bytes());
+        }
+        // Not an object (cannot happen: a machine renders as one).
+        None => out.put_slice(json),
+    }
+    out.freeze()
 }
 
 pub(super) fn machine_response(
@@ -104,7 +132,7 @@ fn find(state: &AppState, caller: &Caller, id: &str) -> Result<Arc<CachedMachine
         (status = 403, description = "The key lacks the write scope (FORBIDDEN), or the tenant's quota does not allow the machine (QUOTA_EXCEEDED)", body = hyperfleet_api::ErrorBody),
         (status = 404, description = "`snapshot_id` names no snapshot", body = hyperfleet_api::ErrorBody),
         (status = 409, description = "Name already in use (CONFLICT), or the snapshot is not ready (INVALID_STATE)", body = hyperfleet_api::ErrorBody),
-        (status = 507, description = "The disk holding the database is full (INSUFFICIENT_STORAGE); nothing was stored", body = hyperfleet_api::ErrorBody),
+        (status = 507, description = "The disk holding the database is full, or the storage budget is used up and nothing can be evicted (INSUFFICIENT_STORAGE); nothing was stored", body = hyperfleet_api::ErrorBody),
     ),
     security(("bearer" = [])))]
 pub async fn create(
@@ -128,6 +156,7 @@ pub async fn create(
         ));
     }
     let (name, mut spec) = validate_create(req, state.default_vmm)?;
+    state.sup.storage_room("create a machine")?;
     if let Some(image) = image {
         use crate::images::service::ImageServiceError as E;
         let found = crate::images::service::machine_image(&state.images, &p.tenant, &image)
@@ -252,6 +281,30 @@ pub async fn get(
     machine_response(&state, p, StatusCode::OK, &m)
 }
 
+#[utoipa::path(patch, path = "/machines/{id}", tag = "machines",
+    description = "Change a machine's idle timeout, persistence policy or metadata (fields left \
+                   out stay as they are). The idle deadline starts over from the update; an \
+                   `updated` event records what changed.",
+    params(("id" = String, Path, description = "Machine id or name")),
+    request_body = hyperfleet_api::UpdateMachineRequest,
+    responses(
+        (status = 200, description = "The machine as updated", body = Machine),
+        (status = 409, description = "A delete was accepted, or the machine cannot become ephemeral as it rests (suspended or stopped) (INVALID_STATE)", body = hyperfleet_api::ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn update(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Json(req): Json<hyperfleet_api::UpdateMachineRequest>,
+) -> Result<Response, ApiError> {
+    let p = caller.require(Scope::Write)?;
+    check_ref(&id)?;
+    crate::validate::validate_update(&req)?;
+    let m = state.sup.update(&p.tenant, &id, req).await?;
+    machine_response(&state, p, StatusCode::OK, &m)
+}
+
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 pub struct ActionQuery {
@@ -302,6 +355,12 @@ async fn act(
         .sup
         .wait_generation(&m.rec.id, generation, timeout)
         .await;
+    // A stop of an ephemeral machine deletes it: answered as a delete.
+    let req = if generation.desired == crate::lifecycle::table::Desired::Deleted {
+        Request::ForceDelete
+    } else {
+        req
+    };
     outcome_response(&state, p, outcome, req, timeout)
 }
 
@@ -357,10 +416,11 @@ macro_rules! action_route {
             responses(
                 (status = 200, description = "Reached the target state", body = Machine),
                 (status = 202, description = "Accepted (`wait=false`)", body = Machine),
-                (status = 409, description = "Not allowed in the current state (INVALID_STATE), or the host's memory cannot hold the machine (INSUFFICIENT_CAPACITY)", body = hyperfleet_api::ErrorBody),
+                (status = 204, description = "A stop or kill of an ephemeral machine deleted it"),
+                (status = 409, description = "Not allowed in the current state (INVALID_STATE; a suspend of an ephemeral machine too), or the host's memory cannot hold the machine (INSUFFICIENT_CAPACITY)", body = hyperfleet_api::ErrorBody),
                 (status = 500, description = "The machine failed (RUNTIME_ERROR)", body = hyperfleet_api::ErrorBody),
                 (status = 504, description = "Deadline passed; the operation continues", body = hyperfleet_api::ErrorBody),
-                (status = 507, description = "The disk holding the database is full (INSUFFICIENT_STORAGE); nothing was changed", body = hyperfleet_api::ErrorBody),
+                (status = 507, description = "The disk holding the database is full; for a suspend also: the storage budget is used up and nothing can be evicted (INSUFFICIENT_STORAGE); nothing was changed", body = hyperfleet_api::ErrorBody),
             ),
             security(("bearer" = [])))]
         pub async fn $name(

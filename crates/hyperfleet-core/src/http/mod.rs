@@ -15,6 +15,7 @@ pub mod quota;
 pub mod server;
 pub mod snapshots;
 mod sse;
+pub mod storage;
 pub mod ui;
 
 use std::sync::Arc;
@@ -52,10 +53,13 @@ fn api_routes() -> Router<AppState> {
         .route("/health", get(health::health))
         .route("/openapi.json", get(openapi_json))
         .route("/metrics", get(metrics::metrics))
+        .route("/storage", get(storage::storage))
         .route("/machines", get(machines::list).post(machines::create))
         .route(
             "/machines/{id}",
-            get(machines::get).delete(machines::delete),
+            get(machines::get)
+                .patch(machines::update)
+                .delete(machines::delete),
         )
         .route("/machines/{id}/start", post(machines::start))
         .route("/machines/{id}/stop", post(machines::stop))

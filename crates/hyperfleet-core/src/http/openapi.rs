@@ -15,7 +15,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
-use super::{events, guest, health, images, keys, machines, metrics, quota, snapshots};
+use super::{events, guest, health, images, keys, machines, metrics, quota, snapshots, storage};
 
 struct BearerAuth;
 
@@ -107,7 +107,8 @@ fn description(status: &str) -> &'static str {
         }
         "507" => {
             "The disk holding the database is full: nothing was changed; retry once space is \
-             freed (INSUFFICIENT_STORAGE)"
+             freed. A create, suspend or snapshot is also refused when the storage budget is \
+             used up and nothing can be evicted (INSUFFICIENT_STORAGE)"
         }
         _ => "",
     }
@@ -225,7 +226,7 @@ fn drop_null(schema: &mut RefOr<Schema>) {
                        Errors are {\"error\":{\"code\",\"message\"}}.",
     ),
     paths(
-        health::health, metrics::metrics,
+        health::health, metrics::metrics, storage::storage, machines::update,
         machines::create, machines::list, machines::get, machines::delete,
         machines::start, machines::stop, machines::restart, machines::pause,
         machines::resume, machines::kill, machines::suspend,
@@ -256,6 +257,7 @@ fn drop_null(schema: &mut RefOr<Schema>) {
         hyperfleet_api::Image, hyperfleet_api::ImageList, hyperfleet_api::ImageStatus,
         hyperfleet_api::ImageLayer, hyperfleet_api::ImageRunConfig, hyperfleet_api::ImageEvent,
         hyperfleet_api::ImageEventList, hyperfleet_api::PullImageRequest, hyperfleet_api::RegistryAuth,
+        hyperfleet_api::UpdateMachineRequest, hyperfleet_api::Storage, hyperfleet_api::StorageEviction,
     )),
     modifiers(&BearerAuth, &CommonErrors),
     tags(

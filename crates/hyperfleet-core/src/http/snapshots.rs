@@ -75,6 +75,7 @@ pub async fn create(
         validate_snapshot_name(n)?;
     }
     let timeout = wait_timeout(q.timeout)?;
+    state.sup.storage_room("take a snapshot")?;
     let s = state
         .sup
         .take_snapshot(&p.tenant, &id, req.name, SnapshotKind::User)
@@ -196,6 +197,7 @@ pub async fn fork(
     let req: ForkRequest = optional_body(&body)?;
     let names = fork_names(&req)?;
     let timeout = wait_timeout(q.timeout)?;
+    state.sup.storage_room("fork the machine")?;
     let (machines, snap) = state.sup.fork(&p.tenant, &id, names, timeout).await?;
     let wait = q.wait.unwrap_or(true);
     let mut out = Vec::with_capacity(machines.len());

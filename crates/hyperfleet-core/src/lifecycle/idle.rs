@@ -3,22 +3,22 @@
 //! past their deadline, and the wake that resumes a suspended machine for
 //! a request that needs it running.
 //!
-//! Activity is kept in memory only (`proxy::activity::Activity`, shared
+//! Activity is kept in memory (`proxy::activity::Activity`, shared
 //! with the proxy):
 //! proxied requests and open upgraded connections, guest calls through the
 //! API (exec, files, logs follow), the guest's own network traffic (its
 //! TAP's byte counters, read each tick) and any change of its desired state
-//! (a new generation). Nothing is persisted: after a daemon restart every
-//! machine is as active as the restart, which is the documented rule
-//! ("the restart itself counts as activity"), so deadlines survive a
-//! restart by starting over from it.
+//! (a new generation). What is persisted is the machine's
+//! `last_active_at` as requests (and the idle suspend itself, with the
+//! activity it saw) record it: it orders the storage evictor across
+//! restarts. A running machine's deadline starts over from a daemon
+//! restart ("the restart itself counts as activity"), so deadlines survive
+//! a restart and never come sooner than a full timeout after it.
 //!
-//! The suspend goes through the normal request path
-//! ([`Supervisor::request_as`]) with the reason `idle`, guarded by the
-//! generation the timer saw: a request that arrived meanwhile wins.
-//!
-//! Persistence policies (ephemeral deletion, the storage evictor) are not
-//! here yet: `persistence` stays reserved.
+//! The suspend — or, for an `ephemeral` machine, the delete — goes through
+//! the normal request path ([`Supervisor::request_as`]) with the reason
+//! `idle`, guarded by the generation the timer saw: a request that arrived
+//! meanwhile wins.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -27,7 +27,7 @@ use std::time::Duration;
 use hyperfleet_api::MachineStatus;
 use tokio::sync::watch;
 
-use super::supervisor::{LifecycleError, Supervisor, WaitOutcome, Why};
+use super::supervisor::{Guard, LifecycleError, Supervisor, WaitOutcome, Why};
 use super::table::{Desired, Request};
 use crate::store::{lock, CachedMachine, MachineRecord};
 use crate::util::now_ms;
@@ -161,24 +161,39 @@ impl Supervisor {
         }
     }
 
-    /// When machine `rec` was last active (ms since the epoch; no earlier
-    /// than the daemon's start) and, while it runs with an idle timeout,
-    /// when it will be suspended.
-    pub fn idle_view(&self, rec: &MachineRecord) -> (i64, Option<i64>) {
+    /// When machine `rec` was last active (ms since the epoch): for a
+    /// machine with a VMM no earlier than the daemon's start (its idle
+    /// clock starts over from a restart); for any other, as recorded.
+    pub fn last_active(&self, rec: &MachineRecord) -> i64 {
+        let memory = self.ctx().activity.last(&rec.id);
+        if rec.vmm.is_none() && rec.status != MachineStatus::Running {
+            return [rec.last_active_at, memory, rec.started_at]
+                .into_iter()
+                .flatten()
+                .max()
+                .unwrap_or(rec.created_at);
+        }
         let seen = lock(&self.idle.seen)
             .get(&rec.id)
             .filter(|s| s.generation == rec.generation)
             .map(|s| s.since);
-        let last = [
+        [
             Some(self.started_ms),
             seen,
             rec.started_at,
-            self.ctx().activity.last(&rec.id),
+            memory,
+            rec.last_active_at,
         ]
         .into_iter()
         .flatten()
         .max()
-        .unwrap_or(self.started_ms);
+        .unwrap_or(self.started_ms)
+    }
+
+    /// When machine `rec` was last active and, while it runs with an idle
+    /// timeout, when it will be suspended (deleted, when ephemeral).
+    pub fn idle_view(&self, rec: &MachineRecord) -> (i64, Option<i64>) {
+        let last = self.last_active(rec);
         let deadline = self
             .idle_timeout(rec)
             .filter(|_| rec.status == MachineStatus::Running && rec.desired == Desired::Running)
@@ -251,12 +266,23 @@ impl Supervisor {
         }
         let me = Arc::clone(self);
         let guard = Why {
-            idle_generation: Some(rec.generation),
+            guard: Some(Guard {
+                generation: rec.generation,
+                status: MachineStatus::Running,
+            }),
             reason: format!(
                 "idle: no activity for {} s (idle timeout {} s)",
                 (now - last) / 1000,
                 timeout.as_secs()
             ),
+            event: "requested",
+            last_active: Some(last),
+        };
+        // An ephemeral machine is deleted instead of suspended.
+        let (req, doing) = if rec.spec.ephemeral() {
+            (Request::ForceDelete, "deleting an idle ephemeral machine")
+        } else {
+            (Request::Suspend, "suspending")
         };
         let (tenant, id) = (rec.tenant.clone(), id.to_string());
         // Marked seen at a new generation now, so the next tick does not
@@ -265,12 +291,9 @@ impl Supervisor {
             e.since = now;
         }
         tokio::spawn(async move {
-            tracing::info!(machine = %id, "idle timeout reached; suspending");
-            if let Err(e) = me
-                .request_as(&tenant, &id, Request::Suspend, Some(guard))
-                .await
-            {
-                tracing::warn!(machine = %id, error = %e, "could not suspend an idle machine");
+            tracing::info!(machine = %id, "idle timeout reached; {doing}");
+            if let Err(e) = me.request_as(&tenant, &id, req, Some(guard)).await {
+                tracing::warn!(machine = %id, error = %e, "idle timeout: {doing} failed");
             }
         });
     }
@@ -351,10 +374,7 @@ impl Supervisor {
             // Already on its way up (a wake or a start under way).
             self.wait_status(id, MachineStatus::Running, timeout).await
         } else {
-            let why = Why {
-                idle_generation: None,
-                reason: format!("wake: {trigger}"),
-            };
+            let why = Why::active(format!("wake: {trigger}"));
             let (_, generation) = self
                 .request_as(tenant, id, Request::Resume, Some(why))
                 .await

@@ -3,11 +3,13 @@
 //! machine and hands API requests over to it.
 
 pub mod capacity;
+pub(crate) mod evictor;
 pub mod guest_access;
 pub mod idle;
 pub(crate) mod plan;
 pub mod run;
 pub mod snapshots;
+pub mod storage;
 pub mod supervisor;
 pub mod sweep;
 pub mod table;

@@ -54,6 +54,12 @@ pub enum LifecycleError {
     SnapshotConflict(String),
     #[error("{0}")]
     SnapshotMismatch(String),
+    /// What an ephemeral machine cannot do (be suspended), or become.
+    #[error("{0}")]
+    Ephemeral(String),
+    /// The storage budget is used up and nothing can be evicted (507).
+    #[error("{0}")]
+    InsufficientStorage(String),
     #[error(transparent)]
     Store(StoreError),
 }
@@ -106,13 +112,39 @@ pub struct Supervisor {
 }
 
 /// Why a request is made by the server itself rather than a client: shown
-/// in its event. With `idle_generation`, the request is the idle timer's
-/// and is dropped unless the machine is still running, at rest, at that
-/// generation (a request that came meanwhile wins).
+/// in its event (of kind `event`). With a `guard`, the request is dropped
+/// unless the machine is still as the server saw it (a request that came
+/// meanwhile wins).
 #[derive(Debug, Clone)]
 pub(crate) struct Why {
     pub reason: String,
-    pub idle_generation: Option<u64>,
+    pub guard: Option<Guard>,
+    /// The event's kind: `requested`, or `evicted` for the evictor's.
+    pub event: &'static str,
+    /// The machine's last activity to record (`last_active_at`); None
+    /// keeps what is recorded. Client requests record their own time.
+    pub last_active: Option<i64>,
+}
+
+impl Why {
+    /// A request made for `reason`, unguarded, as activity now (a wake).
+    pub(crate) fn active(reason: String) -> Why {
+        Why {
+            reason,
+            guard: None,
+            event: "requested",
+            last_active: Some(now_ms()),
+        }
+    }
+}
+
+/// The machine as a server-made request saw it: still at this generation
+/// (so its desired state did not change), in this status, with no step or
+/// snapshot under way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Guard {
+    pub generation: u64,
+    pub status: MachineStatus,
 }
 
 /// Background runs at once: enough to keep the disk busy, few enough that
@@ -192,6 +224,7 @@ impl Supervisor {
         let me = Arc::clone(self);
         tokio::spawn(async move { me.admission_loop().await });
         tokio::spawn(Arc::clone(self).idle_loop());
+        tokio::spawn(Arc::clone(self).evictor_loop());
         Ok(busy.len())
     }
 
@@ -445,6 +478,18 @@ impl Supervisor {
         Ok(entry)
     }
 
+    /// The id of tenant `tenant`'s machine `id_or_name`.
+    fn machine_id(&self, tenant: &str, id_or_name: &str) -> Result<String, LifecycleError> {
+        Ok(self
+            .ctx
+            .store
+            .get(Some(tenant), id_or_name)?
+            .ok_or_else(|| LifecycleError::NotFound(id_or_name.to_string()))?
+            .rec
+            .id
+            .clone())
+    }
+
     /// Applies a request through the transition table and records the new
     /// desired state. Returns the machine after the change and the
     /// generation a waiter should wait for (the current one when nothing
@@ -466,12 +511,13 @@ impl Supervisor {
         req: Request,
         why: Option<Why>,
     ) -> Result<(Arc<CachedMachine>, Generation), LifecycleError> {
-        let current = self
-            .ctx
-            .store
-            .get(Some(tenant), id_or_name)?
-            .ok_or_else(|| LifecycleError::NotFound(id_or_name.to_string()))?;
-        let id = current.rec.id.clone();
+        let id = self.machine_id(tenant, id_or_name)?;
+        // A suspend (or snapshot) stores more: refused when the budget is
+        // used up and nothing can be evicted. The idle timer's is not
+        // refused (nobody would be told): it suspends as it can.
+        if req == Request::Suspend && why.is_none() {
+            self.storage_room("suspend the machine")?;
+        }
         let wid = id.clone();
         let memory = self.memory;
         let outcome = self
@@ -485,22 +531,48 @@ impl Supervisor {
                     number: rec.generation,
                     desired: rec.desired,
                 };
-                if let Some(g) = why.as_ref().and_then(|w| w.idle_generation) {
-                    let at_rest = rec.generation == g
-                        && rec.status == MachineStatus::Running
-                        && rec.desired == Desired::Running
-                        && rec.current_step.is_none();
-                    if !at_rest {
+                if let Some(g) = why.as_ref().and_then(|w| w.guard) {
+                    let as_seen = rec.generation == g.generation
+                        && rec.status == g.status
+                        && rec.current_step.is_none()
+                        && rec.snapshot_job.is_none();
+                    if !as_seen {
                         return Ok(Ok(unchanged));
                     }
                 }
+                let ephemeral = rec.spec.ephemeral();
+                if ephemeral && req == Request::Suspend {
+                    return Ok(Err(Refused::Ephemeral(rec.name.clone())));
+                }
+                // An ephemeral machine's stop is a delete; a kill still
+                // escalates it, as it escalates any graceful stop.
+                let escalate = ephemeral
+                    && req == Request::Kill
+                    && rec.desired == Desired::Deleted
+                    && !rec.stop_kill
+                    && table::on_request(rec.status, req).is_some();
                 let intent = match table::decide(&rec, req) {
+                    _ if escalate => table::Intent::Kill,
                     Admission::Deny(denied) => return Ok(Err(Refused::State(denied))),
                     Admission::Unchanged => return Ok(Ok(unchanged)),
                     Admission::Apply(intent) => intent,
                 };
                 let held = capacity::holds_memory(&rec);
                 table::apply(&mut rec, intent);
+                // An ephemeral machine is deleted when it stops: the stop
+                // (or kill) goes on to the delete.
+                let ephemeral_stop = ephemeral && rec.desired == Desired::Stopped;
+                if ephemeral_stop {
+                    rec.desired = Desired::Deleted;
+                }
+                match why.as_ref() {
+                    None => rec.last_active_at = Some(now_ms()),
+                    Some(w) => {
+                        if let Some(t) = w.last_active {
+                            rec.last_active_at = Some(rec.last_active_at.map_or(t, |l| l.max(t)));
+                        }
+                    }
+                }
                 // A machine about to get a VMM must fit besides those that
                 // hold one; checked here, in the same transaction that
                 // records the start, so two starts cannot share headroom.
@@ -518,13 +590,17 @@ impl Supervisor {
                     number: rec.generation,
                     desired: rec.desired,
                 };
-                let mut ev = EventRecord::new(&wid, "requested");
+                let kind = why.as_ref().map_or("requested", |w| w.event);
+                let mut ev = EventRecord::new(&wid, kind);
                 ev.from_status = Some(rec.status);
                 ev.operation_id = Some(op);
-                let by = why.map(|w| format!(" ({})", w.reason)).unwrap_or_default();
+                let mut by = why.map(|w| format!(" ({})", w.reason)).unwrap_or_default();
+                if ephemeral_stop {
+                    by.push_str(" (ephemeral: deleted when it stops)");
+                }
                 ev.message = Some(format!(
                     "{req} requested{by}; desired state is now {}",
-                    intent.desired().as_str()
+                    rec.desired.as_str()
                 ));
                 ctx.put_machine(rec)?;
                 ctx.append_event(ev)?;
@@ -532,6 +608,11 @@ impl Supervisor {
             })
             .await?;
         match outcome {
+            Err(Refused::Ephemeral(name)) => Err(LifecycleError::Ephemeral(format!(
+                "machine '{name}' is ephemeral and is never suspended (it is deleted when it \
+                 stops or idles); stop or delete it, or make it sticky or persistent first \
+                 (PATCH /machines/{{id}})"
+            ))),
             Err(Refused::Capacity(machine, why)) => Err(LifecycleError::InsufficientCapacity {
                 request: req,
                 machine,
@@ -559,6 +640,83 @@ impl Supervisor {
                 Ok((entry, generation))
             }
         }
+    }
+
+    /// `PATCH /machines/{id}`: changes the settings `upd` names (validated)
+    /// in one commit, with an `updated` event. The idle deadline starts
+    /// over from now. A machine cannot become ephemeral while it rests
+    /// suspended or stopped (an ephemeral machine never does), nor be
+    /// changed once a delete was accepted.
+    pub async fn update(
+        self: &Arc<Self>,
+        tenant: &str,
+        id_or_name: &str,
+        upd: hyperfleet_api::UpdateMachineRequest,
+    ) -> Result<Arc<CachedMachine>, LifecycleError> {
+        use hyperfleet_api::{Persistence, PersistenceType};
+        let id = self.machine_id(tenant, id_or_name)?;
+        let wid = id.clone();
+        self.ctx
+            .store
+            .write(move |ctx| {
+                let mut rec = ctx
+                    .machine(&wid)?
+                    .ok_or_else(|| StoreError::NoSuchMachine(wid.clone()))?;
+                if rec.desired == Desired::Deleted {
+                    return Ok(Err(LifecycleError::BeingDeleted(Request::Delete)));
+                }
+                let mut changes = Vec::new();
+                if let Some(p) = &upd.persistence {
+                    let p = Persistence::effective(Some(p));
+                    let rests = matches!(
+                        rec.status,
+                        MachineStatus::Suspended
+                            | MachineStatus::Suspending
+                            | MachineStatus::Stopped
+                    ) || matches!(rec.desired, Desired::Suspended);
+                    if p.kind == PersistenceType::Ephemeral && !rec.spec.ephemeral() && rests {
+                        return Ok(Err(LifecycleError::Ephemeral(format!(
+                            "machine '{}' is {} and an ephemeral machine is never suspended or \
+                             stopped (it is deleted instead): start it first, or delete it",
+                            rec.name, rec.status
+                        ))));
+                    }
+                    changes.push(format!("persistence {p}"));
+                    rec.spec.persistence = Some(p);
+                }
+                if let Some(t) = upd.idle_timeout_seconds {
+                    changes.push(match t {
+                        None => "idle timeout: the server's default".to_string(),
+                        Some(0) => "idle timeout: never".to_string(),
+                        Some(t) => format!("idle timeout {t} s"),
+                    });
+                    rec.spec.idle_timeout_seconds = t;
+                }
+                if let Some(m) = upd.metadata {
+                    changes.push(format!("metadata ({} entries)", m.len()));
+                    rec.spec.metadata = m;
+                }
+                let now = now_ms();
+                rec.updated_at = now;
+                rec.last_active_at = Some(now);
+                let mut ev = EventRecord::new(&wid, "updated");
+                ev.from_status = Some(rec.status);
+                ev.message = Some(if changes.is_empty() {
+                    "updated: nothing changed".to_string()
+                } else {
+                    format!("updated: {}", changes.join(", "))
+                });
+                ctx.put_machine_with_spec(rec)?;
+                ctx.append_event(ev)?;
+                Ok(Ok(()))
+            })
+            .await??;
+        // The deadline starts over with the new timeout.
+        self.touch(&id);
+        self.ctx
+            .store
+            .get_by_id(&id)?
+            .ok_or(LifecycleError::NotFound(id))
     }
 
     /// Waits until the run has converged on `generation` (or a later one
@@ -649,6 +807,8 @@ enum Refused {
     State(Denied),
     /// The machine (named) would get a VMM the host's memory cannot hold.
     Capacity(String, CapacityDenied),
+    /// The machine (named) is ephemeral and the request was a suspend.
+    Ephemeral(String),
 }
 
 /// What an accepted request opened: the generation to wait for and the

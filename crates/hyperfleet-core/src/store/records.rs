@@ -204,6 +204,23 @@ pub struct MachineRecord {
     /// A snapshot (its id) the run is to take when the machine is next in
     /// a state to take it (`snapshots` row in status `creating`).
     pub snapshot_job: Option<String>,
+    /// When the machine was last used (ms since the epoch), as recorded by
+    /// requests and when it stopped being used; None: never recorded. The
+    /// idle timer's in-memory activity is newer while the machine runs.
+    pub last_active_at: Option<i64>,
+}
+
+impl MachineSpec {
+    /// The persistence policy, defaults filled in (machines created before
+    /// policies existed are sticky, priority 5).
+    pub fn persistence(&self) -> Persistence {
+        Persistence::effective(self.persistence.as_ref())
+    }
+
+    /// The machine is deleted when it stops and never suspended.
+    pub fn ephemeral(&self) -> bool {
+        self.persistence().kind == hyperfleet_api::PersistenceType::Ephemeral
+    }
 }
 
 impl MachineRecord {
@@ -234,6 +251,7 @@ impl MachineRecord {
             network: None,
             jail_uid: None,
             snapshot_job: None,
+            last_active_at: None,
         }
     }
 
@@ -263,7 +281,7 @@ impl MachineRecord {
             env: self.spec.env.clone(),
             metadata: self.spec.metadata.clone(),
             idle_timeout_seconds: self.spec.idle_timeout_seconds,
-            persistence: self.spec.persistence.clone(),
+            persistence: Some(self.spec.persistence()),
             image: self.spec.image.clone(),
             snapshot_id: self.spec.base_snapshot.clone(),
             generation: self.generation,
@@ -303,6 +321,8 @@ impl MachineRecord {
             last_active_at: None,
             idle_deadline: None,
             oci_image: self.spec.oci.as_ref().map(|o| o.to_api()),
+            // Measured by the storage accounting: the API fills it in.
+            stored_bytes: None,
         }
     }
 }

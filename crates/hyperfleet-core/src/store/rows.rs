@@ -11,7 +11,8 @@ use super::{
 pub(super) const MACHINE_COLUMNS: &str = "id, tenant, name, spec, status, desired, generation, \
     restart_seq, boot_restart_seq, stop_kill, failed_generation, error_message, vmm_pid, \
     vmm_start_time, vmm_boot_id, current_step, prepared, has_snapshot, operation_id, \
-    created_at, updated_at, started_at, observed_generation, network, jail_uid, snapshot_job";
+    created_at, updated_at, started_at, observed_generation, network, jail_uid, snapshot_job, \
+    last_active_at";
 
 fn bad(col: usize, msg: String) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(
@@ -26,11 +27,11 @@ fn bad(col: usize, msg: String) -> rusqlite::Error {
 const INSERT_MACHINE: &str = "INSERT INTO machines (id, tenant, name, spec, created_at, status, \
     desired, generation, restart_seq, boot_restart_seq, stop_kill, failed_generation, \
     error_message, vmm_pid, vmm_start_time, vmm_boot_id, current_step, prepared, has_snapshot, \
-    operation_id, updated_at, started_at, observed_generation, snapshot_job) VALUES (:id, \
-    :tenant, :name, :spec, :created_at, :status, :desired, :generation, :restart_seq, \
-    :boot_restart_seq, :stop_kill, :failed_generation, :error_message, :vmm_pid, \
+    operation_id, updated_at, started_at, observed_generation, snapshot_job, last_active_at) \
+    VALUES (:id, :tenant, :name, :spec, :created_at, :status, :desired, :generation, \
+    :restart_seq, :boot_restart_seq, :stop_kill, :failed_generation, :error_message, :vmm_pid, \
     :vmm_start_time, :vmm_boot_id, :current_step, :prepared, :has_snapshot, :operation_id, \
-    :updated_at, :started_at, :observed_generation, :snapshot_job)";
+    :updated_at, :started_at, :observed_generation, :snapshot_job, :last_active_at)";
 
 /// The VMM identity from its three nullable columns (`vmm_pid`,
 /// `vmm_start_time`, `vmm_boot_id`), starting at column `first`.
@@ -91,6 +92,7 @@ pub(super) fn machine_from_row(r: &Row<'_>) -> rusqlite::Result<MachineRecord> {
             .map(|u| u32::try_from(u).map_err(|_| bad(24, format!("uid {u} out of range"))))
             .transpose()?,
         snapshot_job: r.get(25)?,
+        last_active_at: r.get(26)?,
     })
 }
 
@@ -142,7 +144,8 @@ const UPDATE_MACHINE: &str = "UPDATE machines SET status=:status, desired=:desir
     vmm_pid=:vmm_pid, vmm_start_time=:vmm_start_time, vmm_boot_id=:vmm_boot_id, \
     current_step=:current_step, prepared=:prepared, has_snapshot=:has_snapshot, \
     operation_id=:operation_id, updated_at=:updated_at, started_at=:started_at, \
-    observed_generation=:observed_generation, snapshot_job=:snapshot_job WHERE id=:id";
+    observed_generation=:observed_generation, snapshot_job=:snapshot_job, \
+    last_active_at=:last_active_at WHERE id=:id";
 
 /// Binds `(name, value)` pairs to a statement's named parameters.
 fn bind(stmt: &mut Statement<'_>, values: &[(&str, &dyn ToSql)]) -> rusqlite::Result<()> {
@@ -182,6 +185,7 @@ fn bind_state(stmt: &mut Statement<'_>, m: &MachineRecord) -> rusqlite::Result<(
             (":started_at", &m.started_at),
             (":observed_generation", &(m.observed_generation as i64)),
             (":snapshot_job", &m.snapshot_job),
+            (":last_active_at", &m.last_active_at),
         ],
     )
 }
@@ -198,6 +202,23 @@ pub(super) fn update_machine(conn: &Connection, m: &MachineRecord) -> Result<(),
     if n == 0 {
         return Err(StoreError::NoSuchMachine(m.id.clone()));
     }
+    Ok(())
+}
+
+/// Rewrites machine `id`'s spec (`PATCH /machines/{id}`: the settings it
+/// may change; its sizes, which the quota triggers sum, never change).
+pub(super) fn update_machine_spec(
+    conn: &Connection,
+    id: &str,
+    spec: &MachineSpec,
+) -> Result<(), StoreError> {
+    // Serialising a struct of strings, numbers and maps cannot fail.
+    let json = serde_json::to_string(spec).expect("machine spec serialises");
+    conn.execute(
+        "UPDATE machines SET spec = ?2 WHERE id = ?1",
+        params![id, json],
+    )
+    .map_err(|e| StoreError::sql(&format!("updating the spec of machine {id}"), e))?;
     Ok(())
 }
 

@@ -192,6 +192,10 @@ const MIGRATIONS: &[&str] = &[
     "#,
     // 8: OCI image records and their events (`store::images`).
     super::images::MIGRATION,
+    // 9: when a machine was last used, as recorded by requests and when it
+    // stops being used (`lifecycle::idle`): orders the storage evictor and
+    // outlives a restart.
+    "ALTER TABLE machines ADD COLUMN last_active_at INTEGER;",
 ];
 
 pub(super) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {

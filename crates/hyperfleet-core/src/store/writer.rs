@@ -137,6 +137,29 @@ impl WriteCtx<'_> {
         Ok(())
     }
 
+    /// Updates machine `rec`'s state and also its spec (`PATCH`: idle
+    /// timeout, persistence, metadata). Its sizes must stay as they are:
+    /// the tenant's usage is summed from them.
+    pub fn put_machine_with_spec(&mut self, rec: MachineRecord) -> Result<(), StoreError> {
+        let Some(old) = self.machine(&rec.id)? else {
+            return Err(StoreError::NoSuchMachine(rec.id.clone()));
+        };
+        let sizes = |s: &crate::store::MachineSpec| (s.vcpu_count, s.mem_size_mib, s.disk_bytes);
+        if sizes(&old.spec) != sizes(&rec.spec) {
+            return Err(StoreError::Rejected(format!(
+                "machine {} cannot change its sizes",
+                rec.id
+            )));
+        }
+        // The state columns (and counts) as any update, then the spec.
+        let mut state = rec.clone();
+        state.spec = old.spec;
+        self.put_machine(state)?;
+        rows::update_machine_spec(self.conn, &rec.id, &rec.spec)?;
+        self.mine.machines.insert(rec.id.clone(), Some(rec));
+        Ok(())
+    }
+
     fn count_move(&mut self, old: Option<&MachineRecord>, new: Option<&MachineRecord>) {
         let key = |m: &MachineRecord| (m.tenant.clone(), m.status);
         if old.map(key) == new.map(key) {

@@ -5,7 +5,10 @@
 //! It is selected with `--default-vmm stub` or `"vmm": "stub"` and is not
 //! meant for production. Tests steer the stand-in guest through machine
 //! metadata: `stub_boot_ms` (boot delay), `stub_never_ready=true` (the guest
-//! never answers), `stub_ignore_poweroff=true` (graceful stop times out).
+//! never answers), `stub_ignore_poweroff=true` (graceful stop times out),
+//! `stub_disk_used_bytes=N` (the prepared disk holds N bytes of data) and
+//! `stub_memory_bytes=N` (a suspend image holds N bytes more), so the
+//! storage tests have something to count.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -72,6 +75,16 @@ async fn command(socket: &Path, line: &str) -> Result<String, VmmError> {
         .map_err(|_| control("no answer within 5 s".into()))?
 }
 
+/// A byte count from the machine's metadata (0 when absent or not a number).
+fn meta_bytes(launch: &LaunchSpec, key: &str) -> u64 {
+    launch
+        .spec
+        .metadata
+        .get(key)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
 /// The size of a stub machine's (sparse) disk.
 const STUB_DISK_BYTES: u64 = 64 << 20;
 
@@ -99,6 +112,7 @@ impl Vmm for StubVmm {
     async fn prepare(&self, launch: &LaunchSpec) -> Result<(), VmmError> {
         let dir = launch.paths.dir.clone();
         let disk = Self::disk(&launch.paths);
+        let used = meta_bytes(launch, "stub_disk_used_bytes");
         // One blocking call for the whole preparation: cheaper than a
         // thread hand-off per filesystem operation.
         tokio::task::spawn_blocking(move || {
@@ -113,7 +127,14 @@ impl Vmm for StubVmm {
                 .open(&disk)
                 .map_err(|e| VmmError::host(format!("creating {}", disk.display()), e))?;
             f.set_len(STUB_DISK_BYTES)
-                .map_err(|e| VmmError::host(format!("sizing {}", disk.display()), e))
+                .map_err(|e| VmmError::host(format!("sizing {}", disk.display()), e))?;
+            if used > 0 {
+                use std::os::unix::fs::FileExt;
+                let data = vec![0xa5u8; used.min(STUB_DISK_BYTES) as usize];
+                f.write_all_at(&data, 0)
+                    .map_err(|e| VmmError::host(format!("filling {}", disk.display()), e))?;
+            }
+            Ok(())
         })
         .await
         .map_err(|e| VmmError::host("preparing the disk", std::io::Error::other(e)))?
@@ -229,6 +250,13 @@ impl Vmm for StubVmm {
         command(&socket, "PAUSE").await?;
         let state = Self::state_file(&launch.paths);
         command(&socket, &format!("SAVE {}", state.display())).await?;
+        let extra = meta_bytes(launch, "stub_memory_bytes");
+        if extra > 0 {
+            let ballast = dir.join("ballast");
+            tokio::fs::write(&ballast, vec![0x5au8; extra.min(1 << 30) as usize])
+                .await
+                .map_err(|e| VmmError::host(format!("writing {}", ballast.display()), e))?;
+        }
         Ok(Saved::Complete)
     }
 

@@ -407,6 +407,18 @@ pub(crate) fn request(
     Ok(Resp { status, body })
 }
 
+/// Sends one command to the stand-in VMM of machine `id` (its protocol:
+/// crates/testvmm) and returns the answer.
+pub(crate) fn testvmm_command(sb: &Sandbox, id: &str, line: &str) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let sock = sb.machines_dir().join(id).join("vmm.sock");
+    let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    writeln!(s, "{line}").unwrap();
+    let mut answer = String::new();
+    BufReader::new(s).read_line(&mut answer).unwrap();
+    answer.trim().to_string()
+}
+
 /// Polls `f` until it returns Some or the deadline passes.
 pub(crate) fn eventually<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;

@@ -256,6 +256,19 @@ class AsyncMachines:
         """The machine with this id or name (``NotFound`` when there is none)."""
         return AsyncMachine._wrap(self._client, await self._client._json(_core.get_machine(id)))
 
+    async def update(
+        self,
+        id: str,
+        *,
+        idle_timeout_seconds: Optional[int] = _core.UNSET,
+        persistence: Union[Persistence, Mapping[str, Any], None] = None,
+        metadata: Optional[Mapping[str, str]] = None,
+    ) -> AsyncMachine:
+        """Change the idle timeout, persistence or metadata of the machine
+        with this id or name: see :meth:`AsyncMachine.update`."""
+        call = _core.update_machine(id, idle_timeout_seconds, persistence, metadata)
+        return AsyncMachine._wrap(self._client, await self._client._json(call))
+
     async def list(
         self, status: Optional[MachineStatus] = None, *, page_size: int = 100
     ) -> AsyncIterator[AsyncMachine]:
@@ -372,6 +385,27 @@ class AsyncMachine(MachineFields):
     async def refresh(self) -> AsyncMachine:
         """Read the machine's fields again."""
         return self._update(await self._client._json(_core.get_machine(self.id)))
+
+    async def update(
+        self,
+        *,
+        idle_timeout_seconds: Optional[int] = _core.UNSET,
+        persistence: Union[Persistence, Mapping[str, Any], None] = None,
+        metadata: Optional[Mapping[str, str]] = None,
+    ) -> AsyncMachine:
+        """Change the machine's idle timeout, persistence or metadata
+        (``PATCH /machines/{id}``); what is left out stays as it is.
+
+        Args:
+            idle_timeout_seconds: seconds without activity before it is
+                suspended (deleted, when ephemeral); ``0`` never; ``None`` the
+                server's default. The idle deadline starts over.
+            persistence: ``Persistence("sticky", priority=3)`` or
+                ``{"type": "persistent"}``.
+            metadata: replaces the metadata as a whole (``{}`` empties it).
+        """
+        call = _core.update_machine(self.id, idle_timeout_seconds, persistence, metadata)
+        return self._update(await self._client._json(call))
 
     def url(self, port: int, *, with_token: bool = False) -> str:
         """The proxy URL of an exposed ``port``; see :meth:`hyperfleet.Machine.url`."""

@@ -211,6 +211,28 @@ def create_machine(
     return call
 
 
+#: An argument left out (``None`` means something of its own).
+UNSET: Any = object()
+
+
+def update_machine(
+    id: str,
+    idle_timeout_seconds: Any,
+    persistence: Union[Persistence, Mapping[str, Any], None],
+    metadata: Optional[Mapping[str, str]],
+) -> Call:
+    """``PATCH /machines/{id}``: only the fields given (``idle_timeout_seconds=None``
+    is the server's default; left out, it stays)."""
+    body: Dict[str, Any] = {}
+    if idle_timeout_seconds is not UNSET:
+        body["idle_timeout_seconds"] = idle_timeout_seconds
+    if persistence is not None:
+        body["persistence"] = to_json(persistence)
+    if metadata is not None:
+        body["metadata"] = dict(metadata)
+    return Call("PATCH", f"/machines/{seg(id)}", json=body)
+
+
 def get_machine(id: str) -> Call:
     return Call("GET", f"/machines/{seg(id)}")
 

@@ -212,8 +212,10 @@ class Machines:
             public: exposed ports need no credentials.
             network: ``NetworkRequest(egress=False)`` (or ``{"egress": False}``)
                 cuts the guest off from the internet.
-            idle_timeout_seconds: reserved by the API.
-            persistence: reserved by the API.
+            idle_timeout_seconds: seconds without activity before it is
+                suspended; ``0`` never; default the server's.
+            persistence: ``Persistence("sticky", priority=3)``, ``{"type":
+                "persistent"}`` or ``{"type": "ephemeral"}``; default sticky 5.
             snapshot_id: make it from this snapshot (id, name or :class:`Snapshot`):
                 its disk builds on the snapshot's and, when the snapshot holds
                 memory, its first start continues the snapshot's guest instead
@@ -261,6 +263,19 @@ class Machines:
     def get(self, id: str) -> Machine:
         """The machine with this id or name (``NotFound`` when there is none)."""
         return Machine._wrap(self._client, self._client._json(_core.get_machine(id)))
+
+    def update(
+        self,
+        id: str,
+        *,
+        idle_timeout_seconds: Optional[int] = _core.UNSET,
+        persistence: Union[Persistence, Mapping[str, Any], None] = None,
+        metadata: Optional[Mapping[str, str]] = None,
+    ) -> Machine:
+        """Change the idle timeout, persistence or metadata of the machine
+        with this id or name: see :meth:`Machine.update`."""
+        call = _core.update_machine(id, idle_timeout_seconds, persistence, metadata)
+        return Machine._wrap(self._client, self._client._json(call))
 
     def list(
         self, status: Optional[MachineStatus] = None, *, page_size: int = 100
@@ -388,6 +403,27 @@ class Machine(MachineFields):
     def refresh(self) -> Machine:
         """Read the machine's fields again."""
         return self._update(self._client._json(_core.get_machine(self.id)))
+
+    def update(
+        self,
+        *,
+        idle_timeout_seconds: Optional[int] = _core.UNSET,
+        persistence: Union[Persistence, Mapping[str, Any], None] = None,
+        metadata: Optional[Mapping[str, str]] = None,
+    ) -> Machine:
+        """Change the machine's idle timeout, persistence or metadata
+        (``PATCH /machines/{id}``); what is left out stays as it is.
+
+        Args:
+            idle_timeout_seconds: seconds without activity before it is
+                suspended (deleted, when ephemeral); ``0`` never; ``None`` the
+                server's default. The idle deadline starts over.
+            persistence: ``Persistence("sticky", priority=3)`` or
+                ``{"type": "persistent"}``.
+            metadata: replaces the metadata as a whole (``{}`` empties it).
+        """
+        call = _core.update_machine(self.id, idle_timeout_seconds, persistence, metadata)
+        return self._update(self._client._json(call))
 
     def url(self, port: int, *, with_token: bool = False) -> str:
         """The proxy URL of an exposed ``port`` (``http://<port>-<id>.localhost:4000/``).

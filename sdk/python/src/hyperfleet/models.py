@@ -88,7 +88,7 @@ Scope = Literal["read", "write", "exec", "admin"]
 SnapshotStatus = Literal["creating", "ready", "failed", "deleting"]
 #: Where an OCI image record is in its life (``ImageStatus``).
 ImageStatus = Literal["pulling", "ready", "failed"]
-#: How long a machine's disk is kept (``PersistenceType``; reserved).
+#: What happens to a machine's storage (``PersistenceType``).
 PersistenceType = Literal["sticky", "persistent", "ephemeral"]
 
 
@@ -115,9 +115,13 @@ class NetworkRequest:
 
 @dataclass
 class Persistence:
-    """Reserved: how long a machine's disk is kept."""
+    """What happens to a machine's storage: ``sticky`` (kept while the
+    server's storage budget allows; lower ``priority``, 0-10, is evicted
+    first), ``persistent`` (never evicted) or ``ephemeral`` (deleted when it
+    stops or idles, never suspended). Default sticky, priority 5."""
 
     type: PersistenceType
+    priority: Optional[int] = None
 
 
 @dataclass
@@ -169,6 +173,9 @@ class MachineFields:
     idle_deadline: Optional[str] = None
     started_at: Optional[str] = None
     access_token: Optional[str] = field(default=None, repr=False)
+    #: Bytes it holds on the server's disk (disk overlay, memory image), as
+    #: last measured; ``None`` until measured.
+    stored_bytes: Optional[int] = None
 
 
 @dataclass

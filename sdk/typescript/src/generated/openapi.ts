@@ -394,8 +394,9 @@ export interface Machine {
   generation: number;
   id: string;
   /**
-   * When the machine will be suspended for idleness if nothing uses it
-   * meanwhile: while it is `running` with an idle timeout; null otherwise.
+   * When the machine will be suspended (an ephemeral one: deleted) for
+   * idleness if nothing uses it meanwhile: while it is `running` with an
+   * idle timeout; null otherwise.
    */
   idleDeadline?: string | null;
   idleTimeoutSeconds?: number | null;
@@ -426,6 +427,13 @@ export interface Machine {
   startedAt?: string | null;
   /** What is true on the host now. */
   status: MachineStatus;
+  /**
+   * Bytes the machine holds on the data directory's disk (its disk
+   * overlay and files, plus its memory image while suspended; allocated
+   * blocks, not apparent sizes), as last measured by the storage
+   * accounting (at most about 30 s old); absent until measured.
+   */
+  storedBytes?: number | null;
   updatedAt: string;
   /** The proxy URL of each exposed port, keyed by port. */
   urls?: Record<string, string>;
@@ -511,11 +519,20 @@ export interface NetworkRequest {
   egress?: boolean | null;
 }
 
-/** Reserved for the persistence issue: how long a machine's disk is kept. */
+/**
+ * How long a machine's storage is kept (docs/api.md "Persistence").
+ * Default `{"type": "sticky", "priority": 5}`.
+ */
 export interface Persistence {
+  /**
+   * 0–10, default 5: among sticky machines the evictor reclaims lower
+   * priorities first. Kept, but without effect, for the other types.
+   */
+  priority?: number | null;
   type: PersistenceType;
 }
 
+/** What happens to a machine's storage (docs/api.md "Persistence"). */
 export type PersistenceType = "sticky" | "persistent" | "ephemeral";
 /** Every {@link PersistenceType}, in the spec's order. */
 export const PERSISTENCE_TYPES = ["sticky","persistent","ephemeral"] as const satisfies readonly PersistenceType[];
@@ -643,9 +660,88 @@ export interface StepTiming {
   step: string;
 }
 
+/** The storage budget and its use (docs/api.md "Persistence"). */
+export interface Storage {
+  /**
+   * Bytes the machines' disks, memory images and snapshots may hold
+   * together (`--storage-budget`, or the default measured at start).
+   */
+  budgetBytes: number;
+  /**
+   * `flag` (`--storage-budget`) or `default` (what the data directory
+   * held at start plus 80 % of its filesystem's free space then).
+   */
+  budgetSource: string;
+  /** Machines evicted (deleted) since the daemon started. */
+  evictedMachines: number;
+  /** Memory images evicted since the daemon started. */
+  evictedMemoryImages: number;
+  /**
+   * OCI images (`/images`): shown, not counted against the budget (the
+   * evictor never removes them; delete unused images instead).
+   */
+  imagesBytes: number;
+  /** Machines measured. */
+  machines: number;
+  /** Machines' disks and their other files (allocated bytes). */
+  machinesBytes: number;
+  /**
+   * When the figures were last measured (RFC 3339); null before the
+   * first measurement.
+   */
+  measuredAt?: string | null;
+  /** Suspended machines' memory images. */
+  memoryImagesBytes: number;
+  /** The latest evictions (at most 100), oldest first. */
+  recentEvictions: Array<StorageEviction>;
+  /**
+   * What the evictor could free now: sticky machines that are not
+   * running, their memory images included.
+   */
+  reclaimableBytes: number;
+  /** Snapshots (`/snapshots`, templates, forks in flight). */
+  snapshotsBytes: number;
+  /**
+   * What counts against the budget: `machines_bytes +
+   * memory_images_bytes + snapshots_bytes`.
+   */
+  usedBytes: number;
+}
+
+/** One eviction the evictor carried out. */
+export interface StorageEviction {
+  at: string;
+  /** What it held when evicted. */
+  bytes: number;
+  machineId: string;
+  machineName: string;
+  /**
+   * `memory_image` (the machine went from suspended to stopped) or
+   * `machine` (it was deleted).
+   */
+  what: string;
+}
+
 export interface StoreHealth {
   detail: string;
   ok: boolean;
+}
+
+/**
+ * `PATCH /machines/{id}`: the settings a machine may change after create.
+ * Absent fields stay as they are. Unknown fields are rejected.
+ */
+export interface UpdateMachineRequest {
+  /**
+   * Seconds without activity before the machine is suspended (or, when
+   * ephemeral, deleted); 0: never; null: the server's
+   * `--default-idle-timeout`. The idle deadline starts over from the
+   * update.
+   */
+  idleTimeoutSeconds?: number | null;
+  /** Free-form labels for the caller's own bookkeeping. */
+  metadata?: Record<string, string>;
+  persistence?: null | Persistence;
 }
 
 /** Which virtual machine monitor runs the machine. */
@@ -708,6 +804,12 @@ export const SHAPES: Readonly<Record<string, Readonly<Record<string, string>>>> 
   },
   "SnapshotList": {
     "snapshots": "Snapshot"
+  },
+  "Storage": {
+    "recent_evictions": "StorageEviction"
+  },
+  "UpdateMachineRequest": {
+    "persistence": "Persistence"
   }
 };
 
@@ -801,6 +903,12 @@ export interface Routes {
     path: { id: string };
     query: { force?: boolean; wait?: boolean; timeout?: number };
     body: never;
+    response: Machine;
+  };
+  "PATCH /machines/{id}": {
+    path: { id: string };
+    query: {};
+    body: UpdateMachineRequest;
     response: Machine;
   };
   "GET /machines/{id}/events": {
@@ -952,6 +1060,12 @@ export interface Routes {
     query: {};
     body: never;
     response: void;
+  };
+  "GET /storage": {
+    path: {};
+    query: {};
+    body: never;
+    response: Storage;
   };
   "GET /templates": {
     path: {};

@@ -210,6 +210,7 @@ impl Run {
             r.current_step = None;
         })
         .await?;
+        self.ctx.storage.mark(&rec.id);
         Ok(())
     }
 
@@ -524,6 +525,7 @@ impl Run {
             r.observe(Observation::SuspendDone);
         })
         .await?;
+        self.ctx.storage.mark(&rec.id);
         Ok(())
     }
 
@@ -608,6 +610,7 @@ impl Run {
             });
         })
         .await?;
+        self.ctx.storage.mark_all();
         Ok(())
     }
 
@@ -671,14 +674,29 @@ impl Run {
             (obs, format!("VMM gone while {was}"))
         };
         self.vmm_gone(rec).await;
+        // The guest was in use until it went.
+        let last = self.ctx.activity.last(&rec.id);
+        let ephemeral = rec.spec.ephemeral();
+        let detail = if powered_off && ephemeral {
+            format!("{detail}; ephemeral: deleted")
+        } else {
+            detail
+        };
         self.persist(Some(Journal::done(steps::FORGET, &detail)), move |r| {
             r.vmm = None;
             r.current_step = None;
             r.observe(obs);
+            if let Some(t) = last {
+                r.last_active_at = Some(r.last_active_at.map_or(t, |l| l.max(t)));
+            }
             if powered_off && r.status == MachineStatus::Stopped {
-                // Nobody asked for it, but stopped is now what is
-                // wanted: the run must not boot the guest again.
-                if !matches!(r.desired, Desired::Stopped | Desired::Deleted) {
+                if ephemeral && r.desired != Desired::Deleted {
+                    // An ephemeral machine is deleted when it stops.
+                    r.desired = Desired::Deleted;
+                    r.generation += 1;
+                } else if !matches!(r.desired, Desired::Stopped | Desired::Deleted) {
+                    // Nobody asked for it, but stopped is now what is
+                    // wanted: the run must not boot the guest again.
                     r.desired = Desired::Stopped;
                     r.generation += 1;
                     r.observed_generation = r.generation;
@@ -712,6 +730,9 @@ impl Run {
             r.observe(Observation::SettledStopped);
         })
         .await?;
+        if rec.has_snapshot {
+            self.ctx.storage.mark(&rec.id);
+        }
         Ok(())
     }
 
@@ -752,6 +773,7 @@ impl Run {
                 ctx.delete_machine(&id)
             })
             .await?;
+        self.ctx.storage.mark(&rec.id);
         if rec.spec.base_snapshot.is_some() {
             // The machine may have been the last user of a deleted snapshot.
             if let Err(e) =

@@ -46,6 +46,9 @@ pub struct RunCtx {
     pub idle: crate::lifecycle::idle::IdleConfig,
     /// When each machine was last used, shared with the proxy.
     pub activity: crate::proxy::activity::Activity,
+    /// The storage budget and what the data directory holds; steps that
+    /// change a machine's files mark it (`lifecycle::storage`).
+    pub storage: Arc<crate::lifecycle::storage::Storage>,
 }
 
 impl RunCtx {

@@ -367,6 +367,7 @@ pub(crate) const POWER_DOWN_LINE: &str = "reboot: Power down";
 /// daemon restart: the VMM is not the daemon's child then, and its exit
 /// status is lost. A VMM that is killed or crashes leaves no such line.
 pub(crate) fn guest_powered_off(console: &Path, since_ms: Option<i64>) -> bool {
+    const MTIME_SLACK_MS: i64 = 250;
     use std::io::{Read, Seek, SeekFrom};
     let Ok(mut f) = std::fs::File::open(console) else {
         return false;
@@ -380,7 +381,12 @@ pub(crate) fn guest_powered_off(console: &Path, since_ms: Option<i64>) -> bool {
             .ok()
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
             .map_or(0, |d| d.as_millis() as i64);
-        if written_ms < since {
+        // An mtime comes from the kernel's coarse clock, which lags the
+        // wall clock by up to a tick: a guest that powers off within
+        // milliseconds of becoming running must still count. A previous
+        // boot's line cannot hide in the slack, as every boot writes to the
+        // console before it runs.
+        if written_ms < since - MTIME_SLACK_MS {
             return false;
         }
     }
@@ -537,6 +543,9 @@ mod tests {
         // Written before the guest last became running: a previous boot's.
         let later = crate::util::now_ms() + 60_000;
         assert!(!guest_powered_off(&con, Some(later)));
+        // Written "just before" by the coarse clock: still this boot's.
+        let just_now = crate::util::now_ms() + 5;
+        assert!(guest_powered_off(&con, Some(just_now)));
         // Followed by more output: not the guest's last words.
         std::fs::write(&con, "reboot: Power down\nLinux booting again\n").unwrap();
         assert!(!guest_powered_off(&con, None));

@@ -331,6 +331,26 @@ impl AgentClient {
         }
     }
 
+    /// Starts the machine's main process (see [`MainProcessRequest`]); idempotent within a
+    /// boot. Fails up front with [`Error::AgentTooOld`] for an agent older than protocol
+    /// version 3 and [`Error::InvalidRequest`] for an empty `argv`.
+    pub async fn start_main(&self, req: MainProcessRequest) -> Result<MainStarted, Error> {
+        if req.argv.first().is_none_or(|a| a.is_empty()) {
+            return Err(Error::InvalidRequest("argv must name a program".into()));
+        }
+        if self.protocol_version() < MAIN_PROTOCOL_VERSION {
+            return Err(Error::AgentTooOld {
+                what: "start_main",
+                needed: MAIN_PROTOCOL_VERSION,
+                negotiated: self.protocol_version(),
+            });
+        }
+        match self.call(&Request::StartMain(req), |_| {}).await? {
+            Reply::MainStarted(s) => Ok(s),
+            other => Err(unexpected(&other)),
+        }
+    }
+
     async fn power(&self, action: PowerAction) -> Result<(), Error> {
         match self
             .call(&Request::Power(PowerRequest { action }), |_| {})

@@ -71,6 +71,22 @@ pub fn machine_env() -> Schema {
     )
 }
 
+/// Most elements of a main process's `entrypoint` or `cmd`.
+pub const PROCESS_ARGV_MAX: usize = 256;
+/// Longest element of `entrypoint` or `cmd`, in characters.
+pub const PROCESS_ARG_MAX_CHARS: usize = 4096;
+
+/// `entrypoint` and `cmd` of a machine: strings without NUL, bounded.
+pub fn process_argv() -> Schema {
+    ArrayBuilder::new()
+        .items(string(NO_NUL).max_length(Some(PROCESS_ARG_MAX_CHARS)))
+        .max_items(Some(PROCESS_ARGV_MAX))
+        .description(Some(
+            "Strings without NUL, each at most 4096 characters, at most 256. Needs `image`.",
+        ))
+        .into()
+}
+
 /// `metadata` of a machine: free-form labels, bounded.
 pub fn machine_metadata() -> Schema {
     string_map(

@@ -105,7 +105,7 @@ fn find(state: &AppState, caller: &Caller, id: &str) -> Result<Arc<CachedMachine
         (status = 400, description = "Malformed or invalid request", body = hyperfleet_api::ErrorBody),
         (status = 403, description = "The key lacks the write scope (FORBIDDEN), or the tenant's quota does not allow the machine (QUOTA_EXCEEDED)", body = hyperfleet_api::ErrorBody),
         (status = 404, description = "`snapshot_id` names no snapshot", body = hyperfleet_api::ErrorBody),
-        (status = 409, description = "Name already in use (CONFLICT), or the snapshot is not ready (INVALID_STATE)", body = hyperfleet_api::ErrorBody),
+        (status = 409, description = "Name already in use, fields that conflict (`image` with `snapshot_id`; `entrypoint`, `cmd`, `workdir`, `user` or `restart` without `image`) (CONFLICT), or the snapshot is not ready (INVALID_STATE)", body = hyperfleet_api::ErrorBody),
         (status = 507, description = "The disk holding the database is full (INSUFFICIENT_STORAGE); nothing was stored", body = hyperfleet_api::ErrorBody),
     ),
     security(("bearer" = [])))]
@@ -129,6 +129,16 @@ pub async fn create(
              (which has its image), not both",
         ));
     }
+    let overrides = crate::validate::take_process_overrides(&mut req)?;
+    if image.is_none() && !overrides.given().is_empty() {
+        return Err(ApiError::new(
+            ErrorCode::Conflict,
+            format!(
+                "{} need image: only a machine made from an OCI image has a main process",
+                overrides.given().join(", ")
+            ),
+        ));
+    }
     let (name, mut spec) = validate_create(req, state.default_vmm)?;
     if let Some(image) = image {
         use crate::images::service::ImageServiceError as E;
@@ -144,6 +154,9 @@ pub async fn create(
                 }
                 e => e.into(),
             })?;
+        let (found, run) = found;
+        spec.process = crate::images::main_process(&run, &overrides);
+        spec.restart = overrides.restart;
         spec.oci = Some(found);
     }
     // 160 random bits: the proxy's per-machine credential.

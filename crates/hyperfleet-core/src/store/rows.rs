@@ -11,7 +11,8 @@ use super::{
 pub(super) const MACHINE_COLUMNS: &str = "id, tenant, name, spec, status, desired, generation, \
     restart_seq, boot_restart_seq, stop_kill, failed_generation, error_message, vmm_pid, \
     vmm_start_time, vmm_boot_id, current_step, prepared, has_snapshot, operation_id, \
-    created_at, updated_at, started_at, observed_generation, network, jail_uid, snapshot_job";
+    created_at, updated_at, started_at, observed_generation, network, jail_uid, snapshot_job, \
+    exit_code, restart_count";
 
 fn bad(col: usize, msg: String) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(
@@ -26,11 +27,12 @@ fn bad(col: usize, msg: String) -> rusqlite::Error {
 const INSERT_MACHINE: &str = "INSERT INTO machines (id, tenant, name, spec, created_at, status, \
     desired, generation, restart_seq, boot_restart_seq, stop_kill, failed_generation, \
     error_message, vmm_pid, vmm_start_time, vmm_boot_id, current_step, prepared, has_snapshot, \
-    operation_id, updated_at, started_at, observed_generation, snapshot_job) VALUES (:id, \
+    operation_id, updated_at, started_at, observed_generation, snapshot_job, exit_code, \
+    restart_count) VALUES (:id, \
     :tenant, :name, :spec, :created_at, :status, :desired, :generation, :restart_seq, \
     :boot_restart_seq, :stop_kill, :failed_generation, :error_message, :vmm_pid, \
     :vmm_start_time, :vmm_boot_id, :current_step, :prepared, :has_snapshot, :operation_id, \
-    :updated_at, :started_at, :observed_generation, :snapshot_job)";
+    :updated_at, :started_at, :observed_generation, :snapshot_job, :exit_code, :restart_count)";
 
 /// The VMM identity from its three nullable columns (`vmm_pid`,
 /// `vmm_start_time`, `vmm_boot_id`), starting at column `first`.
@@ -91,6 +93,11 @@ pub(super) fn machine_from_row(r: &Row<'_>) -> rusqlite::Result<MachineRecord> {
             .map(|u| u32::try_from(u).map_err(|_| bad(24, format!("uid {u} out of range"))))
             .transpose()?,
         snapshot_job: r.get(25)?,
+        exit_code: r.get(26)?,
+        restart_count: r
+            .get::<_, i64>(27)?
+            .try_into()
+            .map_err(|_| bad(27, "restart count out of range".into()))?,
     })
 }
 
@@ -142,7 +149,8 @@ const UPDATE_MACHINE: &str = "UPDATE machines SET status=:status, desired=:desir
     vmm_pid=:vmm_pid, vmm_start_time=:vmm_start_time, vmm_boot_id=:vmm_boot_id, \
     current_step=:current_step, prepared=:prepared, has_snapshot=:has_snapshot, \
     operation_id=:operation_id, updated_at=:updated_at, started_at=:started_at, \
-    observed_generation=:observed_generation, snapshot_job=:snapshot_job WHERE id=:id";
+    observed_generation=:observed_generation, snapshot_job=:snapshot_job, exit_code=:exit_code, \
+    restart_count=:restart_count WHERE id=:id";
 
 /// Binds `(name, value)` pairs to a statement's named parameters.
 fn bind(stmt: &mut Statement<'_>, values: &[(&str, &dyn ToSql)]) -> rusqlite::Result<()> {
@@ -182,6 +190,8 @@ fn bind_state(stmt: &mut Statement<'_>, m: &MachineRecord) -> rusqlite::Result<(
             (":started_at", &m.started_at),
             (":observed_generation", &(m.observed_generation as i64)),
             (":snapshot_job", &m.snapshot_job),
+            (":exit_code", &m.exit_code),
+            (":restart_count", &i64::from(m.restart_count)),
         ],
     )
 }

@@ -192,6 +192,12 @@ const MIGRATIONS: &[&str] = &[
     "#,
     // 8: OCI image records and their events (`store::images`).
     super::images::MIGRATION,
+    // 9: a machine's main process: the exit code that stopped it, and how
+    // many times its restart policy booted it again.
+    r#"
+    ALTER TABLE machines ADD COLUMN exit_code INTEGER;
+    ALTER TABLE machines ADD COLUMN restart_count INTEGER NOT NULL DEFAULT 0;
+    "#,
 ];
 
 pub(super) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {

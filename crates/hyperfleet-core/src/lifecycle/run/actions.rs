@@ -10,7 +10,7 @@ use super::host::{kill_everything_of, kill_vmm};
 use super::journal::{failure_timing, Journal, StepDef};
 use super::{until, Run, RunError, Rx};
 use crate::failpoint;
-use crate::lifecycle::plan::Step;
+use crate::lifecycle::plan::{after_main_exit, AfterExit, Step};
 use crate::lifecycle::table::{Desired, Observation};
 use crate::store::{steps, EventRecord, MachineRecord, StoreError};
 use crate::util::now_ms;
@@ -222,6 +222,7 @@ impl Run {
                 r.stop_kill = false;
                 // A failure's message, or the reason a guest last exited.
                 r.error_message = None;
+                r.exit_code = None;
             })
             .await?;
         launch.uid = self.ensure_uid(rec, backend.as_ref()).await?;
@@ -274,6 +275,12 @@ impl Run {
         if let Some((_, _, own)) = launch.restore_image() {
             self.refresh_guest(rec, &launch, backend.as_ref(), !own)
                 .await?;
+        } else if !launch.restore {
+            // A boot: the guest runs the machine's main process, if it has
+            // one. (A restored guest has it in its memory already.)
+            if let Some(p) = &rec.spec.process {
+                self.start_main(rec, &launch, backend.as_ref(), p).await?;
+            }
         }
         failpoint::hit("ready.after_effect");
         self.verified = true;
@@ -391,6 +398,47 @@ impl Run {
             "clock set from the host, RNG reseeded".to_string()
         };
         self.step_done(steps::REFRESH_IDENTITY, t0, detail);
+        Ok(())
+    }
+
+    /// Asks the agent of a booted guest to start the machine's main
+    /// process. The agent starts it once per boot and answers a repeated
+    /// request with what it started, so a daemon that died before
+    /// recording `running` asks again harmlessly.
+    async fn start_main(
+        &mut self,
+        rec: &MachineRecord,
+        launch: &crate::vmm::LaunchSpec,
+        backend: &dyn crate::vmm::Vmm,
+        p: &crate::store::MainProcess,
+    ) -> Result<(), RunError> {
+        let t0 = Instant::now();
+        let err = |detail: String| crate::vmm::VmmError::Control {
+            doing: "starting the image's main process".to_string(),
+            detail,
+        };
+        let agent = match backend.agent(launch).await {
+            Ok(a) => a,
+            // A backend with no guest (stub): nothing runs.
+            Err(crate::vmm::VmmError::Unsupported { .. }) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        let req = hyperfleet_agent_proto::MainProcessRequest {
+            argv: p.argv.clone(),
+            env: p.env(&rec.spec.env),
+            cwd: p.workdir.clone(),
+            user: p.user.clone(),
+        };
+        let started = agent
+            .start_main(req)
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        let detail = match started.pid {
+            Some(pid) if started.already => format!("pid {pid}, started before"),
+            Some(pid) => format!("pid {pid}: {}", p.argv.join(" ")),
+            None => "it could not start; the console log says why".to_string(),
+        };
+        self.step_done(steps::START_MAIN, t0, detail);
         Ok(())
     }
 
@@ -621,34 +669,58 @@ impl Run {
         let was = rec.status;
         // A running guest that powered itself off ends `stopped`, with the
         // reason; anything else unasked-for is a failure.
-        let powered_off = obs == Observation::VmmLost && was == MachineStatus::Running && {
-            let console = match self.backend(rec.spec.vmm) {
-                Ok(b) => b.console_log(&self.ctx.paths(&rec.id)),
-                Err(_) => self.ctx.paths(&rec.id).console_log(),
-            };
-            crate::vmm::guest_powered_off(&console, rec.started_at)
+        let console = match self.backend(rec.spec.vmm) {
+            Ok(b) => b.console_log(&self.ctx.paths(&rec.id)),
+            Err(_) => self.ctx.paths(&rec.id).console_log(),
         };
+        let powered_off = obs == Observation::VmmLost
+            && was == MachineStatus::Running
+            && crate::vmm::guest_powered_off(&console, rec.started_at);
+        // Its main process exiting is what made the guest power off.
+        let main_exit = powered_off
+            .then(|| rec.spec.process.as_ref())
+            .flatten()
+            .and_then(|_| crate::vmm::main_process_exit(&console));
         let (obs, detail) = if powered_off {
-            tracing::info!(machine = %rec.id, "the guest powered itself off");
-            (Observation::GuestPoweredOff, GUEST_POWERED_OFF.to_string())
+            let reason = main_exit
+                .as_ref()
+                .map_or(GUEST_POWERED_OFF.to_string(), |e| e.reason.clone());
+            tracing::info!(machine = %rec.id, %reason, "the guest powered itself off");
+            (Observation::GuestPoweredOff, reason)
         } else {
             tracing::warn!(machine = %rec.id, status = %was, "the VMM process is gone");
             (obs, format!("VMM gone while {was}"))
         };
         self.vmm_gone(rec).await;
-        self.persist(Some(Journal::done(steps::FORGET, &detail)), move |r| {
+        // The restart policy decides on the latest record, in the commit
+        // that records the exit: a stop or delete asked for meanwhile wins.
+        let journal = match &main_exit {
+            // What the policy says on the record the run read (the commit
+            // decides again on the latest).
+            Some(e) if after_main_exit(rec, e.code) == AfterExit::Restart => format!(
+                "{detail}; the {} restart policy boots it again",
+                rec.spec.restart.unwrap_or_default().policy.as_str()
+            ),
+            _ => detail.clone(),
+        };
+        self.persist(Some(Journal::done(steps::FORGET, &journal)), move |r| {
             r.vmm = None;
             r.current_step = None;
             r.observe(obs);
             if powered_off && r.status == MachineStatus::Stopped {
-                // Nobody asked for it, but stopped is now what is
-                // wanted: the run must not boot the guest again.
-                if !matches!(r.desired, Desired::Stopped | Desired::Deleted) {
+                let after = main_exit.as_ref().map(|e| after_main_exit(r, e.code));
+                r.exit_code = main_exit.as_ref().map(|e| e.code);
+                r.error_message = Some(detail);
+                if after == Some(AfterExit::Restart) {
+                    // Still wanted running: the run boots it again.
+                    r.restart_count += 1;
+                } else if !matches!(r.desired, Desired::Stopped | Desired::Deleted) {
+                    // Nobody asked for it, but stopped is now what is
+                    // wanted: the run must not boot the guest again.
                     r.desired = Desired::Stopped;
                     r.generation += 1;
                     r.observed_generation = r.generation;
                 }
-                r.error_message = Some(GUEST_POWERED_OFF.to_string());
             }
             if r.status == MachineStatus::Failed && was != MachineStatus::Failed {
                 r.error_message = Some(format!(

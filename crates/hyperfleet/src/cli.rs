@@ -569,6 +569,26 @@ pub(crate) struct CreateArgs {
     /// pulled first when absent.
     #[arg(long)]
     pub image: Option<String>,
+    /// Replace the image's entrypoint: a JSON array (`'["/bin/sh","-c"]'`)
+    /// or one word; `[]` clears it. Needs --image.
+    #[arg(long, allow_hyphen_values = true)]
+    pub entrypoint: Option<String>,
+    /// Replace the image's command: a JSON array (`'["echo","hi"]'`) or
+    /// one word; `[]` clears it. Needs --image.
+    #[arg(long, allow_hyphen_values = true)]
+    pub cmd: Option<String>,
+    /// Replace the image's working directory. Needs --image.
+    #[arg(long)]
+    pub workdir: Option<String>,
+    /// Replace the image's user: name, uid, name:group or uid:gid. Needs
+    /// --image.
+    #[arg(long)]
+    pub user: Option<String>,
+    /// When the main process exits: `no` (default), `always`,
+    /// `on-failure` or `on-failure:N` (at most N restarts in a row).
+    /// Needs --image.
+    #[arg(long)]
+    pub restart: Option<String>,
 }
 
 #[derive(Subcommand)]

@@ -376,7 +376,8 @@ pub(crate) struct DoctorArgs {
 #[derive(Subcommand)]
 pub(crate) enum MachinesCmd {
     /// Create a machine (status `pending`); `--start` boots it too.
-    Create(CreateArgs),
+    // Boxed: its flags outweigh every other machines command's.
+    Create(Box<CreateArgs>),
     /// List machines.
     List {
         #[arg(long)]

@@ -244,6 +244,7 @@ pub(crate) async fn run(args: &ClientArgs, cmd: MachinesCmd) -> anyhow::Result<(
     let c = client(args)?;
     match cmd {
         MachinesCmd::Create(a) => {
+            let a = *a;
             let vmm = match a.vmm.as_deref() {
                 None => None,
                 Some(v) => Some(v.parse().map_err(anyhow::Error::msg)?),

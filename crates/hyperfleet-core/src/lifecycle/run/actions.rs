@@ -677,10 +677,11 @@ impl Run {
             && was == MachineStatus::Running
             && crate::vmm::guest_powered_off(&console, rec.started_at);
         // Its main process exiting is what made the guest power off.
-        let main_exit = powered_off
-            .then(|| rec.spec.process.as_ref())
-            .flatten()
-            .and_then(|_| crate::vmm::main_process_exit(&console));
+        let main_exit = if powered_off && rec.spec.process.is_some() {
+            crate::vmm::main_process_exit(&console)
+        } else {
+            None
+        };
         let (obs, detail) = if powered_off {
             let reason = main_exit
                 .as_ref()

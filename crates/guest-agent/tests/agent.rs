@@ -669,6 +669,21 @@ async fn background_child_holding_the_pipe_does_not_hang_exec() {
     assert!(out.truncated, "output after exit was cut and must say so");
 }
 
+/// Waits (at most 10 s) until the agent process has exited.
+async fn ended(agent: &mut Agent) -> std::process::ExitStatus {
+    let t0 = Instant::now();
+    loop {
+        if let Some(s) = agent.child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the agent did not end"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The main process: started once, its output on the agent's stderr (the
 /// console), its exit written there before the agent "powers off" (an agent
 /// that is not PID 1 just exits); one that cannot start is reported the same
@@ -695,17 +710,7 @@ async fn the_main_process_runs_once_and_its_exit_ends_the_agent() {
     // Once per boot: a second request starts nothing.
     let again = c.start_main(req).await.unwrap();
     assert_eq!((again.pid, again.already), (Some(pid), true));
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(s) = agent.child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "the agent did not end"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let status = ended(&mut agent).await;
     assert!(status.success(), "{status:?}");
     let log = std::fs::read_to_string(console.path()).unwrap();
     assert!(
@@ -734,14 +739,7 @@ async fn the_main_process_runs_once_and_its_exit_ends_the_agent() {
         .await
         .unwrap();
     assert_eq!((r.pid, r.already), (None, false));
-    let t0 = Instant::now();
-    while agent.child.try_wait().unwrap().is_none() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "the agent did not end"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    ended(&mut agent).await;
     let log = std::fs::read_to_string(console.path()).unwrap();
     assert!(
         log.contains(

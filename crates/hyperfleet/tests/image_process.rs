@@ -55,18 +55,19 @@ fn import(d: &Daemon, archive: &Path) -> Value {
     resp.json().unwrap()
 }
 
-fn qemu_daemon(sb: &Sandbox, assets: &Path, extra: &[&str]) -> Daemon {
-    let assets = assets.display().to_string();
-    let mut args = vec![
-        "--assets-dir",
-        &assets,
-        "--default-vmm",
-        "qemu",
-        "--boot-timeout",
-        "180",
-    ];
-    args.extend_from_slice(extra);
-    Daemon::start_with(sb, &[], &args)
+/// A QEMU daemon (with `extra` flags) in a sandbox of its own, and the
+/// image of `cfg` imported into it; None (skipped loudly) without the
+/// tools or the guest assets.
+fn qemu_with_image(cfg: &Config, extra: &[&str]) -> Option<(Sandbox, Daemon, Value)> {
+    if !oci::tools_present() {
+        return None;
+    }
+    let assets = guest_assets()?;
+    let sb = Sandbox::new();
+    let d = Daemon::start_qemu(&sb, &assets, extra);
+    let dir = tempfile::tempdir().unwrap();
+    let img = import(&d, &image(dir.path(), cfg));
+    Some((sb, d, img))
 }
 
 fn console(d: &Daemon, id: &str) -> String {
@@ -171,25 +172,17 @@ fn the_api_takes_the_main_process_fields_with_an_image_only() {
 
 #[test]
 fn an_exiting_main_process_stops_the_machine_with_its_code_and_overrides_apply() {
-    if !oci::tools_present() {
+    let Some((sb, mut d, img)) = qemu_with_image(
+        &Config {
+            entrypoint: vec!["/bin/sh", "-c"],
+            cmd: vec!["echo image-main FOO=$FOO BAR=$BAR; exit 3"],
+            env: vec!["PATH=/bin", "FOO=from-image", "BAR=image-bar"],
+            ..Config::default()
+        },
+        &[],
+    ) else {
         return;
-    }
-    let Some(assets) = guest_assets() else { return };
-    let sb = Sandbox::new();
-    let mut d = qemu_daemon(&sb, &assets, &[]);
-    let dir = tempfile::tempdir().unwrap();
-    let img = import(
-        &d,
-        &image(
-            dir.path(),
-            &Config {
-                entrypoint: vec!["/bin/sh", "-c"],
-                cmd: vec!["echo image-main FOO=$FOO BAR=$BAR; exit 3"],
-                env: vec!["PATH=/bin", "FOO=from-image", "BAR=image-bar"],
-                ..Config::default()
-            },
-        ),
-    );
+    };
     // The image's own entrypoint and cmd: exits 3.
     let m = d.create(json!({"name": "exits", "image": img["id"]}));
     let id = m["id"].as_str().unwrap().to_string();
@@ -236,7 +229,7 @@ fn an_exiting_main_process_stops_the_machine_with_its_code_and_overrides_apply()
 
     // The exit code is durable: a daemon restart keeps it.
     d.terminate();
-    let d = qemu_daemon(&sb, &assets, &[]);
+    let d = Daemon::start_qemu(&sb, &common::assets_dir(), &[]);
     let r = d.call("GET", "/machines/exits", None);
     assert_eq!(
         (r.body["status"].as_str(), r.body["exit_code"].as_i64()),
@@ -255,23 +248,15 @@ fn an_exiting_main_process_stops_the_machine_with_its_code_and_overrides_apply()
 
 #[test]
 fn on_failure_restarts_the_machine_up_to_max_retries() {
-    if !oci::tools_present() {
+    let Some((_sb, d, img)) = qemu_with_image(
+        &Config {
+            entrypoint: vec!["/bin/sh", "-c", "echo attempt; exit 1"],
+            ..Config::default()
+        },
+        &[],
+    ) else {
         return;
-    }
-    let Some(assets) = guest_assets() else { return };
-    let sb = Sandbox::new();
-    let d = qemu_daemon(&sb, &assets, &[]);
-    let dir = tempfile::tempdir().unwrap();
-    let img = import(
-        &d,
-        &image(
-            dir.path(),
-            &Config {
-                entrypoint: vec!["/bin/sh", "-c", "echo attempt; exit 1"],
-                ..Config::default()
-            },
-        ),
-    );
+    };
     let m = d.create(json!({
         "name": "flaky", "image": img["id"],
         "restart": {"policy": "on-failure", "max_retries": 2}
@@ -316,26 +301,21 @@ fn on_failure_restarts_the_machine_up_to_max_retries() {
 
 #[test]
 fn an_image_entrypoint_serves_http_through_the_proxy() {
-    if !oci::tools_present() {
+    if !oci::tools_present() || guest_assets().is_none() {
         return;
     }
-    let Some(assets) = guest_assets() else { return };
     let host = NetNs::new("p");
     host.enter();
-    let sb = Sandbox::new();
-    let d = qemu_daemon(&sb, &assets, &["--network", "on"]);
-    let dir = tempfile::tempdir().unwrap();
-    let img = import(
-        &d,
-        &image(
-            dir.path(),
-            &Config {
-                entrypoint: vec!["/bin/busybox", "httpd", "-f", "-p", "8080"],
-                cmd: vec!["-h", "/www"],
-                ..Config::default()
-            },
-        ),
-    );
+    let Some((sb, d, img)) = qemu_with_image(
+        &Config {
+            entrypoint: vec!["/bin/busybox", "httpd", "-f", "-p", "8080"],
+            cmd: vec!["-h", "/www"],
+            ..Config::default()
+        },
+        &["--network", "on"],
+    ) else {
+        return;
+    };
     let m = d.create(json!({
         "name": "web", "image": img["id"], "exposed_ports": [8080],
         "network": {"egress": false}, "restart": {"policy": "always"}

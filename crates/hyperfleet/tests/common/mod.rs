@@ -258,6 +258,22 @@ impl Daemon {
         }
     }
 
+    /// A daemon whose machines are real QEMU guests of the guest assets
+    /// in `assets` (boot deadline 180 s: TCG is slow), with `extra` flags.
+    pub(crate) fn start_qemu(sb: &Sandbox, assets: &Path, extra: &[&str]) -> Daemon {
+        let assets = assets.display().to_string();
+        let mut args = vec![
+            "--assets-dir",
+            assets.as_str(),
+            "--default-vmm",
+            "qemu",
+            "--boot-timeout",
+            "180",
+        ];
+        args.extend_from_slice(extra);
+        Daemon::start_with(sb, &[], &args)
+    }
+
     pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(self.data_dir.join("daemon.log")).unwrap_or_default()
     }

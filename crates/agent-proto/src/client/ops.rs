@@ -318,13 +318,7 @@ impl AgentClient {
     /// agent that speaks protocol version 1.
     pub async fn refresh(&self, req: RefreshRequest) -> Result<RefreshReport, Error> {
         req.validate().map_err(Error::InvalidRequest)?;
-        if self.protocol_version() < REFRESH_PROTOCOL_VERSION {
-            return Err(Error::AgentTooOld {
-                what: "refresh",
-                needed: REFRESH_PROTOCOL_VERSION,
-                negotiated: self.protocol_version(),
-            });
-        }
+        self.require_version("refresh", REFRESH_PROTOCOL_VERSION)?;
         match self.call(&Request::Refresh(req), |_| {}).await? {
             Reply::Refreshed(r) => Ok(r),
             other => Err(unexpected(&other)),
@@ -338,17 +332,23 @@ impl AgentClient {
         if req.argv.first().is_none_or(|a| a.is_empty()) {
             return Err(Error::InvalidRequest("argv must name a program".into()));
         }
-        if self.protocol_version() < MAIN_PROTOCOL_VERSION {
-            return Err(Error::AgentTooOld {
-                what: "start_main",
-                needed: MAIN_PROTOCOL_VERSION,
-                negotiated: self.protocol_version(),
-            });
-        }
+        self.require_version("start_main", MAIN_PROTOCOL_VERSION)?;
         match self.call(&Request::StartMain(req), |_| {}).await? {
             Reply::MainStarted(s) => Ok(s),
             other => Err(unexpected(&other)),
         }
+    }
+
+    /// [`Error::AgentTooOld`] unless the negotiated version is at least `needed`.
+    fn require_version(&self, what: &'static str, needed: u32) -> Result<(), Error> {
+        if self.protocol_version() < needed {
+            return Err(Error::AgentTooOld {
+                what,
+                needed,
+                negotiated: self.protocol_version(),
+            });
+        }
+        Ok(())
     }
 
     async fn power(&self, action: PowerAction) -> Result<(), Error> {

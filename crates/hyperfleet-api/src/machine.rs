@@ -454,9 +454,10 @@ pub struct Machine {
     /// built-in guest image, an image with neither).
     #[serde(default)]
     pub process: Option<MachineProcess>,
-    /// What happens when the main process exits.
+    /// What happens when the main process exits (`restart` of the create
+    /// request; named apart from the `restart` action).
     #[serde(default)]
-    pub restart: RestartPolicy,
+    pub restart_policy: RestartPolicy,
     /// How many times the restart policy booted the machine again since it
     /// was last started (or restarted) by a request.
     #[serde(default)]

@@ -100,8 +100,8 @@ fn print_machine(args: &ClientArgs, m: &Machine) -> anyhow::Result<()> {
     }
     if let Some(p) = &m.process {
         rows.push(vec!["process".into(), p.argv.join(" ")]);
-        let mut restart = m.restart.policy.as_str().to_string();
-        if let Some(n) = m.restart.max_retries {
+        let mut restart = m.restart_policy.policy.as_str().to_string();
+        if let Some(n) = m.restart_policy.max_retries {
             restart.push_str(&format!(" (at most {n})"));
         }
         rows.push(vec![

@@ -112,7 +112,7 @@ fn the_api_takes_the_main_process_fields_with_an_image_only() {
         m["process"],
         json!({"argv": ["/bin/sh", "-c", "echo hi"], "workdir": "/www", "user": "app"})
     );
-    assert_eq!(m["restart"], json!({"policy": "no"}));
+    assert_eq!(m["restart_policy"], json!({"policy": "no"}));
     assert_eq!(m["restart_count"], 0);
     assert!(m["exit_code"].is_null());
     // Overrides; an entrypoint alone drops the image's cmd; on-failure
@@ -126,7 +126,7 @@ fn the_api_takes_the_main_process_fields_with_an_image_only() {
         json!({"argv": ["/bin/busybox", "sleep"], "workdir": "/", "user": "1000:50"})
     );
     assert_eq!(
-        m["restart"],
+        m["restart_policy"],
         json!({"policy": "on-failure", "max_retries": 3})
     );
     let m = d.create(json!({"image": img["id"], "entrypoint": [], "cmd": []}));
@@ -134,7 +134,7 @@ fn the_api_takes_the_main_process_fields_with_an_image_only() {
     // The built-in image has no main process.
     let m = d.create(json!({}));
     assert!(m["process"].is_null(), "{m}");
-    assert_eq!(m["restart"], json!({"policy": "no"}));
+    assert_eq!(m["restart_policy"], json!({"policy": "no"}));
     // Without an image they conflict; bad values are refused.
     for body in [
         json!({"cmd": ["x"]}),

@@ -363,7 +363,7 @@ impl MachineRecord {
                     workdir: p.workdir.clone(),
                     user: p.user.clone(),
                 }),
-            restart: self.spec.restart.unwrap_or_default(),
+            restart_policy: self.spec.restart.unwrap_or_default(),
             restart_count: self.restart_count,
             exit_code: self.exit_code,
         }

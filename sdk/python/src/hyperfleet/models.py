@@ -198,7 +198,7 @@ class MachineFields:
     #: The main process the guest runs; ``None`` when there is none.
     process: Optional[MachineProcess] = None
     #: What happens when the main process exits.
-    restart: RestartPolicy = field(default_factory=lambda: RestartPolicy(policy="no"))
+    restart_policy: RestartPolicy = field(default_factory=lambda: RestartPolicy(policy="no"))
     #: Boots the restart policy made since the last start or restart request.
     restart_count: int = 0
     #: The main process's exit code once its exit stopped the machine.

@@ -441,13 +441,16 @@ export interface Machine {
   process?: null | MachineProcess;
   /** Exposed ports are reachable through the proxy without credentials. */
   public?: boolean;
-  /** What happens when the main process exits. */
-  restart?: RestartPolicy;
   /**
    * How many times the restart policy booted the machine again since it
    * was last started (or restarted) by a request.
    */
   restartCount?: number;
+  /**
+   * What happens when the main process exits (`restart` of the create
+   * request; named apart from the `restart` action).
+   */
+  restartPolicy?: RestartPolicy;
   /** The snapshot the machine was made from (its disk's base), if any. */
   snapshotId?: string | null;
   /** When the guest last became `running`. */
@@ -750,7 +753,7 @@ export const SHAPES: Readonly<Record<string, Readonly<Record<string, string>>>> 
     "oci_image": "MachineOciImage",
     "persistence": "Persistence",
     "process": "MachineProcess",
-    "restart": "RestartPolicy"
+    "restart_policy": "RestartPolicy"
   },
   "MachineEvent": {
     "steps": "StepTiming"

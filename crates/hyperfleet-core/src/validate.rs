@@ -217,6 +217,28 @@ pub struct ProcessOverrides {
 }
 
 impl ProcessOverrides {
+    /// Why the fields conflict with each other or with the rest of the
+    /// request (409 CONFLICT: each is valid on its own): they need `image`,
+    /// and `max_retries` goes only with `on-failure`.
+    pub fn conflict(&self, has_image: bool) -> Option<String> {
+        let given = self.given();
+        if !has_image && !given.is_empty() {
+            return Some(format!(
+                "{} need image: only a machine made from an OCI image has a main process",
+                given.join(", ")
+            ));
+        }
+        match self.restart {
+            Some(p) if p.policy != RestartPolicyKind::OnFailure && p.max_retries.is_some() => {
+                Some(format!(
+                    "restart: max_retries goes only with the on-failure policy, not '{}'",
+                    p.policy.as_str()
+                ))
+            }
+            _ => None,
+        }
+    }
+
     /// The fields given, by name (for the error that says they need `image`).
     pub fn given(&self) -> Vec<&'static str> {
         [
@@ -257,7 +279,7 @@ fn user_part_ok(p: &str) -> bool {
 
 /// Takes the main-process fields (`entrypoint`, `cmd`, `workdir`, `user`,
 /// `restart`) out of a create request and checks their bounds. Whether
-/// they are allowed at all (they need `image`) is the caller's to say.
+/// they go together with the rest is [`ProcessOverrides::conflict`]'s to say.
 pub fn take_process_overrides(
     req: &mut CreateMachineRequest,
 ) -> Result<ProcessOverrides, ValidationError> {
@@ -311,17 +333,8 @@ pub fn take_process_overrides(
                     format!("max_retries must be between 0 and {MAX_RETRIES_MAX}, got {n}"),
                 ))
             }
-            (RestartPolicyKind::OnFailure, Some(_)) => p,
-            (kind, Some(_)) => {
-                return Err(bad(
-                    "restart",
-                    format!(
-                        "max_retries goes only with the on-failure policy, not '{}'",
-                        kind.as_str()
-                    ),
-                ))
-            }
-            (_, None) => p,
+            // A count with another policy is a conflict (`conflict`).
+            _ => p,
         }),
     };
     Ok(ProcessOverrides { restart, ..ov })
@@ -496,23 +509,27 @@ mod tests {
                 "{u:?}"
             );
         }
-        for p in [
-            P {
+        assert_eq!(
+            field(CreateMachineRequest {
+                restart: Some(P {
+                    policy: K::OnFailure,
+                    max_retries: Some(MAX_RETRIES_MAX + 1),
+                }),
+                ..base()
+            }),
+            "restart"
+        );
+        // Valid each on its own, conflicting together.
+        let ov = take(CreateMachineRequest {
+            restart: Some(P {
                 policy: K::Always,
                 max_retries: Some(1),
-            },
-            P {
-                policy: K::OnFailure,
-                max_retries: Some(MAX_RETRIES_MAX + 1),
-            },
-        ] {
-            assert_eq!(
-                field(CreateMachineRequest {
-                    restart: Some(p),
-                    ..base()
-                }),
-                "restart"
-            );
-        }
+            }),
+            ..base()
+        })
+        .unwrap();
+        assert!(ov.conflict(true).unwrap().contains("max_retries"));
+        assert!(ov.conflict(false).unwrap().contains("need image"));
+        assert_eq!(none.conflict(false), None);
     }
 }

@@ -105,7 +105,7 @@ fn find(state: &AppState, caller: &Caller, id: &str) -> Result<Arc<CachedMachine
         (status = 400, description = "Malformed or invalid request", body = hyperfleet_api::ErrorBody),
         (status = 403, description = "The key lacks the write scope (FORBIDDEN), or the tenant's quota does not allow the machine (QUOTA_EXCEEDED)", body = hyperfleet_api::ErrorBody),
         (status = 404, description = "`snapshot_id` names no snapshot", body = hyperfleet_api::ErrorBody),
-        (status = 409, description = "Name already in use, fields that conflict (`image` with `snapshot_id`; `entrypoint`, `cmd`, `workdir`, `user` or `restart` without `image`) (CONFLICT), or the snapshot is not ready (INVALID_STATE)", body = hyperfleet_api::ErrorBody),
+        (status = 409, description = "Name already in use, fields that conflict (`image` with `snapshot_id`; `entrypoint`, `cmd`, `workdir`, `user` or `restart` without `image`; `max_retries` with a policy other than `on-failure`) (CONFLICT), or the snapshot is not ready (INVALID_STATE)", body = hyperfleet_api::ErrorBody),
         (status = 507, description = "The disk holding the database is full (INSUFFICIENT_STORAGE); nothing was stored", body = hyperfleet_api::ErrorBody),
     ),
     security(("bearer" = [])))]
@@ -130,14 +130,8 @@ pub async fn create(
         ));
     }
     let overrides = crate::validate::take_process_overrides(&mut req)?;
-    if image.is_none() && !overrides.given().is_empty() {
-        return Err(ApiError::new(
-            ErrorCode::Conflict,
-            format!(
-                "{} need image: only a machine made from an OCI image has a main process",
-                overrides.given().join(", ")
-            ),
-        ));
+    if let Some(why) = overrides.conflict(image.is_some()) {
+        return Err(ApiError::new(ErrorCode::Conflict, why));
     }
     let (name, mut spec) = validate_create(req, state.default_vmm)?;
     if let Some(image) = image {

@@ -269,6 +269,11 @@ impl Run {
             return Ok(());
         };
         result?;
+        // When the guest became running: the agent answered. Taken before
+        // the main process starts, so whatever the guest writes from then
+        // on (its power-off when the process exits at once) is later than
+        // this, however long the commit below takes.
+        let ready_at = now_ms();
         // A guest restored from memory takes up the present: a new machine
         // (snapshot, fork, template) its own identity, a resumed one the
         // host's clock and fresh entropy; before it counts as running.
@@ -289,7 +294,7 @@ impl Run {
             Some(Journal::finished(steps::WAIT_READY, t0, None)),
             move |r| {
                 r.observe(Observation::AgentReady);
-                r.started_at = Some(now_ms());
+                r.started_at = Some(ready_at);
                 if restored {
                     // The image is consumed: the guest has moved on from it.
                     r.has_snapshot = false;

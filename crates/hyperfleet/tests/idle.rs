@@ -8,23 +8,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use common::{eventually, Daemon, Sandbox};
 use serde_json::json;
-
-/// Sends one command to the stand-in VMM of machine `id` (its protocol:
-/// crates/testvmm) and returns the answer.
-fn testvmm_command(sb: &Sandbox, id: &str, line: &str) -> String {
-    let sock = sb.machines_dir().join(id).join("vmm.sock");
-    let mut s = UnixStream::connect(&sock).unwrap();
-    writeln!(s, "{line}").unwrap();
-    let mut answer = String::new();
-    BufReader::new(s).read_line(&mut answer).unwrap();
-    answer.trim().to_string()
-}
 
 #[test]
 fn a_guest_that_powers_off_ends_stopped_with_its_reason_and_a_crash_ends_failed() {
@@ -37,7 +24,7 @@ fn a_guest_that_powers_off_ends_stopped_with_its_reason_and_a_crash_ends_failed(
     assert!(r.body["exit_reason"].is_null(), "{}", r.body);
 
     // The guest powers itself off: waiting for `stopped` sees it.
-    assert_eq!(testvmm_command(&sb, &id, "GUEST_POWEROFF"), "OK");
+    assert_eq!(sb.testvmm_command(&id, "GUEST_POWEROFF"), "OK");
     let r = d.call("GET", "/machines/job/wait?status=stopped&timeout=10", None);
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.body["status"], "stopped");

@@ -175,6 +175,68 @@ fn the_api_takes_the_main_process_fields_with_an_image_only() {
     }
 }
 
+/// The restart policy's decision on the stand-in VMM, whose "guest" ends
+/// its main process on command: a restart is a new boot; an exit while
+/// the daemon is down (SIGKILLed) is found from the console when it comes
+/// back, and decided then; the retries run out.
+#[test]
+fn the_restart_policy_decides_once_even_across_a_daemon_crash() {
+    if !oci::tools_present() {
+        return;
+    }
+    let sb = Sandbox::new();
+    let mut d = Daemon::start(&sb);
+    let dir = tempfile::tempdir().unwrap();
+    let img = import(
+        &d,
+        &image(
+            dir.path(),
+            &Config {
+                entrypoint: vec!["/bin/true"],
+                ..Config::default()
+            },
+        ),
+    );
+    let m = d.create(json!({
+        "name": "job", "image": img["id"],
+        "restart": {"policy": "on-failure", "max_retries": 1}
+    }));
+    let id = m["id"].as_str().unwrap().to_string();
+    let r = d.call("POST", "/machines/job/start", None);
+    assert_eq!(r.body["status"], "running", "{}", r.body);
+    let first = sb.vmm_pids_of(&id);
+    assert_eq!(sb.testvmm_command(&id, "MAIN_EXIT 3"), "OK");
+    // Booted again by the policy: a new VMM, the count at 1.
+    let m = machine_until(&d, &id, "the policy's restart", |m| {
+        m["status"] == "running" && m["restart_count"] == 1
+    });
+    assert_eq!(m["desired_status"], "running", "{m}");
+    assert!(m["exit_code"].is_null(), "the boot clears it: {m}");
+    let second = sb.vmm_pids_of(&id);
+    assert!(
+        !second.is_empty() && second != first,
+        "{first:?} {second:?}"
+    );
+    // The main process exits again while no daemon runs.
+    d.kill9();
+    assert_eq!(sb.testvmm_command(&id, "MAIN_EXIT 4"), "OK");
+    eventually("the VMM to exit", Duration::from_secs(10), || {
+        sb.vmm_pids_of(&id).is_empty().then_some(())
+    });
+    let d = Daemon::start(&sb);
+    let m = machine_until(&d, &id, "the exit to be found", |m| {
+        m["status"] == "stopped" && m["desired_status"] == "stopped"
+    });
+    assert_eq!(
+        (m["exit_code"].as_i64(), m["restart_count"].as_i64()),
+        (Some(4), Some(1)),
+        "{m}"
+    );
+    assert_eq!(m["exit_reason"], "main process exited with code 4", "{m}");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(sb.vmm_pids_of(&id).is_empty(), "nothing boots it again");
+}
+
 #[test]
 fn an_exiting_main_process_stops_the_machine_with_its_code_and_overrides_apply() {
     let Some((sb, mut d, img)) = qemu_with_image(

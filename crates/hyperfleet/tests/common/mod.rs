@@ -95,6 +95,18 @@ impl Sandbox {
     pub(crate) fn machines_dir(&self) -> PathBuf {
         self.path().join("machines")
     }
+    /// Sends one command to the stand-in VMM of machine `id` (its
+    /// protocol: crates/testvmm) and returns the answer.
+    pub(crate) fn testvmm_command(&self, id: &str, line: &str) -> String {
+        use std::io::{BufRead, Write};
+        let sock = self.machines_dir().join(id).join("vmm.sock");
+        let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        writeln!(s, "{line}").unwrap();
+        let mut answer = String::new();
+        std::io::BufReader::new(s).read_line(&mut answer).unwrap();
+        answer.trim().to_string()
+    }
+
     /// Live stand-in VMM processes of this sandbox.
     pub(crate) fn vmm_pids(&self) -> Vec<i32> {
         pids_with(&format!("{}/", self.machines_dir().display()))

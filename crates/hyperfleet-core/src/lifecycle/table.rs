@@ -403,8 +403,9 @@ pub(crate) fn reachable(status: MachineStatus, desired: Desired, target: Machine
     if path.contains(&target) {
         return true;
     }
-    // Without a request, a live guest can still stop on its own (poweroff).
-    matches!(status, Running | Paused) && target == Stopped
+    // Without a request, a live guest can still stop on its own (poweroff,
+    // its main process exiting), a booting one once it runs.
+    matches!(status, Starting | Running | Paused) && target == Stopped
 }
 
 /// docs/api.md's state table checked against this one.
@@ -702,6 +703,8 @@ mod tests {
         assert!(!reachable(Stopped, Desired::Stopped, Running));
         assert!(reachable(Stopped, Desired::Running, Running));
         assert!(reachable(Running, Desired::Running, Stopped));
+        // A booting guest (a restart policy's boot too) may stop by itself.
+        assert!(reachable(Starting, Desired::Running, Stopped));
         assert!(!reachable(Stopped, Desired::Stopped, Failed));
         assert!(reachable(Starting, Desired::Running, Failed));
         assert!(!reachable(Deleting, Desired::Deleted, Running));

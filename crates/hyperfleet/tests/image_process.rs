@@ -175,6 +175,77 @@ fn the_api_takes_the_main_process_fields_with_an_image_only() {
     }
 }
 
+/// `hyperfleet machines create` with the main-process flags.
+#[test]
+fn the_cli_takes_the_main_process_flags() {
+    if !oci::tools_present() {
+        return;
+    }
+    let sb = Sandbox::new();
+    let d = Daemon::start(&sb);
+    let dir = tempfile::tempdir().unwrap();
+    let img = import(&d, &image(dir.path(), &Config::default()));
+    let cli = |args: &[&str]| {
+        std::process::Command::new(common::bin())
+            .args(["--url", &d.url, "--api-key", &d.key])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let id = img["id"].as_str().unwrap();
+    let out = cli(&[
+        "--json",
+        "machines",
+        "create",
+        "--image",
+        id,
+        "--entrypoint",
+        r#"["/bin/sh","-c"]"#,
+        "--cmd",
+        "echo $FOO",
+        "--workdir",
+        "/srv",
+        "--user",
+        "app:staff",
+        "--restart",
+        "on-failure:5",
+        "--env",
+        "FOO=bar",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        m["process"],
+        json!({"argv": ["/bin/sh", "-c", "echo $FOO"], "workdir": "/srv", "user": "app:staff"})
+    );
+    assert_eq!(
+        m["restart_policy"],
+        json!({"policy": "on-failure", "max_retries": 5})
+    );
+    let out = cli(&["machines", "get", m["id"].as_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("/bin/sh -c echo $FOO"), "{text}");
+    assert!(text.contains("on-failure (at most 5), 0 so far"), "{text}");
+    // Bad flags are refused before any request; fields need --image.
+    let out = cli(&[
+        "machines",
+        "create",
+        "--image",
+        id,
+        "--restart",
+        "sometimes",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("on-failure:N"));
+    let out = cli(&["machines", "create", "--cmd", "true"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("need image"));
+}
+
 /// The restart policy's decision on the stand-in VMM, whose "guest" ends
 /// its main process on command: a restart is a new boot; an exit while
 /// the daemon is down (SIGKILLed) is found from the console when it comes

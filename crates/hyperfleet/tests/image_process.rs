@@ -55,16 +55,19 @@ fn import(d: &Daemon, archive: &Path) -> Value {
     resp.json().unwrap()
 }
 
-/// A QEMU daemon (with `extra` flags) in a sandbox of its own, and the
-/// image of `cfg` imported into it; None (skipped loudly) without the
-/// tools or the guest assets.
-fn qemu_with_image(cfg: &Config, extra: &[&str]) -> Option<(Sandbox, Daemon, Value)> {
+/// A daemon in a sandbox of its own and the image of `cfg` imported into
+/// it: with `qemu` (its extra flags) one whose machines are real QEMU
+/// guests, else the stub backend's. None (skipped loudly) without the
+/// tools, or the guest assets for QEMU.
+fn daemon_with_image(cfg: &Config, qemu: Option<&[&str]>) -> Option<(Sandbox, Daemon, Value)> {
     if !oci::tools_present() {
         return None;
     }
-    let assets = guest_assets()?;
     let sb = Sandbox::new();
-    let d = Daemon::start_qemu(&sb, &assets, extra);
+    let d = match qemu {
+        Some(extra) => Daemon::start_qemu(&sb, &guest_assets()?, extra),
+        None => Daemon::start(&sb),
+    };
     let dir = tempfile::tempdir().unwrap();
     let img = import(&d, &image(dir.path(), cfg));
     Some((sb, d, img))
@@ -87,25 +90,18 @@ fn machine_until(d: &Daemon, id: &str, what: &str, pred: impl Fn(&Value) -> bool
 
 #[test]
 fn the_api_takes_the_main_process_fields_with_an_image_only() {
-    if !oci::tools_present() {
+    let Some((_sb, d, img)) = daemon_with_image(
+        &Config {
+            entrypoint: vec!["/bin/sh", "-c"],
+            cmd: vec!["echo hi"],
+            env: vec!["PATH=/bin"],
+            workdir: Some("/www"),
+            user: Some("app"),
+        },
+        None,
+    ) else {
         return;
-    }
-    let sb = Sandbox::new();
-    let d = Daemon::start(&sb);
-    let dir = tempfile::tempdir().unwrap();
-    let img = import(
-        &d,
-        &image(
-            dir.path(),
-            &Config {
-                entrypoint: vec!["/bin/sh", "-c"],
-                cmd: vec!["echo hi"],
-                env: vec!["PATH=/bin"],
-                workdir: Some("/www"),
-                user: Some("app"),
-            },
-        ),
-    );
+    };
     // The image's own process, and the default policy.
     let m = d.create(json!({"image": img["id"]}));
     assert_eq!(
@@ -178,13 +174,9 @@ fn the_api_takes_the_main_process_fields_with_an_image_only() {
 /// `hyperfleet machines create` with the main-process flags.
 #[test]
 fn the_cli_takes_the_main_process_flags() {
-    if !oci::tools_present() {
+    let Some((_sb, d, img)) = daemon_with_image(&Config::default(), None) else {
         return;
-    }
-    let sb = Sandbox::new();
-    let d = Daemon::start(&sb);
-    let dir = tempfile::tempdir().unwrap();
-    let img = import(&d, &image(dir.path(), &Config::default()));
+    };
     let cli = |args: &[&str]| {
         std::process::Command::new(common::bin())
             .args(["--url", &d.url, "--api-key", &d.key])
@@ -252,22 +244,15 @@ fn the_cli_takes_the_main_process_flags() {
 /// back, and decided then; the retries run out.
 #[test]
 fn the_restart_policy_decides_once_even_across_a_daemon_crash() {
-    if !oci::tools_present() {
+    let Some((sb, mut d, img)) = daemon_with_image(
+        &Config {
+            entrypoint: vec!["/bin/true"],
+            ..Config::default()
+        },
+        None,
+    ) else {
         return;
-    }
-    let sb = Sandbox::new();
-    let mut d = Daemon::start(&sb);
-    let dir = tempfile::tempdir().unwrap();
-    let img = import(
-        &d,
-        &image(
-            dir.path(),
-            &Config {
-                entrypoint: vec!["/bin/true"],
-                ..Config::default()
-            },
-        ),
-    );
+    };
     let m = d.create(json!({
         "name": "job", "image": img["id"],
         "restart": {"policy": "on-failure", "max_retries": 1}
@@ -310,14 +295,14 @@ fn the_restart_policy_decides_once_even_across_a_daemon_crash() {
 
 #[test]
 fn an_exiting_main_process_stops_the_machine_with_its_code_and_overrides_apply() {
-    let Some((sb, mut d, img)) = qemu_with_image(
+    let Some((sb, mut d, img)) = daemon_with_image(
         &Config {
             entrypoint: vec!["/bin/sh", "-c"],
             cmd: vec!["echo image-main FOO=$FOO BAR=$BAR; exit 3"],
             env: vec!["PATH=/bin", "FOO=from-image", "BAR=image-bar"],
             ..Config::default()
         },
-        &[],
+        Some(&[]),
     ) else {
         return;
     };
@@ -386,12 +371,12 @@ fn an_exiting_main_process_stops_the_machine_with_its_code_and_overrides_apply()
 
 #[test]
 fn on_failure_restarts_the_machine_up_to_max_retries() {
-    let Some((_sb, d, img)) = qemu_with_image(
+    let Some((_sb, d, img)) = daemon_with_image(
         &Config {
             entrypoint: vec!["/bin/sh", "-c", "echo attempt; exit 1"],
             ..Config::default()
         },
-        &[],
+        Some(&[]),
     ) else {
         return;
     };
@@ -444,13 +429,13 @@ fn an_image_entrypoint_serves_http_through_the_proxy() {
     }
     let host = NetNs::new("p");
     host.enter();
-    let Some((sb, d, img)) = qemu_with_image(
+    let Some((sb, d, img)) = daemon_with_image(
         &Config {
             entrypoint: vec!["/bin/busybox", "httpd", "-f", "-p", "8080"],
             cmd: vec!["-h", "/www"],
             ..Config::default()
         },
-        &["--network", "on"],
+        Some(&["--network", "on"]),
     ) else {
         return;
     };

@@ -229,7 +229,8 @@ pub struct CreateMachineRequest {
     /// not implemented yet).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub persistence: Option<Persistence>,
-    /// Environment for commands run in the guest.
+    /// Environment for commands run in the guest, and laid over the image's
+    /// for its main process.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schema(schema_with = crate::schema::machine_env)]
     pub env: BTreeMap<String, String>,
@@ -389,7 +390,8 @@ pub struct Machine {
     pub vcpu_count: u32,
     pub mem_size_mib: u32,
     pub exposed_ports: Vec<u32>,
-    /// Environment for commands run in the guest. The values may be
+    /// Environment for commands run in the guest (and, over the image's,
+    /// for its main process). The values may be
     /// secrets: keys without the `exec` (or `admin`) scope see each value
     /// replaced by `"<redacted>"` (the names stay).
     #[serde(default)]

@@ -67,7 +67,7 @@ pub fn machine_env() -> Schema {
         string("^[A-Za-z_][A-Za-z0-9_]*$").max_length(Some(LIMITS.env_key_max_len)),
         string(NO_NUL).max_length(Some(LIMITS.env_value_max_len)),
         Some(LIMITS.env_max),
-        "Environment for commands run in the guest.",
+        "Environment for commands run in the guest, and laid over the image's for its main process.",
     )
 }
 

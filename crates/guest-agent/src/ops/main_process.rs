@@ -40,7 +40,8 @@ const POWER_OFF_GRACE: Duration = Duration::from_millis(300);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum MainState {
     NotStarted,
-    /// Started (or failed to start: `pid` None) and not reported ended yet.
+    /// Started (or failed to start: `pid` None); so it stays for the rest of
+    /// the boot, whether the process still runs or not.
     Started {
         pid: Option<u32>,
     },

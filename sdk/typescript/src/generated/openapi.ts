@@ -44,7 +44,7 @@ export interface CreateMachineRequest {
   cmd?: Array<string>;
   /** Strings without NUL, each at most 4096 characters, at most 256. Needs `image`. */
   entrypoint?: Array<string>;
-  /** Environment for commands run in the guest. */
+  /** Environment for commands run in the guest, and laid over the image's for its main process. */
   env?: Record<string, string>;
   /** Guest ports reachable through the proxy, 1–65535, no duplicates. */
   exposedPorts?: Array<number>;
@@ -389,7 +389,8 @@ export interface Machine {
   /** What was last asked for; the machine run moves `status` toward it. */
   desiredStatus: MachineStatus;
   /**
-   * Environment for commands run in the guest. The values may be
+   * Environment for commands run in the guest (and, over the image's,
+   * for its main process). The values may be
    * secrets: keys without the `exec` (or `admin`) scope see each value
    * replaced by `"<redacted>"` (the names stay).
    */

@@ -719,7 +719,7 @@ impl Run {
                 r.error_message = Some(detail);
                 if after == Some(AfterExit::Restart) {
                     // Still wanted running: the run boots it again.
-                    r.restart_count += 1;
+                    r.restart_count = r.restart_count.saturating_add(1);
                 } else if !matches!(r.desired, Desired::Stopped | Desired::Deleted) {
                     // Nobody asked for it, but stopped is now what is
                     // wanted: the run must not boot the guest again.

@@ -12,8 +12,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::refresh::{RefreshReport, RefreshRequest};
 
-/// Highest protocol version this crate speaks (2 added `refresh`).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// Highest protocol version this crate speaks (2 added `refresh`, 3 `start_main`).
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Lowest protocol version this crate speaks.
 pub const MIN_PROTOCOL_VERSION: u32 = 1;
 
@@ -84,6 +84,8 @@ pub enum Request {
     Power(PowerRequest),
     /// Since protocol version 2.
     Refresh(RefreshRequest),
+    /// Since protocol version 3.
+    StartMain(MainProcessRequest),
 }
 
 /// Run a process. `argv[0]` is looked up in `PATH` (the request's `PATH` if it sets one).
@@ -138,6 +140,52 @@ impl ExecRequest {
         self.stdin = streamed;
         self
     }
+}
+
+/// The protocol version that introduced `start_main`.
+pub const MAIN_PROTOCOL_VERSION: u32 = 3;
+
+/// What the agent writes to the console when the main process has started: the line starts
+/// with this, followed by the pid and the command.
+pub const MAIN_STARTED_LINE: &str = "hyperfleet: main process started";
+/// What the agent writes to the console when the main process has ended, just before it powers
+/// the guest off: `hyperfleet: main process exited with code <n>[: <why>]`. A process killed by
+/// signal `s` exits with code `128 + s` (`: killed by signal <s>`); one that could not be
+/// started with 127 (not found) or 126 (any other reason), `: cannot start …` saying why.
+pub const MAIN_EXITED_LINE: &str = "hyperfleet: main process exited with code ";
+
+/// Start the machine's main process (an OCI image's entrypoint and command), once per boot:
+/// the agent starts it at most once, and a second request answers what the first started
+/// (`already: true`), so the host may send it again after reconnecting. Its stdin is
+/// `/dev/null`, its stdout and stderr are the console. When it ends, the agent writes
+/// [`MAIN_EXITED_LINE`] to the console and powers the guest off.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MainProcessRequest {
+    /// The command; `argv[0]` is looked up in the `PATH` of `env` when it has no `/`.
+    pub argv: Vec<String>,
+    /// The whole environment (nothing of the agent's is inherited). `HOME` is added from the
+    /// user's passwd entry (or `/`) when absent, `PATH` a default when absent.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Working directory; `/` when absent. Created (owned by the user) when missing, as
+    /// container runtimes do.
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// `user`, `uid`, `user:group` or `uid:gid`: names are looked up in the guest's
+    /// `/etc/passwd` and `/etc/group`, numbers need neither. Root when absent.
+    #[serde(default)]
+    pub user: Option<String>,
+}
+
+/// Answer to `start_main`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MainStarted {
+    /// The main process; absent when it could not be started (then it is reported as exited
+    /// on the console, and the guest powers off).
+    pub pid: Option<u32>,
+    /// A main process had already been started in this boot; nothing new was started.
+    #[serde(default)]
+    pub already: bool,
 }
 
 /// How a finished process ended.
@@ -269,6 +317,7 @@ pub enum Reply {
     Created,
     Power,
     Refreshed(RefreshReport),
+    MainStarted(MainStarted),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -232,6 +232,7 @@ async fn run(mode: Mode, cfg: Config, pid1: bool) -> i32 {
         pid1,
         execs: ops::exec::ExecTable::new(),
         refresh_lock: tokio::sync::Mutex::new(()),
+        main: ops::main_process::MainSlot::new(),
     });
     if pid1 {
         init::watch_power_button(power_tx.clone());

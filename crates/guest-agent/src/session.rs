@@ -32,13 +32,15 @@ use crate::{debug, info, warn};
 const MAX_CREDIT: usize = 1 << 30;
 
 /// What sessions share: the process reaper, the power-request channel to `main`, the running
-/// exec operations of every session, and the lock that runs refreshes one at a time.
+/// exec operations of every session, the lock that runs refreshes one at a time, and the
+/// machine's main process.
 pub(crate) struct Services {
     pub reaper: Arc<Reaper>,
     pub power: mpsc::UnboundedSender<PowerAction>,
     pub pid1: bool,
     pub execs: Arc<crate::ops::exec::ExecTable>,
     pub refresh_lock: tokio::sync::Mutex<()>,
+    pub main: crate::ops::main_process::MainSlot,
 }
 
 /// Why a session ended.

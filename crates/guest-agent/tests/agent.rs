@@ -668,3 +668,83 @@ async fn background_child_holding_the_pipe_does_not_hang_exec() {
     );
     assert!(out.truncated, "output after exit was cut and must say so");
 }
+
+/// Waits (at most 10 s) until the agent process has exited.
+async fn ended(agent: &mut Agent) -> std::process::ExitStatus {
+    let t0 = Instant::now();
+    loop {
+        if let Some(s) = agent.child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the agent did not end"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The main process: started once, its output on the agent's stderr (the
+/// console), its exit written there before the agent "powers off" (an agent
+/// that is not PID 1 just exits); one that cannot start is reported the same
+/// way with the shell's code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_main_process_runs_once_and_its_exit_ends_the_agent() {
+    use hyperfleet_agent_proto::MainProcessRequest;
+    let console = tempfile::NamedTempFile::new().unwrap();
+    let mut agent = Agent::start_with_stderr(console.reopen().unwrap().into());
+    let c = agent.client().await;
+    let req = MainProcessRequest {
+        argv: vec![
+            "sh".into(),
+            "-c".into(),
+            "echo out $FOO $HOME; pwd; echo err >&2; sleep 0.5; exit 3".into(),
+        ],
+        env: [("FOO".to_string(), "bar".to_string())].into(),
+        cwd: Some(agent.path("work")),
+        user: None,
+    };
+    let first = c.start_main(req.clone()).await.unwrap();
+    let pid = first.pid.expect("started");
+    assert!(!first.already);
+    // Once per boot: a second request starts nothing.
+    let again = c.start_main(req).await.unwrap();
+    assert_eq!((again.pid, again.already), (Some(pid), true));
+    let status = ended(&mut agent).await;
+    assert!(status.success(), "{status:?}");
+    let log = std::fs::read_to_string(console.path()).unwrap();
+    assert!(
+        log.contains(&format!(
+            "hyperfleet: main process started (pid {pid}): sh -c"
+        )),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!("out bar /root\n{}\nerr\n", agent.path("work"))),
+        "{log}"
+    );
+    assert!(
+        log.contains("hyperfleet: main process exited with code 3\n"),
+        "{log}"
+    );
+
+    let console = tempfile::NamedTempFile::new().unwrap();
+    let mut agent = Agent::start_with_stderr(console.reopen().unwrap().into());
+    let c = agent.client().await;
+    let r = c
+        .start_main(MainProcessRequest {
+            argv: vec!["/nonexistent/app".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!((r.pid, r.already), (None, false));
+    ended(&mut agent).await;
+    let log = std::fs::read_to_string(console.path()).unwrap();
+    assert!(
+        log.contains(
+            "hyperfleet: main process exited with code 127: cannot start /nonexistent/app"
+        ),
+        "{log}"
+    );
+}

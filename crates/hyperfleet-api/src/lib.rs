@@ -32,8 +32,9 @@ pub use image::{
 };
 pub use keys::{ApiKey, CreateKeyRequest, CreatedKey, KeyList, Scope};
 pub use machine::{
-    CreateMachineRequest, Machine, MachineList, MachineNetwork, MachineOciImage, MachineStatus,
-    NetworkRequest, Persistence, PersistenceType, UpdateMachineRequest, VmmKind, LIMITS,
+    CreateMachineRequest, Machine, MachineList, MachineNetwork, MachineOciImage, MachineProcess,
+    MachineStatus, NetworkRequest, Persistence, PersistenceType, RestartPolicy, RestartPolicyKind,
+    UpdateMachineRequest, VmmKind, DEFAULT_MAX_RETRIES, LIMITS, MAX_RETRIES_MAX,
 };
 pub use quota::{Quota, QuotaLimits, QuotaUsage};
 pub use snapshot::{

@@ -328,7 +328,8 @@ pub struct CreateMachineRequest {
     /// (docs/api.md "Persistence").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub persistence: Option<Persistence>,
-    /// Environment for commands run in the guest.
+    /// Environment for commands run in the guest, and laid over the image's
+    /// for its main process.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schema(schema_with = crate::schema::machine_env)]
     pub env: BTreeMap<String, String>,
@@ -358,6 +359,91 @@ pub struct CreateMachineRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(min_length = 1, max_length = 512)]
     pub image: Option<String>,
+    // Main process (issue 14): these need `image`.
+    /// Replaces the image's `Entrypoint` (and, as with Docker, drops the
+    /// image's `Cmd` unless `cmd` is given too); `[]` clears it. Needs `image`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(schema_with = crate::schema::process_argv)]
+    pub entrypoint: Option<Vec<String>>,
+    /// Replaces the image's `Cmd` (the arguments after the entrypoint, or
+    /// the command when there is none); `[]` clears it. Needs `image`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(schema_with = crate::schema::process_argv)]
+    pub cmd: Option<Vec<String>>,
+    /// Replaces the image's `WorkingDir`: an absolute guest path. Needs `image`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(schema_with = crate::schema::guest_path)]
+    pub workdir: Option<String>,
+    /// Replaces the image's `User`: `name`, `uid`, `name:group` or
+    /// `uid:gid` (names are looked up in the image's `/etc/passwd` and
+    /// `/etc/group`). Needs `image`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(
+        min_length = 1,
+        max_length = 256,
+        pattern = "^[A-Za-z0-9_][A-Za-z0-9_.-]*(:[A-Za-z0-9_][A-Za-z0-9_.-]*)?$"
+    )]
+    pub user: Option<String>,
+    /// What happens when the main process exits; default `{"policy": "no"}`.
+    /// Needs `image`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart: Option<RestartPolicy>,
+}
+
+/// When a machine's main process exits, whether the machine boots again
+/// (as Fly Machines' restart policy).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicyKind {
+    /// Never: the machine stays `stopped` with the exit code.
+    #[default]
+    No,
+    /// Whatever the exit code.
+    Always,
+    /// When the exit code is not 0, at most `max_retries` times in a row.
+    OnFailure,
+}
+
+impl RestartPolicyKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RestartPolicyKind::No => "no",
+            RestartPolicyKind::Always => "always",
+            RestartPolicyKind::OnFailure => "on-failure",
+        }
+    }
+}
+
+/// `restart` of a machine.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RestartPolicy {
+    pub policy: RestartPolicyKind,
+    /// `on-failure` only: how many restarts in a row at most, 0–100;
+    /// default 3. Shown for `on-failure`, null otherwise.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "crate::whole::opt"
+    )]
+    #[schema(minimum = 0, maximum = 100)]
+    pub max_retries: Option<u32>,
+}
+
+/// `max_retries` of an `on-failure` policy that gives none.
+pub const DEFAULT_MAX_RETRIES: u32 = 3;
+/// The most `max_retries` accepted.
+pub const MAX_RETRIES_MAX: u32 = 100;
+
+/// The main process of a machine made from an image, as it runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct MachineProcess {
+    /// Entrypoint followed by cmd.
+    pub argv: Vec<String>,
+    /// The working directory; null: `/`.
+    pub workdir: Option<String>,
+    /// The user; null: root.
+    pub user: Option<String>,
 }
 
 /// `network` in `POST /machines`.
@@ -403,7 +489,8 @@ pub struct Machine {
     pub vcpu_count: u32,
     pub mem_size_mib: u32,
     pub exposed_ports: Vec<u32>,
-    /// Environment for commands run in the guest. The values may be
+    /// Environment for commands run in the guest (and, over the image's,
+    /// for its main process). The values may be
     /// secrets: keys without the `exec` (or `admin`) scope see each value
     /// replaced by `"<redacted>"` (the names stay).
     #[serde(default)]
@@ -470,6 +557,26 @@ pub struct Machine {
     /// accounting (at most about 30 s old); absent until measured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stored_bytes: Option<u64>,
+    // Main process (issue 14).
+    /// The main process the guest runs (an OCI image's entrypoint and
+    /// command, with the create's overrides); null when there is none (the
+    /// built-in guest image, an image with neither).
+    #[serde(default)]
+    pub process: Option<MachineProcess>,
+    /// What happens when the main process exits (`restart` of the create
+    /// request; named apart from the `restart` action).
+    #[serde(default)]
+    pub restart_policy: RestartPolicy,
+    /// How many times the restart policy booted the machine again since it
+    /// was last started (or restarted) by a request.
+    #[serde(default)]
+    pub restart_count: u32,
+    /// The exit code of the main process when the machine stopped because
+    /// it exited (128 + the signal for a process killed by one; 127 or 126
+    /// when it could not be started); null otherwise, and once the machine
+    /// starts again.
+    #[serde(default)]
+    pub exit_code: Option<i32>,
 }
 
 /// A map that, when present, is one: `null` is refused (absent means

@@ -67,8 +67,24 @@ pub fn machine_env() -> Schema {
         string("^[A-Za-z_][A-Za-z0-9_]*$").max_length(Some(LIMITS.env_key_max_len)),
         string(NO_NUL).max_length(Some(LIMITS.env_value_max_len)),
         Some(LIMITS.env_max),
-        "Environment for commands run in the guest.",
+        "Environment for commands run in the guest, and laid over the image's for its main process.",
     )
+}
+
+/// Most elements of a main process's `entrypoint` or `cmd`.
+pub const PROCESS_ARGV_MAX: usize = 256;
+/// Longest element of `entrypoint` or `cmd`, in characters.
+pub const PROCESS_ARG_MAX_CHARS: usize = 4096;
+
+/// `entrypoint` and `cmd` of a machine: strings without NUL, bounded.
+pub fn process_argv() -> Schema {
+    ArrayBuilder::new()
+        .items(string(NO_NUL).max_length(Some(PROCESS_ARG_MAX_CHARS)))
+        .max_items(Some(PROCESS_ARGV_MAX))
+        .description(Some(
+            "Strings without NUL, each at most 4096 characters, at most 256. Needs `image`.",
+        ))
+        .into()
 }
 
 /// `metadata` of a machine: free-form labels, bounded.

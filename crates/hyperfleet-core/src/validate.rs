@@ -8,7 +8,11 @@ use std::collections::BTreeSet;
 
 use std::collections::BTreeMap;
 
-use hyperfleet_api::{CreateMachineRequest, Persistence, UpdateMachineRequest, VmmKind, LIMITS};
+use hyperfleet_api::schema::{GUEST_PATH_MAX_CHARS, PROCESS_ARGV_MAX, PROCESS_ARG_MAX_CHARS};
+use hyperfleet_api::{
+    CreateMachineRequest, Persistence, RestartPolicy, RestartPolicyKind, UpdateMachineRequest,
+    VmmKind, DEFAULT_MAX_RETRIES, LIMITS, MAX_RETRIES_MAX,
+};
 
 use crate::store::MachineSpec;
 use crate::util::looks_like_machine_id;
@@ -229,8 +233,146 @@ pub fn validate_create(
         // The id or name as asked; the supervisor resolves it to an id.
         base_snapshot: req.snapshot_id,
         oci: None,
+        process: None,
+        restart: None,
     };
     Ok((req.name, spec))
+}
+
+/// A create's main-process fields, validated (see
+/// [`take_process_overrides`]); all None when the request gave none.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProcessOverrides {
+    pub entrypoint: Option<Vec<String>>,
+    pub cmd: Option<Vec<String>>,
+    pub workdir: Option<String>,
+    pub user: Option<String>,
+    /// Normalised: an `on-failure` policy has its `max_retries`.
+    pub restart: Option<RestartPolicy>,
+}
+
+impl ProcessOverrides {
+    /// Why the fields conflict with each other or with the rest of the
+    /// request (409 CONFLICT: each is valid on its own): they need `image`,
+    /// and `max_retries` goes only with `on-failure`.
+    pub fn conflict(&self, has_image: bool) -> Option<String> {
+        let given = self.given();
+        if !has_image && !given.is_empty() {
+            return Some(format!(
+                "{} need image: only a machine made from an OCI image has a main process",
+                given.join(", ")
+            ));
+        }
+        match self.restart {
+            Some(p) if p.policy != RestartPolicyKind::OnFailure && p.max_retries.is_some() => {
+                Some(format!(
+                    "restart: max_retries goes only with the on-failure policy, not '{}'",
+                    p.policy.as_str()
+                ))
+            }
+            _ => None,
+        }
+    }
+
+    /// The fields given, by name (for the error that says they need `image`).
+    pub fn given(&self) -> Vec<&'static str> {
+        [
+            ("entrypoint", self.entrypoint.is_some()),
+            ("cmd", self.cmd.is_some()),
+            ("workdir", self.workdir.is_some()),
+            ("user", self.user.is_some()),
+            ("restart", self.restart.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(n, given)| given.then_some(n))
+        .collect()
+    }
+}
+
+fn check_argv(field: &str, argv: &[String]) -> Result<(), ValidationError> {
+    if argv.len() > PROCESS_ARGV_MAX {
+        return Err(bad(field, format!("at most {PROCESS_ARGV_MAX} strings")));
+    }
+    for a in argv {
+        if a.chars().count() > PROCESS_ARG_MAX_CHARS || a.contains('\0') {
+            return Err(bad(
+                field,
+                format!(
+                    "each string must be at most {PROCESS_ARG_MAX_CHARS} characters and contain no NUL"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn user_part_ok(p: &str) -> bool {
+    let mut b = p.bytes();
+    matches!(b.next(), Some(c) if c.is_ascii_alphanumeric() || c == b'_')
+        && b.all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
+}
+
+/// Takes the main-process fields (`entrypoint`, `cmd`, `workdir`, `user`,
+/// `restart`) out of a create request and checks their bounds. Whether
+/// they go together with the rest is [`ProcessOverrides::conflict`]'s to say.
+pub fn take_process_overrides(
+    req: &mut CreateMachineRequest,
+) -> Result<ProcessOverrides, ValidationError> {
+    let ov = ProcessOverrides {
+        entrypoint: req.entrypoint.take(),
+        cmd: req.cmd.take(),
+        workdir: req.workdir.take(),
+        user: req.user.take(),
+        restart: req.restart.take(),
+    };
+    if let Some(e) = &ov.entrypoint {
+        check_argv("entrypoint", e)?;
+    }
+    if let Some(c) = &ov.cmd {
+        check_argv("cmd", c)?;
+    }
+    if let Some(w) = &ov.workdir {
+        if !w.starts_with('/') || w.contains('\0') || w.chars().count() > GUEST_PATH_MAX_CHARS {
+            return Err(bad(
+                "workdir",
+                format!(
+                    "must be an absolute path of at most {GUEST_PATH_MAX_CHARS} characters without NUL"
+                ),
+            ));
+        }
+    }
+    if let Some(u) = &ov.user {
+        let ok = u.len() <= 256
+            && match u.split_once(':') {
+                Some((a, b)) => user_part_ok(a) && user_part_ok(b),
+                None => user_part_ok(u),
+            };
+        if !ok {
+            return Err(bad(
+                "user",
+                "must be a user name or uid, optionally followed by ':' and a group name or gid \
+                 (letters, digits, '_', '.', '-'; not starting with '.' or '-'), at most 256 characters",
+            ));
+        }
+    }
+    let restart = match ov.restart {
+        None => None,
+        Some(p) => Some(match (p.policy, p.max_retries) {
+            (RestartPolicyKind::OnFailure, None) => RestartPolicy {
+                max_retries: Some(DEFAULT_MAX_RETRIES),
+                ..p
+            },
+            (RestartPolicyKind::OnFailure, Some(n)) if n > MAX_RETRIES_MAX => {
+                return Err(bad(
+                    "restart",
+                    format!("max_retries must be between 0 and {MAX_RETRIES_MAX}, got {n}"),
+                ))
+            }
+            // A count with another policy is a conflict (`conflict`).
+            _ => p,
+        }),
+    };
+    Ok(ProcessOverrides { restart, ..ov })
 }
 
 #[cfg(test)]
@@ -342,5 +484,87 @@ mod tests {
             }),
             "idle_timeout_seconds"
         );
+    }
+
+    #[test]
+    fn process_overrides_are_bounded_and_the_policy_normalised() {
+        use hyperfleet_api::{RestartPolicy as P, RestartPolicyKind as K};
+        let take = |r: CreateMachineRequest| take_process_overrides(&mut r.clone());
+        let none = take(CreateMachineRequest::default()).unwrap();
+        assert!(none.given().is_empty());
+        let ov = take(CreateMachineRequest {
+            entrypoint: Some(vec!["sh".into(), "-c".into()]),
+            cmd: Some(vec![]),
+            workdir: Some("/srv".into()),
+            user: Some("app:1000".into()),
+            restart: Some(P {
+                policy: K::OnFailure,
+                max_retries: None,
+            }),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(
+            ov.given(),
+            ["entrypoint", "cmd", "workdir", "user", "restart"]
+        );
+        assert_eq!(ov.restart.unwrap().max_retries, Some(DEFAULT_MAX_RETRIES));
+        let field = |r: CreateMachineRequest| take(r).unwrap_err().field;
+        let base = CreateMachineRequest::default;
+        assert_eq!(
+            field(CreateMachineRequest {
+                cmd: Some(vec!["a\0b".into()]),
+                ..base()
+            }),
+            "cmd"
+        );
+        assert_eq!(
+            field(CreateMachineRequest {
+                entrypoint: Some(vec!["x".into(); PROCESS_ARGV_MAX + 1]),
+                ..base()
+            }),
+            "entrypoint"
+        );
+        for w in ["srv", "", "/a\0"] {
+            assert_eq!(
+                field(CreateMachineRequest {
+                    workdir: Some(w.into()),
+                    ..base()
+                }),
+                "workdir"
+            );
+        }
+        for u in ["", ":", "a:", "-x", "a b", "a:b:c"] {
+            assert_eq!(
+                field(CreateMachineRequest {
+                    user: Some(u.into()),
+                    ..base()
+                }),
+                "user",
+                "{u:?}"
+            );
+        }
+        assert_eq!(
+            field(CreateMachineRequest {
+                restart: Some(P {
+                    policy: K::OnFailure,
+                    max_retries: Some(MAX_RETRIES_MAX + 1),
+                }),
+                ..base()
+            }),
+            "restart"
+        );
+        // Valid each on its own, conflicting together.
+        let ov = take(CreateMachineRequest {
+            restart: Some(P {
+                policy: K::Always,
+                max_retries: Some(1),
+            }),
+            ..base()
+        })
+        .unwrap();
+        assert!(ov.conflict(true).unwrap().contains("max_retries"));
+        assert!(ov.conflict(false).unwrap().contains("need image"));
+        assert_eq!(none.conflict(false), None);
     }
 }

@@ -75,6 +75,11 @@ export function machineView(main, ref) {
       dd('Status', `${m.status} (desired: ${m.desired_status}, generation ${m.generation})`),
       dd('VMM', m.vmm), dd('vCPUs', m.vcpu_count), dd('Memory', fmtMib(m.mem_size_mib)),
       dd('Image', m.image ?? '—'),
+      ...(m.process ? [
+        dd('Main process', h('code', {}, m.process.argv.join(' '))),
+        dd('Restart', `${m.restart_policy.policy}${m.restart_policy.max_retries != null ? ` (at most ${m.restart_policy.max_retries})` : ''}, ${m.restart_count} so far`),
+      ] : []),
+      ...(m.status === 'stopped' && m.exit_reason ? [dd('Exit', m.exit_reason)] : []),
       dd('Network', m.network ? `${m.network.ip ?? 'no address yet'}${m.network.egress ? '' : ', no egress'}` : '—'),
       dd('Exposed ports', m.exposed_ports?.length ? m.exposed_ports.join(', ') + (m.public ? ' (public)' : '') : '—'),
       dd('URLs', Object.keys(m.urls ?? {}).length

@@ -383,7 +383,8 @@ pub(crate) struct DoctorArgs {
 #[derive(Subcommand)]
 pub(crate) enum MachinesCmd {
     /// Create a machine (status `pending`); `--start` boots it too.
-    Create(CreateArgs),
+    // Boxed: its flags outweigh every other machines command's.
+    Create(Box<CreateArgs>),
     /// List machines.
     List {
         #[arg(long)]
@@ -620,6 +621,26 @@ pub(crate) struct CreateArgs {
     /// sticky[:PRIORITY 0-10] (default sticky:5), persistent or ephemeral.
     #[arg(long, value_parser = parse_persistence)]
     pub persistence: Option<hyperfleet_api::Persistence>,
+    /// Replace the image's entrypoint: a JSON array (`'["/bin/sh","-c"]'`)
+    /// or one word; `[]` clears it. Needs --image.
+    #[arg(long, allow_hyphen_values = true)]
+    pub entrypoint: Option<String>,
+    /// Replace the image's command: a JSON array (`'["echo","hi"]'`) or
+    /// one word; `[]` clears it. Needs --image.
+    #[arg(long, allow_hyphen_values = true)]
+    pub cmd: Option<String>,
+    /// Replace the image's working directory. Needs --image.
+    #[arg(long)]
+    pub workdir: Option<String>,
+    /// Replace the image's user: name, uid, name:group or uid:gid. Needs
+    /// --image.
+    #[arg(long)]
+    pub user: Option<String>,
+    /// When the main process exits: `no` (default), `always`,
+    /// `on-failure` or `on-failure:N` (at most N restarts in a row).
+    /// Needs --image.
+    #[arg(long)]
+    pub restart: Option<String>,
 }
 
 #[derive(Subcommand)]

@@ -6,7 +6,7 @@ use anyhow::Context;
 use futures_util::StreamExt;
 use hyperfleet_api::{
     CreateMachineRequest, ExecRequest, ExecStreamEvent, Machine, MachineEvent, MachineStatus,
-    NetworkRequest,
+    NetworkRequest, RestartPolicy, RestartPolicyKind,
 };
 use hyperfleet_client::{ActionResult, Client};
 
@@ -27,6 +27,42 @@ fn pairs(list: &[String], what: &str) -> anyhow::Result<BTreeMap<String, String>
         out.insert(k.to_string(), v.to_string());
     }
     Ok(out)
+}
+
+/// `--entrypoint` / `--cmd`: a JSON array of strings, or one word.
+fn argv_flag(value: &str, what: &str) -> anyhow::Result<Vec<String>> {
+    if value.trim_start().starts_with('[') {
+        serde_json::from_str(value)
+            .with_context(|| format!("{what} '{value}' is not a JSON array of strings"))
+    } else {
+        Ok(vec![value.to_string()])
+    }
+}
+
+/// `--restart no|always|on-failure[:N]`.
+fn restart_flag(value: &str) -> anyhow::Result<RestartPolicy> {
+    let (policy, max) = match value.split_once(':') {
+        Some((p, n)) => (
+            p,
+            Some(
+                n.parse::<u32>()
+                    .with_context(|| format!("--restart '{value}': '{n}' is not a count"))?,
+            ),
+        ),
+        None => (value, None),
+    };
+    let policy = match policy {
+        "no" => RestartPolicyKind::No,
+        "always" => RestartPolicyKind::Always,
+        "on-failure" => RestartPolicyKind::OnFailure,
+        other => {
+            anyhow::bail!("--restart '{other}': expected no, always, on-failure or on-failure:N")
+        }
+    };
+    Ok(RestartPolicy {
+        policy,
+        max_retries: max,
+    })
 }
 
 fn print_machine(args: &ClientArgs, m: &Machine) -> anyhow::Result<()> {
@@ -78,6 +114,23 @@ fn print_machine(args: &ClientArgs, m: &Machine) -> anyhow::Result<()> {
     }
     if let Some(b) = m.stored_bytes {
         rows.push(vec!["stored".into(), format!("{} MiB", b >> 20)]);
+    }
+    if let Some(p) = &m.process {
+        rows.push(vec!["process".into(), p.argv.join(" ")]);
+        let mut restart = m.restart_policy.policy.as_str().to_string();
+        if let Some(n) = m.restart_policy.max_retries {
+            restart.push_str(&format!(" (at most {n})"));
+        }
+        rows.push(vec![
+            "restart".into(),
+            format!("{restart}, {} so far", m.restart_count),
+        ]);
+    }
+    if let Some(e) = &m.exit_reason {
+        rows.push(vec!["exit reason".into(), e.clone()]);
+    }
+    if let Some(c) = m.exit_code {
+        rows.push(vec!["exit code".into(), c.to_string()]);
     }
     rows.extend(network_rows(m));
     output::table(&["FIELD", "VALUE"], &rows);
@@ -217,6 +270,7 @@ pub(crate) async fn run(args: &ClientArgs, cmd: MachinesCmd) -> anyhow::Result<(
     let c = client(args)?;
     match cmd {
         MachinesCmd::Create(a) => {
+            let a = *a;
             let vmm = match a.vmm.as_deref() {
                 None => None,
                 Some(v) => Some(v.parse().map_err(anyhow::Error::msg)?),
@@ -235,6 +289,19 @@ pub(crate) async fn run(args: &ClientArgs, cmd: MachinesCmd) -> anyhow::Result<(
                 }),
                 snapshot_id: a.snapshot,
                 image: a.image,
+                entrypoint: a
+                    .entrypoint
+                    .as_deref()
+                    .map(|v| argv_flag(v, "--entrypoint"))
+                    .transpose()?,
+                cmd: a
+                    .cmd
+                    .as_deref()
+                    .map(|v| argv_flag(v, "--cmd"))
+                    .transpose()?,
+                workdir: a.workdir,
+                user: a.user,
+                restart: a.restart.as_deref().map(restart_flag).transpose()?,
                 ..Default::default()
             };
             req.idle_timeout_seconds = a.idle_timeout;

@@ -603,13 +603,7 @@ fn suspend_saves_memory_and_resume_continues_it() {
     let r = d.call("POST", "/machines/sleepy/resume", None);
     assert_eq!(r.body["status"], "running");
     // The restored guest's uptime continues from the saved one.
-    let sock = sb.machines_dir().join(id).join("vmm.sock");
-    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
-    use std::io::{BufRead, Write};
-    writeln!(s, "UPTIME").unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(s).read_line(&mut line).unwrap();
-    let uptime: u64 = line.trim().parse().unwrap();
+    let uptime: u64 = sb.testvmm_command(id, "UPTIME").parse().unwrap();
     assert!(
         uptime >= saved,
         "memory intact: uptime {uptime} continues from {saved}"

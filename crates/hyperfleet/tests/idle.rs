@@ -11,7 +11,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{eventually, testvmm_command, Daemon, Sandbox};
+use common::{eventually, Daemon, Sandbox};
 use serde_json::json;
 
 #[test]
@@ -25,7 +25,7 @@ fn a_guest_that_powers_off_ends_stopped_with_its_reason_and_a_crash_ends_failed(
     assert!(r.body["exit_reason"].is_null(), "{}", r.body);
 
     // The guest powers itself off: waiting for `stopped` sees it.
-    assert_eq!(testvmm_command(&sb, &id, "GUEST_POWEROFF"), "OK");
+    assert_eq!(sb.testvmm_command(&id, "GUEST_POWEROFF"), "OK");
     let r = d.call("GET", "/machines/job/wait?status=stopped&timeout=10", None);
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.body["status"], "stopped");

@@ -352,19 +352,7 @@ fn a_real_guest_boots_an_image_with_whiteouts_applied() {
     }
     let Some(assets) = guest_assets() else { return };
     let sb = Sandbox::new();
-    let assets = assets.display().to_string();
-    let d = Daemon::start_with(
-        &sb,
-        &[],
-        &[
-            "--assets-dir",
-            &assets,
-            "--default-vmm",
-            "qemu",
-            "--boot-timeout",
-            "180",
-        ],
-    );
+    let d = Daemon::start_qemu(&sb, &assets, &[]);
     let dir = tempfile::tempdir().unwrap();
     let archive = image_archive(dir.path(), &Config::default());
     let resp = d
@@ -450,19 +438,7 @@ fn a_real_guest_boots_a_scratch_image_without_a_shell() {
     }
     let Some(assets) = guest_assets() else { return };
     let sb = Sandbox::new();
-    let assets = assets.display().to_string();
-    let d = Daemon::start_with(
-        &sb,
-        &[],
-        &[
-            "--assets-dir",
-            &assets,
-            "--default-vmm",
-            "qemu",
-            "--boot-timeout",
-            "180",
-        ],
-    );
+    let d = Daemon::start_qemu(&sb, &assets, &[]);
     // One file, no directories, no shell, no /etc: `FROM scratch`.
     let busybox = std::fs::read("/bin/busybox").unwrap();
     let dir = tempfile::tempdir().unwrap();

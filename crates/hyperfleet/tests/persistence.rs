@@ -13,7 +13,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{eventually, killed_by_sigkill, testvmm_command, Daemon, Sandbox};
+use common::{eventually, killed_by_sigkill, Daemon, Sandbox};
 use serde_json::{json, Value};
 
 const MIB: u64 = 1 << 20;
@@ -114,7 +114,7 @@ fn ephemeral_machines_go_when_they_idle_stop_or_power_off_and_never_suspend() {
     let m = d.create(json!({"name": "job", "persistence": eph}));
     let id = m["id"].as_str().unwrap().to_string();
     act(&d, "job", "start");
-    assert_eq!(testvmm_command(&sb, &id, "GUEST_POWEROFF"), "OK");
+    assert_eq!(sb.testvmm_command(&id, "GUEST_POWEROFF"), "OK");
     gone(&d, "job", Duration::from_secs(10));
     assert!(sb.vmm_pids_of(&id).is_empty());
     assert!(!sb.machines_dir().join(&id).exists(), "its files are gone");

@@ -16,20 +16,6 @@ use common::netns::NetNs;
 use common::{guest_assets, Daemon, Sandbox};
 use serde_json::{json, Value};
 
-fn start_daemon(sb: &Sandbox, assets: &std::path::Path, extra: &[&str]) -> Daemon {
-    let assets = assets.display().to_string();
-    let mut args = vec![
-        "--assets-dir",
-        assets.as_str(),
-        "--default-vmm",
-        "qemu",
-        "--boot-timeout",
-        "180",
-    ];
-    args.extend_from_slice(extra);
-    Daemon::start_with(sb, &[], &args)
-}
-
 /// A namespace with a default route (nothing answers behind it): enough
 /// for the daemon's machine networking, and gone with the test.
 fn network_namespace() -> NetNs {
@@ -96,7 +82,7 @@ fn snapshots_and_forks_carry_memory_and_disk_and_give_each_copy_its_own_identity
     let ns = network_namespace();
     ns.enter();
     let sb = Sandbox::new();
-    let d = start_daemon(&sb, &assets, &["--network", "on", "--dns", "10.251.0.2"]);
+    let d = Daemon::start_qemu(&sb, &assets, &["--network", "on", "--dns", "10.251.0.2"]);
     let src = d.create(json!({"name": "src", "mem_size_mib": 256}));
     let src_id = src["id"].as_str().unwrap().to_string();
     start(&d, "src");
@@ -265,7 +251,7 @@ fn snapshots_and_forks_carry_memory_and_disk_and_give_each_copy_its_own_identity
 fn a_machine_created_after_a_template_was_warmed_starts_from_it() {
     let Some(assets) = guest_assets() else { return };
     let sb = Sandbox::new();
-    let d = start_daemon(&sb, &assets, &[]);
+    let d = Daemon::start_qemu(&sb, &assets, &[]);
     let r = d.call(
         "POST",
         "/templates?timeout=300",

@@ -14,7 +14,9 @@
 //! `POWEROFF` → `OK`, then exits 0 (unless `--ignore-poweroff`);
 //! `GUEST_POWEROFF` → `OK`, then writes the kernel's "reboot: Power down" to
 //! its output (the machine's console log) and exits 0, as a guest that
-//! powers itself off does.
+//! powers itself off does. `MAIN_EXIT <code>` → `OK`, then the same after
+//! the agent's line `hyperfleet: main process exited with code <code>`, as
+//! a guest whose main process ended does.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -143,6 +145,15 @@ fn handle(stream: UnixStream, guest: Arc<Mutex<Guest>>) {
                     println!("reboot: Power down");
                     "OK".to_string()
                 }
+                "MAIN_EXIT" => match arg.and_then(|a| a.parse::<i32>().ok()) {
+                    Some(code) => {
+                        exit_after = true;
+                        println!("hyperfleet: main process exited with code {code}");
+                        println!("reboot: Power down");
+                        "OK".to_string()
+                    }
+                    None => "ERR MAIN_EXIT needs an exit code".to_string(),
+                },
                 other => format!("ERR unknown command '{other}'"),
             }
         };

@@ -162,8 +162,25 @@ def test_import_and_a_machine_from_the_image(images_daemon: Daemon, tmp_path: Pa
                 None,
             )
             assert m.refresh().oci_image == m.oci_image
+            # The image's command is the main process; no policy by default.
+            assert m.process is not None and m.process.argv == ["/bin/hello"]
+            assert m.restart_policy == hyperfleet.RestartPolicy(policy="no")
+            assert (m.restart_count, m.exit_code) == (0, None)
             with pytest.raises(hyperfleet.Conflict):
                 img.delete()  # a machine is made from it
+        with hf.machines.create(
+            unique("overrides"),
+            image=img,
+            entrypoint=["/bin/sh", "-c"],
+            cmd=["exit 3"],
+            user="1000:1000",
+            restart=hyperfleet.RestartPolicy(policy="on-failure"),
+        ) as m:
+            assert m.process is not None
+            assert (m.process.argv, m.process.user) == (["/bin/sh", "-c", "exit 3"], "1000:1000")
+            assert m.restart_policy == hyperfleet.RestartPolicy(policy="on-failure", max_retries=3)
+        with pytest.raises(hyperfleet.Conflict):
+            hf.machines.create(unique("noimage"), cmd=["x"])  # needs an image
         img.delete()
 
         with pytest.raises(hyperfleet.ValidationError):

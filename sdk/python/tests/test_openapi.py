@@ -58,6 +58,8 @@ MODELS = {
     models.ImageLayer: "ImageLayer",
     models.ImageRunConfig: "ImageRunConfig",
     models.ImageEvent: "ImageEvent",
+    models.RestartPolicy: "RestartPolicy",
+    models.MachineProcess: "MachineProcess",
 }
 
 ENUMS = {
@@ -67,6 +69,7 @@ ENUMS = {
     "PersistenceType": models.PersistenceType,
     "SnapshotStatus": models.SnapshotStatus,
     "ImageStatus": models.ImageStatus,
+    "RestartPolicyKind": models.RestartPolicyKind,
 }
 
 

@@ -72,6 +72,11 @@ def test_requests_are_encoded_as_the_api_reads_them() -> None:
         persistence=hyperfleet.Persistence(type="sticky"),
         snapshot_id="snap-1",
         image=None,
+        entrypoint=None,
+        cmd=None,
+        workdir=None,
+        user=None,
+        restart=None,
         extra_body={"image": "x"},
     )
     assert create.json == {
@@ -81,6 +86,36 @@ def test_requests_are_encoded_as_the_api_reads_them() -> None:
         "network": {"egress": False},
         "persistence": {"type": "sticky"},
         "image": "x",
+    }
+    create = _core.create_machine(
+        name=None,
+        vcpu_count=None,
+        mem_size_mib=None,
+        vmm=None,
+        env={"FOO": "1"},
+        metadata=None,
+        exposed_ports=None,
+        public=None,
+        network=None,
+        idle_timeout_seconds=None,
+        persistence=None,
+        snapshot_id=None,
+        image="img_x",
+        entrypoint=("/bin/sh", "-c"),
+        cmd=["exit 3"],
+        workdir="/srv",
+        user="app",
+        restart=hyperfleet.RestartPolicy(policy="on-failure", max_retries=2),
+        extra_body=None,
+    )
+    assert create.json == {
+        "env": {"FOO": "1"},
+        "image": "img_x",
+        "entrypoint": ["/bin/sh", "-c"],
+        "cmd": ["exit 3"],
+        "workdir": "/srv",
+        "user": "app",
+        "restart": {"policy": "on-failure", "max_retries": 2},
     }
 
 

@@ -318,17 +318,37 @@ impl AgentClient {
     /// agent that speaks protocol version 1.
     pub async fn refresh(&self, req: RefreshRequest) -> Result<RefreshReport, Error> {
         req.validate().map_err(Error::InvalidRequest)?;
-        if self.protocol_version() < REFRESH_PROTOCOL_VERSION {
-            return Err(Error::AgentTooOld {
-                what: "refresh",
-                needed: REFRESH_PROTOCOL_VERSION,
-                negotiated: self.protocol_version(),
-            });
-        }
+        self.require_version("refresh", REFRESH_PROTOCOL_VERSION)?;
         match self.call(&Request::Refresh(req), |_| {}).await? {
             Reply::Refreshed(r) => Ok(r),
             other => Err(unexpected(&other)),
         }
+    }
+
+    /// Starts the machine's main process (see [`MainProcessRequest`]); idempotent within a
+    /// boot. Fails up front with [`Error::AgentTooOld`] for an agent older than protocol
+    /// version 3 and [`Error::InvalidRequest`] for an empty `argv`.
+    pub async fn start_main(&self, req: MainProcessRequest) -> Result<MainStarted, Error> {
+        if req.argv.first().is_none_or(|a| a.is_empty()) {
+            return Err(Error::InvalidRequest("argv must name a program".into()));
+        }
+        self.require_version("start_main", MAIN_PROTOCOL_VERSION)?;
+        match self.call(&Request::StartMain(req), |_| {}).await? {
+            Reply::MainStarted(s) => Ok(s),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// [`Error::AgentTooOld`] unless the negotiated version is at least `needed`.
+    fn require_version(&self, what: &'static str, needed: u32) -> Result<(), Error> {
+        if self.protocol_version() < needed {
+            return Err(Error::AgentTooOld {
+                what,
+                needed,
+                negotiated: self.protocol_version(),
+            });
+        }
+        Ok(())
     }
 
     async fn power(&self, action: PowerAction) -> Result<(), Error> {

@@ -291,3 +291,72 @@ async fn refresh_round_trip_and_old_agents() {
     );
     assert_eq!(e.remote_code(), Some(ErrorCode::Unsupported));
 }
+
+#[tokio::test]
+async fn start_main_round_trip_and_old_agents() {
+    let (host, task) = fake_agent(Some(3)).await;
+    let c = AgentClient::connect(host).await.unwrap();
+    let (mut agent, mut dec, mut buf) = task.await.unwrap();
+    let req = MainProcessRequest {
+        argv: vec!["/bin/sh".into(), "-c".into(), "exit 3".into()],
+        env: [("PATH".to_string(), "/bin".to_string())].into(),
+        cwd: Some("/srv".into()),
+        user: Some("app".into()),
+    };
+    let call = tokio::spawn({
+        let c = c.clone();
+        let req = req.clone();
+        async move { c.start_main(req).await }
+    });
+    let f = next_frame(&mut agent, &mut dec, &mut buf).await;
+    assert_eq!(f.kind, Kind::Request);
+    let v: serde_json::Value = serde_json::from_slice(&f.payload).unwrap();
+    assert_eq!(v["op"], "start_main");
+    assert_eq!(
+        serde_json::from_value::<Request>(v).unwrap(),
+        Request::StartMain(req)
+    );
+    let started = MainStarted {
+        pid: Some(42),
+        already: false,
+    };
+    write(
+        &mut agent,
+        json(
+            Kind::Response,
+            f.stream,
+            &Response::Ok(Reply::MainStarted(started.clone())),
+        ),
+    )
+    .await;
+    assert_eq!(call.await.unwrap().unwrap(), started);
+    // An empty command never leaves the host.
+    let e = c
+        .start_main(MainProcessRequest::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::InvalidRequest(_)), "{e:?}");
+
+    // An agent of protocol version 2 is not asked.
+    let (host, task) = fake_agent(Some(2)).await;
+    let c = AgentClient::connect(host).await.unwrap();
+    let _agent = task.await.unwrap();
+    let e = c
+        .start_main(MainProcessRequest {
+            argv: vec!["true".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::AgentTooOld {
+                needed: 3,
+                negotiated: 2,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+}

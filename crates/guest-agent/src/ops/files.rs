@@ -119,9 +119,14 @@ pub(super) async fn run(op: &mut Op, req: Request) -> Result<Reply, RemoteError>
             }
             Ok(Reply::Created)
         }
-        Request::Ping | Request::Exec(_) | Request::Power(_) | Request::Refresh(_) => Err(
-            RemoteError::new(ErrorCode::Unsupported, "not a file operation"),
-        ),
+        Request::Ping
+        | Request::Exec(_)
+        | Request::Power(_)
+        | Request::Refresh(_)
+        | Request::StartMain(_) => Err(RemoteError::new(
+            ErrorCode::Unsupported,
+            "not a file operation",
+        )),
     }
 }
 

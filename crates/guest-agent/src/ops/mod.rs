@@ -1,11 +1,13 @@
 //! Operations the agent performs for the host, one per stream: dispatch by request type.
-//! `exec` runs processes, `files` the file operations, `refresh` renews the guest's identity.
+//! `exec` runs processes, `files` the file operations, `refresh` renews the guest's identity,
+//! `main_process` starts the machine's main process.
 //!
 //! Each operation runs in its own task, gets an [`Op`] (output with flow control, input, a
 //! cancellation signal) and returns the final reply or a [`RemoteError`]; the session sends it.
 
 pub(crate) mod exec;
 mod files;
+pub(crate) mod main_process;
 mod refresh;
 
 use std::time::Duration;
@@ -20,6 +22,8 @@ pub(crate) async fn run(mut op: Op, req: Request, svc: &Services) -> Result<Repl
         // Not cancellable: its parts are short, and stopping between them would leave a guest
         // with half a new identity. A cancelled stream's answer is dropped by the session.
         Request::Refresh(r) => refresh::refresh(r, svc).await,
+        // Not cancellable either: it only starts the process, which outlives the stream.
+        Request::StartMain(r) => main_process::start_main(r, svc).await,
         Request::Ping => Ok(Reply::Pong {
             uptime_ms: crate::sysinfo::uptime_ms(),
         }),

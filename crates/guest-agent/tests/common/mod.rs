@@ -33,6 +33,11 @@ pub(crate) struct Agent {
 
 impl Agent {
     pub(crate) fn start() -> Agent {
+        Agent::start_with_stderr(Stdio::inherit())
+    }
+
+    /// An agent whose stderr (its "console") goes to `stderr`.
+    pub(crate) fn start_with_stderr(stderr: Stdio) -> Agent {
         let dir = tempfile::tempdir().expect("tempdir");
         let sock = dir.path().join("agent.sock");
         let child = Command::new(&*AGENT)
@@ -41,6 +46,7 @@ impl Agent {
             .arg("--log-level")
             .arg(log_level())
             .stdin(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .expect("spawn agent");
         let t0 = Instant::now();

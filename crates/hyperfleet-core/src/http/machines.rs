@@ -131,7 +131,7 @@ fn find(state: &AppState, caller: &Caller, id: &str) -> Result<Arc<CachedMachine
         (status = 400, description = "Malformed or invalid request", body = hyperfleet_api::ErrorBody),
         (status = 403, description = "The key lacks the write scope (FORBIDDEN), or the tenant's quota does not allow the machine (QUOTA_EXCEEDED)", body = hyperfleet_api::ErrorBody),
         (status = 404, description = "`snapshot_id` names no snapshot", body = hyperfleet_api::ErrorBody),
-        (status = 409, description = "Name already in use (CONFLICT), or the snapshot is not ready (INVALID_STATE)", body = hyperfleet_api::ErrorBody),
+        (status = 409, description = "Name already in use, fields that conflict (`image` with `snapshot_id`; `entrypoint`, `cmd`, `workdir`, `user` or `restart` without `image`; `max_retries` with a policy other than `on-failure`) (CONFLICT), or the snapshot is not ready (INVALID_STATE)", body = hyperfleet_api::ErrorBody),
         (status = 507, description = "The disk holding the database is full, or the storage budget is used up and nothing can be evicted (INSUFFICIENT_STORAGE); nothing was stored", body = hyperfleet_api::ErrorBody),
     ),
     security(("bearer" = [])))]
@@ -155,6 +155,10 @@ pub async fn create(
              (which has its image), not both",
         ));
     }
+    let overrides = crate::validate::take_process_overrides(&mut req)?;
+    if let Some(why) = overrides.conflict(image.is_some()) {
+        return Err(ApiError::new(ErrorCode::Conflict, why));
+    }
     let (name, mut spec) = validate_create(req, state.default_vmm)?;
     state.sup.storage_room("create a machine")?;
     if let Some(image) = image {
@@ -171,6 +175,9 @@ pub async fn create(
                 }
                 e => e.into(),
             })?;
+        let (found, run) = found;
+        spec.process = crate::images::main_process(&run, &overrides);
+        spec.restart = overrides.restart;
         spec.oci = Some(found);
     }
     // 160 random bits: the proxy's per-machine credential.

@@ -377,6 +377,36 @@ pub fn run_config(raw: &[u8]) -> Result<RunConfig, ImageError> {
     })
 }
 
+/// The main process of a machine made from an image with `run` as its
+/// config, with the create's overrides, as Docker runs a container: an
+/// `entrypoint` given drops the image's `Cmd` unless `cmd` is given too;
+/// the command is the entrypoint followed by the cmd. None when that is
+/// empty (the guest then only runs its agent).
+pub fn main_process(
+    run: &RunConfig,
+    ov: &crate::validate::ProcessOverrides,
+) -> Option<crate::store::MainProcess> {
+    let entrypoint = ov
+        .entrypoint
+        .clone()
+        .unwrap_or_else(|| run.entrypoint.clone());
+    let cmd = match (&ov.cmd, &ov.entrypoint) {
+        (Some(c), _) => c.clone(),
+        (None, Some(_)) => Vec::new(),
+        (None, None) => run.cmd.clone(),
+    };
+    let argv: Vec<String> = entrypoint.into_iter().chain(cmd).collect();
+    if argv.first().is_none_or(|a| a.is_empty()) {
+        return None;
+    }
+    Some(crate::store::MainProcess {
+        argv,
+        image_env: run.env.clone(),
+        workdir: ov.workdir.clone().or_else(|| run.workdir.clone()),
+        user: ov.user.clone().or_else(|| run.user.clone()),
+    })
+}
+
 /// The layers' uncompressed digests the config names, and its OS/arch.
 pub(crate) fn diff_ids(raw: &[u8]) -> Result<Vec<String>, ImageError> {
     let cfg: oci_spec::image::ImageConfiguration = serde_json::from_slice(raw)

@@ -501,17 +501,20 @@ pub async fn machine_image(
     svc: &Arc<ImageService>,
     tenant: &str,
     image: &str,
-) -> Result<super::MachineImage, ImageServiceError> {
+) -> Result<(super::MachineImage, super::RunConfig), ImageServiceError> {
     if image.is_empty() || image.len() > 512 {
         return Err(ImageServiceError::Invalid(
             "image: an image id or reference of 1 to 512 characters".into(),
         ));
     }
     let (row, built) = svc.resolve_for_machine(tenant, image).await?;
-    Ok(super::MachineImage {
-        image_id: row.id,
-        reference: row.reference,
-        digest: built.digest,
-        disk_bytes: built.size_bytes,
-    })
+    Ok((
+        super::MachineImage {
+            image_id: row.id,
+            reference: row.reference,
+            digest: built.digest,
+            disk_bytes: built.size_bytes,
+        },
+        built.run,
+    ))
 }

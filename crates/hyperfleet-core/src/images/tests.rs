@@ -199,3 +199,57 @@ fn digests_become_file_names_only_when_well_formed() {
         digest_hex(&bad).unwrap_err();
     }
 }
+
+#[test]
+fn the_main_process_is_the_images_with_dockers_overrides() {
+    use crate::validate::ProcessOverrides;
+    let run = RunConfig {
+        entrypoint: vec!["/entry".into()],
+        cmd: vec!["serve".into(), "--port=80".into()],
+        env: vec!["PATH=/bin".into()],
+        workdir: Some("/app".into()),
+        user: Some("app".into()),
+    };
+    let argv = |ov: ProcessOverrides| main_process(&run, &ov).map(|p| p.argv);
+    assert_eq!(
+        argv(ProcessOverrides::default()).unwrap(),
+        ["/entry", "serve", "--port=80"]
+    );
+    // A cmd replaces the image's cmd only.
+    let ov = ProcessOverrides {
+        cmd: Some(vec!["check".into()]),
+        ..Default::default()
+    };
+    assert_eq!(argv(ov).unwrap(), ["/entry", "check"]);
+    // An entrypoint drops the image's cmd, unless a cmd is given too.
+    let ov = ProcessOverrides {
+        entrypoint: Some(vec!["/bin/sh".into(), "-c".into()]),
+        ..Default::default()
+    };
+    assert_eq!(argv(ov).unwrap(), ["/bin/sh", "-c"]);
+    let ov = ProcessOverrides {
+        entrypoint: Some(vec![]),
+        cmd: Some(vec!["/bin/true".into()]),
+        workdir: Some("/tmp".into()),
+        user: Some("0:0".into()),
+        ..Default::default()
+    };
+    let p = main_process(&run, &ov).unwrap();
+    assert_eq!(p.argv, ["/bin/true"]);
+    assert_eq!(
+        (p.workdir.as_deref(), p.user.as_deref()),
+        (Some("/tmp"), Some("0:0"))
+    );
+    assert_eq!(p.image_env, ["PATH=/bin"]);
+    // Nothing to run: no main process.
+    let ov = ProcessOverrides {
+        entrypoint: Some(vec![]),
+        cmd: Some(vec![]),
+        ..Default::default()
+    };
+    assert_eq!(argv(ov), None);
+    assert_eq!(
+        main_process(&RunConfig::default(), &Default::default()),
+        None
+    );
+}

@@ -9,6 +9,45 @@ use super::table::{Desired, Observation};
 use crate::store::MachineRecord;
 use crate::vmm::process::Liveness;
 
+/// What the run does after the machine's main process exited (its guest
+/// then powered itself off).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AfterExit {
+    /// Boot the machine again: the restart policy says so.
+    Restart,
+    /// Stay `stopped` with the exit code.
+    Stay,
+}
+
+/// The restart policy's decision, on the latest record: only a machine
+/// still wanted running restarts (a stop or delete asked for meanwhile
+/// always wins); `always` restarts whatever the code, `on-failure` when
+/// the code is not 0 and fewer than `max_retries` restarts were made since
+/// the last start request; `no` never.
+pub(crate) fn after_main_exit(rec: &MachineRecord, code: i32) -> AfterExit {
+    use hyperfleet_api::RestartPolicyKind as K;
+    if rec.desired != Desired::Running {
+        return AfterExit::Stay;
+    }
+    let policy = rec.spec.restart.unwrap_or_default();
+    let restart = match policy.policy {
+        K::No => false,
+        K::Always => true,
+        K::OnFailure => {
+            code != 0
+                && rec.restart_count
+                    < policy
+                        .max_retries
+                        .unwrap_or(hyperfleet_api::DEFAULT_MAX_RETRIES)
+        }
+    };
+    if restart {
+        AfterExit::Restart
+    } else {
+        AfterExit::Stay
+    }
+}
+
 /// What the run observed about the recorded VMM process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum VmmSeen {
@@ -494,6 +533,57 @@ mod tests {
         let mut r = rec(S::Stopped, Desired::Stopped);
         r.failed_generation = Some(r.generation);
         assert!(!failure_current(&r));
+    }
+
+    #[test]
+    fn the_restart_policy_decides_after_the_main_process_exits() {
+        use hyperfleet_api::{RestartPolicy, RestartPolicyKind as K};
+        let with = |policy: K, max_retries: Option<u32>, count: u32| {
+            let mut r = rec(S::Stopped, Desired::Running);
+            r.spec.restart = Some(RestartPolicy {
+                policy,
+                max_retries,
+            });
+            r.restart_count = count;
+            r
+        };
+        // No policy, or `no`: never.
+        let mut r = rec(S::Stopped, Desired::Running);
+        assert_eq!(after_main_exit(&r, 1), AfterExit::Stay);
+        r = with(K::No, None, 0);
+        assert_eq!(after_main_exit(&r, 1), AfterExit::Stay);
+        // `always`: whatever the code, however often.
+        r = with(K::Always, None, 1000);
+        assert_eq!(after_main_exit(&r, 0), AfterExit::Restart);
+        assert_eq!(after_main_exit(&r, 3), AfterExit::Restart);
+        // `on-failure`: a non-zero code, while retries are left.
+        r = with(K::OnFailure, Some(2), 0);
+        assert_eq!(after_main_exit(&r, 0), AfterExit::Stay);
+        assert_eq!(after_main_exit(&r, 3), AfterExit::Restart);
+        assert_eq!(after_main_exit(&r, 137), AfterExit::Restart);
+        r.restart_count = 1;
+        assert_eq!(after_main_exit(&r, 3), AfterExit::Restart);
+        r.restart_count = 2;
+        assert_eq!(after_main_exit(&r, 3), AfterExit::Stay);
+        r = with(K::OnFailure, Some(0), 0);
+        assert_eq!(after_main_exit(&r, 3), AfterExit::Stay);
+        r = with(K::OnFailure, None, 2);
+        assert_eq!(after_main_exit(&r, 3), AfterExit::Restart);
+        r.restart_count = hyperfleet_api::DEFAULT_MAX_RETRIES;
+        assert_eq!(after_main_exit(&r, 3), AfterExit::Stay);
+        // A stop or delete asked for wins over any policy.
+        for desired in [Desired::Stopped, Desired::Deleted, Desired::Suspended] {
+            let mut r = with(K::Always, None, 0);
+            r.desired = desired;
+            assert_eq!(after_main_exit(&r, 3), AfterExit::Stay, "{desired:?}");
+        }
+        // A restart decided is a boot: the plan spawns the stopped machine
+        // still wanted running.
+        let r = with(K::Always, None, 1);
+        assert_eq!(
+            next_step(&r, VmmSeen::None, true),
+            Step::Spawn { restore: false }
+        );
     }
 
     #[test]

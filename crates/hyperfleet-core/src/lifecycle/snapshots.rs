@@ -236,6 +236,8 @@ impl Supervisor {
                         error_message: None,
                         template_key,
                         oci: rec.spec.oci.clone(),
+                        process: rec.spec.process.clone(),
+                        restart: rec.spec.restart,
                     },
                     created_at: now,
                     updated_at: now,

@@ -400,6 +400,8 @@ impl Supervisor {
                 spec.disk_bytes = s.data.disk_bytes;
                 spec.base_snapshot = Some(s.id.clone());
                 spec.oci = s.data.oci.clone();
+                spec.process = s.data.process.clone();
+                spec.restart = s.data.restart;
             }
             None => {
                 // The machine records the exact guest image it will be made from.

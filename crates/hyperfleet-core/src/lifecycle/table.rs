@@ -217,6 +217,12 @@ pub(crate) fn apply(rec: &mut MachineRecord, intent: Intent) {
     if intent == Intent::Restart {
         rec.restart_seq += 1;
     }
+    // The restart policy counts its boots since the last boot asked for.
+    if intent == Intent::Restart
+        || (desired == Desired::Running && matches!(rec.status, Pending | Stopped | Failed))
+    {
+        rec.restart_count = 0;
+    }
     // An earlier kill stays asked for while the machine still goes down.
     rec.stop_kill = intent == Intent::Kill
         || (rec.stop_kill && matches!(desired, Desired::Stopped | Desired::Deleted));
@@ -403,8 +409,9 @@ pub(crate) fn reachable(status: MachineStatus, desired: Desired, target: Machine
     if path.contains(&target) {
         return true;
     }
-    // Without a request, a live guest can still stop on its own (poweroff).
-    matches!(status, Running | Paused) && target == Stopped
+    // Without a request, a live guest can still stop on its own (poweroff,
+    // its main process exiting), a booting one once it runs.
+    matches!(status, Starting | Running | Paused) && target == Stopped
 }
 
 /// docs/api.md's state table checked against this one.
@@ -662,6 +669,18 @@ mod tests {
         assert!(d.stop_kill);
         apply(&mut r, Intent::Want(Desired::Running));
         assert!(!r.stop_kill);
+        // A start of a stopped machine, or a restart, begins the restart
+        // policy's count anew; a resume does not.
+        let mut r = machine(Stopped, Desired::Stopped);
+        r.restart_count = 2;
+        apply(&mut r, Intent::Want(Desired::Running));
+        assert_eq!(r.restart_count, 0);
+        let mut r = machine(Paused, Desired::Paused);
+        r.restart_count = 2;
+        apply(&mut r, Intent::Want(Desired::Running));
+        assert_eq!(r.restart_count, 2);
+        apply(&mut r, Intent::Restart);
+        assert_eq!(r.restart_count, 0);
         // Refused requests name the status.
         let r = machine(Deleting, Desired::Deleted);
         assert_eq!(
@@ -690,6 +709,8 @@ mod tests {
         assert!(!reachable(Stopped, Desired::Stopped, Running));
         assert!(reachable(Stopped, Desired::Running, Running));
         assert!(reachable(Running, Desired::Running, Stopped));
+        // A booting guest (a restart policy's boot too) may stop by itself.
+        assert!(reachable(Starting, Desired::Running, Stopped));
         assert!(!reachable(Stopped, Desired::Stopped, Failed));
         assert!(reachable(Starting, Desired::Running, Failed));
         assert!(!reachable(Deleting, Desired::Deleted, Running));

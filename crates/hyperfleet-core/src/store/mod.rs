@@ -43,7 +43,8 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 pub use cache::{CachedMachine, DEFAULT_CAPACITY as DEFAULT_CACHED_MACHINES};
 pub use images::{ImageEventRow, ImageRow};
 pub use records::{
-    steps, Desired, EventRecord, KeyRecord, MachineRecord, MachineSpec, NetLease, VmmIdentity,
+    steps, Desired, EventRecord, KeyRecord, MachineRecord, MachineSpec, MainProcess, NetLease,
+    VmmIdentity,
 };
 pub use schema::schema_version;
 pub use snapshots::{SnapshotData, SnapshotKind, SnapshotRecord};

@@ -49,6 +49,46 @@ pub struct MachineSpec {
     /// set's rootfs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oci: Option<crate::images::MachineImage>,
+    /// The main process a boot starts (an image's entrypoint and command
+    /// with the create's overrides); None: the guest only runs its agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process: Option<MainProcess>,
+    /// What the run does when the main process exits (None: `no`); an
+    /// `on-failure` policy always has its `max_retries`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart: Option<hyperfleet_api::RestartPolicy>,
+}
+
+/// A machine's main process, fixed at create from its image's config and
+/// the create's overrides.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MainProcess {
+    /// Entrypoint followed by cmd; never empty.
+    pub argv: Vec<String>,
+    /// The image's `Env` (`KEY=value`, in order); the machine's `env` is
+    /// laid over it when the process starts.
+    #[serde(default)]
+    pub image_env: Vec<String>,
+    #[serde(default)]
+    pub workdir: Option<String>,
+    #[serde(default)]
+    pub user: Option<String>,
+}
+
+impl MainProcess {
+    /// The process's whole environment: the image's, with `env` (the
+    /// machine's) laid over it.
+    pub fn env(&self, env: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+        let mut all: BTreeMap<String, String> = self
+            .image_env
+            .iter()
+            .filter_map(|kv| kv.split_once('='))
+            .filter(|(k, _)| !k.is_empty())
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        all.extend(env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        all
+    }
 }
 
 fn default_true() -> bool {
@@ -151,6 +191,8 @@ pub mod steps {
     pub const TAKE_SNAPSHOT: &str = "take_snapshot";
     /// Giving a machine restored from another's memory its own identity.
     pub const REFRESH_IDENTITY: &str = "refresh_identity";
+    /// Starting the machine's main process after a boot.
+    pub const START_MAIN: &str = "start_main_process";
     pub const RELEASE: &str = "release_resources";
     pub const FORGET: &str = "vmm_gone";
     /// Journaled when a step failed (the failed step is in the detail).
@@ -208,6 +250,13 @@ pub struct MachineRecord {
     /// requests and when it stopped being used; None: never recorded. The
     /// idle timer's in-memory activity is newer while the machine runs.
     pub last_active_at: Option<i64>,
+    /// The exit code of the main process when its exit stopped the machine
+    /// (the restart policy decides whether it boots again); cleared by the
+    /// next spawn.
+    pub exit_code: Option<i32>,
+    /// Boots the restart policy made since the last start or restart
+    /// request.
+    pub restart_count: u32,
 }
 
 impl MachineSpec {
@@ -252,6 +301,8 @@ impl MachineRecord {
             jail_uid: None,
             snapshot_job: None,
             last_active_at: None,
+            exit_code: None,
+            restart_count: 0,
         }
     }
 
@@ -323,6 +374,18 @@ impl MachineRecord {
             oci_image: self.spec.oci.as_ref().map(|o| o.to_api()),
             // Measured by the storage accounting: the API fills it in.
             stored_bytes: None,
+            process: self
+                .spec
+                .process
+                .as_ref()
+                .map(|p| hyperfleet_api::MachineProcess {
+                    argv: p.argv.clone(),
+                    workdir: p.workdir.clone(),
+                    user: p.user.clone(),
+                }),
+            restart_policy: self.spec.restart.unwrap_or_default(),
+            restart_count: self.restart_count,
+            exit_code: self.exit_code,
         }
     }
 }

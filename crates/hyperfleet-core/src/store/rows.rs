@@ -12,7 +12,7 @@ pub(super) const MACHINE_COLUMNS: &str = "id, tenant, name, spec, status, desire
     restart_seq, boot_restart_seq, stop_kill, failed_generation, error_message, vmm_pid, \
     vmm_start_time, vmm_boot_id, current_step, prepared, has_snapshot, operation_id, \
     created_at, updated_at, started_at, observed_generation, network, jail_uid, snapshot_job, \
-    last_active_at";
+    last_active_at, exit_code, restart_count";
 
 fn bad(col: usize, msg: String) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(
@@ -27,11 +27,13 @@ fn bad(col: usize, msg: String) -> rusqlite::Error {
 const INSERT_MACHINE: &str = "INSERT INTO machines (id, tenant, name, spec, created_at, status, \
     desired, generation, restart_seq, boot_restart_seq, stop_kill, failed_generation, \
     error_message, vmm_pid, vmm_start_time, vmm_boot_id, current_step, prepared, has_snapshot, \
-    operation_id, updated_at, started_at, observed_generation, snapshot_job, last_active_at) \
+    operation_id, updated_at, started_at, observed_generation, snapshot_job, last_active_at, \
+    exit_code, restart_count) \
     VALUES (:id, :tenant, :name, :spec, :created_at, :status, :desired, :generation, \
     :restart_seq, :boot_restart_seq, :stop_kill, :failed_generation, :error_message, :vmm_pid, \
     :vmm_start_time, :vmm_boot_id, :current_step, :prepared, :has_snapshot, :operation_id, \
-    :updated_at, :started_at, :observed_generation, :snapshot_job, :last_active_at)";
+    :updated_at, :started_at, :observed_generation, :snapshot_job, :last_active_at, :exit_code, \
+    :restart_count)";
 
 /// The VMM identity from its three nullable columns (`vmm_pid`,
 /// `vmm_start_time`, `vmm_boot_id`), starting at column `first`.
@@ -93,6 +95,11 @@ pub(super) fn machine_from_row(r: &Row<'_>) -> rusqlite::Result<MachineRecord> {
             .transpose()?,
         snapshot_job: r.get(25)?,
         last_active_at: r.get(26)?,
+        exit_code: r.get(27)?,
+        restart_count: r
+            .get::<_, i64>(28)?
+            .try_into()
+            .map_err(|_| bad(28, "restart count out of range".into()))?,
     })
 }
 
@@ -145,7 +152,8 @@ const UPDATE_MACHINE: &str = "UPDATE machines SET status=:status, desired=:desir
     current_step=:current_step, prepared=:prepared, has_snapshot=:has_snapshot, \
     operation_id=:operation_id, updated_at=:updated_at, started_at=:started_at, \
     observed_generation=:observed_generation, snapshot_job=:snapshot_job, \
-    last_active_at=:last_active_at WHERE id=:id";
+    last_active_at=:last_active_at, exit_code=:exit_code, restart_count=:restart_count \
+    WHERE id=:id";
 
 /// Binds `(name, value)` pairs to a statement's named parameters.
 fn bind(stmt: &mut Statement<'_>, values: &[(&str, &dyn ToSql)]) -> rusqlite::Result<()> {
@@ -186,6 +194,8 @@ fn bind_state(stmt: &mut Statement<'_>, m: &MachineRecord) -> rusqlite::Result<(
             (":observed_generation", &(m.observed_generation as i64)),
             (":snapshot_job", &m.snapshot_job),
             (":last_active_at", &m.last_active_at),
+            (":exit_code", &m.exit_code),
+            (":restart_count", &i64::from(m.restart_count)),
         ],
     )
 }

@@ -196,6 +196,12 @@ const MIGRATIONS: &[&str] = &[
     // stops being used (`lifecycle::idle`): orders the storage evictor and
     // outlives a restart.
     "ALTER TABLE machines ADD COLUMN last_active_at INTEGER;",
+    // 10: a machine's main process: the exit code that stopped it, and how
+    // many times its restart policy booted it again.
+    r#"
+    ALTER TABLE machines ADD COLUMN exit_code INTEGER;
+    ALTER TABLE machines ADD COLUMN restart_count INTEGER NOT NULL DEFAULT 0;
+    "#,
 ];
 
 pub(super) fn migrate(conn: &mut Connection) -> Result<(), StoreError> {

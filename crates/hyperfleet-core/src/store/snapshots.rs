@@ -64,6 +64,12 @@ pub struct SnapshotData {
     /// made from one (machines made from the snapshot rest on it too).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oci: Option<crate::images::MachineImage>,
+    /// The main process and restart policy of the machine it was taken
+    /// of; machines made from it keep them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process: Option<super::MainProcess>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart: Option<hyperfleet_api::RestartPolicy>,
 }
 
 /// One snapshot's row.

@@ -403,6 +403,61 @@ pub(crate) fn guest_powered_off(console: &Path, since_ms: Option<i64>) -> bool {
         .is_some_and(|l| l.ends_with(POWER_DOWN_LINE))
 }
 
+/// How a guest's main process ended, as its agent wrote on the console.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct MainExit {
+    pub code: i32,
+    /// `main process exited with code <n>[: <why>]`: the machine's
+    /// `exit_reason`.
+    pub reason: String,
+}
+
+/// The main process's exit as the console logged at `console` tells it:
+/// the last line about the main process (started or exited) in the
+/// console's tail is an exit (a previous boot's exit is followed by this
+/// boot's start line). Read only for a guest that powered itself off
+/// ([`guest_powered_off`]), whose agent writes the exit line just before
+/// powering off: the console outlives a daemon restart, so this does too.
+pub(crate) fn main_process_exit(console: &Path) -> Option<MainExit> {
+    use hyperfleet_agent_proto::{MAIN_EXITED_LINE, MAIN_STARTED_LINE};
+    use std::io::{Read, Seek, SeekFrom};
+    // What follows the exit line is the shutdown's few lines, and output
+    // of the main process's orphans until they are killed.
+    const TAIL: u64 = 64 * 1024;
+    let mut f = std::fs::File::open(console).ok()?;
+    let len = f.metadata().ok()?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(TAIL))).ok()?;
+    let mut tail = Vec::new();
+    f.read_to_end(&mut tail).ok()?;
+    let text = String::from_utf8_lossy(&tail);
+    let (at, line) = text
+        .lines()
+        .filter_map(|l| {
+            let started = l.rfind(MAIN_STARTED_LINE);
+            let exited = l.rfind(MAIN_EXITED_LINE);
+            match (started, exited) {
+                (Some(s), Some(e)) if s > e => Some((false, &l[s..])),
+                (_, Some(e)) => Some((true, &l[e..])),
+                (Some(s), None) => Some((false, &l[s..])),
+                (None, None) => None,
+            }
+        })
+        .next_back()?;
+    if !at {
+        return None;
+    }
+    let reason = line
+        .trim_end_matches(|c: char| c.is_whitespace() || c == '\0')
+        .trim_start_matches("hyperfleet: ")
+        .to_string();
+    let digits: String = line[MAIN_EXITED_LINE.len()..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect();
+    let code = digits.parse().ok()?;
+    Some(MainExit { code, reason })
+}
+
 /// Spawns a VMM process detached (see [`process::spawn_detached`]), its
 /// output appended to `log`.
 pub(crate) fn spawn_vmm(cmd: std::process::Command, log: &Path) -> Result<VmmIdentity, VmmError> {
@@ -551,5 +606,48 @@ mod tests {
         assert!(!guest_powered_off(&con, None));
         std::fs::write(&con, "Kernel panic - not syncing\n").unwrap();
         assert!(!guest_powered_off(&con, None));
+    }
+
+    #[test]
+    fn the_main_process_exit_is_the_last_main_process_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let con = dir.path().join("console.log");
+        assert_eq!(main_process_exit(&con), None, "no console");
+        std::fs::write(
+            &con,
+            "hyperfleet: main process started (pid 50): /bin/sh -c exit 3\r\n\
+             output without a newline hyperfleet: main process exited with code 3\r\n\
+             hyperfleet-agent: info: Poweroff: stopping processes\r\n\
+             [    2.0] reboot: Power down\r\n",
+        )
+        .unwrap();
+        assert_eq!(
+            main_process_exit(&con),
+            Some(MainExit {
+                code: 3,
+                reason: "main process exited with code 3".into()
+            })
+        );
+        std::fs::write(
+            &con,
+            "hyperfleet: main process exited with code 137: killed by signal 9\n",
+        )
+        .unwrap();
+        assert_eq!(main_process_exit(&con).unwrap().code, 137);
+        assert_eq!(
+            main_process_exit(&con).unwrap().reason,
+            "main process exited with code 137: killed by signal 9"
+        );
+        // A previous boot's exit, followed by this boot's start: this boot's
+        // main process did not exit (the guest was powered off otherwise).
+        std::fs::write(
+            &con,
+            "hyperfleet: main process exited with code 1\n\
+             hyperfleet: main process started (pid 51): /app\nreboot: Power down\n",
+        )
+        .unwrap();
+        assert_eq!(main_process_exit(&con), None);
+        std::fs::write(&con, "reboot: Power down\n").unwrap();
+        assert_eq!(main_process_exit(&con), None);
     }
 }

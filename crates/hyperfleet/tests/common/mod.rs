@@ -95,6 +95,18 @@ impl Sandbox {
     pub(crate) fn machines_dir(&self) -> PathBuf {
         self.path().join("machines")
     }
+    /// Sends one command to the stand-in VMM of machine `id` (its
+    /// protocol: crates/testvmm) and returns the answer.
+    pub(crate) fn testvmm_command(&self, id: &str, line: &str) -> String {
+        use std::io::{BufRead, Write};
+        let sock = self.machines_dir().join(id).join("vmm.sock");
+        let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        writeln!(s, "{line}").unwrap();
+        let mut answer = String::new();
+        std::io::BufReader::new(s).read_line(&mut answer).unwrap();
+        answer.trim().to_string()
+    }
+
     /// Live stand-in VMM processes of this sandbox.
     pub(crate) fn vmm_pids(&self) -> Vec<i32> {
         pids_with(&format!("{}/", self.machines_dir().display()))
@@ -182,22 +194,6 @@ impl Daemon {
         Self::start_with(sb, &[], &[])
     }
 
-    /// A daemon whose machines are real QEMU guests from `assets` (boot
-    /// timeout 120 s, for TCG on a loaded host), with `extra` flags.
-    pub(crate) fn start_qemu(sb: &Sandbox, assets: &std::path::Path, extra: &[&str]) -> Daemon {
-        let assets = assets.display().to_string();
-        let mut args = vec![
-            "--assets-dir",
-            &assets,
-            "--default-vmm",
-            "qemu",
-            "--boot-timeout",
-            "120",
-        ];
-        args.extend_from_slice(extra);
-        Self::start_with(sb, &[], &args)
-    }
-
     pub(crate) fn start_with(sb: &Sandbox, env: &[(&str, &str)], args: &[&str]) -> Daemon {
         let dir = sb.path().to_path_buf();
         let addr_file = dir.join("api.addr");
@@ -272,6 +268,22 @@ impl Daemon {
             data_dir: dir,
             exited: None,
         }
+    }
+
+    /// A daemon whose machines are real QEMU guests of the guest assets
+    /// in `assets` (boot deadline 180 s: TCG is slow), with `extra` flags.
+    pub(crate) fn start_qemu(sb: &Sandbox, assets: &Path, extra: &[&str]) -> Daemon {
+        let assets = assets.display().to_string();
+        let mut args = vec![
+            "--assets-dir",
+            assets.as_str(),
+            "--default-vmm",
+            "qemu",
+            "--boot-timeout",
+            "180",
+        ];
+        args.extend_from_slice(extra);
+        Daemon::start_with(sb, &[], &args)
     }
 
     pub(crate) fn log(&self) -> String {
@@ -405,18 +417,6 @@ pub(crate) fn request(
         serde_json::from_str(&text).unwrap_or(Value::String(text))
     };
     Ok(Resp { status, body })
-}
-
-/// Sends one command to the stand-in VMM of machine `id` (its protocol:
-/// crates/testvmm) and returns the answer.
-pub(crate) fn testvmm_command(sb: &Sandbox, id: &str, line: &str) -> String {
-    use std::io::{BufRead, BufReader, Write};
-    let sock = sb.machines_dir().join(id).join("vmm.sock");
-    let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
-    writeln!(s, "{line}").unwrap();
-    let mut answer = String::new();
-    BufReader::new(s).read_line(&mut answer).unwrap();
-    answer.trim().to_string()
 }
 
 /// Polls `f` until it returns Some or the deadline passes.

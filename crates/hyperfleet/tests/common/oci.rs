@@ -64,6 +64,8 @@ pub(crate) struct Config {
     pub entrypoint: Vec<&'static str>,
     pub cmd: Vec<&'static str>,
     pub env: Vec<&'static str>,
+    pub workdir: Option<&'static str>,
+    pub user: Option<&'static str>,
 }
 
 /// An OCI image layout tar of `layers` (gzipped), written to `out`.
@@ -84,7 +86,8 @@ pub(crate) fn oci_archive(out: &Path, layers: &[Vec<u8>], cfg: &Config) {
     }
     let config = json!({
         "architecture": "amd64", "os": "linux",
-        "config": {"Entrypoint": cfg.entrypoint, "Cmd": cfg.cmd, "Env": cfg.env},
+        "config": {"Entrypoint": cfg.entrypoint, "Cmd": cfg.cmd, "Env": cfg.env,
+                   "WorkingDir": cfg.workdir.unwrap_or(""), "User": cfg.user.unwrap_or("")},
         "rootfs": {"type": "layers", "diff_ids": diffs}
     })
     .to_string()

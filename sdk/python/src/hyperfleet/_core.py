@@ -34,7 +34,7 @@ from urllib.parse import quote
 import httpx
 
 from .errors import HyperfleetError, TransportError, error_from_code, error_from_response
-from .models import ExecEvent, NetworkRequest, Persistence, to_json
+from .models import ExecEvent, NetworkRequest, Persistence, RestartPolicy, to_json
 
 __version__ = "0.1.0"
 
@@ -184,6 +184,11 @@ def create_machine(
     persistence: Union[Persistence, Mapping[str, Any], None],
     snapshot_id: Optional[str],
     image: Optional[str],
+    entrypoint: Optional[Iterable[str]],
+    cmd: Optional[Iterable[str]],
+    workdir: Optional[str],
+    user: Optional[str],
+    restart: Union[RestartPolicy, Mapping[str, Any], None],
     extra_body: Optional[Mapping[str, Any]],
 ) -> Call:
     body: Dict[str, Any] = {
@@ -200,6 +205,11 @@ def create_machine(
         "persistence": to_json(persistence),
         "snapshot_id": snapshot_id,
         "image": image,
+        "entrypoint": list(entrypoint) if entrypoint is not None else None,
+        "cmd": list(cmd) if cmd is not None else None,
+        "workdir": workdir,
+        "user": user,
+        "restart": to_json(restart),
     }
     body = {k: v for k, v in body.items() if v is not None}
     body.update(extra_body or {})

@@ -51,6 +51,7 @@ from .models import (
     NetworkRequest,
     Persistence,
     Quota,
+    RestartPolicy,
     Scope,
     Snapshot,
     VmmKind,
@@ -195,6 +196,11 @@ class Machines:
         persistence: Union[Persistence, Mapping[str, Any], None] = None,
         snapshot_id: Union[str, Snapshot, None] = None,
         image: Union[str, ImageFields, None] = None,
+        entrypoint: Optional[Iterable[str]] = None,
+        cmd: Optional[Iterable[str]] = None,
+        workdir: Optional[str] = None,
+        user: Optional[str] = None,
+        restart: Union[RestartPolicy, Mapping[str, Any], None] = None,
         extra_body: Optional[Mapping[str, Any]] = None,
         start: bool = False,
         timeout: Optional[float] = None,
@@ -225,6 +231,14 @@ class Machines:
                 which uses the tenant's newest ready image of it or else pulls
                 it first (the create then lasts as long as the pull). Not
                 with ``snapshot_id``.
+            entrypoint: with ``image``: replaces the image's entrypoint (and drops
+                its cmd unless ``cmd`` is given); ``[]`` clears it.
+            cmd: with ``image``: replaces the image's cmd.
+            workdir: with ``image``: replaces the image's working directory.
+            user: with ``image``: ``name``, ``uid``, ``name:group`` or ``uid:gid``.
+            restart: with ``image``: ``RestartPolicy("on-failure", max_retries=2)``
+                (or ``{"policy": "always"}``): whether the machine boots again
+                when its main process exits (default ``no``).
             extra_body: fields sent as they are, for API fields newer than this SDK.
             start: also start it and wait until it is ``running``. If the start
                 fails, the machine is deleted and the error raised.
@@ -248,6 +262,11 @@ class Machines:
             persistence=persistence,
             snapshot_id=snapshot_id.id if isinstance(snapshot_id, Snapshot) else snapshot_id,
             image=image.id if isinstance(image, ImageFields) else image,
+            entrypoint=entrypoint,
+            cmd=cmd,
+            workdir=workdir,
+            user=user,
+            restart=restart,
             extra_body=extra_body,
         )
         m = Machine._wrap(self._client, self._client._json(call))

@@ -64,6 +64,9 @@ __all__ = [
     "ImageRunConfig",
     "ImageFields",
     "ImageEvent",
+    "RestartPolicyKind",
+    "RestartPolicy",
+    "MachineProcess",
     "from_json",
 ]
 
@@ -90,6 +93,8 @@ SnapshotStatus = Literal["creating", "ready", "failed", "deleting"]
 ImageStatus = Literal["pulling", "ready", "failed"]
 #: What happens to a machine's storage (``PersistenceType``).
 PersistenceType = Literal["sticky", "persistent", "ephemeral"]
+#: When a machine's main process exits, whether it boots again (``RestartPolicyKind``).
+RestartPolicyKind = Literal["no", "always", "on-failure"]
 
 
 @dataclass
@@ -135,6 +140,26 @@ class MachineOciImage:
 
 
 @dataclass
+class RestartPolicy:
+    """``restart`` of a machine made from an OCI image: what happens when its
+    main process exits. ``max_retries`` (0-100, default 3) only with
+    ``on-failure``."""
+
+    policy: RestartPolicyKind
+    max_retries: Optional[int] = None
+
+
+@dataclass
+class MachineProcess:
+    """``process`` of a machine: the main process it runs (an OCI image's
+    entrypoint and command with the create's overrides)."""
+
+    argv: List[str]
+    workdir: Optional[str] = None
+    user: Optional[str] = None
+
+
+@dataclass
 class MachineFields:
     """The fields of a machine as the API shows it (schema ``Machine``).
 
@@ -176,6 +201,15 @@ class MachineFields:
     #: Bytes it holds on the server's disk (disk overlay, memory image), as
     #: last measured; ``None`` until measured.
     stored_bytes: Optional[int] = None
+    # Main process (OCI images).
+    #: The main process the guest runs; ``None`` when there is none.
+    process: Optional[MachineProcess] = None
+    #: What happens when the main process exits.
+    restart_policy: RestartPolicy = field(default_factory=lambda: RestartPolicy(policy="no"))
+    #: Boots the restart policy made since the last start or restart request.
+    restart_count: int = 0
+    #: The main process's exit code once its exit stopped the machine.
+    exit_code: Optional[int] = None
 
 
 @dataclass

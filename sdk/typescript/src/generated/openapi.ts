@@ -40,7 +40,11 @@ export interface CreateKeyRequest {
 
 /** `POST /machines`. Unknown fields are rejected. */
 export interface CreateMachineRequest {
-  /** Environment for commands run in the guest. */
+  /** Strings without NUL, each at most 4096 characters, at most 256. Needs `image`. */
+  cmd?: Array<string>;
+  /** Strings without NUL, each at most 4096 characters, at most 256. Needs `image`. */
+  entrypoint?: Array<string>;
+  /** Environment for commands run in the guest, and laid over the image's for its main process. */
   env?: Record<string, string>;
   /** Guest ports reachable through the proxy, 1–65535, no duplicates. */
   exposedPorts?: Array<number>;
@@ -73,6 +77,7 @@ export interface CreateMachineRequest {
    * access token.
    */
   public?: boolean | null;
+  restart?: null | RestartPolicy;
   /**
    * Make the machine from this snapshot (id or name): its disk is a
    * copy-on-write layer over the snapshot's, and when the snapshot holds
@@ -81,9 +86,17 @@ export interface CreateMachineRequest {
    * snapshot's and must match it when given.
    */
   snapshotId?: string | null;
+  /**
+   * Replaces the image's `User`: `name`, `uid`, `name:group` or
+   * `uid:gid` (names are looked up in the image's `/etc/passwd` and
+   * `/etc/group`). Needs `image`.
+   */
+  user?: string | null;
   /** 1–32; default 1. */
   vcpuCount?: number | null;
   vmm?: null | VmmKind;
+  /** Absolute path in the guest (at most 4096 characters, no NUL). */
+  workdir?: string;
 }
 
 /** `POST /machines/{id}/snapshots` */
@@ -376,13 +389,21 @@ export interface Machine {
   /** What was last asked for; the machine run moves `status` toward it. */
   desiredStatus: MachineStatus;
   /**
-   * Environment for commands run in the guest. The values may be
+   * Environment for commands run in the guest (and, over the image's,
+   * for its main process). The values may be
    * secrets: keys without the `exec` (or `admin`) scope see each value
    * replaced by `"<redacted>"` (the names stay).
    */
   env?: Record<string, string>;
   /** Why the machine is `failed`; null otherwise. */
   errorMessage?: string | null;
+  /**
+   * The exit code of the main process when the machine stopped because
+   * it exited (128 + the signal for a process killed by one; 127 or 126
+   * when it could not be started); null otherwise, and once the machine
+   * starts again.
+   */
+  exitCode?: number | null;
   /**
    * Why the machine is `stopped` although nobody asked it to stop:
    * `"guest powered off"` when its guest powered itself off (a finite
@@ -419,8 +440,19 @@ export interface Machine {
   network?: MachineNetwork;
   ociImage?: null | MachineOciImage;
   persistence?: null | Persistence;
+  process?: null | MachineProcess;
   /** Exposed ports are reachable through the proxy without credentials. */
   public?: boolean;
+  /**
+   * How many times the restart policy booted the machine again since it
+   * was last started (or restarted) by a request.
+   */
+  restartCount?: number;
+  /**
+   * What happens when the main process exits (`restart` of the create
+   * request; named apart from the `restart` action).
+   */
+  restartPolicy?: RestartPolicy;
   /** The snapshot the machine was made from (its disk's base), if any. */
   snapshotId?: string | null;
   /** When the guest last became `running`. */
@@ -499,6 +531,16 @@ export interface MachineOciImage {
   id: string;
   /** The reference it was pulled as; null for an import. */
   ref?: string | null;
+}
+
+/** The main process of a machine made from an image, as it runs. */
+export interface MachineProcess {
+  /** Entrypoint followed by cmd. */
+  argv: Array<string>;
+  /** The user; null: root. */
+  user?: string | null;
+  /** The working directory; null: `/`. */
+  workdir?: string | null;
 }
 
 /**
@@ -601,6 +643,24 @@ export type RegistryAuth = {
 } | {
   token: string;
 };
+
+/** `restart` of a machine. */
+export interface RestartPolicy {
+  /**
+   * `on-failure` only: how many restarts in a row at most, 0–100;
+   * default 3. Shown for `on-failure`, null otherwise.
+   */
+  maxRetries?: number | null;
+  policy: RestartPolicyKind;
+}
+
+/**
+ * When a machine's main process exits, whether the machine boots again
+ * (as Fly Machines' restart policy).
+ */
+export type RestartPolicyKind = "no" | "always" | "on-failure";
+/** Every {@link RestartPolicyKind}, in the spec's order. */
+export const RESTART_POLICY_KINDS = ["no","always","on-failure"] as const satisfies readonly RestartPolicyKind[];
 
 /** What a key may do. `admin` implies every other scope. */
 export type Scope = "read" | "write" | "exec" | "admin";
@@ -753,7 +813,8 @@ export const VMM_KINDS = ["qemu","firecracker","stub"] as const satisfies readon
 export const SHAPES: Readonly<Record<string, Readonly<Record<string, string>>>> = {
   "CreateMachineRequest": {
     "network": "NetworkRequest",
-    "persistence": "Persistence"
+    "persistence": "Persistence",
+    "restart": "RestartPolicy"
   },
   "DirListing": {
     "entries": "DirEntry"
@@ -787,7 +848,9 @@ export const SHAPES: Readonly<Record<string, Readonly<Record<string, string>>>> 
   "Machine": {
     "network": "MachineNetwork",
     "oci_image": "MachineOciImage",
-    "persistence": "Persistence"
+    "persistence": "Persistence",
+    "process": "MachineProcess",
+    "restart_policy": "RestartPolicy"
   },
   "MachineEvent": {
     "steps": "StepTiming"

@@ -10,7 +10,7 @@ use super::host::{kill_everything_of, kill_vmm};
 use super::journal::{failure_timing, Journal, StepDef};
 use super::{until, wants_running, Run, RunError, Rx};
 use crate::failpoint;
-use crate::lifecycle::plan::Step;
+use crate::lifecycle::plan::{after_main_exit, AfterExit, Step};
 use crate::lifecycle::table::{Desired, Observation};
 use crate::store::{steps, EventRecord, MachineRecord, StoreError};
 use crate::util::now_ms;
@@ -224,6 +224,7 @@ impl Run {
                 r.stop_kill = false;
                 // A failure's message, or the reason a guest last exited.
                 r.error_message = None;
+                r.exit_code = None;
             })
             .await?;
         launch.uid = self.ensure_uid(rec, backend.as_ref()).await?;
@@ -270,12 +271,23 @@ impl Run {
             return Ok(());
         };
         result?;
+        // When the guest became running: the agent answered. Taken before
+        // the main process starts, so whatever the guest writes from then
+        // on (its power-off when the process exits at once) is later than
+        // this, however long the commit below takes.
+        let ready_at = now_ms();
         // A guest restored from memory takes up the present: a new machine
         // (snapshot, fork, template) its own identity, a resumed one the
         // host's clock and fresh entropy; before it counts as running.
         if let Some((_, _, own)) = launch.restore_image() {
             self.refresh_guest(rec, &launch, backend.as_ref(), !own)
                 .await?;
+        } else if !launch.restore {
+            // A boot: the guest runs the machine's main process, if it has
+            // one. (A restored guest has it in its memory already.)
+            if let Some(p) = &rec.spec.process {
+                self.start_main(rec, &launch, backend.as_ref(), p).await?;
+            }
         }
         failpoint::hit("ready.after_effect");
         self.verified = true;
@@ -284,7 +296,7 @@ impl Run {
             Some(Journal::finished(steps::WAIT_READY, t0, None)),
             move |r| {
                 r.observe(Observation::AgentReady);
-                r.started_at = Some(now_ms());
+                r.started_at = Some(ready_at);
                 if restored {
                     // The image is consumed: the guest has moved on from it.
                     r.has_snapshot = false;
@@ -393,6 +405,47 @@ impl Run {
             "clock set from the host, RNG reseeded".to_string()
         };
         self.step_done(steps::REFRESH_IDENTITY, t0, detail);
+        Ok(())
+    }
+
+    /// Asks the agent of a booted guest to start the machine's main
+    /// process. The agent starts it once per boot and answers a repeated
+    /// request with what it started, so a daemon that died before
+    /// recording `running` asks again harmlessly.
+    async fn start_main(
+        &mut self,
+        rec: &MachineRecord,
+        launch: &crate::vmm::LaunchSpec,
+        backend: &dyn crate::vmm::Vmm,
+        p: &crate::store::MainProcess,
+    ) -> Result<(), RunError> {
+        let t0 = Instant::now();
+        let err = |detail: String| crate::vmm::VmmError::Control {
+            doing: "starting the image's main process".to_string(),
+            detail,
+        };
+        let agent = match backend.agent(launch).await {
+            Ok(a) => a,
+            // A backend with no guest (stub): nothing runs.
+            Err(crate::vmm::VmmError::Unsupported { .. }) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        let req = hyperfleet_agent_proto::MainProcessRequest {
+            argv: p.argv.clone(),
+            env: p.env(&rec.spec.env),
+            cwd: p.workdir.clone(),
+            user: p.user.clone(),
+        };
+        let started = agent
+            .start_main(req)
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        let detail = match started.pid {
+            Some(pid) if started.already => format!("pid {pid}, started before"),
+            Some(pid) => format!("pid {pid}: {}", p.argv.join(" ")),
+            None => "it could not start; the console log says why".to_string(),
+        };
+        self.step_done(steps::START_MAIN, t0, detail);
         Ok(())
     }
 
@@ -659,16 +712,25 @@ impl Run {
         let was = rec.status;
         // A running guest that powered itself off ends `stopped`, with the
         // reason; anything else unasked-for is a failure.
-        let powered_off = obs == Observation::VmmLost && was == MachineStatus::Running && {
-            let console = match self.backend(rec.spec.vmm) {
-                Ok(b) => b.console_log(&self.ctx.paths(&rec.id)),
-                Err(_) => self.ctx.paths(&rec.id).console_log(),
-            };
-            crate::vmm::guest_powered_off(&console, rec.started_at)
+        let console = match self.backend(rec.spec.vmm) {
+            Ok(b) => b.console_log(&self.ctx.paths(&rec.id)),
+            Err(_) => self.ctx.paths(&rec.id).console_log(),
+        };
+        let powered_off = obs == Observation::VmmLost
+            && was == MachineStatus::Running
+            && crate::vmm::guest_powered_off(&console, rec.started_at);
+        // Its main process exiting is what made the guest power off.
+        let main_exit = if powered_off && rec.spec.process.is_some() {
+            crate::vmm::main_process_exit(&console)
+        } else {
+            None
         };
         let (obs, detail) = if powered_off {
-            tracing::info!(machine = %rec.id, "the guest powered itself off");
-            (Observation::GuestPoweredOff, GUEST_POWERED_OFF.to_string())
+            let reason = main_exit
+                .as_ref()
+                .map_or(GUEST_POWERED_OFF.to_string(), |e| e.reason.clone());
+            tracing::info!(machine = %rec.id, %reason, "the guest powered itself off");
+            (Observation::GuestPoweredOff, reason)
         } else {
             tracing::warn!(machine = %rec.id, status = %was, "the VMM process is gone");
             (obs, format!("VMM gone while {was}"))
@@ -677,12 +739,26 @@ impl Run {
         // The guest was in use until it went.
         let last = self.ctx.activity.last(&rec.id);
         let ephemeral = rec.spec.ephemeral();
-        let detail = if powered_off && ephemeral {
+        // The restart policy decides on the latest record, in the commit
+        // that records the exit: a stop or delete asked for meanwhile wins.
+        // An ephemeral machine the policy does not boot again is deleted.
+        let exit_code = main_exit.as_ref().map(|e| e.code);
+        let restarts = move |r: &MachineRecord| {
+            exit_code.is_some_and(|code| after_main_exit(r, code) == AfterExit::Restart)
+        };
+        // What the policy says on the record the run read (the commit
+        // decides again on the latest).
+        let journal = if restarts(rec) {
+            format!(
+                "{detail}; the {} restart policy boots it again",
+                rec.spec.restart.unwrap_or_default().policy.as_str()
+            )
+        } else if powered_off && ephemeral {
             format!("{detail}; ephemeral: deleted")
         } else {
-            detail
+            detail.clone()
         };
-        self.persist(Some(Journal::done(steps::FORGET, &detail)), move |r| {
+        self.persist(Some(Journal::done(steps::FORGET, &journal)), move |r| {
             r.vmm = None;
             r.current_step = None;
             r.observe(obs);
@@ -690,7 +766,13 @@ impl Run {
                 r.last_active_at = Some(r.last_active_at.map_or(t, |l| l.max(t)));
             }
             if powered_off && r.status == MachineStatus::Stopped {
-                if ephemeral && r.desired != Desired::Deleted {
+                let restart = restarts(r);
+                r.exit_code = exit_code;
+                r.error_message = Some(detail);
+                if restart {
+                    // Still wanted running: the run boots it again.
+                    r.restart_count = r.restart_count.saturating_add(1);
+                } else if ephemeral && r.desired != Desired::Deleted {
                     // An ephemeral machine is deleted when it stops.
                     r.desired = Desired::Deleted;
                     r.generation += 1;
@@ -701,7 +783,6 @@ impl Run {
                     r.generation += 1;
                     r.observed_generation = r.generation;
                 }
-                r.error_message = Some(GUEST_POWERED_OFF.to_string());
             }
             if r.status == MachineStatus::Failed && was != MachineStatus::Failed {
                 r.error_message = Some(format!(

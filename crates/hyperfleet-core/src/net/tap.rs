@@ -64,6 +64,9 @@ pub(crate) fn connect() -> Result<Handle, TapError> {
     Ok(handle)
 }
 
+/// How long an attach waits out a busy TAP device (see [`attach`]).
+const ATTACH_BUSY_FOR: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Opens `/dev/net/tun` and attaches it to TAP device `name` (creating a
 /// non-persistent one if there is none) with `flags` (`IFF_*`): the file
 /// descriptor a VMM moves the device's frames through.
@@ -100,11 +103,26 @@ pub(crate) fn attach(name: &str, flags: libc::c_short) -> Result<OwnedFd, TapErr
         *dst = *src as libc::c_char;
     }
     ifr.ifr_ifru.ifru_flags = flags;
-    // SAFETY: TUNSETIFF reads and writes an ifreq, which `ifr` is; `fd` is open.
-    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &mut ifr) } < 0 {
-        return Err(err(what("TUNSETIFF"), io::Error::last_os_error()));
+    // A single-queue TAP takes one descriptor at a time. A child the daemon
+    // forked for another machine holds a copy of every descriptor until it
+    // execs (close-on-exec acts only then), so an attach made just before
+    // that fork — the device's creation, or this machine's previous attach
+    // — can make this one fail with EBUSY for those few milliseconds. It is
+    // retried for a while; a device another live process holds stays busy
+    // and fails with the error.
+    let deadline = std::time::Instant::now() + ATTACH_BUSY_FOR;
+    loop {
+        let mut req = ifr;
+        // SAFETY: TUNSETIFF reads and writes an ifreq, which `req` is; `fd` is open.
+        if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &mut req) } == 0 {
+            return Ok(fd);
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EBUSY) || std::time::Instant::now() >= deadline {
+            return Err(err(what("TUNSETIFF"), e));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
     }
-    Ok(fd)
 }
 
 /// Makes a persistent TAP device `name` owned by `owner` (when given), so a

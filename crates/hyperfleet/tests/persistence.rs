@@ -294,6 +294,31 @@ fn the_evictor_takes_memory_images_first_then_machines_lowest_priority_least_rec
     assert!(!keep.to_string().contains("evicted"), "{keep}");
     // What was kept still works: the persistent machine resumes.
     assert_eq!(act(&d, "keep", "resume").body["status"], "running");
+    // The machine whose image went is stopped, but nobody asked for that:
+    // it says why, and a guest call wakes it with a fresh boot (the stub
+    // has no agent, so the call itself is refused after the wake).
+    assert!(
+        high["exit_reason"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("evicted:"),
+        "{high}"
+    );
+    assert!(high["error_message"].is_null(), "{high}");
+    let r = d.call(
+        "POST",
+        "/machines/high/exec",
+        Some(json!({"command": ["true"]})),
+    );
+    assert_ne!(r.status, 503, "{}", r.body);
+    let high = d.call("GET", "/machines/high", None).body;
+    assert_eq!(high["status"], "running", "{high}");
+    assert!(high["exit_reason"].is_null(), "{high}");
+    let ev = d
+        .call("GET", "/machines/high/events", None)
+        .body
+        .to_string();
+    assert!(ev.contains("start requested (wake: a guest call"), "{ev}");
 }
 
 #[test]

@@ -33,6 +33,12 @@ use super::table::{Desired, Request};
 use crate::store::MachineRecord;
 use crate::util::now_ms;
 
+/// The `exit_reason` of a machine whose memory image the evictor
+/// discarded: it is stopped, but nobody asked for that, so a request that
+/// needs it running wakes it with a fresh boot ([`Supervisor::wake`]).
+pub(crate) const EVICTED_REASON: &str =
+    "evicted: its memory image was discarded to keep within the storage budget";
+
 /// A machine the evictor may reclaim.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Candidate {

@@ -314,7 +314,8 @@ impl Supervisor {
             m.rec.status,
             MachineStatus::Suspended | MachineStatus::Suspending
         ) || (m.rec.status == MachineStatus::Starting
-            && m.rec.desired == Desired::Running);
+            && m.rec.desired == Desired::Running)
+            || evicted(&m.rec);
         if !wakeable {
             return Ok(m);
         }
@@ -375,8 +376,14 @@ impl Supervisor {
             self.wait_status(id, MachineStatus::Running, timeout).await
         } else {
             let why = Why::active(format!("wake: {trigger}"));
+            // A machine whose memory image was evicted boots afresh.
+            let req = if evicted(&current.rec) {
+                Request::Start
+            } else {
+                Request::Resume
+            };
             let (_, generation) = self
-                .request_as(tenant, id, Request::Resume, Some(why))
+                .request_as(tenant, id, req, Some(why))
                 .await
                 .map_err(|e| e.to_string())?;
             self.wait_generation(id, generation, timeout).await
@@ -396,6 +403,14 @@ impl Supervisor {
             WaitOutcome::Error(e) => Err(e.to_string()),
         }
     }
+}
+
+/// Stopped by the evictor and left so: asleep rather than stopped by its
+/// owner, so a request that needs it running wakes it.
+fn evicted(rec: &MachineRecord) -> bool {
+    rec.status == MachineStatus::Stopped
+        && rec.desired == Desired::Stopped
+        && rec.error_message.as_deref() == Some(super::evictor::EVICTED_REASON)
 }
 
 /// The proxy's way to wake machines: [`Supervisor::wake`].

@@ -567,6 +567,11 @@ impl Supervisor {
                 if ephemeral_stop {
                     rec.desired = Desired::Deleted;
                 }
+                // Stopped by the evictor, not by its owner: the reason it
+                // shows once stopped, and what lets a request wake it.
+                if req == Request::Stop && why.as_ref().is_some_and(|w| w.event == "evicted") {
+                    rec.error_message = Some(super::evictor::EVICTED_REASON.to_string());
+                }
                 match why.as_ref() {
                     None => rec.last_active_at = Some(now_ms()),
                     Some(w) => {

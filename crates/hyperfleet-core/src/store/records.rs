@@ -341,7 +341,7 @@ impl MachineRecord {
             error_message: self
                 .error_message
                 .clone()
-                .filter(|_| self.status != MachineStatus::Stopped),
+                .filter(|_| self.status == MachineStatus::Failed),
             exit_reason: self
                 .error_message
                 .clone()

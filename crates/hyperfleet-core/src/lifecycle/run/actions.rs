@@ -807,7 +807,11 @@ impl Run {
         self.persist(journal, |r| {
             r.has_snapshot = false;
             r.current_step = None;
-            r.error_message = None;
+            // Only the evictor's reason outlives a settle (its request set it).
+            r.error_message = r
+                .error_message
+                .take()
+                .filter(|m| m == super::super::evictor::EVICTED_REASON);
             r.observe(Observation::SettledStopped);
         })
         .await?;

@@ -433,6 +433,7 @@ fn an_image_entrypoint_serves_http_through_the_proxy() {
         &Config {
             entrypoint: vec!["/bin/busybox", "httpd", "-f", "-p", "8080"],
             cmd: vec!["-h", "/www"],
+            env: vec!["PATH=/bin", "GREETING=from-image"],
             ..Config::default()
         },
         Some(&["--network", "on"]),
@@ -463,6 +464,21 @@ fn an_image_entrypoint_serves_http_through_the_proxy() {
         },
     );
     assert_eq!(body, "served by the main process\n");
+    // A command run in the machine gets the image's Env too, under the
+    // machine's and the request's.
+    let r = d.call(
+        "POST",
+        "/machines/web/exec",
+        Some(
+            json!({"command": ["/bin/sh", "-c", "echo $GREETING $PATH $EXTRA"],
+                    "env": {"EXTRA": "from-request"}}),
+        ),
+    );
+    assert_eq!(
+        r.body["stdout"], "from-image /bin from-request\n",
+        "{}",
+        r.body
+    );
     // A stop asked for wins over `always`.
     let r = d.call("POST", "/machines/web/stop?timeout=120", None);
     assert_eq!(r.body["status"], "stopped", "{}", r.body);

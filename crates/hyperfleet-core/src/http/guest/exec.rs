@@ -92,9 +92,14 @@ fn check_env(env: &BTreeMap<String, String>) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// The machine's `env` first, the request's on top.
+/// The machine's `env` first (over its image's `Env`, as its main process
+/// has them: an image's `PATH` finds its programs), the request's on top.
 fn with_machine_env(preq: &mut proto::ExecRequest, m: &CachedMachine) {
-    let mut env = m.rec.spec.env.clone();
+    let spec = &m.rec.spec;
+    let mut env = match &spec.process {
+        Some(p) => p.env(&spec.env),
+        None => spec.env.clone(),
+    };
     env.append(&mut preq.env);
     preq.env = env;
 }

@@ -411,6 +411,13 @@ fn on_failure_restarts_the_machine_up_to_max_retries() {
         "{}",
         r.body
     );
+    // Each restart boots after its back-off (0.5 s, then 1 s).
+    let ev = r.body.to_string();
+    assert!(
+        ev.contains("(restart 1 of the restart policy, after 0.5 s)")
+            && ev.contains("(restart 2 of the restart policy, after 1.0 s)"),
+        "{ev}"
+    );
     // A start asked for begins the count anew (and is not refused).
     let r = d.call("POST", "/machines/flaky/start?wait=false", None);
     assert_eq!(r.status, 202, "{}", r.body);

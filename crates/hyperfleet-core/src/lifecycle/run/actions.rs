@@ -72,6 +72,15 @@ const RELEASE: StepDef = StepDef {
     begins: None,
 };
 
+/// How long the restart policy's `n`th boot in a row waits after the
+/// exit: 0.5 s, doubling, at most 30 s.
+fn restart_delay(n: u32) -> Duration {
+    if n == 0 {
+        return Duration::ZERO;
+    }
+    Duration::from_millis(500u64.saturating_mul(1 << (n - 1).min(6))).min(Duration::from_secs(30))
+}
+
 /// The `exit_reason` of a machine whose guest powered itself off.
 pub(crate) const GUEST_POWERED_OFF: &str = "guest powered off";
 
@@ -99,7 +108,13 @@ impl Run {
             }
             Step::AdoptOrphan => self.adopt_orphan(rec).await,
             Step::Prepare => self.prepare(rec).await,
-            Step::Spawn { restore } => self.spawn(rec, restore).await,
+            Step::Spawn { restore } => {
+                let Some(waited) = self.restart_back_off(rec, rx).await else {
+                    // Something else was asked for meanwhile: plan again.
+                    return Ok(());
+                };
+                self.spawn(rec, restore, waited).await
+            }
             Step::WaitReady => self.wait_ready(rec, rx).await,
             Step::Verify => self.verify(rec).await,
             Step::Pause => self.pause_or_resume(rec, true).await,
@@ -214,7 +229,31 @@ impl Run {
         Ok(())
     }
 
-    async fn spawn(&mut self, rec: &MachineRecord, restore: bool) -> Result<(), RunError> {
+    /// Before a boot the restart policy asked for (the main process exited
+    /// and `restart_count` went up): waits [`restart_delay`], so a command
+    /// that fails at once does not boot the guest in a tight loop. Whether
+    /// to boot now: false when a request changed the machine meanwhile (a
+    /// stop wins at once). Not durable: a daemon restart boots at once.
+    /// The wait, or None when the run must plan again.
+    async fn restart_back_off(&mut self, rec: &MachineRecord, rx: &mut Rx) -> Option<Duration> {
+        if rec.status != MachineStatus::Stopped || rec.exit_code.is_none() {
+            return Some(Duration::ZERO);
+        }
+        let delay = restart_delay(rec.restart_count);
+        tracing::info!(machine = %rec.id, restart = rec.restart_count, ?delay, "restart policy: backing off before the boot");
+        let generation = rec.generation;
+        tokio::select! {
+            () = tokio::time::sleep(delay) => Some(delay),
+            () = until(rx, move |r| r.generation != generation) => None,
+        }
+    }
+
+    async fn spawn(
+        &mut self,
+        rec: &MachineRecord,
+        restore: bool,
+        backed_off: Duration,
+    ) -> Result<(), RunError> {
         let backend = self.backend(rec.spec.vmm)?;
         let mut launch = self.launch(rec);
         launch.restore = restore;
@@ -243,7 +282,14 @@ impl Run {
             None if launch.restore => "restore of its suspend image".to_string(),
             None => "boot".to_string(),
         };
-        let detail = format!("pid {}, {path}", identity.pid);
+        let mut detail = format!("pid {}, {path}", identity.pid);
+        if !backed_off.is_zero() {
+            detail.push_str(&format!(
+                " (restart {} of the restart policy, after {:.1} s)",
+                rec.restart_count,
+                backed_off.as_secs_f64()
+            ));
+        }
         self.finish(step, Some(detail), move |r| r.vmm = Some(identity))
             .await?;
         failpoint::hit("spawn.after_commit");
@@ -924,6 +970,16 @@ impl Run {
 mod tests {
     use super::*;
     use crate::failpoint::CRASH_POINTS;
+
+    #[test]
+    fn restart_back_off_doubles_from_half_a_second_up_to_30_s() {
+        let ms = |n| restart_delay(n).as_millis();
+        assert_eq!(ms(0), 0, "not a policy restart");
+        assert_eq!((ms(1), ms(2), ms(3), ms(4)), (500, 1000, 2000, 4000));
+        assert_eq!(ms(7), 30_000);
+        assert_eq!(ms(100), 30_000);
+        assert_eq!(ms(u32::MAX), 30_000);
+    }
 
     /// The crash tests enumerate `CRASH_POINTS`: every declared step must
     /// pass only listed points, in the order a machine's life reaches them.

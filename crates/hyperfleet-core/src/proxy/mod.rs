@@ -193,6 +193,8 @@ impl Proxy {
 
         let upgrade = headers::is_upgrade(req.headers());
         let client_side = upgrade.then(|| hyper::upgrade::on(&mut req));
+        // The connection's place under the cap: an upgraded one keeps it.
+        let slot = req.extensions_mut().remove::<server::ConnSlot>();
         let path_and_query = match plan.path_and_query.take() {
             Some(pq) => pq,
             None => req
@@ -226,6 +228,7 @@ impl Proxy {
                     guest_side,
                     self.activity.clone(),
                     id.clone(),
+                    slot,
                 ));
             }
             (true, None) => {
@@ -524,6 +527,8 @@ async fn splice(
     guest: hyper::upgrade::OnUpgrade,
     activity: Activity,
     id: String,
+    // Dropped when the tunnel closes: until then it counts under the cap.
+    _slot: Option<server::ConnSlot>,
 ) {
     let (client, guest) = match tokio::try_join!(client, guest) {
         Ok(both) => both,

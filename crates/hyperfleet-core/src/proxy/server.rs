@@ -32,6 +32,16 @@ pub fn connection_cap(fd_limit: u64) -> usize {
     usize::try_from(fd_limit / 4).unwrap_or(usize::MAX).max(16)
 }
 
+/// A client connection's place under the connection cap, shared by the
+/// connection and, once it is upgraded, by its splice to the guest: an
+/// upgraded connection counts until the tunnel closes. It reaches the
+/// handler as a request extension.
+#[derive(Clone)]
+pub(crate) struct ConnSlot(
+    // Held for its drop, which gives the place back; never read.
+    #[allow(dead_code)] Arc<OwnedSemaphorePermit>,
+);
+
 /// The running proxy.
 pub struct ProxyServer {
     addr: SocketAddr,
@@ -146,16 +156,17 @@ async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
     proxy: Arc<Proxy>,
-    // Held while hyper serves the connection. An upgraded (WebSocket)
-    // connection's tunnel runs on after hyper hands it over and no longer
-    // counts: it is authorised and tied to one machine's port.
-    _slot: OwnedSemaphorePermit,
+    // Held while hyper serves the connection, and by an upgraded
+    // connection's splice for as long as the tunnel lasts.
+    slot: OwnedSemaphorePermit,
     mut stopped: watch::Receiver<bool>,
 ) {
     // Responses are written whole or streamed; Nagle would only delay them.
     let _ = stream.set_nodelay(true);
-    let service = service_fn(move |req| {
+    let slot = ConnSlot(Arc::new(slot));
+    let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         let proxy = proxy.clone();
+        req.extensions_mut().insert(slot.clone());
         async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
     });
     let conn = hyper::server::conn::http1::Builder::new()

@@ -951,6 +951,50 @@ async fn websockets_are_spliced_through_and_count_as_activity() {
     assert!(e.proxy.activity().last(&m.id).is_some());
 }
 
+/// A spliced WebSocket keeps its connection's place under the cap until it
+/// closes: with a cap of 1, a plain request waits for it.
+#[tokio::test]
+async fn an_upgraded_connection_counts_under_the_cap_until_it_closes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let e = env_capped(false, 1).await;
+    let m = e.public("web").await;
+    let req = format!("ws://{}/ws", e.host(&m))
+        .into_client_request()
+        .unwrap();
+    let stream = TcpStream::connect(e.proxy.local_addr()).await.unwrap();
+    let (mut ws, resp) =
+        tokio::time::timeout(PATIENCE, tokio_tungstenite::client_async(req, stream))
+            .await
+            .unwrap()
+            .unwrap();
+    assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+    ws.send(Message::text("hi")).await.unwrap();
+    assert_eq!(next_message(&mut ws).await, Message::text("hi"));
+    let addr = e.proxy.local_addr();
+    let plain = tokio::spawn(async move {
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET / HTTP/1.1\r\nHost: elsewhere\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        c.read_to_end(&mut answer).await.unwrap();
+        String::from_utf8_lossy(&answer).into_owned()
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(
+        !plain.is_finished(),
+        "served while the WebSocket held the only place"
+    );
+    ws.close(None).await.unwrap();
+    drop(ws);
+    let answer = tokio::time::timeout(PATIENCE, plain)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+}
+
 async fn next_message<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>) -> Message
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,

@@ -48,6 +48,8 @@ MODELS = {
     models.StoreHealth: "StoreHealth",
     models.BackendHealth: "BackendHealth",
     models.Health: "Health",
+    models.Storage: "Storage",
+    models.StorageEviction: "StorageEviction",
     models.MachinePage: "MachineList",
     models.Snapshot: "Snapshot",
     models.ForkResult: "ForkResult",
@@ -271,12 +273,20 @@ def test_image_methods_send_what_their_routes_take(images: type, image: type) ->
     assert params_of(image.events, drop={"follow"}) == events
 
 
+@pytest.mark.parametrize("cls", [hyperfleet.Hyperfleet, hyperfleet.AsyncHyperfleet])
+def test_storage_takes_what_its_route_takes(cls: type) -> None:
+    assert params_of(cls.storage) == query_params("get", "/storage") == set()
+    schema = op("get", "/storage")["responses"]["200"]["content"]["application/json"]["schema"]
+    assert resolve(schema) == SCHEMAS["Storage"]
+
+
 def test_routes_the_sdk_does_not_know_are_noticed() -> None:
     """Every route of the API is either wrapped by the SDK or listed here as
     left out on purpose: a new route (snapshots, fork, images) fails this test
     until the SDK wraps it or says why not."""
     wrapped = {
         ("get", "/health"),
+        ("get", "/storage"),
         ("get", "/keys"),
         ("post", "/keys"),
         ("delete", "/keys/{id}"),
@@ -324,9 +334,6 @@ def test_routes_the_sdk_does_not_know_are_noticed() -> None:
         ("get", "/machines/{id}/exec/ws"),
         # Prometheus text for scrapers (being added by the metrics work).
         ("get", "/metrics"),
-        # The operator's storage figures (host-wide, like /metrics): the CLI
-        # and GET /storage serve operators, not SDK users.
-        ("get", "/storage"),
         # The tenant-wide event feed (the web console's live list);
         # machine.events() covers one machine.
         ("get", "/events"),

@@ -1,5 +1,5 @@
 /** The client: `new Hyperfleet({url?, apiKey?})`. */
-import type { Health, Quota, QuotaLimits } from "./generated/openapi.js";
+import type { Health, Quota, QuotaLimits, Storage } from "./generated/openapi.js";
 import { Transport } from "./http.js";
 import { Images } from "./images.js";
 import { Keys } from "./keys.js";
@@ -93,5 +93,17 @@ export class Hyperfleet {
   /** The daemon's health (no key needed). */
   health(o: { signal?: AbortSignal } = {}): Promise<Health> {
     return this.#t.json("GET /health", "Health", { signal: o.signal });
+  }
+
+  /**
+   * The storage budget (`--storage-budget`), what counts against it
+   * (`usedBytes`: machines' disks, memory images and snapshots; allocated
+   * bytes, as last measured), OCI images beside it, what the evictor could
+   * free now and its latest evictions (`GET /storage`; docs/api.md
+   * "Storage"). Host-wide: needs the `read` scope on a key of the operator
+   * tenant (`default`); other tenants' keys get a `ForbiddenError`.
+   */
+  storage(o: { signal?: AbortSignal } = {}): Promise<Storage> {
+    return this.#t.json("GET /storage", "Storage", { signal: o.signal });
   }
 }

@@ -72,6 +72,8 @@ export type {
   Snapshot,
   SnapshotStatus,
   StepTiming,
+  Storage,
+  StorageEviction,
   VmmKind,
   Persistence,
   PersistenceType,

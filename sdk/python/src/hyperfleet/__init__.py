@@ -103,6 +103,8 @@ from .models import (
     Snapshot,
     SnapshotStatus,
     StepTiming,
+    Storage,
+    StorageEviction,
     StoreHealth,
     VmmKind,
 )
@@ -187,6 +189,8 @@ __all__ = [
     "Snapshot",
     "SnapshotStatus",
     "StepTiming",
+    "Storage",
+    "StorageEviction",
     "StoreHealth",
     "VmmKind",
 ]

@@ -60,6 +60,7 @@ from .models import (
     RestartPolicy,
     Scope,
     Snapshot,
+    Storage,
     VmmKind,
     from_json,
 )
@@ -108,6 +109,12 @@ class AsyncHyperfleet:
         """``GET /health``: the store's and each backend's readiness."""
         r = await self._send(_core.health(), ok_statuses=(503,))
         return from_json(Health, r.json())
+
+    async def storage(self) -> Storage:
+        """``GET /storage``: the storage budget, what counts against it and the
+        latest evictions, as last measured. Host-wide: needs the ``read``
+        scope on a key of the operator tenant (``default``)."""
+        return from_json(Storage, await self._json(_core.storage()))
 
     async def request(
         self,

@@ -585,7 +585,7 @@ ArchiveSource = Union[str, "os.PathLike[str]", IO[bytes], bytes]
 IMAGE_DONE = ("ready", "failed")
 
 
-# --- keys, quotas, health -----------------------------------------------------------------------
+# --- keys, quotas, health, storage ----------------------------------------------------------------
 
 
 def create_key(
@@ -624,6 +624,10 @@ def reset_quota(tenant: str) -> Call:
 
 def health() -> Call:
     return Call("GET", "/health")
+
+
+def storage() -> Call:
+    return Call("GET", "/storage")
 
 
 # --- Server-Sent Events -------------------------------------------------------------------------

@@ -54,6 +54,7 @@ from .models import (
     RestartPolicy,
     Scope,
     Snapshot,
+    Storage,
     VmmKind,
     from_json,
 )
@@ -115,6 +116,15 @@ class Hyperfleet:
         # 503 still carries the health document.
         r = self._send(_core.health(), ok_statuses=(503,))
         return from_json(Health, r.json())
+
+    def storage(self) -> Storage:
+        """``GET /storage``: the storage budget (``--storage-budget``), what
+        counts against it (machines' disks, memory images, snapshots; allocated
+        bytes, as last measured), OCI images beside it, what the evictor could
+        free and its latest evictions. Host-wide: needs the ``read`` scope on a
+        key of the operator tenant (``default``); other tenants' keys raise
+        :class:`~hyperfleet.Forbidden`."""
+        return from_json(Storage, self._json(_core.storage()))
 
     def request(
         self,

@@ -54,6 +54,8 @@ __all__ = [
     "StoreHealth",
     "BackendHealth",
     "Health",
+    "StorageEviction",
+    "Storage",
     "MachinePage",
     "SnapshotStatus",
     "Snapshot",
@@ -433,6 +435,49 @@ class Health:
     backends: List[BackendHealth]
     default_vmm: VmmKind
     machines: int
+
+
+@dataclass
+class StorageEviction:
+    """One eviction the storage evictor carried out: ``what`` is
+    ``memory_image`` (the machine went from suspended to stopped) or
+    ``machine`` (it was deleted); ``bytes`` is what it held then."""
+
+    machine_id: str
+    machine_name: str
+    what: str
+    bytes: int
+    at: str
+
+
+@dataclass
+class Storage:
+    """``GET /storage``: the storage budget and what the data directory holds,
+    as last measured (allocated bytes; docs/api.md "Storage").
+
+    ``used_bytes`` (what counts against ``budget_bytes``) is ``machines_bytes +
+    memory_images_bytes + snapshots_bytes``; ``images_bytes`` (OCI images) is
+    shown beside it, not counted. ``budget_source`` is ``flag``
+    (``--storage-budget``) or ``default``. ``reclaimable_bytes`` is what the
+    evictor could free now; ``machines`` how many machines were measured; the
+    eviction counters and ``recent_evictions`` (the latest 100, oldest first)
+    count since the daemon started. ``measured_at`` is ``None`` before the
+    first measurement.
+    """
+
+    budget_bytes: int
+    budget_source: str
+    used_bytes: int
+    machines_bytes: int
+    memory_images_bytes: int
+    snapshots_bytes: int
+    images_bytes: int
+    reclaimable_bytes: int
+    machines: int
+    evicted_memory_images: int
+    evicted_machines: int
+    recent_evictions: List[StorageEviction]
+    measured_at: Optional[str] = None
 
 
 M = TypeVar("M")

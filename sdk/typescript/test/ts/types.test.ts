@@ -14,6 +14,7 @@ import {
   type ImageEventsOptions,
   type LogsOptions,
   type PageOptions,
+  type Storage,
   type WriteOptions,
   type api,
 } from "hyperfleet";
@@ -42,6 +43,9 @@ expectType<Equal<Exclude<Own<ImageEventsOptions>, "follow">, Query<"GET /images/
 // The request bodies the SDK takes are the spec's, camelCased.
 expectType<Equal<keyof api.CreateMachineRequest, keyof CamelKeys<Routes["POST /machines"]["body"]>>>();
 expectType<Equal<keyof api.PullImageRequest, keyof CamelKeys<Routes["POST /images"]["body"]>>>();
+// Top-level reads answer their route's response type.
+expectType<Equal<Awaited<ReturnType<Hyperfleet["storage"]>>, Routes["GET /storage"]["response"]>>();
+expectType<Equal<Awaited<ReturnType<Hyperfleet["storage"]>>, Storage>>();
 
 let d: Daemon;
 before(async () => {

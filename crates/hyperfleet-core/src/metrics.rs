@@ -101,6 +101,11 @@ struct CodeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VmmLabels {
     vmm: &'static str,
 }
@@ -120,6 +125,9 @@ struct Metrics {
     store_commit: Histogram,
     store_batch: Histogram,
     store_failed: Counter,
+    storage_budget: Gauge,
+    storage_stored: Family<KindLabels, Gauge>,
+    evictions: Family<KindLabels, Counter>,
     /// Route templates seen, leaked once each so labels are `&'static str`
     /// (bounded: they come from the router's table, never from clients).
     routes: RwLock<HashSet<&'static str>>,
@@ -145,6 +153,9 @@ impl Metrics {
             store_commit: Histogram::new(COMMIT_BUCKETS),
             store_batch: Histogram::new(BATCH_BUCKETS),
             store_failed: Counter::default(),
+            storage_budget: Gauge::default(),
+            storage_stored: Family::default(),
+            evictions: Family::default(),
             routes: RwLock::new(HashSet::new()),
             registry: Registry::default(),
         };
@@ -152,6 +163,25 @@ impl Metrics {
             "machines",
             "Machines by observed status (every tenant)",
             m.machines.clone(),
+        );
+        r.register_with_unit(
+            "storage_budget",
+            "The storage budget (--storage-budget) that machines, memory images and snapshots \
+             count against",
+            Unit::Bytes,
+            m.storage_budget.clone(),
+        );
+        r.register_with_unit(
+            "storage_stored",
+            "What the data directory holds, by kind (machines, memory_images, snapshots count \
+             against the budget; images do not), as last measured",
+            Unit::Bytes,
+            m.storage_stored.clone(),
+        );
+        r.register(
+            "storage_evictions",
+            "What the storage evictor reclaimed since the daemon started, by kind",
+            m.evictions.clone(),
         );
         r.register(
             "vmm_processes",
@@ -234,9 +264,36 @@ impl Metrics {
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
 
 /// The registry in the Prometheus text format, with the values read at
-/// scrape time (machines per status, VMM processes) taken from `store`.
-pub fn render(store: &Store) -> Result<String, StoreError> {
+/// scrape time (machines per status, VMM processes) taken from `store`,
+/// and the storage accounting's from `storage`.
+pub fn render(
+    store: &Store,
+    storage: &crate::lifecycle::storage::Storage,
+) -> Result<String, StoreError> {
     let m = &*METRICS;
+    m.storage_budget.set(bytes_value(storage.budget()));
+    let t = storage.totals();
+    for (kind, n) in [
+        ("machines", t.machines),
+        ("memory_images", t.memory_images),
+        ("snapshots", t.snapshots),
+        ("images", t.images),
+    ] {
+        m.storage_stored
+            .get_or_create(&KindLabels { kind })
+            .set(bytes_value(n));
+    }
+    for (kind, n) in [
+        ("memory_image", &storage.evicted_images),
+        ("machine", &storage.evicted_machines),
+    ] {
+        // The evictor counts in its own atomics; the counter catches up.
+        let c = m.evictions.get_or_create(&KindLabels { kind });
+        let now = n.load(std::sync::atomic::Ordering::Relaxed);
+        if now > c.get() {
+            c.inc_by(now - c.get());
+        }
+    }
     let counts = store.status_counts();
     for status in MachineStatus::ALL {
         let n = counts.iter().find(|(s, _)| *s == status).map_or(0, |c| c.1);
@@ -263,6 +320,10 @@ pub fn render(store: &Store) -> Result<String, StoreError> {
 }
 
 fn gauge_value(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn bytes_value(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 

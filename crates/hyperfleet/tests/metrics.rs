@@ -215,6 +215,18 @@ fn metrics_parse_and_move_with_what_the_daemon_does() {
         1.0
     );
     assert_eq!(running.get("hyperfleet_vmm_processes", "vmm=\"stub\""), 1.0);
+    // The storage accounting's figures: a budget, the machine's directory
+    // measured after its disk was prepared, no eviction.
+    assert!(running.get("hyperfleet_storage_budget_bytes", "") > 0.0);
+    assert!(
+        running.get("hyperfleet_storage_stored_bytes", "kind=\"machines\"") > 0.0,
+        "{}",
+        running.text
+    );
+    assert_eq!(
+        running.get("hyperfleet_storage_evictions_total", "kind=\"machine\""),
+        0.0
+    );
 
     let r = d.call("POST", &format!("/machines/{id}/stop"), None);
     assert_eq!(r.status, 200, "stop: {}", r.body);

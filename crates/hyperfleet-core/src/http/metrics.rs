@@ -30,6 +30,6 @@ pub async fn metrics(State(state): State<AppState>, caller: Caller) -> Result<Re
             "metrics cover every tenant: only keys of the operator's tenant ('default') may read them",
         ));
     }
-    let text = crate::metrics::render(&state.store)?;
+    let text = crate::metrics::render(&state.store, &state.sup.ctx().storage)?;
     Ok(([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response())
 }

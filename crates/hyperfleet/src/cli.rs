@@ -78,6 +78,9 @@ pub(crate) enum Command {
     /// Show and set tenant quotas (setting needs an operator admin key).
     #[command(subcommand)]
     Quota(QuotaCmd),
+    /// Show the storage budget, what the data directory holds and the
+    /// evictor's latest reclaims (a read key of the operator's tenant).
+    Storage,
     /// Pull, import, list and delete OCI images.
     #[command(subcommand)]
     Images(ImagesCmd),

@@ -12,6 +12,7 @@ mod progress;
 mod quota;
 mod serve;
 mod snapshots;
+mod storage;
 
 use clap::Parser;
 
@@ -60,6 +61,7 @@ fn main() -> std::process::ExitCode {
             cli::Command::Templates(cmd) => snapshots::templates(&args.client, cmd).await,
             cli::Command::Keys(cmd) => keys::run(&args.client, cmd).await,
             cli::Command::Quota(cmd) => quota::run(&args.client, cmd).await,
+            cli::Command::Storage => storage::run(&args.client).await,
             cli::Command::Images(cmd) => images::run(&args.client, cmd).await,
             cli::Command::Assets(cmd) => assets::run(&args.client, cmd),
         }

@@ -486,4 +486,14 @@ fn the_cli_creates_and_updates_policies_and_timeouts() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(status(&d, "c1"), None);
+    // The storage figures, as JSON and as a table.
+    let s = json(&["storage"]);
+    assert!(s["budget_bytes"].as_u64().unwrap() > 0, "{s}");
+    assert_eq!(s["budget_source"], "default");
+    let out = cli(&["storage"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && table.contains("budget") && table.contains("(default)"),
+        "{table}"
+    );
 }

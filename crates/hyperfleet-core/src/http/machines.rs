@@ -41,6 +41,58 @@ pub(super) fn machine_body(
     p: &Principal,
     m: &CachedMachine,
 ) -> Result<Bytes, ApiError> {
+    let stored = state
+        .sup
+        .ctx()
+        .storage
+        .machine(&m.rec.id)
+        .map(|b| b.total());
+    machine_json(state, p, m, stored).map(MachineJson::into_bytes)
+}
+
+/// A machine's JSON in two parts, so a list can write it straight into its
+/// body: the rendered object and, for a cached rendering, the measured
+/// `stored_bytes` to put before its closing brace (the cache holds the
+/// record's JSON; the measurement changes without a new record).
+pub(super) struct MachineJson {
+    body: Bytes,
+    stored: Option<u64>,
+}
+
+impl MachineJson {
+    fn write_into(&self, out: &mut BytesMut) {
+        match (self.stored, self.body.strip_suffix(b"}")) {
+            (Some(n), Some(head)) => {
+                out.put_slice(head);
+                // Writing into memory cannot fail.
+                let _ = std::fmt::Write::write_fmt(out, format_args!(",\"stored_bytes\":{n}}}"));
+            }
+            // Nothing to add (or not an object, which a machine never is).
+            _ => out.put_slice(&self.body),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.body.len() + if self.stored.is_some() { 40 } else { 0 }
+    }
+
+    fn into_bytes(self) -> Bytes {
+        if self.stored.is_none() {
+            return self.body;
+        }
+        let mut out = BytesMut::with_capacity(self.len());
+        self.write_into(&mut out);
+        out.freeze()
+    }
+}
+
+/// [`machine_body`] with the machine's measured bytes given.
+fn machine_json(
+    state: &AppState,
+    p: &Principal,
+    m: &CachedMachine,
+    stored: Option<u64>,
+) -> Result<MachineJson, ApiError> {
     // Activity changes without a new record: a machine where it matters is
     // rendered fresh, any other from its cached JSON.
     let live = matches!(
@@ -50,17 +102,10 @@ pub(super) fn machine_body(
             | MachineStatus::Suspending
             | MachineStatus::Suspended
     );
-    let stored = state
-        .sup
-        .ctx()
-        .storage
-        .machine(&m.rec.id)
-        .map(|b| b.total());
     if p.has(Scope::Exec) && !live {
-        let cached = m.json(state.urls.as_deref());
-        return Ok(match stored {
-            Some(n) => with_stored_bytes(cached, n),
-            None => cached.clone(),
+        return Ok(MachineJson {
+            body: m.json(state.urls.as_deref()).clone(),
+            stored,
         });
     }
     let mut api = m.rec.to_api_with(state.urls.as_deref());
@@ -74,25 +119,11 @@ pub(super) fn machine_body(
         api.redact_secrets();
     }
     serde_json::to_vec(&api)
-        .map(Bytes::from)
+        .map(|body| MachineJson {
+            body: Bytes::from(body),
+            stored: None,
+        })
         .map_err(|e| ApiError::internal("rendering the machine", e))
-}
-
-/// The cached machine JSON with `stored_bytes` added: the cache holds the
-/// record's rendering, and the measurement changes without a new record.
-/// The field is last in `Machine` and absent from the cached form, so it
-/// goes before the closing brace.
-fn with_stored_bytes(json: &Bytes, n: u64) -> Bytes {
-    let mut out = BytesMut::with_capacity(json.len() + 32);
-    match json.strip_suffix(b"}") {
-        Some(head) => {
-            out.put_slice(head);
-            out.put_slice(format!(",\"stored_bytes\":{n}}}").as_bytes());
-        }
-        // Not an object (cannot happen: a machine renders as one).
-        None => out.put_slice(json),
-    }
-    out.freeze()
 }
 
 pub(super) fn machine_response(
@@ -257,9 +288,15 @@ pub async fn list(
     let (machines, total) = state.store.list(&p.tenant, status, limit, offset)?;
     // Splice the pre-rendered machine JSON instead of re-serialising (keys
     // that may not see secrets get each machine rendered redacted).
+    let stored = state
+        .sup
+        .ctx()
+        .storage
+        .machine_totals(machines.iter().map(|m| m.rec.id.as_str()));
     let parts = machines
         .iter()
-        .map(|m| machine_body(&state, p, m))
+        .zip(stored)
+        .map(|(m, stored)| machine_json(&state, p, m, stored))
         .collect::<Result<Vec<_>, _>>()?;
     let size: usize = parts.iter().map(|b| b.len() + 1).sum::<usize>() + 40;
     let mut body = BytesMut::with_capacity(size);
@@ -268,7 +305,7 @@ pub async fn list(
         if i > 0 {
             body.put_u8(b',');
         }
-        body.put_slice(part);
+        part.write_into(&mut body);
     }
     body.put_slice(format!("],\"total\":{total}}}").as_bytes());
     Ok(json_bytes(StatusCode::OK, body.freeze()))

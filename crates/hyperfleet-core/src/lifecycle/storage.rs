@@ -208,6 +208,14 @@ impl Storage {
         lock(&self.measured).machines.get(id).copied()
     }
 
+    /// What each of `ids` holds in total (`None`: not measured yet), read
+    /// under one lock (a page of a machine list).
+    pub fn machine_totals<'a>(&self, ids: impl Iterator<Item = &'a str>) -> Vec<Option<u64>> {
+        let m = lock(&self.measured);
+        ids.map(|id| m.machines.get(id).map(|b| b.total()))
+            .collect()
+    }
+
     pub fn totals(&self) -> Totals {
         let m = lock(&self.measured);
         Totals {

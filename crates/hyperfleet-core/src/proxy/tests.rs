@@ -416,21 +416,11 @@ async fn path_routing_strips_the_prefix_and_the_port_parameter() {
 /// served once a connection closes; nothing is refused.
 #[tokio::test]
 async fn at_the_connection_cap_a_new_client_waits_for_a_slot() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let e = env_capped(false, 2).await;
     let addr = e.proxy.local_addr();
     let silent_a = tokio::net::TcpStream::connect(addr).await.unwrap();
     let _silent_b = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let ask = || async move {
-        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
-        c.write_all(b"GET / HTTP/1.1\r\nHost: elsewhere\r\nConnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        let mut answer = Vec::new();
-        c.read_to_end(&mut answer).await.unwrap();
-        String::from_utf8_lossy(&answer).into_owned()
-    };
-    let third = tokio::spawn(ask());
+    let third = tokio::spawn(raw_get_elsewhere(addr));
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert!(!third.is_finished(), "served past the cap of 2");
     drop(silent_a);
@@ -439,6 +429,19 @@ async fn at_the_connection_cap_a_new_client_waits_for_a_slot() {
         .expect("served once a slot freed")
         .unwrap();
     assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+}
+
+/// A plain `GET /` for a host the proxy serves nothing at, on a connection
+/// of its own: the raw answer (a 404 once the proxy takes the connection).
+async fn raw_get_elsewhere(addr: SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut c = TcpStream::connect(addr).await.unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\nHost: elsewhere\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    c.read_to_end(&mut answer).await.unwrap();
+    String::from_utf8_lossy(&answer).into_owned()
 }
 
 #[tokio::test]
@@ -930,13 +933,7 @@ async fn websockets_are_spliced_through_and_count_as_activity() {
         let mut req = url.into_client_request().unwrap();
         req.headers_mut()
             .insert("authorization", format!("Bearer {key}").parse().unwrap());
-        let stream = TcpStream::connect(e.proxy.local_addr()).await.unwrap();
-        let (mut ws, resp) =
-            tokio::time::timeout(PATIENCE, tokio_tungstenite::client_async(req, stream))
-                .await
-                .unwrap()
-                .unwrap();
-        assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+        let mut ws = ws_through(&e, req).await;
         for text in ["hello", "through the proxy"] {
             ws.send(Message::text(text)).await.unwrap();
             let echoed = next_message(&mut ws).await;
@@ -955,32 +952,16 @@ async fn websockets_are_spliced_through_and_count_as_activity() {
 /// closes: with a cap of 1, a plain request waits for it.
 #[tokio::test]
 async fn an_upgraded_connection_counts_under_the_cap_until_it_closes() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let e = env_capped(false, 1).await;
     let m = e.public("web").await;
     let req = format!("ws://{}/ws", e.host(&m))
         .into_client_request()
         .unwrap();
-    let stream = TcpStream::connect(e.proxy.local_addr()).await.unwrap();
-    let (mut ws, resp) =
-        tokio::time::timeout(PATIENCE, tokio_tungstenite::client_async(req, stream))
-            .await
-            .unwrap()
-            .unwrap();
-    assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+    let mut ws = ws_through(&e, req).await;
     ws.send(Message::text("hi")).await.unwrap();
     assert_eq!(next_message(&mut ws).await, Message::text("hi"));
-    let addr = e.proxy.local_addr();
-    let plain = tokio::spawn(async move {
-        let mut c = TcpStream::connect(addr).await.unwrap();
-        c.write_all(b"GET / HTTP/1.1\r\nHost: elsewhere\r\nConnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        let mut answer = Vec::new();
-        c.read_to_end(&mut answer).await.unwrap();
-        String::from_utf8_lossy(&answer).into_owned()
-    });
+    let plain = tokio::spawn(raw_get_elsewhere(e.proxy.local_addr()));
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert!(
         !plain.is_finished(),
@@ -993,6 +974,21 @@ async fn an_upgraded_connection_counts_under_the_cap_until_it_closes() {
         .unwrap()
         .unwrap();
     assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+}
+
+/// Opens the WebSocket `req` names through the proxy, which must switch
+/// protocols.
+async fn ws_through(
+    e: &Env,
+    req: tokio_tungstenite::tungstenite::handshake::client::Request,
+) -> tokio_tungstenite::WebSocketStream<TcpStream> {
+    let stream = TcpStream::connect(e.proxy.local_addr()).await.unwrap();
+    let (ws, resp) = tokio::time::timeout(PATIENCE, tokio_tungstenite::client_async(req, stream))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+    ws
 }
 
 async fn next_message<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>) -> Message

@@ -108,9 +108,44 @@ pub(crate) fn absent_ok(removed: std::io::Result<()>) -> std::io::Result<()> {
     }
 }
 
+/// Says yes at most once per period: for a warning about a condition that
+/// can repeat many times a second (a flood of connections, descriptors
+/// running out), so it does not become a flood of log lines.
+pub(crate) struct AtMostEvery {
+    period: Duration,
+    last: Option<std::time::Instant>,
+}
+
+impl AtMostEvery {
+    pub(crate) const fn new(period: Duration) -> AtMostEvery {
+        AtMostEvery { period, last: None }
+    }
+
+    /// Whether it is time again (and, if so, counts this as the time).
+    pub(crate) fn due(&mut self) -> bool {
+        let now = std::time::Instant::now();
+        let due = self
+            .last
+            .is_none_or(|t| now.duration_since(t) >= self.period);
+        if due {
+            self.last = Some(now);
+        }
+        due
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn at_most_every_says_yes_once_per_period() {
+        let mut w = AtMostEvery::new(Duration::from_millis(50));
+        assert!(w.due(), "the first time");
+        assert!(!w.due(), "again at once");
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(w.due(), "after the period");
+    }
 
     #[test]
     fn machine_ids_have_their_shape() {

@@ -124,15 +124,7 @@ async fn accept_loop(
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let live = Arc::new(Live::default());
-    let mut last_warn: Option<Instant> = None;
-    let mut should_warn = move || {
-        let now = Instant::now();
-        let due = last_warn.is_none_or(|t| now.duration_since(t) >= WARN_EVERY);
-        if due {
-            last_warn = Some(now);
-        }
-        due
-    };
+    let mut warn = crate::util::AtMostEvery::new(WARN_EVERY);
     loop {
         let accepted = tokio::select! {
             _ = stopped.changed() => break,
@@ -145,7 +137,7 @@ async fn accept_loop(
                 // Out of file descriptors (EMFILE/ENFILE) or memory: the
                 // listener itself is fine; wait for resources to free up
                 // instead of spinning, but stay responsive to shutdown.
-                if should_warn() {
+                if warn.due() {
                     tracing::warn!(error = %e, "API: accepting a connection failed; backing off");
                 }
                 tokio::select! {
@@ -164,7 +156,7 @@ async fn accept_loop(
                 // busy, it waits for one to finish; more clients wait in
                 // the backlog meanwhile.
                 let evicted = live.evict_idlest();
-                if should_warn() {
+                if warn.due() {
                     tracing::warn!(
                         max_connections = limits.max_connections,
                         evicted,

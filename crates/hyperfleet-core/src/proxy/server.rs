@@ -15,13 +15,15 @@ use tokio::task::JoinHandle;
 
 use super::activity::Activity;
 use super::Proxy;
+use crate::util::AtMostEvery;
 
 /// A client must send a request's headers within this long (slow-loris
 /// protection); it also bounds how long an idle keep-alive connection stays.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often activity entries of deleted machines are dropped.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
-/// At most one warning about the connection cap per this long.
+/// At most one warning about the same condition (the connection cap,
+/// failing accepts) per this long.
 const WARN_EVERY: Duration = Duration::from_secs(10);
 
 /// The most client connections the proxy serves at once for a process
@@ -106,15 +108,15 @@ async fn accept_loop(
 ) {
     let slots = Arc::new(Semaphore::new(max_connections));
     let mut prune = tokio::time::interval(PRUNE_EVERY);
-    let mut warned: Option<tokio::time::Instant> = None;
+    let mut cap_warn = AtMostEvery::new(WARN_EVERY);
+    let mut accept_warn = AtMostEvery::new(WARN_EVERY);
     loop {
         // A slot first: at the cap, nothing more is accepted until a
         // connection ends.
         let slot = match slots.clone().try_acquire_owned() {
             Ok(slot) => slot,
             Err(_) => {
-                if warned.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
-                    warned = Some(tokio::time::Instant::now());
+                if cap_warn.due() {
                     tracing::warn!(
                         max_connections,
                         "proxy: at the connection cap; new clients wait until a connection closes"
@@ -144,7 +146,9 @@ async fn accept_loop(
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead
                     // of spinning; the listener itself stays good.
-                    tracing::warn!(error = %e, "proxy: accepting a connection failed");
+                    if accept_warn.due() {
+                        tracing::warn!(error = %e, "proxy: accepting a connection failed; backing off");
+                    }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             },
